@@ -1,0 +1,51 @@
+"""Analysis: one topological sweep of the operator rules, then coupled groups and costs."""
+from __future__ import annotations
+
+import operators
+from spa.groups import Analysis, build_groups
+from spa.ir import subgraph_free_names
+from spa.labels import Context
+
+from . import Pass
+
+
+class Analyse(Pass):
+    name = "analyse"
+
+    def __init__(self, options: dict | None = None):
+        self.options = options or {}
+
+    def run(self, model) -> Analysis:
+        cached = model.analyses.get(self.name)
+        if cached is not None:
+            return cached
+        g = model.graph
+        ctx = Context(g, options={"opset": model.opset, **self.options})
+        unruled: dict[str, int] = {}
+        nodes = list(g.model.graph.node)
+        for node in nodes:
+            implicit = subgraph_free_names(node) if _has_subgraph(node) else set()
+            fn = None if implicit else operators.lookup(node.op_type, node.domain)
+            if fn is not None:
+                fn(ctx, node)
+                continue
+            touched = [x for x in [*node.input, *implicit] if x in ctx.labels]
+            if touched:
+                op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+                why = "control flow reads it in a subgraph" if implicit else "no propagation rule for this operator"
+                for x in touched:
+                    ctx.freeze(ctx.labels[x], node, why)
+                unruled[op] = unruled.get(op, 0) + 1
+        for name in g.output_names:
+            if name in ctx.labels:
+                ctx.freeze(ctx.labels[name], f"graph output '{name}'", "reaches a graph output (its shape is fixed)")
+        groups, unit_group, unit_macs = build_groups(ctx)
+        total = sum(c.macs for c in ctx.costs.values())
+        result = Analysis(ctx, groups, unit_group, unit_macs, total, len(nodes), unruled,
+                          nodes=nodes, node_index={id(n): i for i, n in enumerate(nodes)})
+        model.analyses[self.name] = result
+        return result
+
+
+def _has_subgraph(node) -> bool:
+    return any(a.HasField("g") or len(a.graphs) for a in node.attribute)

@@ -1,0 +1,85 @@
+"""Apply: physically remove the chosen units from every member of their groups.
+
+Parameter slices declared by the rules are cut (an initializer shared by uses that want different cuts is
+copied per use; nothing is edited in place), then the rules' rewrites of shape constants and attributes run.
+Everything else stays bit-identical. Stale value_info is dropped so the checker re-infers shapes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from spa.groups import Analysis
+
+from . import Pass
+
+
+class ApplyContext:
+    """What a rule's registered rewrite sees at apply time."""
+
+    def __init__(self, g, keep):
+        self.g = g
+        self.keep = keep
+
+    def kept(self, atoms: np.ndarray) -> int:
+        return int(self.keep(atoms).sum())
+
+    def set_input_const(self, node, i: int, value: np.ndarray) -> None:
+        """Point input i of node at a fresh initializer (shared constants are never edited in place)."""
+        base = node.input[i] or f"{node.name}_input{i}"
+        name = self.g.add_const(np.asarray(value), base + "_pruned")
+        node.input[i] = name
+
+
+def cut(array: np.ndarray, slices: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    out = array
+    for axis, mask in slices:
+        if not mask.all():
+            out = np.compress(mask, out, axis=axis)
+    return out
+
+
+class Apply(Pass):
+    name = "apply"
+    rewrites = True
+
+    def __init__(self, analysis: Analysis, removed_roots: set[int]):
+        self.an = analysis
+        self.removed = removed_roots
+
+    def run(self, model) -> dict:
+        g = model.graph
+        keep = self.an.keep_mask(self.removed)
+        uses: dict[tuple[int, int], list] = {}
+        nodes: dict[int, object] = {}
+        for ps in self.an.ctx.params:
+            uses.setdefault((id(ps.node), ps.input_index), []).append((ps.axis, keep(ps.atoms)))
+            nodes[id(ps.node)] = ps.node
+        by_name: dict[str, list] = {}
+        for (nid, idx), slices in uses.items():
+            node = nodes[nid]
+            by_name.setdefault(node.input[idx], []).append((node, idx, sorted(slices, key=lambda s: s[0])))
+        cut_count = 0
+        for name, entries in by_name.items():
+            if all(m.all() for _, _, sl in entries for _, m in sl):
+                continue
+            original = g.const(name)
+            signatures = {tuple((a, m.tobytes()) for a, m in sl) for _, _, sl in entries}
+            all_uses = len(g.consumers.get(name, [])) == len(entries)
+            if len(signatures) == 1 and all_uses:
+                g.set_const(name, cut(original, entries[0][2]))
+                cut_count += 1
+                continue
+            for node, idx, sl in entries:  # shared by uses that cut differently: one copy per use
+                if all(m.all() for _, m in sl):
+                    continue
+                node.input[idx] = g.add_const(cut(original, sl), f"{name}_pruned")
+                cut_count += 1
+        ap = ApplyContext(g, keep)
+        for fn in self.an.ctx.edits:
+            fn(ap)
+        del g.model.graph.value_info[:]
+        g.refresh()
+        for name in g.initializer_names():
+            if name not in g.consumers and name not in g.output_names:
+                g.remove_initializer(name)
+        return {"tensors_cut": cut_count, "rewrites": len(self.an.ctx.edits)}

@@ -1,0 +1,149 @@
+"""Numpy evaluation of the small ops exporters use to compute shapes and to re-layout weights.
+
+Used by normalization to fold constant subgraphs (Shape→Gather→Concat chains, Transpose of a weight,
+Constant/ConstantOfShape fills) so that weights become initializers and shape targets become editable constants.
+Only ops listed here are folded; anything else stays in the graph as it is.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from spa.ir import attr
+
+
+def _axes(node, inputs, idx=1):
+    a = attr(node, "axes")
+    if a is not None:
+        return list(a)
+    if len(inputs) > idx and inputs[idx] is not None:
+        return [int(v) for v in np.atleast_1d(inputs[idx])]
+    return None
+
+
+def _int_div(a, b):
+    if np.issubdtype(a.dtype, np.integer):
+        return (np.trunc(a / b)).astype(a.dtype)
+    return (a / b).astype(a.dtype)
+
+
+def _slice(node, ins):
+    x = ins[0]
+    starts, ends = ins[1], ins[2]
+    axes = ins[3] if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
+    steps = ins[4] if len(ins) > 4 and ins[4] is not None else np.ones(len(starts), dtype=np.int64)
+    sl = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        sl[int(a)] = slice(int(s), int(e), int(st))
+    return x[tuple(sl)]
+
+
+def _cast(node, ins):
+    from onnx import helper as h
+    return ins[0].astype(h.tensor_dtype_to_np_dtype(attr(node, "to")))
+
+
+def _const_of_shape(node, ins):
+    v = attr(node, "value")
+    val = numpy_helper.to_array(v) if v is not None else np.zeros(1, dtype=np.float32)
+    return np.full(tuple(int(d) for d in ins[0]), val.reshape(-1)[0], dtype=val.dtype)
+
+
+def _squeeze(node, ins):
+    axes = _axes(node, ins)
+    return np.squeeze(ins[0], axis=tuple(axes)) if axes else np.squeeze(ins[0])
+
+
+def _unsqueeze(node, ins):
+    out = ins[0]
+    for a in sorted(a % (out.ndim + len(_axes(node, ins))) for a in _axes(node, ins)):
+        out = np.expand_dims(out, a)
+    return out
+
+
+def _reshape(node, ins):
+    shape = [int(d) for d in ins[1]]
+    shape = [ins[0].shape[i] if d == 0 and not attr(node, "allowzero", 0) else d for i, d in enumerate(shape)]
+    return ins[0].reshape(shape)
+
+
+def _gather(node, ins):
+    return np.take(ins[0], ins[1].astype(np.int64), axis=attr(node, "axis", 0))
+
+
+def _concat(node, ins):
+    return np.concatenate([np.atleast_1d(x) if x.ndim == 0 else x for x in ins], axis=attr(node, "axis"))
+
+
+def _transpose(node, ins):
+    perm = attr(node, "perm")
+    return np.transpose(ins[0], perm)
+
+
+def _range(node, ins):
+    return np.arange(ins[0], ins[1], ins[2]).astype(ins[0].dtype)
+
+
+def _expand(node, ins):
+    shape = tuple(int(d) for d in ins[1])
+    return ins[0] * np.ones(shape, dtype=ins[0].dtype)
+
+
+def _typed(fn):
+    return lambda node, ins: np.asarray(fn(*ins)).astype(ins[0].dtype)
+
+
+FOLDERS = {
+    "Identity": lambda n, ins: ins[0],
+    "Cast": _cast,
+    "Gather": _gather,
+    "Concat": _concat,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Slice": _slice,
+    "ConstantOfShape": _const_of_shape,
+    "Range": _range,
+    "Expand": _expand,
+    "Add": _typed(np.add),
+    "Sub": _typed(np.subtract),
+    "Mul": _typed(np.multiply),
+    "Div": lambda n, ins: _int_div(ins[0], ins[1]),
+    "Neg": _typed(np.negative),
+    "Sqrt": _typed(np.sqrt),
+    "Reciprocal": _typed(np.reciprocal),
+    "Floor": _typed(np.floor),
+    "Ceil": _typed(np.ceil),
+    "Equal": lambda n, ins: np.equal(ins[0], ins[1]),
+    "Where": lambda n, ins: np.where(ins[0], ins[1], ins[2]),
+    "Max": lambda n, ins: np.maximum.reduce(ins).astype(ins[0].dtype),
+    "Min": lambda n, ins: np.minimum.reduce(ins).astype(ins[0].dtype),
+}
+
+MAX_FOLD_ELEMENTS = 1 << 26  # never materialise a huge Expand/ConstantOfShape
+
+
+def constant_node_value(node) -> np.ndarray | None:
+    """The value of a Constant node, whatever attribute carries it."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+            v = helper.get_attribute_value(a)
+            dtype = np.float32 if "float" in a.name else np.int64
+            return np.array(v, dtype=dtype)
+    return None
+
+
+def evaluate(node, inputs: list) -> list | None:
+    fn = FOLDERS.get(node.op_type)
+    if fn is None or node.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        out = np.asarray(fn(node, inputs))
+    except Exception:
+        return None
+    if out.size > MAX_FOLD_ELEMENTS:
+        return None
+    return [out]

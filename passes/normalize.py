@@ -1,0 +1,231 @@
+"""Normalization: make any exporter's graph look the same to the rules.
+
+Lifts Constant nodes to initializers, removes Identity aliases, folds constant subgraphs (shape arithmetic,
+weight transposes, fills), drops dead nodes and initializers, fixes IR/opset for onnxruntime, and infers the
+static shapes the rules and the cost model read. All of it is exact: the folded graph computes the same values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from spa.errors import SpaError
+from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
+from spa.model import default_dim
+
+from . import Pass
+from .fold import constant_node_value, evaluate
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def fix_versions(model: onnx.ModelProto) -> list[str]:
+    """Bring IR/opset within what onnxruntime 1.31 runs, or raise a clear error."""
+    notes = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > MAX_OPSET:
+        try:
+            from onnx import version_converter
+            converted = version_converter.convert_version(model, MAX_OPSET)
+        except Exception as e:
+            raise SpaError(f"model uses opset {opset} (onnxruntime runs <= {MAX_OPSET}) and onnx's version "
+                           f"converter cannot convert it down: {str(e).splitlines()[0][:200]}")
+        model.CopyFrom(converted)
+        notes.append(f"converted opset {opset} -> {MAX_OPSET}")
+    if model.ir_version > MAX_IR_VERSION:
+        notes.append(f"IR version {model.ir_version} -> {MAX_IR_VERSION}")
+        model.ir_version = MAX_IR_VERSION
+    return notes
+
+
+class Normalize(Pass):
+    name = "normalize"
+    rewrites = True
+
+    def __init__(self, input_shapes: dict | None = None):
+        self.input_shapes = input_shapes or {}
+
+    def run(self, model):
+        g: Graph = model.graph
+        report = {"versions": fix_versions(g.model)}
+        if not any(t.data_type in FLOAT_TYPES for t in g.model.graph.initializer) and not any(
+                _is_float_const(n) for n in g.model.graph.node):
+            raise SpaError("model has no floating-point weights (integer-only or non-float model): nothing to prune")
+        report["lifted_constants"] = lift_constants(g)
+        report["identities_removed"] = remove_identities(g)
+        shapes, _ = infer_shapes(g, fixed=None)
+        g.shapes = shapes
+        report["folded_nodes"] = fold_constants(g)
+        report["dead_nodes_removed"] = dead_code(g)
+        model.input_shapes, warnings = analysis_input_shapes(g, self.input_shapes)
+        model.warnings.extend(warnings)
+        g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
+        model.normalize_report = report
+        return report
+
+
+def _is_float_const(n) -> bool:
+    if n.op_type != "Constant":
+        return False
+    v = constant_node_value(n)
+    return v is not None and v.dtype.kind == "f"
+
+
+def lift_constants(g: Graph) -> int:
+    count = 0
+    for n in list(g.model.graph.node):
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            v = constant_node_value(n)
+            if v is None:
+                continue
+            g.model.graph.node.remove(n)
+            g.set_const(n.output[0], v)
+            count += 1
+    g.refresh()
+    return count
+
+
+def remove_identities(g: Graph) -> int:
+    outputs = set(g.output_names)
+    count = 0
+    for n in list(g.model.graph.node):
+        if n.op_type != "Identity" or n.output[0] in outputs:
+            continue
+        src, dst = n.input[0], n.output[0]
+        if any(idx < 0 for _, idx in g.consumers.get(dst, [])):
+            continue  # read by a subgraph: leave the alias alone
+        for c, idx in g.consumers.get(dst, []):
+            c.input[idx] = src
+        g.model.graph.node.remove(n)
+        count += 1
+        g.refresh()
+    return count
+
+
+def fold_constants(g: Graph) -> int:
+    outputs = set(g.output_names)
+    folded = 0
+    for n in list(g.model.graph.node):
+        if any(o in outputs for o in n.output) or any(a.type == onnx.AttributeProto.GRAPH for a in n.attribute):
+            continue
+        if n.op_type == "Shape":
+            s = g.shapes.get(n.input[0])
+            if s is None:
+                continue
+            rank = len(s)
+            start, end = attr(n, "start", 0), attr(n, "end", rank)
+            start = start + rank if start < 0 else start
+            end = min(end + rank if end < 0 else end, rank)
+            dims = s[start:end]
+            if any(not isinstance(d, int) for d in dims):
+                continue
+            values = [np.array(dims, dtype=np.int64)]
+        else:
+            ins = [g.const(x) if x else None for x in n.input]
+            if any(x and v is None for x, v in zip(n.input, ins)) or not n.input:
+                continue
+            values = evaluate(n, ins)
+            if values is None:
+                continue
+        g.model.graph.node.remove(n)
+        for name, v in zip(n.output, values):
+            g.set_const(name, v)
+        folded += 1
+    g.refresh()
+    return folded
+
+
+def dead_code(g: Graph) -> int:
+    outputs = set(g.output_names)
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(g.model.graph.node)):
+            if not any(o in outputs or g.consumers.get(o) for o in n.output if o):
+                g.model.graph.node.remove(n)
+                removed += 1
+                changed = True
+        g.refresh()
+    graph_inputs = {i.name for i in g.model.graph.input}
+    for name in g.initializer_names():
+        if name not in g.consumers and name not in outputs and name not in graph_inputs:
+            g.remove_initializer(name)
+    return removed
+
+
+def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
+    """Static shapes for every graph input: --input-shape where given, declared dims, then documented defaults."""
+    shapes, warnings = {}, []
+    names = g.input_names
+    for k in given:
+        if k not in names:
+            raise SpaError(f"--input-shape names '{k}', which is not a model input (inputs: {', '.join(names)})")
+    for vi in g.model.graph.input:
+        if vi.name not in names:
+            continue
+        dims = static_dims(vi)
+        if dims is None:
+            if vi.name not in given:
+                raise SpaError(f"input '{vi.name}' has no declared shape; pass --input-shape {vi.name}=...")
+            dims = given[vi.name]
+        if vi.name in given:
+            fixed = tuple(int(d) for d in given[vi.name])
+            if len(fixed) != len(dims) or any(isinstance(d, int) and d != f for d, f in zip(dims, fixed)):
+                raise SpaError(f"--input-shape {vi.name}={','.join(map(str, fixed))} does not match the "
+                               f"declared shape {tuple(d if isinstance(d, int) else '?' for d in dims)}")
+            shapes[vi.name] = fixed
+            continue
+        fixed = []
+        for i, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                fixed.append(d)
+            else:
+                fixed.append(default_dim(len(dims), i))
+                if i > 0:
+                    warnings.append(f"input '{vi.name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
+                                    f"(set it with --input-shape {vi.name}=...)")
+        shapes[vi.name] = tuple(fixed)
+    return shapes, warnings
+
+
+def infer_shapes(g: Graph, fixed: dict | None) -> tuple[dict, dict]:
+    """Run onnx shape inference on a light copy (large initializers become typed inputs, so no weight bytes
+    are copied) and return name -> dims (ints, or strings/None for dynamic) and name -> elem type."""
+    m = g.model
+    light = onnx.ModelProto()
+    light.ir_version = m.ir_version
+    light.opset_import.extend(m.opset_import)
+    lg = light.graph
+    lg.node.extend(m.graph.node)
+    lg.output.extend(m.graph.output)
+    for vi in m.graph.input:
+        if vi.name in g.input_names:
+            vi2 = lg.input.add()
+            vi2.CopyFrom(vi)
+            if fixed and vi.name in fixed:
+                vi2.type.tensor_type.shape.Clear()
+                for d in fixed[vi.name]:
+                    vi2.type.tensor_type.shape.dim.add().dim_value = int(d)
+    for name in g.initializer_names():
+        shape, dtype = g.const_info(name)
+        if int(np.prod(shape)) <= 64:
+            lg.initializer.append(onnx.numpy_helper.from_array(np.asarray(g.const(name)), name))
+        else:
+            lg.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:
+        inferred = light
+    shapes, dtypes = {}, {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = static_dims(vi)
+        if dims is not None:
+            shapes[vi.name] = dims
+        dtypes[vi.name] = vi.type.tensor_type.elem_type
+    for name in g.initializer_names():
+        shape, dtype = g.const_info(name)
+        shapes[name] = shape
+        dtypes[name] = helper.np_dtype_to_tensor_dtype(dtype)
+    return shapes, dtypes

@@ -1,0 +1,135 @@
+"""Verification (DESIGN.md): the pruned model must equal the original with the removed positions disconnected
+at their sinks, within a tolerance relative to each output's scale, on random inputs; and pass the full checker.
+
+The reference is the normalized original in which only sink weight slices are zeroed (Conv input channels,
+Gemm/MatMul contracted rows) and weightless contractions get a 0/1 mask: it never reuses the pruned graph's
+index bookkeeping, so it checks concat offsets, reshape blocks, head maps and shape constants independently.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from spa.errors import VerificationError
+from spa.groups import Analysis
+from spa.ir import Graph
+
+
+def build_reference(original: onnx.ModelProto, an: Analysis, removed: set[int],
+                    node_index: dict[int, int]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    g = Graph(m)
+    nodes = list(m.graph.node)
+    keep = an.keep_mask(removed)
+    for ps in an.ctx.params:
+        if ps.role != "sink":
+            continue
+        gone = ~keep(ps.atoms)
+        if not gone.any():
+            continue
+        node = nodes[node_index[id(ps.node)]]
+        w = np.array(g.const(node.input[ps.input_index]), copy=True)
+        index = [slice(None)] * w.ndim
+        index[ps.axis] = gone
+        w[tuple(index)] = 0
+        node.input[ps.input_index] = g.add_const(w, node.input[ps.input_index] + "_ref")
+    inserts: dict[int, list] = {}
+    for ms in an.ctx.mask_sinks:
+        gone = ~keep(ms.atoms)
+        if not gone.any():
+            continue
+        i = node_index[id(ms.node)]
+        node = nodes[i]
+        rank = len(an.ctx.g.shapes[ms.node.input[ms.input_index]])
+        shape = [1] * rank
+        shape[ms.axis] = len(gone)
+        dtype = helper.tensor_dtype_to_np_dtype(an.ctx.g.dtypes.get(ms.node.input[ms.input_index], 1))
+        mask = g.add_const((~gone).astype(dtype).reshape(shape), "spa_ref_mask")
+        out = g.unique(node.input[ms.input_index] + "_masked")
+        inserts.setdefault(i, []).append(helper.make_node("Mul", [node.input[ms.input_index], mask], [out]))
+        node.input[ms.input_index] = out
+    if inserts:
+        new = []
+        for i, n in enumerate(nodes):
+            new.extend(inserts.get(i, []))
+            new.append(n)
+        del m.graph.node[:]
+        m.graph.node.extend(new)
+    return g.to_model()
+
+
+def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int) -> dict:
+    """Random feeds of the analysis shapes; integer inputs (token ids) drawn within the tables they index."""
+    rng = np.random.default_rng(seed)
+    g = Graph(model)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in shapes:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        shape = shapes[vi.name]
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.random(shape) < 0.5
+        else:
+            high = _index_range(g, vi.name)
+            feeds[vi.name] = rng.integers(0, high, size=shape).astype(dtype)
+    return feeds
+
+
+def _index_range(g: Graph, name: str) -> int:
+    highs = []
+    for node, idx in g.consumers.get(name, []):
+        if node.op_type == "Gather" and idx == 1:
+            table = g.const(node.input[0])
+            if table is not None:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                highs.append(table.shape[axis])
+    return min(highs) if highs else 2
+
+
+def run(model: onnx.ModelProto, feeds: dict, what: str = "pruned") -> list[np.ndarray]:
+    import onnxruntime as ort  # imported here: the no-verify CLI path never pays for it
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return sess.run(None, feeds)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if what == "reference":
+            from spa.errors import SpaError
+            raise SpaError(f"the input model does not run in onnxruntime: {msg}")
+        raise VerificationError(f"the pruned model does not run in onnxruntime: {msg}")
+
+
+def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, rtol: float = 1e-4,
+            seeds=(0, 1)) -> dict:
+    worst = {}
+    for seed in seeds:
+        feeds = random_inputs(reference, shapes, seed)
+        ref_out, new_out = run(reference, feeds, "reference"), run(pruned, feeds)
+        for o, a, b in zip(reference.graph.output, ref_out, new_out):
+            a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            if a64.shape != b64.shape:
+                raise VerificationError(f"output '{o.name}' changed shape {a64.shape} -> {b64.shape}")
+            scale = max(np.abs(a64).max(initial=0.0), 1e-12)
+            err = float(np.abs(a64 - b64).max(initial=0.0) / scale)
+            worst[o.name] = max(worst.get(o.name, 0.0), err)
+    bad = {k: v for k, v in worst.items() if not v <= rtol}
+    if bad:
+        name, err = max(bad.items(), key=lambda kv: kv[1])
+        raise VerificationError(f"pruned model differs from its reference: output '{name}' relative error "
+                                f"{err:.3g} > {rtol:g}")
+    return {"max_rel_error": worst, "rtol": rtol, "inputs": len(seeds)}
+
+
+def check(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise VerificationError(f"onnx.checker rejected the pruned model: {str(e).splitlines()[0][:300]}")

@@ -1,0 +1,187 @@
+"""spa-prune: structured pruning of ONNX models.
+
+    spa-prune IN.onnx OUT.onnx --ratio 0.5            remove half of the units of every coupled group
+    spa-prune IN.onnx OUT.onnx --target-flops 0.5     keep at most 50% of the MACs (global ranking)
+    spa-prune analyse IN.onnx                          list coupled groups and frozen channels (dry run)
+    spa-prune zoo:resnet18 out.onnx --ratio 0.5        prune a model from the built-in zoo (needs torch)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import SpaError, VerificationError
+
+EPILOG = """\
+Exit codes: 0 success; 1 verification failed (nothing written); 2 bad input or option (one line on stderr).
+Every emitted model passes onnx.checker (full check), runs in onnxruntime, and matches the original with the
+removed channels disconnected (relative tolerance --rtol of each output's scale), unless --no-verify is given.
+Dynamic input dims: batch = 1, spatial dims of 4-D inputs = 224, other dims = 128 unless --input-shape fixes them.
+"""
+
+
+def _shape(text: str):
+    try:
+        name, dims = text.rsplit("=", 1)
+        return name, tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got '{text}'")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", type=_shape, default=[], metavar="NAME=D1,D2,...",
+                   help="fix the dims of an input for the cost model and verification (repeatable)")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report")
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary table on stderr")
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa-prune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
+    p.add_argument("output", help="where to write the pruned ONNX model (replaced atomically)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help="remove floor(R*n+0.5) of the n units of every coupled group")
+    budget.add_argument("--target-flops", type=float, metavar="F",
+                        help="keep at most the fraction F of the model's MACs (global ranking per MAC)")
+    budget.add_argument("--plan", metavar="FILE", help="re-apply a plan written by --save-plan")
+    p.add_argument("--importance", default="l2", choices=["l1", "l2", "random"], help="unit importance (l2)")
+    p.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max"],
+                   help="how the scores of a unit's parameter slices combine (sum)")
+    p.add_argument("--normalization", default="mean", choices=["none", "sum", "mean", "max", "standardize"],
+                   help="per-group normalization of scores, for global ranking (mean)")
+    p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
+    p.add_argument("--round-to", type=int, default=1, metavar="N", help="kept units a multiple of N")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
+    p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
+    p.add_argument("--strict", action="store_true", help="a frozen group is an error")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (benchmarks); said in the summary")
+    p.add_argument("--rtol", type=float, default=1e-4, help="verification tolerance relative to output scale")
+    _common(p)
+    return p
+
+
+def analyse_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa-prune analyse",
+                                description="Dry run: list every coupled group and every frozen group with why.")
+    p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
+    p.add_argument("--all", action="store_true", help="list every group (default: the 40 largest by MACs)")
+    _common(p)
+    return p
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def summary(rep: dict) -> str:
+    m, p, g, v = rep["macs"], rep["params"], rep["groups"], rep["verification"]
+    lines = [
+        f"{'':14}{'before':>12}{'after':>12}{'ratio':>9}",
+        f"{'MACs':14}{_human(m['before']):>12}{_human(m['after']):>12}{m['ratio']:>9.3f}",
+        f"{'params':14}{_human(p['before']):>12}{_human(p['after']):>12}{p['ratio']:>9.3f}",
+        f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
+        f"{g['partially_frozen']} partially frozen",
+    ]
+    if v["status"] == "passed":
+        worst = max(v["max_rel_error"].values(), default=0.0)
+        lines.append(f"verification  passed (max rel. error {worst:.2e} <= {v['rtol']:g}, checker full)")
+    else:
+        lines.append(f"verification  {v['status']}  ** the output model was NOT verified **")
+    if rep["unruled_ops"]:
+        lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
+    for w in rep["warnings"][:5]:
+        lines.append(f"warning       {w}")
+    lines.append(f"time          {rep['timings_s']['total']:.2f} s")
+    return "\n".join(lines)
+
+
+def _progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+    t0 = time.perf_counter()
+
+    def show(stage: str):
+        sys.stderr.write(f"\r[spa-prune {time.perf_counter() - t0:6.1f}s] {stage:<12}")
+        sys.stderr.flush()
+
+    return show
+
+
+def run_prune(argv) -> int:
+    args = prune_parser().parse_args(argv)
+    from . import driver
+
+    if args.ratio is None and args.target_flops is None and args.plan is None:
+        raise SpaError("give one of --ratio, --target-flops or --plan")
+    show = _progress(args.quiet)
+    res = driver.prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops,
+                       importance=args.importance, aggregation=args.aggregation,
+                       normalization=args.normalization, min_channels=args.min_channels, round_to=args.round_to,
+                       exclude=args.exclude, plan_file=args.plan, save_plan=args.save_plan,
+                       verify=not args.no_verify, rtol=args.rtol, strict=args.strict,
+                       input_shapes=dict(args.input_shape), progress=show)
+    if show:
+        sys.stderr.write("\r" + " " * 40 + "\r")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(res.report, f, indent=1)
+    if not args.quiet:
+        print(summary(res.report), file=sys.stderr)
+    return 0
+
+
+def run_analyse(argv) -> int:
+    args = analyse_parser().parse_args(argv)
+    from . import driver
+
+    model = driver.load(args.input, dict(args.input_shape))
+    an = driver.analyse(model)
+    groups = sorted(an.groups, key=lambda g: -g.macs)
+    shown = groups if args.all else groups[:40]
+    out = [f"{len(an.groups)} coupled groups, {an.total_macs:,} MACs, {len(an.ctx.sources)} prunable sources"]
+    out.append(f"{'id':>4} {'units':>6} {'frozen':>6} {'MACs%':>7}  name")
+    for g in shown:
+        share = 100.0 * g.macs / max(an.total_macs, 1)
+        out.append(f"{g.id:>4} {g.size:>6} {int(g.frozen.sum()):>6} {share:>7.2f}  {g.name}")
+    if len(shown) < len(groups):
+        out.append(f"... {len(groups) - len(shown)} more (use --all)")
+    frozen = [g for g in an.groups if g.frozen.any()]
+    if frozen:
+        out.append(f"frozen ({len(frozen)} groups):")
+        for g in frozen:
+            for where, why in g.reasons[:3]:
+                out.append(f"  group {g.id} '{g.name}': {where}: {why}")
+    print("\n".join(out))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({"total_macs": an.total_macs, "groups": [g.to_json() for g in an.groups],
+                       "unruled_ops": an.unruled_ops, "warnings": model.warnings}, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in ("analyse", "analyze"):
+            return run_analyse(argv[1:])
+        return run_prune(argv)
+    except SpaError as e:
+        print(f"spa-prune: error: {e}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        print(f"spa-prune: verification failed, nothing written: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("spa-prune: interrupted, nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

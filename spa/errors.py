@@ -1,0 +1,13 @@
+"""Error types that map onto the CLI's exit codes."""
+
+
+class SpaError(Exception):
+    """Bad input or bad option: one line for the user, exit code 2."""
+
+    exit_code = 2
+
+
+class VerificationError(Exception):
+    """The pruned model does not match its reference: exit code 1, nothing written."""
+
+    exit_code = 1

@@ -1,0 +1,210 @@
+"""Channels as atoms: union-find over atoms, per-tensor labellings, and the context operator rules write into.
+
+Every prunable source axis of size C creates C atoms. A tensor axis that carries channels has a labelling: a 1-D
+array mapping each position to an atom (or -1 for "no atom": input data, constants). Rules compute output
+labellings from input labellings in one topological sweep and unify atoms where an op couples them; the
+union-find classes are the removable units, and their connected components (units that share a tensor) are the
+coupled groups. Every tensor carries at most one labelled axis: an op that would need two freezes instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .ir import Graph
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Which atom each position of one axis of a tensor carries (-1: none)."""
+
+    axis: int
+    atoms: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.atoms)
+
+    def moved(self, axis: int) -> "Labels":
+        return Labels(axis, self.atoms)
+
+
+class UnionFind:
+    def __init__(self):
+        self.parent = np.zeros(0, dtype=np.int64)
+
+    def add(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a):
+        """Roots of an atom or an array of atoms (-1 stays -1)."""
+        a = np.asarray(a, dtype=np.int64)
+        valid = a >= 0
+        r = np.where(valid, a, 0)
+        p = self.parent
+        while True:
+            nr = p[r]
+            if np.array_equal(nr, r):
+                break
+            r = nr
+        return np.where(valid, r, -1)
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union a[i] with b[i] for every i (both must be atoms)."""
+        if len(a) == 0:
+            return
+        # Iterate to a fixed point with vectorised hooking: hook the larger root under the smaller one.
+        while True:
+            ra, rb = self.find(a), self.find(b)
+            diff = ra != rb
+            if not diff.any():
+                return
+            lo, hi = np.minimum(ra[diff], rb[diff]), np.maximum(ra[diff], rb[diff])
+            self.parent[hi] = lo  # several writes to one hi keep one of them; the loop finishes the rest
+
+    def union_all(self, atoms: np.ndarray) -> None:
+        atoms = atoms[atoms >= 0]
+        if len(atoms) > 1:
+            self.union_arrays(atoms[:-1], atoms[1:])
+
+
+@dataclass
+class ParamSlice:
+    """A parameter axis whose positions follow an atom labelling: sliced by Apply.
+
+    role "sink": the labels end here (Conv input channels, Gemm/MatMul contracted rows); the verification
+    reference zeroes these slices ("disconnected at the sink"). role "member": the parameter travels with the
+    channel (biases, norm statistics, producer rows) and only Apply touches it.
+    """
+
+    node: onnx.NodeProto
+    input_index: int
+    axis: int
+    atoms: np.ndarray
+    role: str
+
+
+@dataclass
+class MaskSink:
+    """A contraction without a weight (activation x activation MatMul over a labelled axis): the reference
+    model disconnects it by multiplying this input with a 0/1 mask along the axis."""
+
+    node: onnx.NodeProto
+    input_index: int
+    axis: int
+    atoms: np.ndarray
+
+
+@dataclass
+class NodeCost:
+    """MACs of one node at full width, and the labellings whose kept fraction scales it (MACs are products of
+    dims, so the pruned count is exact: macs * prod(kept/len for each factor))."""
+
+    macs: int
+    factors: list[np.ndarray]
+
+
+@dataclass
+class Source:
+    node: str
+    op_type: str
+    weight: str
+    atoms: np.ndarray
+
+
+@dataclass
+class Context:
+    """What operator rules read and write during the propagation sweep."""
+
+    g: Graph
+    uf: UnionFind = field(default_factory=UnionFind)
+    labels: dict[str, Labels] = field(default_factory=dict)
+    frozen: list[tuple[np.ndarray, str, str]] = field(default_factory=list)  # (atoms, node name/op, reason)
+    params: list[ParamSlice] = field(default_factory=list)
+    mask_sinks: list[MaskSink] = field(default_factory=list)
+    edits: list[Callable] = field(default_factory=list)
+    costs: dict[str, NodeCost] = field(default_factory=dict)
+    sources: list[Source] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def inp(self, node: onnx.NodeProto, i: int) -> Labels | None:
+        if i >= len(node.input) or not node.input[i]:
+            return None
+        return self.labels.get(node.input[i])
+
+    def shape(self, name: str) -> tuple | None:
+        s = self.g.shapes.get(name)
+        if s is None or any(not isinstance(d, int) for d in s):
+            return None
+        return s
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.g.const(name)
+
+    def labelled_inputs(self, node: onnx.NodeProto) -> list[tuple[int, Labels]]:
+        return [(i, self.labels[x]) for i, x in enumerate(node.input) if x in self.labels]
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+    def out(self, node: onnx.NodeProto, i: int, labels: Labels | None) -> None:
+        if labels is not None and i < len(node.output) and node.output[i]:
+            if (labels.atoms >= 0).any():
+                self.labels[node.output[i]] = labels
+
+    def new_atoms(self, node: onnx.NodeProto, n: int, weight: str) -> np.ndarray:
+        atoms = self.uf.add(n)
+        self.sources.append(Source(node.name, node.op_type, weight, atoms))
+        return atoms
+
+    def freeze(self, atoms: np.ndarray | Labels | None, node: onnx.NodeProto | str, reason: str) -> None:
+        if atoms is None:
+            return
+        if isinstance(atoms, Labels):
+            atoms = atoms.atoms
+        atoms = atoms[atoms >= 0]
+        if len(atoms):
+            where = node if isinstance(node, str) else f"{node.op_type} '{node.name}'"
+            self.frozen.append((atoms, where, reason))
+
+    def freeze_inputs(self, node: onnx.NodeProto, reason: str) -> None:
+        for _, lab in self.labelled_inputs(node):
+            self.freeze(lab, node, reason)
+        for x in getattr(node, "_implicit", ()):
+            self.freeze(self.labels.get(x), node, reason)
+
+    def unify(self, a: np.ndarray, b: np.ndarray, node: onnx.NodeProto, why: str = "") -> np.ndarray:
+        """Couple two labellings position by position; an atom facing an unlabelled position is frozen."""
+        both = (a >= 0) & (b >= 0)
+        self.uf.union_arrays(a[both], b[both])
+        lone = (a >= 0) ^ (b >= 0)
+        if lone.any():
+            self.freeze(np.where(a >= 0, a, b)[lone], node, why or "channel meets an unprunable tensor position")
+        return np.where(a >= 0, a, b)
+
+    def slice_param(self, node, i: int, axis: int, atoms: np.ndarray, role: str = "member") -> bool:
+        """Declare that input i (an initializer) is cut along `axis` by `atoms`. A runtime tensor there cannot
+        be cut: its atoms are frozen and False is returned."""
+        name = node.input[i] if i < len(node.input) else ""
+        if not name:
+            return True
+        if not self.g.is_const(name):
+            self.freeze(atoms, node, f"per-channel operand '{name}' is computed at run time")
+            return False
+        self.params.append(ParamSlice(node, i, axis, atoms, role))
+        return True
+
+    def edit(self, fn: Callable) -> None:
+        """Register a rewrite that Apply runs once the removed units are known: fn(apply_context)."""
+        self.edits.append(fn)
+
+    def cost(self, node: onnx.NodeProto, macs: int, factors: list[np.ndarray]) -> None:
+        self.costs[node.name] = NodeCost(int(macs), [f for f in factors if f is not None])
+
+
+def passthrough(ctx: Context, node: onnx.NodeProto, src: int = 0, dst: int = 0) -> None:
+    """Output `dst` carries input `src`'s labelling unchanged (element-wise ops, pooling, ...)."""
+    ctx.out(node, dst, ctx.inp(node, src))
