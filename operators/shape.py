@@ -37,9 +37,13 @@ def map_reshape(ctx, node, lab: Labels, s_in: tuple, s_out: tuple) -> Labels | N
     if not varying:
         ctx.freeze(lab, node, "reshape collapses the channel axis")
         return None
-    t = varying[0]
+    # Split of a channel axis into several: one axis carries the labels and the others are unified, so a unit
+    # is a whole slice and the kept set stays a product set. The innermost varying axis (head_dim) is never
+    # the carrier; the next one in is: (heads, head_dim) -> heads; (3, heads, head_dim) -> heads, with q/k/v
+    # of one head in one unit; (groups, C/groups) -> groups.
+    t = varying[-2] if len(varying) > 1 else varying[0]
     rows = np.moveaxis(arr, t, 0).reshape(arr.shape[t], -1)
-    if len(varying) > 1:  # split of a channel axis: each outer slice becomes one unit
+    if len(varying) > 1:
         has_none = (rows < 0).any(axis=1)
         if has_none.any() and (rows >= 0).any():
             ctx.freeze(rows[has_none].ravel(), node, "reshape splits channels together with unprunable positions")

@@ -175,7 +175,7 @@ class Graph:
         """Write changed initializers back into the protobuf and return the model."""
         for name in list(self._dirty):
             old = self._tensors[name]
-            new = numpy_helper.from_array(np.ascontiguousarray(self.arrays[name]), name)
+            new = numpy_helper.from_array(np.array(self.arrays[name], order="C"), name)  # keeps 0-d (ascontiguousarray would not)
             old.CopyFrom(new)
         self._dirty.clear()
         return self.model
