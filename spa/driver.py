@@ -127,7 +127,8 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     macs_before = an.total_macs
     macs_after = an.macs_after(removed)
     group_rows = [{"id": g.id, "name": g.name, "units": g.size,
-                   "kept": g.size - len(chosen.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum())}
+                   "kept": g.size - len(chosen.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
+                   "given_back": chosen.given_back.get(g.id, 0)}
                   for g in an.groups]
     step("apply")
     apply_stats = Apply(an, removed).run(model)

@@ -96,6 +96,7 @@ class PruningPlan:
     """Units to remove per group, by index into the group's sorted unit list (stable across runs)."""
 
     removed: dict[int, list[int]] = field(default_factory=dict)
+    given_back: dict[int, int] = field(default_factory=dict)  # units restored so that no tensor empties
 
     def roots(self, an: Analysis) -> set[int]:
         out = set()
@@ -218,6 +219,7 @@ def _budget(an, scores, order, plan_for, target) -> PruningPlan:
 def keep_every_tensor(an: Analysis, plan: PruningPlan, scores: dict) -> PruningPlan:
     """No tensor may lose all its positions (a Split piece, a Concat operand): give back its best unit."""
     removed = plan.roots(an)
+    given_back: dict[int, int] = {}
     changed = True
     while changed and removed:
         changed = False
@@ -228,6 +230,8 @@ def keep_every_tensor(an: Analysis, plan: PruningPlan, scores: dict) -> PruningP
             if len(r) and np.isin(r, rm).all():
                 best = max(np.unique(r).tolist(), key=lambda u: scores[u])
                 removed.discard(best)
+                gid = an.unit_group[best]
+                given_back[gid] = given_back.get(gid, 0) + 1
                 changed = True
                 break
     out: dict[int, list[int]] = {}
@@ -235,4 +239,4 @@ def keep_every_tensor(an: Analysis, plan: PruningPlan, scores: dict) -> PruningP
         idx = [i for i, u in enumerate(g.units) if int(u) in removed]
         if idx:
             out[g.id] = idx
-    return PruningPlan(out)
+    return PruningPlan(out, given_back)
