@@ -15,7 +15,7 @@ from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
 from spa.model import default_dim
 
 from . import Pass
-from .fold import constant_node_value, evaluate
+from .fold import FOLDERS, constant_node_value, evaluate
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -122,9 +122,9 @@ def fold_constants(g: Graph) -> int:
                 continue
             values = [np.array(dims, dtype=np.int64)]
         else:
-            ins = [g.const(x) if x else None for x in n.input]
-            if any(x and v is None for x, v in zip(n.input, ins)) or not n.input:
+            if not n.input or not all(g.is_const(x) for x in n.input if x) or n.op_type not in FOLDERS:
                 continue
+            ins = [g.const(x) if x else None for x in n.input]
             values = evaluate(n, ins)
             if values is None:
                 continue

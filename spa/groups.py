@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .labels import Context
+from .labels import Context, UnionFind
 
 
 @dataclass
@@ -79,70 +79,59 @@ class Analysis:
 
 
 def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict[int, float]]:
+    """Units (union-find roots), their groups (roots joined through shared labellings), frozen units with
+    reasons, and the first-order MACs each unit carries. Vectorised: ResNet-50 has ~27k atoms."""
     uf = ctx.uf
     n_atoms = len(uf.parent)
-    roots_all = uf.find(np.arange(n_atoms))
-    # group = connected component of roots through shared labellings
-    parent = {int(r): int(r) for r in np.unique(roots_all)}
-
-    def gfind(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    arrays = [lab.atoms for lab in ctx.labels.values()] + [p.atoms for p in ctx.params]
-    for arr in arrays:
+    roots = np.unique(uf.find(np.arange(n_atoms)))
+    # join the roots that share a labelling (a second union-find over root ids)
+    gu = UnionFind()
+    gu.add(n_atoms)
+    for arr in [lab.atoms for lab in ctx.labels.values()] + [p.atoms for p in ctx.params]:
         r = np.unique(uf.find(arr[arr >= 0]))
         if len(r) > 1:
-            base = gfind(int(r[0]))
-            for x in r[1:]:
-                xr = gfind(int(x))
-                if xr != base:
-                    parent[xr] = base
-    members: dict[int, list[int]] = {}
-    for r in parent:
-        members.setdefault(gfind(r), []).append(r)
+            gu.union_arrays(r[:-1], r[1:])
+    group_of_root = gu.find(roots)
 
-    frozen_roots: dict[int, list[tuple[str, str]]] = {}
-    for atoms, where, why in ctx.frozen:
-        for r in np.unique(uf.find(atoms)):
-            frozen_roots.setdefault(int(r), []).append((where, why))
+    frozen_set = np.unique(uf.find(np.concatenate([a for a, _, _ in ctx.frozen]))) if ctx.frozen else \
+        np.zeros(0, dtype=np.int64)
 
-    unit_macs: dict[int, float] = {}
+    unit_macs_arr = np.zeros(len(roots))
     for c in ctx.costs.values():
         for f in c.factors:
-            r, counts = np.unique(uf.find(f), return_counts=True)
-            for root, cnt in zip(r, counts):
-                if root >= 0:
-                    unit_macs[int(root)] = unit_macs.get(int(root), 0.0) + c.macs * cnt / len(f)
+            r = uf.find(f)
+            ok = r >= 0
+            unit_macs_arr += np.bincount(np.searchsorted(roots, r[ok]), minlength=len(roots)) * (c.macs / len(f))
+    unit_macs = dict(zip(roots.tolist(), unit_macs_arr.tolist()))
 
-    src_of_root: dict[int, list[str]] = {}
+    # groups ordered by their smallest root; units sorted within
+    order = np.lexsort((roots, group_of_root))
+    g_sorted, r_sorted = group_of_root[order], roots[order]
+    cuts = np.flatnonzero(np.diff(g_sorted)) + 1
+    unit_lists = sorted(np.split(r_sorted, cuts), key=lambda u: int(u[0]))
+    gid_of_group = {int(group_of_root[np.searchsorted(roots, u[0])]): i for i, u in enumerate(unit_lists)}
+    gid_of_root = np.array([gid_of_group[int(g)] for g in group_of_root], dtype=np.int64)
+
+    def gids(atoms: np.ndarray) -> np.ndarray:
+        r = uf.find(atoms)
+        return np.unique(gid_of_root[np.searchsorted(roots, r[r >= 0])])
+
+    sources: list[list[str]] = [[] for _ in unit_lists]
     for s in ctx.sources:
-        for r in np.unique(uf.find(s.atoms)):
-            lst = src_of_root.setdefault(int(r), [])
-            if s.node not in lst:
-                lst.append(s.node)
+        for gid in gids(s.atoms):
+            if s.node not in sources[gid]:
+                sources[gid].append(s.node)
+    reasons: list[list[tuple[str, str]]] = [[] for _ in unit_lists]
+    for atoms, where, why in ctx.frozen:
+        for gid in gids(atoms):
+            if (where, why) not in reasons[gid] and len(reasons[gid]) < 20:
+                reasons[gid].append((where, why))
 
-    groups, unit_group = [], {}
-    order = sorted(members.values(), key=lambda m: min(m))
-    for gid, units in enumerate(order):
-        units = np.array(sorted(units), dtype=np.int64)
-        frozen = np.array([int(u) in frozen_roots for u in units])
-        sources: list[str] = []
-        for u in units:
-            for s in src_of_root.get(int(u), []):
-                if s not in sources:
-                    sources.append(s)
-        reasons: list[tuple[str, str]] = []
-        for u in units[frozen]:
-            for wr in frozen_roots[int(u)]:
-                if wr not in reasons:
-                    reasons.append(wr)
-        name = sources[0] + (f" (+{len(sources) - 1})" if len(sources) > 1 else "") if sources else f"group{gid}"
-        g = CoupledGroup(gid, name, units, frozen, sources, reasons[:20],
-                         macs=sum(unit_macs.get(int(u), 0.0) for u in units))
-        groups.append(g)
-        for u in units:
-            unit_group[int(u)] = gid
+    groups = []
+    for gid, units in enumerate(unit_lists):
+        src = sources[gid]
+        name = src[0] + (f" (+{len(src) - 1})" if len(src) > 1 else "") if src else f"group{gid}"
+        macs = float(unit_macs_arr[np.searchsorted(roots, units)].sum())
+        groups.append(CoupledGroup(gid, name, units, np.isin(units, frozen_set), src, reasons[gid], macs=macs))
+    unit_group = dict(zip(roots.tolist(), gid_of_root.tolist()))
     return groups, unit_group, unit_macs

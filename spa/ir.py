@@ -8,6 +8,7 @@ never edited in place), unique naming and static shapes from shape inference.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class Graph:
             t = self._tensors.get(name)
             if t is None:
                 return None
-            arr = numpy_helper.to_array(t)
+            arr = _decode(t)
             arr.setflags(write=False)
             self.arrays[name] = arr
         return arr
@@ -181,6 +182,21 @@ class Graph:
         return self.model
 
 
+_RAW_OK = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
+           onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+           onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def _decode(t: onnx.TensorProto) -> np.ndarray:
+    """A tensor's value; plain little-endian raw data is viewed without a conversion pass."""
+    if t.data_type in _RAW_OK and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
+        raw = t.raw_data
+        if raw:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
 def _has_subgraph(n: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
 
@@ -209,7 +225,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    big = model.ByteSize() > 1_800_000_000 if _byte_size_ok(model) else True
+    big = _approx_size(model) > 1_800_000_000  # protobuf cannot serialise a message over 2 GB
     data_name = p.name + ".data"
     try:
         if big:
@@ -234,12 +250,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def _byte_size_ok(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:
-        return False
+def _approx_size(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data (cheap: no full ByteSize pass over the message)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.raw_data else 8 * max(len(t.float_data), len(t.int64_data), len(t.int32_data),
+                                                           len(t.double_data))
+    return total
 
 
 def static_dims(vi: onnx.ValueInfoProto) -> tuple | None:

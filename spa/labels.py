@@ -48,9 +48,11 @@ class UnionFind:
         p = self.parent
         while True:
             nr = p[r]
-            if np.array_equal(nr, r):
+            if (nr == r).all():
                 break
-            r = nr
+            r = p[nr]  # two steps at a time
+        if r.size:
+            p[np.where(valid, a, 0)[valid]] = r[valid]  # path compression for the atoms asked about
         return np.where(valid, r, -1)
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:

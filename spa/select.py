@@ -31,13 +31,17 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
     roots = np.array(sorted(an.unit_group), dtype=np.int64)
     total = np.zeros(len(roots))
     count = np.zeros(len(roots))
+    powered: dict[str, np.ndarray] = {}
     for ps in an.ctx.params:
-        w = an.ctx.g.const(ps.node.input[ps.input_index])
+        name = ps.node.input[ps.input_index]
+        w = an.ctx.g.const(name)
         if w is None or w.dtype.kind != "f" or w.ndim == 0:
             continue
+        if name not in powered:
+            powered[name] = np.abs(w, dtype=np.float32) if p == 1 else np.square(w, dtype=np.float32)
+        wf = powered[name]
         other = tuple(a for a in range(w.ndim) if a != ps.axis)
-        wf = np.abs(w.astype(np.float64)) if p == 1 else np.square(w.astype(np.float64))
-        per_pos = wf.sum(axis=other) if other else wf
+        per_pos = wf.sum(axis=other, dtype=np.float64) if other else wf.astype(np.float64)
         r = an.find(ps.atoms)
         ok = r >= 0
         idx = np.searchsorted(roots, r[ok])
