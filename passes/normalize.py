@@ -47,8 +47,10 @@ class Normalize(Pass):
         self.input_shapes = input_shapes or {}
 
     def run(self, model):
+        report = {"versions": fix_versions(model.graph.model)}
+        if report["versions"]:
+            model.graph = Graph(model.graph.model)  # the converter replaced the protobuf's contents
         g: Graph = model.graph
-        report = {"versions": fix_versions(g.model)}
         if not any(t.data_type in FLOAT_TYPES for t in g.model.graph.initializer) and not any(
                 _is_float_const(n) for n in g.model.graph.node):
             raise SpaError("model has no floating-point weights (integer-only or non-float model): nothing to prune")

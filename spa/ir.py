@@ -220,18 +220,19 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace (also for the external-data file)."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
+    """Write atomically: a temp file in the same folder, then os.replace (also for the external-data file).
+    Models over ~1.8 GB (protobuf's 2 GB limit) get their weights in OUT.data beside OUT."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    big = _approx_size(model) > 1_800_000_000  # protobuf cannot serialise a message over 2 GB
+    big = _approx_size(model) > 1_800_000_000 if external is None else external
     data_name = p.name + ".data"
     try:
         if big:
             tmp_data = tmp.name + ".data"
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=1024)
+                            location=tmp_data, size_threshold=0 if external else 1024)
             # the model refers to the data file by name: rewrite the location to the final name
             m2 = onnx.load(str(tmp), load_external_data=False)
             for t in m2.graph.initializer:
@@ -240,14 +241,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                         e.value = data_name
             with open(tmp, "wb") as f:
                 f.write(m2.SerializeToString())
-            os.replace(p.parent / tmp_data, p.parent / data_name)
+            if (p.parent / tmp_data).exists():
+                os.replace(p.parent / tmp_data, p.parent / data_name)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
         os.replace(tmp, p)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, p.parent / (tmp.name + ".data")):
+            if leftover.exists():
+                leftover.unlink()
 
 
 def _approx_size(model: onnx.ModelProto) -> int:
