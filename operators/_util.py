@@ -62,6 +62,18 @@ def shape_element(ctx, node, input_index: int, pos: int):
             if s is None or len(s) != 1:
                 return None, None
             if offset <= pos < offset + s[0]:
-                return shape_element(ctx, prod_node, j, pos - offset)
+                piece = ctx.const(piece_name := prod_node.input[j])
+                if piece is None:
+                    return None, None
+                at = pos - offset
+
+                def set_via_concat(ap, value, node=node, i=input_index, concat=prod_node, j=j, at=at,
+                                   shape=piece.shape, name=piece_name):
+                    target = ap.private_copy(concat, node, i)  # shared by other reshapes: edit a copy
+                    new = np.array(ap.g.const(name), copy=True).reshape(-1)
+                    new[at] = value
+                    ap.set_input_const(target, j, new.reshape(shape))
+
+                return int(np.array(piece).reshape(-1)[at]), set_via_concat
             offset += s[0]
     return None, None

@@ -19,7 +19,8 @@ def pool(ctx, node):
     if x.axis != 1:
         ctx.freeze(x, node, "pooling over a channel axis")
         return
-    if len(node.output) > 1 and node.output[1] and ctx.g.consumers.get(node.output[1]):
+    if len(node.output) > 1 and node.output[1] and (ctx.g.consumers.get(node.output[1])
+                                                    or node.output[1] in ctx.g.output_names):
         ctx.freeze(x, node, "MaxPool indices encode flat positions that count channels")
         return
     passthrough(ctx, node)

@@ -22,13 +22,19 @@ def map_reshape(ctx, node, lab: Labels, s_in: tuple, s_out: tuple) -> Labels | N
     pre_in = np.cumprod([1, *s_in])
     pre_out = np.cumprod([1, *s_out])
     k = lab.axis
+    if s_in[k] == 1:  # a one-channel axis merges with its neighbours; a one-unit group is never pruned anyway
+        ctx.freeze(lab, node, "reshape of a single-channel axis")
+        return None
     i0 = max(i for i in range(k + 1) if pre_in[i] in pre_out)
     i1 = min((i for i in range(k + 1, len(s_in) + 1) if pre_in[i] in pre_out), default=None)
     if i1 is None:
         ctx.freeze(lab, node, "reshape does not preserve the channel block")
         return None
     j0 = max(j for j in range(len(pre_out)) if pre_out[j] == pre_in[i0])
-    j1 = min(j for j in range(j0 + 1, len(pre_out)) if pre_out[j] == pre_in[i1]) if i1 > i0 else j0
+    j1 = min((j for j in range(j0 + 1, len(pre_out)) if pre_out[j] == pre_in[i1]), default=None)
+    if j1 is None:
+        ctx.freeze(lab, node, "reshape does not preserve the channel block")
+        return None
     block_in = tuple(s_in[i0:i1])
     shape = [1] * len(block_in)
     shape[k - i0] = s_in[k]

@@ -10,6 +10,8 @@ import numpy as np
 
 from spa.groups import Analysis
 
+from .normalize import dead_code
+
 from . import Pass
 
 
@@ -19,9 +21,26 @@ class ApplyContext:
     def __init__(self, g, keep):
         self.g = g
         self.keep = keep
+        self.appended = False
 
     def kept(self, atoms: np.ndarray) -> int:
         return int(self.keep(atoms).sum())
+
+    def private_copy(self, producer, consumer, input_index: int):
+        """A producer node that only `consumer` reads: the node itself if nobody else reads its output, else
+        a copy appended to the graph (Apply sorts the graph topologically afterwards)."""
+        out = producer.output[0]
+        readers = [n for n in self.g.model.graph.node if out in n.input]
+        if len(readers) <= 1 and out not in self.g.output_names:
+            return producer
+        clone = self.g.model.graph.node.add()
+        clone.CopyFrom(producer)
+        clone.name = self.g.unique(producer.name or producer.op_type)
+        del clone.output[:]
+        clone.output.extend(self.g.unique(o) for o in producer.output)
+        consumer.input[input_index] = clone.output[0]
+        self.appended = True
+        return clone
 
     def set_input_const(self, node, i: int, value: np.ndarray) -> None:
         """Point input i of node at a fresh initializer (shared constants are never edited in place)."""
@@ -36,6 +55,31 @@ def cut(array: np.ndarray, slices: list[tuple[int, np.ndarray]]) -> np.ndarray:
         if not mask.all():
             out = np.compress(mask, out, axis=axis)
     return out
+
+
+def toposort(g) -> None:
+    """Reorder nodes so every producer precedes its consumers (after copies were appended)."""
+    nodes = list(g.model.graph.node)
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    done, order, state = set(), [], {}
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if i in done:
+                continue
+            if expanded:
+                done.add(i)
+                order.append(i)
+                continue
+            stack.append((i, True))
+            for x in nodes[i].input:
+                j = produced.get(x)
+                if j is not None and j not in done:
+                    stack.append((j, False))
+    copies = [nodes[i] for i in order]
+    del g.model.graph.node[:]
+    g.model.graph.node.extend(copies)
 
 
 class Apply(Pass):
@@ -78,8 +122,8 @@ class Apply(Pass):
         for fn in self.an.ctx.edits:
             fn(ap)
         del g.model.graph.value_info[:]
+        if ap.appended:
+            toposort(g)
         g.refresh()
-        for name in g.initializer_names():
-            if name not in g.consumers and name not in g.output_names:
-                g.remove_initializer(name)
+        dead_code(g)  # originals of per-use copies, constants the rewrites replaced
         return {"tensors_cut": cut_count, "rewrites": len(self.an.ctx.edits)}

@@ -53,7 +53,9 @@ class Normalize(Pass):
         g: Graph = model.graph
         if not any(t.data_type in FLOAT_TYPES for t in g.model.graph.initializer) and not any(
                 _is_float_const(n) for n in g.model.graph.node):
-            raise SpaError("model has no floating-point weights (integer-only or non-float model): nothing to prune")
+            raise SpaError("model has no floating-point weights (an integer-only model, or no weights at all): "
+                           "nothing to prune")
+        report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)
         shapes, _ = infer_shapes(g, fixed=None)
@@ -72,6 +74,19 @@ def _is_float_const(n) -> bool:
         return False
     v = constant_node_value(n)
     return v is not None and v.dtype.kind == "f"
+
+
+def drop_initializer_inputs(g: Graph) -> int:
+    """Initializers also listed as graph inputs (IR 3, keep_initializers_as_inputs) are weights to us; their
+    input entries would keep stale shapes after pruning. IR 3 requires the listing, so such models move to IR 4."""
+    inits = set(g.initializer_names())
+    keep = [vi for vi in g.model.graph.input if vi.name not in inits]
+    dropped = len(g.model.graph.input) - len(keep)
+    if dropped:
+        del g.model.graph.input[:]
+        g.model.graph.input.extend(keep)
+        g.model.ir_version = max(g.model.ir_version, 4)
+    return dropped
 
 
 def lift_constants(g: Graph) -> int:

@@ -119,9 +119,13 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
                 raise VerificationError(f"output '{o.name}' changed shape {a64.shape} -> {b64.shape}")
             if np.asarray(a).dtype == np.float16:
                 tol[o.name] = max(rtol, 2e-3)  # half precision: removing zero terms reorders fp16 sums
+            if not np.array_equal(np.isnan(a64), np.isnan(b64)):
+                raise VerificationError(f"output '{o.name}' has NaNs where the reference has none (or vice versa)")
+            a64, b64 = np.nan_to_num(a64, nan=0.0), np.nan_to_num(b64, nan=0.0)
             scale = max(np.abs(a64).max(initial=0.0), 1e-12)
             err = float(np.abs(a64 - b64).max(initial=0.0) / scale)
-            worst[o.name] = max(worst.get(o.name, 0.0), err)
+            if not err <= worst.get(o.name, 0.0):  # also takes a NaN error (inf - inf)
+                worst[o.name] = err
     bad = {k: v for k, v in worst.items() if not v <= tol.get(k, rtol)}
     if bad:
         name, err = max(bad.items(), key=lambda kv: kv[1])

@@ -22,6 +22,13 @@ Dynamic input dims: batch = 1, spatial dims of 4-D inputs = 224, other dims = 12
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 like every other bad input."""
+
+    def error(self, message):
+        raise SpaError(f"{message} (see {self.prog} --help)")
+
+
 def _shape(text: str):
     try:
         name, dims = text.rsplit("=", 1)
@@ -38,7 +45,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def prune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spa-prune", description=__doc__,
+    p = _Parser(prog="spa-prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
     p.add_argument("output", help="where to write the pruned ONNX model (replaced atomically)")
@@ -65,7 +72,7 @@ def prune_parser() -> argparse.ArgumentParser:
 
 
 def analyse_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spa-prune analyse",
+    p = _Parser(prog="spa-prune analyse",
                                 description="Dry run: list every coupled group and every frozen group with why.")
     p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
     p.add_argument("--all", action="store_true", help="list every group (default: the 40 largest by MACs)")
@@ -120,6 +127,8 @@ def run_prune(argv) -> int:
 
     if args.ratio is None and args.target_flops is None and args.plan is None:
         raise SpaError("give one of --ratio, --target-flops or --plan")
+    if args.report:
+        driver.check_output_path(args.report)
     show = _progress(args.quiet)
     res = driver.prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops,
                        importance=args.importance, aggregation=args.aggregation,

@@ -93,6 +93,8 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     if output is not None and not str(source).startswith("zoo:") and Path(output).exists() \
             and Path(source).exists() and os.path.samefile(source, output):
         raise SpaError("output path is the input file; refusing to overwrite the input")
+    if output is not None:
+        check_output_path(output)
     step("load")
     t = time.perf_counter()
     model = load(source, input_shapes)
@@ -105,10 +107,11 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     an = analyse(model)
     t = lap("analyse", t)
     frozen_groups = [g for g in an.groups if g.prunable == 0]
-    if strict and any(g.frozen.any() for g in an.groups):
-        first = next(g for g in an.groups if g.frozen.any())
-        where, why = first.reasons[0]
-        raise SpaError(f"--strict: group '{first.name}' is frozen at {where}: {why}")
+    if strict:  # a graph output's channels are fixed by the interface, not by a missing rule
+        for g in an.groups:
+            real = [(w, r) for w, r in g.reasons if not w.startswith("graph output")]
+            if real:
+                raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
     if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
         raise SpaError("no prunable group: " + explain_nothing(an))
     step("score")
@@ -146,7 +149,10 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         chosen.save(save_plan, an)
     if output is not None:
         step("save")
-        save_model(pruned, output)
+        try:
+            save_model(pruned, output)
+        except OSError as e:
+            raise SpaError(f"cannot write {output}: {e.strerror or e}")
         t = lap("save", t)
     timings["total"] = round(time.perf_counter() - t0, 4)
     report = {
@@ -169,6 +175,19 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "timings_s": timings,
     }
     return Result(model, report)
+
+
+def check_output_path(output) -> None:
+    p = Path(output)
+    if p.is_dir():
+        raise SpaError(f"output {p} is a directory")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpaError(f"cannot create {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise SpaError(f"cannot write into {parent}")
 
 
 def explain_nothing(an: Analysis) -> str:

@@ -52,6 +52,25 @@ class Analysis:
     def find(self, atoms: np.ndarray) -> np.ndarray:
         return self.ctx.uf.find(atoms)
 
+    def _cache(self):
+        if not hasattr(self, "_cost_roots"):
+            self._cost_roots = [(float(c.macs), [self.find(f) for f in c.factors]) for c in self.ctx.costs.values()]
+            seen, sets = set(), []
+            for arr in self.labelled_arrays():
+                r = np.unique(self.find(arr))
+                r = r[r >= 0]
+                key = r.tobytes()
+                if len(r) and key not in seen:
+                    seen.add(key)
+                    sets.append(r)
+            self._label_root_sets = sets
+        return self._cost_roots, self._label_root_sets
+
+    def emptied_tensors(self, removed) -> list[np.ndarray]:
+        """Root sets of labellings that would lose every position (such a plan is invalid)."""
+        rm = np.asarray(sorted(removed), dtype=np.int64)
+        return [r for r in self._cache()[1] if np.isin(r, rm).all()]
+
     def keep_mask(self, removed: set[int] | np.ndarray):
         """A function atoms -> bool mask of kept positions, for a set of removed roots."""
         removed = np.asarray(sorted(removed), dtype=np.int64)
@@ -63,12 +82,12 @@ class Analysis:
         return keep
 
     def macs_after(self, removed) -> int:
-        keep = self.keep_mask(removed)
+        rm = np.asarray(sorted(removed), dtype=np.int64)
         total = 0.0
-        for c in self.ctx.costs.values():
-            m = float(c.macs)
-            for f in c.factors:
-                m *= keep(f).sum() / len(f)
+        for macs, factors in self._cache()[0]:
+            m = macs
+            for r in factors:
+                m *= ((r < 0) | ~np.isin(r, rm)).sum() / len(r)
             total += m
         return int(round(total))
 

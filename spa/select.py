@@ -127,7 +127,13 @@ class PruningPlan:
             if any(i < 0 or i >= g.size or g.frozen[i] for i in idx):
                 raise SpaError(f"plan removes a frozen or missing unit of group {gid} '{g.name}'")
             removed[gid] = idx
-        return cls(removed)
+        plan = cls(removed)
+        for gid, idx in removed.items():
+            if len(idx) >= an.groups[gid].size:
+                raise SpaError(f"plan removes every unit of group {gid} '{an.groups[gid].name}'")
+        if an.emptied_tensors(plan.roots(an)):
+            raise SpaError("plan removes every channel of a tensor (e.g. a concat or split piece)")
+        return plan
 
     def save(self, path, an: Analysis) -> None:
         with open(path, "w") as f:
@@ -206,7 +212,7 @@ def _budget(an, scores, order, plan_for, target) -> PruningPlan:
         counts: dict[int, int] = {}
         for _, gid in ranked[:t]:
             counts[gid] = counts.get(gid, 0) + 1
-        return plan_for(counts)
+        return keep_every_tensor(an, plan_for(counts), scores)  # measured as it will be applied
 
     lo, hi = 0, len(ranked)
     if an.macs_after(plan_at(hi).roots(an)) > goal:
@@ -224,20 +230,14 @@ def keep_every_tensor(an: Analysis, plan: PruningPlan, scores: dict) -> PruningP
     """No tensor may lose all its positions (a Split piece, a Concat operand): give back its best unit."""
     removed = plan.roots(an)
     given_back: dict[int, int] = {}
-    changed = True
-    while changed and removed:
-        changed = False
-        rm = np.array(sorted(removed), dtype=np.int64)
-        for arr in an.labelled_arrays():
-            r = an.find(arr)
-            r = r[r >= 0]
-            if len(r) and np.isin(r, rm).all():
-                best = max(np.unique(r).tolist(), key=lambda u: scores[u])
-                removed.discard(best)
-                gid = an.unit_group[best]
-                given_back[gid] = given_back.get(gid, 0) + 1
-                changed = True
-                break
+    while removed:
+        emptied = an.emptied_tensors(removed)
+        if not emptied:
+            break
+        best = max(emptied[0].tolist(), key=lambda u: scores[u])
+        removed.discard(best)
+        gid = an.unit_group[best]
+        given_back[gid] = given_back.get(gid, 0) + 1
     out: dict[int, list[int]] = {}
     for g in an.groups:
         idx = [i for i, u in enumerate(g.units) if int(u) in removed]
