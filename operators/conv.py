@@ -36,7 +36,7 @@ def conv(ctx, node):
     if groups == 1:
         if x is not None:
             ctx.slice_param(node, 1, in_axis, x.atoms, "sink")
-        ctx.slice_param(node, 1, out_axis, out_atoms, "member")
+        ctx.slice_param(node, 1, out_axis, out_atoms, "source")
         in_factor = x.atoms if x is not None else None
     else:
         in_atoms = x.atoms if x is not None else none_labels(c_in)
@@ -53,9 +53,9 @@ def conv(ctx, node):
                                 members[:, 1:].ravel())
         # whole groups go: weight rows (Conv) / input rows (ConvTranspose) follow the group's atoms
         if transposed:
-            ctx.slice_param(node, 1, 0, in_atoms, "member")
+            ctx.slice_param(node, 1, 0, in_atoms, "source")
         else:
-            ctx.slice_param(node, 1, 0, out_atoms, "member")
+            ctx.slice_param(node, 1, 0, out_atoms, "source")
         in_factor = None
 
         def set_groups(ap, node=node, out_atoms=out_atoms, groups=groups, per_out=per_out):

@@ -31,7 +31,7 @@ def gemm(ctx, node):
         ctx.slice_param(node, 1, 1 if trans_b else 0, x.atoms, "sink")
     n = b.shape[0 if trans_b else 1]
     out = ctx.new_atoms(node, n, node.input[1])
-    ctx.slice_param(node, 1, 0 if trans_b else 1, out, "member")
+    ctx.slice_param(node, 1, 0 if trans_b else 1, out, "source")
     if len(node.input) > 2 and node.input[2]:
         c = ctx.const(node.input[2])
         if c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1:
@@ -74,7 +74,7 @@ def _weight_right(ctx, node, la, ra, ry, macs):
         ctx.slice_param(node, 1, 0, la.atoms, "sink")
     w = ctx.const(node.input[1])
     out = ctx.new_atoms(node, w.shape[1], node.input[1])
-    ctx.slice_param(node, 1, 1, out, "member")
+    ctx.slice_param(node, 1, 1, out, "source")
     ctx.cost(node, macs, [out, la.atoms if la is not None else None])
     ctx.out(node, 0, Labels(ry - 1, out))
 
@@ -88,7 +88,7 @@ def _weight_left(ctx, node, lb, rb, ry, macs):
         ctx.slice_param(node, 0, 1, lb.atoms, "sink")
     w = ctx.const(node.input[0])
     out = ctx.new_atoms(node, w.shape[0], node.input[0])
-    ctx.slice_param(node, 0, 0, out, "member")
+    ctx.slice_param(node, 0, 0, out, "source")
     ctx.cost(node, macs, [out, lb.atoms if lb is not None else None])
     ctx.out(node, 0, Labels(ry - 2, out))
 

@@ -20,7 +20,7 @@ def batchnorm(ctx, node):
         return
     last = 5 if node.op_type == "BatchNormalization" else 3
     for i in range(1, min(last, len(node.input))):
-        ctx.slice_param(node, i, 0, x.atoms, "member")
+        ctx.slice_param(node, i, 0, x.atoms, "member" if i < 3 else "stat")  # running mean/var: not scored
     passthrough(ctx, node)
 
 

@@ -64,6 +64,9 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
     p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
+    p.add_argument("--fold-constants", action="store_true",
+                   help="compensation: fold the constant each removed channel carries into consumer biases; "
+                        "reports fidelity to the original before and after")
     p.add_argument("--strict", action="store_true", help="a frozen group is an error")
     p.add_argument("--no-verify", action="store_true", help="skip verification (benchmarks); said in the summary")
     p.add_argument("--rtol", type=float, default=1e-4, help="verification tolerance relative to output scale")
@@ -101,6 +104,13 @@ def summary(rep: dict) -> str:
         lines.append(f"verification  passed (max rel. error {worst:.2e} <= {v['rtol']:g}, checker full)")
     else:
         lines.append(f"verification  {v['status']}  ** the output model was NOT verified **")
+    comp = rep.get("compensation")
+    if comp:
+        for name, after in comp["fidelity_after"].items():
+            before = comp["fidelity_before"][name]
+            extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
+            lines.append(f"compensation  fold-constants on {comp['folded_sinks']} sinks: '{name}' rel. L2 error "
+                         f"{before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
     if rep["unruled_ops"]:
         lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
     for w in rep["warnings"][:5]:
@@ -135,7 +145,7 @@ def run_prune(argv) -> int:
                        normalization=args.normalization, min_channels=args.min_channels, round_to=args.round_to,
                        exclude=args.exclude, plan_file=args.plan, save_plan=args.save_plan,
                        verify=not args.no_verify, rtol=args.rtol, strict=args.strict,
-                       input_shapes=dict(args.input_shape), progress=show)
+                       input_shapes=dict(args.input_shape), progress=show, fold_constants=args.fold_constants)
     if show:
         sys.stderr.write("\r" + " " * 40 + "\r")
     if args.report:

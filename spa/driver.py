@@ -80,7 +80,8 @@ class Result:
 
 def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
           normalization="mean", min_channels=1, round_to=1, exclude=None, plan_file=None, save_plan=None,
-          verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None) -> Result:
+          verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None,
+          fold_constants=False) -> Result:
     """Prune a model end to end; write `output` only after every check passed."""
     step = progress or (lambda s: None)
     t0 = time.perf_counter()
@@ -145,6 +146,19 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         reference = V.build_reference(original, an, removed, an.node_index)
         verification = {"status": "passed", **V.compare(reference, pruned, model.input_shapes, rtol=rtol)}
         t = lap("verify", t)
+    compensation = None
+    if fold_constants:
+        if not verify:
+            raise SpaError("--fold-constants needs verification (it measures fidelity); drop --no-verify")
+        step("compensate")
+        from passes.compensate import FoldRemovedConstants, fidelity
+        before = fidelity(original, pruned, model.input_shapes)
+        stats = FoldRemovedConstants(an, removed, original, model.input_shapes).run(model)
+        pruned = model.graph.to_model()
+        V.check(pruned)
+        compensation = {"pass": "fold-constants", **stats, "fidelity_before": before,
+                        "fidelity_after": fidelity(original, pruned, model.input_shapes)}
+        t = lap("compensate", t)
     if save_plan:
         chosen.save(save_plan, an)
     if output is not None:
@@ -168,6 +182,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "unruled_ops": an.unruled_ops,
         "per_group": group_rows,
         "verification": verification,
+        "compensation": compensation,
         "apply": apply_stats,
         "normalize": model.normalize_report,
         "warnings": model.warnings,

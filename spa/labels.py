@@ -79,8 +79,10 @@ class ParamSlice:
     """A parameter axis whose positions follow an atom labelling: sliced by Apply.
 
     role "sink": the labels end here (Conv input channels, Gemm/MatMul contracted rows); the verification
-    reference zeroes these slices ("disconnected at the sink"). role "member": the parameter travels with the
-    channel (biases, norm statistics, producer rows) and only Apply touches it.
+    reference zeroes these slices ("disconnected at the sink"). role "source": the producing weight's output
+    rows (compensation zeroes them to find the constant a removed channel carries). role "member": anything else
+    that travels with the channel (biases, norm affine). role "stat": running statistics, cut but never scored
+    (a variance near 1 says nothing about a channel's importance). Apply cuts all roles alike.
     """
 
     node: onnx.NodeProto

@@ -33,6 +33,8 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
     count = np.zeros(len(roots))
     powered: dict[str, np.ndarray] = {}
     for ps in an.ctx.params:
+        if ps.role == "stat":
+            continue
         name = ps.node.input[ps.input_index]
         w = an.ctx.g.const(name)
         if w is None or w.dtype.kind != "f" or w.ndim == 0:

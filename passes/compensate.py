@@ -1,0 +1,173 @@
+"""Compensation after structural pruning: not equivalence-preserving by design, so it reports fidelity.
+
+FoldRemovedConstants: a removed channel whose producing weights were zero would still carry a constant (its
+bias, BN shift, activation of those) into its consumers. We measure that constant, per sink position, by running
+the original with the removed units' source rows zeroed, average it over positions and inputs, and fold
+`constant x consumer weights` into the consumers' biases. Only values of kept parameters change (asserted).
+
+Fidelity compares a model with the original (not the disconnected reference): relative L2 error per output, and
+top-1 agreement and KL divergence where an output looks like class logits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from spa.errors import VerificationError
+from spa.groups import Analysis
+from spa.ir import Graph, attr
+
+from . import Pass
+from . import verify as V
+
+
+def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1)) -> dict:
+    out: dict[str, dict] = {}
+    for seed in seeds:
+        feeds = V.random_inputs(original, shapes, seed)
+        for o, a, b in zip(original.graph.output, V.run(original, feeds, "reference"), V.run(model, feeds)):
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            d = out.setdefault(o.name, {"rel_l2": [], "top1": [], "kl": []})
+            d["rel_l2"].append(float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-12)))
+            if a64.ndim == 2 and a64.shape[1] > 1:
+                d["top1"].append(float((a64.argmax(1) == b64.argmax(1)).mean()))
+                pa, pb = _softmax(a64), _softmax(b64)
+                d["kl"].append(float((pa * (np.log(pa + 1e-12) - np.log(pb + 1e-12))).sum(1).mean()))
+    return {k: {m: float(np.mean(v)) for m, v in d.items() if v} for k, d in out.items()}
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _signature(model: onnx.ModelProto):
+    return ([(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node],
+            {t.name: tuple(t.dims) for t in model.graph.initializer})
+
+
+class FoldRemovedConstants(Pass):
+    name = "fold-constants"
+
+    def __init__(self, an: Analysis, removed: set[int], original: onnx.ModelProto, input_shapes: dict):
+        self.an, self.removed, self.original, self.shapes = an, removed, original, input_shapes
+        self._orig = Graph(original)
+
+    def run(self, model) -> dict:
+        an, keep = self.an, self.an.keep_mask(self.removed)
+        sinks = [ps for ps in an.ctx.params if ps.role == "sink" and (~keep(ps.atoms)).any()]
+        if not sinks:
+            return {"folded_sinks": 0, "skipped_sinks": 0}
+        means = self._removed_channel_means(sinks, keep)
+        g = model.graph
+        before = _signature(g.to_model())
+        folded, skipped = 0, []
+        for ps, mean in zip(sinks, means):
+            done = self._fold(g, ps, mean, keep)
+            if done:
+                folded += 1
+            else:
+                skipped.append(f"{ps.node.op_type} '{ps.node.name}'")
+        if _signature(g.to_model()) != before:
+            raise VerificationError("compensation changed the graph or a shape (it may only change values)")
+        return {"folded_sinks": folded, "skipped_sinks": len(skipped), "skipped": skipped[:10]}
+
+    def _removed_channel_means(self, sinks, keep) -> list[np.ndarray]:
+        """Mean value, per position of each sink's labelled input axis, when removed units produce nothing."""
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.original)
+        pg = Graph(probe)
+        nodes = list(probe.graph.node)
+        for ps in self.an.ctx.params:
+            gone = ~keep(ps.atoms)
+            if ps.role != "source" or not gone.any():
+                continue
+            node = nodes[self.an.node_index[id(ps.node)]]
+            w = np.array(pg.const(node.input[ps.input_index]), copy=True)
+            idx = [slice(None)] * w.ndim
+            idx[ps.axis] = gone
+            w[tuple(idx)] = 0
+            node.input[ps.input_index] = pg.add_const(w, node.input[ps.input_index] + "_probe")
+        data_inputs = []
+        for ps in sinks:
+            node = nodes[self.an.node_index[id(ps.node)]]
+            x = node.input[1 if ps.input_index == 0 and ps.node.op_type == "MatMul" else 0]
+            data_inputs.append(x)
+        existing = {o.name for o in probe.graph.output}
+        for x in dict.fromkeys(data_inputs):
+            if x not in existing:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(x))
+        pg.to_model()
+        names = [o.name for o in probe.graph.output]
+        sums: dict[str, np.ndarray] = {}
+        seeds = (0, 1)
+        for seed in seeds:
+            res = V.run(probe, V.random_inputs(probe, self.shapes, seed), "reference")
+            for n, r in zip(names, res):
+                sums[n] = sums.get(n, 0) + np.asarray(r, np.float64)
+        out = []
+        for ps, x in zip(sinks, data_inputs):
+            t = sums[x] / len(seeds)
+            axis = self._data_axis(ps, t.ndim)
+            other = tuple(a for a in range(t.ndim) if a != axis)
+            out.append(t.mean(axis=other) if other else t)
+        return out
+
+    @staticmethod
+    def _data_axis(ps, rank: int) -> int:
+        n = ps.node
+        if n.op_type == "Conv" or n.op_type == "ConvTranspose":
+            return 1
+        if n.op_type == "Gemm":
+            return 0 if attr(n, "transA", 0) else 1
+        return rank - 2 if ps.input_index == 0 else rank - 1  # MatMul: weight left reads rows of B
+
+    def _fold(self, g: Graph, ps, mean: np.ndarray, keep) -> bool:
+        node, an = ps.node, self.an
+        gone = ~keep(ps.atoms)
+        w_orig = self._orig.const(self.original.graph.node[an.node_index[id(node)]].input[ps.input_index])
+        c = np.where(gone, mean, 0.0)
+        if node.op_type == "Conv" and int(attr(node, "group", 1)) == 1 and ps.axis == 1:
+            w = w_orig.astype(np.float64)
+            delta = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ c  # borders ignored: approximate
+            bias_index, out_axis_len = 2, w_orig.shape[0]
+        elif node.op_type == "Gemm" and ps.input_index == 1:
+            delta = np.tensordot(c, w_orig.astype(np.float64), axes=([0], [ps.axis]))  # over B's contracted axis
+            bias_index, out_axis_len = 2, delta.shape[0]
+        elif node.op_type == "MatMul" and ps.input_index == 1 and w_orig.ndim == 2:
+            delta = c @ w_orig.astype(np.float64)
+            return self._fold_into_add(g, node, delta, keep)
+        else:
+            return False
+        if bias_index >= len(node.input) or not node.input[bias_index] or not g.is_const(node.input[bias_index]):
+            return False
+        if len(g.consumers.get(node.input[bias_index], [])) != 1:
+            return False  # a shared bias: never edit in place
+        out_keep = self._out_keep(node, out_axis_len, keep)
+        bias = g.const(node.input[bias_index])
+        if bias.ndim != 1 or bias.shape[0] != int(out_keep.sum()):
+            return False
+        g.set_const(node.input[bias_index], (bias.astype(np.float64) + delta[out_keep]).astype(bias.dtype))
+        return True
+
+    def _out_keep(self, node, n: int, keep) -> np.ndarray:
+        for s in self.an.ctx.sources:
+            if s.node == node.name and len(s.atoms) == n:
+                return keep(s.atoms)
+        return np.ones(n, dtype=bool)
+
+    def _fold_into_add(self, g: Graph, node, delta, keep) -> bool:
+        readers = g.consumers.get(node.output[0], [])
+        if len(readers) != 1 or readers[0][0].op_type != "Add":
+            return False
+        add = readers[0][0]
+        other = add.input[1 - readers[0][1]]
+        b = g.const(other)
+        if b is None or b.ndim != 1 or len(g.consumers.get(other, [])) != 1:
+            return False
+        out_keep = self._out_keep(node, len(delta), keep)
+        if b.shape[0] != int(out_keep.sum()):
+            return False
+        g.set_const(other, (b.astype(np.float64) + delta[out_keep]).astype(b.dtype))
+        return True
