@@ -162,10 +162,10 @@ def protected_units(an: Analysis, patterns: list[str]) -> set[int]:
 
 
 def _kept_count(n: int, n_fixed: int, want_kept: int, min_channels: int, round_to: int) -> int:
-    kept = want_kept
-    if round_to > 1:
+    kept = max(want_kept, min(min_channels, n), n_fixed, 1)
+    if round_to > 1:  # round up: both the minimum and the multiple hold (capped at the full width)
         kept = min(n, int(math.ceil(kept / round_to) * round_to))
-    return max(kept, min_channels if min_channels < n else n, n_fixed, 1)
+    return kept
 
 
 def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,

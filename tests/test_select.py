@@ -1,0 +1,72 @@
+"""Selection options: --round-to, --min-channels, --exclude, --target-flops budgets, plans."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from spa import driver
+
+models = pytest.importorskip("models")
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return str(models.zoo_path("resnet18", small=True))
+
+
+def kept_rows(rep):
+    return {r["name"]: r for r in rep["per_group"]}
+
+
+def test_round_to_keeps_multiples(resnet18):
+    rep = driver.prune(resnet18, None, ratio=0.4, round_to=4).report
+    for row in rep["per_group"]:
+        if row["frozen_units"] == 0 and row["units"] > 1:
+            want = row["units"] - math.floor(0.4 * row["units"] + 0.5)
+            assert row["kept"] % 4 == 0 or row["kept"] == row["units"], row
+            assert row["kept"] >= want
+
+
+def test_min_channels_wins_over_ratio(resnet18):
+    rep = driver.prune(resnet18, None, ratio=0.9, min_channels=5).report
+    for row in rep["per_group"]:
+        if row["frozen_units"] == 0 and row["units"] > 1:
+            assert row["kept"] == max(row["units"] - math.floor(0.9 * row["units"] + 0.5), min(5, row["units"]))
+
+
+def test_exclude_protects_matching_groups(resnet18):
+    an = driver.analyse(driver.load(resnet18))
+    target = next(g for g in an.groups if g.prunable > 1)
+    pattern = target.sources[0]
+    rep = driver.prune(resnet18, None, ratio=0.5, exclude=[pattern]).report
+    row = kept_rows(rep)[target.name]
+    assert row["kept"] == row["units"]
+    others = [r for r in rep["per_group"] if r["name"] != target.name and r["frozen_units"] == 0 and r["units"] > 1]
+    assert all(r["kept"] < r["units"] for r in others)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_target_flops_meets_budget(resnet18, budget):
+    rep = driver.prune(resnet18, None, target_flops=budget).report
+    assert rep["macs"]["after"] <= budget * rep["macs"]["before"]
+    assert rep["macs"]["after"] >= 0.6 * budget * rep["macs"]["before"]  # not wildly over-pruned
+
+
+def test_target_flops_with_round_to_meets_budget(resnet18):
+    rep = driver.prune(resnet18, None, target_flops=0.5, round_to=8).report
+    assert rep["macs"]["after"] <= 0.5 * rep["macs"]["before"]
+    for row in rep["per_group"]:
+        if row["frozen_units"] == 0 and row["units"] > 8:
+            assert row["kept"] % 8 == 0 or row["kept"] == row["units"]
+
+
+def test_saved_plan_reapplies_to_the_same_model(resnet18, tmp_path):
+    plan = tmp_path / "plan.json"
+    a = driver.prune(resnet18, None, target_flops=0.5, save_plan=str(plan)).report
+    data = json.loads(plan.read_text())
+    assert data["format"] == "spa-prune-plan/1" and data["groups"]
+    b = driver.prune(resnet18, None, plan_file=str(plan)).report
+    assert a["macs"]["after"] == b["macs"]["after"]
+    assert a["per_group"] == b["per_group"]
