@@ -209,7 +209,34 @@ def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
 
 def infer_shapes(g: Graph, fixed: dict | None) -> tuple[dict, dict]:
     """Run onnx shape inference on a light copy (large initializers become typed inputs, so no weight bytes
-    are copied) and return name -> dims (ints, or strings/None for dynamic) and name -> elem type."""
+    are copied) and return name -> dims (ints, or strings/None for dynamic) and name -> elem type.
+
+    With fixed input shapes, dims that inference leaves symbolic (shape arithmetic it cannot propagate, e.g.
+    Expand to a Shape-derived target) are resolved by folding the copy's shape subgraphs with those fixed sizes
+    and inferring again. Only the analysis sees these sizes; the model itself keeps its dynamic dims."""
+    light = _light_copy(g, fixed)
+    shapes, dtypes = _inferred(light)
+    if fixed:
+        lg = Graph(light)
+        for _ in range(8):  # each round folds the shape arithmetic the previous inference resolved
+            if all(isinstance(d, int) for n in lg.model.graph.node for o in n.output if o in shapes
+                   for d in shapes[o]):
+                break
+            lg.shapes = shapes
+            if not fold_constants(lg):
+                break
+            lg.to_model()
+            more, more_types = _inferred(lg.model)
+            shapes.update({k: v for k, v in more.items() if all(isinstance(d, int) for d in v)})
+            dtypes.update(more_types)
+    for name in g.initializer_names():
+        shape, dtype = g.const_info(name)
+        shapes[name] = shape
+        dtypes[name] = helper.np_dtype_to_tensor_dtype(dtype)
+    return shapes, dtypes
+
+
+def _light_copy(g: Graph, fixed: dict | None) -> onnx.ModelProto:
     m = g.model
     light = onnx.ModelProto()
     light.ir_version = m.ir_version
@@ -231,18 +258,21 @@ def infer_shapes(g: Graph, fixed: dict | None) -> tuple[dict, dict]:
             lg.initializer.append(onnx.numpy_helper.from_array(np.asarray(g.const(name)), name))
         else:
             lg.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
+    return light
+
+
+def _inferred(model: onnx.ModelProto) -> tuple[dict, dict]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
-        inferred = light
+        inferred = model
     shapes, dtypes = {}, {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = static_dims(vi)
         if dims is not None:
             shapes[vi.name] = dims
         dtypes[vi.name] = vi.type.tensor_type.elem_type
-    for name in g.initializer_names():
-        shape, dtype = g.const_info(name)
-        shapes[name] = shape
-        dtypes[name] = helper.np_dtype_to_tensor_dtype(dtype)
+    for t in inferred.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+        dtypes[t.name] = t.data_type
     return shapes, dtypes
