@@ -58,13 +58,16 @@ class Normalize(Pass):
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)
-        shapes, _ = infer_shapes(g, fixed=None)
-        g.shapes = shapes
+        g.shapes, g.dtypes = infer_shapes(g, fixed=None)
         report["folded_nodes"] = fold_constants(g)
         report["dead_nodes_removed"] = dead_code(g)
         model.input_shapes, warnings = analysis_input_shapes(g, self.input_shapes)
         model.warnings.extend(warnings)
-        g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
+        declared = {name: g.shapes.get(name) for name in model.input_shapes}
+        if declared == model.input_shapes and not report["folded_nodes"] and not report["dead_nodes_removed"]:
+            pass  # static inputs and nothing folded: the first inference is final
+        else:
+            g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
         model.normalize_report = report
         return report
 

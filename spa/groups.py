@@ -50,7 +50,11 @@ class Analysis:
     node_index: dict[int, int] = field(default_factory=dict)
 
     def find(self, atoms: np.ndarray) -> np.ndarray:
-        return self.ctx.uf.find(atoms)
+        """Roots of atoms (-1 stays -1); the sweep is over, so a lookup table replaces the union-find walk."""
+        if not hasattr(self, "_root_table"):
+            self._root_table = root_table(self.ctx.uf)
+        atoms = np.asarray(atoms, dtype=np.int64)
+        return np.where(atoms >= 0, self._root_table[np.maximum(atoms, 0)], -1)
 
     def _cache(self):
         if not hasattr(self, "_cost_roots"):
@@ -97,28 +101,37 @@ class Analysis:
         yield from (p.atoms for p in self.ctx.params)
 
 
+def root_table(uf: UnionFind) -> np.ndarray:
+    return uf.find(np.arange(len(uf.parent))) if len(uf.parent) else np.zeros(1, dtype=np.int64)
+
+
 def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict[int, float]]:
     """Units (union-find roots), their groups (roots joined through shared labellings), frozen units with
     reasons, and the first-order MACs each unit carries. Vectorised: ResNet-50 has ~27k atoms."""
-    uf = ctx.uf
-    n_atoms = len(uf.parent)
-    roots = np.unique(uf.find(np.arange(n_atoms)))
+    n_atoms = len(ctx.uf.parent)
+    table = root_table(ctx.uf)
+
+    def find(a):  # the sweep is over: roots by table lookup
+        a = np.asarray(a, dtype=np.int64)
+        return np.where(a >= 0, table[np.maximum(a, 0)], -1)
+
+    roots = np.unique(table[:n_atoms])
     # join the roots that share a labelling (a second union-find over root ids)
     gu = UnionFind()
     gu.add(n_atoms)
     for arr in [lab.atoms for lab in ctx.labels.values()] + [p.atoms for p in ctx.params]:
-        r = np.unique(uf.find(arr[arr >= 0]))
+        r = np.unique(find(arr[arr >= 0]))
         if len(r) > 1:
             gu.union_arrays(r[:-1], r[1:])
     group_of_root = gu.find(roots)
 
-    frozen_set = np.unique(uf.find(np.concatenate([a for a, _, _ in ctx.frozen]))) if ctx.frozen else \
+    frozen_set = np.unique(find(np.concatenate([a for a, _, _ in ctx.frozen]))) if ctx.frozen else \
         np.zeros(0, dtype=np.int64)
 
     unit_macs_arr = np.zeros(len(roots))
     for c in ctx.costs.values():
         for f in c.factors:
-            r = uf.find(f)
+            r = find(f)
             ok = r >= 0
             unit_macs_arr += np.bincount(np.searchsorted(roots, r[ok]), minlength=len(roots)) * (c.macs / len(f))
     unit_macs = dict(zip(roots.tolist(), unit_macs_arr.tolist()))
@@ -132,7 +145,7 @@ def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict
     gid_of_root = np.array([gid_of_group[int(g)] for g in group_of_root], dtype=np.int64)
 
     def gids(atoms: np.ndarray) -> np.ndarray:
-        r = uf.find(atoms)
+        r = find(atoms)
         return np.unique(gid_of_root[np.searchsorted(roots, r[r >= 0])])
 
     sources: list[list[str]] = [[] for _ in unit_lists]

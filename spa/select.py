@@ -31,7 +31,7 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
     roots = np.array(sorted(an.unit_group), dtype=np.int64)
     total = np.zeros(len(roots))
     count = np.zeros(len(roots))
-    powered: dict[str, np.ndarray] = {}
+    reduced: dict[str, np.ndarray] = {}
     for ps in an.ctx.params:
         if ps.role == "stat":
             continue
@@ -39,11 +39,9 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
         w = an.ctx.g.const(name)
         if w is None or w.dtype.kind != "f" or w.ndim == 0:
             continue
-        if name not in powered:
-            powered[name] = np.abs(w, dtype=np.float32) if p == 1 else np.square(w, dtype=np.float32)
-        wf = powered[name]
-        other = tuple(a for a in range(w.ndim) if a != ps.axis)
-        per_pos = wf.sum(axis=other, dtype=np.float64) if other else wf.astype(np.float64)
+        if name not in reduced:  # |w|^p summed over kernel dims once; both sliced axes read from it
+            reduced[name] = _power_sum(w, p)
+        per_pos = _axis_sum(reduced[name], ps.axis)
         r = an.find(ps.atoms)
         ok = r >= 0
         idx = np.searchsorted(roots, r[ok])
@@ -60,6 +58,25 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
         total = total / np.maximum(count, 1)
     scores = dict(zip(roots.tolist(), total.tolist()))
     return normalize_scores(an, scores, normalization)
+
+
+def _power_sum(w: np.ndarray, p: int) -> np.ndarray:
+    """sum of |w|^p over every axis past the first two (kernel dims), as float64; 1-D arrays as they are."""
+    w = w.astype(np.float32, copy=False)
+    if w.ndim <= 2:
+        return (np.abs(w) if p == 1 else np.square(w)).astype(np.float64)
+    w3 = w.reshape(w.shape[0], w.shape[1], -1)
+    if p == 2:
+        return np.einsum("abk,abk->ab", w3, w3).astype(np.float64)  # no squared temporary
+    return np.abs(w3).sum(axis=2, dtype=np.float64)
+
+
+def _axis_sum(r: np.ndarray, axis: int) -> np.ndarray:
+    if r.ndim == 1:
+        return r
+    if axis >= 2:  # a kernel axis is never a channel axis; keep it general anyway
+        raise ValueError("channel slice on a kernel axis")
+    return r.sum(axis=1 - axis)
 
 
 def random_importance(an: Analysis, seed: int = 0) -> dict:
