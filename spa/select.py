@@ -39,9 +39,14 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
         w = an.ctx.g.const(name)
         if w is None or w.dtype.kind != "f" or w.ndim == 0:
             continue
-        if name not in reduced:  # |w|^p summed over kernel dims once; both sliced axes read from it
-            reduced[name] = _power_sum(w, p)
-        per_pos = _axis_sum(reduced[name], ps.axis)
+        if w.ndim >= 3 and ps.axis < 2:  # conv weights: |w|^p over the kernel once, both channel axes read it
+            if name not in reduced:
+                reduced[name] = _kernel_power_sum(w, p)
+            per_pos = reduced[name].sum(axis=1 - ps.axis)
+        else:
+            wf = np.abs(w.astype(np.float64)) if p == 1 else np.square(w.astype(np.float64))
+            other = tuple(a for a in range(w.ndim) if a != ps.axis)
+            per_pos = wf.sum(axis=other) if other else wf
         r = an.find(ps.atoms)
         ok = r >= 0
         idx = np.searchsorted(roots, r[ok])
@@ -60,23 +65,12 @@ def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", nor
     return normalize_scores(an, scores, normalization)
 
 
-def _power_sum(w: np.ndarray, p: int) -> np.ndarray:
-    """sum of |w|^p over every axis past the first two (kernel dims), as float64; 1-D arrays as they are."""
-    w = w.astype(np.float32, copy=False)
-    if w.ndim <= 2:
-        return (np.abs(w) if p == 1 else np.square(w)).astype(np.float64)
-    w3 = w.reshape(w.shape[0], w.shape[1], -1)
+def _kernel_power_sum(w: np.ndarray, p: int) -> np.ndarray:
+    """(out, in) matrix of |w|^p summed over a conv weight's kernel dims, in float64."""
+    w3 = w.astype(np.float32, copy=False).reshape(w.shape[0], w.shape[1], -1)
     if p == 2:
         return np.einsum("abk,abk->ab", w3, w3).astype(np.float64)  # no squared temporary
     return np.abs(w3).sum(axis=2, dtype=np.float64)
-
-
-def _axis_sum(r: np.ndarray, axis: int) -> np.ndarray:
-    if r.ndim == 1:
-        return r
-    if axis >= 2:  # a kernel axis is never a channel axis; keep it general anyway
-        raise ValueError("channel slice on a kernel axis")
-    return r.sum(axis=1 - axis)
 
 
 def random_importance(an: Analysis, seed: int = 0) -> dict:

@@ -70,3 +70,25 @@ def test_saved_plan_reapplies_to_the_same_model(resnet18, tmp_path):
     b = driver.prune(resnet18, None, plan_file=str(plan)).report
     assert a["macs"]["after"] == b["macs"]["after"]
     assert a["per_group"] == b["per_group"]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_magnitude_scores_match_a_brute_force_sum(resnet18, p):
+    """Each unit's score = sum over its parameter slices of the slice's L_p norm (running stats excluded)."""
+    import numpy as np
+
+    from spa.select import magnitude_importance
+
+    an = driver.analyse(driver.load(resnet18))
+    scores = magnitude_importance(an, p=p, aggregation="sum", normalization="none")
+    expected = {u: 0.0 for u in scores}
+    for ps in an.ctx.params:
+        if ps.role == "stat":
+            continue
+        w = np.asarray(an.ctx.g.const(ps.node.input[ps.input_index]), dtype=np.float64)
+        roots = an.find(ps.atoms)
+        for u in np.unique(roots[roots >= 0]):
+            sl = np.compress(roots == u, w, axis=ps.axis)
+            expected[int(u)] += np.abs(sl).sum() if p == 1 else np.sqrt(np.square(sl).sum())
+    for u, v in scores.items():
+        assert v == pytest.approx(expected[u], rel=1e-5)
