@@ -141,6 +141,8 @@ def fold_constants(g: Graph) -> int:
             if any(not isinstance(d, int) for d in dims):
                 continue
             values = [np.array(dims, dtype=np.int64)]
+        elif n.op_type in ("Gather", "Slice") and _static_shape_pick(g, n) is not None:
+            values = [_static_shape_pick(g, n)]
         else:
             if not n.input or not all(g.is_const(x) for x in n.input if x) or n.op_type not in FOLDERS:
                 continue
@@ -154,6 +156,26 @@ def fold_constants(g: Graph) -> int:
         folded += 1
     g.refresh()
     return folded
+
+
+def _static_shape_pick(g: Graph, n) -> np.ndarray | None:
+    """Gather/Slice of a Shape whose picked dims are static (a dynamic batch elsewhere does not matter):
+    the value exporters use for channel counts and head sizes, folded to its constant."""
+    src = g.producer.get(n.input[0])
+    if src is None or src.op_type != "Shape" or not all(g.is_const(x) for x in n.input[1:] if x):
+        return None
+    dims = g.shapes.get(src.input[0])
+    if dims is None:
+        return None
+    rank = len(dims)
+    start, end = attr(src, "start", 0), attr(src, "end", rank)
+    start = start + rank if start < 0 else start
+    end = min(end + rank if end < 0 else end, rank)
+    vector = np.array([d if isinstance(d, int) else -1 for d in dims[start:end]], dtype=np.int64)
+    picked = evaluate(n, [vector, *[g.const(x) if x else None for x in n.input[1:]]])
+    if picked is None or (picked[0] < 0).any():
+        return None
+    return picked[0]
 
 
 def dead_code(g: Graph) -> int:

@@ -43,3 +43,34 @@ def test_dynamic_sequence_needs_a_size_the_model_accepts(tmp_path):
     assert rep["groups"]["pruned"] == 5  # 2 x (heads, MLP) + pooler
     assert rep["macs"]["after"] < rep["macs"]["before"]
     assert dims(onnx.load(str(tmp_path / "o.onnx"))) == ["batch", "seq"]
+
+
+class ChunkAttention(torch.nn.Module):
+    """qkv split with chunk(): TorchScript computes the split sizes from Shape() when the batch is dynamic."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.proj, self.fc = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), torch.nn.Linear(d, 5)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.h, c // self.h).transpose(1, 2) for t in (q, k, v))
+        a = (q @ k.transpose(-2, -1) * (c // self.h) ** -0.5).softmax(-1)
+        y = (a @ v).transpose(1, 2).reshape(b, n, c)
+        return self.fc(torch.relu(self.proj(y)).mean(1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_chunked_qkv_heads_prune_with_dynamic_batch(dynamo, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "attn.onnx"
+    axes = None if dynamo else {"x": {0: "b"}, "y": {0: "b"}}
+    torch.onnx.export(ChunkAttention().eval(), (torch.randn(1, 6, 32),), str(path), dynamo=dynamo,
+                      opset_version=18 if dynamo else 17, input_names=["x"], output_names=["y"], dynamic_axes=axes)
+    an = driver.analyse(driver.load(str(path)))
+    sizes = sorted(g.size for g in an.groups if g.prunable)
+    assert sizes == [4, 32]  # 4 heads (q, k, v of a head in one unit), 32 MLP channels
+    rep = driver.prune(str(path), None, ratio=0.5).report
+    assert rep["groups"]["pruned"] == 2 and rep["verification"]["status"] == "passed"
