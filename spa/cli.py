@@ -61,6 +61,9 @@ def prune_parser() -> argparse.ArgumentParser:
                    help="per-group normalization of scores, for global ranking (mean)")
     p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
     p.add_argument("--round-to", type=int, default=1, metavar="N", help="kept units a multiple of N")
+    p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
+                   help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
+                        "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
     p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
@@ -143,6 +146,7 @@ def run_prune(argv) -> int:
     res = driver.prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops,
                        importance=args.importance, aggregation=args.aggregation,
                        normalization=args.normalization, min_channels=args.min_channels, round_to=args.round_to,
+                       max_ratio=args.max_ratio,
                        exclude=args.exclude, plan_file=args.plan, save_plan=args.save_plan,
                        verify=not args.no_verify, rtol=args.rtol, strict=args.strict,
                        input_shapes=dict(args.input_shape), progress=show, fold_constants=args.fold_constants)

@@ -56,11 +56,11 @@ def analyse(model: Model) -> Analysis:
 
 
 def plan(model: Model, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
-         normalization="mean", min_channels=1, round_to=1, exclude=None) -> PruningPlan:
+         normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0) -> PruningPlan:
     an = analyse(model)
     scores = score(an, importance, aggregation, normalization)
     return select(an, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
-                  round_to=round_to, exclude=exclude)
+                  round_to=round_to, exclude=exclude, max_ratio=max_ratio)
 
 
 def param_count(g: Graph) -> int:
@@ -79,7 +79,8 @@ class Result:
 
 
 def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
-          normalization="mean", min_channels=1, round_to=1, exclude=None, plan_file=None, save_plan=None,
+          normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0, plan_file=None,
+          save_plan=None,
           verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None,
           fold_constants=False) -> Result:
     """Prune a model end to end; write `output` only after every check passed."""
@@ -125,7 +126,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     else:
         scores = score(an, importance, aggregation, normalization)
         chosen = select(an, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
-                        round_to=round_to, exclude=exclude)
+                        round_to=round_to, exclude=exclude, max_ratio=max_ratio)
     t = lap("score+select", t)
     removed = chosen.roots(an)
     macs_before = an.total_macs

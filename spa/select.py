@@ -180,13 +180,16 @@ def _kept_count(n: int, n_fixed: int, want_kept: int, min_channels: int, round_t
 
 
 def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
-           min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None) -> PruningPlan:
+           min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
+           max_ratio: float = 1.0) -> PruningPlan:
     if (ratio is None) == (target_flops is None):
         raise SpaError("give exactly one of --ratio and --target-flops")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
     if target_flops is not None and not 0.0 < target_flops <= 1.0:
         raise SpaError(f"--target-flops must be in (0, 1], got {target_flops}")
+    if not 0.0 < max_ratio <= 1.0:
+        raise SpaError(f"--max-ratio must be in (0, 1], got {max_ratio}")
     if min_channels < 1 or round_to < 1:
         raise SpaError("--min-channels and --round-to must be >= 1")
     protect = protected_units(an, exclude or [])
@@ -197,7 +200,8 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
     def plan_for(counts: dict[int, int]) -> PruningPlan:
         removed = {}
         for g in an.groups:
-            want = g.size - counts.get(g.id, 0)
+            # --max-ratio: a budget search may not empty a group below (1 - R) of its units
+            want = g.size - min(counts.get(g.id, 0), int(math.floor(max_ratio * g.size)))
             kept = _kept_count(g.size, int(fixed[g.id].sum()), want, min_channels, round_to)
             k = g.size - kept
             if k > 0:

@@ -92,3 +92,12 @@ def test_magnitude_scores_match_a_brute_force_sum(resnet18, p):
             expected[int(u)] += np.abs(sl).sum() if p == 1 else np.sqrt(np.square(sl).sum())
     for u, v in scores.items():
         assert v == pytest.approx(expected[u], rel=1e-5)
+
+
+def test_max_ratio_caps_every_group_under_a_budget(resnet18):
+    rep = driver.prune(resnet18, None, target_flops=0.5, max_ratio=0.6).report
+    assert rep["macs"]["after"] <= 0.5 * rep["macs"]["before"]
+    for row in rep["per_group"]:
+        assert row["units"] - row["kept"] <= math.floor(0.6 * row["units"]), row
+    uncapped = driver.prune(resnet18, None, target_flops=0.5).report
+    assert min(r["kept"] / r["units"] for r in uncapped["per_group"]) < 0.4  # what the cap prevents
