@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from spa import driver
 from spa.errors import SpaError
@@ -73,3 +73,44 @@ def test_opset_above_runtime_is_converted_or_refused():
     else:
         assert res.model.opset <= 26
         assert res.report["verification"]["status"] == "passed"
+
+
+def test_qdq_activations_between_float_convs_prune():
+    """Per-tensor Quantize/DequantizeLinear on activations (a QDQ graph with float weights) pass channels
+    through; pruning verifies."""
+    m = conv_chain()
+    g = m.graph
+    relu = next(n for n in g.node if n.op_type == "Relu")
+    g.initializer.extend([helper.make_tensor("qs", TensorProto.FLOAT, [], [0.05]),
+                          helper.make_tensor("qz", TensorProto.UINT8, [], [128])])
+    q = helper.make_node("QuantizeLinear", ["r", "qs", "qz"], ["rq"], name="q")
+    dq = helper.make_node("DequantizeLinear", ["rq", "qs", "qz"], ["rdq"], name="dq")
+    conv2 = next(n for n in g.node if n.name == "c2")
+    conv2.input[0] = "rdq"
+    nodes = list(g.node)
+    i = nodes.index(relu) + 1
+    nodes[i:i] = [q, dq]
+    del g.node[:]
+    g.node.extend(nodes)
+    res = driver.prune(m, None, ratio=0.5)
+    assert res.report["groups"]["pruned"] == 1
+    assert res.report["verification"]["status"] == "passed"
+
+
+def test_quantized_weights_explain_why_nothing_is_prunable():
+    m = conv_chain()
+    g = m.graph
+    w1 = next(t for t in g.initializer if t.name == "w1")
+    qw = numpy_helper.from_array(np.clip(numpy_helper.to_array(w1) * 20 + 128, 0, 255).astype(np.uint8), "w1_q")
+    g.initializer.remove(w1)
+    g.initializer.extend([qw, helper.make_tensor("ws", TensorProto.FLOAT, [], [0.05]),
+                          helper.make_tensor("wz", TensorProto.UINT8, [], [128])])
+    dq = helper.make_node("DequantizeLinear", ["w1_q", "ws", "wz"], ["w1"], name="dqw")
+    nodes = [dq, *g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    an = driver.analyse(driver.load(m))
+    c1 = [g for g in an.groups if "c1" in g.sources]
+    assert c1 == []  # a run-time (dequantized) weight is not a prunable source
+    c2 = next(g for g in an.groups if "c2" in g.sources)
+    assert c2.frozen.all()  # c2's outputs are the graph output
