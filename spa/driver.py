@@ -20,7 +20,7 @@ from passes.normalize import Normalize
 
 from .errors import SpaError
 from .groups import Analysis
-from .ir import Graph, load_model, save_model
+from .ir import Graph, read_model, save_model
 from .model import Model
 from .select import PruningPlan, score, select
 
@@ -28,12 +28,13 @@ from .select import PruningPlan, score, select
 def load(source, input_shapes: dict | None = None) -> Model:
     """Load an ONNX file (or a ModelProto, or 'zoo:NAME[:small][:dynamo]') and normalize it."""
     name = str(source) if not isinstance(source, onnx.ModelProto) else "<model>"
+    raw = None
     if isinstance(source, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(source)
     else:
-        proto = load_model(resolve_input(str(source)))
-    model = Model(Graph(proto), source=name)
+        proto, raw = read_model(resolve_input(str(source)))
+    model = Model(Graph(proto, raw=raw), source=name)
     PassManager([Normalize(input_shapes)]).run(model)
     return model
 

@@ -68,6 +68,7 @@ class Graph:
     _tensors: dict[str, onnx.TensorProto] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     _dirty: set[str] = field(default_factory=set)  # initializers whose numpy value is newer than the protobuf
+    raw: "RawWeights | None" = None  # zero-copy views of the file's weight bytes (read_model)
 
     def __post_init__(self):
         self._tensors = {t.name: t for t in self.model.graph.initializer}
@@ -117,7 +118,9 @@ class Graph:
             t = self._tensors.get(name)
             if t is None:
                 return None
-            arr = _decode(t)
+            arr = self.raw.view(t) if self.raw is not None else None
+            if arr is None:
+                arr = _decode(t)
             arr.setflags(write=False)
             self.arrays[name] = arr
         return arr
@@ -204,6 +207,12 @@ def _has_subgraph(n: onnx.NodeProto) -> bool:
 # ---- loading and saving ----------------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX file (with external data) or raise a one-line SpaError."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, "RawWeights | None"]:
+    """Load an ONNX file and locate its initializers' raw bytes in the file buffer, so weights can be viewed
+    without a copy (`Graph(model, raw=...)`). Bad files raise a one-line SpaError."""
     p = Path(path)
     if not p.exists():
         raise SpaError(f"input file not found: {p}")
@@ -212,12 +221,96 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise SpaError(f"input file is empty: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        buf = p.read_bytes()
+        model = onnx.ModelProto()
+        model.ParseFromString(buf)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external:
+            from onnx.external_data_helper import load_external_data_for_model
+            load_external_data_for_model(model, str(p.parent))
     except Exception as e:  # protobuf DecodeError, missing external data, ...
         raise SpaError(f"cannot read {p} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if not model.graph.node:
         raise SpaError(f"{p} has no graph nodes (truncated or not an ONNX model?)")
-    return model
+    raw = None
+    if not external:
+        try:
+            raw = RawWeights(buf)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            raw = None  # an unusual encoding: decode through protobuf instead
+    return model, raw
+
+
+class RawWeights:
+    """Where each initializer's raw_data lies in the serialized model: a zero-copy view source.
+
+    Walks the protobuf wire format of ModelProto.graph (field 7) → GraphProto.initializer (field 5) →
+    TensorProto.name (8) / raw_data (9). Names that appear twice are dropped (protobuf would merge them).
+    """
+
+    def __init__(self, buf: bytes):
+        self.buf = buf
+        self.spans: dict[str, tuple[int, int]] = {}
+        seen: set[str] = set()
+        for field, start, end in _fields(buf, 0, len(buf)):
+            if field != 7:
+                continue
+            for f2, s2, e2 in _fields(buf, start, end):
+                if f2 != 5:
+                    continue
+                name, span = None, None
+                for f3, s3, e3 in _fields(buf, s2, e2):
+                    if f3 == 8:
+                        name = buf[s3:e3].decode("utf-8")
+                    elif f3 == 9:
+                        span = (s3, e3)
+                if name is None or span is None:
+                    continue
+                if name in seen:
+                    self.spans.pop(name, None)
+                    continue
+                seen.add(name)
+                self.spans[name] = span
+
+    def view(self, t: onnx.TensorProto) -> np.ndarray | None:
+        span = self.spans.get(t.name)
+        if span is None or t.data_type not in _RAW_OK or sys.byteorder != "little":
+            return None
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        count = int(np.prod(t.dims)) if len(t.dims) else 1
+        if count * dtype.itemsize != span[1] - span[0]:
+            return None
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=span[0]).reshape(tuple(t.dims))
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def _fields(buf: bytes, i: int, end: int):
+    """(field number, start, end) of every length-delimited field between i and end; others skipped."""
+    while i < end:
+        tag, i = _varint(buf, i)
+        wire = tag & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield tag >> 3, i, i + n
+            i += n
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:

@@ -114,3 +114,18 @@ def test_quantized_weights_explain_why_nothing_is_prunable():
     assert c1 == []  # a run-time (dequantized) weight is not a prunable source
     c2 = next(g for g in an.groups if "c2" in g.sources)
     assert c2.frozen.all()  # c2's outputs are the graph output
+
+
+def test_zero_copy_weight_views_equal_protobuf_decoding(tmp_path):
+    import pytest
+    models = pytest.importorskip("models")
+    from spa.ir import read_model
+
+    for name, dynamo in (("resnet18", False), ("vit_tiny", True), ("bert_layer", False)):
+        model, raw = read_model(models.zoo_path(name, dynamo=dynamo, small=True))
+        assert raw is not None and raw.spans
+        for t in model.graph.initializer:
+            view = raw.view(t)
+            if view is not None:
+                np.testing.assert_array_equal(view, numpy_helper.to_array(t))
+                assert view.dtype == numpy_helper.to_array(t).dtype
