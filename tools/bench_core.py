@@ -1017,7 +1017,11 @@ def main(argv=None) -> int:
     text = b.report()
     print(text)
     if args.write:
-        (ROOT / "BENCHMARKS.md").write_text(text)
+        old = ROOT / "BENCHMARKS.md"
+        kept = old.read_text().split("\n## Addendum", 1) if old.exists() else [""]
+        if len(kept) == 2:  # sections measured by other tools (tools/bench_latency.py) survive a rewrite
+            text = text.rstrip("\n") + "\n\n## Addendum" + kept[1]
+        old.write_text(text)
         log(f"wrote {ROOT / 'BENCHMARKS.md'}")
     (b.tmp / "raw.json").write_text(json.dumps(b.data, indent=1, default=str))
     log(f"raw data: {b.tmp / 'raw.json'}")
