@@ -37,7 +37,7 @@ def concat(ctx, node):
         return
     k = label_axes.pop()
     out = None
-    for i, lab in labelled:
+    for _, lab in labelled:
         out = lab.atoms.copy() if out is None else ctx.unify(out, lab.atoms, node)
     for i, name in enumerate(node.input):
         if i in labels:

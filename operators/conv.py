@@ -80,8 +80,9 @@ def conv(ctx, node):
     if transposed:
         shape_attr = attr(node, "output_shape")
         if shape_attr is not None and out_shape is not None and len(shape_attr) == len(out_shape):
-            def set_output_shape(ap, node=node, shape_attr=list(shape_attr)):
-                shape_attr[1] = ap.kept(out_atoms)
-                set_attr(node, "output_shape", shape_attr)
+            def set_output_shape(ap, node=node, shape_attr=tuple(shape_attr)):
+                new = list(shape_attr)
+                new[1] = ap.kept(out_atoms)
+                set_attr(node, "output_shape", new)
 
             ctx.edit(set_output_shape)

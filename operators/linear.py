@@ -104,7 +104,7 @@ def _activations(ctx, node, la, lb, ra, rb, ry, sa, sb, macs):
         b = kb if kb is not None else none_labels(sb[-2])
         contracted = ctx.unify(a, b, node, "contraction of a channel axis with an unlabelled operand")
         ctx.mask_sinks.append(MaskSink(node, 0, ra - 1, contracted))
-    for lab, r, s, own_out in ((la, ra, sa, ry - 2), (lb, rb, sb, ry - 1)):
+    for lab, r, own_out in ((la, ra, ry - 2), (lb, rb, ry - 1)):
         if lab is None or (lab is la and ka is not None) or (lab is lb and kb is not None):
             continue
         if lab.axis == r - 2 and lab is la:

@@ -61,7 +61,7 @@ def toposort(g) -> None:
     """Reorder nodes so every producer precedes its consumers (after copies were appended)."""
     nodes = list(g.model.graph.node)
     produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    done, order, state = set(), [], {}
+    done, order = set(), []
     for start in range(len(nodes)):
         stack = [(start, False)]
         while stack:

@@ -252,8 +252,8 @@ class RawWeights:
         self.buf = buf
         self.spans: dict[str, tuple[int, int]] = {}
         seen: set[str] = set()
-        for field, start, end in _fields(buf, 0, len(buf)):
-            if field != 7:
+        for number, start, end in _fields(buf, 0, len(buf)):
+            if number != 7:
                 continue
             for f2, s2, e2 in _fields(buf, start, end):
                 if f2 != 5:
