@@ -209,10 +209,9 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
         return PruningPlan(removed)
 
     if ratio is not None:
-        plan = plan_for({g.id: int(math.floor(ratio * g.size + 0.5)) for g in an.groups})
-    else:
-        plan = _budget(an, scores, order, plan_for, target_flops)
-    return keep_every_tensor(an, plan, scores)
+        return keep_every_tensor(an, plan_for({g.id: int(math.floor(ratio * g.size + 0.5)) for g in an.groups}),
+                                 scores)
+    return _budget(an, scores, order, plan_for, target_flops)  # its plans are already give-back checked
 
 
 def _budget(an, scores, order, plan_for, target) -> PruningPlan:
