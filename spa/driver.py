@@ -81,8 +81,7 @@ class Result:
 
 def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
           normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0, plan_file=None,
-          save_plan=None,
-          verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None,
+          save_plan=None, verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None,
           fold_constants=False) -> Result:
     """Prune a model end to end; write `output` only after every check passed."""
     step = progress or (lambda s: None)

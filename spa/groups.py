@@ -7,6 +7,7 @@ laid end to end or side by side somewhere), so a ratio or a budget applies to th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -49,31 +50,34 @@ class Analysis:
     nodes: list = field(default_factory=list)          # the swept nodes (kept alive: node_index uses id())
     node_index: dict[int, int] = field(default_factory=dict)
 
+    @cached_property
+    def _root_table(self) -> np.ndarray:
+        return root_table(self.ctx.uf)
+
     def find(self, atoms: np.ndarray) -> np.ndarray:
         """Roots of atoms (-1 stays -1); the sweep is over, so a lookup table replaces the union-find walk."""
-        if not hasattr(self, "_root_table"):
-            self._root_table = root_table(self.ctx.uf)
-        atoms = np.asarray(atoms, dtype=np.int64)
-        return np.where(atoms >= 0, self._root_table[np.maximum(atoms, 0)], -1)
+        return lookup(self._root_table, atoms)
 
-    def _cache(self):
-        if not hasattr(self, "_cost_roots"):
-            self._cost_roots = [(float(c.macs), [self.find(f) for f in c.factors]) for c in self.ctx.costs.values()]
-            seen, sets = set(), []
-            for arr in self.labelled_arrays():
-                r = np.unique(self.find(arr))
-                r = r[r >= 0]
-                key = r.tobytes()
-                if len(r) and key not in seen:
-                    seen.add(key)
-                    sets.append(r)
-            self._label_root_sets = sets
-        return self._cost_roots, self._label_root_sets
+    @cached_property
+    def _cost_roots(self) -> list[tuple[float, list[np.ndarray]]]:
+        return [(float(c.macs), [self.find(f) for f in c.factors]) for c in self.ctx.costs.values()]
+
+    @cached_property
+    def _label_root_sets(self) -> list[np.ndarray]:
+        """The distinct root sets of every labelling (tensors and parameter slices)."""
+        seen, sets = set(), []
+        for arr in self.labelled_arrays():
+            r = np.unique(self.find(arr))
+            r = r[r >= 0]
+            if len(r) and r.tobytes() not in seen:
+                seen.add(r.tobytes())
+                sets.append(r)
+        return sets
 
     def emptied_tensors(self, removed) -> list[np.ndarray]:
         """Root sets of labellings that would lose every position (such a plan is invalid)."""
         rm = np.asarray(sorted(removed), dtype=np.int64)
-        return [r for r in self._cache()[1] if np.isin(r, rm).all()]
+        return [r for r in self._label_root_sets if np.isin(r, rm).all()]
 
     def keep_mask(self, removed: set[int] | np.ndarray):
         """A function atoms -> bool mask of kept positions, for a set of removed roots."""
@@ -88,7 +92,7 @@ class Analysis:
     def macs_after(self, removed) -> int:
         rm = np.asarray(sorted(removed), dtype=np.int64)
         total = 0.0
-        for macs, factors in self._cache()[0]:
+        for macs, factors in self._cost_roots:
             m = macs
             for r in factors:
                 m *= ((r < 0) | ~np.isin(r, rm)).sum() / len(r)
@@ -105,6 +109,12 @@ def root_table(uf: UnionFind) -> np.ndarray:
     return uf.find(np.arange(len(uf.parent))) if len(uf.parent) else np.zeros(1, dtype=np.int64)
 
 
+def lookup(table: np.ndarray, atoms) -> np.ndarray:
+    """Roots of atoms through a root table (-1, "no atom", stays -1)."""
+    atoms = np.asarray(atoms, dtype=np.int64)
+    return np.where(atoms >= 0, table[np.maximum(atoms, 0)], -1)
+
+
 def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict[int, float]]:
     """Units (union-find roots), their groups (roots joined through shared labellings), frozen units with
     reasons, and the first-order MACs each unit carries. Vectorised: ResNet-50 has ~27k atoms."""
@@ -112,8 +122,7 @@ def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict
     table = root_table(ctx.uf)
 
     def find(a):  # the sweep is over: roots by table lookup
-        a = np.asarray(a, dtype=np.int64)
-        return np.where(a >= 0, table[np.maximum(a, 0)], -1)
+        return lookup(table, a)
 
     roots = np.unique(table[:n_atoms])
     # join the roots that share a labelling (a second union-find over root ids)
