@@ -64,9 +64,8 @@ class Normalize(Pass):
         model.input_shapes, warnings = analysis_input_shapes(g, self.input_shapes)
         model.warnings.extend(warnings)
         declared = {name: g.shapes.get(name) for name in model.input_shapes}
-        if declared == model.input_shapes and not report["folded_nodes"] and not report["dead_nodes_removed"]:
-            pass  # static inputs and nothing folded: the first inference is final
-        else:
+        # static inputs and nothing folded: the first inference is final
+        if declared != model.input_shapes or report["folded_nodes"] or report["dead_nodes_removed"]:
             g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
         model.normalize_report = report
         return report
@@ -130,19 +129,12 @@ def fold_constants(g: Graph) -> int:
         if any(o in outputs for o in n.output) or any(a.type == onnx.AttributeProto.GRAPH for a in n.attribute):
             continue
         if n.op_type == "Shape":
-            s = g.shapes.get(n.input[0])
-            if s is None:
+            vector = _shape_vector(g, n)
+            if vector is None or (vector < 0).any():
                 continue
-            rank = len(s)
-            start, end = attr(n, "start", 0), attr(n, "end", rank)
-            start = start + rank if start < 0 else start
-            end = min(end + rank if end < 0 else end, rank)
-            dims = s[start:end]
-            if any(not isinstance(d, int) for d in dims):
-                continue
-            values = [np.array(dims, dtype=np.int64)]
-        elif n.op_type in ("Gather", "Slice") and _static_shape_pick(g, n) is not None:
-            values = [_static_shape_pick(g, n)]
+            values = [vector]
+        elif n.op_type in ("Gather", "Slice") and (picked := _static_shape_pick(g, n)) is not None:
+            values = [picked]
         else:
             if not n.input or not all(g.is_const(x) for x in n.input if x) or n.op_type not in FOLDERS:
                 continue
@@ -158,20 +150,27 @@ def fold_constants(g: Graph) -> int:
     return folded
 
 
+def _shape_vector(g: Graph, shape_node) -> np.ndarray | None:
+    """What a Shape node returns, from inferred shapes: -1 for each dynamic dim; None if the rank is unknown."""
+    dims = g.shapes.get(shape_node.input[0])
+    if dims is None:
+        return None
+    rank = len(dims)
+    start, end = attr(shape_node, "start", 0), attr(shape_node, "end", rank)
+    start = start + rank if start < 0 else start
+    end = min(end + rank if end < 0 else end, rank)
+    return np.array([d if isinstance(d, int) else -1 for d in dims[start:end]], dtype=np.int64)
+
+
 def _static_shape_pick(g: Graph, n) -> np.ndarray | None:
     """Gather/Slice of a Shape whose picked dims are static (a dynamic batch elsewhere does not matter):
     the value exporters use for channel counts and head sizes, folded to its constant."""
     src = g.producer.get(n.input[0])
     if src is None or src.op_type != "Shape" or not all(g.is_const(x) for x in n.input[1:] if x):
         return None
-    dims = g.shapes.get(src.input[0])
-    if dims is None:
+    vector = _shape_vector(g, src)
+    if vector is None:
         return None
-    rank = len(dims)
-    start, end = attr(src, "start", 0), attr(src, "end", rank)
-    start = start + rank if start < 0 else start
-    end = min(end + rank if end < 0 else end, rank)
-    vector = np.array([d if isinstance(d, int) else -1 for d in dims[start:end]], dtype=np.int64)
     picked = evaluate(n, [vector, *[g.const(x) if x else None for x in n.input[1:]]])
     if picked is None or (picked[0] < 0).any():
         return None
