@@ -22,7 +22,8 @@ from .errors import SpaError
 from .groups import Analysis
 from .ir import Graph, read_model, save_model
 from .model import Model
-from .select import PruningPlan, score, select
+from .importance import score
+from .select import PruningPlan, select
 
 
 def load(source, input_shapes: dict | None = None) -> Model:

@@ -1,8 +1,7 @@
 """Scoring and selection: which units of which coupled groups to remove.
 
-Small interface on purpose: an importance function maps an Analysis to one score per unit (root atom); a
-selector turns scores plus a budget into a PruningPlan. Later criteria (Taylor, OBS, ...) and RL policies plug
-in at these two points.
+Small interface on purpose: an importance criterion (spa.importance) maps an Analysis to one score per unit
+(root atom); a selector turns scores plus a budget into a PruningPlan. RL policies plug in at the same point.
 """
 from __future__ import annotations
 
@@ -15,96 +14,6 @@ import numpy as np
 
 from .errors import SpaError
 from .groups import Analysis
-
-AGGREGATIONS = ("sum", "mean", "max")
-NORMALIZATIONS = ("none", "sum", "mean", "max", "standardize")
-
-
-# ---- importance ----------------------------------------------------------------------------------------------
-def magnitude_importance(an: Analysis, p: int = 2, aggregation: str = "sum", normalization: str = "mean") -> dict:
-    """L1 (p=1) or L2 (p=2) norm of every parameter slice a unit owns (producer rows, biases, norm affine and
-    statistics, consumer columns), aggregated over the group's members and normalized per group."""
-    if aggregation not in AGGREGATIONS:
-        raise SpaError(f"unknown aggregation '{aggregation}' (choose from {', '.join(AGGREGATIONS)})")
-    if normalization not in NORMALIZATIONS:
-        raise SpaError(f"unknown normalization '{normalization}' (choose from {', '.join(NORMALIZATIONS)})")
-    roots = np.array(sorted(an.unit_group), dtype=np.int64)
-    total = np.zeros(len(roots))
-    count = np.zeros(len(roots))
-    reduced: dict[str, np.ndarray] = {}
-    for ps in an.ctx.params:
-        if ps.role == "stat":
-            continue
-        name = ps.node.input[ps.input_index]
-        w = an.ctx.g.const(name)
-        if w is None or w.dtype.kind != "f" or w.ndim == 0:
-            continue
-        if w.ndim >= 3 and ps.axis < 2:  # conv weights: |w|^p over the kernel once, both channel axes read it
-            if name not in reduced:
-                reduced[name] = _kernel_power_sum(w, p)
-            per_pos = reduced[name].sum(axis=1 - ps.axis)
-        else:
-            wf = np.abs(w.astype(np.float64)) if p == 1 else np.square(w.astype(np.float64))
-            other = tuple(a for a in range(w.ndim) if a != ps.axis)
-            per_pos = wf.sum(axis=other) if other else wf
-        r = an.find(ps.atoms)
-        ok = r >= 0
-        idx = np.searchsorted(roots, r[ok])
-        per_unit = np.bincount(idx, weights=per_pos[ok], minlength=len(roots))
-        if p == 2:
-            per_unit = np.sqrt(per_unit)
-        touched = np.bincount(idx, minlength=len(roots)) > 0
-        if aggregation == "max":
-            total = np.maximum(total, per_unit)
-        else:
-            total += per_unit
-        count += touched
-    if aggregation == "mean":
-        total = total / np.maximum(count, 1)
-    scores = dict(zip(roots.tolist(), total.tolist()))
-    return normalize_scores(an, scores, normalization)
-
-
-def _kernel_power_sum(w: np.ndarray, p: int) -> np.ndarray:
-    """(out, in) matrix of |w|^p summed over a conv weight's kernel dims, in float64."""
-    w3 = w.astype(np.float32, copy=False).reshape(w.shape[0], w.shape[1], -1)
-    if p == 2:
-        return np.einsum("abk,abk->ab", w3, w3).astype(np.float64)  # no squared temporary
-    return np.abs(w3).sum(axis=2, dtype=np.float64)
-
-
-def random_importance(an: Analysis, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {u: float(rng.random()) for u in sorted(an.unit_group)}
-
-
-def normalize_scores(an: Analysis, scores: dict, normalization: str) -> dict:
-    if normalization == "none":
-        return scores
-    out = dict(scores)
-    for g in an.groups:
-        v = np.array([scores[int(u)] for u in g.units])
-        if normalization == "standardize":
-            v = (v - v.mean()) / (v.std() + 1e-12)
-        else:
-            d = {"sum": v.sum(), "mean": v.mean(), "max": v.max()}[normalization]
-            v = v / (d + 1e-12)
-        out.update(zip((int(u) for u in g.units), v.tolist()))
-    return out
-
-
-IMPORTANCE = {
-    "l1": lambda an, agg, norm: magnitude_importance(an, 1, agg, norm),
-    "l2": lambda an, agg, norm: magnitude_importance(an, 2, agg, norm),
-    "random": lambda an, agg, norm: random_importance(an),
-}
-
-
-def score(an: Analysis, importance: str = "l2", aggregation: str = "sum", normalization: str = "mean") -> dict:
-    fn = IMPORTANCE.get(importance)
-    if fn is None:
-        raise SpaError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCE)})")
-    return fn(an, aggregation, normalization)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------

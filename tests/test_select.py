@@ -77,10 +77,10 @@ def test_magnitude_scores_match_a_brute_force_sum(resnet18, p):
     """Each unit's score = sum over its parameter slices of the slice's L_p norm (running stats excluded)."""
     import numpy as np
 
-    from spa.select import magnitude_importance
+    from spa.importance import score
 
     an = driver.analyse(driver.load(resnet18))
-    scores = magnitude_importance(an, p=p, aggregation="sum", normalization="none")
+    scores = score(an, f"l{p}", aggregation="sum", normalization="none")
     expected = {u: 0.0 for u in scores}
     for ps in an.ctx.params:
         if ps.role == "stat":
