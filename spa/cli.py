@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     try:
         if argv and argv[0] in ("analyse", "analyze"):
             return run_analyse(argv[1:])
+        if argv and argv[0] == "make-calib":
+            from .calib import make_calib_main
+            return make_calib_main(argv[1:])
         return run_prune(argv)
     except SpaError as e:
         print(f"spa-prune: error: {e}", file=sys.stderr)
