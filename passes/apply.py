@@ -10,9 +10,8 @@ import numpy as np
 
 from spa.groups import Analysis
 
-from .normalize import dead_code
-
 from . import Pass
+from .normalize import dead_code
 
 
 class ApplyContext:

@@ -22,11 +22,12 @@ from . import Pass
 from . import verify as V
 
 
-def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1)) -> dict:
+def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1), feeds=None) -> dict:
+    """Mean over draws (random inputs, one per seed) or over the given list of feed batches."""
     out: dict[str, dict] = {}
-    for seed in seeds:
-        feeds = V.random_inputs(original, shapes, seed)
-        for o, a, b in zip(original.graph.output, V.run(original, feeds, "reference"), V.run(model, feeds)):
+    draws = feeds if feeds is not None else [V.random_inputs(original, shapes, seed) for seed in seeds]
+    for draw in draws:
+        for o, a, b in zip(original.graph.output, V.run(original, draw, "reference"), V.run(model, draw)):
             a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
             d = out.setdefault(o.name, {"rel_l2": [], "top1": [], "kl": []})
             d["rel_l2"].append(float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-12)))

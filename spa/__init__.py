@@ -8,7 +8,7 @@
 """
 from .errors import SpaError, VerificationError
 
-__all__ = ["analyse", "load", "plan", "prune", "SpaError", "VerificationError"]
+__all__ = ["SpaError", "VerificationError", "analyse", "load", "plan", "prune"]
 __version__ = "0.1.0"
 
 

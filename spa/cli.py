@@ -4,6 +4,9 @@
     spa-prune IN.onnx OUT.onnx --target-flops 0.5     keep at most 50% of the MACs (global ranking)
     spa-prune analyse IN.onnx                          list coupled groups and frozen channels (dry run)
     spa-prune zoo:resnet18 out.onnx --ratio 0.5        prune a model from the built-in zoo (needs torch)
+    spa-prune IN OUT --target-flops 0.5 --importance obspa --calib calib.npz
+                                                       OBS scores + least-squares reconstruction, no fine-tuning
+    spa-prune make-calib IMAGES_DIR -o calib.npz --size 224    calibration data from a folder of images
 """
 from __future__ import annotations
 
@@ -54,11 +57,38 @@ def prune_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-flops", type=float, metavar="F",
                         help="keep at most the fraction F of the model's MACs (global ranking per MAC)")
     budget.add_argument("--plan", metavar="FILE", help="re-apply a plan written by --save-plan")
-    p.add_argument("--importance", default="l2", choices=["l1", "l2", "random"], help="unit importance (l2)")
-    p.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max"],
-                   help="how the scores of a unit's parameter slices combine (sum)")
-    p.add_argument("--normalization", default="mean", choices=["none", "sum", "mean", "max", "standardize"],
-                   help="per-group normalization of scores, for global ranking (mean)")
+    from .importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
+    p.add_argument("--importance", default="l2", choices=list(CRITERIA), metavar="NAME",
+                   help="unit importance (default l2): " + "; ".join(f"{c.name}: {c.doc}" for c in CRITERIA.values())
+                   + ". Gradient criteria and obs/obspa use --calib data, or synthesized inputs without it")
+    p.add_argument("--aggregation", default="sum", choices=AGGREGATIONS,
+                   help="how the scores of a unit's parameter slices (group members) combine (sum)")
+    p.add_argument("--normalization", default="mean", choices=NORMALIZATIONS,
+                   help="per-group normalization of scores, for global ranking (mean); standardize = min-max "
+                        "to [0, 1], gaussian = z-score")
+    data = p.add_argument_group("data, reconstruction and compensation")
+    data.add_argument("--calib", metavar="FILE.npz|DIR",
+                      help="calibration data: arrays keyed by input name (+ optional 'labels'), or a folder of "
+                           "images (any images: out-of-distribution data works too; see make-calib)")
+    data.add_argument("--calib-samples", type=int, metavar="N", help="use the first N calibration samples")
+    data.add_argument("--loss", default="auto", choices=["auto", "ce", "pseudo", "fisher"],
+                      help="loss for gradient criteria: ce (needs labels), pseudo (the model's own top-1), fisher "
+                           "(labels sampled from its softmax); auto = ce with labels, else pseudo")
+    data.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                      help="least-squares refit of every layer towards the original's outputs, layer by layer "
+                           "(default: on for --importance obspa)")
+    data.add_argument("--recalibrate", action="store_true",
+                      help="re-estimate BN statistics / per-channel output scale and shift on --calib data")
+    data.add_argument("--compensate", choices=["similarity"],
+                      help="similarity: merge each removed channel into its most similar kept one (data-free)")
+    data.add_argument("--dbscan", metavar="EPS,MIN_SAMPLES",
+                      help="with --compensate similarity: merge only within DBSCAN clusters of channel features")
+    data.add_argument("--positions", type=int, metavar="P",
+                      help="positions sampled per layer for Hessians and refits (default 8192)")
+    data.add_argument("--damp", type=float, help="Hessian dampening, fraction of its mean diagonal (0.01)")
+    data.add_argument("--synth-samples", type=int, default=64, metavar="N",
+                      help="data-free mode: number of synthesized inputs (64)")
+    data.add_argument("--seed", type=int, default=0, help="seed for sampling and synthesized data")
     p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
     p.add_argument("--round-to", type=int, default=1, metavar="N", help="kept units a multiple of N")
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
@@ -99,8 +129,8 @@ def summary(rep: dict) -> str:
         f"{'':14}{'before':>12}{'after':>12}{'ratio':>9}",
         f"{'MACs':14}{_human(m['before']):>12}{_human(m['after']):>12}{m['ratio']:>9.3f}",
         f"{'params':14}{_human(p['before']):>12}{_human(p['after']):>12}{p['ratio']:>9.3f}",
-        f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
-        f"{g['partially_frozen']} partially frozen",
+        (f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
+        f"{g['partially_frozen']} partially frozen"),
     ]
     if v["status"] == "passed":
         worst = max(v["max_rel_error"].values(), default=0.0)
@@ -114,6 +144,19 @@ def summary(rep: dict) -> str:
             extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
             lines.append(f"compensation  fold-constants on {comp['folded_sinks']} sinks: '{name}' rel. L2 error "
                          f"{before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+    rec = rep.get("reconstruction")
+    if rec:
+        names = " + ".join(p["pass"] for p in rec["passes"]) or "none"
+        for name, after in rec["fidelity_after"].items():
+            before = rec["fidelity_before"][name]
+            extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
+            lines.append(f"reconstruct   {names} on {rec['fidelity_on']}: '{name}' rel. L2 error "
+                         f"{before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+    imp = rep.get("importance") or {}
+    if imp.get("data") and imp["data"] != "weights only":
+        lines.append(f"importance    {imp['criterion']} on {imp['data']}")
+    for note in imp.get("notes", [])[:3]:
+        lines.append(f"note          {note}")
     if rep["unruled_ops"]:
         lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
     for w in rep["warnings"][:5]:
@@ -149,7 +192,11 @@ def run_prune(argv) -> int:
                        max_ratio=args.max_ratio,
                        exclude=args.exclude, plan_file=args.plan, save_plan=args.save_plan,
                        verify=not args.no_verify, rtol=args.rtol, strict=args.strict,
-                       input_shapes=dict(args.input_shape), progress=show, fold_constants=args.fold_constants)
+                       input_shapes=dict(args.input_shape), progress=show, fold_constants=args.fold_constants,
+                       calib=args.calib, calib_limit=args.calib_samples, loss=args.loss,
+                       reconstruct=args.reconstruct, recalibrate=args.recalibrate, compensate=args.compensate,
+                       dbscan=_dbscan(args.dbscan), positions=args.positions, damp=args.damp,
+                       samples=args.synth_samples, seed=args.seed)
     if show:
         sys.stderr.write("\r" + " " * 40 + "\r")
     if args.report:
@@ -158,6 +205,16 @@ def run_prune(argv) -> int:
     if not args.quiet:
         print(summary(res.report), file=sys.stderr)
     return 0
+
+
+def _dbscan(text):
+    if text is None:
+        return None
+    try:
+        eps, k = text.split(",")
+        return float(eps), int(k)
+    except ValueError:
+        raise SpaError(f"--dbscan expects EPS,MIN_SAMPLES (e.g. 0.3,2), got '{text}'")
 
 
 def run_analyse(argv) -> int:

@@ -20,9 +20,9 @@ from passes.normalize import Normalize
 
 from .errors import SpaError
 from .groups import Analysis
+from .importance import score
 from .ir import Graph, read_model, save_model
 from .model import Model
-from .importance import score
 from .select import PruningPlan, select
 
 
@@ -83,8 +83,14 @@ class Result:
 def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
           normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0, plan_file=None,
           save_plan=None, verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None,
-          fold_constants=False) -> Result:
-    """Prune a model end to end; write `output` only after every check passed."""
+          fold_constants=False, calib=None, calib_limit=None, loss="auto", reconstruct=None, recalibrate=False,
+          compensate=None, dbscan=None, positions=None, damp=None, samples=64, seed=0) -> Result:
+    """Prune a model end to end; write `output` only after every check passed.
+
+    calib: a .npz file / image folder / spa.calib.Calib (None: data-free: synthesized inputs where data is
+    needed). reconstruct: refit the consumers by least squares (default: on for importance 'obspa').
+    recalibrate: per-layer statistics matching (needs calib). compensate: 'similarity' (data-free merging;
+    `dbscan=(eps, min_samples)` restricts merges to DBSCAN clusters)."""
     step = progress or (lambda s: None)
     t0 = time.perf_counter()
     timings = {}
@@ -117,6 +123,18 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
                 raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
     if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
         raise SpaError("no prunable group: " + explain_nothing(an))
+    data = _load_data(calib, model, calib_limit)
+    if reconstruct is None:
+        reconstruct = importance == "obspa"
+    if recalibrate and data is None:
+        raise SpaError("--recalibrate needs calibration data (--calib FILE.npz or an image folder)")
+    if compensate not in (None, "similarity"):
+        raise SpaError(f"unknown compensation '{compensate}' (choose from: similarity)")
+    if (reconstruct or recalibrate or compensate) and not verify:
+        raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
+    from .importance import ScoreInputs
+    inputs = ScoreInputs(an, calib=data, loss=loss, samples=samples, seed=seed, progress=step)
+    inputs.cache["obspa_options"] = {k: v for k, v in (("positions", positions), ("damp", damp)) if v is not None}
     step("score")
     if plan_file:
         try:
@@ -125,7 +143,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
             raise SpaError(f"cannot read plan {plan_file}: {e}")
         chosen = PruningPlan.from_json(data, an)
     else:
-        scores = score(an, importance, aggregation, normalization)
+        scores = score(an, importance, aggregation, normalization, inputs)
         chosen = select(an, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
                         round_to=round_to, exclude=exclude, max_ratio=max_ratio)
     t = lap("score+select", t)
@@ -136,6 +154,10 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
                    "kept": g.size - len(chosen.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
                    "given_back": chosen.given_back.get(g.id, 0)}
                   for g in an.groups]
+    out_rows = None
+    if reconstruct or recalibrate:
+        from passes.reconstruct import output_rows
+        out_rows = output_rows(an, removed)
     step("apply")
     apply_stats = Apply(an, removed).run(model)
     t = lap("apply", t)
@@ -161,6 +183,13 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         compensation = {"pass": "fold-constants", **stats, "fidelity_before": before,
                         "fidelity_after": fidelity(original, pruned, model.input_shapes)}
         t = lap("compensate", t)
+    reconstruction = None
+    if reconstruct or recalibrate or compensate:
+        reconstruction = _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_={
+            "reconstruct": reconstruct, "recalibrate": recalibrate, "compensate": compensate, "dbscan": dbscan,
+            "positions": positions, "damp": damp, "seed": seed}, step=step)
+        pruned = model.graph.to_model()
+        t = lap("reconstruct", t)
     if save_plan:
         chosen.save(save_plan, an)
     if output is not None:
@@ -185,6 +214,12 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "per_group": group_rows,
         "verification": verification,
         "compensation": compensation,
+        "reconstruction": reconstruction,
+        "importance": {"criterion": importance, "aggregation": aggregation, "normalization": normalization,
+                       "data": _data_label(data, importance), "notes": inputs.notes,
+                       **({"obspa_timings_s": {k: round(v, 3) for k, v in inputs.cache["obspa_timing"].items()}}
+                          if "obspa_timing" in inputs.cache else {}),
+                       **({"hessian_data": inputs.cache["obspa_data"]} if "obspa_data" in inputs.cache else {})},
         "apply": apply_stats,
         "normalize": model.normalize_report,
         "warnings": model.warnings,
@@ -192,6 +227,59 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "timings_s": timings,
     }
     return Result(model, report)
+
+
+def _load_data(calib, model: Model, limit):
+    if calib is None:
+        return None
+    from .calib import Calib, input_specs, load_calib
+    if isinstance(calib, Calib):
+        return calib if limit is None else calib.subset(limit)
+    return load_calib(str(calib), input_specs(model.graph.model), limit=limit)
+
+
+def _data_label(data, importance: str) -> str:
+    from .importance import CRITERIA
+    crit = CRITERIA.get(importance)
+    if crit is None or crit.needs == "weights":
+        return "weights only"
+    return f"calibration ({data.n} samples)" if data is not None else "data-free (synthesized inputs)"
+
+
+def _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_, step) -> dict:
+    """Similarity compensation, least-squares refit and/or re-calibration on the structurally verified model;
+    each changes values only. Fidelity to the original is measured before and after on the calibration data
+    (or random inputs when data-free)."""
+    from passes import verify as V
+    from passes.compensate import fidelity
+
+    from .obspa import model_data
+    opts = locals_
+    feeds_list = None
+    if data is not None:
+        feeds_list = [b for b, _ in data.subset(min(data.n, 256)).batches(64)]
+    before = fidelity(original, model.graph.to_model(), model.input_shapes, feeds=feeds_list)
+    report: dict = {"fidelity_before": before, "passes": []}
+    if opts["compensate"] == "similarity":
+        step("similarity")
+        from passes.similarity import SimilarityCompensation
+        stats = SimilarityCompensation(an, removed, original, dbscan=opts["dbscan"]).run(model)
+        report["passes"].append({"pass": "similarity", **stats})
+    if opts["reconstruct"] or opts["recalibrate"]:
+        step("reconstruct")
+        from passes.reconstruct import Reconstruct
+        feeds, _ = model_data(inputs)
+        kw = {k: opts[k] for k in ("positions", "damp") if opts[k] is not None}
+        stats = Reconstruct(original, out_rows, feeds, refit=opts["reconstruct"], recalibrate=opts["recalibrate"],
+                            seed=opts["seed"], progress=step, **kw).run(model)
+        report["passes"].append({"pass": "+".join(p for p, on in (("obspa-refit", opts["reconstruct"]),
+                                                                   ("recalibrate", opts["recalibrate"])) if on),
+                                 "data": _data_label(data, "obspa"), **stats})
+    pruned = model.graph.to_model()
+    V.check(pruned)
+    report["fidelity_after"] = fidelity(original, pruned, model.input_shapes, feeds=feeds_list)
+    report["fidelity_on"] = "calibration data" if feeds_list else "random inputs (data-free)"
+    return report
 
 
 def check_output_path(output) -> None:

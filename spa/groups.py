@@ -97,7 +97,7 @@ class Analysis:
             for r in factors:
                 m *= ((r < 0) | ~np.isin(r, rm)).sum() / len(r)
             total += m
-        return int(round(total))
+        return round(total)
 
     def labelled_arrays(self):
         """Every labelling that must keep at least one position (tensors, parameter slices)."""

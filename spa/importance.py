@@ -14,8 +14,8 @@ asked for, so the core pruner runs without torch.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -86,7 +86,7 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in [
     Criterion("obs", ".obspa:obs_members", "activations",
               "OBS saliency of each consumer's input channels from its layer-wise Hessian (no reconstruction)"),
     Criterion("obspa", ".obspa:obs_members", "activations",
-              "OBS saliencies, then least-squares reconstruction of every consumer (see --help)"),
+              "OBS saliencies, then layer-by-layer least-squares reconstruction of the kept weights (no fine-tuning)"),
 ]}
 
 

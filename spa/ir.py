@@ -68,7 +68,7 @@ class Graph:
     _tensors: dict[str, onnx.TensorProto] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     _dirty: set[str] = field(default_factory=set)  # initializers whose numpy value is newer than the protobuf
-    raw: "RawWeights | None" = None  # zero-copy views of the file's weight bytes (read_model)
+    raw: RawWeights | None = None  # zero-copy views of the file's weight bytes (read_model)
 
     def __post_init__(self):
         self._tensors = {t.name: t for t in self.model.graph.initializer}
@@ -210,7 +210,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, "RawWeights | None"]:
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, RawWeights | None]:
     """Load an ONNX file and locate its initializers' raw bytes in the file buffer, so weights can be viewed
     without a copy (`Graph(model, raw=...)`). Bad files raise a one-line SpaError."""
     p = Path(path)

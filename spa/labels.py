@@ -8,8 +8,8 @@ coupled groups. Every tensor carries at most one labelled axis: an op that would
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -27,7 +27,7 @@ class Labels:
     def __len__(self) -> int:
         return len(self.atoms)
 
-    def moved(self, axis: int) -> "Labels":
+    def moved(self, axis: int) -> Labels:
         return Labels(axis, self.atoms)
 
 

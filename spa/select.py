@@ -36,7 +36,7 @@ class PruningPlan:
             for gid, idx in sorted(self.removed.items()) if idx]}
 
     @classmethod
-    def from_json(cls, data: dict, an: Analysis) -> "PruningPlan":
+    def from_json(cls, data: dict, an: Analysis) -> PruningPlan:
         if data.get("format") != "spa-prune-plan/1":
             raise SpaError("plan file is not a spa-prune plan (format spa-prune-plan/1)")
         removed = {}
@@ -110,7 +110,7 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
         removed = {}
         for g in an.groups:
             # --max-ratio: a budget search may not empty a group below (1 - R) of its units
-            want = g.size - min(counts.get(g.id, 0), int(math.floor(max_ratio * g.size)))
+            want = g.size - min(counts.get(g.id, 0), math.floor(max_ratio * g.size))
             kept = _kept_count(g.size, int(fixed[g.id].sum()), want, min_channels, round_to)
             k = g.size - kept
             if k > 0:
@@ -118,7 +118,7 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
         return PruningPlan(removed)
 
     if ratio is not None:
-        return keep_every_tensor(an, plan_for({g.id: int(math.floor(ratio * g.size + 0.5)) for g in an.groups}),
+        return keep_every_tensor(an, plan_for({g.id: math.floor(ratio * g.size + 0.5) for g in an.groups}),
                                  scores)
     return _budget(an, scores, order, plan_for, target_flops)  # its plans are already give-back checked
 

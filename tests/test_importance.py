@@ -93,8 +93,8 @@ def test_random_is_seeded():
 
 def test_unknown_names_are_one_line_errors():
     an = driver.analyse(driver.load(mlp()))
-    for kw, what in [(dict(importance="nope"), "importance"), (dict(aggregation="nope"), "aggregation"),
-                     (dict(normalization="nope"), "normalization")]:
+    for kw, what in [({"importance": "nope"}, "importance"), ({"aggregation": "nope"}, "aggregation"),
+                     ({"normalization": "nope"}, "normalization")]:
         args = {"importance": "l1", "aggregation": "sum", "normalization": "mean", **kw}
         with pytest.raises(SpaError, match=f"unknown {what}"):
             score(an, **args)

@@ -1,0 +1,388 @@
+"""OBSPA: Optimal-Brain-Surgeon saliencies on coupled groups, and least-squares reconstruction of the consumers.
+
+Every *consumer* of a group (a Conv with group 1, a Gemm, or a MatMul whose right operand is a weight) sees the
+group's channels as input columns of its weight matrix W (O x D; a conv's D is channels x kernel positions). From
+its input patches X (one row per sampled output position) the layer-wise Hessian is H = XᵀX/n, dampened by
+`damp * mean(diag H)`, and augmented with a constant column when the layer has a bias (removing a channel may
+then also move the bias: the mean the channel carried is compensated).
+
+Score: removing the columns Q of one unit costs ½ Σ_rows w_Qᵀ([H⁻¹]_QQ)⁻¹ w_Q (the OBS saliency, summed over the
+output rows and then over every consumer of the group by the aggregation).
+
+Reconstruction: after selection, the pruned model runs beside the original, node by node in topological order, on
+the calibration inputs (or synthesized ones). Each consumer's kept weights are refit to reproduce the original
+layer's output from the pruned network's actual input (so errors of earlier layers are compensated too):
+
+    min_W' ||X_p W'ᵀ - X_o W_oᵀ||² + λ||W' - W_p||²  =>  W'ᵀ = (X_pᵀX_p + λI)⁻¹ (X_pᵀX_o W_oᵀ + λ W_pᵀ)
+
+With X_p = X_o (nothing upstream changed) this is exactly the OBS update W + δW, δW = -W_Q([H⁻¹]_QQ)⁻¹[H⁻¹]_Q:,
+of the dampened Hessian. Positions are subsampled per layer (`positions`, default 8192 output positions).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SpaError
+
+DEFAULT_POSITIONS = 8192
+DEFAULT_DAMP = 0.01
+
+
+# ---- a consumer as a matrix ---------------------------------------------------------------------------------------
+@dataclass
+class LayerView:
+    """A Conv/Gemm/MatMul seen as y = X Wᵀ (+ b): how to read its weight as an O x D matrix and its input as rows
+    of D columns (per input channel: `k` consecutive columns)."""
+
+    node: object
+    kind: str                 # conv | gemm | matmul
+    weight: str
+    bias: str | None
+    data_index: int
+    k: int                    # columns per input channel (conv: kernel positions)
+    trans: bool = False       # weight stored as D x O (Gemm transB=0, MatMul)
+    conv: dict = field(default_factory=dict)
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        return w.T if self.trans else w.reshape(w.shape[0], -1)
+
+    def unmatrix(self, m: np.ndarray, shape) -> np.ndarray:
+        return np.ascontiguousarray(m.T if self.trans else m.reshape(shape))
+
+
+def layer_view(g, node) -> LayerView | None:
+    """The matrix view of a node, or None for a node OBS does not model (grouped/transposed conv, 3-D conv,
+    activation x activation MatMul, Gemm with transA or a run-time weight)."""
+    attr = {a.name: a for a in node.attribute}
+    if node.op_type == "Conv":
+        w = g.const(node.input[1])
+        if w is None or w.ndim not in (3, 4):
+            return None
+        from .ir import attr as get_attr
+        group = get_attr(node, "group", 1)
+        if group != 1:
+            return None
+        dims = w.ndim - 2
+        auto_pad = get_attr(node, "auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        conv = {"kernel": list(w.shape[2:]), "strides": list(get_attr(node, "strides", [1] * dims)),
+                "dilations": list(get_attr(node, "dilations", [1] * dims)),
+                "pads": list(get_attr(node, "pads", [0] * (2 * dims))), "auto_pad": auto_pad}
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return LayerView(node, "conv", node.input[1], bias, 0, int(np.prod(w.shape[2:])), conv=conv)
+    if node.op_type == "Gemm":
+        from .ir import attr as get_attr
+        if get_attr(node, "transA", 0) or g.const(node.input[1]) is None:
+            return None
+        if get_attr(node, "alpha", 1.0) != 1.0 or (len(node.input) > 2 and get_attr(node, "beta", 1.0) != 1.0):
+            return None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None:
+            b = g.const(bias)
+            if b is None or b.ndim != 1:
+                return None
+        return LayerView(node, "gemm", node.input[1], bias, 0, 1, trans=not get_attr(node, "transB", 0))
+    if node.op_type == "MatMul":
+        w = g.const(node.input[1])
+        if w is None or w.ndim != 2 or g.const(node.input[0]) is not None:
+            return None
+        return LayerView(node, "matmul", node.input[1], None, 0, 1, trans=True)
+    del attr
+    return None
+
+
+def _conv_pads(view: LayerView, spatial: tuple[int, ...]) -> list[int]:
+    c = view.conv
+    dims = len(spatial)
+    if c["auto_pad"] in ("", "NOTSET"):
+        return c["pads"]
+    if c["auto_pad"] == "VALID":
+        return [0] * (2 * dims)
+    begin, end = [], []
+    for i in range(dims):
+        out = math.ceil(spatial[i] / c["strides"][i])
+        total = max((out - 1) * c["strides"][i] + (c["kernel"][i] - 1) * c["dilations"][i] + 1 - spatial[i], 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if c["auto_pad"] == "SAME_UPPER" else large)
+        end.append(large if c["auto_pad"] == "SAME_UPPER" else small)
+    return begin + end
+
+
+def output_positions(view: LayerView, x) -> int:
+    """Number of rows the layer's input gives (batch x output positions)."""
+    if view.kind != "conv":
+        return int(np.prod(x.shape[:-1]))
+    return int(x.shape[0] * np.prod(_conv_out(view, tuple(x.shape[2:]))))
+
+
+def _conv_out(view: LayerView, spatial):
+    c = view.conv
+    pads = _conv_pads(view, spatial)
+    dims = len(spatial)
+    return [(spatial[i] + pads[i] + pads[i + dims] - (c["kernel"][i] - 1) * c["dilations"][i] - 1)
+            // c["strides"][i] + 1 for i in range(dims)]
+
+
+def sample_rows(view: LayerView, x, rows):
+    """Input rows (P x D, torch) of the layer at flat output positions `rows` (a LongTensor): conv patches in
+    the weight's (channel, kernel...) column order, or the Gemm/MatMul input rows."""
+    import torch
+    import torch.nn.functional as F
+
+    if view.kind != "conv":
+        return x.reshape(-1, x.shape[-1])[rows]
+    c = view.conv
+    if x.dim() == 3:  # Conv1d as a 2-D conv of height 1
+        x = x.unsqueeze(2)
+        kernel, strides, dil = [1, *c["kernel"]], [1, *c["strides"]], [1, *c["dilations"]]
+        p = _conv_pads(view, (x.shape[3],))
+        pads = [0, p[0], 0, p[1]]
+    else:
+        kernel, strides, dil = c["kernel"], c["strides"], c["dilations"]
+        pads = _conv_pads(view, tuple(x.shape[2:]))
+    oh, ow = _conv_out(LayerView(None, "conv", "", None, 0, 1, conv={**c, "kernel": kernel, "strides": strides,
+                                                                       "dilations": dil, "pads": pads,
+                                                                       "auto_pad": "NOTSET"}),
+                       tuple(x.shape[2:]))
+    xp = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    n = rows // (oh * ow)
+    rem = rows % (oh * ow)
+    i, j = rem // ow, rem % ow
+    ki = torch.arange(kernel[0]).repeat_interleave(kernel[1]) * dil[0]
+    kj = torch.arange(kernel[1]).repeat(kernel[0]) * dil[1]
+    r = i[:, None] * strides[0] + ki[None, :]
+    s = j[:, None] * strides[1] + kj[None, :]
+    patches = xp[n[:, None], :, r, s]          # (P, K, C): advanced indices first
+    return patches.permute(0, 2, 1).reshape(len(rows), -1)
+
+
+def pick_rows(total: int, positions: int, generator):
+    import torch
+
+    if total <= positions:
+        return torch.arange(total)
+    return torch.randperm(total, generator=generator)[:positions].sort().values
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------------
+class Gram:
+    """Running XᵀX (and X_pᵀX_o) sums in float64, from float32 row blocks."""
+
+    def __init__(self):
+        self.xx = None
+        self.xy = None
+        self.n = 0
+
+    def add(self, xp, xo=None):
+        import torch
+
+        a = xp.double() if xp.shape[1] <= 64 else xp
+        xx = (a.T @ a).double()
+        self.xx = xx if self.xx is None else self.xx + xx
+        if xo is not None:
+            xy = (a.T @ (xo.double() if a.dtype == torch.float64 else xo)).double()
+            self.xy = xy if self.xy is None else self.xy + xy
+        self.n += xp.shape[0]
+
+
+def with_ones(x):
+    import torch
+
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def damped(h: np.ndarray, damp: float) -> np.ndarray:
+    d = np.diag(h)
+    lam = damp * max(float(d.mean()), 1e-12)
+    return h + lam * np.eye(len(h)), lam
+
+
+def obs_saliency(w: np.ndarray, hinv: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
+    """½ Σ_rows w_Qᵀ([H⁻¹]_QQ)⁻¹ w_Q for each column set Q (w: O x D, hinv: D' x D' with D' >= D)."""
+    out = np.zeros(len(columns))
+    sizes = {len(q) for q in columns}
+    if len(sizes) == 1 and columns:
+        idx = np.stack(columns)                                   # (U, q)
+        blocks = hinv[idx[:, :, None], idx[:, None, :]]           # (U, q, q)
+        wq = np.moveaxis(w[:, idx], 0, 1)                         # (U, O, q)
+        sol = np.linalg.solve(blocks, np.swapaxes(wq, 1, 2))      # (U, q, O)
+        return 0.5 * np.einsum("uoq,uqo->u", wq, sol)
+    for k, q in enumerate(columns):
+        wq = w[:, q]
+        out[k] = 0.5 * np.einsum("oq,qo->", wq, np.linalg.solve(hinv[np.ix_(q, q)], wq.T))
+    return out
+
+
+def refit(w_o: np.ndarray, w_p: np.ndarray, gram: Gram, damp: float) -> tuple[np.ndarray, float]:
+    """The ridge least-squares refit of the docstring. w_o: O' x D_o (original rows kept, all columns; bias as
+    the last column when augmented), w_p: O' x D_p (current pruned weights). Returns (new w_p, λ)."""
+    h = gram.xx / gram.n
+    c = gram.xy / gram.n                                          # D_p x D_o
+    hd, lam = damped(h, damp)
+    rhs = c @ w_o.T.astype(np.float64) + lam * w_p.T.astype(np.float64)
+    return _solve_psd(hd, rhs).T, lam
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a x = b for symmetric positive definite a (torch's LAPACK: scipy's wheel is several times slower
+    here)."""
+    import torch
+
+    at, bt = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))
+    chol, info = torch.linalg.cholesky_ex(at)
+    if int(info) != 0:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+    return torch.cholesky_solve(bt, chol).numpy()
+
+
+def psd_inverse(a: np.ndarray) -> np.ndarray:
+    import torch
+
+    chol, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(a)))
+    if int(info) != 0:
+        raise np.linalg.LinAlgError("not positive definite")
+    return torch.cholesky_inverse(chol).numpy()
+
+
+# ---- data: calibration or synthesized ------------------------------------------------------------------------------
+def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str, np.ndarray]:
+    """Data-free inputs: for float inputs, half white Gaussian noise and half smooth noise (white noise blurred
+    over the spatial axes and rescaled to unit variance), both in the model's own (normalized) input space;
+    integer inputs (token ids) are drawn uniformly below the size of the first table they index, else 0."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (_, dtype) in specs.items():
+        shape = (n, *shapes[name][1:])
+        if np.dtype(dtype).kind == "f":
+            x = rng.standard_normal(shape).astype(np.float32)
+            if len(shape) >= 3:
+                half = n // 2
+                smooth = _blur(rng.standard_normal((n - half, *shape[1:])).astype(np.float32), 3)
+                smooth /= smooth.std(axis=tuple(range(1, len(shape))), keepdims=True) + 1e-6
+                x[half:] = smooth
+            out[name] = x.astype(dtype)
+        else:
+            high = _table_rows(g, name) if g is not None else 1
+            out[name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+    return out
+
+
+def _blur(x: np.ndarray, passes: int) -> np.ndarray:
+    for _ in range(passes):
+        for ax in range(2, x.ndim):
+            x = (np.roll(x, 1, ax) + 2 * x + np.roll(x, -1, ax)) / 4
+    return x
+
+
+def _table_rows(g, name: str) -> int:
+    for node, i in g.consumers.get(name, []):
+        if node.op_type == "Gather" and i == 1:
+            t = g.const(node.input[0])
+            if t is not None:
+                return t.shape[0]
+    return 1
+
+
+# ---- scores (the `obs` / `obspa` criteria) ---------------------------------------------------------------------------
+def obs_members(inputs):
+    """OBS saliency members: one per sink slice of a modelled consumer. Runs the original model once over the
+    data (batched), accumulating each consumer's Hessian from sampled positions."""
+    import torch
+
+    from .importance import Member
+    from .torch_graph import TorchGraph
+
+    an = inputs.an
+    g = an.ctx.g
+    opts = inputs.cache.setdefault("obspa_options", {})
+    positions = opts.get("positions", DEFAULT_POSITIONS)
+    damp = opts.get("damp", DEFAULT_DAMP)
+    sinks = {}
+    for ps in an.ctx.params:
+        if ps.role == "sink":
+            view = layer_view(g, ps.node)
+            if view is not None and ps.input_index == 1:
+                sinks.setdefault(ps.node.name, (view, []))[1].append(ps)
+    if not sinks:
+        return []
+    feeds, n = model_data(inputs)
+    timing = inputs.cache.setdefault("obspa_timing", {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0})
+    t0 = time.perf_counter()
+    tg = TorchGraph(g)
+    grams: dict[str, Gram] = {name: Gram() for name in sinks}
+    gen = torch.Generator().manual_seed(inputs.seed)
+    hess_t = [0.0]
+
+    def hook(node, ins, outs):
+        entry = sinks.get(node.name)
+        if entry is None:
+            return
+        t = time.perf_counter()
+        view = entry[0]
+        x = ins[view.data_index].float()
+        total = output_positions(view, x)
+        quota = max(1, round(positions * x.shape[0] / n))
+        rows = sample_rows(view, x, pick_rows(total, quota, gen))
+        if view.bias is not None:
+            rows = with_ones(rows)
+        grams[node.name].add(rows)
+        hess_t[0] += time.perf_counter() - t
+
+    bs = inputs.batch_size
+    with torch.no_grad():
+        for start in range(0, n, bs):
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v[start:start + bs])) for k, v in feeds.items()}
+            tg.run(batch, hook=hook)
+            inputs.progress(f"obs: {min(start + bs, n)}/{n} samples")
+    timing["forward_s"] += time.perf_counter() - t0 - hess_t[0]
+    timing["hessian_s"] += hess_t[0]
+    t = time.perf_counter()
+    members = []
+    for name, (view, pss) in sinks.items():
+        gram = grams[name]
+        if gram.xx is None:
+            continue
+        hd, _ = damped(gram.xx / gram.n, damp)
+        try:
+            hinv = psd_inverse(hd)
+        except np.linalg.LinAlgError:
+            continue
+        w = view.matrix(np.asarray(g.const(view.weight), dtype=np.float64))
+        for ps in pss:
+            roots = an.find(ps.atoms)
+            per_pos = np.zeros(len(roots))
+            valid = np.flatnonzero(roots >= 0)
+            if not len(valid):
+                continue
+            uniq, first = np.unique(roots[valid], return_index=True)
+            cols = [np.concatenate([np.arange(p * view.k, (p + 1) * view.k) for p in valid[roots[valid] == u]])
+                    for u in uniq]
+            sal = obs_saliency(w, hinv, cols)
+            per_pos[valid[first]] = sal
+            members.append(Member(ps, per_pos))
+    timing["solve_s"] += time.perf_counter() - t
+    inputs.cache["obspa_data"] = {"samples": n, "positions_per_layer": positions,
+                                  "mode": "calibration" if inputs.calib is not None else "data-free (synthesized)"}
+    return members
+
+
+def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
+    """The calibration inputs, or synthesized ones (data-free), as numpy arrays keyed by input name."""
+    if inputs.calib is not None:
+        return inputs.calib.inputs, inputs.calib.n
+    g = inputs.an.ctx.g
+    cached = inputs.cache.get("synthesized")
+    if cached is None:
+        from .calib import input_specs
+
+        specs = input_specs(g.model)
+        shapes = {k: g.shapes.get(k) for k in specs}
+        if any(s is None for s in shapes.values()):
+            raise SpaError("data-free mode needs static input shapes; pass --input-shape")
+        cached = synthesize(specs, shapes, inputs.samples, inputs.seed, g)
+        inputs.cache["synthesized"] = cached
+    return cached, inputs.samples

@@ -1,0 +1,293 @@
+"""An ONNX graph as an eager torch.nn.Module: gradients and activations from the ONNX file alone.
+
+    tg = TorchGraph(onnx.load("model.onnx"))      # or a spa.ir.Graph / spa.model.Model
+    y = tg(x)                                     # outputs in graph-output order (a tensor if only one)
+    y.sum().backward(); tg.param("conv1.weight").grad
+    acts = {}
+    tg.run({"input": x}, hook=lambda node, ins, outs: acts.update(zip(node.output, outs)))
+    onnx_weights = tg.state_dict_onnx()           # fine-tuned values by initializer name
+
+Each node is executed by its lowering in operators/lowering.py, in the graph's (topological) order.
+
+Parameters: every floating-point initializer becomes one nn.Parameter (also when several nodes share it),
+reachable by its ONNX name through `param(name)` / `param_names`; integer and bool initializers become
+buffers, and Constant nodes are evaluated once at construction into buffers. Everything is registered on the
+module, so `.to(device)`, `.parameters()`, `state_dict()` and optimizers work as usual (state_dict keys are
+the ONNX names with characters other than [A-Za-z0-9_] replaced by '_').
+
+dtypes: the model's dtypes are kept (float32 weights, int64 token ids and shape arithmetic, float64 stays
+float64). float16/bfloat16 models run in float32 by default (`upcast_half=True`): half initializers, inputs,
+Constant values and Cast(to=FLOAT16/BFLOAT16) all become float32, and the outputs are float32;
+`state_dict_onnx()` converts back to each initializer's own type.
+
+Executing node by node from another module (layer-wise capture, reconstruction):
+
+    env = tg.initial_env(feeds)          # name -> tensor: parameters, buffers and the feeds
+    for node in tg.nodes:                # Constant nodes already materialised are not in tg.nodes
+        outs = tg.step(node, env)        # reads node.input from env, writes node.output into env
+        ...                              # inspect / replace env entries before the consumers run
+
+`step` never frees anything; `run` frees each intermediate tensor after its last consumer unless it is a
+graph output or listed in `keep`.
+
+Unsupported: ops without a lowering (checked for every node at construction: SpaError naming the op types
+and nodes), ops with subgraphs (If/Loop/Scan) and non-default domains.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from operators.lowering import lowering, node_attrs, tensor_from_proto
+
+from .errors import SpaError
+
+_HALF = (torch.float16, torch.bfloat16)
+_NP = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _key(name: str, taken: set[str], prefix: str) -> str:
+    base = prefix + re.sub(r"[^0-9A-Za-z_]", "_", name)
+    key, k = base, 1
+    while key in taken:
+        key = f"{base}_{k}"
+        k += 1
+    taken.add(key)
+    return key
+
+
+class TorchGraph(nn.Module):
+    """An onnx.ModelProto (or spa.ir.Graph, or spa.model.Model) as a torch module; see the module docstring."""
+
+    def __init__(self, model, *, upcast_half: bool = True):
+        super().__init__()
+        graph = getattr(model, "graph", None)
+        if hasattr(graph, "model") and hasattr(graph, "const"):  # spa.model.Model -> its spa.ir.Graph
+            model = graph
+        if isinstance(model, onnx.ModelProto):
+            proto, const = model, None
+        elif hasattr(model, "model") and hasattr(model, "const"):  # spa.ir.Graph
+            proto, const = model.model, model.const
+        else:
+            raise SpaError(f"TorchGraph needs an onnx.ModelProto or a spa Graph, got {type(model).__name__}")
+        self.upcast_half = upcast_half
+        g = proto.graph
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self._check_supported(g.node)
+
+        # ---- initializers: float -> Parameter, others -> buffer ----
+        self._params = nn.ParameterDict()
+        self._consts = nn.Module()
+        self._param_key: dict[str, str] = {}
+        self._const_key: dict[str, str] = {}
+        self._onnx_dtype: dict[str, torch.dtype] = {}
+        taken: set[str] = set()
+        for t in g.initializer:
+            if t.name in self._param_key or t.name in self._const_key:
+                continue
+            value = const(t.name) if const is not None else None
+            tensor = torch.from_numpy(np.array(value)) if value is not None else tensor_from_proto(t)
+            self._add_static(t.name, tensor, taken)
+        init_names = set(self._param_key) | set(self._const_key)
+        self.input_names = [i.name for i in g.input if i.name not in init_names]
+        self.output_names = [o.name for o in g.output]
+        self._input_dtype = {i.name: i.type.tensor_type.elem_type for i in g.input}
+
+        # ---- nodes: Constants are evaluated now, the rest prepared for execution ----
+        self.all_nodes: list[onnx.NodeProto] = list(g.node)
+        self.nodes: list[onnx.NodeProto] = []
+        self._prep: list[tuple] = []  # per executed node: (fn, attrs)
+        self._index: dict[str, int] = {}  # first output name -> position in self.nodes
+        self._constant_nodes: dict[str, list[str]] = {}  # first output of a Constant node -> its outputs
+        for node in self.all_nodes:
+            attrs = self._attrs(node)
+            fn = lowering(node.op_type, node.domain)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                try:
+                    value = fn(node, [], attrs)[0]
+                except Exception as e:
+                    raise SpaError(f"Constant node '{node.name}': {e}") from e
+                self._add_static(node.output[0], value, taken, constant=True)
+                self._constant_nodes[node.output[0]] = list(node.output)
+                continue
+            self._index[node.output[0] if node.output else f"#{len(self.nodes)}"] = len(self.nodes)
+            self.nodes.append(node)
+            self._prep.append((fn, attrs))
+
+        # ---- liveness: after which node each runtime tensor can be freed ----
+        last: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for o in node.output:
+                if o:
+                    last[o] = i  # dead outputs are freed right after their producer
+            for x in node.input:
+                if x:
+                    last[x] = i
+        self._free_after: list[list[str]] = [[] for _ in self.nodes]
+        static = set(self._param_key) | set(self._const_key)
+        for name, i in last.items():
+            if name not in static:
+                self._free_after[i].append(name)
+
+    # ---- construction helpers --------------------------------------------------------------------------------------
+    def _check_supported(self, nodes) -> None:
+        missing: dict[str, list[str]] = {}
+        for n in nodes:
+            if n.op_type in ("If", "Loop", "Scan", "SequenceMap") or _has_subgraph(n):
+                raise SpaError(f"TorchGraph: node '{n.name}' ({n.op_type}) has a subgraph; control flow is not "
+                               "supported")
+            if lowering(n.op_type, n.domain) is None:
+                op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+                missing.setdefault(op, []).append(n.name or n.output[0])
+        if missing:
+            parts = [f"{op} (node{'s' if len(v) > 1 else ''} {', '.join(repr(x) for x in v[:3])}"
+                     f"{', ...' if len(v) > 3 else ''})" for op, v in missing.items()]
+            raise SpaError(f"TorchGraph: no torch lowering for op {'; '.join(parts)}")
+
+    def _attrs(self, node: onnx.NodeProto) -> dict:
+        try:
+            attrs = node_attrs(node, self.opset)
+        except NotImplementedError as e:
+            raise SpaError(f"node '{node.name}' ({node.op_type}): {e}") from e
+        if self.upcast_half:
+            for k, v in attrs.items():
+                if isinstance(v, torch.Tensor) and v.dtype in _HALF:
+                    attrs[k] = v.float()
+            if node.op_type == "Cast" and attrs.get("to") in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+                attrs["to"] = onnx.TensorProto.FLOAT
+        return attrs
+
+    def _add_static(self, name: str, tensor: torch.Tensor, taken: set[str], constant: bool = False) -> None:
+        self._onnx_dtype[name] = tensor.dtype
+        if self.upcast_half and tensor.dtype in _HALF:
+            tensor = tensor.float()
+        if tensor.is_floating_point() and not constant:
+            key = _key(name, taken, "")
+            self._params[key] = nn.Parameter(tensor)
+            self._param_key[name] = key
+        else:
+            key = _key(name, taken, "c_")
+            self._consts.register_buffer(key, tensor)
+            self._const_key[name] = key
+
+    # ---- parameters ----------------------------------------------------------------------------------------------
+    def param(self, onnx_name: str) -> nn.Parameter:
+        """The Parameter of a float initializer, by its ONNX name."""
+        try:
+            return self._params[self._param_key[onnx_name]]
+        except KeyError:
+            raise KeyError(f"no float initializer named {onnx_name!r}") from None
+
+    @property
+    def param_names(self) -> dict[str, nn.Parameter]:
+        """ONNX initializer name -> Parameter, for every float initializer."""
+        return {name: self._params[key] for name, key in self._param_key.items()}
+
+    def state_dict_onnx(self) -> dict[str, np.ndarray]:
+        """Current parameter values by ONNX initializer name, as numpy arrays in each initializer's own type
+        (ready for spa.ir.Graph.set_const / numpy_helper.from_array)."""
+        out = {}
+        for name, key in self._param_key.items():
+            t = self._params[key].detach().to("cpu", self._onnx_dtype[name])
+            out[name] = t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
+        return out
+
+    def static_tensors(self) -> dict[str, torch.Tensor]:
+        """ONNX name -> tensor for every initializer and materialised Constant (the current module state)."""
+        env = {name: self._params[key] for name, key in self._param_key.items()}
+        env.update((name, getattr(self._consts, key)) for name, key in self._const_key.items())
+        return env
+
+    # ---- execution -----------------------------------------------------------------------------------------------
+    def initial_env(self, feeds: dict) -> dict[str, torch.Tensor]:
+        """name -> tensor for the initializers, Constants and the given graph inputs (numpy arrays accepted;
+        half inputs are upcast like the weights). Feeding an initializer's name overrides it."""
+        env = self.static_tensors()
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise SpaError(f"TorchGraph: missing graph input(s) {', '.join(missing)}")
+        for name, v in feeds.items():
+            t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            if self.upcast_half and t.dtype in _HALF:
+                t = t.float()
+            env[name] = t
+        return env
+
+    def step(self, node, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Execute one node: `node` is an element of `self.nodes` or its index there. Reads the node's inputs
+        from `env` (missing optional inputs are None), stores its outputs into `env` and returns them."""
+        i = node if isinstance(node, int) else self._position(node)
+        if i is None:  # a materialised Constant node
+            outs = [env[o] if o in env else self.static_tensors()[o] for o in node.output]
+            return outs
+        node = self.nodes[i]
+        fn, attrs = self._prep[i]
+        try:
+            inputs = [env[x] if x else None for x in node.input]
+        except KeyError as e:
+            raise SpaError(f"TorchGraph: node '{node.name}' ({node.op_type}) reads {e.args[0]!r}, which is not "
+                           "computed yet") from None
+        try:
+            outs = fn(node, inputs, attrs)
+        except Exception as e:
+            shapes = [tuple(t.shape) if t is not None else None for t in inputs]
+            raise RuntimeError(f"TorchGraph: node '{node.name}' ({node.op_type}) failed on inputs {shapes}: "
+                               f"{e}") from e
+        for name, t in zip(node.output, outs):
+            if name:
+                env[name] = t
+        return outs
+
+    def _position(self, node) -> int | None:
+        if not node.output:
+            raise SpaError(f"TorchGraph: node '{node.name}' has no outputs")
+        if node.output[0] in self._constant_nodes:
+            return None
+        i = self._index.get(node.output[0])
+        if i is None:
+            raise SpaError(f"TorchGraph: node '{node.name}' ({node.op_type}) is not part of this graph")
+        return i
+
+    def run(self, feeds: dict, hook=None, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Execute the graph on `feeds` (graph input name -> tensor). `hook(node, inputs, outputs)` is called
+        after every node. Intermediate tensors are freed after their last consumer unless they are graph
+        outputs or in `keep`. Returns name -> tensor for the graph outputs and the kept names."""
+        env = self.initial_env(feeds)
+        protect = set(self.output_names) | set(keep or ())
+        for i, node in enumerate(self.nodes):
+            outs = self.step(i, env)
+            if hook is not None:
+                hook(node, [env.get(x) if x else None for x in node.input], outs)
+            for name in self._free_after[i]:
+                if name not in protect:
+                    env.pop(name, None)
+        wanted = list(self.output_names) + [k for k in (keep or ()) if k not in self.output_names]
+        missing = [k for k in wanted if k not in env]
+        if missing:
+            raise SpaError(f"TorchGraph: {', '.join(missing)} not computed by the graph")
+        return {k: env[k] for k in wanted}
+
+    def forward(self, *args, **kwargs):
+        """Graph inputs positionally (graph-input order) or by name; returns the outputs in graph-output order
+        (a tuple, or the tensor itself when the graph has one output)."""
+        if len(args) > len(self.input_names):
+            raise SpaError(f"TorchGraph: {len(args)} inputs given, the graph has {len(self.input_names)}")
+        feeds = dict(zip(self.input_names, args))
+        dup = set(feeds) & set(kwargs)
+        if dup:
+            raise SpaError(f"TorchGraph: input(s) {', '.join(sorted(dup))} given twice")
+        feeds.update(kwargs)
+        res = self.run(feeds)
+        outs = tuple(res[o] for o in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+
+__all__ = ["TorchGraph"]
