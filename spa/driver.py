@@ -123,17 +123,17 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
                 raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
     if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
         raise SpaError("no prunable group: " + explain_nothing(an))
-    data = _load_data(calib, model, calib_limit)
+    calib_data = _load_data(calib, model, calib_limit)
     if reconstruct is None:
         reconstruct = importance == "obspa"
-    if recalibrate and data is None:
+    if recalibrate and calib_data is None:
         raise SpaError("--recalibrate needs calibration data (--calib FILE.npz or an image folder)")
     if compensate not in (None, "similarity"):
         raise SpaError(f"unknown compensation '{compensate}' (choose from: similarity)")
     if (reconstruct or recalibrate or compensate) and not verify:
         raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
     from .importance import ScoreInputs
-    inputs = ScoreInputs(an, calib=data, loss=loss, samples=samples, seed=seed, progress=step)
+    inputs = ScoreInputs(an, calib=calib_data, loss=loss, samples=samples, seed=seed, progress=step)
     inputs.cache["obspa_options"] = {k: v for k, v in (("positions", positions), ("damp", damp)) if v is not None}
     step("score")
     if plan_file:
@@ -185,7 +185,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         t = lap("compensate", t)
     reconstruction = None
     if reconstruct or recalibrate or compensate:
-        reconstruction = _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_={
+        reconstruction = _reconstruct(model, original, an, removed, calib_data, inputs, out_rows, locals_={
             "reconstruct": reconstruct, "recalibrate": recalibrate, "compensate": compensate, "dbscan": dbscan,
             "positions": positions, "damp": damp, "seed": seed}, step=step)
         pruned = model.graph.to_model()
@@ -216,7 +216,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "compensation": compensation,
         "reconstruction": reconstruction,
         "importance": {"criterion": importance, "aggregation": aggregation, "normalization": normalization,
-                       "data": _data_label(data, importance), "notes": inputs.notes,
+                       "data": _data_label(calib_data, importance), "notes": inputs.notes,
                        **({"obspa_timings_s": {k: round(v, 3) for k, v in inputs.cache["obspa_timing"].items()}}
                           if "obspa_timing" in inputs.cache else {}),
                        **({"hessian_data": inputs.cache["obspa_data"]} if "obspa_data" in inputs.cache else {})},
@@ -257,7 +257,11 @@ def _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_, 
     opts = locals_
     feeds_list = None
     if data is not None:
-        feeds_list = [b for b, _ in data.subset(min(data.n, 256)).batches(64)]
+        static = [d.dim_value for i in original.graph.input if i.name in data.inputs
+                  for d in i.type.tensor_type.shape.dim[:1] if d.HasField("dim_value")]
+        bs = static[0] if static else 64  # a model exported with a fixed batch gets batches of that size
+        feeds_list = [b for b, _ in data.subset(min(data.n, 256 if bs >= 16 else 64)).batches(bs)
+                      if next(iter(b.values())).shape[0] == bs]
     before = fidelity(original, model.graph.to_model(), model.input_shapes, feeds=feeds_list)
     report: dict = {"fidelity_before": before, "passes": []}
     if opts["compensate"] == "similarity":

@@ -181,10 +181,10 @@ class Gram:
         import torch
 
         a = xp.double() if xp.shape[1] <= 64 else xp
-        xx = (a.T @ a).double()
+        xx = (a.T @ a).double().numpy()
         self.xx = xx if self.xx is None else self.xx + xx
         if xo is not None:
-            xy = (a.T @ (xo.double() if a.dtype == torch.float64 else xo)).double()
+            xy = (a.T @ (xo.double() if a.dtype == torch.float64 else xo)).double().numpy()
             self.xy = xy if self.xy is None else self.xy + xy
         self.n += xp.shape[0]
 

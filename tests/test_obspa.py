@@ -1,0 +1,191 @@
+"""OBS saliency and reconstruction against closed forms, patch sampling against torch's unfold, and end-to-end
+reconstruction / re-calibration / compensation on small graphs (values only, fidelity reported)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import Builder
+
+torch = pytest.importorskip("torch")
+
+from spa import driver, obspa as O  # noqa: E402
+from spa.calib import Calib  # noqa: E402
+
+
+def _gram(xp, xo):
+    g = O.Gram()
+    g.add(torch.from_numpy(xp).float(), torch.from_numpy(xo).float())
+    return g
+
+
+def test_refit_is_the_obs_update_and_the_closed_form_least_squares():
+    rng = np.random.default_rng(0)
+    n, d, o = 400, 6, 3
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    w = rng.standard_normal((o, d))
+    keep = np.array([True, False, True, True, False, True])
+    damp = 1e-3
+    new, lam = O.refit(w, w[:, keep], _gram(x[:, keep], x), damp)
+    # OBS: W_K - W_Q ([H^-1]_QQ)^-1 [H^-1]_QK with the same dampened H
+    h = x.astype(np.float32).astype(np.float64)
+    h = h.T @ h / n
+    hd = h + lam * np.eye(d)
+    hinv = np.linalg.inv(hd)
+    q = ~keep
+    obs = w[:, keep] - w[:, q] @ np.linalg.solve(hinv[np.ix_(q, q)], hinv[np.ix_(q, keep)])
+    np.testing.assert_allclose(new, obs, rtol=1e-4, atol=1e-6)
+    # without dampening: ordinary least squares  min ||X_K W'^T - X W^T||
+    ls = np.linalg.lstsq(x[:, keep], x @ w.T, rcond=None)[0].T
+    plain, _ = O.refit(w, w[:, keep], _gram(x[:, keep], x), 1e-9)
+    np.testing.assert_allclose(plain, ls, rtol=1e-3, atol=1e-5)
+
+
+def test_obs_saliency_is_the_output_error_left_after_the_best_compensation():
+    rng = np.random.default_rng(1)
+    n, d, o = 500, 5, 2
+    x = rng.standard_normal((n, d)) + 0.5
+    w = rng.standard_normal((o, d))
+    h = x.T @ x / n
+    hinv = np.linalg.inv(h)
+    for q in ([1], [0, 3]):
+        sal = O.obs_saliency(w, hinv, [np.array(q)])[0]
+        keep = np.setdiff1d(np.arange(d), q)
+        best = np.linalg.lstsq(x[:, keep], x @ w.T, rcond=None)[0].T
+        err = np.square(x[:, keep] @ best.T - x @ w.T).sum() / n
+        assert sal == pytest.approx(0.5 * err, rel=1e-6)
+
+
+@pytest.mark.parametrize("stride,pad,dil", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 0, 1)])
+def test_conv_patches_match_unfold(stride, pad, dil):
+    b = Builder()
+    x = b.input("x", [2, 3, 9, 7])
+    b.output(b.op("Conv", [x, b.weight("w", (4, 3, 3, 3))], name="c", strides=[stride, stride],
+                  pads=[pad] * 4, dilations=[dil, dil], kernel_shape=[3, 3]))
+    m = driver.load(b.model())
+    view = O.layer_view(m.graph, m.graph.model.graph.node[0])
+    xt = torch.randn(2, 3, 9, 7)
+    total = O.output_positions(view, xt)
+    rows = O.sample_rows(view, xt, torch.arange(total))
+    ref = torch.nn.functional.unfold(xt, 3, dilation=dil, padding=pad, stride=stride)  # (N, C*9, L)
+    torch.testing.assert_close(rows, ref.permute(0, 2, 1).reshape(total, -1))
+    w = torch.from_numpy(np.array(m.graph.const("w")))
+    y = torch.nn.functional.conv2d(xt, w, stride=stride, padding=pad, dilation=dil)
+    torch.testing.assert_close(rows @ w.reshape(4, -1).T, y.permute(0, 2, 3, 1).reshape(total, -1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_patches_match_conv1d():
+    b = Builder()
+    x = b.input("x", [2, 3, 11])
+    b.output(b.conv("c", x, 3, 4, k=3, dims=1, stride=2))
+    m = driver.load(b.model())
+    node = m.graph.model.graph.node[0]
+    view = O.layer_view(m.graph, node)
+    xt = torch.randn(2, 3, 11)
+    rows = O.sample_rows(view, xt, torch.arange(O.output_positions(view, xt)))
+    w, bias = (torch.from_numpy(np.array(m.graph.const(node.input[i]))) for i in (1, 2))
+    y = torch.nn.functional.conv1d(xt, w, bias, stride=2, padding=1)
+    torch.testing.assert_close(rows @ w.reshape(4, -1).T + bias, y.permute(0, 2, 1).reshape(-1, 4),
+                               rtol=1e-5, atol=1e-5)
+
+
+def linear_pair():
+    """x[N,4] -> Gemm(4->6) -> Gemm(6->3): the hidden layer has rank 4, so removing two of its six channels
+    can be undone exactly by refitting the second layer (and its bias absorbs the removed channels' means)."""
+    b = Builder()
+    x = b.input("x", ["N", 4])
+    h = b.gemm("g1", x, 4, 6, trans_b=1)
+    b.output(b.gemm("g2", h, 6, 3, trans_b=1))
+    return b.model()
+
+
+def calib_for(model, n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    name = model.graph.input[0].name
+    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
+    shape[0] = n
+    return Calib({name: rng.standard_normal(shape).astype(np.float32)}, None, "test")
+
+
+def test_obspa_undoes_a_removal_that_the_kept_channels_span():
+    model = linear_pair()
+    rep = driver.prune(model, None, ratio=0.3, importance="obspa", calib=calib_for(model), damp=1e-7).report
+    rec = rep["reconstruction"]
+    assert rep["verification"]["status"] == "passed"          # structure checked before any value changed
+    assert rec["fidelity_before"]["g2_out"]["rel_l2"] > 0.05
+    assert rec["fidelity_after"]["g2_out"]["rel_l2"] < 1e-3
+    assert rec["passes"][0]["layers_refit"] >= 1
+    assert rep["params"]["after"] == 4 * 4 + 4 + 3 * 4 + 3     # shapes as pruned, nothing added
+
+
+def conv_net(bn: bool):
+    b = Builder()
+    x = b.input("x", [1, 3, 12, 12])
+    y = b.conv("c1", x, 3, 16)
+    if bn:
+        y = b.bn("bn1", y, 16)
+    y = b.relu(y)
+    y = b.conv("c2", y, 16, 16)
+    if bn:
+        y = b.bn("bn2", y, 16)
+    y = b.relu(y)
+    y = b.op("GlobalAveragePool", [y])
+    y = b.op("Flatten", [y], axis=1)
+    b.output(b.gemm("fc", y, 16, 10, trans_b=1))
+    return b.model()
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_data_free_obspa_improves_fidelity_with_and_without_bn_nodes(bn):
+    model = conv_net(bn)
+    rep = driver.prune(model, None, target_flops=0.5, importance="obspa").report
+    rec = rep["reconstruction"]
+    out = model.graph.output[0].name
+    assert rep["importance"]["data"] == "data-free (synthesized inputs)"
+    assert rec["fidelity_on"] == "random inputs (data-free)"
+    assert rec["fidelity_after"][out]["rel_l2"] < rec["fidelity_before"][out]["rel_l2"]
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_recalibrate_matches_statistics_and_needs_data(bn):
+    model = conv_net(bn)
+    rep = driver.prune(model, None, target_flops=0.5, importance="l1", recalibrate=True,
+                       reconstruct=False, calib=calib_for(model, 64)).report
+    p = rep["reconstruction"]["passes"][0]
+    assert (p["bn_reestimated"] > 0) == bn and p["affine_corrected"] > 0
+    with pytest.raises(Exception, match="--recalibrate needs calibration data"):
+        driver.prune(model, None, target_flops=0.5, recalibrate=True)
+
+
+def duplicated_channels():
+    """Conv whose filters 8..15 are 2x filters 0..7 (and biases), then ReLU and a 1x1 conv: removing the
+    duplicates and merging them into their originals is exact."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    w = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    bias = np.random.default_rng(1).standard_normal(8).astype(np.float32)
+    wc = b.const("c1.weight", np.concatenate([w, 2 * w]))
+    bc = b.const("c1.bias", np.concatenate([bias, 2 * bias]))
+    y = b.relu(b.op("Conv", [x, wc, bc], name="c1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    b.output(b.conv("c2", y, 16, 4, k=1))
+    return b.model()
+
+
+def test_similarity_compensation_merges_scaled_duplicates_exactly():
+    model = duplicated_channels()
+    an = driver.analyse(driver.load(model))
+    g = max(an.groups, key=lambda g: g.size)
+    plan = {"format": "spa-prune-plan/1", "groups": [{"id": g.id, "name": g.name, "units": g.size,
+                                                      "removed": list(range(8, 16))}]}
+    import json
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(plan, f)
+    rep = driver.prune(model, None, plan_file=f.name, compensate="similarity").report
+    rec = rep["reconstruction"]
+    assert rec["passes"][0]["pairs_merged"] == 8
+    assert rec["fidelity_before"]["c2_out"]["rel_l2"] > 0.1
+    assert rec["fidelity_after"]["c2_out"]["rel_l2"] < 1e-5
+    rep = driver.prune(model, None, plan_file=f.name, compensate="similarity", dbscan=(0.05, 2)).report
+    p = rep["reconstruction"]["passes"][0]
+    assert p["dbscan_clusters"] == 8 and p["pairs_merged"] == 8
