@@ -103,3 +103,55 @@ def test_unknown_names_are_one_line_errors():
 def test_every_criterion_is_documented():
     for c in CRITERIA.values():
         assert c.doc and c.needs in ("weights", "gradients", "activations")
+
+
+# ---- gradient criteria against an independent torch computation ------------------------------------------------
+def _torch_reference(x, labels):
+    """Loss, gradients and Hessian-gradient products of the mlp() graph, written directly in torch."""
+    torch = pytest.importorskip("torch")
+    params = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (W1, B1, W2)]
+
+    def loss_fn(w1, b1, w2):
+        h = torch.relu(torch.from_numpy(x) @ w1.T + b1)
+        return torch.nn.functional.cross_entropy(h @ w2.T, torch.from_numpy(labels))
+
+    grads = torch.autograd.grad(loss_fn(*params), params)
+    _, hg = torch.autograd.functional.hvp(loss_fn, tuple(params), tuple(g.detach() for g in grads))
+    return [g.numpy().astype(np.float64) for g in grads], [h.numpy().astype(np.float64) for h in hg]
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "snip", "grasp", "crop"])
+def test_gradient_criteria_match_a_direct_torch_computation(criterion):
+    from spa.calib import Calib
+    from spa.importance import ScoreInputs
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 2)).astype(np.float32)
+    labels = rng.integers(0, 2, 32)
+    grads, hgs = _torch_reference(x, labels)
+    an = driver.analyse(driver.load(mlp()))
+    g = max(an.groups, key=lambda g: g.prunable)
+    s = score(an, criterion, "sum", "none", ScoreInputs(an, calib=Calib({"x": x}, labels, "test"), loss="ce"))
+    got = np.array([s[int(u)] for u in g.units])
+    other = hgs if criterion in ("grasp", "crop") else grads
+    prods = [w.astype(np.float64) * d for w, d in zip((W1, B1, W2), other)]
+    if criterion == "taylor":
+        expected = np.abs(prods[0].sum(1)) + np.abs(prods[1]) + np.abs(prods[2].sum(0))
+    elif criterion == "grasp":
+        expected = prods[0].sum(1) + prods[1] + prods[2].sum(0)
+    else:
+        expected = np.abs(prods[0]).sum(1) + np.abs(prods[1]) + np.abs(prods[2]).sum(0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_label_free_losses_and_a_missing_label_error():
+    from spa.calib import Calib
+    from spa.importance import ScoreInputs
+
+    x = np.random.default_rng(0).standard_normal((16, 2)).astype(np.float32)
+    an = driver.analyse(driver.load(mlp()))
+    for loss in ("pseudo", "fisher", "auto"):
+        s = score(an, "taylor", "sum", "none", ScoreInputs(an, calib=Calib({"x": x}, None, "t"), loss=loss))
+        assert all(np.isfinite(list(s.values()))) and max(s.values()) > 0
+    with pytest.raises(SpaError, match="needs labels"):
+        score(an, "taylor", inputs=ScoreInputs(an, calib=Calib({"x": x}, None, "t"), loss="ce"))
