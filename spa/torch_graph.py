@@ -36,13 +36,14 @@ and nodes), ops with subgraphs (If/Loop/Scan) and non-default domains.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from operators.lowering import lowering, node_attrs, tensor_from_proto
+from operators.lowering import lowering, node_attrs, tensor_from_proto, unsupported
 
 from .errors import SpaError
 
@@ -110,6 +111,9 @@ class TorchGraph(nn.Module):
         for node in self.all_nodes:
             attrs = self._attrs(node)
             fn = lowering(node.op_type, node.domain)
+            why = unsupported(node, attrs)
+            if why:
+                raise SpaError(f"TorchGraph: node '{node.name}' ({node.op_type}): {why}")
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 try:
                     value = fn(node, [], attrs)[0]
@@ -187,9 +191,9 @@ class TorchGraph(nn.Module):
             raise KeyError(f"no float initializer named {onnx_name!r}") from None
 
     @property
-    def param_names(self) -> dict[str, nn.Parameter]:
-        """ONNX initializer name -> Parameter, for every float initializer."""
-        return {name: self._params[key] for name, key in self._param_key.items()}
+    def param_names(self) -> Mapping[str, nn.Parameter]:
+        """ONNX initializer name -> Parameter, for every float initializer (a live read-only mapping)."""
+        return _ParamView(self)
 
     def state_dict_onnx(self) -> dict[str, np.ndarray]:
         """Current parameter values by ONNX initializer name, as numpy arrays in each initializer's own type
@@ -237,6 +241,8 @@ class TorchGraph(nn.Module):
                            "computed yet") from None
         try:
             outs = fn(node, inputs, attrs)
+        except NotImplementedError as e:
+            raise SpaError(f"TorchGraph: node '{node.name}' ({node.op_type}): {e}") from e
         except Exception as e:
             shapes = [tuple(t.shape) if t is not None else None for t in inputs]
             raise RuntimeError(f"TorchGraph: node '{node.name}' ({node.op_type}) failed on inputs {shapes}: "
@@ -288,6 +294,25 @@ class TorchGraph(nn.Module):
         res = self.run(feeds)
         outs = tuple(res[o] for o in self.output_names)
         return outs[0] if len(outs) == 1 else outs
+
+
+class _ParamView(Mapping):
+    """ONNX name -> Parameter, resolved on access (so it follows parameters replaced by module conversions)."""
+
+    def __init__(self, tg: TorchGraph):
+        self._tg = tg
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self._tg._params[self._tg._param_key[name]]
+
+    def __contains__(self, name) -> bool:
+        return name in self._tg._param_key
+
+    def __iter__(self):
+        return iter(self._tg._param_key)
+
+    def __len__(self) -> int:
+        return len(self._tg._param_key)
 
 
 __all__ = ["TorchGraph"]
