@@ -799,13 +799,15 @@ def _reduce_axes(inputs, attrs, rank):
     return tuple(sorted({_axis(int(a), rank) for a in axes}))
 
 
-def _reducer(pre, red, post=None):
+def _reducer(pre, red, post=None, noop=None):
+    """A reduction: post(red(pre(x), axes, keepdims)). With no axes and noop_with_empty_axes the element-wise
+    part still applies, as in onnxruntime (ReduceL2 -> |x|, ReduceSumSquare -> x*x, ReduceLogSum -> log x)."""
     def fn(node, inputs, attrs):
         x = inputs[0]
         axes = _reduce_axes(inputs, attrs, x.dim())
-        v = pre(x) if pre else x
         if axes is None or x.dim() == 0:
-            return [v]
+            return [noop(x) if noop else x]
+        v = pre(x) if pre else x
         y = red(v, axes, bool(attrs.get("keepdims", 1)))
         return [post(y) if post else y]
 
@@ -818,17 +820,21 @@ def _prod_reduce(v, axes, keep):
     return v if keep else v.squeeze(axes)
 
 
+def _sum(v, a, k):
+    return v.sum(a, keepdim=k)
+
+
 LOWERINGS.update({
     "ReduceMean": _reducer(None, lambda v, a, k: v.mean(a, keepdim=k)),
-    "ReduceSum": _reducer(None, lambda v, a, k: v.sum(a, keepdim=k)),
+    "ReduceSum": _reducer(None, _sum),
     "ReduceMax": _reducer(None, lambda v, a, k: v.amax(a, keepdim=k)),
     "ReduceMin": _reducer(None, lambda v, a, k: v.amin(a, keepdim=k)),
     "ReduceProd": _reducer(None, _prod_reduce),
-    "ReduceL1": _reducer(torch.abs, lambda v, a, k: v.sum(a, keepdim=k)),
-    "ReduceL2": _reducer(None, lambda v, a, k: (v * v).sum(a, keepdim=k), torch.sqrt),
-    "ReduceLogSum": _reducer(None, lambda v, a, k: v.sum(a, keepdim=k), torch.log),
+    "ReduceL1": _reducer(torch.abs, _sum, None, torch.abs),
+    "ReduceL2": _reducer(lambda v: v * v, _sum, torch.sqrt, torch.abs),
+    "ReduceLogSum": _reducer(None, _sum, torch.log, torch.log),
     "ReduceLogSumExp": _reducer(None, lambda v, a, k: torch.logsumexp(v, a, keepdim=k)),
-    "ReduceSumSquare": _reducer(lambda v: v * v, lambda v, a, k: v.sum(a, keepdim=k)),
+    "ReduceSumSquare": _reducer(lambda v: v * v, _sum, None, lambda v: v * v),
 })
 
 
@@ -1127,10 +1133,9 @@ def _axes_arg(inputs, attrs):
 def squeeze(node, inputs, attrs):
     x = inputs[0]
     axes = _axes_arg(inputs, attrs)
-    if axes is None:
+    if not axes:  # absent (or empty, as onnxruntime reads it): every size-1 axis
         return [x.squeeze()] if x.dim() else [x]
-    axes = tuple(_axis(a, x.dim()) for a in axes)
-    return [x.squeeze(axes) if axes else x]
+    return [x.squeeze(tuple(_axis(a, x.dim()) for a in axes))]
 
 
 @lower("Unsqueeze")

@@ -458,9 +458,14 @@ def test_reduce(op, keepdims):
     check(op, [x], {"keepdims": keepdims}, opset=18)  # all axes
 
 
-def test_reduce_log_sum_and_noop():
+@pytest.mark.parametrize("op", [*REDUCE_OPS, "ReduceLogSum"])
+def test_reduce_noop_with_empty_axes(op):
+    x = np.abs(X4) + 0.1 if op == "ReduceLogSum" else X4
+    check(op, [x, np.zeros(0, np.int64)], {"noop_with_empty_axes": 1}, consts={1}, opset=18)
+
+
+def test_reduce_log_sum():
     check("ReduceLogSum", [np.abs(X4) + 0.1, i64(2)], consts={1}, opset=18)
-    check("ReduceMean", [X4, np.zeros(0, np.int64)], {"noop_with_empty_axes": 1}, consts={1}, opset=18)
     check("ReduceSum", [X4, i64(1)], {"keepdims": 0}, consts={1}, opset=13)
 
 
@@ -580,6 +585,7 @@ def test_shape_ops():
     check("Squeeze", [randn(1, 3, 1, 2)], {"axes": [0, -2]}, opset=11)
     check("Squeeze", [randn(1, 3, 1, 2), i64(2)], consts={1}, opset=13)
     check("Squeeze", [randn(1, 3, 1, 2)], opset=13)
+    check("Squeeze", [randn(1, 3, 1, 2), np.zeros(0, np.int64)], consts={1}, opset=13)
     check("Unsqueeze", [randn(3, 2)], {"axes": [0, -1]}, opset=11)
     check("Unsqueeze", [randn(3, 2), i64(3, 1)], consts={1}, opset=13)
     check("Expand", [randn(3, 1), i64(2, 1, 4)], consts={1})
