@@ -33,9 +33,11 @@ def _signature(model: onnx.ModelProto):
 
 
 class Lockstep:
-    """The original and the pruned model executed side by side on the same inputs (torch, no gradients)."""
+    """The original and the pruned model executed side by side on the same inputs (torch, no gradients), in
+    chunks of samples (a model with a fixed batch dim gets exactly that many per run). Statistics are summed
+    over the chunks before a layer is updated, so the result does not depend on the chunking."""
 
-    def __init__(self, original: onnx.ModelProto, pruned: Graph, feeds: dict[str, np.ndarray]):
+    def __init__(self, original: onnx.ModelProto, pruned: Graph, feeds: dict[str, np.ndarray], chunk=(64, False)):
         import torch
 
         from spa.torch_graph import TorchGraph
@@ -45,8 +47,13 @@ class Lockstep:
         self.t_orig = TorchGraph(original)
         self.t_pruned = TorchGraph(pruned)
         self.pruned = pruned
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
-        self.env_o, self.env_p = self.t_orig.initial_env(tensors), self.t_pruned.initial_env(tensors)
+        n = int(next(iter(feeds.values())).shape[0])
+        parts = list(O.chunks(feeds, n, chunk))
+        if not parts:
+            raise SpaError(f"{n} samples are fewer than the model's fixed batch size {chunk[0]}")
+        self.env_o = [self.t_orig.initial_env(c) for c in parts]
+        self.env_p = [self.t_pruned.initial_env(c) for c in parts]
+        self.n = sum(int(next(iter(c.values())).shape[0]) for c in parts)
         self.orig_nodes = list(self.t_orig.nodes)
         self.orig_pos = 0
         self._last_o = _last_uses(self.orig_nodes, {o.name for o in original.graph.output})
@@ -54,28 +61,28 @@ class Lockstep:
         self.forward_s = 0.0
 
     def original(self, name: str):
-        """The original model's tensor `name` (advancing the original up to its producer), or None."""
+        """The original model's tensor `name` per chunk (advancing the original up to its producer), or None."""
         t0 = time.perf_counter()
-        while name not in self.env_o and self.orig_pos < len(self.orig_nodes):
+        while name not in self.env_o[0] and self.orig_pos < len(self.orig_nodes):
             node = self.orig_nodes[self.orig_pos]
-            self.t_orig.step(node, self.env_o)
+            for env in self.env_o:
+                self.t_orig.step(node, env)
+                self._free(env, self._last_o, self.orig_pos)
             self.orig_pos += 1
-            self._free(self.env_o, self._last_o, self.orig_pos - 1, keep=self._pending)
         self.forward_s += time.perf_counter() - t0
-        return self.env_o.get(name)
+        if name not in self.env_o[0]:
+            return None
+        return [env[name] for env in self.env_o]
 
-    def hold(self, name: str) -> None:
-        """Keep an original tensor alive until release() (it is needed after its own consumers ran)."""
-        self._pending.add(name)
-
-    def release(self, name: str) -> None:
-        self._pending.discard(name)
+    def pruned_value(self, name: str):
+        if name not in self.env_p[0]:
+            return None
+        return [env[name] for env in self.env_p]
 
     @staticmethod
-    def _free(env, last, pos, keep=()):
+    def _free(env, last, pos):
         for name in last.get(pos, ()):
-            if name not in keep:
-                env.pop(name, None)
+            env.pop(name, None)
 
 
 def _last_uses(nodes, outputs) -> dict[int, list[str]]:
@@ -108,10 +115,10 @@ class Reconstruct(Pass):
 
         g = model.graph
         before = _signature(g.to_model())
-        ls = Lockstep(self.original, g, self.feeds)
+        ls = Lockstep(self.original, g, self.feeds, O.batch_size_for(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
         stats = {"layers_refit": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
-                 "positions_per_layer": self.positions, "samples": int(next(iter(self.feeds.values())).shape[0])}
+                  "positions_per_layer": self.positions, "samples": ls.n}
         timing = {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0}
         nodes = list(ls.t_pruned.nodes)
         last_p = _last_uses(nodes, set(g.output_names))
@@ -123,11 +130,13 @@ class Reconstruct(Pass):
                 if self.recalibrate and node.op_type == "BatchNormalization":
                     self._reestimate_bn(node, g, ls, stats)
                 t = time.perf_counter()
-                ls.t_pruned.step(node, ls.env_p)
+                for env in ls.env_p:
+                    ls.t_pruned.step(node, env)
                 timing["forward_s"] += time.perf_counter() - t
                 if self.recalibrate and node.name in self.out_rows and node.output[0] not in followed_by_bn:
                     self._affine(node, g, ls, stats)
-                Lockstep._free(ls.env_p, last_p, pos)
+                for env in ls.env_p:
+                    Lockstep._free(env, last_p, pos)
                 if pos % 20 == 0:
                     self.progress(f"reconstruct: {pos + 1}/{len(nodes)} nodes")
         timing["forward_s"] += ls.forward_s
@@ -150,30 +159,33 @@ class Reconstruct(Pass):
         if len(g.consumers.get(view.weight, [])) > 1 or (view.bias and len(g.consumers.get(view.bias, [])) > 1):
             stats["skipped"].append(f"{node.name}: weight shared by several nodes")
             return
-        x_p = ls.env_p.get(node.input[view.data_index])
-        x_o = ls.original(orig_node.input[ov.data_index])
-        if x_p is None or x_o is None:
+        xs_p = ls.pruned_value(node.input[view.data_index])
+        xs_o = ls.original(orig_node.input[ov.data_index])
+        if xs_p is None or xs_o is None:
             stats["skipped"].append(f"{node.name}: input not available")
             return
         t = time.perf_counter()
-        x_p, x_o = x_p.float(), x_o.float()
-        total = O.output_positions(view, x_p)
-        if total != O.output_positions(ov, x_o):
-            stats["skipped"].append(f"{node.name}: positions differ")
-            return
-        rows = O.pick_rows(total, self.positions, gen)
-        a, b = O.sample_rows(view, x_p, rows), O.sample_rows(ov, x_o, rows)
+        gram = O.Gram()
+        for x_p, x_o in zip(xs_p, xs_o):
+            x_p, x_o = x_p.float(), x_o.float()
+            total = O.output_positions(view, x_p)
+            if total != O.output_positions(ov, x_o):
+                stats["skipped"].append(f"{node.name}: positions differ")
+                return
+            quota = max(1, int(round(self.positions * x_p.shape[0] / ls.n)))
+            rows = O.pick_rows(total, quota, gen)
+            a, b = O.sample_rows(view, x_p, rows), O.sample_rows(ov, x_o, rows)
+            if view.bias is not None:
+                a, b = O.with_ones(a), O.with_ones(b)
+            gram.add(a, b)
         w_p_full = np.asarray(g.const(view.weight))
         w_o_full = np.asarray(ls.orig_graph.const(ov.weight))
         keep = self.out_rows[node.name]
         w_p = view.matrix(w_p_full).astype(np.float64)
         w_o = ov.matrix(w_o_full)[keep].astype(np.float64)
         if view.bias is not None:
-            a, b = O.with_ones(a), O.with_ones(b)
             w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
             w_o = np.concatenate([w_o, np.asarray(ls.orig_graph.const(ov.bias), np.float64)[keep][:, None]], 1)
-        gram = O.Gram()
-        gram.add(a, b)
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
         new, _ = O.refit(w_o, w_p, gram, self.damp)
@@ -190,14 +202,14 @@ class Reconstruct(Pass):
 
     # ---- re-calibration ---------------------------------------------------------------------------------------
     def _reestimate_bn(self, node, g, ls, stats):
-        x = ls.env_p.get(node.input[0])
+        xs = ls.pruned_value(node.input[0])
         mean_name, var_name = node.input[3], node.input[4]
-        if x is None or len(g.consumers.get(mean_name, [])) > 1 or len(g.consumers.get(var_name, [])) > 1:
+        if xs is None or len(g.consumers.get(mean_name, [])) > 1 or len(g.consumers.get(var_name, [])) > 1:
             return
-        dims = [0, *range(2, x.dim())]
+        mean, var = _channel_moments(xs, 1)
         dtype = np.asarray(g.const(mean_name)).dtype
-        self._write(g, ls, mean_name, x.double().mean(dims).numpy().astype(dtype))
-        self._write(g, ls, var_name, x.double().var(dims, unbiased=False).numpy().astype(dtype))
+        self._write(g, ls, mean_name, mean.astype(dtype))
+        self._write(g, ls, var_name, var.astype(dtype))
         stats["bn_reestimated"] += 1
 
     def _affine(self, node, g, ls, stats):
@@ -208,38 +220,52 @@ class Reconstruct(Pass):
         weight = node.input[1]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         orig_node = _orig_node(ls, node)
-        y_p = ls.env_p.get(node.output[0])
-        y_o = ls.original(orig_node.output[0]) if orig_node is not None else None
-        if y_p is None or y_o is None or len(g.consumers.get(weight, [])) > 1:
+        ys_p = ls.pruned_value(node.output[0])
+        ys_o = ls.original(orig_node.output[0]) if orig_node is not None else None
+        if ys_p is None or ys_o is None or len(g.consumers.get(weight, [])) > 1:
             return
-        keep = self.out_rows[node.name]
-        ch = 1 if node.op_type == "Conv" else y_p.dim() - 1
-        dims = [d for d in range(y_p.dim()) if d != ch]
-        yo = y_o.double().index_select(ch, ls.torch.from_numpy(np.flatnonzero(keep)))
-        yp = y_p.double()
-        s_o, s_p = yo.std(dims), yp.std(dims)
-        scale = (s_o / s_p.clamp_min(1e-8)).clamp(0.0, 10.0).where(s_p > 1e-8, ls.torch.ones_like(s_p))
-        shift = yo.mean(dims) - scale * yp.mean(dims)
+        keep = ls.torch.from_numpy(np.flatnonzero(self.out_rows[node.name]))
+        ch = 1 if node.op_type == "Conv" else ys_p[0].dim() - 1
+        m_o, v_o = _channel_moments([y.index_select(ch, keep) for y in ys_o], ch)
+        m_p, v_p = _channel_moments(ys_p, ch)
+        s_o, s_p = np.sqrt(v_o), np.sqrt(v_p)
+        scale = np.where(s_p > 1e-8, np.clip(s_o / np.maximum(s_p, 1e-8), 0.0, 10.0), 1.0)
+        shift = m_o - scale * m_p
         w = np.asarray(g.const(weight))
         out_axis = 1 if (view is not None and view.trans) else 0
         shape = [1] * w.ndim
         shape[out_axis] = -1
-        self._write(g, ls, weight, (w * scale.numpy().reshape(shape)).astype(w.dtype))
+        self._write(g, ls, weight, (w * scale.reshape(shape)).astype(w.dtype))
         if bias is not None and len(g.consumers.get(bias, [])) == 1:
             b = np.asarray(g.const(bias))
-            self._write(g, ls, bias, (b * scale.numpy() + shift.numpy()).astype(b.dtype))
-            bshift = shift
+            self._write(g, ls, bias, (b * scale + shift).astype(b.dtype))
         else:
-            bshift = ls.torch.zeros_like(shift)
-        view_shape = [1] * y_p.dim()
+            shift = np.zeros_like(shift)
+        view_shape = [1] * ys_p[0].dim()
         view_shape[ch] = -1
-        ls.env_p[node.output[0]] = (yp * scale.view(view_shape) + bshift.view(view_shape)).to(y_p.dtype)
+        sc = ls.torch.from_numpy(scale).view(view_shape)
+        sh = ls.torch.from_numpy(shift).view(view_shape)
+        for env, y in zip(ls.env_p, ys_p):
+            env[node.output[0]] = (y.double() * sc + sh).to(y.dtype)
         stats["affine_corrected"] += 1
 
     @staticmethod
     def _write(g, ls, name, value):
         g.set_const(name, value)
         ls.t_pruned.param(name).data.copy_(ls.torch.from_numpy(np.array(value)))
+
+
+def _channel_moments(tensors, ch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) variance over every other axis of a list of chunks."""
+    total, sq, count = 0.0, 0.0, 0
+    for t in tensors:
+        dims = [d for d in range(t.dim()) if d != ch]
+        t = t.double()
+        total = total + t.sum(dims)
+        sq = sq + (t * t).sum(dims)
+        count += t.numel() // t.shape[ch]
+    mean = (total / count).numpy()
+    return mean, np.maximum((sq / count).numpy() - mean * mean, 0.0)
 
 
 def _orig_node(ls: Lockstep, node):

@@ -10,11 +10,12 @@ Gaussian version of the Fisher loss: ½‖y − (y + ε)‖² with ε ~ N(0, std
 not zero at the unpruned model (KL or MSE to the model's own output would be).
 
 Per parameter slice (every member of a group, as for magnitude):
-- taylor: |Σ_slice w·g| (first-order change of the loss when the slice is zeroed), summed over mini-batches;
+- taylor: |Σ_slice w·g| (first-order change of the loss when the slice is zeroed), g the mean gradient;
 - snip:   Σ_slice |w·g| (connection sensitivity);
 - grasp:  Σ_slice w·(Hg) (GraSP's −S: large means removing it would reduce gradient flow; kept);
 - crop:   Σ_slice |w·(Hg)| (gradient-flow preservation),
-with g the mini-batch gradient and Hg the Hessian-gradient product (double backward, g held constant).
+with g the mini-batch gradient and Hg the Hessian-gradient product (double backward, g held constant), averaged
+over the mini-batches (a model exported with a fixed batch dim runs batches of exactly that size).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
     """Per float initializer: sums over mini-batches of w·g, |w·g| (and w·Hg, |w·Hg| when `hessian`)."""
     import torch
 
-    from .obspa import model_data
+    from .obspa import batch_size_for, chunks, model_data
     from .torch_graph import TorchGraph
 
     key = ("grad", hessian)
@@ -70,13 +71,14 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
         p.requires_grad_(True)
     acc: dict[str, dict[str, np.ndarray]] = {k: {} for k in params}
     gen = torch.Generator().manual_seed(inputs.seed)
-    bs = inputs.batch_size
+    bs = batch_size_for(an.ctx.g, inputs.batch_size, feeds)
     keys = list(params)
-    for start in range(0, n, bs):
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v[start:start + bs])) for k, v in feeds.items()}
+    batches = 0
+    for step, batch in enumerate(chunks(feeds, n, bs)):
+        start = step * bs[0]
         out = tg(**batch)
         out = out[0] if isinstance(out, tuple) else out
-        y = None if labels is None else torch.from_numpy(np.asarray(labels[start:start + bs], dtype=np.int64))
+        y = None if labels is None else torch.from_numpy(np.asarray(labels[start:start + bs[0]], dtype=np.int64))
         loss = _loss(torch, out, kind, y, out.detach(), gen)
         grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=hessian, allow_unused=True)
         hgs = [None] * len(keys)
@@ -98,7 +100,11 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
                 whg = (w * hg.detach()).numpy().astype(np.float64)
                 a["whg"] = a.get("whg", 0) + whg
                 a["abs_whg"] = a.get("abs_whg", 0) + np.abs(whg)
-        inputs.progress(f"gradients: {min(start + bs, n)}/{n} samples")
+        inputs.progress(f"gradients: {min(start + bs[0], n)}/{n} samples")
+        batches = step + 1
+    for a in acc.values():  # mean over batches: equal to the full-batch product for taylor whatever the chunking
+        for k in a:
+            a[k] = a[k] / max(batches, 1)
     inputs.cache.setdefault("timings", {})["gradients_s"] = round(time.perf_counter() - t0, 3)
     inputs.cache[key] = acc
     return acc

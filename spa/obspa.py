@@ -227,25 +227,39 @@ def refit(w_o: np.ndarray, w_p: np.ndarray, gram: Gram, damp: float) -> tuple[np
     return _solve_psd(hd, rhs).T, lam
 
 
-def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve a x = b for symmetric positive definite a (torch's LAPACK: scipy's wheel is several times slower
-    here)."""
+LARGE = 1024  # above this many columns, factorizations run in float32 (dampening keeps them well conditioned)
+
+
+def _factor(a: np.ndarray):
+    """Cholesky factor with torch's LAPACK (scipy's wheel is several times slower here), float32 for large
+    matrices; falls back to float64 when float32 fails. None when a is not positive definite."""
     import torch
 
-    at, bt = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))
-    chol, info = torch.linalg.cholesky_ex(at)
-    if int(info) != 0:
+    at = torch.from_numpy(np.ascontiguousarray(a))
+    for dtype in ((torch.float32, torch.float64) if len(a) > LARGE else (torch.float64,)):
+        chol, info = torch.linalg.cholesky_ex(at.to(dtype))
+        if int(info) == 0:
+            return chol
+    return None
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a x = b for symmetric positive definite a."""
+    import torch
+
+    chol = _factor(a)
+    if chol is None:
         return np.linalg.lstsq(a, b, rcond=None)[0]
-    return torch.cholesky_solve(bt, chol).numpy()
+    return torch.cholesky_solve(torch.from_numpy(np.ascontiguousarray(b)).to(chol.dtype), chol).double().numpy()
 
 
 def psd_inverse(a: np.ndarray) -> np.ndarray:
     import torch
 
-    chol, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(a)))
-    if int(info) != 0:
+    chol = _factor(a)
+    if chol is None:
         raise np.linalg.LinAlgError("not positive definite")
-    return torch.cholesky_inverse(chol).numpy()
+    return torch.cholesky_inverse(chol).double().numpy()
 
 
 # ---- data: calibration or synthesized ------------------------------------------------------------------------------
@@ -269,6 +283,56 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
             high = _table_rows(g, name) if g is not None else 1
             out[name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
     return out
+
+
+def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60, lr: float = 0.1):
+    """Where BatchNormalization nodes survived the export, their running statistics describe the training data:
+    optimize the synthesized float inputs (Adam) so that every BN node's input has, per channel, the running
+    mean and variance (ZeroQ-style distilled data). Each BN node's loss is normalized by its variance."""
+    import torch
+
+    from .torch_graph import TorchGraph
+
+    t0 = time.perf_counter()
+    tg = TorchGraph(g)
+    for p in tg.parameters():
+        p.requires_grad_(False)
+    targets = {}
+    for node in tg.nodes:
+        if node.op_type == "BatchNormalization":
+            mean, var = g.const(node.input[3]), g.const(node.input[4])
+            if mean is not None and var is not None:
+                targets[node.name] = (torch.from_numpy(np.array(mean, np.float32)),
+                                      torch.from_numpy(np.array(var, np.float32)))
+    xs = {k: torch.tensor(v, requires_grad=np.dtype(v.dtype).kind == "f") for k, v in feeds.items()}
+    opt = torch.optim.Adam([x for x in xs.values() if x.requires_grad], lr=lr)
+    first = last = None
+    for it in range(steps):
+        losses = []
+
+        def hook(node, ins, outs):
+            tgt = targets.get(node.name)
+            if tgt is None:
+                return
+            x = ins[0]
+            dims = [0, *range(2, x.dim())]
+            m, v = x.mean(dims), x.var(dims, unbiased=False)
+            scale = tgt[1].clamp_min(1e-6)
+            losses.append(((m - tgt[0]) ** 2 / scale).mean() + ((v - tgt[1]) ** 2 / scale ** 2).mean())
+
+        opt.zero_grad()
+        tg.run(xs, hook=hook)
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        opt.step()
+        last = float(loss.detach())
+        first = last if first is None else first
+        if it % 20 == 0:
+            inputs.progress(f"data-free: matching BN statistics {it}/{steps}")
+    inputs.notes.append(f"data-free: inputs optimized to match {len(targets)} BatchNormalization nodes' running "
+                        f"statistics (loss {first:.3g} -> {last:.3g}, {steps} Adam steps, "
+                        f"{time.perf_counter() - t0:.1f} s)")
+    return {k: x.detach().numpy() for k, x in xs.items()}
 
 
 def _blur(x: np.ndarray, passes: int) -> np.ndarray:
@@ -332,12 +396,11 @@ def obs_members(inputs):
         grams[node.name].add(rows)
         hess_t[0] += time.perf_counter() - t
 
-    bs = inputs.batch_size
+    bs = batch_size_for(g, inputs.batch_size, feeds)
     with torch.no_grad():
-        for start in range(0, n, bs):
-            batch = {k: torch.from_numpy(np.ascontiguousarray(v[start:start + bs])) for k, v in feeds.items()}
+        for k, batch in enumerate(chunks(feeds, n, bs)):
             tg.run(batch, hook=hook)
-            inputs.progress(f"obs: {min(start + bs, n)}/{n} samples")
+            inputs.progress(f"obs: {min((k + 1) * bs[0], n)}/{n} samples")
     timing["forward_s"] += time.perf_counter() - t0 - hess_t[0]
     timing["hessian_s"] += hess_t[0]
     t = time.perf_counter()
@@ -370,6 +433,59 @@ def obs_members(inputs):
     return members
 
 
+def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) -> tuple[int, bool]:
+    """Samples per run, and whether that size is fixed. A model exported with a fixed batch dim (often 1) may
+    have the batch baked into Reshape constants; it is probed once: when a run on two samples gives exactly the
+    two single-sample results, any batch size is used, else batches of the exported size."""
+    from .calib import input_specs
+
+    fixed = None
+    for shape, _ in input_specs(g.model).values():
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            fixed = shape[0]
+            break
+    if fixed is None:
+        return default, False
+    if fixed != 1 or feeds is None or min(v.shape[0] for v in feeds.values()) < 2:
+        return fixed, True
+    cached = getattr(g, "_batch_probe", None)
+    if cached is None:
+        cached = g._batch_probe = _batch_polymorphic(g, feeds)
+    return (default, False) if cached else (fixed, True)
+
+
+def _batch_polymorphic(g, feeds) -> bool:
+    import torch
+
+    from .torch_graph import TorchGraph
+
+    tg = TorchGraph(g)
+    try:
+        with torch.no_grad():
+            pair = tg.run({k: torch.from_numpy(np.ascontiguousarray(v[:2])) for k, v in feeds.items()})
+            singles = [tg.run({k: torch.from_numpy(np.ascontiguousarray(v[i:i + 1])) for k, v in feeds.items()})
+                       for i in range(2)]
+    except Exception:  # noqa: BLE001 - any failure means: keep the exported batch size
+        return False
+    for name, t in pair.items():
+        if t.dim() == 0 or t.shape[0] != 2:
+            return False
+        ref = torch.cat([s[name] for s in singles])
+        if ref.shape != t.shape or not torch.allclose(t.float(), ref.float(), rtol=1e-4,
+                                                       atol=1e-5 * float(ref.float().abs().max()) + 1e-6):
+            return False
+    return True
+
+
+def chunks(feeds: dict[str, np.ndarray], n: int, size: tuple[int, bool]):
+    """Batches of `size[0]` samples; with a fixed batch size a short last batch is dropped."""
+    import torch
+
+    size, fixed = size
+    for start in range(0, n - size + 1 if fixed else n, size):
+        yield {k: torch.from_numpy(np.ascontiguousarray(v[start:start + size])) for k, v in feeds.items()}
+
+
 def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
     """The calibration inputs, or synthesized ones (data-free), as numpy arrays keyed by input name."""
     if inputs.calib is not None:
@@ -384,5 +500,7 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         if any(s is None for s in shapes.values()):
             raise SpaError("data-free mode needs static input shapes; pass --input-shape")
         cached = synthesize(specs, shapes, inputs.samples, inputs.seed, g)
+        if any(n.op_type == "BatchNormalization" for n in g.model.graph.node):
+            cached = match_bn_statistics(g, cached, inputs)
         inputs.cache["synthesized"] = cached
     return cached, inputs.samples

@@ -17,7 +17,7 @@ W2 = np.array([[2.0, 0.0, 1.0], [-1.0, 4.0, 0.0]], np.float32)     # 2 outputs x
 def mlp(bn: bool = False):
     """x[1,2] -> Gemm(3) [-> BN] -> Relu -> Gemm(2): one prunable group of three units."""
     b = Builder()
-    x = b.input("x", [1, 2])
+    x = b.input("x", ["N", 2])
     h = b.op("Gemm", [x, b.const("w1", W1), b.const("b1", B1)], name="g1", transB=1)
     if bn:
         h = b.op("Unsqueeze", [h, b.i64("ax", [2])], name="unsq")
