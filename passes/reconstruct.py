@@ -172,7 +172,7 @@ class Reconstruct(Pass):
             if total != O.output_positions(ov, x_o):
                 stats["skipped"].append(f"{node.name}: positions differ")
                 return
-            quota = max(1, int(round(self.positions * x_p.shape[0] / ls.n)))
+            quota = max(1, round(self.positions * x_p.shape[0] / ls.n))
             rows = O.pick_rows(total, quota, gen)
             a, b = O.sample_rows(view, x_p, rows), O.sample_rows(ov, x_o, rows)
             if view.bias is not None:

@@ -94,6 +94,10 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
+    p.add_argument("--allocation", default="global", choices=["global", "uniform"],
+                   help="with --target-flops: 'global' ranks units across groups by importance per MAC (default); "
+                        "'uniform' removes the same fraction of every group (bisected to the budget), ranking "
+                        "only inside groups: safer for accuracy without fine-tuning")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
     p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
@@ -189,7 +193,7 @@ def run_prune(argv) -> int:
     res = driver.prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops,
                        importance=args.importance, aggregation=args.aggregation,
                        normalization=args.normalization, min_channels=args.min_channels, round_to=args.round_to,
-                       max_ratio=args.max_ratio,
+                       max_ratio=args.max_ratio, allocation=args.allocation,
                        exclude=args.exclude, plan_file=args.plan, save_plan=args.save_plan,
                        verify=not args.no_verify, rtol=args.rtol, strict=args.strict,
                        input_shapes=dict(args.input_shape), progress=show, fold_constants=args.fold_constants,

@@ -81,7 +81,8 @@ class Result:
 
 
 def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
-          normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0, plan_file=None,
+          normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0, allocation="global",
+          plan_file=None,
           save_plan=None, verify=True, rtol=1e-4, strict=False, input_shapes=None, progress=None,
           fold_constants=False, calib=None, calib_limit=None, loss="auto", reconstruct=None, recalibrate=False,
           compensate=None, dbscan=None, positions=None, damp=None, samples=64, seed=0) -> Result:
@@ -145,7 +146,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     else:
         scores = score(an, importance, aggregation, normalization, inputs)
         chosen = select(an, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
-                        round_to=round_to, exclude=exclude, max_ratio=max_ratio)
+                        round_to=round_to, exclude=exclude, max_ratio=max_ratio, allocation=allocation)
     t = lap("score+select", t)
     removed = chosen.roots(an)
     macs_before = an.total_macs

@@ -310,7 +310,7 @@ def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60
     for it in range(steps):
         losses = []
 
-        def hook(node, ins, outs):
+        def hook(node, ins, outs, losses=losses):
             tgt = targets.get(node.name)
             if tgt is None:
                 return

@@ -90,7 +90,10 @@ def _kept_count(n: int, n_fixed: int, want_kept: int, min_channels: int, round_t
 
 def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
            min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
-           max_ratio: float = 1.0) -> PruningPlan:
+           max_ratio: float = 1.0, allocation: str = "global") -> PruningPlan:
+    """allocation (with target_flops): 'global' ranks every unit by importance per MAC across groups;
+    'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
+    bisection) and uses the importance only inside each group."""
     if (ratio is None) == (target_flops is None):
         raise SpaError("give exactly one of --ratio and --target-flops")
     if ratio is not None and not 0.0 <= ratio < 1.0:
@@ -99,6 +102,8 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
         raise SpaError(f"--target-flops must be in (0, 1], got {target_flops}")
     if not 0.0 < max_ratio <= 1.0:
         raise SpaError(f"--max-ratio must be in (0, 1], got {max_ratio}")
+    if allocation not in ("global", "uniform"):
+        raise SpaError(f"unknown allocation '{allocation}' (choose from global, uniform)")
     if min_channels < 1 or round_to < 1:
         raise SpaError("--min-channels and --round-to must be >= 1")
     protect = protected_units(an, exclude or [])
@@ -117,9 +122,23 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
                 removed[g.id] = sorted(order[g.id][:k])
         return PruningPlan(removed)
 
+    def uniform(r: float) -> PruningPlan:
+        return keep_every_tensor(an, plan_for({g.id: math.floor(r * g.size + 0.5) for g in an.groups}), scores)
+
     if ratio is not None:
-        return keep_every_tensor(an, plan_for({g.id: math.floor(ratio * g.size + 0.5) for g in an.groups}),
-                                 scores)
+        return uniform(ratio)
+    if allocation == "uniform":
+        goal = target_flops * an.total_macs
+        lo, hi = 0.0, 1.0
+        if an.macs_after(uniform(hi).roots(an)) > goal:
+            return uniform(hi)  # the budget cannot be met: prune as far as the constraints allow
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if an.macs_after(uniform(mid).roots(an)) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        return uniform(hi)
     return _budget(an, scores, order, plan_for, target_flops)  # its plans are already give-back checked
 
 

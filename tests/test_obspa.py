@@ -8,8 +8,9 @@ from helpers import Builder
 
 torch = pytest.importorskip("torch")
 
-from spa import driver, obspa as O  # noqa: E402
-from spa.calib import Calib  # noqa: E402
+from spa import driver
+from spa import obspa as O
+from spa.calib import Calib
 
 
 def _gram(xp, xo):

@@ -101,3 +101,17 @@ def test_max_ratio_caps_every_group_under_a_budget(resnet18):
         assert row["units"] - row["kept"] <= math.floor(0.6 * row["units"]), row
     uncapped = driver.prune(resnet18, None, target_flops=0.5).report
     assert min(r["kept"] / r["units"] for r in uncapped["per_group"]) < 0.4  # what the cap prevents
+
+
+def test_uniform_allocation_removes_one_fraction_everywhere_and_meets_the_budget(resnet18):
+    import math
+
+    rep = driver.prune(resnet18, None, target_flops=0.5, allocation="uniform").report
+    assert rep["macs"]["after"] <= 0.5 * rep["macs"]["before"]
+    rows = [r for r in rep["per_group"] if r["frozen_units"] == 0 and r["units"] > 1]
+    # one ratio r explains every group's kept count (floor(r*n + 0.5) removed), up to units given back
+    lo = max((r["units"] - r["kept"] - 0.5) / r["units"] for r in rows if r["given_back"] == 0)
+    hi = min((r["units"] - r["kept"] + 0.5) / r["units"] for r in rows if r["given_back"] == 0)
+    assert lo <= hi
+    smaller = driver.prune(resnet18, None, ratio=max(lo - 0.02, 0.0)).report
+    assert smaller["macs"]["after"] > 0.5 * smaller["macs"]["before"] or math.isclose(lo, 0.0)
