@@ -22,12 +22,16 @@ from . import Pass
 from . import verify as V
 
 
-def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1), feeds=None) -> dict:
-    """Mean over draws (random inputs, one per seed) or over the given list of feed batches."""
+def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1), feeds=None,
+             reference=None) -> dict:
+    """Mean over draws (random inputs, one per seed) or over the given list of feed batches. `reference`: the
+    original's outputs on those draws, when already computed (reference_outputs)."""
     out: dict[str, dict] = {}
     draws = feeds if feeds is not None else [V.random_inputs(original, shapes, seed) for seed in seeds]
-    for draw in draws:
-        for o, a, b in zip(original.graph.output, V.run(original, draw, "reference"), V.run(model, draw)):
+    if reference is None:
+        reference = V.run_many(original, draws, "reference")
+    for ref, new in zip(reference, V.run_many(model, draws)):
+        for o, a, b in zip(original.graph.output, ref, new):
             a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
             d = out.setdefault(o.name, {"rel_l2": [], "top1": [], "kl": []})
             d["rel_l2"].append(float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-12)))

@@ -92,14 +92,21 @@ def _index_range(g: Graph, name: str) -> int:
 
 
 def run(model: onnx.ModelProto, feeds: dict, what: str = "pruned") -> list[np.ndarray]:
+    return run_many(model, [feeds], what)[0]
+
+
+def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned") -> list[list[np.ndarray]]:
+    """Outputs for each feed dict, from one onnxruntime session (creating one costs a serialization of the
+    whole model)."""
     import onnxruntime as ort  # imported here: the no-verify CLI path never pays for it
 
     ort.set_default_logger_severity(4)  # failures become our one-line error, not ORT's log lines
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
+    feeds = draws[0] if draws else {}
     try:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return sess.run(None, feeds)
+        return [sess.run(None, feeds) for feeds in draws]
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         if what == "reference":

@@ -263,7 +263,13 @@ def _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_, 
         bs = static[0] if static else 64  # a model exported with a fixed batch gets batches of that size
         feeds_list = [b for b, _ in data.subset(min(data.n, 256 if bs >= 16 else 64)).batches(bs)
                       if next(iter(b.values())).shape[0] == bs]
-    before = fidelity(original, model.graph.to_model(), model.input_shapes, feeds=feeds_list)
+    if feeds_list is None:
+        feeds_list = [V.random_inputs(original, model.input_shapes, seed) for seed in (0, 1)]
+        on = "random inputs (data-free)"
+    else:
+        on = "calibration data"
+    reference = V.run_many(original, feeds_list, "reference")
+    before = fidelity(original, model.graph.to_model(), model.input_shapes, feeds=feeds_list, reference=reference)
     report: dict = {"fidelity_before": before, "passes": []}
     if opts["compensate"] == "similarity":
         step("similarity")
@@ -282,8 +288,8 @@ def _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_, 
                                  "data": _data_label(data, "obspa"), **stats})
     pruned = model.graph.to_model()
     V.check(pruned)
-    report["fidelity_after"] = fidelity(original, pruned, model.input_shapes, feeds=feeds_list)
-    report["fidelity_on"] = "calibration data" if feeds_list else "random inputs (data-free)"
+    report["fidelity_after"] = fidelity(original, pruned, model.input_shapes, feeds=feeds_list, reference=reference)
+    report["fidelity_on"] = on
     return report
 
 
