@@ -165,7 +165,8 @@ def prepare(model_name: str, seed: int, out: Path, keep_bn: bool) -> Subject:
                       train_bench.accuracy(model, data.x_test, data.y_test),
                       onnx_accuracy(onnx_path, data.x_test, data.y_test))
     agree = "agree" if subject.spa_macs == torch_macs else "DISAGREE"
-    log(f"{model_name} seed {seed}: unpruned MACs torch {torch_macs:,} / spa {subject.spa_macs:,} ({agree}); "
+    spa_macs = "n/a" if subject.spa_macs is None else f"{subject.spa_macs:,}"
+    log(f"{model_name} seed {seed}: unpruned MACs torch {torch_macs:,} / spa {spa_macs} ({agree}); "
         f"test accuracy torch {subject.torch_acc:.4f}, onnxruntime {subject.onnx_acc:.4f}")
     return subject
 
