@@ -305,23 +305,35 @@ def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60
                 targets[node.name] = (torch.from_numpy(np.array(mean, np.float32)),
                                       torch.from_numpy(np.array(var, np.float32)))
     xs = {k: torch.tensor(v, requires_grad=np.dtype(v.dtype).kind == "f") for k, v in feeds.items()}
+    n = int(next(iter(feeds.values())).shape[0])
+    size, fixed = batch_size_for(g, n, feeds)
     opt = torch.optim.Adam([x for x in xs.values() if x.requires_grad], lr=lr)
     first = last = None
     for it in range(steps):
-        losses = []
+        sums: dict[str, list] = {}  # BN node -> [sum x, sum x^2, count] over the chunks (a fixed batch runs in parts)
 
-        def hook(node, ins, outs, losses=losses):
-            tgt = targets.get(node.name)
-            if tgt is None:
+        def hook(node, ins, outs, sums=sums):
+            if node.name not in targets:
                 return
             x = ins[0]
             dims = [0, *range(2, x.dim())]
-            m, v = x.mean(dims), x.var(dims, unbiased=False)
-            scale = tgt[1].clamp_min(1e-6)
-            losses.append(((m - tgt[0]) ** 2 / scale).mean() + ((v - tgt[1]) ** 2 / scale ** 2).mean())
+            acc = sums.setdefault(node.name, [0.0, 0.0, 0])
+            acc[0] = acc[0] + x.sum(dims)
+            acc[1] = acc[1] + (x * x).sum(dims)
+            acc[2] += x.numel() // x.shape[1]
 
         opt.zero_grad()
-        tg.run(xs, hook=hook)
+        for start in range(0, n - size + 1 if fixed else n, size):
+            tg.run({k: v[start:start + size] for k, v in xs.items()}, hook=hook)
+        losses = []
+        for name, (s1, s2, count) in sums.items():
+            mean, var = targets[name]
+            m = s1 / count
+            v = s2 / count - m * m
+            scale = var.clamp_min(1e-6)
+            losses.append(((m - mean) ** 2 / scale).mean() + ((v - var) ** 2 / scale ** 2).mean())
+        if not losses:
+            break
         loss = torch.stack(losses).mean()
         loss.backward()
         opt.step()
