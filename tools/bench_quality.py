@@ -63,14 +63,16 @@ CALIB = "<calib>"  # placeholder in OUR_METHODS, replaced by the model/seed's ca
 CALIB_N = 128
 
 # ---- our methods: name -> keyword arguments of spa.driver.prune (edit freely) ----------------------------------
-OUR_METHODS: dict[str, dict] = {
-    "l1": {"importance": "l1"},
-    "taylor": {"importance": "taylor", "calib": CALIB},
-    "obs": {"importance": "obs", "calib": CALIB},
-    "obspa": {"importance": "obspa", "calib": CALIB},
-    "obspa-datafree": {"importance": "obspa"},
-    "similarity": {"importance": "l1", "compensate": "similarity"},
-    "recalibrate": {"importance": "l1", "calib": CALIB, "recalibrate": True},
+OUR_METHODS: dict[str, dict] = {  # every method uses --allocation uniform (same fraction in every group)
+    "l1": {"importance": "l1", "allocation": "uniform"},
+    "taylor": {"importance": "taylor", "calib": CALIB, "allocation": "uniform"},
+    "obs": {"importance": "obs", "calib": CALIB, "allocation": "uniform"},
+    "obspa": {"importance": "obspa", "calib": CALIB, "allocation": "uniform"},
+    "obspa-global": {"importance": "obspa", "calib": CALIB},  # the default global per-MAC allocation
+    "obspa-datafree": {"importance": "obspa", "allocation": "uniform"},
+    "similarity": {"importance": "l1", "compensate": "similarity", "allocation": "uniform"},
+    "recalibrate": {"importance": "l1", "calib": CALIB, "recalibrate": True, "allocation": "uniform"},
+    "l1-refit": {"importance": "l1", "calib": CALIB, "reconstruct": True, "allocation": "uniform"},
 }
 # exceptions that mean "this method is not available (yet)": recorded as n/a, the run continues
 NOT_AVAILABLE = (TypeError, NotImplementedError)
@@ -541,6 +543,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="resnet20_digits, seed 0, into OUT/quick: checks the harness")
     ap.add_argument("--resume", action="store_true", help="keep results.json's rows; skip rows measured without error")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                    help="measure nothing: merge the results.json of these output folders (e.g. one run of ours "
+                         "and one of Torch-Pruning, run side by side) into OUT and render the table and plot")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.seeds, args.out = ["resnet20_digits"], [0], args.out / "quick"
@@ -612,6 +617,19 @@ def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        res = Results(args.out / "results.json", resume=False)
+        for folder in args.merge:
+            part = Results(folder / "results.json", resume=True)
+            res.runs.extend(part.runs)
+            for row in part.rows.values():
+                res.add(row)
+        res.save()
+        md = markdown(res, args.mac_tol)
+        (args.out / "results.md").write_text(md + "\n")
+        plot(res, args.out / "accuracy_vs_flops.png")
+        print(md)
+        return 0
     command = shlex.join(["python", "tools/bench_quality.py", *(sys.argv[1:] if argv is None else argv)])
     res = Results(args.out / "results.json", args.resume)
     res.runs.append({"command": command, "date": datetime.datetime.now(datetime.timezone.utc)
