@@ -105,6 +105,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         raise SpaError("output path is the input file; refusing to overwrite the input")
     if output is not None:
         check_output_path(output)
+    _check_data_options(positions, damp, samples, dbscan)
     step("load")
     t = time.perf_counter()
     model = load(source, input_shapes)
@@ -228,6 +229,21 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "timings_s": timings,
     }
     return Result(model, report)
+
+
+def _check_data_options(positions, damp, samples, dbscan) -> None:
+    """Bad numbers for the data-driven passes are one-line errors, before any work (sklearn and torch would
+    otherwise raise deep inside, or silently accept a negative dampening)."""
+    if positions is not None and positions < 1:
+        raise SpaError(f"--positions must be at least 1, got {positions}")
+    if damp is not None and not damp >= 0:
+        raise SpaError(f"--damp must be >= 0, got {damp}")
+    if samples < 1:
+        raise SpaError(f"--synth-samples must be at least 1, got {samples}")
+    if dbscan is not None:
+        eps, min_samples = dbscan
+        if not eps > 0 or min_samples < 1:
+            raise SpaError(f"--dbscan needs EPS > 0 and MIN_SAMPLES >= 1, got {eps},{min_samples}")
 
 
 def _load_data(calib, model: Model, limit):

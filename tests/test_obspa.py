@@ -190,3 +190,17 @@ def test_similarity_compensation_merges_scaled_duplicates_exactly():
     rep = driver.prune(model, None, plan_file=f.name, compensate="similarity", dbscan=(0.05, 2)).report
     p = rep["reconstruction"]["passes"][0]
     assert p["dbscan_clusters"] == 8 and p["pairs_merged"] == 8
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(positions=0), "--positions must be at least 1"),
+                                    (dict(damp=-1.0), "--damp must be >= 0"),
+                                    (dict(samples=0), "--synth-samples must be at least 1"),
+                                    (dict(compensate="similarity", dbscan=(0.3, 0)), "--dbscan needs"),
+                                    (dict(compensate="similarity", dbscan=(-1.0, 2)), "--dbscan needs")])
+def test_bad_numbers_for_data_passes_are_clear_errors(kw, msg, tmp_path):
+    from spa.errors import SpaError
+
+    out = tmp_path / "out.onnx"
+    with pytest.raises(SpaError, match=msg):
+        driver.prune(conv_net(False), str(out), target_flops=0.5, importance="obspa", **kw)
+    assert not out.exists()
