@@ -47,7 +47,8 @@ def _softmax(x):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _signature(model: onnx.ModelProto):
+def structure(model: onnx.ModelProto):
+    """Nodes (op, inputs, outputs) and initializer shapes: what a values-only pass must leave unchanged."""
     return ([(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node],
             {t.name: tuple(t.dims) for t in model.graph.initializer})
 
@@ -66,7 +67,7 @@ class FoldRemovedConstants(Pass):
             return {"folded_sinks": 0, "skipped_sinks": 0}
         means = self._removed_channel_means(sinks, keep)
         g = model.graph
-        before = _signature(g.to_model())
+        before = structure(g.to_model())
         folded, skipped = 0, []
         for ps, mean in zip(sinks, means):
             done = self._fold(g, ps, mean, keep)
@@ -74,7 +75,7 @@ class FoldRemovedConstants(Pass):
                 folded += 1
             else:
                 skipped.append(f"{ps.node.op_type} '{ps.node.name}'")
-        if _signature(g.to_model()) != before:
+        if structure(g.to_model()) != before:
             raise VerificationError("compensation changed the graph or a shape (it may only change values)")
         return {"folded_sinks": folded, "skipped_sinks": len(skipped), "skipped": skipped[:10]}
 

@@ -25,11 +25,7 @@ from spa.errors import SpaError
 from spa.ir import Graph
 
 from . import Pass
-
-
-def _signature(model: onnx.ModelProto):
-    return ([(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node],
-            {t.name: tuple(t.dims) for t in model.graph.initializer})
+from .compensate import structure
 
 
 class Lockstep:
@@ -46,7 +42,6 @@ class Lockstep:
         self.orig_graph = Graph(original)
         self.t_orig = TorchGraph(original)
         self.t_pruned = TorchGraph(pruned)
-        self.pruned = pruned
         n = int(next(iter(feeds.values())).shape[0])
         parts = list(O.chunks(feeds, n, chunk))
         if not parts:
@@ -56,8 +51,7 @@ class Lockstep:
         self.n = sum(int(next(iter(c.values())).shape[0]) for c in parts)
         self.orig_nodes = list(self.t_orig.nodes)
         self.orig_pos = 0
-        self._last_o = _last_uses(self.orig_nodes, {o.name for o in original.graph.output})
-        self._pending: set[str] = set()
+        self._outputs_o = {o.name for o in original.graph.output}
         self.forward_s = 0.0
 
     def original(self, name: str):
@@ -67,7 +61,7 @@ class Lockstep:
             node = self.orig_nodes[self.orig_pos]
             for env in self.env_o:
                 self.t_orig.step(node, env)
-                self._free(env, self._last_o, self.orig_pos)
+                release(env, self.t_orig, self.orig_pos, self._outputs_o)
             self.orig_pos += 1
         self.forward_s += time.perf_counter() - t0
         if name not in self.env_o[0]:
@@ -79,23 +73,14 @@ class Lockstep:
             return None
         return [env[name] for env in self.env_p]
 
-    @staticmethod
-    def _free(env, last, pos):
-        for name in last.get(pos, ()):
+
+
+def release(env: dict, tg, pos: int, protect: set[str]) -> None:
+    """Drop the tensors TorchGraph says are dead after node `pos` (graph outputs are kept: the original's are
+    asked for after they were produced)."""
+    for name in tg.free_after(pos):
+        if name not in protect:
             env.pop(name, None)
-
-
-def _last_uses(nodes, outputs) -> dict[int, list[str]]:
-    last: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for x in n.input:
-            if x:
-                last[x] = i
-    out: dict[int, list[str]] = {}
-    for name, i in last.items():
-        if name not in outputs:
-            out.setdefault(i, []).append(name)
-    return out
 
 
 class Reconstruct(Pass):
@@ -114,14 +99,14 @@ class Reconstruct(Pass):
         import torch
 
         g = model.graph
-        before = _signature(g.to_model())
+        before = structure(g.to_model())
         ls = Lockstep(self.original, g, self.feeds, O.batch_size_for(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
         stats = {"layers_refit": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
                   "positions_per_layer": self.positions, "samples": ls.n}
         timing = {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0}
         nodes = list(ls.t_pruned.nodes)
-        last_p = _last_uses(nodes, set(g.output_names))
+        outputs = set(g.output_names)
         followed_by_bn = {n.input[0] for n in nodes if n.op_type == "BatchNormalization"}
         with torch.no_grad():
             for pos, node in enumerate(nodes):
@@ -136,11 +121,11 @@ class Reconstruct(Pass):
                 if self.recalibrate and node.name in self.out_rows and node.output[0] not in followed_by_bn:
                     self._affine(node, g, ls, stats)
                 for env in ls.env_p:
-                    Lockstep._free(env, last_p, pos)
+                    release(env, ls.t_pruned, pos, outputs)
                 if pos % 20 == 0:
                     self.progress(f"reconstruct: {pos + 1}/{len(nodes)} nodes")
         timing["forward_s"] += ls.forward_s
-        after = _signature(g.to_model())
+        after = structure(g.to_model())
         if before != after:
             raise SpaError("internal: reconstruction changed the model's structure (it may only change values)")
         stats["timings_s"] = {k: round(v, 3) for k, v in timing.items()}

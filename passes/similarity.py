@@ -23,7 +23,7 @@ from spa.groups import Analysis
 from spa.ir import Graph
 
 from . import Pass
-from .compensate import _signature
+from .compensate import structure
 
 
 class SimilarityCompensation(Pass):
@@ -47,7 +47,7 @@ class SimilarityCompensation(Pass):
         an = self.an
         keep = an.keep_mask(self.removed)
         g = model.graph
-        before = _signature(g.to_model())
+        before = structure(g.to_model())
         by_group: dict[int, list] = {}
         for ps in an.ctx.params:
             r = an.find(ps.atoms)
@@ -87,7 +87,7 @@ class SimilarityCompensation(Pass):
                     continue
                 pairs += 1
                 merged += self._merge(g, members, int(units[r_i]), int(units[k_i]), a, keep)
-        if _signature(g.to_model()) != before:
+        if structure(g.to_model()) != before:
             raise VerificationError("similarity compensation changed the graph or a shape (values only)")
         return {"pairs_merged": pairs, "sink_updates": merged, "dbscan_clusters": clusters if self.dbscan else None}
 

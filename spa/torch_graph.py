@@ -265,6 +265,10 @@ class TorchGraph(nn.Module):
             raise SpaError(f"TorchGraph: node '{node.name}' ({node.op_type}) is not part of this graph")
         return i
 
+    def free_after(self, i: int) -> list[str]:
+        """Runtime tensors whose last reader (or, for dead outputs, producer) is node i: free them after it."""
+        return self._free_after[i]
+
     def run(self, feeds: dict, hook=None, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Execute the graph on `feeds` (graph input name -> tensor). `hook(node, inputs, outputs)` is called
         after every node. Intermediate tensors are freed after their last consumer unless they are graph
@@ -275,7 +279,7 @@ class TorchGraph(nn.Module):
             outs = self.step(i, env)
             if hook is not None:
                 hook(node, [env.get(x) if x else None for x in node.input], outs)
-            for name in self._free_after[i]:
+            for name in self.free_after(i):
                 if name not in protect:
                     env.pop(name, None)
         wanted = list(self.output_names) + [k for k in (keep or ()) if k not in self.output_names]
