@@ -264,18 +264,16 @@ def output_rows(an, removed) -> dict[str, np.ndarray]:
     """For every node whose weight has a 'source' slice: the kept output rows of its original weight."""
     keep = an.keep_mask(removed)
     out: dict[str, np.ndarray] = {}
+    out_axis: dict[str, int] = {}
     for node in an.nodes:
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
             w = an.ctx.g.const(node.input[1])
             if w is None:
                 continue
             view = O.layer_view(an.ctx.g, node)
-            axis = 1 if (view is not None and view.trans) else 0
-            out[node.name] = np.ones(w.shape[axis], bool)
+            out_axis[node.name] = 1 if (view is not None and view.trans) else 0
+            out[node.name] = np.ones(w.shape[out_axis[node.name]], bool)
     for ps in an.ctx.params:
-        if ps.role == "source" and ps.node.name in out and ps.input_index == 1:
-            view = O.layer_view(an.ctx.g, ps.node)
-            axis = 1 if (view is not None and view.trans) else 0
-            if ps.axis == axis:
-                out[ps.node.name] &= keep(ps.atoms)
+        if ps.role == "source" and ps.node.name in out and ps.input_index == 1 and ps.axis == out_axis[ps.node.name]:
+            out[ps.node.name] &= keep(ps.atoms)
     return out

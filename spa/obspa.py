@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import SpaError
+from .ir import attr as get_attr
 
 DEFAULT_POSITIONS = 8192
 DEFAULT_DAMP = 0.01
@@ -57,12 +58,10 @@ class LayerView:
 def layer_view(g, node) -> LayerView | None:
     """The matrix view of a node, or None for a node OBS does not model (grouped/transposed conv, 3-D conv,
     activation x activation MatMul, Gemm with transA or a run-time weight)."""
-    attr = {a.name: a for a in node.attribute}
     if node.op_type == "Conv":
         w = g.const(node.input[1])
         if w is None or w.ndim not in (3, 4):
             return None
-        from .ir import attr as get_attr
         group = get_attr(node, "group", 1)
         if group != 1:
             return None
@@ -75,7 +74,6 @@ def layer_view(g, node) -> LayerView | None:
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         return LayerView(node, "conv", node.input[1], bias, 0, int(np.prod(w.shape[2:])), conv=conv)
     if node.op_type == "Gemm":
-        from .ir import attr as get_attr
         if get_attr(node, "transA", 0) or g.const(node.input[1]) is None:
             return None
         if get_attr(node, "alpha", 1.0) != 1.0 or (len(node.input) > 2 and get_attr(node, "beta", 1.0) != 1.0):
@@ -91,7 +89,6 @@ def layer_view(g, node) -> LayerView | None:
         if w is None or w.ndim != 2 or g.const(node.input[0]) is not None:
             return None
         return LayerView(node, "matmul", node.input[1], None, 0, 1, trans=True)
-    del attr
     return None
 
 
@@ -116,15 +113,16 @@ def output_positions(view: LayerView, x) -> int:
     """Number of rows the layer's input gives (batch x output positions)."""
     if view.kind != "conv":
         return int(np.prod(x.shape[:-1]))
-    return int(x.shape[0] * np.prod(_conv_out(view, tuple(x.shape[2:]))))
-
-
-def _conv_out(view: LayerView, spatial):
+    spatial = tuple(x.shape[2:])
     c = view.conv
-    pads = _conv_pads(view, spatial)
+    return int(x.shape[0] * np.prod(_conv_out(spatial, c["kernel"], c["strides"], c["dilations"],
+                                              _conv_pads(view, spatial))))
+
+
+def _conv_out(spatial, kernel, strides, dilations, pads) -> list[int]:
     dims = len(spatial)
-    return [(spatial[i] + pads[i] + pads[i + dims] - (c["kernel"][i] - 1) * c["dilations"][i] - 1)
-            // c["strides"][i] + 1 for i in range(dims)]
+    return [(spatial[i] + pads[i] + pads[i + dims] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+            for i in range(dims)]
 
 
 def sample_rows(view: LayerView, x, rows):
@@ -144,10 +142,7 @@ def sample_rows(view: LayerView, x, rows):
     else:
         kernel, strides, dil = c["kernel"], c["strides"], c["dilations"]
         pads = _conv_pads(view, tuple(x.shape[2:]))
-    oh, ow = _conv_out(LayerView(None, "conv", "", None, 0, 1, conv={**c, "kernel": kernel, "strides": strides,
-                                                                       "dilations": dil, "pads": pads,
-                                                                       "auto_pad": "NOTSET"}),
-                       tuple(x.shape[2:]))
+    oh, ow = _conv_out(tuple(x.shape[2:]), kernel, strides, dil, pads)
     xp = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
     n = rows // (oh * ow)
     rem = rows % (oh * ow)
