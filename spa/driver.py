@@ -187,9 +187,9 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         t = lap("compensate", t)
     reconstruction = None
     if reconstruct or recalibrate or compensate:
-        reconstruction = _reconstruct(model, original, an, removed, calib_data, inputs, out_rows, locals_={
-            "reconstruct": reconstruct, "recalibrate": recalibrate, "compensate": compensate, "dbscan": dbscan,
-            "positions": positions, "damp": damp, "seed": seed}, step=step)
+        reconstruction = _reconstruct(model, original, an, removed, calib_data, inputs, out_rows, step,
+                                      reconstruct=reconstruct, recalibrate=recalibrate, compensate=compensate,
+                                      dbscan=dbscan, positions=positions, damp=damp, seed=seed)
         pruned = model.graph.to_model()
         t = lap("reconstruct", t)
     if save_plan:
@@ -263,49 +263,44 @@ def _data_label(data, importance: str) -> str:
     return f"calibration ({data.n} samples)" if data is not None else "data-free (synthesized inputs)"
 
 
-def _reconstruct(model, original, an, removed, data, inputs, out_rows, locals_, step) -> dict:
+def _reconstruct(model, original, an, removed, data, inputs, out_rows, step, *, reconstruct, recalibrate,
+                 compensate, dbscan, positions, damp, seed) -> dict:
     """Similarity compensation, least-squares refit and/or re-calibration on the structurally verified model;
     each changes values only. Fidelity to the original is measured before and after on the calibration data
     (or random inputs when data-free)."""
     from passes import verify as V
     from passes.compensate import fidelity
 
-    from .obspa import model_data
-    opts = locals_
-    feeds_list = None
+    from .obspa import batch_size_for, model_data
     if data is not None:
-        static = [d.dim_value for i in original.graph.input if i.name in data.inputs
-                  for d in i.type.tensor_type.shape.dim[:1] if d.HasField("dim_value")]
-        bs = static[0] if static else 64  # a model exported with a fixed batch gets batches of that size
+        bs, _ = batch_size_for(model.graph, 64)  # onnxruntime: a fixed batch dim gets batches of exactly that size
         feeds_list = [b for b, _ in data.subset(min(data.n, 256 if bs >= 16 else 64)).batches(bs)
                       if next(iter(b.values())).shape[0] == bs]
-    if feeds_list is None:
-        feeds_list = [V.random_inputs(original, model.input_shapes, seed) for seed in (0, 1)]
-        on = "random inputs (data-free)"
+        fidelity_on = "calibration data"
     else:
-        on = "calibration data"
+        feeds_list = [V.random_inputs(original, model.input_shapes, seed) for seed in (0, 1)]
+        fidelity_on = "random inputs (data-free)"
     reference = V.run_many(original, feeds_list, "reference")
     before = fidelity(original, model.graph.to_model(), model.input_shapes, feeds=feeds_list, reference=reference)
     report: dict = {"fidelity_before": before, "passes": []}
-    if opts["compensate"] == "similarity":
+    if compensate == "similarity":
         step("similarity")
         from passes.similarity import SimilarityCompensation
-        stats = SimilarityCompensation(an, removed, original, dbscan=opts["dbscan"]).run(model)
+        stats = SimilarityCompensation(an, removed, original, dbscan=dbscan).run(model)
         report["passes"].append({"pass": "similarity", **stats})
-    if opts["reconstruct"] or opts["recalibrate"]:
+    if reconstruct or recalibrate:
         step("reconstruct")
         from passes.reconstruct import Reconstruct
         feeds, _ = model_data(inputs)
-        kw = {k: opts[k] for k in ("positions", "damp") if opts[k] is not None}
-        stats = Reconstruct(original, out_rows, feeds, refit=opts["reconstruct"], recalibrate=opts["recalibrate"],
-                            seed=opts["seed"], progress=step, **kw).run(model)
-        report["passes"].append({"pass": "+".join(p for p, on in (("obspa-refit", opts["reconstruct"]),
-                                                                   ("recalibrate", opts["recalibrate"])) if on),
-                                 "data": _data_label(data, "obspa"), **stats})
+        kw = {k: v for k, v in (("positions", positions), ("damp", damp)) if v is not None}
+        stats = Reconstruct(original, out_rows, feeds, refit=reconstruct, recalibrate=recalibrate, seed=seed,
+                            progress=step, **kw).run(model)
+        name = "+".join(p for p, used in (("obspa-refit", reconstruct), ("recalibrate", recalibrate)) if used)
+        report["passes"].append({"pass": name, "data": _data_label(data, "obspa"), **stats})
     pruned = model.graph.to_model()
     V.check(pruned)
     report["fidelity_after"] = fidelity(original, pruned, model.input_shapes, feeds=feeds_list, reference=reference)
-    report["fidelity_on"] = on
+    report["fidelity_on"] = fidelity_on
     return report
 
 
