@@ -258,6 +258,12 @@ def main(argv=None) -> int:
         if argv and argv[0] == "make-calib":
             from .calib import make_calib_main
             return make_calib_main(argv[1:])
+        if argv and argv[0] == "to-torch":
+            from .torch_bridge import to_torch_main
+            return to_torch_main(argv[1:])
+        if argv and argv[0] == "finetune":
+            from .finetune import finetune_main
+            return finetune_main(argv[1:])
         return run_prune(argv)
     except SpaError as e:
         print(f"spa-prune: error: {e}", file=sys.stderr)
