@@ -81,6 +81,24 @@ def toposort(g) -> None:
     g.model.graph.node.extend(copies)
 
 
+def param_cuts(an: Analysis, removed_roots: set[int]) -> dict[str, list[tuple]]:
+    """The parameter slices the rules declared, resolved for a set of removed units: initializer name ->
+    [(node, input index, [(axis, keep mask), ...] sorted by axis)] per use. Apply cuts exactly these (the
+    plan file's per-tensor section is written from them too). Read it before Apply runs: Apply points uses
+    that cut a shared initializer differently at fresh copies."""
+    keep = an.keep_mask(removed_roots)
+    uses: dict[tuple[int, int], list] = {}
+    nodes: dict[int, object] = {}
+    for ps in an.ctx.params:
+        uses.setdefault((id(ps.node), ps.input_index), []).append((ps.axis, keep(ps.atoms)))
+        nodes[id(ps.node)] = ps.node
+    by_name: dict[str, list] = {}
+    for (nid, idx), slices in uses.items():
+        node = nodes[nid]
+        by_name.setdefault(node.input[idx], []).append((node, idx, sorted(slices, key=lambda s: s[0])))
+    return by_name
+
+
 class Apply(Pass):
     name = "apply"
     rewrites = True
@@ -92,15 +110,7 @@ class Apply(Pass):
     def run(self, model) -> dict:
         g = model.graph
         keep = self.an.keep_mask(self.removed)
-        uses: dict[tuple[int, int], list] = {}
-        nodes: dict[int, object] = {}
-        for ps in self.an.ctx.params:
-            uses.setdefault((id(ps.node), ps.input_index), []).append((ps.axis, keep(ps.atoms)))
-            nodes[id(ps.node)] = ps.node
-        by_name: dict[str, list] = {}
-        for (nid, idx), slices in uses.items():
-            node = nodes[nid]
-            by_name.setdefault(node.input[idx], []).append((node, idx, sorted(slices, key=lambda s: s[0])))
+        by_name = param_cuts(self.an, self.removed)
         cut_count = 0
         for name, entries in by_name.items():
             if all(m.all() for _, _, sl in entries for _, m in sl):
