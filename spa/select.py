@@ -8,6 +8,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,11 +17,28 @@ import numpy as np
 from .errors import SpaError
 from .groups import Analysis
 
-
 # ---- the plan --------------------------------------------------------------------------------------------------
+PLAN_FORMAT = "spa-prune-plan/1"
+
+
 @dataclass
 class PruningPlan:
-    """Units to remove per group, by index into the group's sorted unit list (stable across runs)."""
+    """Units to remove per group, by index into the group's sorted unit list (stable across runs).
+
+    The JSON form (format spa-prune-plan/1):
+
+        {"format": "spa-prune-plan/1",
+         "groups": [{"id": 3, "name": "conv1 (+2)", "units": 64, "removed": [0, 5, ...]}, ...],
+         "tensors": {"layer1.0.conv1.weight": {"shape": [64, 64, 3, 3], "keep": {"0": [1, 2, ...]},
+                                               "groups": [3]}, ...}}
+
+    "groups" is what re-applying a plan reads. "tensors" (written since the torch bridge, optional on input)
+    lists every initializer of the normalized model that the plan cuts: its original shape, the kept indices
+    per cut axis and the groups that cut it. It is derived from "groups" by the same slices Apply cuts
+    (passes.apply.param_cuts), so code outside spa (spa.torch_bridge.apply_plan_to_module) can cut the
+    matching framework parameters without re-running the analysis. An initializer that uses cut differently
+    (a shared weight) has "uses": [{"node", "input", "keep"}] instead of "keep".
+    """
 
     removed: dict[int, list[int]] = field(default_factory=dict)
     given_back: dict[int, int] = field(default_factory=dict)  # units restored so that no tensor empties
@@ -30,36 +49,100 @@ class PruningPlan:
             out.update(int(an.groups[gid].units[i]) for i in idx)
         return out
 
-    def to_json(self, an: Analysis) -> dict:
-        return {"format": "spa-prune-plan/1", "groups": [
+    def to_json(self, an: Analysis, tensors: bool = True) -> dict:
+        """The plan as JSON data. With `tensors`, call it before Apply runs (Apply rewrites the initializers)."""
+        data = {"format": PLAN_FORMAT, "groups": [
             {"id": gid, "name": an.groups[gid].name, "units": an.groups[gid].size, "removed": sorted(idx)}
             for gid, idx in sorted(self.removed.items()) if idx]}
+        if tensors:
+            data["tensors"] = tensor_section(an, self.roots(an))
+        return data
 
     @classmethod
     def from_json(cls, data: dict, an: Analysis) -> PruningPlan:
-        if data.get("format") != "spa-prune-plan/1":
-            raise SpaError("plan file is not a spa-prune plan (format spa-prune-plan/1)")
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise SpaError(f"plan file is not a spa-prune plan (format {PLAN_FORMAT})")
         removed = {}
-        for entry in data.get("groups", []):
-            gid = int(entry["id"])
-            if gid >= len(an.groups) or an.groups[gid].name != entry["name"] or an.groups[gid].size != entry["units"]:
-                raise SpaError(f"plan does not match this model: group {gid} '{entry.get('name')}' differs")
-            g = an.groups[gid]
-            idx = sorted(int(i) for i in entry["removed"])
-            if any(i < 0 or i >= g.size or g.frozen[i] for i in idx):
-                raise SpaError(f"plan removes a frozen or missing unit of group {gid} '{g.name}'")
-            removed[gid] = idx
+        try:
+            for entry in data.get("groups", []):
+                gid = int(entry["id"])
+                if gid < 0 or gid >= len(an.groups) or an.groups[gid].name != entry["name"] \
+                        or an.groups[gid].size != entry["units"]:
+                    raise SpaError(f"plan does not match this model: group {gid} '{entry.get('name')}' differs")
+                g = an.groups[gid]
+                idx = sorted(int(i) for i in entry["removed"])
+                if any(i < 0 or i >= g.size or g.frozen[i] for i in idx):
+                    raise SpaError(f"plan removes a frozen or missing unit of group {gid} '{g.name}'")
+                removed[gid] = idx
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpaError(f"malformed plan file: group entry {e!r}")
         plan = cls(removed)
         for gid, idx in removed.items():
             if len(idx) >= an.groups[gid].size:
                 raise SpaError(f"plan removes every unit of group {gid} '{an.groups[gid].name}'")
         if an.emptied_tensors(plan.roots(an)):
             raise SpaError("plan removes every channel of a tensor (e.g. a concat or split piece)")
+        if "tensors" in data and data["tensors"] != tensor_section(an, plan.roots(an)):
+            raise SpaError("plan does not match this model: its per-tensor section differs from the cuts its groups "
+                           "give here (a different export of the model?)")
         return plan
 
     def save(self, path, an: Analysis) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_json(an), f, indent=1)
+        """Write the plan (call before Apply runs; see to_json)."""
+        write_plan(self.to_json(an), path)
+
+
+def write_plan(data: dict, path) -> None:
+    """Write plan JSON atomically (temp file in the same folder + os.replace)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".plan.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SpaError(f"cannot write plan {path}: {e.strerror or e}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def tensor_section(an: Analysis, removed_roots: set[int]) -> dict:
+    """initializer name -> {"shape", "keep": {axis: kept indices}, "groups"} for every initializer the removal
+    cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
+    from passes.apply import param_cuts
+
+    g = an.ctx.g
+    rm = np.asarray(sorted(removed_roots), dtype=np.int64)
+    cutters: dict[str, set[int]] = {}
+    for ps in an.ctx.params:
+        roots = an.find(ps.atoms)
+        hit = np.unique(roots[np.isin(roots, rm)])
+        if len(hit):
+            cutters.setdefault(ps.node.input[ps.input_index], set()).update(an.unit_group[int(r)] for r in hit)
+    out = {}
+    for name, entries in param_cuts(an, removed_roots).items():
+        if all(m.all() for _, _, sl in entries for _, m in sl):
+            continue
+        shape = list(g.const_info(name)[0])
+        for _, _, sl in entries:
+            for axis, m in sl:
+                if shape[axis] != len(m):
+                    raise RuntimeError(f"plan tensors: '{name}' axis {axis} has {shape[axis]} positions but its "
+                                       f"labelling {len(m)}; compute the plan JSON before Apply runs")
+
+        def kept(sl):
+            return {str(axis): np.flatnonzero(m).tolist() for axis, m in sl if not m.all()}
+
+        signatures = {tuple((a, m.tobytes()) for a, m in sl) for _, _, sl in entries}
+        entry = {"shape": shape}
+        if len(signatures) == 1 and len(g.consumers.get(name, [])) == len(entries):
+            entry["keep"] = kept(entries[0][2])
+        else:
+            entry["uses"] = [{"node": node.name, "input": idx, "keep": kept(sl)} for node, idx, sl in entries]
+        entry["groups"] = sorted(cutters.get(name, ()))
+        out[name] = entry
+    return out
 
 
 # ---- selection -------------------------------------------------------------------------------------------------
