@@ -23,7 +23,7 @@ from .groups import Analysis
 from .importance import score
 from .ir import Graph, read_model, save_model
 from .model import Model
-from .select import PruningPlan, select
+from .select import PruningPlan, select, write_plan
 
 
 def load(source, input_shapes: dict | None = None) -> Model:
@@ -150,6 +150,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
                         round_to=round_to, exclude=exclude, max_ratio=max_ratio, allocation=allocation)
     t = lap("score+select", t)
     removed = chosen.roots(an)
+    plan_json = chosen.to_json(an) if save_plan else None  # before Apply, which rewrites the initializers
     macs_before = an.total_macs
     macs_after = an.macs_after(removed)
     group_rows = [{"id": g.id, "name": g.name, "units": g.size,
@@ -193,7 +194,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         pruned = model.graph.to_model()
         t = lap("reconstruct", t)
     if save_plan:
-        chosen.save(save_plan, an)
+        write_plan(plan_json, save_plan)
     if output is not None:
         step("save")
         try:
