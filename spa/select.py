@@ -171,6 +171,36 @@ def _kept_count(n: int, n_fixed: int, want_kept: int, min_channels: int, round_t
     return kept
 
 
+def constrained_kept(n: int, n_fixed: int, removed: int, *, min_channels: int = 1, round_to: int = 1,
+                     max_ratio: float = 1.0) -> int:
+    """Units a group of n (n_fixed of them frozen or protected) keeps when `removed` are asked for, after
+    --max-ratio (remove at most floor(R*n)), --min-channels and --round-to."""
+    return _kept_count(n, n_fixed, n - min(removed, math.floor(max_ratio * n)), min_channels, round_to)
+
+
+def removal_order(an: Analysis, scores: dict, exclude: list[str] | None = None) -> tuple[dict, dict]:
+    """Per group: a bool mask of units that may not be removed (frozen, or protected by --exclude) and the
+    other units' indices sorted by ascending score (the order in which they are removed)."""
+    protect = protected_units(an, exclude or [])
+    fixed = {g.id: np.array([bool(f) or int(u) in protect for u, f in zip(g.units, g.frozen)]) for g in an.groups}
+    order = {g.id: sorted((i for i in range(g.size) if not fixed[g.id][i]), key=lambda i: scores[int(g.units[i])])
+             for g in an.groups}
+    return fixed, order
+
+
+def plan_from_counts(an: Analysis, fixed: dict, order: dict, removed: dict[int, int], *, min_channels: int = 1,
+                     round_to: int = 1, max_ratio: float = 1.0) -> PruningPlan:
+    """Remove removed[g] units of every group g (after the constraints of `constrained_kept`), lowest-ranked
+    first. No tensor-emptying check: wrap in keep_every_tensor."""
+    plan = {}
+    for g in an.groups:
+        kept = constrained_kept(g.size, int(fixed[g.id].sum()), removed.get(g.id, 0), min_channels=min_channels,
+                                round_to=round_to, max_ratio=max_ratio)
+        if g.size - kept > 0:
+            plan[g.id] = sorted(order[g.id][:g.size - kept])
+    return PruningPlan(plan)
+
+
 def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
            min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
            max_ratio: float = 1.0, allocation: str = "global") -> PruningPlan:
@@ -189,21 +219,12 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
         raise SpaError(f"unknown allocation '{allocation}' (choose from global, uniform)")
     if min_channels < 1 or round_to < 1:
         raise SpaError("--min-channels and --round-to must be >= 1")
-    protect = protected_units(an, exclude or [])
-    fixed = {g.id: np.array([bool(f) or int(u) in protect for u, f in zip(g.units, g.frozen)]) for g in an.groups}
-    order = {g.id: sorted((i for i in range(g.size) if not fixed[g.id][i]), key=lambda i: scores[int(g.units[i])])
-             for g in an.groups}
+    fixed, order = removal_order(an, scores, exclude)
 
     def plan_for(counts: dict[int, int]) -> PruningPlan:
-        removed = {}
-        for g in an.groups:
-            # --max-ratio: a budget search may not empty a group below (1 - R) of its units
-            want = g.size - min(counts.get(g.id, 0), math.floor(max_ratio * g.size))
-            kept = _kept_count(g.size, int(fixed[g.id].sum()), want, min_channels, round_to)
-            k = g.size - kept
-            if k > 0:
-                removed[g.id] = sorted(order[g.id][:k])
-        return PruningPlan(removed)
+        # --max-ratio: a budget search may not empty a group below (1 - R) of its units
+        return plan_from_counts(an, fixed, order, counts, min_channels=min_channels, round_to=round_to,
+                                max_ratio=max_ratio)
 
     def uniform(r: float) -> PruningPlan:
         return keep_every_tensor(an, plan_for({g.id: math.floor(r * g.size + 0.5) for g in an.groups}), scores)
