@@ -1,0 +1,652 @@
+"""Fine-tune a (pruned) ONNX model in torch, optionally distilling from the original, and write ONNX back.
+
+    spa-prune finetune pruned.onnx tuned.onnx --data train.npz --teacher original.onnx --epochs 5
+
+The model runs as a TorchGraph (spa/torch_graph.py, our torch lowering of the ONNX operator set). Only
+initializer *values* change: the output is the input file with new weights, so its inputs, outputs, nodes and
+shapes are exactly the same (a deployment that loads the pruned model loads the tuned one).
+
+Loss: with labels and a teacher, (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T) on
+the class logits (Hinton et al.'s distillation; T = --kd-temperature, default 0.75 as RL-Pruner uses); labels
+only: cross-entropy; teacher only: the distillation term alone. Outputs that are not class logits (not
+[batch, classes] floats) are matched to the teacher by mean squared error scaled by the teacher's variance.
+The teacher's outputs are computed once, in onnxruntime, before training.
+
+What trains (`trainable='weights'`, the default): initializers in a weight position (Conv/ConvTranspose/Gemm
+weight and bias, MatMul's constant operand, BatchNorm/LayerNorm/InstanceNorm/GroupNorm scale and bias, PRelu
+slope) and float Add/Mul/Sub constants of two or more elements applied to a computed tensor (biases and scales of
+decomposed layers). Scalar constants (epsilons, exponents, 1/sqrt(d)), shape constants, BatchNorm running
+statistics and constants applied to a raw graph input (pre-processing) stay as they are. `trainable='all'`
+trains every float initializer of two or more elements. BatchNorm nodes in the graph run with their stored
+statistics and Dropout is the identity.
+
+Batch normalization for training (`batchnorm=True`, the default): exporters fold BatchNorm into the conv, and a
+deep conv net without it diverges under SGD at ordinary learning rates (a BN-folded ResNet-20 did at lr 0.01).
+So every Conv whose output no normalization reads gets a training-time BatchNorm, initialized to the identity
+(running statistics measured on the training data, scale = their standard deviation, shift = their mean), and
+it is folded back into the conv's weight and bias at export: the graph keeps its nodes (a conv without a bias
+gains a bias input).
+
+After training the ONNX model is rebuilt, checked (onnx.checker full check), run in onnxruntime and compared
+with the torch module on a batch; only then is it written (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import SpaError, VerificationError
+
+WEIGHT_SLOTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2),
+    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2),
+    "PRelu": (1,), "MatMul": (0, 1),
+}
+BIAS_OPS = ("Add", "Mul", "Sub")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16)
+
+
+def trainable_initializers(model: onnx.ModelProto, mode: str = "weights") -> list[str]:
+    """Names of the initializers fine-tuning may change (see the module docstring), in file order."""
+    if mode not in ("weights", "all"):
+        raise SpaError(f"unknown trainable set '{mode}' (choose from: weights, all)")
+    g = model.graph
+    inits = {t.name: t for t in g.initializer if t.data_type in FLOAT_TYPES}
+    big = {n for n, t in inits.items() if math.prod(t.dims) >= 2}
+    if mode == "all":
+        return [t.name for t in g.initializer if t.name in big]
+    raw_inputs = {i.name for i in g.input} - set(inits)
+    chosen: set[str] = set()
+    for node in g.node:
+        if node.op_type in WEIGHT_SLOTS and node.domain in ("", "ai.onnx"):
+            chosen.update(node.input[i] for i in WEIGHT_SLOTS[node.op_type]
+                          if i < len(node.input) and node.input[i] in inits)
+        elif node.op_type in BIAS_OPS and len(node.input) == 2:
+            a, b = node.input
+            for const, other in ((a, b), (b, a)):
+                if const in big and other not in inits and other not in raw_inputs:
+                    chosen.add(const)
+    return [t.name for t in g.initializer if t.name in chosen]
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+def _load(path_or_calib, model: onnx.ModelProto, what: str):
+    from .calib import Calib, input_specs, load_calib
+    if path_or_calib is None or isinstance(path_or_calib, Calib):
+        return path_or_calib
+    data = load_calib(str(path_or_calib), input_specs(model))
+    if data.n < 1:
+        raise SpaError(f"{what} data {path_or_calib} has no samples")
+    return data
+
+
+def _batch_mode(tg, proto: onnx.ModelProto, data, batch_size: int) -> int:
+    """Samples per forward pass: `batch_size`, or 1 for an export whose batch of 1 is baked into its reshapes
+    (the gradients of a batch are then accumulated over single samples)."""
+    import torch
+
+    from .calib import input_specs
+    fixed = None
+    for shape, _ in input_specs(proto).values():
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            fixed = shape[0]
+    if fixed is None or data.n < 2:
+        return batch_size if fixed is None else fixed
+    feeds = {k: torch.from_numpy(np.ascontiguousarray(v[:2])) for k, v in data.inputs.items()}
+    try:
+        with torch.no_grad():
+            pair = tg.run(feeds)
+            single = [tg.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(2)]
+        same = all(torch.allclose(pair[o], torch.cat([s[o] for s in single]), rtol=1e-4, atol=1e-5)
+                   for o in tg.output_names)
+    except Exception:  # noqa: BLE001 - a failing run on two samples means a fixed batch
+        same = False
+    return batch_size if same else fixed
+
+
+def _run_ort(model: onnx.ModelProto, data, batch: int) -> list[np.ndarray]:
+    """Every output of `model` on every sample of `data`, in onnxruntime, concatenated over batches."""
+    from passes.verify import run_many
+    draws = [feeds for feeds, _ in data.batches(batch)]
+    outs = run_many(model, draws, what="reference")
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(model.graph.output))]
+
+
+# ---- training-time batch normalization -------------------------------------------------------------------------
+
+NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization")
+
+
+@dataclass
+class ConvSite:
+    """A Conv whose output gets a training-time BatchNorm: its node, weight and (optional) bias initializers."""
+
+    index: int  # position in model.graph.node (the same in the trained copy)
+    node: onnx.NodeProto
+    weight: str
+    bias: str | None
+
+
+def conv_sites(model: onnx.ModelProto, trainable: list[str]) -> list[ConvSite]:
+    """Convs with trainable, unshared weight (and bias) whose output no normalization node reads."""
+    uses: dict[str, int] = {}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            uses[x] = uses.get(x, 0) + 1
+            readers.setdefault(x, []).append(node.op_type)
+    wanted = set(trainable)
+    sites = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if w not in wanted or uses[w] != 1 or (b is not None and (b not in wanted or uses[b] != 1)):
+            continue
+        if any(op in NORM_OPS for op in readers.get(node.output[0], [])):
+            continue
+        sites.append(ConvSite(index, node, w, b))
+    return sites
+
+
+def _bn_modules(tg, sites: list[ConvSite], data, micro: int, limit: int = 256):
+    """One nn.BatchNorm per site, initialized to the identity on (up to `limit` samples of) `data`."""
+    import torch
+    from torch import nn
+
+    outs = {s.node.output[0] for s in sites}
+    sums: dict[str, list] = {}
+
+    def hook(node, _ins, res):
+        o = node.output[0]
+        if o in outs:
+            t = res[0].detach().double().transpose(0, 1).reshape(res[0].shape[1], -1)
+            acc = sums.setdefault(o, [0.0, 0.0, 0])
+            acc[0] = acc[0] + t.sum(1)
+            acc[1] = acc[1] + (t * t).sum(1)
+            acc[2] += t.shape[1]
+
+    n = min(data.n, limit)
+    with torch.no_grad():
+        for start in range(0, n, micro):
+            tg.run({k: torch.from_numpy(np.ascontiguousarray(v[start:min(n, start + micro)]))
+                    for k, v in data.inputs.items()}, hook=hook)
+    bns = nn.ModuleDict()
+    keys = {}
+    for i, site in enumerate(sites):
+        o = site.node.output[0]
+        total, sq, count = sums[o]
+        mean = total / count
+        var = (sq / count - mean * mean).clamp_min(0)
+        c = mean.numel()
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(len(_kernel(tg, site)), nn.BatchNorm2d)(c)
+        with torch.no_grad():
+            bn.running_mean.copy_(mean.float())
+            bn.running_var.copy_(var.float())
+            bn.weight.copy_(torch.sqrt(var + bn.eps).float())
+            bn.bias.copy_(mean.float())
+        keys[o] = f"bn{i}"
+        bns[keys[o]] = bn
+    return bns, keys
+
+
+def _kernel(tg, site: ConvSite) -> tuple:
+    return tuple(tg.param(site.weight).shape[2:])
+
+
+class Trainer:
+    """The student as trained: the TorchGraph plus the training-time BatchNorms after their convs."""
+
+    def __init__(self, tg, bns=None, keys=None):
+        self.tg, self.bns, self.keys = tg, bns, keys or {}
+
+    def train(self, mode: bool = True) -> None:
+        self.tg.train(mode)
+        if self.bns is not None:
+            self.bns.train(mode)
+
+    def outputs(self, feeds) -> list:
+        if not self.keys:
+            res = self.tg.run(feeds)
+            return [res[o] for o in self.tg.output_names]
+        tg, env = self.tg, self.tg.initial_env(feeds)
+        protect = set(tg.output_names)
+        for i, node in enumerate(tg.nodes):
+            tg.step(i, env)
+            key = self.keys.get(node.output[0])
+            if key is not None:
+                env[node.output[0]] = self.bns[key](env[node.output[0]])
+            for name in tg.free_after(i):
+                if name not in protect:
+                    env.pop(name, None)
+        return [env[o] for o in tg.output_names]
+
+
+def fold_batchnorms(model: onnx.ModelProto, sites: list[ConvSite], bns, keys) -> None:
+    """Fold each training-time BatchNorm (eval-mode statistics) into its conv's weight and bias, in place."""
+    inits = {t.name: t for t in model.graph.initializer}
+    taken = {t.name for t in model.graph.initializer} | {x for n in model.graph.node for x in n.output}
+    for site in sites:
+        node = model.graph.node[site.index]
+        bn = bns[keys[node.output[0]]]
+        scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
+        mean = bn.running_mean.detach().double().numpy()
+        shift = bn.bias.detach().double().numpy()
+        wt = inits[site.weight]
+        w = numpy_helper.to_array(wt).astype(np.float64)
+        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(wt.data_type)
+        wt.CopyFrom(numpy_helper.from_array(w.astype(dtype), site.weight))
+        b = numpy_helper.to_array(inits[site.bias]).astype(np.float64) if site.bias else np.zeros_like(scale)
+        b = (b - mean) * scale + shift
+        if site.bias:
+            inits[site.bias].CopyFrom(numpy_helper.from_array(b.astype(dtype), site.bias))
+        else:
+            name, k = f"{site.weight}_bias", 1
+            while name in taken:
+                name, k = f"{site.weight}_bias{k}", k + 1
+            taken.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(b.astype(dtype), name))
+            node.input.append(name)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult:
+    model: onnx.ModelProto
+    report: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def _is_logits(arr: np.ndarray) -> bool:
+    return arr.ndim == 2 and arr.shape[1] >= 2 and np.issubdtype(arr.dtype, np.floating)
+
+
+def _loss_fn(n_outputs: int, logits_index: int | None, alpha: float, temperature: float, teacher_var):
+    import torch.nn.functional as F
+
+    def loss(outs, labels, teach):
+        parts = {}
+        total = 0.0
+        if labels is not None and logits_index is not None:
+            ce = F.cross_entropy(outs[logits_index], labels)
+            parts["ce"] = ce
+            total = total + (1 - alpha if teach is not None else 1.0) * ce
+        if teach is not None:
+            kd = 0.0
+            for i in range(n_outputs):
+                s, t = outs[i].float(), teach[i]
+                if i == logits_index:
+                    kd = kd + F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
+                                       reduction="batchmean", log_target=True) * temperature ** 2
+                else:
+                    kd = kd + F.mse_loss(s, t) / teacher_var[i]
+            parts["kd"] = kd
+            total = total + (alpha if labels is not None and logits_index is not None else 1.0) * kd
+        return total, parts
+
+    return loss
+
+
+def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int = 5, lr: float = 0.01,
+             batch_size: int = 64, optimizer: str = "sgd", weight_decay: float = 5e-4, momentum: float = 0.9,
+             kd_alpha: float | None = None, kd_temperature: float = 0.75, trainable: str = "weights",
+             batchnorm: bool = True, seed: int = 0, curve=None, progress=None, threads: int | None = None) -> FinetuneResult:
+    """Train `student` (ONNX path or ModelProto) on `data` (.npz path or spa.calib.Calib with the inputs keyed by
+    input name and optional int `labels`), distilling from `teacher` (ONNX path/ModelProto) when given.
+
+    kd_alpha: weight of the distillation term when labels exist (default 0.5 with a teacher). Without labels
+    the loss is distillation only. `val`: data for per-epoch validation (accuracy when it has labels, top-1
+    agreement with the teacher otherwise). `curve`: PNG path for the loss/accuracy curve. `progress(text, line)`
+    is called during training (line=True for the per-epoch summaries). Writes `output` (if given) only after the checks passed."""
+    import torch
+
+    from .ir import load_model, save_model
+    from .torch_graph import TorchGraph
+
+    _check_numbers(epochs, lr, batch_size, weight_decay, momentum, kd_alpha, kd_temperature)
+    if optimizer not in ("sgd", "adam"):
+        raise SpaError(f"unknown optimizer '{optimizer}' (choose from: sgd, adam)")
+    if output is not None:
+        from .driver import check_output_path
+        check_output_path(output)
+    say = progress or (lambda text, line=False: None)
+    t_start = time.perf_counter()
+    proto = student if isinstance(student, onnx.ModelProto) else load_model(str(student))
+    tproto = None
+    if teacher is not None:
+        tproto = teacher if isinstance(teacher, onnx.ModelProto) else load_model(str(teacher))
+        _same_interface(proto, tproto)
+    train = _load(data, proto, "training")
+    if train is None:
+        raise SpaError("fine-tuning needs training data (--data FILE.npz or an image folder)")
+    valid = _load(val, proto, "validation")
+    if train.labels is None and tproto is None:
+        raise SpaError("fine-tuning needs labels in the training data or a teacher model (--teacher)")
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+
+    tg = TorchGraph(proto)
+    names = trainable_initializers(proto, trainable)
+    if not names:
+        raise SpaError("the model has no trainable weights (no Conv/Gemm/MatMul/normalization parameters)")
+    for name, p in tg.param_names.items():
+        p.requires_grad_(name in names)
+    params = [tg.param(n) for n in names]
+    micro = min(_batch_mode(tg, proto, train, batch_size), batch_size)
+    student_net = Trainer(tg)
+    notes = []
+    sites = conv_sites(proto, names) if batchnorm else []
+    if sites and micro < min(batch_size, train.n):
+        notes.append(f"no training-time BatchNorm: the export runs {micro} sample(s) at a time")
+        sites = []
+    if sites:
+        say("batchnorm")
+        bns, keys = _bn_modules(tg, sites, train, micro)
+        student_net = Trainer(tg, bns, keys)
+        params = params + list(bns.parameters())
+
+    # teacher outputs, once (onnxruntime), and what the student's outputs are
+    say("teacher")
+    teach_all = _run_ort(tproto, train, micro) if tproto is not None else None
+    probe = teach_all if teach_all is not None else [o.numpy() for o in _outputs(student_net, train, 0, min(2, train.n), micro)]
+    logits_index = next((i for i, o in enumerate(probe) if _is_logits(o)), None)
+    if train.labels is not None and logits_index is None:
+        raise SpaError("the training data has labels but no model output is [batch, classes] logits")
+    if train.labels is not None and int(train.labels.max()) >= probe[logits_index].shape[1]:
+        raise SpaError(f"label {int(train.labels.max())} is out of range for {probe[logits_index].shape[1]} "
+                       "classes")
+    teacher_var = [max(float(np.var(o)), 1e-12) for o in teach_all] if teach_all is not None else None
+    alpha = (0.5 if kd_alpha is None else kd_alpha) if tproto is not None else 0.0
+    loss_fn = _loss_fn(len(tg.output_names), logits_index, alpha, kd_temperature, teacher_var)
+    val_teacher = _run_ort(tproto, valid, micro) if (tproto is not None and valid is not None) else None
+
+    steps_per_epoch = math.ceil(train.n / batch_size)
+    total_steps = max(1, epochs * steps_per_epoch)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    gen = np.random.default_rng(seed)
+
+    def evaluate(d, teach_outs) -> dict:
+        if d is None:
+            return {}
+        outs = [o.numpy() for o in _outputs(student_net, d, 0, d.n, micro)]
+        m = {}
+        if logits_index is not None and d.labels is not None:
+            m["accuracy"] = float((outs[logits_index].argmax(1) == d.labels).mean())
+        if teach_outs is not None and logits_index is not None:
+            m["agreement"] = float((outs[logits_index].argmax(1) == teach_outs[logits_index].argmax(1)).mean())
+        return m
+
+    history = [{"epoch": 0, **{f"val_{k}": v for k, v in evaluate(valid, val_teacher).items()},
+                **{f"train_{k}": v for k, v in evaluate(train, teach_all).items()}}]
+    say(f"epoch 0/{epochs}: " + _fmt(history[0]), line=True)
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        student_net.train(True)
+        order = gen.permutation(train.n)
+        seen, loss_sum, correct = 0, 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
+            opt.zero_grad(set_to_none=True)
+            for start in range(0, len(idx), micro):
+                part = idx[start:start + micro]
+                feeds = {k: torch.from_numpy(np.ascontiguousarray(v[part])) for k, v in train.inputs.items()}
+                outs = student_net.outputs(feeds)
+                labels = None if train.labels is None else torch.from_numpy(train.labels[part].astype(np.int64))
+                teach = None if teach_all is None else [torch.from_numpy(t[part]).float() for t in teach_all]
+                loss, _ = loss_fn(outs, labels, teach)
+                (loss * (len(part) / len(idx))).backward()
+                loss_sum += float(loss.detach()) * len(part)
+                if labels is not None:
+                    correct += int((outs[logits_index].detach().argmax(1) == labels).sum())
+                seen += len(part)
+            opt.step()
+            sched.step()
+            say(f"epoch {epoch}/{epochs} {_bar(b + 1, steps_per_epoch)} loss {loss_sum / max(seen, 1):.4f}")
+        student_net.train(False)
+        row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "seconds": round(time.perf_counter() - t0, 2)}
+        if train.labels is not None:
+            row["train_accuracy"] = correct / max(seen, 1)
+        row.update({f"val_{k}": v for k, v in evaluate(valid, val_teacher).items()})
+        history.append(row)
+        say(f"epoch {epoch}/{epochs}: " + _fmt(row), line=True)
+
+    # back to ONNX: same graph, new initializer values; checked before anything is written
+    say("export")
+    student_net.train(False)
+    tuned = _with_weights(proto, tg, names)
+    if sites:
+        fold_batchnorms(tuned, sites, student_net.bns, student_net.keys)
+    check = _check_export(tuned, student_net, valid or train, micro)
+    if curve:
+        plot_curve(history, curve)
+    if output is not None:
+        try:
+            save_model(tuned, output)
+        except OSError as e:
+            raise SpaError(f"cannot write {output}: {e.strerror or e}")
+    report = {
+        "student": str(student) if not isinstance(student, onnx.ModelProto) else "<model>",
+        "teacher": (str(teacher) if not isinstance(teacher, onnx.ModelProto) else "<model>") if teacher else None,
+        "output": str(output) if output else None,
+        "samples": train.n, "val_samples": valid.n if valid is not None else 0,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "micro_batch": micro, "optimizer": optimizer,
+        "weight_decay": weight_decay, "kd_alpha": alpha if tproto is not None else None,
+        "kd_temperature": kd_temperature if tproto is not None else None,
+        "loss": ("ce+kd" if train.labels is not None else "kd") if tproto is not None else "ce",
+        "trainable": {"mode": trainable, "initializers": len(names),
+                      "parameters": int(sum(p.numel() for p in params))},
+        "training_batchnorms": len(sites), "notes": notes,
+        "history": history, "export_check": check, "curve": str(curve) if curve else None,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    return FinetuneResult(tuned, report, history)
+
+
+def _outputs(net: Trainer, data, start: int, stop: int, micro: int = 0):
+    """The student's outputs on samples [start, stop) without gradients, concatenated over micro-batches."""
+    import torch
+    micro = micro or (stop - start)
+    chunks = []
+    with torch.no_grad():
+        for s in range(start, stop, micro):
+            chunks.append(net.outputs({k: torch.from_numpy(np.ascontiguousarray(v[s:min(stop, s + micro)]))
+                                       for k, v in data.inputs.items()}))
+    return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _with_weights(proto: onnx.ModelProto, tg, names: list[str]) -> onnx.ModelProto:
+    values = tg.state_dict_onnx()
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    wanted = set(names)
+    for i, t in enumerate(out.graph.initializer):
+        if t.name in wanted:
+            arr = np.asarray(values[t.name]).astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr.reshape(tuple(t.dims)), t.name))
+    return out
+
+
+def _check_export(tuned: onnx.ModelProto, net: Trainer, data, micro: int, rtol: float = 1e-4) -> dict:
+    """Full checker, a run in onnxruntime, and agreement with the torch module on a few samples."""
+    try:
+        onnx.checker.check_model(tuned, full_check=True)
+    except Exception as e:  # noqa: BLE001 - any checker failure means we must not write the model
+        raise VerificationError(f"the fine-tuned model fails onnx.checker: {str(e).splitlines()[0][:300]}")
+    from passes.verify import run_many
+    n = min(data.n, max(micro, 8))
+    draws = [feeds for feeds, _ in data.subset(n).batches(micro)] if n < data.n else \
+        [feeds for feeds, _ in data.batches(micro)]
+    ort_out = run_many(tuned, draws)
+    sub = type(data)(inputs={k: np.concatenate([d[k] for d in draws]) for k in data.inputs})
+    torch_out = _outputs(net, sub, 0, sub.n, micro)
+    worst = 0.0
+    for i, t in enumerate(torch_out):
+        a = np.concatenate([o[i] for o in ort_out]).astype(np.float64)
+        b = t.numpy().astype(np.float64)
+        worst = max(worst, float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12)))
+    if worst > rtol:
+        raise VerificationError(f"the fine-tuned model in onnxruntime differs from the trained torch module by "
+                                f"{worst:.2e} (relative) > {rtol}")
+    return {"checker": "full", "onnxruntime_vs_torch_max_rel_error": worst, "samples": int(sub.n)}
+
+
+def _same_interface(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    from .calib import input_specs
+    ia, ib = input_specs(a), input_specs(b)
+    if set(ia) != set(ib):
+        raise SpaError(f"the teacher's inputs {sorted(ib)} differ from the student's {sorted(ia)}")
+    if len(a.graph.output) != len(b.graph.output):
+        raise SpaError(f"the teacher has {len(b.graph.output)} outputs, the student {len(a.graph.output)}")
+
+
+def _check_numbers(epochs, lr, batch_size, weight_decay, momentum, kd_alpha, kd_temperature) -> None:
+    if int(epochs) != epochs or epochs < 0:
+        raise SpaError(f"--epochs must be a whole number >= 0, got {epochs}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SpaError(f"--lr must be a positive number, got {lr}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise SpaError(f"--batch-size must be at least 1, got {batch_size}")
+    if weight_decay < 0 or not (0 <= momentum < 1):
+        raise SpaError(f"--weight-decay must be >= 0 and --momentum in [0, 1), got {weight_decay}, {momentum}")
+    if kd_alpha is not None and not 0 <= kd_alpha <= 1:
+        raise SpaError(f"--kd-alpha must be in [0, 1], got {kd_alpha}")
+    if not kd_temperature > 0:
+        raise SpaError(f"--kd-temperature must be positive, got {kd_temperature}")
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    k = int(width * done / max(total, 1))
+    return "[" + "#" * k + "." * (width - k) + f"] {done}/{total}"
+
+
+def _fmt(row: dict) -> str:
+    keys = [k for k in row if k not in ("epoch",)]
+    return ", ".join(f"{k} {row[k]:.4f}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys)
+
+
+def plot_curve(history: list[dict], path) -> None:
+    """Loss and accuracy per epoch as a PNG (matplotlib, Agg)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SpaError("the training curve needs matplotlib: pip install matplotlib (or pass --no-curve)")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    rows = [r for r in history if "loss" in r]
+    ax1.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], "o-", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    for key, style in (("train_accuracy", "o-"), ("val_accuracy", "s-"), ("val_agreement", "^--")):
+        pts = [(r["epoch"], r[key]) for r in history if key in r]
+        if pts:
+            ax2.plot(*zip(*pts), style, label=key.replace("_", " "))
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("top-1")
+    if ax2.lines:
+        ax2.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+
+def finetune_parser() -> argparse.ArgumentParser:
+    from .cli import _Parser
+    p = _Parser(prog="spa-prune finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Fine-tune a (pruned) ONNX model on labelled and/or teacher-labelled data and write "
+                            "an ONNX model with the same interface.",
+                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("input", help="the ONNX model to train (e.g. the output of spa-prune)")
+    p.add_argument("output", help="where to write the fine-tuned ONNX model (replaced atomically)")
+    p.add_argument("--data", required=True, metavar="FILE.npz|DIR",
+                   help="training data: arrays keyed by input name, optional int 'labels' (or an image folder)")
+    p.add_argument("--teacher", metavar="ONNX", help="distill from this model (usually the unpruned original)")
+    p.add_argument("--val", metavar="FILE.npz|DIR", help="validation data, evaluated after every epoch")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine decay to 0; default 0.01)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="SGD+Nesterov momentum, or AdamW")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--kd-alpha", type=float, help="weight of distillation vs cross-entropy (default 0.5)")
+    p.add_argument("--kd-temperature", type=float, default=0.75, help="softmax temperature (default 0.75)")
+    p.add_argument("--trainable", choices=["weights", "all"], default="weights",
+                   help="which initializers train (default: weights and biases, not scalar constants)")
+    p.add_argument("--no-batchnorm", action="store_true",
+                   help="train without the temporary BatchNorm after each conv (see below)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--curve", metavar="PNG", help="loss/accuracy curve (default: OUTPUT with .curve.png)")
+    p.add_argument("--no-curve", action="store_true", help="do not draw the curve")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report (history, settings, export check)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
+    return p
+
+
+def progress_printer(quiet: bool):
+    """Epoch lines always (unless quiet); the in-epoch bar only on a terminal."""
+    if quiet:
+        return None
+    tty = sys.stderr.isatty()
+
+    def show(text: str, line: bool = False) -> None:
+        if line:
+            sys.stderr.write(("\r" + " " * 79 + "\r" if tty else "") + text + "\n")
+        elif tty:
+            sys.stderr.write("\r" + text[:79].ljust(79))
+        sys.stderr.flush()
+
+    return show
+
+
+def finetune_main(argv) -> int:
+    args = finetune_parser().parse_args(argv)
+    if args.report:
+        from .driver import check_output_path
+        check_output_path(args.report)
+    curve = None if args.no_curve else (args.curve or str(Path(args.output).with_suffix("")) + ".curve.png")
+    res = finetune(args.input, args.output, data=args.data, teacher=args.teacher, val=args.val,
+                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                   weight_decay=args.weight_decay, momentum=args.momentum, kd_alpha=args.kd_alpha,
+                   kd_temperature=args.kd_temperature, trainable=args.trainable, seed=args.seed,
+                   batchnorm=not args.no_batchnorm,
+                   curve=curve, progress=progress_printer(args.quiet), threads=args.threads)
+    if args.report:
+        Path(args.report).write_text(json.dumps(res.report, indent=1))
+    if not args.quiet:
+        h = res.history
+        first, last = h[0], h[-1]
+        acc = [k for k in ("val_accuracy", "val_agreement", "train_accuracy") if k in last and k in first]
+        line = f"fine-tuned {res.report['epochs']} epochs in {res.report['seconds']:.1f} s ({res.report['loss']})"
+        if acc:
+            line += f"; {acc[0]} {first[acc[0]]:.4f} -> {last[acc[0]]:.4f}"
+        line += (f"; checked in onnxruntime (max rel. error vs torch "
+                 f"{res.report['export_check']['onnxruntime_vs_torch_max_rel_error']:.1e})")
+        print(line, file=sys.stderr)
+        if curve:
+            print(f"curve: {curve}", file=sys.stderr)
+    return 0
