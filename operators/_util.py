@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from spa.ir import attr
 
@@ -55,6 +56,10 @@ def shape_element(ctx, node, input_index: int, pos: int):
 
         return int(flat[pos]), set_direct
     prod_node = ctx.g.producer.get(name)
+    casts = []  # integer Casts between the Concat and the reader (tf2onnx: Concat in int32, Cast to int64)
+    while prod_node is not None and prod_node.op_type == "Cast" and _int_cast(ctx, prod_node):
+        casts.append(prod_node)
+        prod_node = ctx.g.producer.get(prod_node.input[0])
     if prod_node is not None and prod_node.op_type == "Concat" and int(attr(prod_node, "axis", 0)) == 0:
         offset = 0
         for j, piece in enumerate(prod_node.input):
@@ -68,8 +73,11 @@ def shape_element(ctx, node, input_index: int, pos: int):
                 at = pos - offset
 
                 def set_via_concat(ap, value, node=node, i=input_index, concat=prod_node, j=j, at=at,
-                                   shape=piece.shape, name=piece_name):
-                    target = ap.private_copy(concat, node, i)  # shared by other reshapes: edit a copy
+                                   shape=piece.shape, name=piece_name, casts=tuple(casts)):
+                    reader, k = node, i
+                    for cast in casts:  # each node on the way is copied where others read it too
+                        reader, k = ap.private_copy(cast, reader, k), 0
+                    target = ap.private_copy(concat, reader, k)  # shared by other reshapes: edit a copy
                     new = np.array(ap.g.const(name), copy=True).reshape(-1)
                     new[at] = value
                     ap.set_input_const(target, j, new.reshape(shape))
@@ -77,3 +85,11 @@ def shape_element(ctx, node, input_index: int, pos: int):
                 return int(np.array(piece).reshape(-1)[at]), set_via_concat
             offset += s[0]
     return None, None
+
+
+def _int_cast(ctx, node) -> bool:
+    """A Cast from one integer type to another: shape values pass unchanged."""
+    src = ctx.g.dtypes.get(node.input[0])
+    to = attr(node, "to")
+    ints = {TensorProto.INT32, TensorProto.INT64, TensorProto.INT16, TensorProto.UINT32, TensorProto.UINT64}
+    return src in ints and to in ints

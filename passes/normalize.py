@@ -60,12 +60,14 @@ class Normalize(Pass):
         report["identities_removed"] = remove_identities(g)
         g.shapes, g.dtypes = infer_shapes(g, fixed=None)
         report["folded_nodes"] = fold_constants(g)
+        report["shape_reads_split"] = split_shape_reads(g)
         report["dead_nodes_removed"] = dead_code(g)
         model.input_shapes, warnings = analysis_input_shapes(g, self.input_shapes)
         model.warnings.extend(warnings)
         declared = {name: g.shapes.get(name) for name in model.input_shapes}
         # static inputs and nothing folded: the first inference is final
-        if declared != model.input_shapes or report["folded_nodes"] or report["dead_nodes_removed"]:
+        if declared != model.input_shapes or report["folded_nodes"] or report["dead_nodes_removed"] \
+                or report["shape_reads_split"]:
             g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
         model.normalize_report = report
         return report
@@ -148,6 +150,63 @@ def fold_constants(g: Graph) -> int:
         folded += 1
     g.refresh()
     return folded
+
+
+def split_shape_reads(g: Graph) -> int:
+    """A Shape of a tensor with both static and dynamic dims becomes a Concat of its static dims (constants) and
+    one Shape(start, end) per run of dynamic dims. Exact: the static dims are those the model declares (the fold
+    above already does this for Shapes whose dims are all static). tf2onnx, jax2onnx and paddle2onnx flatten with
+    a dynamic batch as Reshape(x, Concat(Gather/Slice(Shape(x), batch), [C*H*W])): the whole-tensor Shape would
+    read (and freeze) the channel axis although only the batch is used at run time. Needs opset >= 15."""
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < 15:
+        return 0
+    outputs = set(g.output_names)
+    new_nodes, count = [], 0
+    for n in g.model.graph.node:
+        pieces = _shape_pieces(g, n) if n.op_type == "Shape" and n.output[0] not in outputs else None
+        if pieces is None:
+            new_nodes.append(n)
+            continue
+        names = []
+        for lo, hi, static in pieces:
+            if static is not None:
+                names.append(g.add_const(np.array(static, dtype=np.int64), f"{n.output[0]}_static"))
+            else:
+                names.append(g.unique(f"{n.output[0]}_{lo}_{hi}"))
+                new_nodes.append(helper.make_node("Shape", [n.input[0]], [names[-1]], name=g.unique(
+                    f"{n.name or 'Shape'}_{lo}_{hi}"), start=lo, end=hi))
+        new_nodes.append(helper.make_node("Concat", names, [n.output[0]], name=g.unique(f"{n.name or 'Shape'}_split"),
+                                          axis=0))
+        count += 1
+    if count:
+        del g.model.graph.node[:]
+        g.model.graph.node.extend(new_nodes)
+        g.refresh()
+    return count
+
+
+def _shape_pieces(g: Graph, n) -> list[tuple[int, int, list | None]] | None:
+    """Runs (start, end, static dims or None) of the dims a Shape node returns, or None when they are all static,
+    all dynamic, or the rank is unknown."""
+    dims = g.shapes.get(n.input[0])
+    if dims is None:
+        return None
+    rank = len(dims)
+    start, end = attr(n, "start", 0), attr(n, "end", rank)
+    start = max(start + rank if start < 0 else start, 0)
+    end = min(end + rank if end < 0 else end, rank)
+    static = [isinstance(d, int) and d >= 0 for d in dims]
+    if start >= end or all(static[start:end]) or not any(static[start:end]):
+        return None
+    pieces, lo = [], start
+    while lo < end:
+        hi = lo
+        while hi < end and static[hi] == static[lo]:
+            hi += 1
+        pieces.append((lo, hi, [int(d) for d in dims[lo:hi]] if static[lo] else None))
+        lo = hi
+    return pieces
 
 
 def _shape_vector(g: Graph, shape_node) -> np.ndarray | None:

@@ -1040,6 +1040,65 @@ def test_shared_runtime_reshape_shape_different_widths():
                                ("wc", 1): (128, 5)})
 
 
+def runtime_flatten_model(style: str, opset: int = 17):
+    """Flatten with a dynamic batch as non-torch exporters emit it: Reshape(y, Concat(batch read by Shape(y),
+    [C*H*W])). 'tf2onnx': Shape(y) -> Gather([0,2,3,1]) (NHWC order) -> Cast(int32) -> Slice[0:1] -> Concat in
+    int32 -> Cast(int64), reshaping the NHWC Transpose of y; 'paddle': Shape(y) -> Slice[0:1] -> Concat;
+    'channel': the target also takes C from Shape(y) at run time (Slice[0:2] -> (N, C, -1))."""
+    b = Builder(opset=opset)
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]))
+    y = b.relu(b.conv("c1", "x", 3, 8))
+    shape = b.op("Shape", [y], name="shape")
+    if style == "tf2onnx":
+        s = b.op("Cast", [b.op("Gather", [shape, b.i64("nhwc", [0, 2, 3, 1])], axis=0)], to=TensorProto.INT32)
+        s = b.op("Slice", [s, b.i64("s0", [0]), b.i64("s1", [1]), b.i64("ax", [0])])
+        flat = b.const("flat", np.array([128], dtype=np.int32))
+        target = b.op("Cast", [b.op("Concat", [s, flat], axis=0)], to=TensorProto.INT64)
+        y = b.op("Transpose", [y], perm=[0, 2, 3, 1])
+        w = 128
+    elif style == "paddle":
+        s = b.op("Slice", [shape, b.i64("s0", [0]), b.i64("s1", [1]), b.i64("ax", [0])])
+        target = b.op("Concat", [s, b.i64("flat", [128])], axis=0)
+        w = 128
+    else:
+        s = b.op("Slice", [shape, b.i64("s0", [0]), b.i64("s1", [2]), b.i64("ax", [0])])
+        target = b.op("Concat", [s, b.i64("rest", [-1])], axis=0)
+        w = 16
+    y = b.matmul("fc", b.op("Reshape", [y, target], name="flatten"), w, 5)
+    return make_model(b.nodes, b.inits, b.inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+                      opset=opset)
+
+
+@pytest.mark.parametrize("style", ["tf2onnx", "paddle"])
+def test_runtime_batch_flatten_prunes(style):
+    """Normalize splits Shape(y) into Concat(Shape(y, 0, 1), [8, 4, 4]) (static dims as constants), so only the
+    batch is read at run time, and the Reshape target's C*H*W (behind an int32 Concat and a Cast for tf2onnx) is
+    rewritten."""
+    m = runtime_flatten_model(style)
+    model, an = analyse(m)
+    assert model.normalize_report["shape_reads_split"] == 1
+    assert_groups(an, {"c1": (8, 0, None), "fc": (5, 5, OUT)})
+    res = prune_and_check(m, 0.5)  # verification also runs batch 2
+    assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("fc", 1): (64, 5)})
+    target = [n for n in res.pruned.graph.node if n.op_type == "Concat" and n.name != "shape_split"]
+    assert len(target) == 1 and param_value(res.pruned, target[0].name, 1).tolist() == [64]
+    assert [(node_attr(res.pruned, n.name, "start"), node_attr(res.pruned, n.name, "end"))
+            for n in res.pruned.graph.node if n.op_type == "Shape"] == [(0, 1)]
+
+
+def test_runtime_channel_read_still_freezes():
+    """The split keeps a channel count read at run time visible: a target taking C from the shape freezes."""
+    _, an = analyse(runtime_flatten_model("channel"))
+    assert_groups(an, {"c1": (8, 8, "computed at run time"), "fc": (5, 5, OUT)})
+
+
+def test_runtime_batch_flatten_before_opset_15_freezes():
+    """Shape has no start/end before opset 15: the whole-shape read of the channel axis freezes, with the reason."""
+    model, an = analyse(runtime_flatten_model("paddle", opset=14))
+    assert model.normalize_report["shape_reads_split"] == 0
+    assert_groups(an, {"c1": (8, 8, "Shape 'shape'"), "fc": (5, 5, OUT)})
+
+
 # ---- Gemm / MatMul --------------------------------------------------------------------------------------------------
 def test_gemm_trans_b():
     b = Builder()
