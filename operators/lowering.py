@@ -53,7 +53,9 @@ Not supported (TorchGraph raises SpaError naming the node): MaxRoiPool, Resize a
 ScatterND/ScatterElements, NonMaxSuppression, RoiAlign, the quantized kernels (QLinearConv, QLinearMatMul,
 ConvInteger, MatMulInteger, DynamicQuantizeLinear), QuantizeLinear/DequantizeLinear block_size > 0 and float8
 types, random ops, sequence/optional ops, string tensors, control flow with subgraphs (If, Loop, Scan), and
-every non-default domain (com.microsoft, ...).
+every other domain (com.microsoft, ...).
+
+ai.onnx.ml: ArrayFeatureExtractor only (skl2onnx's classifiers end with it).
 
 Notes:
   * QuantizeLinear returns the integer type of its zero point, except when its input requires grad and grad
@@ -90,8 +92,16 @@ def lower(*op_types: str):
     return register
 
 
+# ai.onnx.ml: the few operators converters of classic ML models put around a network (skl2onnx maps a
+# classifier's argmax to its class labels with ArrayFeatureExtractor)
+ML_LOWERINGS: dict[str, Callable] = {}
+
+
 def lowering(op_type: str, domain: str = "") -> Callable | None:
-    """The lowering of an op type, or None (non-default domains have none). See also `unsupported`."""
+    """The lowering of an op type, or None (other domains than the default and ai.onnx.ml have none). See also
+    `unsupported`."""
+    if domain == "ai.onnx.ml":
+        return ML_LOWERINGS.get(op_type)
     if domain not in ("", "ai.onnx"):
         return None
     return LOWERINGS.get(op_type)
@@ -1322,5 +1332,15 @@ def gather_elements(node, inputs, attrs):
     return [torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))]
 
 
-__all__ = ["DTYPES", "LOWERINGS", "lower", "lowering", "node_attrs", "tensor_from_proto", "torch_dtype",
+def array_feature_extractor(node, inputs, attrs):
+    """ai.onnx.ml ArrayFeatureExtractor: X[..., Y] over the last axis with Y flattened; a 1-D X gives shape
+    (1, len(Y)), as onnxruntime does."""
+    x, idx = inputs[0], inputs[1]
+    picked = x.index_select(-1, idx.reshape(-1).to(torch.int64))
+    return [picked.unsqueeze(0) if x.dim() == 1 else picked]
+
+
+ML_LOWERINGS["ArrayFeatureExtractor"] = array_feature_extractor
+
+__all__ = ["DTYPES", "LOWERINGS", "ML_LOWERINGS", "lower", "lowering", "node_attrs", "tensor_from_proto", "torch_dtype",
            "unsupported"]

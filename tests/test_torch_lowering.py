@@ -607,6 +607,26 @@ def test_shape_ops():
     check("Concat", [randn(2, 3), randn(2, 1, seed=1), randn(2, 2, seed=2)], {"axis": -1})
 
 
+@pytest.mark.parametrize("x", [np.arange(10, dtype=np.int64) * 3, randn(2, 5)], ids=["1d-int", "2d-float"])
+def test_array_feature_extractor(x):
+    """ai.onnx.ml ArrayFeatureExtractor (skl2onnx's classifiers map argmax to class labels with it): indices
+    flattened, last axis, a 1-D X gives (1, len(Y)); compared with onnxruntime."""
+    y = np.array([[3], [0], [4]], dtype=np.int64)
+    xtype = helper.np_dtype_to_tensor_dtype(x.dtype)
+    node = helper.make_node("ArrayFeatureExtractor", ["x", "y"], ["out0"], name="afe", domain="ai.onnx.ml")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", xtype, list(x.shape)),
+                                            helper.make_tensor_value_info("y", TensorProto.INT64, [3, 1])],
+                              [helper.make_tensor_value_info("out0", xtype, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+                              ir_version=10)
+    feeds = {"x": x, "y": y}
+    ref = ort_run(model, feeds)[0]
+    assert ref.shape == ((1, 3) if x.ndim == 1 else (2, 3))
+    with torch.no_grad():
+        got = TorchGraph(model).run({k: torch.from_numpy(v) for k, v in feeds.items()})
+    assert_close(ref, got["out0"], "ArrayFeatureExtractor")
+
+
 # ---- 4. errors and the module API --------------------------------------------------------------------------------
 def test_missing_lowering_is_a_clear_error():
     model, _ = op_model("NonMaxSuppression", [randn(1, 4, 4), randn(1, 1, 4)], opset=17)
@@ -632,6 +652,8 @@ def test_subgraph_op_is_a_clear_error():
 def test_registry_api():
     assert lowering("Conv") is LOWERINGS["Conv"]
     assert lowering("Conv", "com.microsoft") is None
+    assert lowering("ArrayFeatureExtractor", "ai.onnx.ml") is not None
+    assert lowering("ArrayFeatureExtractor") is None
     assert lowering("NoSuchOp") is None
 
     @lower("_TestOnlyOp")
