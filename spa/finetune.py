@@ -359,6 +359,7 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
         bns, keys = _bn_modules(tg, sites, train, micro)
         student_net = Trainer(tg, bns, keys)
         params = params + list(bns.parameters())
+    student_net.train(False)  # evaluation before training must not move the BatchNorm statistics
 
     # teacher outputs, once (onnxruntime), and what the student's outputs are
     say("teacher")
