@@ -1,0 +1,99 @@
+"""Search over per-group sparsity allocations (issue 4): environment, budgets, rewards, policies.
+
+    from spa.search import search
+    plan, history = search("model.onnx", policy="random", target_flops=0.3, calib="calib.npz", evals=300,
+                           recalibrate=True, seed=0)
+    # the chosen plan goes through the same apply/verify path as any other selection:
+    spa.search.prune_with_plan("model.onnx", "out.onnx", plan, history.problem, recalibrate=True,
+                               calib="calib.npz")
+
+Modules: `budget` (cost model, exact budget projection), `graph` (group graph and features), `problem` (model +
+analysis + scores + projector + graph), `reward` (evaluators), `env` (gymnasium env), `policy` (interface and
+registry), `controls` (uniform/global/lamp/random). See docs/search.md.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from ..errors import SpaError
+from ..select import PruningPlan
+from . import controls  # noqa: F401  (registers the controls)
+from .budget import BudgetProjector, CostModel, Projection
+from .env import GLOBAL_FEATURES, PruningEnv
+from .graph import EDGE_FEATURES, NODE_FEATURES, GroupGraph
+from .policy import POLICIES, Policy, SearchResult, get_policy, register_policy
+from .problem import SearchProblem
+from .reward import CalibEvaluator, Evaluation, Evaluator, FunctionEvaluator
+
+__all__ = ["EDGE_FEATURES", "GLOBAL_FEATURES", "NODE_FEATURES", "POLICIES", "BudgetProjector", "CalibEvaluator",
+           "CostModel", "Evaluation", "Evaluator", "FunctionEvaluator", "GroupGraph", "History", "Policy",
+           "Projection", "PruningEnv", "SearchProblem", "SearchResult", "get_policy", "prune_with_plan",
+           "register_policy", "search"]
+
+
+class History(list):
+    """(evaluation index, reward, best reward so far) rows, plus `meta` (policy, budgets, evaluations, best
+    reward and metrics, wall time, kept counts) and the `problem` it was searched on."""
+
+    meta: dict
+    problem: SearchProblem | None = None
+
+
+def search(model_path, policy: str = "random", *, target_flops: float | None = None,
+           target_params: float | None = None, calib=None, evals: int = 300, seed: int = 0,
+           importance: str = "l2", aggregation: str = "sum", normalization: str = "mean",
+           min_channels: int = 1, round_to: int = 1, max_ratio: float = 1.0, exclude: list[str] | None = None,
+           input_shapes: dict | None = None, calib_samples: int | None = None, recalibrate: bool = False,
+           reconstruct: bool = False, metric: str = "auto", alpha: float = 0.0, beta: float = 0.0,
+           score_split: float | None = None, mode: str | None = None, policy_options: dict | None = None,
+           threads: int | None = None, progress=None, problem: SearchProblem | None = None,
+           evaluator: Evaluator | None = None) -> tuple[PruningPlan, History]:
+    """Search a per-group allocation for `model_path` under the budget(s) with `policy` (a name in POLICIES)
+    within `evals` evaluations. Rewards come from the calibration data (`calib`: .npz, image folder or
+    spa.calib.Calib; data-free synthesized inputs without it), optionally re-calibrated (`recalibrate`) or
+    OBSPA-refit (`reconstruct`) per candidate. Returns the best plan and its History. `problem` / `evaluator`
+    reuse ones built earlier (e.g. to compare policies on the same teacher outputs)."""
+    if evals < 1:
+        raise SpaError(f"evals must be at least 1, got {evals}")
+    cls = get_policy(policy)
+    t0 = time.perf_counter()
+    if problem is None:
+        problem = SearchProblem.build(model_path, target_flops=target_flops, target_params=target_params,
+                                      importance=importance, aggregation=aggregation, normalization=normalization,
+                                      calib=calib, calib_samples=calib_samples, input_shapes=input_shapes,
+                                      min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
+                                      exclude=exclude, seed=seed)
+    if evaluator is None:
+        evaluator = CalibEvaluator(problem, metric=metric, recalibrate=recalibrate, refit=reconstruct,
+                                   alpha=alpha, beta=beta, score_split=score_split, threads=threads, seed=seed)
+    t_setup = time.perf_counter() - t0
+    agent = cls(**(policy_options or {}))
+    env = PruningEnv(problem, evaluator, mode=mode or cls.mode, progress=progress)
+    t1 = time.perf_counter()
+    result = agent.search(env, evals, seed)
+    history = History(result.history)
+    history.problem = problem
+    history.meta = {"policy": policy, "budgets": dict(problem.budgets), "evaluations": len(result.history),
+                    "best_reward": result.reward, "best_index": result.info.get("best_index"),
+                    "metrics": result.info.get("metrics"), "costs": result.info.get("costs"),
+                    "kept": result.kept.tolist(), "seed": seed, "setup_s": round(t_setup, 3),
+                    "search_s": round(time.perf_counter() - t1, 3), "measured": evaluator.measured,
+                    "measure_s": round(evaluator.seconds, 3)}
+    return result.plan, history
+
+
+def prune_with_plan(model_path, output, plan: PruningPlan, problem: SearchProblem, **driver_kwargs):
+    """Run the driver's full pipeline (apply, verify, optional reconstruction, save) with a searched plan.
+    Driver keywords (calib, recalibrate, reconstruct, importance, input_shapes, ...) pass through."""
+    from .. import driver
+
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="spa-plan-")
+    os.close(fd)
+    try:
+        plan.save(path, problem.an)
+        driver_kwargs.setdefault("input_shapes", problem.model.input_shapes)
+        return driver.prune(model_path, output, plan_file=path, **driver_kwargs)
+    finally:
+        os.unlink(path)

@@ -1,0 +1,110 @@
+"""The search problem: one normalized model, its analysis, unit scores, the budget projector and the group graph.
+
+Built once per search (`SearchProblem.build`); everything the environment, the evaluators and the policies need
+hangs off it. The original model is never modified: a candidate is applied to a fresh copy (`apply`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import SpaError
+from ..groups import Analysis
+from ..ir import Graph
+from ..model import Model
+from ..select import PruningPlan
+from .budget import BudgetProjector
+from .graph import GroupGraph
+
+
+@dataclass
+class SearchProblem:
+    model: Model                 # normalized original; never modified
+    an: Analysis
+    scores: dict                 # unit (root atom) -> importance, higher keeps
+    projector: BudgetProjector
+    graph: GroupGraph
+    calib: object | None = None  # spa.calib.Calib or None (data-free)
+    options: dict = field(default_factory=dict)   # how it was built (criterion, budgets, constraints)
+
+    @property
+    def budgets(self) -> dict[str, float]:
+        return self.projector.budgets
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.projector.sizes
+
+    @classmethod
+    def build(cls, source, *, target_flops: float | None = None, target_params: float | None = None,
+              importance: str = "l2", aggregation: str = "sum", normalization: str = "mean", calib=None,
+              calib_samples: int | None = None, input_shapes: dict | None = None, min_channels: int = 1,
+              round_to: int = 1, max_ratio: float = 1.0, exclude: list[str] | None = None, mode: str = "logit",
+              loss: str = "auto", samples: int = 64, seed: int = 0, scores: dict | None = None) -> SearchProblem:
+        """Load and analyse `source` (path, ModelProto or zoo:NAME), score units with `importance` (on `calib`
+        where the criterion needs data) and set up the budget(s): `target_flops` / `target_params` are
+        fractions kept. `scores` overrides the criterion (unit root -> score)."""
+        from .. import driver
+        from ..importance import ScoreInputs, score
+
+        budgets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
+        if not budgets:
+            raise SpaError("a search needs a budget: give target_flops and/or target_params")
+        model = driver.load(source, input_shapes)
+        an = driver.analyse(model)
+        if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
+            raise SpaError("no prunable group: " + driver.explain_nothing(an))
+        data = driver._load_data(calib, model, calib_samples)
+        if scores is None:
+            inputs = ScoreInputs(an, calib=data, loss=loss, samples=samples, seed=seed)
+            scores = score(an, importance, aggregation, normalization, inputs)
+        projector = BudgetProjector(an, scores, budgets, min_channels=min_channels, round_to=round_to,
+                                    max_ratio=max_ratio, exclude=exclude, mode=mode)
+        graph = GroupGraph.build(an, scores, params_total=projector.cost_model.params_total)
+        options = {"source": str(source) if not isinstance(source, onnx.ModelProto) else "<model>",
+                   "importance": importance, "aggregation": aggregation, "normalization": normalization,
+                   "budgets": budgets, "min_channels": min_channels, "round_to": round_to, "max_ratio": max_ratio,
+                   "exclude": list(exclude or []), "input_shapes": {k: list(v) for k, v in model.input_shapes.items()},
+                   "seed": seed}
+        problem = cls(model, an, scores, projector, graph, data, options)
+        problem._proto = onnx.ModelProto()
+        problem._proto.CopyFrom(model.graph.to_model())
+        return problem
+
+    # ---- candidates ----------------------------------------------------------------------------------------------
+    def plan(self, kept: np.ndarray) -> PruningPlan:
+        return self.projector.plan(kept)
+
+    def original_proto(self) -> onnx.ModelProto:
+        """The normalized original (a shared object: copy it before changing it)."""
+        if not hasattr(self, "_proto"):
+            self._proto = onnx.ModelProto()
+            self._proto.CopyFrom(self.model.graph.to_model())
+        return self._proto
+
+    def clone(self) -> Model:
+        """A fresh copy of the normalized model (shapes carried over: no second normalization)."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.original_proto())
+        g = Graph(proto)
+        g.shapes, g.dtypes = dict(self.model.graph.shapes), dict(self.model.graph.dtypes)
+        return Model(g, source=self.model.source, input_shapes=dict(self.model.input_shapes))
+
+    def apply(self, kept: np.ndarray, rows: bool = False) -> tuple[Model, Analysis, set[int], dict | None]:
+        """The pruned model of a candidate (structurally pruned, not verified: candidates skip verification; the
+        chosen plan goes through the driver's apply/verify path). Returns (model, its analysis, removed roots,
+        and with `rows` the kept output rows of every weight layer, which reconstruction needs)."""
+        from passes.analyse import Analyse
+        from passes.apply import Apply
+        from passes.reconstruct import output_rows
+
+        model = self.clone()
+        an = Analyse().run(model)
+        if [(g.name, g.size) for g in an.groups] != [(g.name, g.size) for g in self.an.groups]:
+            raise SpaError("internal: the copy of the model analyses differently from the original")
+        removed = self.plan(kept).roots(an)
+        out_rows = output_rows(an, removed) if rows else None  # before Apply cuts the weights
+        Apply(an, removed).run(model)
+        return model, an, removed, out_rows
