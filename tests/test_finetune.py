@@ -213,3 +213,14 @@ def test_progressive_cli_errors(digits, tmp_path):
     proc = subprocess.run([str(SPA_PRUNE), str(digits / "teacher.onnx"), str(tmp_path / "o.onnx"), "--ratio",
                            "0.5", "--finetune-data", str(digits / "train.npz")], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "--steps" in proc.stderr
+
+
+def test_anytime_example_runs_every_route(tmp_path):
+    """tools/example_anytime.py (the documented example) through the CLI, short: every route ends in a model
+    onnxruntime runs, and fine-tuning with distillation improves on the l1-pruned model."""
+    from tools.example_anytime import main as example
+    res = example(["--workdir", str(tmp_path), "--epochs", "2"])
+    assert len(res) == 5 and all(0.0 <= v <= 1.0 for v in res.values())
+    assert res["unpruned, trained"] > 0.8
+    assert res["after training, l1 + KD fine-tuning"] >= res["after training, l1, no fine-tuning"]
+    assert res["before training (snip, then train)"] > 0.5
