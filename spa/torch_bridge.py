@@ -63,8 +63,9 @@ class OnnxModule(TorchGraph):
 
     def __init__(self, model, *, upcast_half: bool = True, structure: bytes | None = None):
         super().__init__(model, upcast_half=upcast_half)
-        proto = model.model if isinstance(model, SimpleNamespace) else model
-        self.onnx_structure = structure if structure is not None else _structure(proto, set(self._param_key))
+        if structure is None:
+            structure = _structure(_proto_of(model), set(self._param_key))
+        self.onnx_structure = structure
 
     def save(self, path) -> None:
         save_torch(self, path)
@@ -190,7 +191,7 @@ def load_torch(path, map_location="cpu") -> OnnxModule:
     module = OnnxModule(SimpleNamespace(model=proto, const=const), upcast_half=data.get("upcast_half", True),
                         structure=data["onnx"])
     module.load_state_dict(sd)
-    return module.to(map_location) if map_location is not None else module
+    return module.to(map_location) if isinstance(map_location, (str, torch.device)) else module
 
 
 # ---- checking against onnxruntime ------------------------------------------------------------------------------

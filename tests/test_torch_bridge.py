@@ -411,6 +411,7 @@ class TinyTransformer(nn.Module):
         return self.head(h + self.attn(h))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_head_pruning_without_a_head_attribute_is_refused(tmp_path):
     torch.manual_seed(0)
     net, x = TinyTransformer().eval(), torch.randn(1, 5, 8)
@@ -424,6 +425,7 @@ def test_head_pruning_without_a_head_attribute_is_refused(tmp_path):
 
 
 # ==== docs/torch.md ================================================================================================
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_docs_examples_run(tmp_path, monkeypatch, capsys):
     text = (REPO / "docs" / "torch.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
@@ -434,3 +436,11 @@ def test_docs_examples_run(tmp_path, monkeypatch, capsys):
     assert "matches the pruned ONNX model within" in out
     assert (tmp_path / "finetuned.pt").exists() and (tmp_path / "plan.json").exists()
 
+
+
+def test_to_torch_accepts_spa_models_and_protos():
+    src = zoo("conv1d_net", True)
+    for model in (driver.load(src), driver.load(src).graph, onnx.load(src)):
+        module = to_torch(model)
+        assert check_against_onnxruntime(module, onnx.load(src)) <= TOL
+        assert onnx.load_from_string(module.onnx_structure).graph.node
