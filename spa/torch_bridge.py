@@ -509,9 +509,9 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
         the module runs once on them (in eval mode, without gradients) to see which modules feed which.
     inplace: False (default) returns a pruned deep copy and leaves `module` untouched; True prunes `module`
         itself (its Parameters are replaced: build optimizers after this call) and returns it.
-    check: compare the module with the ONNX model in onnxruntime on the example inputs before (the module
-        must be what the ONNX file was exported from) and after pruning (the pruned module against the pruned
-        ONNX model); a mismatch above rtol raises VerificationError.
+    check: compare the module with the ONNX model in onnxruntime on the example inputs before pruning (a
+        mismatch above rtol raises SpaError: the module must be what the ONNX file was exported from) and
+        after (the pruned module against the ONNX model pruned by the same plan: VerificationError).
     report: a dict to fill with what was done: "tensors_cut" (torch names), "modules_changed",
         "max_rel_error" (the check after pruning; None without check).
     Raises SpaError where the plan cannot be carried over (see docs/torch.md: limitations)."""
