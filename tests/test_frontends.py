@@ -199,6 +199,7 @@ ACCURACY = {"sklearn_mlp": (0.9778, 0.40, 0.02, 0.02), "keras_cnn": (0.9889, 0.6
 
 @pytest.mark.parametrize("name", LABELLED)
 def test_accuracy_before_and_after(name, outdir):
+    pytest.importorskip("torch")  # OBSPA runs the model through the torch lowering
     base, l2_floor, drop_03, drop_05 = ACCURACY[name]
     before = accuracy(FIXTURES / f"{name}.onnx", name)
     assert before == pytest.approx(base, abs=1e-3)
@@ -225,6 +226,7 @@ def test_accuracy_before_and_after(name, outdir):
 def test_sklearn_label_follows_probabilities(outdir):
     """skl2onnx's label output (ArgMax -> ai.onnx.ml ArrayFeatureExtractor over the classes) stays consistent with
     the pruned probabilities, also after OBSPA, whose torch lowering runs that operator."""
+    pytest.importorskip("torch")
     inputs, _, _ = load_reference("sklearn_mlp")
     _, model = pruned("sklearn_mlp", outdir, ratio=0.5, importance="obspa", calib="sklearn_mlp_calib.npz")
     got = run(model, inputs)
