@@ -9,7 +9,6 @@ import fnmatch
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,11 +29,11 @@ class PruningPlan:
         {"format": "spa-prune-plan/1",
          "groups": [{"id": 3, "name": "conv1 (+2)", "units": 64, "removed": [0, 5, ...]}, ...],
          "tensors": {"layer1.0.conv1.weight": {"shape": [64, 64, 3, 3], "keep": {"0": [1, 2, ...]},
-                                               "groups": [3]}, ...}}
+                                               "groups": {"0": [3]}}, ...}}
 
     "groups" is what re-applying a plan reads. "tensors" (written since the torch bridge, optional on input)
     lists every initializer of the normalized model that the plan cuts: its original shape, the kept indices
-    per cut axis and the groups that cut it. It is derived from "groups" by the same slices Apply cuts
+    per cut axis and the groups that cut each axis. It is derived from "groups" by the same slices Apply cuts
     (passes.apply.param_cuts), so code outside spa (spa.torch_bridge.apply_plan_to_module) can cut the
     matching framework parameters without re-running the analysis. An initializer that uses cut differently
     (a shared weight) has "uses": [{"node", "input", "keep"}] instead of "keep".
@@ -95,9 +94,9 @@ class PruningPlan:
 def write_plan(data: dict, path) -> None:
     """Write plan JSON atomically (temp file in the same folder + os.replace)."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".plan.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
     except OSError as e:
@@ -108,18 +107,19 @@ def write_plan(data: dict, path) -> None:
 
 
 def tensor_section(an: Analysis, removed_roots: set[int]) -> dict:
-    """initializer name -> {"shape", "keep": {axis: kept indices}, "groups"} for every initializer the removal
-    cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
+    """initializer name -> {"shape", "keep": {axis: kept indices}, "groups": {axis: group ids}} for every
+    initializer the removal cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
     from passes.apply import param_cuts
 
     g = an.ctx.g
     rm = np.asarray(sorted(removed_roots), dtype=np.int64)
-    cutters: dict[str, set[int]] = {}
+    cutters: dict[str, dict[int, set[int]]] = {}
     for ps in an.ctx.params:
         roots = an.find(ps.atoms)
         hit = np.unique(roots[np.isin(roots, rm)])
         if len(hit):
-            cutters.setdefault(ps.node.input[ps.input_index], set()).update(an.unit_group[int(r)] for r in hit)
+            cutters.setdefault(ps.node.input[ps.input_index], {}).setdefault(ps.axis, set()).update(
+                an.unit_group[int(r)] for r in hit)
     out = {}
     for name, entries in param_cuts(an, removed_roots).items():
         if all(m.all() for _, _, sl in entries for _, m in sl):
@@ -140,7 +140,7 @@ def tensor_section(an: Analysis, removed_roots: set[int]) -> dict:
             entry["keep"] = kept(entries[0][2])
         else:
             entry["uses"] = [{"node": node.name, "input": idx, "keep": kept(sl)} for node, idx, sl in entries]
-        entry["groups"] = sorted(cutters.get(name, ()))
+        entry["groups"] = {str(axis): sorted(gids) for axis, gids in sorted(cutters.get(name, {}).items())}
         out[name] = entry
     return out
 

@@ -345,7 +345,7 @@ class _Tensor:
         self.order = order    # first call of the owning module in the traced run (tie-break)
         self.keep: dict[int, np.ndarray] = {}
         self.why: dict[int, str] = {}
-        self.groups: set[int] = set()  # plan groups that cut it
+        self.groups: dict[int, set[int]] = {}  # axis -> plan groups that cut it
 
     @property
     def name(self) -> str:
@@ -566,7 +566,8 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
         for node, idx in g.consumers.get(name, []):
             if idx == 1:
                 weight_of[id(node)] = e
-        e.groups.update(entry["groups"])
+        for axis, gids in entry["groups"].items():
+            e.groups.setdefault(axes[int(axis)], set()).update(gids)
     for name in pending:  # a folded bias: the Conv/Gemm/ConvTranspose whose weight matched carries it
         uses = g.consumers.get(name, [])
         if not uses or not all(n.op_type in ("Conv", "ConvTranspose", "Gemm") and i == 2 and id(n) in weight_of
@@ -641,7 +642,7 @@ def _check_heads(target, matcher, an, head_groups) -> None:
     """A projection whose output loses whole heads needs a head-count attribute on its owner module."""
     names = dict(target.named_modules(remove_duplicate=False))
     for e in matcher.tensors.values():
-        groups = e.groups & head_groups
+        groups = e.groups.get(0, set()) & head_groups
         if not groups:
             continue
         for mname, mod, attr in e.owners:
@@ -664,7 +665,7 @@ def _update_heads(target, changed, old_shapes, an, head_groups, matcher) -> None
     names = dict(target.named_modules(remove_duplicate=False))
     ratios: dict[int, tuple[nn.Module, set]] = {}
     for e in matcher.tensors.values():
-        if not e.groups & head_groups or 0 not in e.keep:
+        if not e.groups.get(0, set()) & head_groups:
             continue
         for mname, mod, attr in e.owners:
             if isinstance(mod, nn.Linear) and attr == "weight":

@@ -318,7 +318,7 @@ def test_plan_tensor_section_is_what_apply_cuts(pruned_resnet):
             assert kept == sorted(set(kept)) and all(0 <= i < entry["shape"][int(axis)] for i in kept)
             want[int(axis)] = len(kept)
         assert pruned[name] == tuple(want), name
-        assert entry["groups"]
+        assert set(entry["groups"]) == set(entry["keep"]) and all(entry["groups"].values())
 
 
 def test_old_plans_without_tensor_section_still_apply(pruned_resnet, tmp_path):
@@ -422,6 +422,51 @@ def test_head_pruning_without_a_head_attribute_is_refused(tmp_path):
     assert any(g["units"] == 2 and g["removed"] for g in groups)  # a head was removed
     with pytest.raises(SpaError, match=r"group \d+ '.*' removes whole attention heads.*head-count attribute"):
         apply_plan_to_module(net, plan, src, (x,))
+
+
+class HFSelfAttention(nn.Module):
+    """Hugging Face style: num_attention_heads / attention_head_size / all_head_size, shapes from x.size()."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, dim // heads
+        self.all_head_size = heads * self.attention_head_size
+        self.query, self.key, self.value = (nn.Linear(dim, self.all_head_size) for _ in range(3))
+
+    def split(self, x):
+        return x.view(x.size()[:-1] + (self.num_attention_heads, self.attention_head_size)).permute(0, 2, 1, 3)
+
+    def forward(self, x):
+        q, k, v = self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
+        scores = (q @ k.transpose(-1, -2)) / self.attention_head_size ** 0.5
+        ctx = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).contiguous()
+        return ctx.view(ctx.size()[:-2] + (self.all_head_size,))
+
+
+class HFLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attention = nn.Linear(8, 32), HFSelfAttention()
+        self.dense, self.head = nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.dense(self.attention(h)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_hugging_face_style_attention_sizes_follow_the_heads(tmp_path):
+    torch.manual_seed(0)
+    net, x = HFLayer().eval(), torch.randn(1, 6, 8)
+    src, out, plan = tmp_path / "t.onnx", tmp_path / "p.onnx", tmp_path / "plan.json"
+    torch.onnx.export(net, (x,), str(src), input_names=["x"], dynamo=False)
+    driver.prune(str(src), str(out), ratio=0.5, save_plan=str(plan))
+    report = {}
+    pruned = apply_plan_to_module(net, plan, src, (x,), report=report)
+    a = pruned.attention
+    assert (a.num_attention_heads, a.attention_head_size, a.all_head_size) == (2, 8, 16)
+    assert pruned.dense.in_features == 16 and net.attention.num_attention_heads == 4
+    assert rel_error(V.run(onnx.load(str(out)), {"x": x.numpy()}), torch_out(pruned, x)) <= TOL
 
 
 # ==== docs/torch.md ================================================================================================
