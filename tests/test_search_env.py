@@ -101,10 +101,11 @@ def test_sequential_episode_meets_budget(problem):
 
 
 # ---- budget projection ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target, round_to, min_channels", [(0.5, 1, 1), (0.3, 4, 2), (0.25, 8, 1)])
-def test_projection_flops_exact(resnet18, problem, target, round_to, min_channels):
+@pytest.mark.parametrize("target, round_to, min_channels, mode",
+                         [(0.5, 1, 1, "logit"), (0.3, 4, 2, "logit"), (0.25, 8, 1, "logit"), (0.4, 1, 3, "scale")])
+def test_projection_flops_exact(resnet18, problem, target, round_to, min_channels, mode):
     p = SearchProblem.build(resnet18, target_flops=target, round_to=round_to, min_channels=min_channels,
-                            scores=problem.scores)
+                            mode=mode, scores=problem.scores)
     pj = p.projector
     rng = np.random.default_rng(0)
     for rho in [rng.random(len(pj.action_groups)) for _ in range(4)] + [np.full(len(pj.action_groups), 0.5)]:

@@ -72,6 +72,8 @@ class PruningEnv(gym.Env):
         gg = problem.graph
         self.n_nodes = gg.num_nodes
         self.action_groups = pj.action_groups
+        if not len(self.action_groups):
+            raise SpaError("nothing to search: the constraints leave every group a single allowed width")
         self.mask = np.zeros(self.n_nodes, dtype=np.int8)
         self.mask[self.action_groups] = 1
         action_set = set(self.action_groups.tolist())

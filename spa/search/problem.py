@@ -56,7 +56,7 @@ class SearchProblem:
         an = driver.analyse(model)
         if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
             raise SpaError("no prunable group: " + driver.explain_nothing(an))
-        data = driver._load_data(calib, model, calib_samples)
+        data = load_data(calib, model, calib_samples)
         if scores is None:
             inputs = ScoreInputs(an, calib=data, loss=loss, samples=samples, seed=seed)
             scores = score(an, importance, aggregation, normalization, inputs)
@@ -108,3 +108,15 @@ class SearchProblem:
         out_rows = output_rows(an, removed) if rows else None  # before Apply cuts the weights
         Apply(an, removed).run(model)
         return model, an, removed, out_rows
+
+
+def load_data(calib, model: Model, limit: int | None = None):
+    """Calibration data: None (data-free), a spa.calib.Calib, or a path (.npz / image folder) checked against
+    the model's inputs; `limit` keeps that many samples (seeded subset for a Calib, the first ones for a file)."""
+    from ..calib import Calib, input_specs, load_calib
+
+    if calib is None:
+        return None
+    if isinstance(calib, Calib):
+        return calib if limit is None else calib.subset(limit)
+    return load_calib(str(calib), input_specs(model.graph.model), limit=limit)
