@@ -296,6 +296,28 @@ def test_plan_on_torch_module_full_zoo_full_size(name, dynamo, tmp_path):
     check_route2(name, dynamo, {"ratio": 0.5}, False, tmp_path)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("name", models.ZOO_NAMES)
+def test_random_plans_on_torch_modules(name, dynamo):
+    """Random removals in every group (as test_zoo_pruning's random plans) carry over to the torch module."""
+    from spa.select import keep_every_tensor
+    src = zoo(name, dynamo)
+    an = driver.analyse(driver.load(src))
+    rng = np.random.default_rng(sum(map(ord, name)) + dynamo)
+    removed = {}
+    for g in an.groups:
+        free = [i for i in range(g.size) if not g.frozen[i]]
+        k = min(len(free), g.size - 1, int(rng.integers(0, g.size)))
+        if k > 0:
+            removed[g.id] = sorted(rng.choice(free, size=k, replace=False).tolist())
+    plan = keep_every_tensor(an, PruningPlan(removed), {u: float(rng.random()) for u in an.unit_group})
+    report = {}
+    apply_plan_to_module(models.build(name, True), plan.to_json(an), src, models.example_inputs(name, True),
+                         report=report)
+    assert report["max_rel_error"] <= TOL
+
+
 def test_inplace_prunes_the_given_module_and_it_trains(tmp_path):
     module, pruned, _, _ = check_route2("mobilenet_v2", True, {"ratio": 0.5}, True, tmp_path, inplace=True)
     assert pruned is module
