@@ -254,3 +254,42 @@ def test_register_policy(resnet18, problem):
     assert len(history) == 10 and history.meta["policy"] == "test-planted"
     assert kept_fractions(problem, np.array(history.meta["kept"]))[0] <= 0.5
     del POLICIES["test-planted"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch's legacy exporter
+def test_fast_recalibration_reestimates_batchnorm(tmp_path):
+    """An export that keeps BatchNormalization nodes: BN statistics re-estimated, as Reconstruct does."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12))
+            self.fc = nn.Linear(12, 10)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.fc(torch.relu(self.b(h) + h).mean((2, 3)))
+
+    net = Net().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "n"}},
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    p = SearchProblem.build(str(path), target_flops=0.5)
+    assert any(n.op_type == "BatchNormalization" for n in p.original_proto().graph.node)
+    data = Calib({"input": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)})
+    kept = p.projector.project(np.full(len(p.projector.action_groups), 0.5)).kept
+    assert (kept < p.projector.sizes).any()
+    fast = CalibEvaluator(p, data, recalibrate=True)(kept).metrics
+    slow = CalibEvaluator(p, data, recalibrate=True, fast_recalibration=False)(kept).metrics
+    assert abs(fast["kl"] - slow["kl"]) <= 1e-4 * max(1.0, slow["kl"])
+    assert abs(fast["rel_l2"] - slow["rel_l2"]) <= 1e-4
