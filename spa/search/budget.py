@@ -277,7 +277,11 @@ class BudgetProjector:
                 self._risky_units.append(idx)
         self._risky_group = np.asarray(risky_g, dtype=np.int64)
         self._risky_rank = np.asarray(risky_r, dtype=np.int64)
-        self._unit_score = np.array([self.scores[int(r)] for r in cm.unit_roots], dtype=np.float64)
+        unit_score = np.array([self.scores[int(r)] for r in cm.unit_roots], dtype=np.float64)
+        self._risky_best = np.array([idx[np.argmax(unit_score[idx])] for idx in self._risky_units], np.int64)
+        self._risky_flat = np.concatenate(self._risky_units) if self._risky_units else np.zeros(0, np.int64)
+        self._risky_len = np.array([len(i) for i in self._risky_units], dtype=np.float64)
+        self._risky_of = np.repeat(np.arange(len(self._risky_units)), self._risky_len.astype(np.int64))
         self.goals = {k: f * cm.totals[k] for k, f in self.budgets.items()}
         self._allowed = {int(g): np.unique(self.table[g, :self.sizes[g] + 1]) for g in self.action_groups}
 
@@ -292,15 +296,13 @@ class BudgetProjector:
 
     def _give_back(self, removed: np.ndarray) -> None:
         """keep_every_tensor on the mask: while some labelling lost every unit, the first such (in Analysis
-        order) gets its best-scored unit back. Tested to equal the mask of `plan(kept)`."""
-        while True:
-            for idx in self._risky_units:
-                if removed[idx].all():
-                    best = idx[np.argmax(self._unit_score[idx])]  # first maximum: the smallest root, as max()
-                    removed[best] = False
-                    break
-            else:
-                return
+        order) gets its best-scored unit back (first maximum: the smallest root, as max() picks). A give-back
+        only refills labellings, so one ordered pass over the initially emptied ones, re-checking each, takes the
+        same steps as keep_every_tensor's rescans. Tested to equal the mask of `plan(kept)`."""
+        hit = np.bincount(self._risky_of, weights=removed[self._risky_flat], minlength=len(self._risky_len))
+        for s in np.flatnonzero(hit == self._risky_len):
+            if removed[self._risky_units[s]].all():
+                removed[self._risky_best[s]] = False
 
     def costs(self, kept: np.ndarray) -> dict[str, float]:
         """Fractions kept of every budget kind (flops and params) for a kept-count vector."""
