@@ -98,6 +98,16 @@ def prune_parser() -> argparse.ArgumentParser:
                    help="with --target-flops: 'global' ranks units across groups by importance per MAC (default); "
                         "'uniform' removes the same fraction of every group (bisected to the budget), ranking "
                         "only inside groups: safer for accuracy without fine-tuning")
+    prog = p.add_argument_group("progressive pruning")
+    prog.add_argument("--steps", type=int, default=1, metavar="K",
+                      help="reach the budget in K verified steps (geometric schedule: each step removes the same "
+                           "fraction of what is left); default 1 = one-shot")
+    prog.add_argument("--finetune-data", metavar="FILE.npz|DIR",
+                      help="with --steps: fine-tune between steps on this data (labels optional)")
+    prog.add_argument("--finetune-epochs", type=int, default=1, metavar="N", help="epochs between steps (1)")
+    prog.add_argument("--finetune-lr", type=float, default=0.01, metavar="LR", help="learning rate (0.01)")
+    prog.add_argument("--no-kd", action="store_true",
+                      help="between steps, train on the labels only (default: distill from the original too)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
     p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
@@ -156,6 +166,15 @@ def summary(rep: dict) -> str:
             extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
             lines.append(f"reconstruct   {names} on {rec['fidelity_on']}: '{name}' rel. L2 error "
                          f"{before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+    prog = rep.get("progressive")
+    if prog:
+        macs0 = max(m["before"], 1)
+        chain = " -> ".join(f"{st['macs_after'] / macs0:.3f}" for st in prog["per_step"])
+        tuned = sum(t["epochs"] for t in prog["finetune"])
+        lines.append(f"steps         {prog['steps']}, MACs kept {chain}"
+                     + (f"; fine-tuned {tuned} epoch(s) between steps" if tuned else "")
+                     + "; every step verified against its input" * all(
+                         st["verification"] == "passed" for st in prog["per_step"]))
     imp = rep.get("importance") or {}
     if imp.get("data") and imp["data"] != "weights only":
         lines.append(f"importance    {imp['criterion']} on {imp['data']}")
@@ -190,7 +209,15 @@ def run_prune(argv) -> int:
     if args.report:
         driver.check_output_path(args.report)
     show = _progress(args.quiet)
-    res = driver.prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops,
+    kwargs = {}
+    prune = driver.prune
+    if args.steps != 1 or args.finetune_data:
+        if args.steps < 2:
+            raise SpaError("--finetune-data needs --steps K with K >= 2 (fine-tuning runs between steps)")
+        from .progressive import prune_progressive as prune
+        kwargs = {"steps": args.steps, "finetune_data": args.finetune_data, "finetune_epochs": args.finetune_epochs,
+                  "finetune_options": {"lr": args.finetune_lr, "seed": args.seed}, "kd": not args.no_kd}
+    res = prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops, **kwargs,
                        importance=args.importance, aggregation=args.aggregation,
                        normalization=args.normalization, min_channels=args.min_channels, round_to=args.round_to,
                        max_ratio=args.max_ratio, allocation=args.allocation,
