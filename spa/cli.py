@@ -211,6 +211,8 @@ def run_prune(argv) -> int:
     show = _progress(args.quiet)
     kwargs = {}
     prune = driver.prune
+    if args.steps < 1:
+        raise SpaError(f"--steps must be at least 1, got {args.steps}")
     if args.steps != 1 or args.finetune_data:
         if args.steps < 2:
             raise SpaError("--finetune-data needs --steps K with K >= 2 (fine-tuning runs between steps)")
