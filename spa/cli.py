@@ -7,6 +7,10 @@
     spa-prune IN OUT --target-flops 0.5 --importance obspa --calib calib.npz
                                                        OBS scores + least-squares reconstruction, no fine-tuning
     spa-prune make-calib IMAGES_DIR -o calib.npz --size 224    calibration data from a folder of images
+    spa-prune IN OUT --target-flops 0.5 --steps 3 --finetune-data train.npz
+                                                       progressive: 3 verified steps, KD fine-tuning between
+    spa-prune finetune OUT tuned.onnx --data train.npz --teacher IN    fine-tune (+ distillation), same interface
+    spa-prune to-torch OUT out.pt                      a trainable torch module that reproduces OUT
 """
 from __future__ import annotations
 
