@@ -44,13 +44,9 @@ _SPAN = 60.0         # shift range [-SPAN, SPAN]: far beyond any clipped logit
 
 
 def param_count(g) -> int:
-    """Float initializer elements (the count `spa.driver.param_count` reports)."""
-    total = 0
-    for name in g.initializer_names():
-        shape, dtype = g.const_info(name)
-        if np.dtype(dtype).kind == "f":
-            total += int(np.prod(shape))
-    return total
+    """Float initializer elements: the count the prune report uses (one definition, spa.driver's)."""
+    from spa.driver import param_count as count
+    return count(g)
 
 
 # ---- cost model ------------------------------------------------------------------------------------------------
