@@ -75,7 +75,7 @@ def register_policy(name: str, cls: type[Policy] | None = None):
         if not (isinstance(c, type) and hasattr(c, "search")):
             raise SpaError(f"policy '{name}' must be a class with a search(env, evals, seed) method")
         POLICIES[name] = c
-        if not getattr(c, "name", ""):
+        if not c.__dict__.get("name"):   # a subclass of a registered policy gets its own name
             c.name = name
         return c
 
