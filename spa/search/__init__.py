@@ -9,7 +9,8 @@
 
 Modules: `budget` (cost model, exact budget projection), `graph` (group graph and features), `problem` (model +
 analysis + scores + projector + graph), `reward` (evaluators), `env` (gymnasium env), `policy` (interface and
-registry), `controls` (uniform/global/lamp/random). See docs/search.md.
+registry), `controls` (uniform/global/lamp/random), the agents `ppo_gnn` (PPO over the GATv2 encoder of `gnn`),
+`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy). See docs/search.md.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 
 from ..errors import SpaError
 from ..select import PruningPlan
-from . import controls  # noqa: F401  (registers the controls)
+from . import controls, dist, ppo_gnn, sac  # noqa: F401  (register the controls and the agents)
 from .budget import BudgetProjector, CostModel, Projection
 from .env import GLOBAL_FEATURES, PruningEnv
 from .graph import EDGE_FEATURES, NODE_FEATURES, GroupGraph
