@@ -203,7 +203,6 @@ class Reconstruct(Pass):
         if view is None and not grouped:
             return
         weight = node.input[1]
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         orig_node = _orig_node(ls, node)
         ys_p = ls.pruned_value(node.output[0])
         ys_o = ls.original(orig_node.output[0]) if orig_node is not None else None
@@ -212,20 +211,8 @@ class Reconstruct(Pass):
         keep = ls.torch.from_numpy(np.flatnonzero(self.out_rows[node.name]))
         ch = 1 if node.op_type == "Conv" else ys_p[0].dim() - 1
         m_o, v_o = _channel_moments([y.index_select(ch, keep) for y in ys_o], ch)
-        m_p, v_p = _channel_moments(ys_p, ch)
-        s_o, s_p = np.sqrt(v_o), np.sqrt(v_p)
-        scale = np.where(s_p > 1e-8, np.clip(s_o / np.maximum(s_p, 1e-8), 0.0, 10.0), 1.0)
-        shift = m_o - scale * m_p
-        w = np.asarray(g.const(weight))
-        out_axis = 1 if (view is not None and view.trans) else 0
-        shape = [1] * w.ndim
-        shape[out_axis] = -1
-        self._write(g, ls, weight, (w * scale.reshape(shape)).astype(w.dtype))
-        if bias is not None and len(g.consumers.get(bias, [])) == 1:
-            b = np.asarray(g.const(bias))
-            self._write(g, ls, bias, (b * scale + shift).astype(b.dtype))
-        else:
-            shift = np.zeros_like(shift)
+        scale, shift = fold_affine(g, node, view, m_o, v_o, ys_p, ch,
+                                   lambda name, value: self._write(g, ls, name, value))
         view_shape = [1] * ys_p[0].dim()
         view_shape[ch] = -1
         sc = ls.torch.from_numpy(scale).view(view_shape)
@@ -238,6 +225,29 @@ class Reconstruct(Pass):
     def _write(g, ls, name, value):
         g.set_const(name, value)
         ls.t_pruned.param(name).data.copy_(ls.torch.from_numpy(np.array(value)))
+
+
+def fold_affine(g, node, view, m_o, v_o, ys_p, ch: int, write) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel scale and shift that give the pruned layer's outputs `ys_p` the original's moments
+    (m_o, v_o), folded into the layer's weight and, where the layer owns its bias, the bias (`write(name,
+    value)` stores a new initializer value). Returns (scale, shift) for the outputs already computed; shift is 0
+    where no bias could absorb it."""
+    weight = node.input[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    m_p, v_p = _channel_moments(ys_p, ch)
+    s_o, s_p = np.sqrt(v_o), np.sqrt(v_p)
+    scale = np.where(s_p > 1e-8, np.clip(s_o / np.maximum(s_p, 1e-8), 0.0, 10.0), 1.0)
+    shift = m_o - scale * m_p
+    w = np.asarray(g.const(weight))
+    shape = [1] * w.ndim
+    shape[1 if (view is not None and view.trans) else 0] = -1
+    write(weight, (w * scale.reshape(shape)).astype(w.dtype))
+    if bias is not None and len(g.consumers.get(bias, [])) == 1:
+        b = np.asarray(g.const(bias))
+        write(bias, (b * scale + shift).astype(b.dtype))
+    else:
+        shift = np.zeros_like(shift)
+    return scale, shift
 
 
 def _channel_moments(tensors, ch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -320,7 +320,7 @@ class CalibEvaluator(Evaluator):
                 for env in envs:
                     tg.step(node, env)
                 if node.name in rows and node.output[0] not in followed_by_bn:
-                    self._affine(node, g, tg, envs, rows, layer_view, _channel_moments, write)
+                    self._affine(node, g, tg, envs, rows, layer_view, write)
                 for env in envs:
                     release(env, tg, pos, outputs)
             if self.score_slice == self.stats_slice:
@@ -329,9 +329,11 @@ class CalibEvaluator(Evaluator):
                 outs = [list(tg.run(c).values()) for c in self._chunks(self.score_slice)]
         return [np.concatenate([o[i].float().numpy() for o in outs]) for i in range(len(tg.output_names))]
 
-    def _affine(self, node, g, tg, envs, rows, layer_view, channel_moments, write) -> None:
+    def _affine(self, node, g, tg, envs, rows, layer_view, write) -> None:
         """Reconstruct._affine with the original's moments looked up instead of recomputed."""
         import torch
+
+        from passes.reconstruct import fold_affine
 
         view = layer_view(g, node)
         weight = node.input[1]
@@ -339,26 +341,11 @@ class CalibEvaluator(Evaluator):
         stats = self._moments.get(node.name)
         if (view is None and not grouped) or stats is None or len(g.consumers.get(weight, [])) > 1:
             return
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         ys_p = [env[node.output[0]] for env in envs]
         keep = np.flatnonzero(rows[node.name])
         _, mean_o, var_o = stats
         ch = 1 if node.op_type == "Conv" else ys_p[0].dim() - 1
-        m_o, v_o = mean_o[keep], var_o[keep]
-        m_p, v_p = channel_moments(ys_p, ch)
-        s_o, s_p = np.sqrt(v_o), np.sqrt(v_p)
-        scale = np.where(s_p > 1e-8, np.clip(s_o / np.maximum(s_p, 1e-8), 0.0, 10.0), 1.0)
-        shift = m_o - scale * m_p
-        w = np.asarray(g.const(weight))
-        out_axis = 1 if (view is not None and view.trans) else 0
-        shape = [1] * w.ndim
-        shape[out_axis] = -1
-        write(weight, (w * scale.reshape(shape)).astype(w.dtype))
-        if bias is not None and len(g.consumers.get(bias, [])) == 1:
-            b = np.asarray(g.const(bias))
-            write(bias, (b * scale + shift).astype(b.dtype))
-        else:
-            shift = np.zeros_like(shift)
+        scale, shift = fold_affine(g, node, view, mean_o[keep], var_o[keep], ys_p, ch, write)
         view_shape = [1] * ys_p[0].dim()
         view_shape[ch] = -1
         sc = torch.from_numpy(scale).view(view_shape)
