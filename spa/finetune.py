@@ -91,28 +91,12 @@ def _load(path_or_calib, model: onnx.ModelProto, what: str):
     return data
 
 
-def _batch_mode(tg, proto: onnx.ModelProto, data, batch_size: int) -> int:
-    """Samples per forward pass: `batch_size`, or 1 for an export whose batch of 1 is baked into its reshapes
-    (the gradients of a batch are then accumulated over single samples)."""
-    import torch
-
-    from .calib import input_specs
-    fixed = None
-    for shape, _ in input_specs(proto).values():
-        if shape and isinstance(shape[0], int) and shape[0] > 0:
-            fixed = shape[0]
-    if fixed is None or data.n < 2:
-        return batch_size if fixed is None else fixed
-    feeds = {k: torch.from_numpy(np.ascontiguousarray(v[:2])) for k, v in data.inputs.items()}
-    try:
-        with torch.no_grad():
-            pair = tg.run(feeds)
-            single = [tg.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(2)]
-        same = all(torch.allclose(pair[o], torch.cat([s[o] for s in single]), rtol=1e-4, atol=1e-5)
-                   for o in tg.output_names)
-    except Exception:  # noqa: BLE001 - a failing run on two samples means a fixed batch
-        same = False
-    return batch_size if same else fixed
+def _samples_per_run(proto: onnx.ModelProto, data, batch_size: int) -> int:
+    """`batch_size`, or the export's fixed batch (often 1) when its reshapes bake that batch in; the gradients
+    of a batch are then accumulated over runs of that size (obspa.batch_size_for probes it)."""
+    from .ir import Graph
+    from .obspa import batch_size_for
+    return batch_size_for(Graph(proto), batch_size, data.inputs)[0]
 
 
 def _run_ort(model: onnx.ModelProto, data, batch: int) -> list[np.ndarray]:
@@ -218,20 +202,13 @@ class Trainer:
             self.bns.train(mode)
 
     def outputs(self, feeds) -> list:
-        if not self.keys:
-            res = self.tg.run(feeds)
-            return [res[o] for o in self.tg.output_names]
-        tg, env = self.tg, self.tg.initial_env(feeds)
-        protect = set(tg.output_names)
-        for i, node in enumerate(tg.nodes):
-            tg.step(i, env)
-            key = self.keys.get(node.output[0])
-            if key is not None:
-                env[node.output[0]] = self.bns[key](env[node.output[0]])
-            for name in tg.free_after(i):
-                if name not in protect:
-                    env.pop(name, None)
-        return [env[o] for o in tg.output_names]
+        res = self.tg.run(feeds, hook=self._normalize if self.keys else None)
+        return [res[o] for o in self.tg.output_names]
+
+    def _normalize(self, node, _inputs, outs):
+        """TorchGraph.run hook: a site's conv output goes through its training-time BatchNorm."""
+        key = self.keys.get(node.output[0])
+        return None if key is None else [self.bns[key](outs[0]), *outs[1:]]
 
 
 def fold_batchnorms(model: onnx.ModelProto, sites: list[ConvSite], bns, keys) -> None:
@@ -347,7 +324,7 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
     for name, p in tg.param_names.items():
         p.requires_grad_(name in names)
     params = [tg.param(n) for n in names]
-    micro = min(_batch_mode(tg, proto, train, batch_size), batch_size)
+    micro = min(_samples_per_run(proto, train, batch_size), batch_size)
     student_net = Trainer(tg)
     notes = []
     sites = conv_sites(proto, names) if batchnorm else []
@@ -493,11 +470,8 @@ def _check_export(tuned: onnx.ModelProto, net: Trainer, data, micro: int, rtol: 
     except Exception as e:  # noqa: BLE001 - any checker failure means we must not write the model
         raise VerificationError(f"the fine-tuned model fails onnx.checker: {str(e).splitlines()[0][:300]}")
     from passes.verify import run_many
-    n = min(data.n, max(micro, 8))
-    draws = [feeds for feeds, _ in data.subset(n).batches(micro)] if n < data.n else \
-        [feeds for feeds, _ in data.batches(micro)]
-    ort_out = run_many(tuned, draws)
-    sub = type(data)(inputs={k: np.concatenate([d[k] for d in draws]) for k in data.inputs})
+    sub = data.subset(max(micro, 8))  # all of it when smaller
+    ort_out = run_many(tuned, [feeds for feeds, _ in sub.batches(micro)])
     torch_out = _outputs(net, sub, 0, sub.n, micro)
     worst = 0.0
     for i, t in enumerate(torch_out):

@@ -271,14 +271,16 @@ class TorchGraph(nn.Module):
 
     def run(self, feeds: dict, hook=None, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Execute the graph on `feeds` (graph input name -> tensor). `hook(node, inputs, outputs)` is called
-        after every node. Intermediate tensors are freed after their last consumer unless they are graph
+        after every node; if it returns a list of tensors, they replace the node's outputs. Intermediate tensors are freed after their last consumer unless they are graph
         outputs or in `keep`. Returns name -> tensor for the graph outputs and the kept names."""
         env = self.initial_env(feeds)
         protect = set(self.output_names) | set(keep or ())
         for i, node in enumerate(self.nodes):
             outs = self.step(i, env)
             if hook is not None:
-                hook(node, [env.get(x) if x else None for x in node.input], outs)
+                replaced = hook(node, [env.get(x) if x else None for x in node.input], outs)
+                if replaced is not None:  # the hook rewrites the node's outputs for its consumers
+                    env.update((name, t) for name, t in zip(node.output, replaced) if name)
             for name in self.free_after(i):
                 if name not in protect:
                     env.pop(name, None)
