@@ -141,6 +141,16 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _fidelity_lines(prefix: str, part: dict) -> list[str]:
+    """One line per output: relative L2 error (and top-1 agreement) before -> after a compensation pass."""
+    out = []
+    for name, after in part["fidelity_after"].items():
+        before = part["fidelity_before"][name]
+        extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
+        out.append(f"{prefix}: '{name}' rel. L2 error {before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+    return out
+
+
 def summary(rep: dict) -> str:
     m, p, g, v = rep["macs"], rep["params"], rep["groups"], rep["verification"]
     lines = [
@@ -157,19 +167,11 @@ def summary(rep: dict) -> str:
         lines.append(f"verification  {v['status']}  ** the output model was NOT verified **")
     comp = rep.get("compensation")
     if comp:
-        for name, after in comp["fidelity_after"].items():
-            before = comp["fidelity_before"][name]
-            extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
-            lines.append(f"compensation  fold-constants on {comp['folded_sinks']} sinks: '{name}' rel. L2 error "
-                         f"{before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+        lines += _fidelity_lines(f"compensation  fold-constants on {comp['folded_sinks']} sinks", comp)
     rec = rep.get("reconstruction")
     if rec:
         names = " + ".join(p["pass"] for p in rec["passes"]) or "none"
-        for name, after in rec["fidelity_after"].items():
-            before = rec["fidelity_before"][name]
-            extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
-            lines.append(f"reconstruct   {names} on {rec['fidelity_on']}: '{name}' rel. L2 error "
-                         f"{before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+        lines += _fidelity_lines(f"reconstruct   {names} on {rec['fidelity_on']}", rec)
     prog = rep.get("progressive")
     if prog:
         macs0 = max(m["before"], 1)
