@@ -297,9 +297,10 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
     _check_numbers(epochs, lr, batch_size, weight_decay, momentum, kd_alpha, kd_temperature)
     if optimizer not in ("sgd", "adam"):
         raise SpaError(f"unknown optimizer '{optimizer}' (choose from: sgd, adam)")
-    if output is not None:
-        from .driver import check_output_path
-        check_output_path(output)
+    from .driver import check_output_path
+    for path in (output, curve):
+        if path is not None:
+            check_output_path(path)
     say = progress or (lambda text, line=False: None)
     t_start = time.perf_counter()
     proto = student if isinstance(student, onnx.ModelProto) else load_model(str(student))
@@ -541,6 +542,7 @@ def plot_curve(history: list[dict], path) -> None:
     if ax2.lines:
         ax2.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -46,6 +46,9 @@ def prune_progressive(source, output=None, *, steps: int, ratio=None, target_flo
         driver.check_output_path(output)
     say = progress or (lambda s: None)
     teacher = driver.load(source, prune_kwargs.get("input_shapes")).graph.to_model()
+    if finetune_data is not None and finetune_epochs > 0:  # read and checked once, before any pruning
+        from .finetune import _load
+        finetune_data = _load(finetune_data, teacher, "fine-tuning")
     current = teacher
     reports, tuned = [], []
     macs0 = params0 = None

@@ -224,3 +224,14 @@ def test_anytime_example_runs_every_route(tmp_path):
     assert res["unpruned, trained"] > 0.8
     assert res["after training, l1 + KD fine-tuning"] >= res["after training, l1, no fine-tuning"]
     assert res["before training (snip, then train)"] > 0.5
+
+
+def test_bad_paths_fail_before_any_work(digits, tmp_path):
+    """An unwritable curve path and a missing between-step data file are one-line errors up front."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SpaError, match="not a directory"):
+        finetune(digits / "teacher.onnx", None, data=digits / "train.npz", epochs=1, curve=blocker / "c.png")
+    with pytest.raises(SpaError, match="not found"):
+        prune_progressive(str(digits / "teacher.onnx"), None, steps=2, ratio=0.3,
+                          finetune_data=tmp_path / "missing.npz")
