@@ -27,12 +27,18 @@ So every Conv whose output no normalization reads gets a training-time BatchNorm
 it is folded back into the conv's weight and bias at export: the graph keeps its nodes (a conv without a bias
 gains a bias input).
 
+Validation (`--val FILE`, or `--val-split F` to hold out part of --data): accuracy (or agreement with the
+teacher) and loss after every epoch; with it, the best epoch is what comes back (`--keep-best`, on by default),
+epoch 0 - the model as given - included: a model that OBSPA already reconstructed well is not made worse by a
+fine-tuning run that does not help it.
+
 After training the ONNX model is rebuilt, checked (onnx.checker full check), run in onnxruntime and compared
 with the torch module on a batch; only then is it written (atomically).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -281,14 +287,20 @@ def _loss_fn(n_outputs: int, logits_index: int | None, alpha: float, temperature
 def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int = 5, lr: float = 0.01,
              batch_size: int = 64, optimizer: str = "sgd", weight_decay: float = 5e-4, momentum: float = 0.9,
              kd_alpha: float | None = None, kd_temperature: float = 0.75, trainable: str = "weights",
-             batchnorm: bool = True, seed: int = 0, curve=None, progress=None, threads: int | None = None) -> FinetuneResult:
+             batchnorm: bool = True, seed: int = 0, curve=None, progress=None, threads: int | None = None,
+             val_split: float = 0.0, keep_best: bool | None = None) -> FinetuneResult:
     """Train `student` (ONNX path or ModelProto) on `data` (.npz path or spa.calib.Calib with the inputs keyed by
     input name and optional int `labels`), distilling from `teacher` (ONNX path/ModelProto) when given.
 
     kd_alpha: weight of the distillation term when labels exist (default 0.5 with a teacher). Without labels
     the loss is distillation only. `val`: data for per-epoch validation (accuracy when it has labels, top-1
-    agreement with the teacher otherwise). `curve`: PNG path for the loss/accuracy curve. `progress(text, line)`
-    is called during training (line=True for the per-epoch summaries). Writes `output` (if given) only after the checks passed."""
+    agreement with the teacher otherwise). `val_split`: hold out this fraction of `data` (seeded, per class when
+    labelled) as the validation data instead. `keep_best` (default: on when there is validation data): return
+    the weights of the epoch with the best validation accuracy/agreement (ties: the lower validation loss),
+    epoch 0 - the model as given - included, so fine-tuning never hands back a model that does worse on the
+    validation data than its input. `curve`: PNG path for the loss/accuracy curve. `progress(text, line)` is
+    called during training (line=True for the per-epoch summaries). Writes `output` (if given) only after the
+    checks passed."""
     import torch
 
     from .ir import load_model, save_model
@@ -312,6 +324,15 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
     if train is None:
         raise SpaError("fine-tuning needs training data (--data FILE.npz or an image folder)")
     valid = _load(val, proto, "validation")
+    if not 0.0 <= val_split < 1.0:
+        raise SpaError(f"--val-split must be in [0, 1), got {val_split}")
+    if val_split > 0:
+        if valid is not None:
+            raise SpaError("give either validation data (--val) or --val-split, not both")
+        train, valid = split_holdout(train, val_split, seed)
+    keep_best = valid is not None if keep_best is None else bool(keep_best)
+    if keep_best and valid is None:
+        raise SpaError("--keep-best needs validation data (--val or --val-split)")
     if train.labels is None and tproto is None:
         raise SpaError("fine-tuning needs labels in the training data or a teacher model (--teacher)")
     if threads:
@@ -363,19 +384,30 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     gen = np.random.default_rng(seed)
 
-    def evaluate(d, teach_outs) -> dict:
+    def evaluate(d, teach_outs, with_loss: bool = False) -> dict:
         if d is None:
             return {}
-        outs = [o.numpy() for o in _outputs(student_net, d, 0, d.n, micro)]
+        raw = _outputs(student_net, d, 0, d.n, micro)
+        outs = [o.numpy() for o in raw]
         m = {}
         if logits_index is not None and d.labels is not None:
             m["accuracy"] = float((outs[logits_index].argmax(1) == d.labels).mean())
         if teach_outs is not None and logits_index is not None:
             m["agreement"] = float((outs[logits_index].argmax(1) == teach_outs[logits_index].argmax(1)).mean())
+        if with_loss:
+            labels = None if d.labels is None else torch.from_numpy(d.labels.astype(np.int64))
+            teach = None if teach_outs is None else [torch.from_numpy(t).float() for t in teach_outs]
+            m["loss"] = float(loss_fn(raw, labels, teach)[0])
         return m
 
-    history = [{"epoch": 0, **{f"val_{k}": v for k, v in evaluate(valid, val_teacher).items()},
-                **{f"train_{k}": v for k, v in evaluate(train, teach_all).items()}}]
+    def validate() -> dict:
+        return {f"val_{k}": v for k, v in evaluate(valid, val_teacher, with_loss=True).items()}
+
+    best = _BestEpoch(student_net, names) if keep_best else None
+
+    history = [{"epoch": 0, **validate(), **{f"train_{k}": v for k, v in evaluate(train, teach_all).items()}}]
+    if best:
+        best.offer(history[0])
     say(f"epoch 0/{epochs}: " + _fmt(history[0]), line=True)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -404,13 +436,18 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
         row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "seconds": round(time.perf_counter() - t0, 2)}
         if train.labels is not None:
             row["train_accuracy"] = correct / max(seen, 1)
-        row.update({f"val_{k}": v for k, v in evaluate(valid, val_teacher).items()})
+        row.update(validate())
         history.append(row)
+        if best:
+            best.offer(row)
         say(f"epoch {epoch}/{epochs}: " + _fmt(row), line=True)
 
     # back to ONNX: same graph, new initializer values; checked before anything is written
     say("export")
     student_net.train(False)
+    if best:
+        best.restore()
+        say(f"kept epoch {best.epoch} (best on validation)", line=True)
     tuned = _with_weights(proto, tg, names)
     if sites:
         fold_batchnorms(tuned, sites, student_net.bns, student_net.keys)
@@ -426,7 +463,8 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
         "student": str(student) if not isinstance(student, onnx.ModelProto) else "<model>",
         "teacher": (str(teacher) if not isinstance(teacher, onnx.ModelProto) else "<model>") if teacher else None,
         "output": str(output) if output else None,
-        "samples": train.n, "val_samples": valid.n if valid is not None else 0,
+        "samples": train.n, "val_samples": valid.n if valid is not None else 0, "val_split": val_split,
+        "keep_best": keep_best, "best_epoch": best.epoch if best else epochs,
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "micro_batch": micro, "optimizer": optimizer,
         "weight_decay": weight_decay, "kd_alpha": alpha if tproto is not None else None,
         "kd_temperature": kd_temperature if tproto is not None else None,
@@ -438,6 +476,54 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     return FinetuneResult(tuned, report, history)
+
+
+def split_holdout(data, fraction: float, seed: int = 0):
+    """(train, validation): `fraction` of the samples held out, seeded; per class when labelled, so every class
+    keeps its share on both sides. At least one sample on each side."""
+    from .calib import Calib
+    rng = np.random.default_rng(seed)
+    if data.labels is not None:
+        held = [rng.permutation(np.flatnonzero(data.labels == c))[:round(fraction * int((data.labels == c).sum()))]
+                for c in np.unique(data.labels)]
+        held = np.concatenate(held)
+    else:
+        held = rng.permutation(data.n)[:round(fraction * data.n)]
+    mask = np.zeros(data.n, dtype=bool)
+    mask[held] = True
+    if mask.all() or not mask.any():
+        raise SpaError(f"--val-split {fraction} of {data.n} samples leaves one side empty")
+
+    def part(m):
+        return Calib({k: v[m] for k, v in data.inputs.items()}, None if data.labels is None else data.labels[m],
+                     data.source, data.classes, data.skipped)
+    return part(~mask), part(mask)
+
+
+class _BestEpoch:
+    """The trainable state of the best epoch so far by validation: accuracy (else agreement with the teacher),
+    then the lower validation loss. A copy of the weights is taken only when an epoch becomes the best."""
+
+    def __init__(self, net: Trainer, names: list[str]):
+        self.net, self.names = net, names
+        self.key, self.epoch, self.state = None, None, None
+
+    def offer(self, row: dict) -> None:
+        metric = row.get("val_accuracy", row.get("val_agreement", 0.0))
+        key = (metric, -row.get("val_loss", 0.0))
+        if self.key is None or key > self.key:
+            self.key, self.epoch = key, row["epoch"]
+            self.state = ({n: self.net.tg.param(n).detach().clone() for n in self.names},
+                          None if self.net.bns is None else copy.deepcopy(self.net.bns.state_dict()))
+
+    def restore(self) -> None:
+        import torch
+        params, bns = self.state
+        with torch.no_grad():
+            for n, t in params.items():
+                self.net.tg.param(n).copy_(t)
+        if bns is not None:
+            self.net.bns.load_state_dict(bns)
 
 
 def _outputs(net: Trainer, data, start: int, stop: int, micro: int = 0):
@@ -563,6 +649,11 @@ def finetune_parser() -> argparse.ArgumentParser:
                    help="training data: arrays keyed by input name, optional int 'labels' (or an image folder)")
     p.add_argument("--teacher", metavar="ONNX", help="distill from this model (usually the unpruned original)")
     p.add_argument("--val", metavar="FILE.npz|DIR", help="validation data, evaluated after every epoch")
+    p.add_argument("--val-split", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of --data (per class, seeded) as the validation data")
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="return the epoch (0 = the model as given) with the best validation accuracy or "
+                        "agreement, ties to the lower validation loss (default: on with validation data)")
     p.add_argument("--epochs", type=int, default=5, help="passes over --data (default 5)")
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine decay to 0; default 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
@@ -610,15 +701,17 @@ def finetune_main(argv) -> int:
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                    weight_decay=args.weight_decay, momentum=args.momentum, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, trainable=args.trainable, seed=args.seed,
-                   batchnorm=not args.no_batchnorm,
+                   batchnorm=not args.no_batchnorm, val_split=args.val_split, keep_best=args.keep_best,
                    curve=curve, progress=progress_printer(args.quiet), threads=args.threads)
     if args.report:
         Path(args.report).write_text(json.dumps(res.report, indent=1))
     if not args.quiet:
         h = res.history
-        first, last = h[0], h[-1]
+        first, last = h[0], h[res.report["best_epoch"]]
         acc = [k for k in ("val_accuracy", "val_agreement", "train_accuracy") if k in last and k in first]
         line = f"fine-tuned {res.report['epochs']} epochs in {res.report['seconds']:.1f} s ({res.report['loss']})"
+        if res.report["keep_best"]:
+            line += f"; kept epoch {res.report['best_epoch']} (best on validation)"
         if acc:
             line += f"; {acc[0]} {first[acc[0]]:.4f} -> {last[acc[0]]:.4f}"
         line += (f"; checked in onnxruntime (max rel. error vs torch "

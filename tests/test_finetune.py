@@ -133,7 +133,8 @@ def test_distillation_recovers_a_pruned_model_and_writes_a_checked_model(digits)
     driver.prune(str(digits / "teacher.onnx"), pruned, ratio=0.5, importance="l1")
     before = accuracy(pruned, digits / "test.npz")
     res = finetune(pruned, digits / "tuned.onnx", data=digits / "train.npz", val=digits / "test.npz",
-                   teacher=digits / "teacher.onnx", epochs=4, lr=0.1, batch_size=32, curve=digits / "curve.png")
+                   teacher=digits / "teacher.onnx", epochs=4, lr=0.1, batch_size=32, curve=digits / "curve.png",
+                   keep_best=False)
     after = accuracy(digits / "tuned.onnx", digits / "test.npz")
     teacher_acc = accuracy(digits / "teacher.onnx", digits / "test.npz")
     assert after > before + 0.5 and after >= teacher_acc - 0.1, (before, after, teacher_acc)
@@ -144,6 +145,30 @@ def test_distillation_recovers_a_pruned_model_and_writes_a_checked_model(digits)
     assert res.report["export_check"]["onnxruntime_vs_torch_max_rel_error"] < 1e-5
     onnx.checker.check_model(onnx.load(digits / "tuned.onnx"), full_check=True)
     assert (digits / "curve.png").stat().st_size > 1000
+
+
+def test_keep_best_never_returns_a_worse_model_on_validation(digits, tmp_path):
+    """A harmful run (lr 3 on a trained net) with a held-out split: the best validation epoch is epoch 0, so the
+    written model is the input's function; without --keep-best the same run does measurably worse."""
+    teacher = digits / "teacher.onnx"
+    kw = {"data": digits / "train.npz", "epochs": 2, "lr": 3.0, "batch_size": 32, "val_split": 0.25, "seed": 1}
+    res = finetune(teacher, tmp_path / "kept.onnx", **kw)
+    assert res.report["keep_best"] and res.report["best_epoch"] == 0
+    assert res.report["val_samples"] + res.report["samples"] == 1200
+    assert abs(res.report["val_samples"] - 300) <= 10  # 25 % per class, rounded per class
+    assert res.history[-1]["val_accuracy"] < res.history[0]["val_accuracy"]
+    x = np.load(digits / "test.npz")["input"]
+    a, b = run(teacher, x), run(tmp_path / "kept.onnx", x)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    worse = finetune(teacher, tmp_path / "last.onnx", keep_best=False, **kw)
+    assert worse.report["best_epoch"] == 2
+    assert accuracy(tmp_path / "last.onnx", digits / "test.npz") < accuracy(teacher, digits / "test.npz") - 0.02
+    with pytest.raises(SpaError, match="either validation data"):
+        finetune(teacher, None, val=digits / "test.npz", **kw)
+    with pytest.raises(SpaError, match="needs validation data"):
+        finetune(teacher, None, data=digits / "train.npz", epochs=1, keep_best=True)
+    with pytest.raises(SpaError, match="--val-split"):
+        finetune(teacher, None, data=digits / "train.npz", epochs=1, val_split=1.0)
 
 
 def test_teacher_only_distillation_without_labels(digits):

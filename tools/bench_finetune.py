@@ -19,6 +19,12 @@ digits 32x32, 1257 train / 540 test), training seed and target fraction F of MAC
   function (spa.finetune's), optimizer (SGD, Nesterov momentum 0.9, weight decay 5e-4), peak learning rate,
   cosine schedule, batch size and sample order: `tp-ce` and `tp-kd` (teacher: the unpruned torch model).
 
+Validation (`--val-split F`, default 0.2): the same F of the train set (per class, seeded by the training seed:
+`spa.finetune.split_holdout`) is held out for every method; fine-tuning trains on the rest, and every method
+returns its best epoch on the held-out part - accuracy, ties to the lower loss (the training loss: CE, or CE+KD
+with the teacher), epoch 0 (the model as pruned) included: `spa.finetune`'s --keep-best for ours, the same rule
+in the torch loop for TP. `--val-split 0` trains on the whole train set and returns the last epoch.
+
 Test accuracy is measured once, after fine-tuning (onnxruntime for ours, torch for TP). Outputs under `--out`
 (default .bench/finetune/): results.json and results.md (mean ± std over seeds, with the command line).
 """
@@ -58,11 +64,11 @@ def log(msg: str) -> None:
 class Settings:
     def __init__(self, args):
         self.epochs, self.lr, self.batch = args.epochs, args.lr, args.batch_size
-        self.steps = args.steps
+        self.steps, self.val_split = args.steps, args.val_split
 
     def finetune_kwargs(self, seed: int) -> dict:
         return {"lr": self.lr, "batch_size": self.batch, "seed": seed, "optimizer": "sgd", "weight_decay": 5e-4,
-                "momentum": 0.9}
+                "momentum": 0.9, "val_split": self.val_split}
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def run_ours(s: BQ.Subject, method: str, target: float, cfg: Settings, train_npz
     ft_s = time.perf_counter() - t1
     acc = BQ.onnx_accuracy(out / f"{tag}.onnx", s.data.x_test, s.data.y_test)
     between_s = sum(t["seconds"] for t in (res.report.get("progressive") or {}).get("finetune", []))
-    return {"method": method, "accuracy": acc, "accuracy_pruned": acc_pruned,
+    return {"method": method, "accuracy": acc, "accuracy_pruned": acc_pruned, "best_epoch": ft.report["best_epoch"],
             "macs_ratio": res.report["macs"]["after"] / res.report["macs"]["before"],
             "params_ratio": res.report["params"]["ratio"], "prune_s": round(prune_s - between_s, 1),
             "finetune_s": round(ft_s + between_s, 1), "epochs": cfg.epochs,
@@ -110,17 +116,34 @@ def run_tp(s: BQ.Subject, method: str, target: float, cfg: Settings, matcher: BQ
     from spa.finetune import _loss_fn
 
     t0 = time.perf_counter()
-    best, _ = matcher.match(target * s.torch_macs, 0.01)
+    pruned, _ = matcher.match(target * s.torch_macs, 0.01)
     prune_s = time.perf_counter() - t0
-    model = copy.deepcopy(best.model)
+    model = copy.deepcopy(pruned.model)
     acc_pruned = BQ.train_bench.accuracy(model, s.data.x_test, s.data.y_test)
     kd = method.endswith("-kd")
-    x, y = s.data.x_train, s.data.y_train.astype(np.int64)
-    teacher = None
+    x, y, xv, yv = split(s, cfg.val_split)
+    teacher = teacher_val = None
     if kd:
         with torch.no_grad():
             teacher = s.model.eval()(torch.from_numpy(x)).numpy()
+            teacher_val = s.model.eval()(torch.from_numpy(xv)).numpy() if len(xv) else None
     loss_fn = _loss_fn(1, 0, 0.5 if kd else 0.0, 0.75, [max(float(np.var(teacher)), 1e-12)] if kd else None)
+
+    def validate(epoch: int) -> None:
+        """spa.finetune's --keep-best rule: best held-out accuracy, ties to the lower loss; epoch 0 counts."""
+        nonlocal best
+        if not len(xv):
+            return
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.from_numpy(xv))
+            loss, _ = loss_fn([out], torch.from_numpy(yv), [torch.from_numpy(teacher_val)] if kd else None)
+        k = (float((out.argmax(1).numpy() == yv).mean()), -float(loss))
+        if best is None or k > best[0]:
+            best = (k, epoch, copy.deepcopy(model.state_dict()))
+
+    best = None
+    validate(0)
     torch.manual_seed(s.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -129,7 +152,7 @@ def run_tp(s: BQ.Subject, method: str, target: float, cfg: Settings, matcher: BQ
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / total)))
     gen = np.random.default_rng(s.seed)  # the same sample order as spa.finetune with the same seed
     t1 = time.perf_counter()
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         model.train()
         order = gen.permutation(len(x))
         for b in range(steps_per_epoch):
@@ -141,19 +164,35 @@ def run_tp(s: BQ.Subject, method: str, target: float, cfg: Settings, matcher: BQ
             loss.backward()
             opt.step()
             sched.step()
+        validate(epoch + 1)
     model.eval()
+    if best is not None:
+        model.load_state_dict(best[2])
     ft_s = time.perf_counter() - t1
     acc = BQ.train_bench.accuracy(model, s.data.x_test, s.data.y_test)
     n_params = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in s.model.parameters())
-    return {"method": method, "accuracy": acc, "accuracy_pruned": acc_pruned, "macs_ratio": best.macs / s.torch_macs,
+    return {"method": method, "accuracy": acc, "accuracy_pruned": acc_pruned, "macs_ratio": pruned.macs / s.torch_macs,
             "params_ratio": n_params, "prune_s": round(prune_s, 1), "finetune_s": round(ft_s, 1),
-            "epochs": cfg.epochs, "tp_pruning_ratio": best.ratio}
+            "epochs": cfg.epochs, "tp_pruning_ratio": pruned.ratio,
+            "best_epoch": best[1] if best is not None else cfg.epochs}
+
+
+def split(s: BQ.Subject, fraction: float):
+    """The train set minus the held-out part, and the held-out part: spa.finetune.split_holdout with the
+    training seed, so TP and ours see the same samples."""
+    from spa.calib import Calib
+    from spa.finetune import split_holdout
+    x, y = s.data.x_train, s.data.y_train.astype(np.int64)
+    if fraction <= 0:
+        return x, y, x[:0], y[:0]
+    tr, va = split_holdout(Calib({"input": x}, y), fraction, s.seed)
+    return tr.inputs["input"], tr.labels, va.inputs["input"], va.labels
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
 
 def key(r: dict) -> tuple:
-    return (r["model"], r["seed"], r["method"], float(r["target"]), r["epochs"])
+    return (r["model"], r["seed"], r["method"], float(r["target"]), r["epochs"], float(r.get("val_split", 0.0)))
 
 
 def load_rows(path: Path, resume: bool) -> dict:
@@ -173,15 +212,17 @@ def markdown(state: dict) -> str:
     rows = [r for r in state["rows"].values() if r.get("accuracy") is not None]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], float(r["target"]), r["epochs"]), []).append(r)
+        groups.setdefault((r["model"], float(r["target"]), r["epochs"], float(r.get("val_split", 0.0))), []).append(r)
     out = []
-    for (model, target, epochs), rs in sorted(groups.items()):
+    for (model, target, epochs, vs), rs in sorted(groups.items()):
         unpruned = statistics.fmean(100 * r["unpruned"] for r in rs)
-        out.append(f"**{model}**, keep {target:g} of MACs, {epochs} epochs of fine-tuning "
+        protocol = (f"{vs:g} of the train set held out, best epoch on it returned" if vs
+                    else "whole train set, last epoch returned")
+        out.append(f"**{model}**, keep {target:g} of MACs, {epochs} epochs of fine-tuning, {protocol} "
                    f"(unpruned {unpruned:.2f} %):\n")
         out.append("| method | test acc. after fine-tuning (%) | as pruned (%) | MACs kept | params kept | "
-                   "prune s | fine-tune s | n |")
-        out.append("|---|---|---|---|---|---|---|---|")
+                   "prune s | fine-tune s | best epochs | n |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for m in METHODS:
             ms = [r for r in rs if r["method"] == m]
             if not ms:
@@ -193,7 +234,8 @@ def markdown(state: dict) -> str:
                        f"{statistics.fmean(r['macs_ratio'] for r in ms):.3f} | "
                        f"{statistics.fmean(r['params_ratio'] for r in ms):.3f} | "
                        f"{statistics.fmean(r['prune_s'] for r in ms):.1f} | "
-                       f"{statistics.fmean(r['finetune_s'] for r in ms):.1f} | {len(ms)} |")
+                       f"{statistics.fmean(r['finetune_s'] for r in ms):.1f} | "
+                       f"{','.join(str(r.get('best_epoch', '-')) for r in ms)} | {len(ms)} |")
         out.append("")
     out.append("Commands:\n")
     out += [f"- `{r['command']}` ({r['when']}; {r['versions']})" for r in state["runs"]]
@@ -210,6 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3, help="progressive steps")
+    ap.add_argument("--val-split", type=float, default=0.2,
+                    help="held-out fraction of the train set for epoch selection (0: none, last epoch)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--quick", action="store_true", help="resnet20_digits, seed 0, 1 epoch, 2 steps")
@@ -234,7 +278,7 @@ def main(argv=None) -> int:
             matcher = None
             for target in args.targets:
                 for method in args.methods:
-                    k = (model_name, seed, method, float(target), args.epochs)
+                    k = (model_name, seed, method, float(target), args.epochs, float(args.val_split))
                     if k in state["rows"] and state["rows"][k].get("accuracy") is not None:
                         continue
                     log(f"{model_name} seed {seed} keep {target} {method} ...")
@@ -244,7 +288,8 @@ def main(argv=None) -> int:
                         row = run_tp(s, method, target, cfg, matcher)
                     else:
                         row = run_ours(s, method, target, cfg, train_npz, args.out)
-                    row.update(model=model_name, seed=seed, target=target, unpruned=s.onnx_acc)
+                    row.update(model=model_name, seed=seed, target=target, unpruned=s.onnx_acc,
+                               val_split=args.val_split)
                     state["rows"][k] = row
                     log(f"  {method}: {100 * row['accuracy_pruned']:.2f} % as pruned -> {100 * row['accuracy']:.2f} % "
                         f"after {args.epochs} epochs (MACs {row['macs_ratio']:.3f}; prune {row['prune_s']} s, "
