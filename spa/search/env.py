@@ -26,11 +26,22 @@ The reward comes from the pluggable `Evaluator` (`reward.py`). `info` carries th
 evaluator's metrics. Every evaluation made through the env (`step`, or a policy's `evaluate_ratios`) is logged in
 `env.history` as (evaluation index, reward, best so far) across episodes; `env.best` holds the best candidate.
 
-`iterative=True` is reserved for GNN-RL's re-graphing episodes (prune, rebuild the graph of the pruned model,
-repeat until the budget is met); it is not implemented yet - subclasses can override `_observe`.
+**Iterative episodes** (`iterative=True`, one-shot mode, GNN-RL): the budget is reached in `steps` steps (default 4)
+on a geometric schedule, budget kind by kind: step t of T aims at f^(t/T) of the original for a budget f. At each
+step the action is a keep ratio per action group *of its current units*; it is projected onto the step's budget
+with no group growing back (`project_capped`: `BudgetProjector.project` with the groups it would put above their
+current count pinned there), the counts are applied to the model (`SearchProblem.apply`) and the group graph is
+rebuilt from the pruned ONNX (`Regrapher`: re-analysis, features on the original's scale, groups mapped back to
+the original's ids; the edge list stays the original's). The next observation describes the pruned network.
+Reward 0 until the last step, whose candidate (kept counts relative to the original, on the final budget) is the
+episode's only evaluation. The observation returned with the last step keeps the previous step's graph (nothing
+acts on it; re-graphing it would add 1/T to the cost).
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +50,15 @@ import numpy as np
 from gymnasium import spaces
 
 from ..errors import SpaError
-from .graph import EDGE_FEATURES, NODE_FEATURES
+from .budget import BudgetProjector, Projection
+from .graph import (
+    EDGE_FEATURES,
+    NODE_FEATURES,
+    STATIC_NODE_FEATURES,
+    GroupGraph,
+    group_map,
+    unit_map,
+)
 from .problem import SearchProblem
 from .reward import Evaluation, Evaluator
 
@@ -60,11 +79,9 @@ class PruningEnv(gym.Env):
     metadata: ClassVar[dict] = {"render_modes": []}
 
     def __init__(self, problem: SearchProblem, evaluator: Evaluator, mode: str = "one-shot",
-                 iterative: bool = False, progress=None):
+                 iterative: bool = False, progress=None, steps: int = 4):
         if mode not in MODES:
             raise SpaError(f"unknown env mode '{mode}' (choose from {', '.join(MODES)})")
-        if iterative:
-            raise NotImplementedError("iterative (GNN-RL re-graphing) episodes are not implemented yet")
         self.problem, self.evaluator, self.mode = problem, evaluator, mode
         self.progress = progress
         pj = problem.projector
@@ -78,12 +95,42 @@ class PruningEnv(gym.Env):
         self.mask[self.action_groups] = 1
         action_set = set(self.action_groups.tolist())
         self.order = np.array([g for g in gg.topo_order if int(g) in action_set], dtype=np.int64)
-        self.n_steps = 1 if mode == "one-shot" else len(self.order)
         self.sizes = pj.sizes.astype(np.float64)
         self.min_ratio = (pj.min_kept / np.maximum(self.sizes, 1)).astype(np.float32)
-        n_feat = len(NODE_FEATURES)
-        self.observation_space = spaces.Dict({
-            "nodes": spaces.Box(-np.inf, np.inf, (self.n_nodes, n_feat), np.float32),
+        shape = (self.n_nodes,) if mode == "one-shot" else (1,)
+        self.action_space = spaces.Box(-1.0, 1.0, shape, np.float32)
+        self.regrapher: Regrapher | None = None
+        self.set_episodes(iterative, steps)
+        self.history: list[tuple[int, float, float]] = []
+        self.best: Best | None = None
+        self.last_evaluation: Evaluation | None = None
+        self._t = 0
+        self._kept = pj.full()
+        self._decided = np.zeros(self.n_nodes, dtype=bool)
+        self._graph = gg
+
+    def set_episodes(self, iterative: bool, steps: int = 4) -> None:
+        """Switch between single-decision episodes and iterative ones of `steps` re-graphing steps (a policy that
+        needs iterative episodes calls this on the env it is given; the evaluation log is kept)."""
+        if iterative and self.mode != "one-shot":
+            raise SpaError("iterative episodes take one-shot actions: use mode='one-shot'")
+        if iterative and (int(steps) != steps or steps < 1):
+            raise SpaError(f"iterative episodes need a whole number of steps >= 1, got {steps}")
+        self.iterative = bool(iterative)
+        if self.iterative:
+            self.n_steps = int(steps)
+            self._step_projectors: dict[int, BudgetProjector] = {}
+            if self.regrapher is None:
+                self.regrapher = Regrapher(self.problem)
+        else:
+            self.n_steps = 1 if self.mode == "one-shot" else len(self.order)
+        self.observation_space = self._observation_space()
+        self._t = 0
+
+    def _observation_space(self) -> spaces.Dict:
+        gg = self.problem.graph
+        return spaces.Dict({
+            "nodes": spaces.Box(-np.inf, np.inf, (self.n_nodes, len(NODE_FEATURES)), np.float32),
             "edge_index": spaces.Box(0, max(self.n_nodes - 1, 0), (2, gg.num_edges), np.int64),
             "edges": spaces.Box(-np.inf, np.inf, (gg.num_edges, len(EDGE_FEATURES)), np.float32),
             "mask": spaces.MultiBinary(self.n_nodes),
@@ -91,14 +138,6 @@ class PruningEnv(gym.Env):
             "step": spaces.Discrete(self.n_steps + 1),
             "globals": spaces.Box(-np.inf, np.inf, (len(GLOBAL_FEATURES),), np.float32),
         })
-        shape = (self.n_nodes,) if mode == "one-shot" else (1,)
-        self.action_space = spaces.Box(-1.0, 1.0, shape, np.float32)
-        self.history: list[tuple[int, float, float]] = []
-        self.best: Best | None = None
-        self.last_evaluation: Evaluation | None = None
-        self._t = 0
-        self._kept = pj.full()
-        self._decided = np.zeros(self.n_nodes, dtype=bool)
 
     # ---- gymnasium API -------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -106,6 +145,7 @@ class PruningEnv(gym.Env):
         self._t = 0
         self._kept = self.projector.full()
         self._decided = np.zeros(self.n_nodes, dtype=bool)
+        self._graph = self.problem.graph
         return self._observe(), {}
 
     def step(self, action):
@@ -116,6 +156,8 @@ class PruningEnv(gym.Env):
             if a.shape != (self.n_nodes,):
                 raise SpaError(f"one-shot action must have shape ({self.n_nodes},), got {a.shape}")
             rho = (a[self.action_groups] + 1.0) / 2.0
+            if self.iterative:
+                return self._iterate(rho)
             self._t = 1
             return self._finish(rho)
         g = int(self.order[self._t])
@@ -130,7 +172,10 @@ class PruningEnv(gym.Env):
         return self._finish(rho)
 
     def _finish(self, rho):
-        proj = self.projector.project(rho)
+        return self._conclude(self.projector.project(rho))
+
+    def _conclude(self, proj: Projection):
+        """Evaluate the episode's candidate (every action group decided) and end the episode."""
         self._kept = proj.kept
         self._decided[self.action_groups] = True
         ev = self.evaluate(proj.kept)
@@ -138,6 +183,35 @@ class PruningEnv(gym.Env):
         info = {"kept": proj.kept.copy(), "costs": proj.costs, "feasible": proj.feasible, "shift": proj.shift,
                 "metrics": ev.metrics}
         return self._observe(), float(ev.reward), True, False, info
+
+    # ---- iterative episodes --------------------------------------------------------------------------------------
+    def _iterate(self, share):
+        """One step of an iterative episode: `share` of each action group's current units is desired; project
+        onto this step's budget without growth, prune and re-graph (or conclude on the last step)."""
+        ag = self.action_groups
+        rho = share * self._kept[ag] / self.sizes[ag]
+        pj = self.step_projector(self._t + 1)
+        proj = project_capped(pj, rho, self._kept)
+        self._t += 1
+        if self._t == self.n_steps:
+            return self._conclude(proj)
+        self._kept = proj.kept.copy()
+        self._graph = self.regrapher(self._kept)
+        info = {"kept": proj.kept.copy(), "costs": proj.costs, "feasible": proj.feasible, "shift": proj.shift,
+                "budgets": dict(pj.budgets)}
+        return self._observe(), 0.0, False, False, info
+
+    def step_budgets(self, t: int) -> dict[str, float]:
+        """The budgets of step t (1..T) of an iterative episode: f^(t/T) of the original per budget kind."""
+        return {k: f ** (t / self.n_steps) for k, f in self.projector.budgets.items()}
+
+    def step_projector(self, t: int) -> BudgetProjector:
+        """The projector of step t (the problem's own on the last step; built once per step and cached)."""
+        if t >= self.n_steps:
+            return self.projector
+        if t not in self._step_projectors:
+            self._step_projectors[t] = dataclasses.replace(self.projector, budgets=self.step_budgets(t))
+        return self._step_projectors[t]
 
     # ---- evaluation log (shared by RL episodes and the controls) -----------------------------------------------
     def evaluate(self, kept: np.ndarray) -> Evaluation:
@@ -165,9 +239,10 @@ class PruningEnv(gym.Env):
 
     # ---- observation ---------------------------------------------------------------------------------------------
     def _observe(self) -> dict:
-        """Override to re-graph (GNN-RL's iterative episodes) or to add features."""
+        """The observation of the current state (of the current pruned model's graph in iterative episodes);
+        override to add features."""
         pj = self.projector
-        gg = self.problem.graph
+        gg = self._graph
         keep_ratio = (self._kept / np.maximum(self.sizes, 1)).astype(np.float32)
         now = pj.costs(self._kept)
         floor = self._kept.copy()
@@ -199,3 +274,81 @@ class PruningEnv(gym.Env):
                 raise SpaError("no candidate evaluated yet")
             kept = self.best.kept
         return self.problem.plan(kept)
+
+
+# ---- iterative episodes: projection without growth, re-graphing --------------------------------------------------
+def project_capped(pj: BudgetProjector, rho, cap: np.ndarray) -> Projection:
+    """`pj.project(rho)` with every action group kept at most `cap[g]` units (kept counts never grow back within
+    an iterative episode): groups the projection puts above their cap are pinned at it and the others projected
+    again, until none is above. Pinning a group lower only frees budget, so the result stays feasible whenever
+    `cap` plus the free groups at their minimum is; it is maximal given the caps (a free group cannot take its
+    next step, a pinned one is at its cap)."""
+    pinned: dict[int, int] = {}
+    while True:
+        proj = pj.project(rho, pinned)
+        over = [int(g) for g in pj.action_groups if int(g) not in pinned and proj.kept[g] > cap[g]]
+        if not over:
+            return proj
+        pinned.update((g, int(cap[g])) for g in over)
+
+
+class Regrapher:
+    """The group graph of the model pruned to a kept-count vector, in the original's node and edge order.
+
+    Each call applies the counts to a fresh copy of the original (`SearchProblem.apply`), infers the pruned
+    shapes, re-analyses the pruned ONNX and builds its `GroupGraph` on the original's scale, with every kept unit
+    scored as it was in the original (re-scoring would need calibration passes; the criterion already chose which
+    units go). The pruned groups are mapped back to the original's ids (`graph.unit_map` / `group_map`, an error
+    when they do not correspond one to one). The measured latency share column is carried over from the original
+    graph (a latency table describes the original's groups). The original's edge list is kept: only the features
+    are recomputed. Results are cached by kept vector (`cache` most recent); `seconds` / `built` measure the cost.
+    """
+
+    def __init__(self, problem: SearchProblem, cache: int = 64):
+        self.problem = problem
+        self.cache_size = cache
+        self._cache: OrderedDict[bytes, GroupGraph] = OrderedDict()
+        self.seconds, self.built, self.calls, self.edge_mismatches = 0.0, 0, 0, 0
+
+    def __call__(self, kept: np.ndarray) -> GroupGraph:
+        self.calls += 1
+        key = np.asarray(kept, dtype=np.int64).tobytes()
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        t0 = time.perf_counter()
+        graph = self.build(kept)
+        self.seconds += time.perf_counter() - t0
+        self.built += 1
+        self._cache[key] = graph
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return graph
+
+    def pruned(self, kept: np.ndarray):
+        """(pruned model, its analysis, group_of, unit scores): the candidate applied and re-analysed."""
+        from passes.analyse import Analyse
+        from passes.normalize import infer_shapes
+
+        problem = self.problem
+        model, _, removed, _ = problem.apply(np.asarray(kept, dtype=np.int64))
+        g = model.graph
+        g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
+        model.analyses.clear()   # Apply ran outside a pass manager: its input's analysis is stale
+        an = Analyse().run(model)
+        new, old = unit_map(problem.an, removed, an)
+        group_of = group_map(problem.an, an, new, old)
+        scores = {int(n): problem.scores[int(o)] for n, o in zip(new.tolist(), old.tolist())}
+        return model, an, group_of, scores
+
+    def build(self, kept: np.ndarray) -> GroupGraph:
+        """The original graph with the static node features and the edge features of the pruned model's graph."""
+        original = self.problem.graph
+        _, an, group_of, scores = self.pruned(kept)
+        pruned = GroupGraph.build(an, scores, scale=original.scale)
+        static, edge_attr, mismatched = pruned.in_original_order(group_of, original)
+        self.edge_mismatches += mismatched
+        latency = STATIC_NODE_FEATURES.index("latency_share")
+        static[:, latency] = original.static[:, latency]
+        return dataclasses.replace(original, static=static, edge_attr=edge_attr)

@@ -13,6 +13,12 @@ between the same pair of groups are merged (their channel counts summed).
 Every feature is computed from the ONNX graph, the cost model and the importance scores; nothing is random.
 `NODE_FEATURES` / `EDGE_FEATURES` name the columns; static columns are computed once, the dynamic ones (keep ratio,
 decision flags, budget) are filled per observation by `GroupGraph.node_features`.
+
+**Pruned models** (iterative episodes): `build(an, scores, scale=original.scale)` measures a pruned model's graph on
+the original's scale (largest group, feature-map size, total MACs and parameters, node count, median importance), so
+its features change only where the pruning changed something. `unit_map` / `group_map` tie the pruned model's units
+and groups back to the original's (through the source layers' kept positions) and `in_original_order` lays the
+pruned graph's features out in the original's node and edge order.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import SpaError
 from ..groups import Analysis
 from ..ir import attr
 
@@ -83,6 +90,19 @@ EDGE_FEATURES = (
 )
 
 
+@dataclass(frozen=True)
+class GraphScale:
+    """The normalisers of the features. A pruned model's graph built on its original's scale keeps features
+    comparable between the steps of an iterative episode (a shrunk group reads smaller, the others do not move)."""
+
+    max_units: float            # log2(largest group + 1)
+    max_fmap: float             # largest log2(output positions per sample) of a source layer (>= 1)
+    total_macs: float
+    params_total: float
+    n_nodes: int                # ONNX nodes (depth features are positions / n_nodes)
+    imp_ref: float              # median over groups of the mean unit score
+
+
 @dataclass
 class GroupGraph:
     """Nodes (groups), edges (data flow), static features. Build with `GroupGraph.build(an, scores)`."""
@@ -93,6 +113,7 @@ class GroupGraph:
     edge_attr: np.ndarray       # (E, len(EDGE_FEATURES)) float32
     topo_order: np.ndarray      # group ids by depth of their first source (sequential episodes visit them so)
     sources: list[list[str]]    # source node names per group
+    scale: GraphScale | None = None   # the normalisers the features were computed with
 
     @property
     def num_nodes(self) -> int:
@@ -122,7 +143,10 @@ class GroupGraph:
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, an: Analysis, scores: dict, params_total: float | None = None) -> GroupGraph:
+    def build(cls, an: Analysis, scores: dict, params_total: float | None = None,
+              scale: GraphScale | None = None) -> GroupGraph:
+        """The graph of `an` with features from `scores` (unit root -> score); `scale` replaces the model's own
+        normalisers (a pruned model measured on its original's scale)."""
         g = an.ctx.g
         n_groups = len(an.groups)
         roots = np.array(sorted(an.unit_group), dtype=np.int64)
@@ -142,7 +166,7 @@ class GroupGraph:
 
         node_pos = {n.name: i for i, n in enumerate(an.nodes)}
         by_name = {n.name: n for n in an.nodes}
-        n_nodes = max(len(an.nodes), 1)
+        n_nodes = scale.n_nodes if scale else max(len(an.nodes), 1)
         tensor_groups = {name: np.unique(groups_of(lab.atoms)) for name, lab in an.ctx.labels.items()}
 
         # op-type mix and last reader depth
@@ -186,14 +210,21 @@ class GroupGraph:
         concat = (n_src > 1) & ~residual                   # the sources' channels lie end to end
 
         # costs
-        total_macs = max(float(an.total_macs), 1.0)
+        total_macs = scale.total_macs if scale else max(float(an.total_macs), 1.0)
         flops_share = np.array([grp.macs for grp in an.groups]) / total_macs
+        if scale:
+            params_total = scale.params_total
+        elif params_total is None:
+            params_total = _params_total(g)
         params_share = _params_share(an, groups_of, n_groups, params_total)
 
         # importance statistics
         imp = np.zeros((n_groups, 4))
         means = np.array([np.mean([scores[int(u)] for u in grp.units]) for grp in an.groups])
-        ref = float(np.median(means[means > 0])) if (means > 0).any() else 1.0
+        if scale:
+            ref = scale.imp_ref
+        else:
+            ref = float(np.median(means[means > 0])) if (means > 0).any() else 1.0
         for grp in an.groups:
             v = np.array([scores[int(u)] for u in grp.units], dtype=np.float64)
             top = np.abs(v).max()
@@ -201,8 +232,8 @@ class GroupGraph:
             level = math.log10(max(means[grp.id], 1e-300) / ref) if means[grp.id] > 0 else -3.0
             imp[grp.id] = [w.mean(), w.std(), w.min(), float(np.clip(level, -3, 3)) / 3]
 
-        max_units = math.log2(sizes.max(initial=1) + 1)
-        max_fmap = max(fmap.max(initial=0.0), 1.0)
+        max_units = scale.max_units if scale else math.log2(sizes.max(initial=1) + 1)
+        max_fmap = scale.max_fmap if scale else max(fmap.max(initial=0.0), 1.0)
         static = np.column_stack([
             op_mix,
             np.log2(np.maximum(sizes, 1)) / max_units,
@@ -232,7 +263,78 @@ class GroupGraph:
         edge_index = np.array(rows, dtype=np.int64).T.reshape(2, -1)
         edge_attr = np.array(attrs, dtype=np.float32).reshape(-1, len(EDGE_FEATURES))
         topo = np.array(sorted(range(n_groups), key=lambda i: (depth[i], i)), dtype=np.int64)
-        return cls(an, static, edge_index, edge_attr, topo, sources)
+        used = scale or GraphScale(max_units, max_fmap, total_macs, max(float(params_total), 1.0), n_nodes, ref)
+        return cls(an, static, edge_index, edge_attr, topo, sources, used)
+
+    def in_original_order(self, group_of: np.ndarray, original: GroupGraph) -> tuple[np.ndarray, np.ndarray, int]:
+        """This (pruned) graph's static features and edge features laid out in `original`'s node and edge order
+        (`group_of[g]`: the original group of this graph's group g). An original edge this graph lacks gets zero
+        features (no link left); edges this graph adds are dropped (the observation's edge list is fixed) and
+        counted: (static, edge_attr, edges dropped or missing)."""
+        static = np.empty_like(self.static)
+        static[group_of] = self.static
+        where = {(int(a), int(b)): i for i, (a, b) in enumerate(original.edge_index.T.tolist())}
+        edge_attr = np.zeros_like(original.edge_attr)
+        found = 0
+        for k, (a, b) in enumerate(self.edge_index.T.tolist()):
+            i = where.get((int(group_of[a]), int(group_of[b])))
+            if i is not None:
+                edge_attr[i] = self.edge_attr[k]
+                found += 1
+        return static, edge_attr, (self.num_edges - found) + (original.num_edges - found)
+
+
+# ---- pruned models: their units and groups in terms of the original's ---------------------------------------
+def unit_map(an: Analysis, removed, pruned: Analysis) -> tuple[np.ndarray, np.ndarray]:
+    """(pruned roots, original roots): the unit of the pruned model's analysis that each original unit kept
+    became. Source layers are matched by node name; source k's channels in the pruned model are its original
+    channels whose unit was not removed, in order. Raises SpaError unless every pruned unit comes from exactly
+    one original unit and every kept original unit is found."""
+    keep = an.keep_mask(removed)
+    originals: dict[str, list[np.ndarray]] = {}
+    for s in an.ctx.sources:
+        originals.setdefault(s.node, []).append(s.atoms)
+    seen: dict[str, int] = {}
+    new, old = [], []
+    for s in pruned.ctx.sources:
+        k = seen[s.node] = seen.get(s.node, -1) + 1
+        olds = originals.get(s.node, [])
+        if k >= len(olds):
+            raise _mapping_error(f"the pruned model has a source layer '{s.node}' the original lacks")
+        atoms = olds[k][keep(olds[k])]
+        if len(atoms) != len(s.atoms):
+            raise _mapping_error(f"source layer '{s.node}' has {len(s.atoms)} channels, {len(atoms)} were kept")
+        new.append(pruned.find(s.atoms))
+        old.append(an.find(atoms))
+    pairs = np.unique(np.stack([np.concatenate(new), np.concatenate(old)]), axis=1) if new else np.zeros((2, 0),
+                                                                                                          np.int64)
+    kept_units = np.setdiff1d(np.fromiter(an.unit_group, np.int64), np.asarray(sorted(removed), np.int64))
+    if len(np.unique(pairs[0])) != pairs.shape[1] or len(np.unique(pairs[1])) != pairs.shape[1] \
+            or len(pairs[0]) != len(pruned.unit_group) or not np.array_equal(np.unique(pairs[1]), kept_units):
+        raise _mapping_error("the pruned model's units do not correspond one to one to the kept original units")
+    return pairs[0], pairs[1]
+
+
+def group_map(an: Analysis, pruned: Analysis, new_roots: np.ndarray, old_roots: np.ndarray) -> np.ndarray:
+    """group_of[g]: the original group of the pruned model's group g. Raises SpaError unless the groups
+    correspond one to one (channel pruning keeps every group alive: min_channels >= 1)."""
+    pairs = np.unique(np.array([[pruned.unit_group[int(r)] for r in new_roots],
+                                [an.unit_group[int(r)] for r in old_roots]], dtype=np.int64).reshape(2, -1), axis=1)
+    n = len(an.groups)
+    if len(pruned.groups) != n or pairs.shape[1] != n or len(np.unique(pairs[0])) != n \
+            or len(np.unique(pairs[1])) != n:
+        raise _mapping_error(f"the pruned model has {len(pruned.groups)} coupled groups, the original {n}, and "
+                             "they do not correspond one to one (the pruning changed how channels are coupled)")
+    group_of = np.empty(n, dtype=np.int64)
+    group_of[pairs[0]] = pairs[1]
+    return group_of
+
+
+def _mapping_error(why: str) -> SpaError:
+    return SpaError(f"iterative episodes: cannot map the pruned model back onto the original: {why}. This happens "
+                    "when pruning changes how channels couple: a depthwise or grouped convolution left with one "
+                    "channel per group turns into an ordinary or a depthwise one (min_channels >= 2 prevents it), "
+                    "attention heads regroup once heads or head_dim shrink. Use one-shot episodes for this model")
 
 
 def _category(node, g) -> str:
@@ -261,6 +363,12 @@ def _geometry(node, g) -> tuple[int, int, float, float, int]:
     return 1, 1, 0.0, 0.0, positions
 
 
+def _params_total(g) -> float:
+    """Float initializer elements (the default denominator of `params_share`)."""
+    return sum(float(np.prod(g.const_info(n)[0])) for n in g.initializer_names()
+               if np.dtype(g.const_info(n)[1]).kind == "f")
+
+
 def _params_share(an: Analysis, groups_of, n_groups: int, total: float | None) -> np.ndarray:
     """Per group: parameter elements of the slices labelled by the group (a tensor sliced on two axes counts
     its share on each axis)."""
@@ -277,8 +385,7 @@ def _params_share(an: Analysis, groups_of, n_groups: int, total: float | None) -
         if len(gids):
             out += np.bincount(gids, minlength=n_groups) * (float(np.prod(shape)) / len(ps.atoms))
     if total is None:
-        total = sum(float(np.prod(g.const_info(n)[0])) for n in g.initializer_names()
-                    if np.dtype(g.const_info(n)[1]).kind == "f")
+        total = _params_total(g)
     return out / max(total, 1.0)
 
 

@@ -8,7 +8,10 @@ centred over the action groups and bounded by `mean_scale`). Each episode is one
 
 Episodes are one step long, so GAE reduces to advantage = reward - V(s): the critic (its own encoder,
 mean || max pooling, plus the globals) is the baseline (`advantage="moving"` uses a moving average of the rewards
-instead). Rewards are standardised with running statistics; advantages are normalised per batch. Every `batch`
+instead). With `iterative=True` the env plays GNN-RL's iterative episodes (`steps` re-graphing steps, reward at the
+last, see `env.py`): every step is a PPO sample on the graph of the model pruned so far, the advantage is GAE over
+the episode (`gamma`, `gae_lambda`; the value target is the lambda-return), and a one-step episode is exactly the
+one-shot case. Rewards are standardised with running statistics; advantages are normalised per batch. Every `batch`
 episodes, `epochs` passes of PPO-Clip (clip 0.2) over the batch. With `eval_mean`, the deterministic action (the
 means) is evaluated once per update: the search returns the best candidate seen, and late in training the mean is
 usually it (these evaluations count against `evals`).
@@ -27,6 +30,8 @@ Options (constructor keywords / `policy_options`), defaults in brackets:
                                             AutoSculpt's learnable alpha: the training reward gets + alpha *
                                             (1 - FLOPs kept); alpha is adapted each update so that term's spread
                                             over the batch is `alpha_share` of the reward's spread (see below)
+    iterative [False], steps [4]            GNN-RL's iterative episodes (the policy switches the env to them)
+    gamma [1.0], gae_lambda [0.95]          GAE over an episode's steps (no effect on one-step episodes)
     network [None]                          a user network: a class / callable returning an nn.Module with
                                             forward(graph, globals, mask) -> (mean (A,), log_std, value)
     threads [1]                             torch intra-op threads during the search
@@ -35,8 +40,8 @@ AutoSculpt's learnable alpha, here: the env's projection puts every candidate at
 differs between candidates only by the slack the unit granularity leaves (`round_to`); alpha then rewards the
 agent for using less of the budget at equal fidelity, scaled automatically against the fidelity spread. It only
 shapes the agent's training signal: the reward the env logs (and the best candidate) stays the evaluator's, so
-policies remain comparable. GNN-RL's iterative re-graphing episodes are not implemented (`PruningEnv(iterative=
-True)` raises); its multi-stage encoder is the `multi_stage` option.
+policies remain comparable. GNN-RL's multi-stage encoder is the `multi_stage` option; its iterative re-graphing
+episodes are `iterative=True`.
 """
 from __future__ import annotations
 
@@ -130,16 +135,22 @@ class PPOGNNPolicy(Policy):
                  entropy_coef: float = 0.0, max_grad_norm: float = 1.0, init_std: float = 0.5,
                  min_std: float = 0.05, mean_scale: float = 3.0, advantage: str = "critic", eval_mean: bool = True,
                  learn_alpha: bool = False, alpha: float = 0.0, alpha_share: float = 0.1, alpha_lr: float = 0.5,
+                 iterative: bool = False, steps: int = 4, gamma: float = 1.0, gae_lambda: float = 0.95,
                  network=None, threads: int | None = 1):
         if advantage not in ADVANTAGES:
             raise SpaError(f"unknown advantage '{advantage}' (choose from {', '.join(ADVANTAGES)})")
         if batch < 1 or epochs < 1 or not 0.0 < clip < 1.0:
             raise SpaError("ppo-gnn needs batch >= 1, epochs >= 1 and 0 < clip < 1")
+        if not (0.0 <= gamma <= 1.0 and 0.0 <= gae_lambda <= 1.0):
+            raise SpaError("ppo-gnn needs gamma and gae_lambda in [0, 1]")
+        if iterative and (int(steps) != steps or steps < 1):
+            raise SpaError(f"ppo-gnn: iterative episodes need a whole number of steps >= 1, got {steps}")
         super().__init__(hidden=hidden, heads=heads, layers=layers, multi_stage=multi_stage, batch=batch,
                          epochs=epochs, clip=clip, lr=lr, value_coef=value_coef, entropy_coef=entropy_coef,
                          max_grad_norm=max_grad_norm, init_std=init_std, min_std=min_std, mean_scale=mean_scale,
                          advantage=advantage, eval_mean=eval_mean, learn_alpha=learn_alpha, alpha=alpha,
-                         alpha_share=alpha_share, alpha_lr=alpha_lr, network=network, threads=threads)
+                         alpha_share=alpha_share, alpha_lr=alpha_lr, iterative=iterative, steps=steps, gamma=gamma,
+                         gae_lambda=gae_lambda, network=network, threads=threads)
         self.net = None
         self.alpha_trace: list[float] = []
 
@@ -152,6 +163,8 @@ class PPOGNNPolicy(Policy):
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, env, evals: int, seed: int = 0) -> SearchResult:
+        if self.options["iterative"]:
+            env.set_episodes(True, self.options["steps"])
         with torch_session(seed, self.options["threads"]):
             self._search(env, evals, seed)
         return SearchResult.from_env(env, policy=self.name or "ppo-gnn", alpha=self.alpha_trace)
@@ -176,30 +189,22 @@ class PPOGNNPolicy(Policy):
                                torch.from_numpy(np.asarray(obs["mask"]).astype(bool)))
             return key
 
-        obs, _ = env.reset(seed=seed)
+        env.reset(seed=seed)
         while env.evaluations < evals:
-            # ---- rollouts: one-step episodes from the current policy
-            keys, zs, rewards, slack = [], [], [], []
+            if getattr(env, "iterative", False):
+                graphs.clear()   # every step's graph is a new pruned model: keep only this batch's
+            # ---- rollouts: episodes from the current policy (one step each unless iterative)
+            keys, zs, lengths, rewards, slack = [], [], [], [], []
             room = evals - env.evaluations - (1 if o["eval_mean"] and evals - env.evaluations > 1 else 0)
             for _ in range(min(o["batch"], max(room, 1))):
-                obs, _ = env.reset()
-                key = encode(obs)
-                g, glob, mask = graphs[key]
-                with torch.no_grad():
-                    mean, log_std, _ = net(g, glob, mask)
-                    std = log_std.exp().clamp_min(o["min_std"])
-                    z = mean + std * torch.randn(mean.shape)
-                _, r, _, _, info = env.step(env.ratios_to_action(torch.sigmoid(z).double().numpy()))
-                keys.append(key)
-                zs.append(z)
-                rewards.append(float(r))
+                ep_keys, ep_zs, r, info = self._episode(env, net, graphs, encode, sample=True)
+                keys += ep_keys
+                zs += ep_zs
+                lengths.append(len(ep_keys))
+                rewards.append(r)
                 slack.append(1.0 - float(info["costs"]["flops"]))
             if o["eval_mean"] and env.evaluations < evals:
-                obs, _ = env.reset()
-                g, glob, mask = graphs[encode(obs)]
-                with torch.no_grad():
-                    mean, _, _ = net(g, glob, mask)
-                env.step(env.ratios_to_action(torch.sigmoid(mean).double().numpy()))
+                self._episode(env, net, graphs, encode, sample=False)
             # ---- training reward (learnable alpha), standardised
             rewards = np.asarray(rewards)
             slack = np.asarray(slack)
@@ -211,8 +216,31 @@ class PPOGNNPolicy(Policy):
             target = torch.tensor(stats.normalize(train), dtype=torch.float32)
             if env.evaluations >= evals:   # no rollout would use another update
                 break
-            self._update(net, opt, graphs, keys, torch.stack(zs), target, moving)
+            self._update(net, opt, graphs, keys, torch.stack(zs), lengths, target, moving)
             moving = float(target.mean()) if moving is None else 0.9 * moving + 0.1 * float(target.mean())
+
+    def _episode(self, env, net, graphs, encode, sample: bool):
+        """Play one episode (a sampled or the deterministic action at every step): (graph keys, logits, final
+        reward, final info)."""
+        import torch
+
+        o = self.options
+        obs, _ = env.reset()
+        keys, zs, done = [], [], False
+        while not done:
+            key = encode(obs)
+            g, glob, mask = graphs[key]
+            with torch.no_grad():
+                mean, log_std, _ = net(g, glob, mask)
+                if sample:
+                    std = log_std.exp().clamp_min(o["min_std"])
+                    z = mean + std * torch.randn(mean.shape)
+                else:
+                    z = mean
+            obs, r, done, _, info = env.step(env.ratios_to_action(torch.sigmoid(z).double().numpy()))
+            keys.append(key)
+            zs.append(z)
+        return keys, zs, float(r), info
 
     def _adapt_alpha(self, alpha: float, quality: np.ndarray, slack: np.ndarray) -> float:
         """Move alpha so that alpha * spread(FLOPs slack) is `alpha_share` of the spread of the quality."""
@@ -224,7 +252,28 @@ class PPOGNNPolicy(Policy):
         base = alpha if alpha > 0 else goal * 1e-3
         return float(math.exp((1 - o["alpha_lr"]) * math.log(base) + o["alpha_lr"] * math.log(goal)))
 
-    def _update(self, net, opt, graphs, keys, zs, target, moving) -> None:
+    def _returns(self, target, values, lengths):
+        """Per step: the lambda-return (value target) and its Monte Carlo counterpart, with the episode's reward
+        `target[e]` at its last step and 0 before (a one-step episode's are both its reward)."""
+        import torch
+
+        o = self.options
+        gamma, lam = o["gamma"], o["gae_lambda"]
+        ret = torch.zeros(len(values))
+        mc = torch.zeros(len(values))
+        end = 0
+        for e, n in enumerate(lengths):
+            start, end = end, end + n
+            g_lam, g_mc, v_next = 0.0, 0.0, 0.0
+            for t in range(end - 1, start - 1, -1):
+                r = target[e] if t == end - 1 else 0.0
+                g_lam = r + gamma * ((1.0 - lam) * v_next + lam * g_lam)
+                g_mc = r + gamma * g_mc
+                ret[t], mc[t] = g_lam, g_mc
+                v_next = values[t]
+        return ret, mc
+
+    def _update(self, net, opt, graphs, keys, zs, lengths, target, moving) -> None:
         import torch
 
         o = self.options
@@ -248,17 +297,18 @@ class PPOGNNPolicy(Policy):
 
         with torch.no_grad():
             old_logp, old_values, _ = evaluate()
+            returns, mc = self._returns(target, old_values, lengths)
         if o["advantage"] == "critic":
-            adv = target - old_values
+            adv = returns - old_values
         else:
-            adv = target - (0.0 if moving is None else moving)
+            adv = mc - (0.0 if moving is None else moving)
         if len(adv) > 1 and float(adv.std()) > 1e-8:
             adv = (adv - adv.mean()) / adv.std()
         for _ in range(o["epochs"]):
             logp, values, entropy = evaluate()
             ratio = torch.exp(logp - old_logp)
             surrogate = torch.min(ratio * adv, ratio.clamp(1 - o["clip"], 1 + o["clip"]) * adv)
-            loss = -surrogate.mean() + o["value_coef"] * ((values - target) ** 2).mean() \
+            loss = -surrogate.mean() + o["value_coef"] * ((values - returns) ** 2).mean() \
                 - o["entropy_coef"] * entropy
             opt.zero_grad()
             loss.backward()
