@@ -11,6 +11,8 @@
                                                        progressive: 3 verified steps, KD fine-tuning between
     spa-prune finetune OUT tuned.onnx --data train.npz --teacher IN    fine-tune (+ distillation), same interface
     spa-prune to-torch OUT out.pt                      a trainable torch module that reproduces OUT
+    spa-prune profile IN.onnx -o table.json --batch 8  latency cost table for --target-latency (run it on the
+                                                       deployment machine, carry the file)
 """
 from __future__ import annotations
 
@@ -299,6 +301,9 @@ def main(argv=None) -> int:
         if argv and argv[0] == "finetune":
             from .finetune import finetune_main
             return finetune_main(argv[1:])
+        if argv and argv[0] == "profile":
+            from .search.latency import profile_main
+            return profile_main(argv[1:])
         return run_prune(argv)
     except SpaError as e:
         print(f"spa-prune: error: {e}", file=sys.stderr)

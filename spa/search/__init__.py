@@ -10,7 +10,8 @@
 Modules: `budget` (cost model, exact budget projection), `graph` (group graph and features), `problem` (model +
 analysis + scores + projector + graph), `reward` (evaluators), `env` (gymnasium env), `policy` (interface and
 registry), `controls` (uniform/global/lamp/random), the agents `ppo_gnn` (PPO over the GATv2 encoder of `gnn`),
-`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy). See docs/search.md.
+`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy), `latency` (measured cost tables, latency
+budgets, end-to-end correction). See docs/search.md.
 """
 from __future__ import annotations
 
@@ -50,12 +51,19 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
            reconstruct: bool = False, metric: str = "auto", alpha: float = 0.0, beta: float = 0.0,
            score_split: float | None = None, mode: str | None = None, policy_options: dict | None = None,
            threads: int | None = None, progress=None, problem: SearchProblem | None = None,
-           evaluator: Evaluator | None = None) -> tuple[PruningPlan, History]:
+           evaluator: Evaluator | None = None, target_latency: float | None = None, latency_table=None,
+           latency_batch: int = 1) -> tuple[PruningPlan, History]:
     """Search a per-group allocation for `model_path` under the budget(s) with `policy` (a name in POLICIES)
     within `evals` evaluations. Rewards come from the calibration data (`calib`: .npz, image folder or
     spa.calib.Calib; data-free synthesized inputs without it), optionally re-calibrated (`recalibrate`) or
     OBSPA-refit (`reconstruct`) per candidate. Returns the best plan and its History. `problem` / `evaluator`
-    reuse ones built earlier (e.g. to compare policies on the same teacher outputs)."""
+    reuse ones built earlier (e.g. to compare policies on the same teacher outputs).
+
+    `target_latency` (ms, at `latency_batch` and the table's thread count) adds a latency budget predicted from
+    `latency_table` (made by `spa-prune profile`; without one this machine is profiled with `threads`, default 1,
+    and the table cached). The best candidate is then measured for real and corrected (`latency.fit_latency`);
+    the plan returned is the corrected one, and `history.meta["latency"]` holds every probe and the final
+    measured latency."""
     if evals < 1:
         raise SpaError(f"evals must be at least 1, got {evals}")
     cls = get_policy(policy)
@@ -65,7 +73,11 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
                                       importance=importance, aggregation=aggregation, normalization=normalization,
                                       calib=calib, calib_samples=calib_samples, input_shapes=input_shapes,
                                       min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
-                                      exclude=exclude, seed=seed)
+                                      exclude=exclude, seed=seed, target_latency=target_latency,
+                                      latency_table=latency_table, latency_batch=latency_batch, threads=threads)
+    elif target_latency is not None and "latency" not in problem.budgets:
+        raise SpaError("target_latency with a prebuilt problem: build it with SearchProblem.build(..., "
+                       "target_latency=, latency_table=, latency_batch=, threads=)")
     if evaluator is None:
         evaluator = CalibEvaluator(problem, metric=metric, recalibrate=recalibrate, refit=reconstruct,
                                    alpha=alpha, beta=beta, score_split=score_split, threads=threads, seed=seed)
@@ -82,7 +94,34 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
                     "kept": result.kept.tolist(), "seed": seed, "setup_s": round(t_setup, 3),
                     "search_s": round(time.perf_counter() - t1, 3), "measured": evaluator.measured,
                     "measure_s": round(evaluator.seconds, 3)}
-    return result.plan, history
+    plan = result.plan
+    if "latency" in problem.budgets:
+        plan = _fit_latency(problem, result, history.meta, target_latency)
+    return plan, history
+
+
+def _fit_latency(problem: SearchProblem, result: SearchResult, meta: dict, target_ms: float | None) -> PruningPlan:
+    """The end-to-end correction of the best candidate (skipped when the table comes from another machine: it
+    would measure this one); the corrected counts replace the search's in `meta`."""
+    from .latency import fit_latency
+
+    lm = problem.latency
+    budget_ms = target_ms if target_ms is not None else problem.options["latency"]["target_ms"]
+    info = {"budget_ms": budget_ms, "batch": lm.table.batch, "threads": lm.table.threads,
+            "table_full_ms": round(lm.full_ms, 4), "search_kept": result.kept.tolist(),
+            "search_predicted_ms": round(problem.projector.costs(result.kept)["latency"] * lm.full_ms, 4)}
+    if not lm.table.same_machine():
+        info["fit"] = (f"skipped: the table was measured on {lm.table.machine.get('cpu')}; measure and correct on "
+                       "that machine")
+        meta["latency"] = info
+        return result.plan
+    t0 = time.perf_counter()
+    fit = fit_latency(problem, result.kept, budget_ms)
+    info.update(fit.to_json(), fit_s=round(time.perf_counter() - t0, 3))
+    meta["latency"] = info
+    meta["kept"] = fit.kept.tolist()
+    meta["costs"] = problem.projector.costs(fit.kept)
+    return fit.plan
 
 
 def prune_with_plan(model_path, output, plan: PruningPlan, problem: SearchProblem, **driver_kwargs):

@@ -19,9 +19,13 @@ Budgets are fractions kept of the unpruned model: `flops` (MACs, DESIGN.md's one
 exactly: MACs are products of kept fractions of the labellings each Conv/Gemm/MatMul's cost scales with (the
 same formula as `Analysis.macs_after`); a parameter tensor keeps the product of the kept fractions of its sliced
 axes (the way `passes.apply.Apply` cuts it, including the per-use copies of a shared initializer cut differently).
+The third kind, `latency`, is a prediction, not an exact count: the fraction kept of the measured end-to-end
+latency, predicted from a measured cost table by `latency.LatencyModel` over the same kept fractions (attached with
+`CostModel.attach_latency`; see `latency.py`).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -37,7 +41,7 @@ from ..select import (
     removal_order,
 )
 
-BUDGET_KINDS = ("flops", "params")
+BUDGET_KINDS = ("flops", "params", "latency")
 MODES = ("logit", "scale")
 _EPS = 1e-4          # desired ratios are clipped into [EPS, 1 - EPS] (logit mode)
 _SPAN = 60.0         # shift range [-SPAN, SPAN]: far beyond any clipped logit
@@ -75,6 +79,16 @@ class CostModel:
         self.factor_len = np.asarray(self._factor_len, dtype=np.float64)
         self.factor_start = np.concatenate([[0], np.cumsum([len(p) for p in self._pos_unit])]).astype(np.int64)
         self.totals = {"flops": float(an.total_macs), "params": float(self.params_total)}
+        self.latency = None  # a latency.LatencyModel once attached: costs() then predicts "latency" (ms) too
+
+    def attach_latency(self, model) -> None:
+        """Add the latency kind: `model.predict(kept fractions)` in ms, `model.full_ms` its unpruned value."""
+        self.latency = model
+        self.totals["latency"] = float(model.full_ms)
+
+    def factor_id(self, atoms) -> int | None:
+        """Index of the factor of this labelling (None when no MAC/parameter term uses it)."""
+        return self._factor_ids.get(np.asarray(atoms, dtype=np.int64).tobytes())
 
     # ---- construction ----------------------------------------------------------------------------------------
     def unit_index(self, roots: np.ndarray) -> np.ndarray:
@@ -156,7 +170,8 @@ class CostModel:
         return float(terms["const"] + terms["w"] @ prod)
 
     def costs(self, removed: np.ndarray) -> dict[str, float]:
-        """Absolute MACs ('flops') and parameters ('params') of the model with these units removed."""
+        """Absolute MACs ('flops') and parameters ('params') of the model with these units removed, and its
+        predicted latency in ms ('latency') when a latency model is attached."""
         frac = self.kept_fractions(removed)
         params = self._value(self.params_terms, frac)
         for size, all_uses, entries in self._shared:
@@ -168,7 +183,15 @@ class CostModel:
             params += sum(size * float(np.prod(s)) for s, c in zip(sigs, cut) if c)
             if not all_uses or not all(cut):
                 params += size  # the original stays for the uses that do not cut it
-        return {"flops": self._value(self.macs_terms, frac), "params": params}
+        out = {"flops": self._value(self.macs_terms, frac), "params": params}
+        if self.latency is not None:
+            out["latency"] = self.latency.predict(frac)
+        return out
+
+    def fraction(self, kind: str, value: float) -> float:
+        """An absolute cost as the fraction kept of the unpruned model (latency totals may be below 1 ms)."""
+        total = self.totals[kind]
+        return value / (total if kind == "latency" else max(total, 1.0))
 
     def _masks_differ(self, entries, removed) -> bool:
         """Whether uses of a shared tensor cut different positions (Apply then copies it per use)."""
@@ -187,6 +210,16 @@ class CostModel:
 
 
 # ---- the projector ---------------------------------------------------------------------------------------------
+def _check_budgets(budgets: dict) -> None:
+    if not budgets:
+        raise SpaError("a search needs a budget: target_flops, target_params and/or target_latency")
+    for kind, f in budgets.items():
+        if kind not in BUDGET_KINDS:
+            raise SpaError(f"unknown budget '{kind}' (choose from {', '.join(BUDGET_KINDS)})")
+        if not 0.0 < f <= 1.0:
+            raise SpaError(f"target_{kind} must be in (0, 1], got {f}")
+
+
 @dataclass
 class Projection:
     """A feasible candidate: kept units per group (index = group id), the shift that produced it and its cost
@@ -204,7 +237,8 @@ class Projection:
 class BudgetProjector:
     """Maps desired keep ratios of the prunable groups to kept counts that meet `budgets` exactly.
 
-    budgets: {"flops": F, "params": P} fractions kept (either or both). `exclude` takes --exclude patterns.
+    budgets: {"flops": F, "params": P, "latency": L} fractions kept (any of them; latency needs a cost model with
+    a latency model attached). `exclude` takes --exclude patterns.
     `action_groups` lists the group ids a policy controls (groups with more than one allowed kept count).
     """
 
@@ -221,13 +255,7 @@ class BudgetProjector:
     order: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        if not self.budgets:
-            raise SpaError("a search needs a budget: target_flops and/or target_params")
-        for kind, f in self.budgets.items():
-            if kind not in BUDGET_KINDS:
-                raise SpaError(f"unknown budget '{kind}' (choose from {', '.join(BUDGET_KINDS)})")
-            if not 0.0 < f <= 1.0:
-                raise SpaError(f"target_{kind} must be in (0, 1], got {f}")
+        _check_budgets(self.budgets)
         if self.mode not in MODES:
             raise SpaError(f"unknown projection mode '{self.mode}' (choose from {', '.join(MODES)})")
         if self.min_channels < 1 or self.round_to < 1:
@@ -237,6 +265,9 @@ class BudgetProjector:
         an = self.an
         self.cost_model = self.cost_model or CostModel(an)
         cm = self.cost_model
+        if "latency" in self.budgets and cm.latency is None:
+            raise SpaError("a latency budget needs a latency table (SearchProblem.build(target_latency=MS, "
+                           "latency_table=...))")
         self.fixed, self.order = removal_order(an, self.scores, self.exclude)
         self.sizes = np.array([g.size for g in an.groups], dtype=np.int64)
         n_groups, width = len(an.groups), int(self.sizes.max(initial=0)) + 1
@@ -301,9 +332,20 @@ class BudgetProjector:
                 removed[self._risky_best[s]] = False
 
     def costs(self, kept: np.ndarray) -> dict[str, float]:
-        """Fractions kept of every budget kind (flops and params) for a kept-count vector."""
+        """Fractions kept of every budget kind (flops and params; latency when the cost model predicts it) for a
+        kept-count vector."""
         c = self.cost_model.costs(self.removed(kept))
-        return {k: c[k] / max(self.cost_model.totals[k], 1.0) for k in BUDGET_KINDS}
+        return {k: self.cost_model.fraction(k, v) for k, v in c.items()}
+
+    def with_budgets(self, **fractions: float) -> BudgetProjector:
+        """A copy with some budget fractions changed (tables shared): `fit_latency` re-projects the same ratios
+        at another latency fraction."""
+        budgets = {**self.budgets, **fractions}
+        _check_budgets(budgets)
+        new = copy.copy(self)
+        new.budgets = budgets
+        new.goals = {k: f * self.cost_model.totals[k] for k, f in budgets.items()}
+        return new
 
     def feasible(self, kept: np.ndarray) -> bool:
         c = self.cost_model.costs(self.removed(kept))

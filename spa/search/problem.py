@@ -5,6 +5,7 @@ hangs off it. The original model is never modified: a candidate is applied to a 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..groups import Analysis
 from ..ir import Graph
 from ..model import Model
 from ..select import PruningPlan
-from .budget import BudgetProjector
+from .budget import BudgetProjector, CostModel
 from .graph import GroupGraph
 
 
@@ -28,6 +29,7 @@ class SearchProblem:
     graph: GroupGraph
     calib: object | None = None  # spa.calib.Calib or None (data-free)
     options: dict = field(default_factory=dict)   # how it was built (criterion, budgets, constraints)
+    latency: object | None = None  # latency.LatencyModel when built with a latency budget or table
 
     @property
     def budgets(self) -> dict[str, float]:
@@ -42,16 +44,22 @@ class SearchProblem:
               importance: str = "l2", aggregation: str = "sum", normalization: str = "mean", calib=None,
               calib_samples: int | None = None, input_shapes: dict | None = None, min_channels: int = 1,
               round_to: int = 1, max_ratio: float = 1.0, exclude: list[str] | None = None, mode: str = "logit",
-              loss: str = "auto", samples: int = 64, seed: int = 0, scores: dict | None = None) -> SearchProblem:
+              loss: str = "auto", samples: int = 64, seed: int = 0, scores: dict | None = None,
+              target_latency: float | None = None, latency_table=None, latency_batch: int = 1,
+              threads: int | None = 1) -> SearchProblem:
         """Load and analyse `source` (path, ModelProto or zoo:NAME), score units with `importance` (on `calib`
         where the criterion needs data) and set up the budget(s): `target_flops` / `target_params` are
-        fractions kept. `scores` overrides the criterion (unit root -> score)."""
+        fractions kept, `target_latency` milliseconds at the latency table's batch and thread count (the table:
+        `latency_table`, a path or LatencyTable made by `spa-prune profile`, checked against the model; without
+        one, this model is profiled on this machine at `latency_batch` / `threads` and cached). A table given
+        without a latency budget still fills the graph's latency_share feature. `scores` overrides the criterion
+        (unit root -> score)."""
         from .. import driver
         from ..importance import ScoreInputs, score
 
         budgets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
-        if not budgets:
-            raise SpaError("a search needs a budget: give target_flops and/or target_params")
+        if not budgets and target_latency is None:
+            raise SpaError("a search needs a budget: give target_flops, target_params and/or target_latency")
         model = driver.load(source, input_shapes)
         an = driver.analyse(model)
         if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
@@ -60,15 +68,31 @@ class SearchProblem:
         if scores is None:
             inputs = ScoreInputs(an, calib=data, loss=loss, samples=samples, seed=seed)
             scores = score(an, importance, aggregation, normalization, inputs)
+        cost_model = CostModel(an)
+        latency = None
+        if target_latency is not None or latency_table is not None:
+            from .latency import LatencyModel, table_for
+            table = table_for(model, an, latency_table, batch=latency_batch, threads=threads)
+            latency = LatencyModel(table, cost_model, an)
+            cost_model.attach_latency(latency)
+            if target_latency is not None:
+                budgets["latency"] = latency.fraction_of(target_latency)
         projector = BudgetProjector(an, scores, budgets, min_channels=min_channels, round_to=round_to,
-                                    max_ratio=max_ratio, exclude=exclude, mode=mode)
+                                    max_ratio=max_ratio, exclude=exclude, mode=mode, cost_model=cost_model)
         graph = GroupGraph.build(an, scores, params_total=projector.cost_model.params_total)
+        if latency is not None:
+            graph.set_latency(latency.group_share())
         options = {"source": str(source) if not isinstance(source, onnx.ModelProto) else "<model>",
                    "importance": importance, "aggregation": aggregation, "normalization": normalization,
                    "budgets": budgets, "min_channels": min_channels, "round_to": round_to, "max_ratio": max_ratio,
                    "exclude": list(exclude or []), "input_shapes": {k: list(v) for k, v in model.input_shapes.items()},
                    "seed": seed}
-        problem = cls(model, an, scores, projector, graph, data, options)
+        if latency is not None:
+            options["latency"] = {"target_ms": target_latency, "table": None if latency_table is None or not
+                                  isinstance(latency_table, (str, os.PathLike)) else str(latency_table),
+                                  "batch": latency.table.batch, "threads": latency.table.threads,
+                                  **latency.summary()}
+        problem = cls(model, an, scores, projector, graph, data, options, latency)
         problem._proto = onnx.ModelProto()
         problem._proto.CopyFrom(model.graph.to_model())
         return problem
