@@ -330,6 +330,23 @@ def test_search_runs_the_correction(resnet18, problem, table, monkeypatch):
         search(resnet18, "uniform", evals=1, problem=flops_only, evaluator=ev, target_latency=budget)
 
 
+def test_search_skips_the_correction_with_a_carried_table(resnet18, problem, table_path, tmp_path):
+    """A table from another machine predicts the budget; measuring here would correct towards this machine."""
+    d = json.loads(table_path.read_text())
+    d["machine"] = {"cpu": "Deployment CPU", "cores": 4}
+    carried = tmp_path / "carried.json"
+    carried.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="Deployment CPU"):
+        p = SearchProblem.build(resnet18, target_latency=0.6 * d["full"]["median"], latency_table=carried,
+                                latency_batch=2, scores=problem.scores)
+    ev = FunctionEvaluator(p, lambda r: -float(np.abs(r - 0.6).sum()))
+    plan, history = search(resnet18, "uniform", evals=1, problem=p, evaluator=ev)
+    lat = history.meta["latency"]
+    assert lat["fit"].startswith("skipped") and "probes" not in lat
+    assert lat["search_predicted_ms"] <= 0.6 * d["full"]["median"] + 1e-3
+    assert plan.removed == p.plan(np.array(history.meta["kept"])).removed
+
+
 # ---- measuring and the CLI -------------------------------------------------------------------------------------
 def test_measure_latency_at_a_batch(resnet18):
     stats = L.measure_latency(resnet18, batch=3, threads=1, runs=5, warmup=1)
