@@ -37,7 +37,8 @@ class _RankingPolicy(Policy):
         opts = p.options
         scores = score(p.an, self.options.get("importance", self.importance), "sum",
                        self.options.get("normalization", self.normalization))
-        target = p.budgets.get("flops", p.budgets.get("params"))
+        # the MACs fraction of the ranking only seeds the allocation; the projection meets the real budget(s)
+        target = p.budgets.get("flops", p.budgets.get("params", p.budgets.get("latency")))
         plan = select(p.an, scores, target_flops=target, min_channels=opts.get("min_channels", 1),
                       round_to=opts.get("round_to", 1), exclude=opts.get("exclude") or None,
                       max_ratio=opts.get("max_ratio", 1.0), allocation="global")
