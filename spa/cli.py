@@ -7,6 +7,9 @@
     spa-prune IN OUT --target-flops 0.5 --importance obspa --calib calib.npz
                                                        OBS scores + least-squares reconstruction, no fine-tuning
     spa-prune make-calib IMAGES_DIR -o calib.npz --size 224    calibration data from a folder of images
+    spa-prune IN OUT --policy ppo-gnn --target-flops 0.5 --calib calib.npz --evals 300
+                                                       search a per-group allocation (RL or a control), then
+                                                       apply + verify it like any other selection
     spa-prune IN OUT --target-flops 0.5 --steps 3 --finetune-data train.npz
                                                        progressive: 3 verified steps, KD fine-tuning between
     spa-prune finetune OUT tuned.onnx --data train.npz --teacher IN    fine-tune (+ distillation), same interface
@@ -17,7 +20,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import sys
 import time
 
@@ -53,6 +58,75 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no summary table on stderr")
 
 
+def _policy_lines() -> tuple[list[str] | None, str]:
+    """Registered policy names (None when the search extra is missing) and one line describing each."""
+    try:
+        from .search import POLICIES
+        from .search.report import describe
+    except ImportError as e:
+        return None, f"(the search needs gymnasium: pip install spa-prune[search]; {e})"
+    width = max(map(len, POLICIES)) + 2
+    return list(POLICIES), "\n".join(f"  {n:<{width}}{describe(n, c)}" for n, c in POLICIES.items())
+
+
+def _policy_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key.strip().replace("-", "_"), _option_value(value.strip())
+
+
+def _option_value(text: str):
+    """int, then float, then true/false/none, else the string itself."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    return None if low == "none" else text
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    names, lines = _policy_lines()
+    s = p.add_argument_group(
+        "allocation search",
+        "--policy NAME searches how many units each coupled group keeps under --target-flops and/or "
+        "--target-params,\nscoring candidates on --calib data (data-free synthesized inputs without it); which "
+        "units go is --importance's\nchoice. The best plan then goes through the same apply/verify/"
+        "reconstruction path as any other selection.\n--target-params without --policy uses the 'global' "
+        "control. Policies:\n" + lines)
+    s.add_argument("--policy", choices=names, metavar="NAME", help="search policy (list above)")
+    s.add_argument("--evals", type=int, metavar="N",
+                   help="candidates evaluated, cached ones included (default 300; uniform/global/lamp use 1)")
+    s.add_argument("--target-params", type=float, metavar="P",
+                   help="keep at most the fraction P of the float parameters (a search budget; combines with "
+                        "--target-flops)")
+    s.add_argument("--search-recalibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-calibrate BN statistics / channel scale of each candidate before scoring it (default: "
+                        "on with --calib); add --recalibrate to give the written model the same treatment")
+    s.add_argument("--metric", choices=[*REWARD_METRICS, *METRIC_ALIASES], default="auto",
+                   help="reward: accuracy (calibration labels), agreement (top-1 with the original; alias top1), "
+                        "kl (to the original's softmax), rel_l2 (every output; alias l2); auto = accuracy with "
+                        "labels, else kl for class logits, else rel_l2")
+    s.add_argument("--policy-option", action="append", default=[], type=_policy_option, metavar="KEY=VALUE",
+                   help="an option of the policy (repeatable; int/float/true/false/none/str), e.g. batch=8")
+    s.add_argument("--search-curve", metavar="FILE.png", help="plot the reward of every evaluation and the best")
+    s.add_argument("--sparsity-plot", metavar="FILE.png", help="plot the kept fraction of every group")
+    s.add_argument("--target-latency", type=float, metavar="MS",
+                   help="keep the latency at most MS milliseconds (from a measured table, see --latency-table)")
+    s.add_argument("--latency-table", metavar="FILE", help="per-group latency table written by 'spa-prune profile'")
+    s.add_argument("--latency-batch", type=int, metavar="B", help="batch size the latency budget is stated at")
+    s.add_argument("--threads", type=int, metavar="T",
+                   help="threads for scoring candidates in onnxruntime (and for the latency budget)")
+
+
+REWARD_METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")   # spa.search.reward.METRICS
+METRIC_ALIASES = {"top1": "agreement", "l2": "rel_l2"}
+
+
 def prune_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="spa-prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -61,7 +135,8 @@ def prune_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="remove floor(R*n+0.5) of the n units of every coupled group")
     budget.add_argument("--target-flops", type=float, metavar="F",
-                        help="keep at most the fraction F of the model's MACs (global ranking per MAC)")
+                        help="keep at most the fraction F of the model's MACs (global ranking per MAC; with "
+                             "--policy: the search's budget)")
     budget.add_argument("--plan", metavar="FILE", help="re-apply a plan written by --save-plan")
     from .importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
     p.add_argument("--importance", default="l2", choices=list(CRITERIA), metavar="NAME",
@@ -100,10 +175,11 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
-    p.add_argument("--allocation", default="global", choices=["global", "uniform"],
+    p.add_argument("--allocation", choices=["global", "uniform"],
                    help="with --target-flops: 'global' ranks units across groups by importance per MAC (default); "
                         "'uniform' removes the same fraction of every group (bisected to the budget), ranking "
-                        "only inside groups: safer for accuracy without fine-tuning")
+                        "only inside groups: safer for accuracy without fine-tuning (with --policy: use "
+                        "--policy global|uniform)")
     prog = p.add_argument_group("progressive pruning")
     prog.add_argument("--steps", type=int, default=1, metavar="K",
                       help="reach the budget in K verified steps (geometric schedule: each step removes the same "
@@ -114,6 +190,7 @@ def prune_parser() -> argparse.ArgumentParser:
     prog.add_argument("--finetune-lr", type=float, default=0.01, metavar="LR", help="learning rate (0.01)")
     prog.add_argument("--no-kd", action="store_true",
                       help="between steps, train on the labels only (default: distill from the original too)")
+    _search_options(p)
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
     p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
@@ -153,6 +230,26 @@ def _fidelity_lines(prefix: str, part: dict) -> list[str]:
     return out
 
 
+def _search_line(s: dict) -> str:
+    """policy, evaluations (how many were new), best reward and its metric, search and setup time."""
+    measured = s.get("measured")
+    new = f" ({measured} measured)" if measured is not None and measured != s["evaluations"] else ""
+    at = f" at #{s['best_index'] + 1}" if s.get("best_index") is not None else ""
+    return (f"search        {s['policy']}: {s['evaluations']} evaluation{'s' * (s['evaluations'] != 1)}{new}, "
+            f"best reward {s['best_reward']:.5f} ({s['metric']}){at}, {s['search_s']:.1f} s "
+            f"(+ {s['setup_s']:.1f} s setup)")
+
+
+def _latency_line(lat: dict) -> str:
+    """The latency budget's outcome: measured end to end after the correction, or why it was not measured."""
+    where = f"batch {lat.get('batch')}, {lat.get('threads')} thread(s)"
+    if lat.get("measured_ms") is not None:
+        return (f"latency       {lat['measured_ms']:.3f} ms measured (median) for a {lat['budget_ms']:.3f} ms "
+                f"budget, {where}")
+    return (f"latency       {lat.get('search_predicted_ms', float('nan')):.3f} ms predicted for a "
+            f"{lat.get('budget_ms', float('nan')):.3f} ms budget, {where}; {lat.get('fit', 'not measured')}")
+
+
 def summary(rep: dict) -> str:
     m, p, g, v = rep["macs"], rep["params"], rep["groups"], rep["verification"]
     lines = [
@@ -162,6 +259,10 @@ def summary(rep: dict) -> str:
         (f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
         f"{g['partially_frozen']} partially frozen"),
     ]
+    if rep.get("search"):
+        lines.append(_search_line(rep["search"]))
+        if rep["search"].get("latency"):
+            lines.append(_latency_line(rep["search"]["latency"]))
     if v["status"] == "passed":
         worst = max(v["max_rel_error"].values(), default=0.0)
         lines.append(f"verification  passed (max rel. error {worst:.2e} <= {v['rtol']:g}, checker full)")
@@ -212,6 +313,9 @@ def run_prune(argv) -> int:
     args = prune_parser().parse_args(argv)
     from . import driver
 
+    if args.policy is not None or args.target_params is not None:
+        return run_search(args)
+    _reject_search_flags(args)
     if args.ratio is None and args.target_flops is None and args.plan is None:
         raise SpaError("give one of --ratio, --target-flops or --plan")
     if args.report:
@@ -228,24 +332,298 @@ def run_prune(argv) -> int:
         kwargs = {"steps": args.steps, "finetune_data": args.finetune_data, "finetune_epochs": args.finetune_epochs,
                   "finetune_options": {"lr": args.finetune_lr, "seed": args.seed}, "kd": not args.no_kd}
     res = prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops, **kwargs,
-                       importance=args.importance, aggregation=args.aggregation,
-                       normalization=args.normalization, min_channels=args.min_channels, round_to=args.round_to,
-                       max_ratio=args.max_ratio, allocation=args.allocation,
-                       exclude=args.exclude, plan_file=args.plan, save_plan=args.save_plan,
-                       verify=not args.no_verify, rtol=args.rtol, strict=args.strict,
-                       input_shapes=dict(args.input_shape), progress=show, fold_constants=args.fold_constants,
-                       calib=args.calib, calib_limit=args.calib_samples, loss=args.loss,
-                       reconstruct=args.reconstruct, recalibrate=args.recalibrate, compensate=args.compensate,
-                       dbscan=_dbscan(args.dbscan), positions=args.positions, damp=args.damp,
-                       samples=args.synth_samples, seed=args.seed)
+                allocation=args.allocation or "global", plan_file=args.plan, input_shapes=dict(args.input_shape),
+                progress=show, **_driver_kwargs(args))
+    _clear(show)
+    return _finish(args, res.report)
+
+
+def _driver_kwargs(args) -> dict:
+    """The driver options every pruning path shares (scoring, constraints, verification, data, compensation)."""
+    return {"importance": args.importance, "aggregation": args.aggregation, "normalization": args.normalization,
+            "min_channels": args.min_channels, "round_to": args.round_to, "max_ratio": args.max_ratio,
+            "exclude": args.exclude, "save_plan": args.save_plan, "verify": not args.no_verify, "rtol": args.rtol,
+            "strict": args.strict, "fold_constants": args.fold_constants, "calib": args.calib,
+            "calib_limit": args.calib_samples, "loss": args.loss, "reconstruct": args.reconstruct,
+            "recalibrate": args.recalibrate, "compensate": args.compensate, "dbscan": _dbscan(args.dbscan),
+            "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed}
+
+
+def _clear(show) -> None:
     if show:
         sys.stderr.write("\r" + " " * 40 + "\r")
+
+
+def _finish(args, report: dict) -> int:
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(res.report, f, indent=1)
+        _write_json(report, args.report)
     if not args.quiet:
-        print(summary(res.report), file=sys.stderr)
+        print(summary(report), file=sys.stderr)
     return 0
+
+
+def _write_json(data: dict, path) -> None:
+    """check_output_path allows missing parent folders: create them, as the model's writer does."""
+    from pathlib import Path
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+    except OSError as e:
+        raise SpaError(f"cannot write {path}: {e.strerror or e}")
+
+
+# ---- allocation search (--policy) ---------------------------------------------------------------------------------
+SEARCH_ONLY = (("evals", "--evals"), ("policy_option", "--policy-option"),
+               ("search_recalibrate", "--search-recalibrate"), ("search_curve", "--search-curve"),
+               ("sparsity_plot", "--sparsity-plot"), ("target_latency", "--target-latency"),
+               ("latency_table", "--latency-table"), ("latency_batch", "--latency-batch"), ("threads", "--threads"))
+# flags whose spa.search.search() parameters are optional features: wired when search() takes them
+OPTIONAL_SEARCH_ARGS = (("target_latency", "--target-latency"), ("latency_table", "--latency-table"),
+                        ("latency_batch", "--latency-batch"), ("threads", "--threads"))
+SINGLE_EVALUATION = ("uniform", "global", "lamp")   # controls that evaluate one candidate whatever --evals says
+
+
+def _reject_search_flags(args) -> None:
+    """A search option without a search is a mistake, not a no-op."""
+    given = [flag for dest, flag in SEARCH_ONLY if getattr(args, dest) not in (None, [])]
+    if args.metric != "auto":
+        given.append("--metric")
+    if given:
+        raise SpaError(f"{given[0]} needs --policy NAME (an allocation search)")
+
+
+def run_search(args) -> int:
+    """--policy (or --target-params): search a per-group allocation, then prune with the best plan through the
+    driver's apply/verify/reconstruction path. Every check that can fail runs before the search."""
+    from . import driver
+
+    S = _search_module()
+    policy = args.policy or "global"
+    cls = S.get_policy(policy)
+    _check_search_args(args, driver)
+    options = _policy_options(cls, policy, args.policy_option)
+    optional = _optional_search_kwargs(args, S)
+    evals = 300 if args.evals is None else args.evals
+    recalibrate = args.calib is not None if args.search_recalibrate is None else args.search_recalibrate
+    metric = METRIC_ALIASES.get(args.metric, args.metric)
+    progress = SearchProgress(policy, 1 if policy in SINGLE_EVALUATION else evals, args.quiet)
+    progress.setup()
+    t0 = time.perf_counter()
+    problem = _search_problem(args, S, optional)
+    _check_strict(args, problem.an)
+    unreachable = _unreachable_budget(problem)
+    setup_s = time.perf_counter() - t0
+    plan, history = S.search(args.input, policy, problem=problem, evals=evals, seed=args.seed, metric=metric,
+                             recalibrate=recalibrate, policy_options=options, progress=progress, **optional)
+    progress.close()
+    show = _progress(args.quiet)
+    res = S.prune_with_plan(args.input, args.output, plan, history.problem, progress=show, **_driver_kwargs(args))
+    _clear(show)
+    from .search.report import search_section
+    section = search_section(history, plan, metric=metric, policy_options=options, recalibrate=recalibrate,
+                             setup_s=setup_s, curve=args.search_curve, sparsity_plot=args.sparsity_plot)
+    _draw_plots(args, history, section)
+    section["feasible"] = unreachable is None
+    if unreachable:
+        res.report["warnings"].append(unreachable)
+    res.report["search"] = section
+    return _finish(args, res.report)
+
+
+def _search_module():
+    try:
+        from . import search
+    except ImportError as e:
+        raise SpaError(f"the allocation search needs gymnasium and torch: pip install spa-prune[search] ({e})")
+    return search
+
+
+def _check_search_args(args, driver) -> None:
+    """One-line errors for every bad combination, before the model is even loaded."""
+    for value, flag in ((args.ratio, "--ratio"), (args.plan, "--plan")):
+        if value is not None:
+            raise SpaError(f"--policy searches the allocation under --target-flops/--target-params; it does not "
+                           f"combine with {flag}")
+    if args.steps != 1 or args.finetune_data:
+        raise SpaError("--policy searches a one-shot allocation; it does not combine with --steps or --finetune-data")
+    if args.allocation:
+        raise SpaError("--allocation is the selection without --policy; search with --policy global or uniform")
+    if args.target_flops is None and args.target_params is None and args.target_latency is None:
+        raise SpaError("--policy needs a budget: --target-flops F, --target-params P and/or --target-latency MS")
+    _check_search_numbers(args)
+    if args.calib is None:
+        for flag, given in (("--search-recalibrate", args.search_recalibrate), ("--recalibrate", args.recalibrate),
+                            ("--metric accuracy", args.metric == "accuracy")):
+            if given:
+                raise SpaError(f"{flag} needs calibration data (--calib FILE.npz or an image folder)")
+    reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
+    if args.no_verify and (reconstruct or args.recalibrate or args.compensate or args.fold_constants):
+        raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
+    driver._check_data_options(args.positions, args.damp, args.synth_samples, _dbscan(args.dbscan))
+    _check_search_paths(args, driver)
+
+
+def _check_search_numbers(args) -> None:
+    for flag, value in (("--target-flops", args.target_flops), ("--target-params", args.target_params),
+                        ("--max-ratio", args.max_ratio)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise SpaError(f"{flag} must be in (0, 1], got {value}")
+    for flag, value in (("--evals", args.evals), ("--min-channels", args.min_channels), ("--round-to", args.round_to),
+                        ("--latency-batch", args.latency_batch), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise SpaError(f"{flag} must be at least 1, got {value}")
+    if args.target_latency is not None and not args.target_latency > 0:
+        raise SpaError(f"--target-latency must be > 0 ms, got {args.target_latency}")
+
+
+def _check_search_paths(args, driver) -> None:
+    """Every file the run will write is writable (and no PNG needs a missing matplotlib) before the search."""
+    from pathlib import Path
+
+    src, out = Path(str(args.input)), Path(args.output)
+    if not str(args.input).startswith("zoo:") and src.exists() and out.exists() and src.samefile(out):
+        raise SpaError("output path is the input file; refusing to overwrite the input")
+    for path in (args.output, args.report, args.save_plan, args.search_curve, args.sparsity_plot):
+        if path:
+            driver.check_output_path(path)
+    plots = [(flag, path) for flag, path in (("--search-curve", args.search_curve),
+                                             ("--sparsity-plot", args.sparsity_plot)) if path]
+    for flag, path in plots:
+        if not str(path).lower().endswith(".png"):
+            raise SpaError(f"{flag} writes a PNG: give FILE.png, got '{path}'")
+    if plots:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SpaError(f"{plots[0][0]} needs matplotlib: pip install matplotlib")
+
+
+def _policy_options(cls, name: str, pairs) -> dict:
+    """--policy-option KEY=VALUE pairs checked against the policy's constructor (a typo is an error)."""
+    options = dict(pairs)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = [n for n in params if n != "self"]
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise SpaError(f"policy '{name}' has no option '{unknown[0]}' (options: {', '.join(known) or 'none'})")
+    try:
+        cls(**options)
+    except (TypeError, ValueError) as e:
+        raise SpaError(f"bad --policy-option for '{name}': {e}")
+    return options
+
+
+def _optional_search_kwargs(args, S) -> dict:
+    """Flags for optional search features (latency budget, thread count): passed when both search() and
+    SearchProblem.build (the CLI builds the problem itself) take them, else a one-line error."""
+    takes = [inspect.signature(f).parameters for f in (S.search, S.SearchProblem.build)]
+    out = {}
+    for dest, flag in OPTIONAL_SEARCH_ARGS:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if not all(dest in params for params in takes):
+            raise SpaError(f"{flag} is not available yet (spa.search.search() has no '{dest}')")
+        out[dest] = value
+    return out
+
+
+def _search_problem(args, S, optional: dict):
+    """The search problem, built with the same scoring options as the driver (loss, synthesized samples) and
+    the optional budgets (latency)."""
+    return S.SearchProblem.build(args.input, target_flops=args.target_flops, target_params=args.target_params,
+                                 importance=args.importance, aggregation=args.aggregation,
+                                 normalization=args.normalization, calib=args.calib,
+                                 calib_samples=args.calib_samples, input_shapes=dict(args.input_shape),
+                                 min_channels=args.min_channels, round_to=args.round_to, max_ratio=args.max_ratio,
+                                 exclude=args.exclude or None, loss=args.loss, samples=args.synth_samples,
+                                 seed=args.seed, **optional)
+
+
+def _unreachable_budget(problem) -> str | None:
+    """Why the budget cannot be met, or None. Like the driver's selection, the search then prunes as far as
+    the constraints allow (every candidate is that smallest model); the report says so instead of staying quiet."""
+    pj = problem.projector
+    floor = pj.costs(pj.minimum())
+    over = [f"{k} {floor[k]:.4f} > {t:g}" for k, t in pj.budgets.items() if floor[k] > t]
+    if not over:
+        return None
+    return ("the budget cannot be met: the smallest model --min-channels/--round-to/--max-ratio/--exclude allow "
+            "keeps " + ", ".join(over) + "; pruned as far as they allow")
+
+
+def _check_strict(args, an) -> None:
+    """--strict as the driver applies it, but before the search instead of after it."""
+    if not args.strict:
+        return
+    for g in an.groups:
+        real = [(w, r) for w, r in g.reasons if not w.startswith("graph output")]
+        if real:
+            raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
+
+
+def _draw_plots(args, history, section: dict) -> None:
+    from .search.report import plot_curve, plot_sparsity
+
+    name = section["policy"]
+    if args.search_curve:
+        plot_curve(history, args.search_curve,
+                   f"search {name}: {section['evaluations']} evaluations, best {section['best_reward']:.5f}")
+    if args.sparsity_plot:
+        costs = ", ".join(f"{k} kept {v:.3f}" for k, v in (section.get("costs") or {}).items())
+        plot_sparsity(history.problem, section["kept"], args.sparsity_plot, f"{name}: {costs}")
+
+
+class SearchProgress:
+    """Called by the env after every evaluation with (index, reward, best so far). On a terminal: one updating
+    stderr line; otherwise one line per 10 % of the evaluations (a log stays readable); nothing with --quiet."""
+
+    def __init__(self, policy: str, total: int, quiet: bool, stream=None):
+        self.stream = stream or sys.stderr
+        self.policy, self.total = policy, max(int(total), 1)
+        self.enabled = not quiet
+        self.tty = self.stream.isatty()
+        self.every = max(1, math.ceil(self.total / 10))
+        self.t0 = time.perf_counter()
+        self.count, self.best, self.printed = 0, float("nan"), 0
+
+    def line(self) -> str:
+        return (f"search {self.policy}  {self.count}/{self.total}  best reward {self.best:.5f}  "
+                f"({time.perf_counter() - self.t0:.1f} s)")
+
+    def setup(self) -> None:
+        """Start the clock (the time shown is setup + search) and say what the wait before the first
+        evaluation is."""
+        self.t0 = time.perf_counter()
+        if self.enabled and self.tty:
+            self.stream.write(f"\rsearch {self.policy}  setup (analysis, scores, original outputs)")
+            self.stream.flush()
+
+    def __call__(self, index: int, reward: float, best: float) -> None:
+        self.count, self.best = index + 1, best
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line().ljust(64))
+            self.stream.flush()
+        elif self.count % self.every == 0 or self.count == self.total:
+            self._print()
+
+    def _print(self) -> None:
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
+        self.printed = self.count
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + " " * 80 + "\r")
+            self.stream.flush()
+        elif self.count and self.printed != self.count:
+            self._print()
 
 
 def _dbscan(text):
