@@ -244,8 +244,12 @@ def _latency_line(lat: dict) -> str:
     """The latency budget's outcome: measured end to end after the correction, or why it was not measured."""
     where = f"batch {lat.get('batch')}, {lat.get('threads')} thread(s)"
     if lat.get("measured_ms") is not None:
-        return (f"latency       {lat['measured_ms']:.3f} ms measured (median) for a {lat['budget_ms']:.3f} ms "
+        line = (f"latency       {lat['measured_ms']:.3f} ms measured (median) for a {lat['budget_ms']:.3f} ms "
                 f"budget, {where}")
+        if lat.get("converged") is False:
+            line += (f"  ** not within [{lat['band'][0]:g}, {lat['band'][1]:g}] x the budget after "
+                     f"{len(lat.get('probes', []))} probes: too noisy or too small to time **")
+        return line
     return (f"latency       {lat.get('search_predicted_ms', float('nan')):.3f} ms predicted for a "
             f"{lat.get('budget_ms', float('nan')):.3f} ms budget, {where}; {lat.get('fit', 'not measured')}")
 
