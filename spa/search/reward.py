@@ -15,7 +15,13 @@ invalidating the cache.
    does (BN statistics re-estimated from the pruned inputs; per-channel affine correction of Conv/Gemm outputs not
    followed by BN towards the original's channel mean/std), but with the original's per-channel moments computed
    once instead of re-running the original per candidate, and the corrected outputs scored directly. A test checks
-   it against `Reconstruct`. With `refit` (OBSPA least-squares), `Reconstruct` itself runs (slower, exact reuse);
+   it against `Reconstruct`. With `refit=True` (OBSPA least-squares), `Reconstruct` itself runs (slower, exact
+   reuse). With `refit="fast"`, the same torch pass first refits every weight layer as `Reconstruct` does (ridge
+   least squares from the pruned model's actual input towards the original layer's output), but against the
+   original's outputs at positions sampled once in `_original_pass` instead of re-running the original per
+   candidate (`_lockstep_refit`); `refit="oneshot"` refits only the layers whose input lost columns, from the
+   original's input Gram matrices alone (`_oneshot_refit`: one-shot OBS, ignores upstream errors). Both
+   re-calibrate afterwards when `recalibrate` is on;
 3. the outputs are compared with the original's (the teacher, computed once):
 
    - `accuracy`: top-1 accuracy on the calibration labels (needs `labels` in the calibration data);
@@ -43,9 +49,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SpaError
+from ..obspa import DEFAULT_POSITIONS
 from .problem import SearchProblem
 
 METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")
+REFIT_MODES = ("fast", "oneshot")
+# output positions sampled per layer: "fast" forms the pruned input's Gram matrix on them per candidate (cost
+# ~ positions x columns^2 per layer; Reconstruct uses 8192), "oneshot" the original's once
+REFIT_POSITIONS = {"fast": 2048, "oneshot": 32768}
+REFIT_MAX_COLUMNS = 4096    # a layer with more input columns (+1 for a bias) is not refit by fast/oneshot
 
 
 @dataclass
@@ -105,16 +117,48 @@ class CalibEvaluator(Evaluator):
     """Fidelity / calibration accuracy of the pruned candidate (see the module docstring)."""
 
     def __init__(self, problem: SearchProblem, calib=None, *, metric: str = "auto", recalibrate: bool = False,
-                 refit: bool = False, alpha: float = 0.0, beta: float = 0.0, tiebreak: float = 1e-3,
+                 refit: bool | str = False, alpha: float = 0.0, beta: float = 0.0, tiebreak: float = 1e-3,
                  samples: int | None = None, score_split: float | None = None, batch_size: int = 64,
-                 threads: int | None = None, fast_recalibration: bool = True, seed: int = 0):
+                 threads: int | None = None, fast_recalibration: bool = True, seed: int = 0,
+                 damp: float | None = None, refit_positions: int | None = None,
+                 refit_max_columns: int = REFIT_MAX_COLUMNS):
+        """refit: False; True (`Reconstruct` per candidate); "fast" (the same refit in the one-pass torch path,
+        against the original's layer outputs cached at `refit_positions` sampled positions per layer, default
+        2048); "oneshot" (one-shot OBS from the original's input Gram matrices over `refit_positions` positions,
+        default 32768, computed once). damp: the refit's ridge (spa.obspa.DEFAULT_DAMP when None, as
+        `Reconstruct`; with refit=True, damp and refit_positions go to `Reconstruct` when given);
+        refit_max_columns: layers with more input columns (+1 for a bias) are left as they are by "fast" and
+        "oneshot" (listed in `refit_skipped`)."""
         super().__init__()
         if metric not in METRICS:
             raise SpaError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
         if score_split is not None and not 0.0 < score_split < 1.0:
             raise SpaError(f"score_split must be in (0, 1), got {score_split}")
+        if isinstance(refit, str) and refit not in REFIT_MODES:
+            raise SpaError(f"refit must be False, True, 'fast' or 'oneshot', got {refit!r}")
+        if isinstance(refit, str) and not fast_recalibration:
+            raise SpaError(f"refit={refit!r} runs in the one-pass torch path: it cannot be combined with "
+                           "fast_recalibration=False (use refit=True for Reconstruct)")
+        if damp is not None and not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+            raise SpaError(f"damp must be a finite number >= 0, got {damp!r}")
+        if refit_positions is not None and (not isinstance(refit_positions, (int, np.integer))
+                                            or isinstance(refit_positions, bool) or refit_positions < 1):
+            raise SpaError(f"refit_positions must be a positive integer, got {refit_positions!r}")
+        if not isinstance(refit_max_columns, (int, np.integer)) or isinstance(refit_max_columns, bool) or \
+                refit_max_columns < 1:
+            raise SpaError(f"refit_max_columns must be a positive integer, got {refit_max_columns!r}")
         self.problem = problem
-        self.recalibrate, self.refit = recalibrate, refit
+        self.recalibrate = recalibrate
+        self.fast_refit = refit if isinstance(refit, str) else None    # "fast" | "oneshot" | None
+        self.refit = refit if self.fast_refit else bool(refit)
+        self._exact_refit = self.refit is True           # Reconstruct per candidate
+        self.damp = damp
+        self._positions_given = refit_positions is not None   # refit=True passes it (and damp) to Reconstruct
+        if refit_positions is None:
+            refit_positions = REFIT_POSITIONS.get(self.fast_refit, DEFAULT_POSITIONS)
+        self.refit_positions, self.refit_max_columns = int(refit_positions), int(refit_max_columns)
+        self._refit_layers: dict | None = None          # fast/oneshot: node -> cached statistics of the original
+        self.refit_skipped: list[str] = []              # fast/oneshot: layers left as they are, and why
         self.alpha, self.beta, self.tiebreak = alpha, beta, tiebreak
         self.threads, self.seed = threads, seed
         self.fast = fast_recalibration
@@ -188,7 +232,7 @@ class CalibEvaluator(Evaluator):
     def teacher(self) -> list[np.ndarray]:
         """The original's outputs on the scoring samples (computed once)."""
         if self._teacher is None:
-            if self.recalibrate and self.fast and not self.refit:
+            if (self.recalibrate and self.fast and not self._exact_refit) or self.fast_refit:
                 self._original_pass()
             else:
                 self._teacher = self._run_ort(self.problem.original_proto(), self.score_slice)
@@ -216,16 +260,21 @@ class CalibEvaluator(Evaluator):
     def measure(self, kept: np.ndarray) -> dict:
         teacher = self.teacher()
         t0 = time.perf_counter()
-        model, _, _, rows = self.problem.apply(kept, rows=self.recalibrate or self.refit)
+        model, an, removed, rows = self.problem.apply(kept, rows=self.recalibrate or bool(self.refit))
         t1 = time.perf_counter()
-        if self.refit or (self.recalibrate and not self.fast):
+        refit_info = None
+        if self._exact_refit or (self.recalibrate and not self.fast):
             outputs = self._reconstruct(model, rows)
-        elif self.recalibrate:
-            outputs = self._fast_recalibrate(model, rows)
+        elif self.recalibrate or self.fast_refit:
+            cols = input_columns(an, removed, self._refit_layers) if self.fast_refit == "oneshot" else None
+            refit_info = {} if self.fast_refit else None
+            outputs = self._fast_recalibrate(model, rows, cols, refit_info)
         else:
             outputs = self._run_ort(model.graph.to_model(), self.score_slice, own=True)
         t2 = time.perf_counter()
         metrics = compare(teacher, outputs, self.labels)
+        if refit_info is not None:
+            metrics.update(refit_layers=refit_info.get("layers", 0), refit_s=refit_info.get("seconds", 0.0))
         costs = self.problem.projector.costs(kept)
         metrics.update({"flops": costs["flops"], "params": costs["params"], "apply_s": t1 - t0, "run_s": t2 - t1,
                         "seconds": t2 - t0})
@@ -248,8 +297,11 @@ class CalibEvaluator(Evaluator):
         """passes.reconstruct.Reconstruct on the candidate (refit and/or re-calibration), then onnxruntime."""
         from passes.reconstruct import Reconstruct
 
+        kw = {} if self.damp is None else {"damp": self.damp}
+        if self._positions_given:
+            kw["positions"] = self.refit_positions
         Reconstruct(self.problem.original_proto(), rows, self._slice(self.stats_slice), refit=self.refit,
-                    recalibrate=self.recalibrate, seed=self.seed).run(model)
+                    recalibrate=self.recalibrate, seed=self.seed, **kw).run(model)
         return self._run_ort(model.graph.to_model(), self.score_slice, own=True)
 
     def _chunks(self, sl: slice):
@@ -261,7 +313,8 @@ class CalibEvaluator(Evaluator):
 
     def _original_pass(self) -> None:
         """Once: the original's per-channel output moments of every weight layer on the statistics samples
-        (what Reconstruct's affine correction matches) and its outputs on the scoring samples."""
+        (what Reconstruct's affine correction matches), its outputs on the scoring samples, and with
+        refit="fast"/"oneshot" the statistics of every layer the refit models (`_layer_stats`)."""
         import torch
 
         from passes.reconstruct import _channel_moments, release
@@ -270,10 +323,18 @@ class CalibEvaluator(Evaluator):
 
         tg = TorchGraph(self.problem.original_proto())
         outputs = set(tg.output_names)
-        envs = [tg.initial_env(c) for c in self._chunks(self.stats_slice)]
+        parts = self._chunks(self.stats_slice)
+        envs = [tg.initial_env(c) for c in parts]
         moments = {}
+        views = self._refit_views(list(tg.nodes)) if self.fast_refit else {}
+        layers = {}
+        gen = torch.Generator().manual_seed(self.seed)
+        n = sum(int(next(iter(c.values())).shape[0]) for c in parts)
         with torch.no_grad():
             for pos, node in enumerate(tg.nodes):
+                if node.name in views:
+                    layers[node.name] = self._layer_stats(views[node.name], [env[node.input[0]] for env in envs],
+                                                         n, gen)
                 for env in envs:
                     tg.step(node, env)
                 if node.op_type in ("Conv", "Gemm", "MatMul") and node.output and node.output[0] in envs[0]:
@@ -287,11 +348,175 @@ class CalibEvaluator(Evaluator):
             else:
                 outs = [list(tg.run(c).values()) for c in self._chunks(self.score_slice)]
         self._moments = moments
+        self._refit_layers = layers
         self._teacher = [np.concatenate([o[i].float().numpy() for o in outs]) for i in range(len(tg.output_names))]
 
-    def _fast_recalibrate(self, model, rows) -> list[np.ndarray]:
+    # ---- refit="fast" / "oneshot" --------------------------------------------------------------------------------
+    def _refit_views(self, nodes) -> dict:
+        """The original's layers the fast/oneshot refit models (what `Reconstruct` refits: spa.obspa.layer_view, weight
+        not shared), with the ones left out noted in `refit_skipped`."""
+        from ..obspa import layer_view
+
+        g = self.problem.model.graph
+        views, self.refit_skipped = {}, []
+        for node in nodes:
+            if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or g.const(node.input[1]) is None:
+                continue
+            view = layer_view(g, node)
+            if view is None:
+                self.refit_skipped.append(f"{node.name}: not a plain Conv/Gemm/MatMul layer (grouped or depthwise "
+                                          "conv, ...): Reconstruct does not refit it either")
+                continue
+            if view.data_index != 0 or len(g.consumers.get(view.weight, [])) > 1 or \
+                    (view.bias is not None and len(g.consumers.get(view.bias, [])) > 1):
+                self.refit_skipped.append(f"{node.name}: weight shared by several nodes")
+                continue
+            cols = view.matrix(np.asarray(g.const(view.weight))).shape[1] + (view.bias is not None)
+            if cols > self.refit_max_columns:
+                self.refit_skipped.append(f"{node.name}: {cols} input columns > refit_max_columns "
+                                          f"{self.refit_max_columns}: not refit")
+                continue
+            views[node.name] = view
+        return views
+
+    def _layer_stats(self, view, xs, n: int, gen) -> dict:
+        """One layer of the original at `refit_positions` output positions sampled over the statistics samples
+        (all of them when there are fewer; the same seeded draws as `Reconstruct`'s, so with 8192 positions
+        refit="fast" reproduces its refit). U = the unfolded input rows there (conv patches in the weight's
+        column order, a ones column for a bias). "fast" keeps the positions and the layer's output U [W_o | b_o]ᵀ
+        there (the refit's target, positions x O floats); "oneshot" keeps H = UᵀU/rows and H [W_o | b_o]ᵀ
+        (every candidate's right-hand side is a slice of it)."""
+        import torch
+
+        from .. import obspa as O
+
+        g = self.problem.model.graph
+        w = view.matrix(np.asarray(g.const(view.weight), np.float64))
+        if view.bias is not None:
+            w = np.concatenate([w, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
+        in_axis = 0 if view.trans else 1
+        layer = {"bias": view.bias is not None, "k": view.k, "in_axis": in_axis,
+                 "in_len": int(np.asarray(g.const(view.weight)).shape[in_axis]), "rows": [], "y": [], "total": []}
+        gram = O.Gram()
+        wt = torch.from_numpy(w.T.astype(np.float32))
+        for x in xs:
+            x = x.float()
+            quota = max(1, round(self.refit_positions * x.shape[0] / max(n, 1)))
+            total = O.output_positions(view, x)
+            rows = O.pick_rows(total, quota, gen)
+            a = O.sample_rows(view, x, rows)
+            a = O.with_ones(a) if view.bias is not None else a
+            if self.fast_refit == "oneshot":
+                gram.add(a)
+            else:  # the original layer's output at the sampled positions: the refit's target
+                layer["rows"].append(rows)
+                layer["y"].append(a @ wt)
+                layer["total"].append(total)
+        if self.fast_refit == "oneshot":
+            h = gram.xx / max(gram.n, 1)
+            layer.update(h=h, hw=h @ w.T)
+        return layer
+
+    def _oneshot_refit(self, node, g, tg, rows, keep_cols: np.ndarray, info: dict) -> None:
+        """One-shot OBS refit of one layer whose input lost columns, before it runs.
+
+        `Reconstruct` refits W' = argmin ||X_p W'ᵀ - X_o W_oᵀ||² + λ||W' - W_p||² with X_p the PRUNED model's
+        actual input (so upstream errors are compensated) and X_o the original's, both recomputed per candidate.
+        Here X_p is taken to be the original's input restricted to the kept columns K (exact when nothing
+        upstream changed), so only the original's H = X_oᵀX_o/n is needed, computed once:
+
+            W'ᵀ = (H_KK + λI)⁻¹ (H_K: W_oᵀ + λ W_pᵀ),   λ = damp · mean(diag H_KK)   (as spa.obspa.refit)
+
+        for the kept output rows of [W_o | b_o]; W_p is the pruned weight (the original's kept rows and columns),
+        so with damp 0 it is the least-squares W' = W_o H_:K H_KK⁻¹. The cost is one |K| x |K| Cholesky solve."""
+        from .. import obspa as O
+
+        layer = self._refit_layers[node.name]
+        view = O.layer_view(g, node)
+        if view is None or len(g.consumers.get(view.weight, [])) > 1:
+            return
+        t = time.perf_counter()
+        w_full = np.asarray(g.const(view.weight))
+        w_p = view.matrix(w_full).astype(np.float64)
+        if layer["bias"]:
+            if view.bias is None:
+                return
+            w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
+        cols = np.flatnonzero(keep_cols)
+        if layer["bias"]:
+            cols = np.append(cols, layer["h"].shape[0] - 1)
+        out = np.flatnonzero(rows[node.name]) if node.name in rows else np.arange(layer["hw"].shape[1])
+        if w_p.shape != (len(out), len(cols)):
+            return
+        damp = O.DEFAULT_DAMP if self.damp is None else self.damp
+        hd, lam = O.damped(layer["h"][np.ix_(cols, cols)], damp)
+        rhs = layer["hw"][np.ix_(cols, out)] + lam * w_p.T          # H_K: W_oᵀ: H W_oᵀ is computed once
+        self._write_refit(g, tg, view, w_full, O._solve_psd(hd, rhs).T, info, t)
+
+    def _lockstep_refit(self, node, g, tg, envs, rows, info: dict) -> None:
+        """Reconstruct's refit of one layer from the pruned model's actual input, against the original layer's
+        output at the positions sampled once (cached by `_original_pass`): no second model runs."""
+        import torch
+
+        from .. import obspa as O
+
+        layer = self._refit_layers[node.name]
+        view = O.layer_view(g, node)
+        if view is None or len(g.consumers.get(view.weight, [])) > 1 or (view.bias is not None) != layer["bias"]:
+            return
+        t = time.perf_counter()
+        out = torch.from_numpy(np.flatnonzero(rows[node.name])) if node.name in rows else None
+        xx = xy = None
+        count = 0
+        for env, r, y, total in zip(envs, layer["rows"], layer["y"], layer["total"]):
+            x = env[node.input[0]].float()
+            if O.output_positions(view, x) != total:
+                return
+            a = O.sample_rows(view, x, r)
+            if view.bias is not None:
+                a = O.with_ones(a)
+            yk = y if out is None else y.index_select(1, out)
+            if a.shape[1] <= 64:  # as spa.obspa.Gram: float64 products for narrow layers, float32 otherwise
+                a, yk = a.double(), yk.double()
+            gxx, gxy = (a.T @ a).double(), (a.T @ yk).double()
+            xx = gxx if xx is None else xx + gxx
+            xy = gxy if xy is None else xy + gxy
+            count += a.shape[0]
+        w_full = np.asarray(g.const(view.weight))
+        w_p = view.matrix(w_full).astype(np.float64)
+        if view.bias is not None:
+            w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
+        if xx is None or xy.shape != (w_p.shape[1], w_p.shape[0]):
+            return
+        damp = O.DEFAULT_DAMP if self.damp is None else self.damp
+        hd, lam = O.damped(xx.numpy() / count, damp)
+        new = O._solve_psd(hd, xy.numpy() / count + lam * w_p.T).T
+        self._write_refit(g, tg, view, w_full, new, info, t)
+
+    def _write_refit(self, g, tg, view, w_full, new, info, t0) -> None:
+        import torch
+
+        if not np.isfinite(new).all():
+            return
+
+        def write(name, value):
+            g.set_const(name, value)
+            tg.param(name).data.copy_(torch.from_numpy(np.array(value)))
+
+        if view.bias is not None:
+            write(view.bias, new[:, -1].astype(np.asarray(g.const(view.bias)).dtype))
+            new = new[:, :-1]
+        write(view.weight, view.unmatrix(new, w_full.shape).astype(w_full.dtype))
+        info["layers"] = info.get("layers", 0) + 1
+        info["seconds"] = info.get("seconds", 0.0) + time.perf_counter() - t0
+
+    def _fast_recalibrate(self, model, rows, cols: dict | None = None, refit_info: dict | None = None
+                          ) -> list[np.ndarray]:
         """Reconstruct(recalibrate=True, refit=False) in one torch pass over the pruned model, with the
-        original's moments from `_original_pass`; returns the corrected outputs on the scoring samples."""
+        original's moments from `_original_pass`; returns the corrected outputs on the scoring samples. With
+        refit="fast" every modelled layer is refit by `_lockstep_refit` before it runs; with `cols` (refit=
+        "oneshot": the kept input columns of the layers that lost some) those layers by `_oneshot_refit`.
+        BN/affine re-calibration only with `recalibrate`."""
         import torch
 
         from passes.reconstruct import _channel_moments, release
@@ -311,7 +536,11 @@ class CalibEvaluator(Evaluator):
 
         with torch.no_grad():
             for pos, node in enumerate(nodes):
-                if node.op_type == "BatchNormalization":
+                if cols is not None and node.name in cols:
+                    self._oneshot_refit(node, g, tg, rows, cols[node.name], refit_info)
+                elif self.fast_refit == "fast" and node.name in self._refit_layers:
+                    self._lockstep_refit(node, g, tg, envs, rows, refit_info)
+                if self.recalibrate and node.op_type == "BatchNormalization":
                     mean_name, var_name = node.input[3], node.input[4]
                     if len(g.consumers.get(mean_name, [])) <= 1 and len(g.consumers.get(var_name, [])) <= 1:
                         mean, var = _channel_moments([env[node.input[0]] for env in envs], 1)
@@ -319,7 +548,7 @@ class CalibEvaluator(Evaluator):
                         write(var_name, var.astype(np.asarray(g.const(var_name)).dtype))
                 for env in envs:
                     tg.step(node, env)
-                if node.name in rows and node.output[0] not in followed_by_bn:
+                if self.recalibrate and node.name in rows and node.output[0] not in followed_by_bn:
                     self._affine(node, g, tg, envs, rows, layer_view, write)
                 for env in envs:
                     release(env, tg, pos, outputs)
@@ -352,6 +581,25 @@ class CalibEvaluator(Evaluator):
         sh = torch.from_numpy(shift).view(view_shape)
         for env, y in zip(envs, ys_p):  # in the tensor's own precision (Reconstruct: float64, then cast back)
             env[node.output[0]] = torch.addcmul(sh.to(y.dtype), y, sc.to(y.dtype))
+
+
+def input_columns(an, removed, layers: dict | None) -> dict[str, np.ndarray]:
+    """For every layer refit="oneshot" models whose input lost units: the kept input columns of its original weight matrix
+    (a conv's input channel repeated over its kernel positions), from the 'sink' slices of the analysis."""
+    if not layers:
+        return {}
+    keep = an.keep_mask(removed)
+    masks = {name: np.ones(lay["in_len"], bool) for name, lay in layers.items()}
+    for ps in an.ctx.params:
+        lay = layers.get(ps.node.name)
+        if ps.role != "sink" or lay is None or ps.input_index != 1 or ps.axis != lay["in_axis"]:
+            continue
+        if len(ps.atoms) != lay["in_len"]:
+            masks.pop(ps.node.name, None)   # a slice of the axis we cannot place: leave the layer as it is
+            layers = {k: v for k, v in layers.items() if k != ps.node.name}
+            continue
+        masks[ps.node.name] &= keep(ps.atoms)
+    return {name: np.repeat(m, layers[name]["k"]) for name, m in masks.items() if not m.all()}
 
 
 def free_batch_dim(proto, copy: bool = True):
