@@ -107,6 +107,11 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--search-recalibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="re-calibrate BN statistics / channel scale of each candidate before scoring it (default: "
                         "on with --calib); add --recalibrate to give the written model the same treatment")
+    s.add_argument("--search-refit", choices=["auto", "none", "fast", "full"], default="auto",
+                   help="score each candidate after a least-squares refit of its layers: fast (sampled positions, "
+                        "one pass), full (passes.reconstruct, ~5x slower) or none; auto = fast when the written "
+                        "model is reconstructed (--importance obspa or --reconstruct), else none. At 90%% FLOPs "
+                        "removed the reward without it does not predict the reconstructed model's accuracy")
     s.add_argument("--metric", choices=[*REWARD_METRICS, *METRIC_ALIASES], default="auto",
                    help="reward: accuracy (calibration labels), agreement (top-1 with the original; alias top1), "
                         "kl (to the original's softmax), rel_l2 (every output; alias l2); auto = accuracy with "
@@ -394,6 +399,8 @@ def _reject_search_flags(args) -> None:
     given = [flag for dest, flag in SEARCH_ONLY if getattr(args, dest) not in (None, [])]
     if args.metric != "auto":
         given.append("--metric")
+    if args.search_refit != "auto":
+        given.append("--search-refit")
     if given:
         raise SpaError(f"{given[0]} needs --policy NAME (an allocation search)")
 
@@ -410,7 +417,9 @@ def run_search(args) -> int:
     options = _policy_options(cls, policy, args.policy_option)
     optional = _optional_search_kwargs(args, S)
     evals = 300 if args.evals is None else args.evals
-    recalibrate = args.calib is not None if args.search_recalibrate is None else args.search_recalibrate
+    refit = _search_refit(args)
+    recalibrate = (args.calib is not None and not refit) if args.search_recalibrate is None \
+        else args.search_recalibrate
     metric = METRIC_ALIASES.get(args.metric, args.metric)
     progress = SearchProgress(policy, 1 if policy in SINGLE_EVALUATION else evals, args.quiet)
     progress.setup()
@@ -420,7 +429,8 @@ def run_search(args) -> int:
     unreachable = _unreachable_budget(problem)
     setup_s = time.perf_counter() - t0
     plan, history = S.search(args.input, policy, problem=problem, evals=evals, seed=args.seed, metric=metric,
-                             recalibrate=recalibrate, policy_options=options, progress=progress, **optional)
+                             recalibrate=recalibrate, reconstruct=refit, policy_options=options,
+                             progress=progress, **optional)
     progress.close()
     show = _progress(args.quiet)
     res = S.prune_with_plan(args.input, args.output, plan, history.problem, progress=show, **_driver_kwargs(args))
@@ -430,10 +440,21 @@ def run_search(args) -> int:
                              setup_s=setup_s, curve=args.search_curve, sparsity_plot=args.sparsity_plot)
     _draw_plots(args, history, section)
     section["feasible"] = unreachable is None
+    section["refit"] = refit or "none"
     if unreachable:
         res.report["warnings"].append(unreachable)
     res.report["search"] = section
     return _finish(args, res.report)
+
+
+def _search_refit(args):
+    """The reward's refit: False, "fast" or True (CalibEvaluator's refit). By default the search scores what
+    the written model will be: refit when the final path reconstructs."""
+    choice = args.search_refit
+    if choice == "auto":
+        reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
+        choice = "fast" if reconstruct else "none"
+    return {"none": False, "fast": "fast", "full": True}[choice]
 
 
 def _search_module():

@@ -144,6 +144,27 @@ def test_obspa_reconstruction_path(resnet18, calib_file, tmp_path, capsys):
     assert [p["pass"] for p in report["reconstruction"]["passes"]] == ["obspa-refit"]
     assert report["search"]["policy"] == "uniform" and report["importance"]["criterion"] == "obspa"
     assert "search        uniform: 1 evaluation," in err and "reconstruct" in err
+    # the reward anticipates the final reconstruction: a fast refit per candidate, no re-calibration on top
+    assert report["search"]["refit"] == "fast" and report["search"]["recalibrate"] is False
+
+
+def test_search_refit_choice_reaches_the_evaluator(resnet18, calib_file, tmp_path, capsys, monkeypatch):
+    """--search-refit none/full map to CalibEvaluator's refit False/True; without reconstruction auto is none."""
+    import spa.search as S
+    seen = []
+    real = S.search
+
+    def spy(*a, **kw):
+        seen.append(kw.get("reconstruct"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(S, "search", spy)
+    for flag, want in (("none", False), ("full", True), ("auto", False)):
+        out = tmp_path / f"{flag}.onnx"
+        rc, err = run([resnet18, out, "--policy", "uniform", "--target-flops", 0.5, "--calib", calib_file,
+                       "--calib-samples", 8, "--search-refit", flag, "-q"], capsys)
+        assert rc == 0, err
+    assert seen == [False, True, False]
 
 
 def test_unreachable_budget_is_a_warning(resnet18, tmp_path, capsys):
@@ -233,6 +254,8 @@ BAD = [
     (["--ratio", 0.5, "--search-curve", "c.png"], "--search-curve needs --policy"),
     (["--ratio", 0.5, "--metric", "kl"], "--metric needs --policy"),
     (["--ratio", 0.5, "--threads", 2], "--threads needs --policy"),
+    (["--ratio", 0.5, "--search-refit", "fast"], "--search-refit needs --policy"),
+    (["--policy", "dist", "--target-flops", 0.5, "--search-refit", "some"], "invalid choice: 'some'"),
 ]
 
 

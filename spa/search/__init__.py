@@ -48,7 +48,7 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
            importance: str = "l2", aggregation: str = "sum", normalization: str = "mean",
            min_channels: int = 1, round_to: int = 1, max_ratio: float = 1.0, exclude: list[str] | None = None,
            input_shapes: dict | None = None, calib_samples: int | None = None, recalibrate: bool = False,
-           reconstruct: bool = False, metric: str = "auto", alpha: float = 0.0, beta: float = 0.0,
+           reconstruct: bool | str = False, metric: str = "auto", alpha: float = 0.0, beta: float = 0.0,
            score_split: float | None = None, mode: str | None = None, policy_options: dict | None = None,
            threads: int | None = None, progress=None, problem: SearchProblem | None = None,
            evaluator: Evaluator | None = None, target_latency: float | None = None, latency_table=None,
@@ -56,8 +56,9 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
     """Search a per-group allocation for `model_path` under the budget(s) with `policy` (a name in POLICIES)
     within `evals` evaluations. Rewards come from the calibration data (`calib`: .npz, image folder or
     spa.calib.Calib; data-free synthesized inputs without it), optionally re-calibrated (`recalibrate`) or
-    OBSPA-refit (`reconstruct`) per candidate. Returns the best plan and its History. `problem` / `evaluator`
-    reuse ones built earlier (e.g. to compare policies on the same teacher outputs).
+    least-squares refit per candidate (`reconstruct`: True = passes.reconstruct's, "fast" = the same refit on
+    fewer sampled positions in one pass; see CalibEvaluator). Returns the best plan and its History.
+    `problem` / `evaluator` reuse ones built earlier (e.g. to compare policies on the same teacher outputs).
 
     `target_latency` (ms, at `latency_batch` and the table's thread count) adds a latency budget predicted from
     `latency_table` (made by `spa-prune profile`; without one this machine is profiled with `threads`, default 1,
