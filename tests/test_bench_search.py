@@ -1,0 +1,82 @@
+"""tools/bench_search.py: the bookkeeping (keys, resume, summaries, tables) on synthetic rows; no model runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import bench_search as BS
+
+
+def _row(policy, seed, acc, budget="flops0.1", evals=300, reward=0.5, model="resnet1d_mnist1d"):
+    return {"model": model, "seed": seed, "budget": budget, "policy": policy, "evals": evals, "test_acc": acc,
+            "reward": reward, "metrics": {"kl": 0.7}, "search_s": 10.0, "evaluations": evals if policy in
+            ("random", *BS.AGENTS) else 1, "macs_ratio": 0.1, "latency_ms": 0.1, "load_search": [[1, 1, 1], [2, 1, 1]],
+            "calib_fidelity_after": {"kl": 0.1}, "curve": [reward]}
+
+
+def _results(tmp_path, rows, probes=()):
+    res = BS.Results(tmp_path / "results.json", resume=False)
+    res.runs.append({"command": "python tools/bench_search.py", "date": "d", "versions": "v", "cpus": 2,
+                     "load": [1.0, 1.0, 1.0]})
+    for r in rows:
+        res.rows[BS.row_key(r)] = r
+    for p in probes:
+        res.probes[BS.probe_key(p)] = p
+    return res
+
+
+def test_budget_names_round_trip():
+    b = BS.Budget("flops", 0.1)
+    assert b.name == "flops0.1" and "90% removed" in b.label()
+    assert BS._parse_name(b.name) == ("flops", 0.1)
+    assert BS._parse_name("latency0.5") == ("latency", 0.5)
+    assert sorted(["flops0.1", "latency0.5", "flops0.3"], key=BS._budget_order) == ["flops0.3", "flops0.1",
+                                                                                      "latency0.5"]
+
+
+def test_resume_keeps_rows_and_redoes_errors(tmp_path):
+    rows = [_row("uniform", 0, 0.9), {**_row("dist", 0, None), "error": "boom"}]
+    res = _results(tmp_path, rows)
+    res.save()
+    again = BS.Results(tmp_path / "results.json", resume=True)
+    assert again.done(("resnet1d_mnist1d", 0, "flops0.1", "uniform", 300))
+    assert not again.done(("resnet1d_mnist1d", 0, "flops0.1", "dist", 300))
+    assert not BS.Results(tmp_path / "results.json", resume=False).rows
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"runs", "rows", "probes"}
+
+
+def test_best_control_vs_best_rl(tmp_path):
+    rows = [_row(p, s, acc) for s in (0, 1) for p, acc in
+            (("uniform", 0.90), ("random", 0.92), ("dist", 0.935), ("sac", 0.5))]
+    summ = BS.summarize(rows)
+    assert summ[("resnet1d_mnist1d", "flops0.1", "random", 300)]["acc"] == pytest.approx(92.0)
+    ctl = BS.best_of(summ, "resnet1d_mnist1d", "flops0.1", 300, BS.CONTROLS)
+    rl = BS.best_of(summ, "resnet1d_mnist1d", "flops0.1", 300, BS.AGENTS)
+    assert (ctl[0], rl[0]) == ("random", "dist")
+    diff, std, n = BS.paired_diff(rl[1], ctl[1])
+    assert diff == pytest.approx(1.5) and std == pytest.approx(0.0) and n == 2
+    table = "\n".join(BS.comparison_table(summ))
+    assert "random 92.00" in table and "dist 93.50" in table and "+1.50" in table and "| yes |" in table
+
+
+def test_markdown_has_every_section(tmp_path):
+    rows = [_row(p, 0, 0.8 + 0.01 * i, reward=0.1 * i) for i, p in enumerate(BS.POLICIES)]
+    rows.append({"model": "resnet1d_mnist1d", "seed": 0, "budget": "none", "policy": "unpruned", "evals": 0,
+                 "test_acc": 0.99, "macs_ratio": 1.0, "latency_ms": 0.2})
+    probes = [{**_row("probe", 0, 0.5 + 0.1 * i, reward=0.1 * i - 0.3), "probe": i} for i in range(3)]
+    md = BS.markdown(_results(tmp_path, rows, probes))
+    assert "unpruned 99.00" in md and "FLOPs kept 0.1 (90% removed), 300 evaluations" in md
+    assert "| ppo-gnn | 300 |" in md and "| uniform | 1 |" in md
+    assert "Best control vs best RL policy" in md
+    assert "| resnet1d_mnist1d | flops0.1 | 0 | 10 |" in md   # 3 probes + 7 chosen plans
+    assert "+1.00" in md  # reward and accuracy rise together here
+
+
+def test_fresh_cache_forgets_candidates_but_keeps_the_teacher():
+    class Ev:
+        cache, calls, measured, seconds, _teacher = {(1,): {}}, 3, 2, 1.5, ["t"]
+
+    ev = Ev()
+    BS.fresh_cache(ev)
+    assert (ev.cache, ev.calls, ev.measured, ev.seconds, ev._teacher) == ({}, 0, 0, 0.0, ["t"])
