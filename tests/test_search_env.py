@@ -59,19 +59,6 @@ def kept_fractions(problem, kept):
     return an.macs_after(plan.roots(an)) / an.total_macs, plan
 
 
-def maximal(pj, kept) -> bool:
-    """No action group can take its next allowed count without breaking a budget."""
-    for g in pj.action_groups:
-        nxt = pj._next(int(g), int(kept[g]))
-        if nxt is None:
-            continue
-        trial = kept.copy()
-        trial[g] = nxt
-        if pj.feasible(trial):
-            return False
-    return True
-
-
 # ---- gymnasium conformance -----------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:.*infinity")  # node features are unbounded by design
 @pytest.mark.parametrize("mode", ["one-shot", "sequential"])
@@ -97,7 +84,7 @@ def test_sequential_episode_meets_budget(problem):
     assert steps == len(problem.projector.action_groups)
     flops, _ = kept_fractions(problem, info["kept"])
     assert flops <= 0.5 and info["feasible"]
-    assert maximal(problem.projector, info["kept"])
+    assert not problem.projector.growable(info["kept"])
 
 
 # ---- budget projection ----------------------------------------------------------------------------------------
@@ -113,7 +100,7 @@ def test_projection_flops_exact(resnet18, problem, target, round_to, min_channel
         flops, plan = kept_fractions(p, proj.kept)
         assert proj.feasible and flops <= target
         assert abs(flops - proj.costs["flops"]) < 1e-12  # the cost model is Analysis.macs_after
-        assert maximal(pj, proj.kept)
+        assert not pj.growable(proj.kept)
         for g in p.an.groups:
             kept = g.size - len(plan.removed.get(g.id, []))
             if g.id in pj.action_groups:
@@ -134,7 +121,7 @@ def test_projection_params_exact(resnet18, problem):
         params = param_count(model.graph) / pj.cost_model.params_total
         assert abs(params - proj.costs["params"]) < 1e-12
         assert params <= 0.4 and proj.costs["flops"] <= 0.7
-        assert maximal(pj, proj.kept)
+        assert not pj.growable(proj.kept)
 
 
 def test_projection_give_back_matches_plan():
@@ -209,7 +196,7 @@ def test_controls_meet_budget_exactly(resnet18, problem, calib):
         kept = np.array(history.meta["kept"])
         flops, _ = kept_fractions(problem, kept)
         assert flops <= 0.5 and abs(flops - history.meta["costs"]["flops"]) < 1e-12
-        assert maximal(problem.projector, kept), name
+        assert not problem.projector.growable(kept), name
     # the chosen plan goes through the driver's apply/verify path
     from spa.search import prune_with_plan
     rep = prune_with_plan(resnet18, None, plan, problem).report

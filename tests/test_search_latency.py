@@ -65,18 +65,6 @@ def problem(resnet18, table_path, table):
                                latency_batch=2, threads=1)
 
 
-def maximal(pj, kept) -> bool:
-    for g in pj.action_groups:
-        nxt = pj._next(int(g), int(kept[g]))
-        if nxt is None:
-            continue
-        trial = kept.copy()
-        trial[g] = nxt
-        if pj.feasible(trial):
-            return False
-    return True
-
-
 # ---- the table -------------------------------------------------------------------------------------------------
 def test_table_covers_every_weight_layer(loaded, table):
     """Every Conv/Gemm of ResNet-18 is in the table; equal layers share a signature (measured once)."""
@@ -214,7 +202,7 @@ def test_projection_meets_latency_budget_maximally(resnet18, problem, table_path
         if flops is not None:
             macs = p.an.macs_after(pj.plan(proj.kept).roots(p.an)) / p.an.total_macs
             assert macs <= flops and macs == pytest.approx(proj.costs["flops"], abs=1e-12)
-        assert maximal(pj, proj.kept)
+        assert not pj.growable(proj.kept)
 
 
 def test_depthwise_layers_and_budget(tmp_path):
@@ -233,7 +221,7 @@ def test_depthwise_layers_and_budget(tmp_path):
     assert pj.costs(pj.full())["latency"] == pytest.approx(1.0)
     for seed in range(2):
         proj = pj.project(np.random.default_rng(seed).random(len(pj.action_groups)))
-        assert proj.feasible and proj.costs["latency"] <= 0.5 and maximal(pj, proj.kept)
+        assert proj.feasible and proj.costs["latency"] <= 0.5 and not pj.growable(proj.kept)
 
 
 def test_flops_only_problem_is_unchanged(resnet18, problem):

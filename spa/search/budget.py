@@ -434,6 +434,20 @@ class BudgetProjector:
         kept, steps = self._fill(lo_k, z, lo, groups)
         return Projection(kept, lo, self.costs(kept), fill_steps=steps)
 
+    def growable(self, kept: np.ndarray, cap: np.ndarray | None = None) -> list[int]:
+        """Action groups that could take their next allowed count (not above `cap`, when given) and still meet
+        every budget; empty for a maximal candidate, which every projection returns."""
+        out = []
+        for g in self.action_groups:
+            nxt = self._next(int(g), int(kept[g]))
+            if nxt is None or (cap is not None and nxt > cap[g]):
+                continue
+            trial = np.array(kept, dtype=np.int64, copy=True)
+            trial[g] = nxt
+            if self.feasible(trial):
+                out.append(int(g))
+        return out
+
     def _next(self, g: int, k: int) -> int | None:
         allowed = self._allowed[g]
         i = np.searchsorted(allowed, k, side="right")
