@@ -29,8 +29,11 @@ def _results(tmp_path, rows, probes=()):
 def test_budget_names_round_trip():
     b = BS.Budget("flops", 0.1)
     assert b.name == "flops0.1" and "90% removed" in b.label()
-    assert BS._parse_name(b.name) == ("flops", 0.1)
-    assert BS._parse_name("latency0.5") == ("latency", 0.5)
+    assert BS._parse_name(b.name) == ("flops", 0.1, 1)
+    assert BS._parse_name("latency0.5") == ("latency", 0.5, 1)
+    lat = BS.Budget("latency", 0.5, 32)
+    assert lat.name == "latency0.5b32" and BS.Budget(*BS._parse_name(lat.name)) == lat
+    assert BS.budget_kwargs(lat, 10.0) == {"target_latency": 5.0, "latency_batch": 32, "threads": 2}
     assert sorted(["flops0.1", "latency0.5", "flops0.3"], key=BS._budget_order) == ["flops0.3", "flops0.1",
                                                                                       "latency0.5"]
 

@@ -99,19 +99,20 @@ def loadavg() -> list[float]:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """A FLOPs budget (fraction of MACs kept) or a latency budget (fraction of the unpruned latency)."""
+    """A FLOPs budget (fraction of MACs kept) or a latency budget (fraction of the unpruned latency at `batch`)."""
 
     kind: str      # "flops" | "latency"
     fraction: float
+    batch: int = 1  # latency: the batch size the budget is stated at (latency of every final model: at this batch)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}{self.fraction:g}"
+        return f"{self.kind}{self.fraction:g}" + (f"b{self.batch}" if self.batch != 1 else "")
 
     def label(self) -> str:
         if self.kind == "flops":
             return f"FLOPs kept {self.fraction:g} ({100 * (1 - self.fraction):.0f}% removed)"
-        return f"latency {self.fraction:g} x unpruned"
+        return f"latency {self.fraction:g} x unpruned at batch {self.batch}"
 
 
 def latency_supported() -> bool:
@@ -122,16 +123,17 @@ def latency_supported() -> bool:
 
 
 def budget_kwargs(budget: Budget, unpruned_ms: float) -> dict:
-    """SearchProblem.build's budget keywords; a latency budget in ms at batch 1 on the benchmark's 2 threads."""
+    """SearchProblem.build's budget keywords; a latency budget in ms at its batch on the benchmark's 2 threads."""
     if budget.kind == "flops":
         return {"target_flops": budget.fraction}
-    return {"target_latency": round(budget.fraction * unpruned_ms, 4), "latency_batch": 1, "threads": THREADS}
+    return {"target_latency": round(budget.fraction * unpruned_ms, 4), "latency_batch": budget.batch,
+            "threads": THREADS}
 
 
-def median_latency_ms(path: Path, input_shape, runs: int = LATENCY_RUNS) -> float:
-    """onnxruntime latency at batch 1 on 2 threads: median of `runs` after 5 warm-up runs."""
+def median_latency_ms(path: Path, input_shape, batch: int = 1, runs: int = LATENCY_RUNS) -> float:
+    """onnxruntime latency at `batch` on 2 threads: median of `runs` after 5 warm-up runs."""
     sess = BQ.ort_session(path)
-    feed = {sess.get_inputs()[0].name: np.zeros((1, *input_shape), np.float32)}
+    feed = {sess.get_inputs()[0].name: np.zeros((batch, *input_shape), np.float32)}
     times = []
     for i in range(runs + 5):
         t = time.perf_counter()
@@ -161,10 +163,11 @@ class Setting:
 
 
 def build_setting(s: BQ.Subject, budget: Budget, scores: dict | None, calib_samples: int,
-                  unpruned_ms: float, reward: str) -> Setting:
+                  reward: str) -> Setting:
     """The problem (criterion scores reused across budgets) and its evaluator (teacher outputs computed now)."""
     from spa.search import CalibEvaluator, SearchProblem
 
+    unpruned_ms = median_latency_ms(s.onnx_path, s.input_shape, budget.batch)
     t0 = time.perf_counter()
     problem = SearchProblem.build(str(s.onnx_path), importance=CRITERION, calib=str(s.calib_path),
                                   calib_samples=calib_samples, input_shapes={"input": (1, *s.input_shape)},
@@ -228,7 +231,8 @@ def final_prune(st: Setting, plan, dest: Path) -> dict:
     return {"test_acc": BQ.onnx_accuracy(dest, s.data.x_test, s.data.y_test), "macs_ratio": rep["macs"]["ratio"],
             "params_ratio": rep["params"]["ratio"], "verification": rep["verification"]["status"],
             "calib_fidelity_after": _rounded(fid), "prune_s": round(prune_s, 3),
-            "latency_ms": round(median_latency_ms(dest, s.input_shape), 4)}
+            "latency_ms": round(median_latency_ms(dest, s.input_shape, st.budget.batch), 4),
+            "latency_batch": st.budget.batch}
 
 
 def run_probes(st: Setting, k: int, out: Path) -> list[dict]:
@@ -413,7 +417,8 @@ def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]
     if not rows:
         return []
     errs = [r["latency_ms"] / r["budget_kwargs"]["target_latency"] - 1 for r in rows]
-    return ["", (f"Latency budget {rows[0]['budget_kwargs']['target_latency']:.4f} ms (batch 1, 2 threads); final "
+    batch = rows[0]["budget_kwargs"]["latency_batch"]
+    return ["", (f"Latency budget {rows[0]['budget_kwargs']['target_latency']:.4f} ms (batch {batch}, 2 threads); final "
             f"models' median of {LATENCY_RUNS} runs within 10 %: {sum(abs(e) <= 0.1 for e in errs)}/{len(errs)} "
             f"(relative errors {', '.join(f'{100 * e:+.1f}%' for e in errs)}).")]
 
@@ -458,14 +463,15 @@ def correlation_table(res: Results) -> list[str]:
     return lines + [""]
 
 
-def _parse_name(name: str) -> tuple[str, float]:
+def _parse_name(name: str) -> tuple[str, float, int]:
     kind = "latency" if name.startswith("latency") else "flops"
-    return kind, float(name[len(kind):])
+    fraction, _, batch = name[len(kind):].partition("b")
+    return kind, float(fraction), int(batch or 1)
 
 
 def _budget_order(name: str) -> tuple:
-    kind, frac = _parse_name(name)
-    return kind != "flops", -frac
+    kind, frac, batch = _parse_name(name)
+    return kind != "flops", batch, -frac
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,7 +496,7 @@ def plot(res: Results, out: Path, seed: int = 0) -> list[Path]:
             else:
                 ax.plot(np.arange(1, len(best) + 1), best, color=colour[r["policy"]], lw=1.3, label=r["policy"])
         ax.set(title=f"{model}, {budget}, seed {seed}: best reward so far", xlabel="evaluation",
-               ylabel="reward (exp(-KL), re-calibrated)")
+               ylabel="search reward (exp(-KL))")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         probes = [p for p in res.probes.values() if (p["model"], p["budget"]) == (model, budget)]
@@ -547,6 +553,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--latency", nargs="*", type=float, default=[0.5],
                     help="latency budgets as fractions of the unpruned latency (batch 1, 2 threads); run only "
                          "when spa.search.search takes target_latency")
+    ap.add_argument("--latency-batch", type=int, default=1, help="batch size the latency budgets are stated at")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--evals", type=int, default=300, help="evaluation budget of every searching policy")
     ap.add_argument("--calib-samples", type=int, default=BQ.CALIB_N, help="calibration samples of the reward")
@@ -571,7 +578,7 @@ def budgets_of(args) -> list[Budget]:
     budgets = [Budget("flops", f) for f in args.budgets]
     if args.latency:
         if latency_supported():
-            budgets += [Budget("latency", f) for f in args.latency]
+            budgets += [Budget("latency", f, args.latency_batch) for f in args.latency]
         else:
             log("note: spa.search.search/SearchProblem.build take no target_latency yet: latency budget skipped")
     return budgets
@@ -579,7 +586,7 @@ def budgets_of(args) -> list[Budget]:
 
 def bench_subject(s: BQ.Subject, args, res: Results) -> None:
     """Every requested row of one (model, seed); results.json is rewritten after each row."""
-    unpruned_ms = median_latency_ms(s.onnx_path, s.input_shape)
+    unpruned_ms = median_latency_ms(s.onnx_path, s.input_shape)  # batch 1, for the tables
     res.rows[(s.model_name, s.seed, "none", "unpruned", 0)] = {
         "model": s.model_name, "seed": s.seed, "budget": "none", "policy": "unpruned", "evals": 0,
         "test_acc": s.onnx_acc, "macs_ratio": 1.0, "latency_ms": round(unpruned_ms, 4)}
@@ -590,7 +597,7 @@ def bench_subject(s: BQ.Subject, args, res: Results) -> None:
                                                                                  args.probes)
         if not todo and not probe:
             continue
-        st = build_setting(s, budget, scores, args.calib_samples, unpruned_ms, args.reward)
+        st = build_setting(s, budget, scores, args.calib_samples, args.reward)
         scores = st.problem.scores
         log(f"{s.model_name} s{s.seed} {budget.name}: {len(st.problem.projector.action_groups)} action groups, "
             f"setup {st.setup_s:.1f} s (problem + teacher)")
