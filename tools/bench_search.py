@@ -565,6 +565,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="resnet1d_mnist1d, seed 0, keep 0.1, 20 evals, 3 probes")
     ap.add_argument("--resume", action="store_true", help="keep results.json's rows; skip rows measured without error")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--render", action="store_true", help="measure nothing: rewrite results.md and the PNGs")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.seeds, args.budgets, args.latency = ["resnet1d_mnist1d"], [0], [0.1], []
@@ -633,6 +634,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(THREADS)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        return render(Results(args.out / "results.json", resume=True), args.out)
     command = shlex.join(["python", "tools/bench_search.py", *(sys.argv[1:] if argv is None else argv)])
     res = Results(args.out / "results.json", args.resume)
     res.runs.append({"command": command, "date": datetime.datetime.now(datetime.timezone.utc)
@@ -645,12 +648,18 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             bench_subject(BQ.prepare(model_name, seed, args.out, keep_bn=False), args, res)
             res.save()
+    render(res, args.out)
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def render(res: Results, out: Path) -> int:
+    """results.md and the PNGs from the rows."""
     md = markdown(res)
-    (args.out / "results.md").write_text(md + "\n")
-    plots = plot(res, args.out)
+    (out / "results.md").write_text(md + "\n")
+    plots = plot(res, out)
     print(md)
-    log(f"done in {time.perf_counter() - t0:.0f} s: {args.out / 'results.json'}, results.md, "
-        f"{', '.join(p.name for p in plots)}")
+    log(f"wrote {out / 'results.md'}, {', '.join(p.name for p in plots)}")
     return 0
 
 
