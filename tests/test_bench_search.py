@@ -83,3 +83,17 @@ def test_fresh_cache_forgets_candidates_but_keeps_the_teacher():
     ev = Ev()
     BS.fresh_cache(ev)
     assert (ev.cache, ev.calls, ev.measured, ev.seconds, ev._teacher) == ({}, 0, 0, 0.0, ["t"])
+
+
+def test_two_runs_into_one_folder_keep_each_others_rows(tmp_path):
+    path = tmp_path / "results.json"
+    first, second = BS.Results(path, resume=True), BS.Results(path, resume=True)
+    first.add_row(_row("uniform", 0, 0.9))
+    first.add_probe({**_row("probe", 0, 0.5), "probe": 0})
+    first.save()
+    second.add_row(_row("dist", 0, 0.8))
+    second.add_row(_row("uniform", 0, 0.7))   # measured again by the second run: its own value wins
+    second.save()
+    again = BS.Results(path, resume=True)
+    accs = {k[3]: r["test_acc"] for k, r in again.rows.items()}
+    assert accs == {"uniform": 0.7, "dist": 0.8} and len(again.probes) == 1

@@ -269,14 +269,29 @@ def probe_key(r: dict) -> tuple:
 
 
 class Results:
-    """results.json: {"runs", "rows", "probes"}; a row replaces an older one with the same key."""
+    """results.json: {"runs", "rows", "probes"}; a row replaces an older one with the same key. With `resume`,
+    `save` first takes in rows another process wrote to the file since (two runs into one folder at once),
+    keeping this process's own rows where both have the key."""
 
     def __init__(self, path: Path, resume: bool):
-        self.path = path
+        self.path, self.resume = path, resume
         old = json.loads(path.read_text()) if resume and path.exists() else {}
         self.runs = old.get("runs", [])
         self.rows = {row_key(r): r for r in old.get("rows", [])}
         self.probes = {probe_key(r): r for r in old.get("probes", [])}
+        self.mine: set[tuple] = set()   # keys this process measured
+
+    def merge_disk(self) -> None:
+        if not (self.resume and self.path.exists()):
+            return
+        disk = json.loads(self.path.read_text())
+        for r in disk.get("rows", []):
+            if row_key(r) not in self.mine:
+                self.rows[row_key(r)] = r
+        for r in disk.get("probes", []):
+            if ("probe", *probe_key(r)) not in self.mine:
+                self.probes[probe_key(r)] = r
+        self.runs += [r for r in disk.get("runs", []) if r not in self.runs]
 
     def done(self, key: tuple) -> bool:
         r = self.rows.get(key)
@@ -285,8 +300,17 @@ class Results:
     def probes_done(self, model: str, seed: int, budget: str, k: int) -> bool:
         return all((model, seed, budget, i) in self.probes for i in range(k))
 
+    def add_row(self, row: dict) -> None:
+        self.rows[row_key(row)] = row
+        self.mine.add(row_key(row))
+
+    def add_probe(self, row: dict) -> None:
+        self.probes[probe_key(row)] = row
+        self.mine.add(("probe", *probe_key(row)))
+
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        self.merge_disk()
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"runs": self.runs, "rows": list(self.rows.values()),
                                    "probes": list(self.probes.values())}, indent=1))
         tmp.replace(self.path)
@@ -588,9 +612,8 @@ def budgets_of(args) -> list[Budget]:
 def bench_subject(s: BQ.Subject, args, res: Results) -> None:
     """Every requested row of one (model, seed); results.json is rewritten after each row."""
     unpruned_ms = median_latency_ms(s.onnx_path, s.input_shape)  # batch 1, for the tables
-    res.rows[(s.model_name, s.seed, "none", "unpruned", 0)] = {
-        "model": s.model_name, "seed": s.seed, "budget": "none", "policy": "unpruned", "evals": 0,
-        "test_acc": s.onnx_acc, "macs_ratio": 1.0, "latency_ms": round(unpruned_ms, 4)}
+    res.add_row({"model": s.model_name, "seed": s.seed, "budget": "none", "policy": "unpruned", "evals": 0,
+                 "test_acc": s.onnx_acc, "macs_ratio": 1.0, "latency_ms": round(unpruned_ms, 4)})
     scores = None
     for budget in budgets_of(args):
         todo = [p for p in args.policies if not res.done((s.model_name, s.seed, budget.name, p, args.evals))]
@@ -603,12 +626,12 @@ def bench_subject(s: BQ.Subject, args, res: Results) -> None:
         log(f"{s.model_name} s{s.seed} {budget.name}: {len(st.problem.projector.action_groups)} action groups, "
             f"setup {st.setup_s:.1f} s (problem + teacher)")
         for policy in todo:
-            res.rows[(s.model_name, s.seed, budget.name, policy, args.evals)] = one_row(st, policy, args)
+            res.add_row(one_row(st, policy, args))
             res.save()
         if probe:
             for r in run_probes(st, args.probes, args.out):
                 r.update(model=s.model_name, seed=s.seed, budget=budget.name)
-                res.probes[probe_key(r)] = r
+                res.add_probe(r)
             res.save()
 
 
