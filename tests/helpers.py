@@ -365,3 +365,16 @@ def count_macs(model: onnx.ModelProto) -> int:
             a, y = shapes[n.input[0]], shapes[n.output[0]]
             total += int(np.prod(y)) * a[-1]
     return total
+
+
+def random_plan(an, rng: np.random.Generator):
+    """Random removals in every group (never a whole group, never a frozen unit), random unit scores for the
+    give-backs, then keep_every_tensor: the random plans the zoo sweeps prune with."""
+    from spa.select import PruningPlan, keep_every_tensor
+    removed = {}
+    for g in an.groups:
+        free = [i for i in range(g.size) if not g.frozen[i]]
+        k = min(len(free), g.size - 1, int(rng.integers(0, g.size)))
+        if k > 0:
+            removed[g.id] = sorted(rng.choice(free, size=k, replace=False).tolist())
+    return keep_every_tensor(an, PruningPlan(removed), {u: float(rng.random()) for u in an.unit_group})

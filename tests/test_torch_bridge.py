@@ -301,17 +301,10 @@ def test_plan_on_torch_module_full_zoo_full_size(name, dynamo, tmp_path):
 @pytest.mark.parametrize("name", models.ZOO_NAMES)
 def test_random_plans_on_torch_modules(name, dynamo):
     """Random removals in every group (as test_zoo_pruning's random plans) carry over to the torch module."""
-    from spa.select import keep_every_tensor
+    from helpers import random_plan
     src = zoo(name, dynamo)
     an = driver.analyse(driver.load(src))
-    rng = np.random.default_rng(sum(map(ord, name)) + dynamo)
-    removed = {}
-    for g in an.groups:
-        free = [i for i in range(g.size) if not g.frozen[i]]
-        k = min(len(free), g.size - 1, int(rng.integers(0, g.size)))
-        if k > 0:
-            removed[g.id] = sorted(rng.choice(free, size=k, replace=False).tolist())
-    plan = keep_every_tensor(an, PruningPlan(removed), {u: float(rng.random()) for u in an.unit_group})
+    plan = random_plan(an, np.random.default_rng(sum(map(ord, name)) + dynamo))
     report = {}
     apply_plan_to_module(models.build(name, True), plan.to_json(an), src, models.example_inputs(name, True),
                          report=report)

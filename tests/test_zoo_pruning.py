@@ -143,19 +143,11 @@ def test_zoo_random_plans_verify(name, dynamo, tmp_path):
     """Arbitrary (not lowest-score) removals in every group: index bookkeeping must hold for any choice."""
     import json
 
-    from spa.select import PruningPlan, keep_every_tensor
+    from helpers import random_plan
 
     path = str(models.zoo_path(name, dynamo=dynamo, small=True))
     an = driver.analyse(driver.load(path))
-    rng = np.random.default_rng(sum(map(ord, name)) + dynamo)
-    removed = {}
-    for g in an.groups:
-        free = [i for i in range(g.size) if not g.frozen[i]]
-        k = min(len(free), g.size - 1, int(rng.integers(0, g.size)))
-        if k > 0:
-            removed[g.id] = sorted(rng.choice(free, size=k, replace=False).tolist())
-    scores = {u: float(rng.random()) for u in an.unit_group}
-    plan = keep_every_tensor(an, PruningPlan(removed), scores)
+    plan = random_plan(an, np.random.default_rng(sum(map(ord, name)) + dynamo))
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan.to_json(an)))
     rep = driver.prune(path, None, plan_file=str(plan_file)).report
