@@ -153,6 +153,12 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     plan_json = chosen.to_json(an) if save_plan else None  # before Apply, which rewrites the initializers
     macs_before = an.total_macs
     macs_after = an.macs_after(removed)
+    if target_flops is not None and not plan_file and macs_after > target_flops * macs_before * (1 + 1e-9):
+        # select() then prunes as far as the constraints allow; say so instead of staying quiet
+        model.warnings.append(
+            f"the budget cannot be met: --target-flops {target_flops:g}, but the smallest model that "
+            f"--min-channels/--round-to/--max-ratio/--exclude and the frozen groups allow keeps "
+            f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow")
     group_rows = [{"id": g.id, "name": g.name, "units": g.size,
                    "kept": g.size - len(chosen.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
                    "given_back": chosen.given_back.get(g.id, 0)}
