@@ -52,6 +52,16 @@ class ScoreInputs:
     notes: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # shared between criteria and later passes (e.g. Hessians)
 
+    def __post_init__(self):
+        # checked here, for the API callers too: an unknown loss would otherwise fall through to another one
+        if self.loss not in LOSSES:
+            raise SpaError(f"unknown loss '{self.loss}' (choose from {', '.join(LOSSES)})")
+        if int(self.samples) < 1:
+            raise SpaError(f"samples must be at least 1, got {self.samples}")
+
+
+LOSSES = ("auto", "ce", "pseudo", "fisher")
+
 
 # ---- registry ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -237,3 +237,17 @@ def test_gatv2_attention_and_equivariance(problem):
         h1, h2 = enc(g), enc(GraphBatch.from_obs(obs2))
         assert torch.allclose(h1[perm], h2, atol=1e-5)
         assert torch.allclose(enc.pool(h1), enc.pool(h2), atol=1e-5)
+
+
+def test_search_passes_loss_and_samples_to_the_scores(resnet18):
+    """search(loss=, samples=) reach the gradient criterion as in the driver (they were fixed at auto/64)."""
+    def scores(**kw):
+        _, hist = search(resnet18, "uniform", target_flops=0.5, evals=1, importance="taylor", threads=1, **kw)
+        return np.array([hist.problem.scores[u] for u in sorted(hist.problem.scores)])
+
+    eight = scores(samples=8)
+    built = SearchProblem.build(resnet18, target_flops=0.5, importance="taylor", samples=8)
+    np.testing.assert_array_equal(eight, [built.scores[u] for u in sorted(built.scores)])
+    assert not np.allclose(eight, scores(samples=16))
+    with pytest.raises(Exception, match="loss"):
+        scores(loss="no-such-loss")

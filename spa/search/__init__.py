@@ -52,13 +52,15 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
            score_split: float | None = None, mode: str | None = None, policy_options: dict | None = None,
            threads: int | None = None, progress=None, problem: SearchProblem | None = None,
            evaluator: Evaluator | None = None, target_latency: float | None = None, latency_table=None,
-           latency_batch: int = 1) -> tuple[PruningPlan, History]:
+           latency_batch: int = 1, loss: str = "auto", samples: int = 64) -> tuple[PruningPlan, History]:
     """Search a per-group allocation for `model_path` under the budget(s) with `policy` (a name in POLICIES)
     within `evals` evaluations. Rewards come from the calibration data (`calib`: .npz, image folder or
     spa.calib.Calib; data-free synthesized inputs without it), optionally re-calibrated (`recalibrate`) or
     least-squares refit per candidate (`reconstruct`: True = passes.reconstruct's, "fast" = the same refit on
     fewer sampled positions in one pass; see CalibEvaluator). Returns the best plan and its History.
     `problem` / `evaluator` reuse ones built earlier (e.g. to compare policies on the same teacher outputs).
+    `loss` / `samples`: the gradient criteria's loss and the number of synthesized inputs when there is no
+    calibration data, as in the driver (`--loss`, `--synth-samples`).
 
     `target_latency` (ms, at `latency_batch` and the table's thread count) adds a latency budget predicted from
     `latency_table` (made by `spa-prune profile`; without one this machine is profiled with `threads`, default 1,
@@ -74,7 +76,8 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
                                       importance=importance, aggregation=aggregation, normalization=normalization,
                                       calib=calib, calib_samples=calib_samples, input_shapes=input_shapes,
                                       min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
-                                      exclude=exclude, seed=seed, target_latency=target_latency,
+                                      exclude=exclude, loss=loss, samples=samples, seed=seed,
+                                      target_latency=target_latency,
                                       latency_table=latency_table, latency_batch=latency_batch, threads=threads)
     elif target_latency is not None and "latency" not in problem.budgets:
         raise SpaError("target_latency with a prebuilt problem: build it with SearchProblem.build(..., "
