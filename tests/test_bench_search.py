@@ -97,3 +97,19 @@ def test_two_runs_into_one_folder_keep_each_others_rows(tmp_path):
     again = BS.Results(path, resume=True)
     accs = {k[3]: r["test_acc"] for k, r in again.rows.items()}
     assert accs == {"uniform": 0.7, "dist": 0.8} and len(again.probes) == 1
+
+
+def test_latency_note_reads_the_goal_from_the_round_robin_medians(tmp_path):
+    """Right after the search one model was timed in a burst (+30 %); the passes' median puts it back in the band."""
+    kw = {"target_latency": 20.0, "latency_batch": 32, "threads": 2}
+    rows = [{**_row("uniform", 0, 0.9, budget="latency0.5b32"), "budget_kwargs": kw, "latency_ms": 19.0},
+            {**_row("random", 0, 0.9, budget="latency0.5b32"), "budget_kwargs": kw, "latency_ms": 26.0}]
+    res = _results(tmp_path, rows)
+    note = "\n".join(BS.latency_note(res, "resnet1d_mnist1d", "latency0.5b32", 300))
+    assert "right after its search: 1/2 within 10 % (uniform -5.0%, random +30.0%)" in note
+    assert "round-robin" not in note  # not re-measured yet
+    rows[0].update(latency_rounds_ms=[19.0, 25.0, 19.4], unpruned_rounds_ms=[40.0, 50.0, 41.0])
+    rows[1].update(latency_rounds_ms=[21.0, 26.0, 20.6], unpruned_rounds_ms=[40.0, 50.0, 41.0])
+    note = "\n".join(BS.latency_note(res, "resnet1d_mnist1d", "latency0.5b32", 300))
+    assert "in 3 round-robin passes" in note and "medians 40.00-50.00 ms" in note
+    assert note.endswith("2/2 within 10 % (uniform -3.0%, random +5.0%).")

@@ -84,6 +84,7 @@ REWARDS = {  # label-free fidelity; "recal" is the benchmark's default reward, t
 }
 DEFAULT_OUT = ROOT / ".bench" / "search"
 LATENCY_RUNS = 30
+LATENCY_ROUNDS = 5  # round-robin passes of the re-measurement over a latency setting's final models
 
 
 def log(msg: str) -> None:
@@ -212,7 +213,8 @@ def run_policy(st: Setting, policy: str, evals: int, out: Path) -> dict:
            "metrics": _rounded(meta["metrics"]), "costs": _rounded(meta["costs"]), "kept": meta["kept"],
            "curve": [round(r, 6) for _, r, _ in history], "policy_options": options,
            "load_search": [load_before, loadavg()], "latency_fit": meta.get("latency")}
-    dest = out / "pruned" / f"{s.model_name}-seed{s.seed}-{st.budget.name}-{policy}-e{evals}.onnx"
+    dest = pruned_path(out, {"model": s.model_name, "seed": s.seed, "budget": st.budget.name, "policy": policy,
+                             "evals": evals})
     return {**row, **final_prune(st, plan, dest)}
 
 
@@ -233,6 +235,37 @@ def final_prune(st: Setting, plan, dest: Path) -> dict:
             "calib_fidelity_after": _rounded(fid), "prune_s": round(prune_s, 3),
             "latency_ms": round(median_latency_ms(dest, s.input_shape, st.budget.batch), 4),
             "latency_batch": st.budget.batch}
+
+
+def pruned_path(out: Path, row: dict) -> Path:
+    return out / "pruned" / f"{row['model']}-seed{row['seed']}-{row['budget']}-{row['policy']}-e{row['evals']}.onnx"
+
+
+def remeasure_latency(res: "Results", out: Path, model: str, seed: int, budget: str,
+                      rounds: int = LATENCY_ROUNDS) -> bool:
+    """Time a latency setting's final models again, together with the unpruned one, in `rounds` round-robin
+    passes (a median of LATENCY_RUNS runs per model per pass). On a shared machine a burst or a drift lasting
+    seconds moves one median of 30 runs by 10-25 %; within a pass it hits every model alike, and the median over
+    the passes is the number the latency goal is read from. The rows gain `latency_rounds_ms` (and the
+    unpruned model's `unpruned_rounds_ms`); False when a final model is missing."""
+    rows = [r for r in res.rows.values() if (r["model"], r["seed"], r["budget"]) == (model, seed, budget)
+            and r.get("test_acc") is not None and "target_latency" in r.get("budget_kwargs", {})]
+    paths = {row_key(r): pruned_path(out, r) for r in rows}
+    if not rows or not all(p.exists() for p in paths.values()):
+        return False
+    spec = BQ.BENCH_MODELS[model]
+    batch = rows[0]["budget_kwargs"]["latency_batch"]
+    unpruned = out / f"{model}-seed{seed}.onnx"
+    timings: dict = {key: [] for key in [*paths, "unpruned"]}
+    for _ in range(rounds):
+        for key, path in [*paths.items(), ("unpruned", unpruned)]:
+            timings[key].append(round(median_latency_ms(path, spec.input_shape, batch), 4))
+    for r in rows:
+        r["latency_rounds_ms"] = timings[row_key(r)]
+        r["unpruned_rounds_ms"] = timings["unpruned"]
+        r["latency_rounds_load"] = loadavg()
+        res.mine.add(row_key(r))
+    return True
 
 
 def run_probes(st: Setting, k: int, out: Path) -> list[dict]:
@@ -440,11 +473,25 @@ def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]
             and r.get("test_acc") is not None and "target_latency" in r.get("budget_kwargs", {})]
     if not rows:
         return []
-    errs = [r["latency_ms"] / r["budget_kwargs"]["target_latency"] - 1 for r in rows]
+    target = rows[0]["budget_kwargs"]["target_latency"]
     batch = rows[0]["budget_kwargs"]["latency_batch"]
-    return ["", (f"Latency budget {rows[0]['budget_kwargs']['target_latency']:.4f} ms (batch {batch}, 2 threads); final "
-            f"models' median of {LATENCY_RUNS} runs within 10 %: {sum(abs(e) <= 0.1 for e in errs)}/{len(errs)} "
-            f"(relative errors {', '.join(f'{100 * e:+.1f}%' for e in errs)}).")]
+
+    def within(values) -> str:
+        errs = [v / target - 1 for v in values]
+        return (f"{sum(abs(e) <= 0.1 for e in errs)}/{len(errs)} within 10 % ("
+                + ", ".join(f"{r['policy']} {100 * e:+.1f}%" for r, e in zip(rows, errs)) + ")")
+
+    lines = ["", f"Latency budget {target:.4f} ms (batch {batch}, 2 threads). Each final model's median of "
+                 f"{LATENCY_RUNS} runs right after its search: {within(r['latency_ms'] for r in rows)}."]
+    again = [r for r in rows if r.get("latency_rounds_ms")]
+    if len(again) == len(rows):
+        n = len(rows[0]["latency_rounds_ms"])
+        unp = rows[0]["unpruned_rounds_ms"]
+        lines.append(f"Timed again together with the unpruned model in {n} round-robin passes (median over the "
+                     f"passes of the per-pass medians of {LATENCY_RUNS} runs; the unpruned model's per-pass "
+                     f"medians {min(unp):.2f}-{max(unp):.2f} ms): "
+                     f"{within(statistics.median(r['latency_rounds_ms']) for r in rows)}.")
+    return lines
 
 
 def comparison_table(summ: dict) -> list[str]:
@@ -590,6 +637,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="keep results.json's rows; skip rows measured without error")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--render", action="store_true", help="measure nothing: rewrite results.md and the PNGs")
+    ap.add_argument("--remeasure-latency", action="store_true",
+                    help=f"search nothing: time every latency setting's final models of --models/--seeds again in "
+                         f"{LATENCY_ROUNDS} round-robin passes with the unpruned model (done after each latency "
+                         f"setting anyway), then render")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.seeds, args.budgets, args.latency = ["resnet1d_mnist1d"], [0], [0.1], []
@@ -628,6 +679,9 @@ def bench_subject(s: BQ.Subject, args, res: Results) -> None:
         for policy in todo:
             res.add_row(one_row(st, policy, args))
             res.save()
+        if budget.kind == "latency" and todo and remeasure_latency(res, args.out, s.model_name, s.seed,
+                                                                    budget.name):
+            res.save()
         if probe:
             for r in run_probes(st, args.probes, args.out):
                 r.update(model=s.model_name, seed=s.seed, budget=budget.name)
@@ -659,6 +713,16 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
         return render(Results(args.out / "results.json", resume=True), args.out)
+    if args.remeasure_latency:
+        res = Results(args.out / "results.json", resume=True)
+        settings = sorted({(r["model"], r["seed"], r["budget"]) for r in res.rows.values()
+                           if "target_latency" in r.get("budget_kwargs", {})
+                           and r["model"] in args.models and r["seed"] in args.seeds})
+        for model, seed, budget in settings:
+            done = remeasure_latency(res, args.out, model, seed, budget)
+            log(f"{model} s{seed} {budget}: " + ("re-measured" if done else "skipped (a final model is missing)"))
+        res.save()
+        return render(res, args.out)
     command = shlex.join(["python", "tools/bench_search.py", *(sys.argv[1:] if argv is None else argv)])
     res = Results(args.out / "results.json", args.resume)
     res.runs.append({"command": command, "date": datetime.datetime.now(datetime.timezone.utc)
