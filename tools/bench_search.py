@@ -241,7 +241,7 @@ def pruned_path(out: Path, row: dict) -> Path:
     return out / "pruned" / f"{row['model']}-seed{row['seed']}-{row['budget']}-{row['policy']}-e{row['evals']}.onnx"
 
 
-def remeasure_latency(res: "Results", out: Path, model: str, seed: int, budget: str,
+def remeasure_latency(res: Results, out: Path, model: str, seed: int, budget: str,
                       rounds: int = LATENCY_ROUNDS) -> bool:
     """Time a latency setting's final models again, together with the unpruned one, in `rounds` round-robin
     passes (a median of LATENCY_RUNS runs per model per pass). On a shared machine a burst or a drift lasting
@@ -481,8 +481,9 @@ def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]
         return (f"{sum(abs(e) <= 0.1 for e in errs)}/{len(errs)} within 10 % ("
                 + ", ".join(f"{r['policy']} {100 * e:+.1f}%" for r, e in zip(rows, errs)) + ")")
 
-    lines = ["", f"Latency budget {target:.4f} ms (batch {batch}, 2 threads). Each final model's median of "
-                 f"{LATENCY_RUNS} runs right after its search: {within(r['latency_ms'] for r in rows)}."]
+    first = (f"Latency budget {target:.4f} ms (batch {batch}, 2 threads). Each final model's median of "
+             f"{LATENCY_RUNS} runs right after its search: {within(r['latency_ms'] for r in rows)}.")
+    lines = ["", first]
     again = [r for r in rows if r.get("latency_rounds_ms")]
     if len(again) == len(rows):
         n = len(rows[0]["latency_rounds_ms"])
