@@ -263,7 +263,9 @@ def test_fit_latency_converges_into_the_band(problem, table, offset, per_flop):
     fit = L.fit_latency(problem, kept, budget, measure=measure, max_steps=12)
     assert fit.converged and 0.9 * budget <= fit.measured_ms <= budget
     assert fit.measured_ms == pytest.approx(measure(fit.kept))
-    assert len(fit.probes) <= 12 and len(calls) <= len(fit.probes) + 1  # repeated allocations are not re-timed
+    # repeated allocations are not re-timed; an in-band one is timed twice more (the +1: measure(fit.kept) above)
+    timed = {tuple(p.kept): p.repeats for p in fit.probes}
+    assert len(fit.probes) <= 12 and len(calls) == len(timed) + 2 * sum(bool(r) for r in timed.values()) + 1
     first = fit.probes[0]
     assert first.kept == kept.tolist() and first.fraction == pytest.approx(pj.budgets["latency"])
     for p in fit.probes:
@@ -399,3 +401,26 @@ def test_latency_budget_met_on_real_model(name, small, clock, round_to):
           f"{[(p['fraction'], p['predicted_ms'], p['measured_ms']) for p in lat['probes']]}, prediction errors "
           f"{[round(e, 3) for e in errors]}")
     assert abs(lat["measured_ms"] / budget - 1) <= 0.10
+
+
+def test_fit_latency_confirms_an_in_band_probe_before_it_stops(problem):
+    """A quiet second made the first measurement land in the band; two more say it is 15 % over: the fit goes on
+    and ends on an allocation whose median of three measurements is in the band."""
+    pj = problem.projector
+    kept = pj.project(np.full(len(pj.action_groups), 0.5)).kept
+    measure, _ = linear_clock(problem, 0.0, 1.0)
+    budget = 0.87 * measure(kept)                 # the allocation is really 15 % over the budget
+    first = iter([0.95 * budget])                 # ... but its first measurement is in the band
+
+    def noisy(k):
+        return next(first, None) or measure(k)
+
+    fit = L.fit_latency(problem, kept, budget, measure=noisy, max_steps=12)
+    p0 = fit.probes[0]
+    assert p0.repeats == [pytest.approx(0.95 * budget), pytest.approx(budget / 0.87), pytest.approx(budget / 0.87)]
+    assert p0.measured_ms == pytest.approx(budget / 0.87) and p0.to_json()["repeats_ms"][1] == round(p0.repeats[1], 4)
+    assert fit.converged and (fit.kept != kept).any() and 0.9 * budget <= fit.measured_ms <= budget
+    final = next(p for p in fit.probes if (np.array(p.kept) == fit.kept).all())
+    assert len(final.repeats) == 3 and fit.measured_ms == pytest.approx(np.median(final.repeats))
+    without = L.fit_latency(problem, kept, budget, measure=lambda k: 0.95 * budget, confirm=0)
+    assert without.converged and len(without.probes) == 1 and without.probes[0].repeats is None
