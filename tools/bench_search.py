@@ -476,8 +476,8 @@ def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]
     target = rows[0]["budget_kwargs"]["target_latency"]
     batch = rows[0]["budget_kwargs"]["latency_batch"]
 
-    def within(values) -> str:
-        errs = [v / target - 1 for v in values]
+    def within(values, goal: float = target) -> str:
+        errs = [v / goal - 1 for v in values]
         return (f"{sum(abs(e) <= 0.1 for e in errs)}/{len(errs)} within 10 % ("
                 + ", ".join(f"{r['policy']} {100 * e:+.1f}%" for r, e in zip(rows, errs)) + ")")
 
@@ -492,6 +492,11 @@ def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]
                      f"passes of the per-pass medians of {LATENCY_RUNS} runs; the unpruned model's per-pass "
                      f"medians {min(unp):.2f}-{max(unp):.2f} ms): "
                      f"{within(statistics.median(r['latency_rounds_ms']) for r in rows)}.")
+        fraction = _parse_name(budget)[1]
+        lines.append(f"The same passes as a fraction of the unpruned model timed in the same pass (median over the "
+                     f"passes; the machine's drift cancels), against the budget's {fraction:g}: " + within(
+                         (statistics.median(a / b for a, b in zip(r["latency_rounds_ms"], r["unpruned_rounds_ms"]))
+                          for r in rows), fraction) + ".")
     return lines
 
 
