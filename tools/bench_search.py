@@ -493,8 +493,10 @@ def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]
                      f"medians {min(unp):.2f}-{max(unp):.2f} ms): "
                      f"{within(statistics.median(r['latency_rounds_ms']) for r in rows)}.")
         fraction = _parse_name(budget)[1]
-        lines.append(f"The same passes as a fraction of the unpruned model timed in the same pass (median over the "
-                     f"passes; the machine's drift cancels), against the budget's {fraction:g}: " + within(
+        lines.append(f"The budget was {fraction:g} x one median of the unpruned model taken before the searches "
+                     f"({target / fraction:.2f} ms). The same passes as fractions of the unpruned model timed in "
+                     f"the same pass (median over the passes; the machine's drift cancels, the budget's own "
+                     f"reference error does not), against {fraction:g}: " + within(
                          (statistics.median(a / b for a, b in zip(r["latency_rounds_ms"], r["unpruned_rounds_ms"]))
                           for r in rows), fraction) + ".")
     return lines
