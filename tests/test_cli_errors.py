@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from helpers import Builder, analyse, make_model
+from onnx import TensorProto, helper
 
 from spa.cli import main
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes import verify as V
@@ -70,7 +69,7 @@ def test_fold_constants_changes_values_only(tmp_path):
     plain = driver.prune(m, None, plan_file=plan).model.graph.to_model()
     folded = driver.prune(m, None, plan_file=plan, fold_constants=True).model.graph.to_model()
     assert [(n.op_type, list(n.input)) for n in plain.graph.node] == [(n.op_type, list(n.input)) for n in folded.graph.node]
-    shapes = lambda mm: {t.name: tuple(t.dims) for t in mm.graph.initializer}  # noqa: E731
+    shapes = lambda mm: {t.name: tuple(t.dims) for t in mm.graph.initializer}
     assert shapes(plain) == shapes(folded)
     changed = [t.name for t, u in zip(plain.graph.initializer, folded.graph.initializer)
                if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))]

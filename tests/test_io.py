@@ -117,7 +117,6 @@ def test_quantized_weights_explain_why_nothing_is_prunable():
 
 
 def test_zero_copy_weight_views_equal_protobuf_decoding(tmp_path):
-    import pytest
     models = pytest.importorskip("models")
     from spa.ir import read_model
 

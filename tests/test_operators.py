@@ -12,10 +12,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import (
+    Builder,
+    analyse,
+    group_of,
+    make_model,
+    node_attr,
+    param_shapes,
+    param_value,
+    prune_and_check,
+    reasons_text,
+    removed_count,
+    zeroed,
+)
 from onnx import TensorProto, helper
-
-from helpers import (Builder, analyse, group_of, make_model, node_attr, param_shapes, param_value,
-                     prune_and_check, reasons_text, removed_count, zeroed)
 
 from spa import driver
 from spa.errors import SpaError

@@ -12,11 +12,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import (
+    Builder,
+    analyse,
+    count_macs,
+    feeds_for,
+    prune_and_check,
+    run_model,
+    zeroed,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
-
-from helpers import Builder, analyse, count_macs, feeds_for, prune_and_check, run_model, zeroed
 
 from spa import driver
 from spa.errors import SpaError

@@ -12,10 +12,9 @@ import onnx
 import pytest
 
 models = pytest.importorskip("models")
-from models.counting import torch_macs_params  # noqa: E402
-
-from passes import verify as V  # noqa: E402
-from spa import driver  # noqa: E402
+from models.counting import torch_macs_params
+from passes import verify as V
+from spa import driver
 
 EXPORTERS = [False, True]
 
@@ -115,7 +114,7 @@ def test_vgg_macs_fall_as_the_analytic_formula_says(tmp_path):
     model(x)
     for h in hooks:
         h.remove()
-    kept = lambda n: n - math.floor(0.5 * n + 0.5)  # noqa: E731
+    kept = lambda n: n - math.floor(0.5 * n + 0.5)
     expected, cin = 0, 3
     for conv, hw in zip(convs, sizes):
         cout = kept(conv.out_channels)
