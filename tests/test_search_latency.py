@@ -424,3 +424,18 @@ def test_fit_latency_confirms_an_in_band_probe_before_it_stops(problem):
     assert len(final.repeats) == 3 and fit.measured_ms == pytest.approx(np.median(final.repeats))
     without = L.fit_latency(problem, kept, budget, measure=lambda k: 0.95 * budget, confirm=0)
     assert without.converged and len(without.probes) == 1 and without.probes[0].repeats is None
+
+
+def test_fit_latency_leaves_the_band_edge_for_its_middle(problem):
+    """In the band but at its lower edge (0.905 x budget): the fit goes on towards 0.95 x budget, where the next
+    reading's noise does not take it out; with `settle` as wide as the band it stops at once."""
+    pj = problem.projector
+    kept = pj.project(np.full(len(pj.action_groups), 0.5)).kept
+    measure, _ = linear_clock(problem, 0.0, 1.0)
+    budget = measure(kept) / 0.905
+    fit = L.fit_latency(problem, kept, budget, measure=measure, max_steps=12)
+    assert fit.converged and len(fit.probes) > 1
+    assert abs(fit.measured_ms - 0.95 * budget) <= 0.025 * budget
+    assert fit.measured_ms > fit.probes[0].measured_ms
+    wide = L.fit_latency(problem, kept, budget, measure=measure, settle=0.05)
+    assert wide.converged and len(wide.probes) == 1 and wide.measured_ms == pytest.approx(0.905 * budget)

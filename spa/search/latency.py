@@ -843,7 +843,7 @@ def plan_timer(problem, runs: int = MIN_RUNS, warmup: int = 5):
 
 def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, runs: int = MIN_RUNS,
                 warmup: int = 5, band: tuple = BAND, max_steps: int = 8, confirm: int = 2,
-                log=None) -> LatencyFit:
+                settle: float = 0.025, log=None) -> LatencyFit:
     """Measure the allocation `kept` for real and, when the median is outside [band[0], band[1]] x budget, bisect
     the latency fraction given to the projector (re-projecting the same desired ratios) until it is inside or
     `max_steps` probes were made. Each step first tries the proportional guess (the probe's prediction scaled by
@@ -851,8 +851,10 @@ def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, 
     model, fraction 1, when the guess lies beyond it and it was not measured yet). A probe that lands in the
     band is measured `confirm` more times and judged by the median of all its measurements: on a shared machine
     one median of 30 runs can land in the band during a quiet or a busy second and be 10-25 % off a moment
-    later. `measure(kept) -> ms` replaces the real measurement (tests). Returns the in-band probe, else the
-    largest measurement under the budget, else the smallest one."""
+    later. The fit aims at the band's middle: it stops on a confirmed probe within `settle` x budget of it and
+    otherwise goes on bisecting (until `max_steps`), so that a result is not left at the band's edge where the
+    next reading falls out. `measure(kept) -> ms` replaces the real measurement (tests). Returns the in-band
+    probe nearest the middle, else the largest measurement under the budget, else the smallest one."""
     lm = problem.latency
     if lm is None:
         raise SpaError("fit_latency needs a problem built with a latency table (target_latency / latency_table)")
@@ -899,16 +901,19 @@ def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, 
             f"{p.measured_ms:.3f} ms")
         return p
 
+    def settled(p: Probe) -> bool:
+        return inside(p) and abs(p.measured_ms - target) <= settle * budget_ms
+
     p = confirmed(probe(pj.budgets.get("latency", min(budget_ms / lm.full_ms, 1.0)), kept))
-    lo, hi = 0.0, 1.0      # bracket of fractions: measurements below the band at lo, above it at hi
-    while not inside(p) and len(probes) < max_steps:
-        if p.measured_ms > hi_ms:
-            if not p.feasible or (p.kept == pj.minimum().tolist()):
+    lo, hi = 0.0, 1.0      # bracket of fractions: measurements below the band's middle at lo, above it at hi
+    while not settled(p) and len(probes) < max_steps:
+        if p.measured_ms > target:
+            if p.measured_ms > hi_ms and (not p.feasible or p.kept == pj.minimum().tolist()):
                 break       # the smallest model the constraints allow is still over the band
             hi = min(hi, p.fraction)
         else:
             if p.fraction >= 1.0:
-                break       # the whole model is under the band: nothing left to give back
+                break       # the whole model is under the middle: nothing left to give back
             lo = max(lo, p.fraction)
         if hi - lo < 1e-6:
             break
@@ -921,7 +926,7 @@ def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, 
         else:
             nxt = 0.5 * (lo + hi)
         p = confirmed(probe(nxt))
-    best = next((q for q in probes if inside(q)), None)
+    best = min((q for q in probes if inside(q)), key=lambda q: abs(q.measured_ms - target), default=None)
     converged = best is not None
     if best is None:
         under = [q for q in probes if q.measured_ms <= hi_ms]
