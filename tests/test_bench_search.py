@@ -117,3 +117,6 @@ def test_latency_note_reads_the_goal_from_the_round_robin_medians(tmp_path):
     # per pass / unpruned: uniform 0.475, 0.5, 0.473 -> 0.475 (-5 %); random 0.525, 0.52, 0.502 -> 0.52 (+4 %)
     assert "one median of the unpruned model taken before the searches (40.00 ms)" in note
     assert note.endswith("against 0.5: 2/2 within 10 % (uniform -5.0%, random +4.0%).")
+    rows[0]["reference_ms"] = [39.0, 40.0, 41.0]
+    note = "\n".join(BS.latency_note(res, "resnet1d_mnist1d", "latency0.5b32", 300))
+    assert "0.5 x the median of 3 medians (39.00-41.00) of the unpruned model" in note
