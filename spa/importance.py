@@ -37,6 +37,9 @@ class Member:
     root: int = 1
 
 
+LOSSES = ("auto", "ce", "pseudo", "fisher")   # ScoreInputs.loss; the CLI's --loss choices list the same
+
+
 @dataclass
 class ScoreInputs:
     """What a criterion may read besides the analysis: calibration data, the loss for gradient criteria, and
@@ -58,9 +61,6 @@ class ScoreInputs:
             raise SpaError(f"unknown loss '{self.loss}' (choose from {', '.join(LOSSES)})")
         if int(self.samples) < 1:
             raise SpaError(f"samples must be at least 1, got {self.samples}")
-
-
-LOSSES = ("auto", "ce", "pseudo", "fisher")
 
 
 # ---- registry ---------------------------------------------------------------------------------------------------

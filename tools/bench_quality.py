@@ -148,14 +148,18 @@ def spa_total_macs(onnx_path, input_shape) -> int | None:
         return None
 
 
+def export_path(out: Path, model_name: str, seed: int, keep_bn: bool) -> Path:
+    """Where `prepare` writes (and later runs find) the unpruned ONNX export of one trained model."""
+    return out / f"{model_name}-seed{seed}{'-bn' if keep_bn else ''}.onnx"
+
+
 def prepare(model_name: str, seed: int, out: Path, keep_bn: bool) -> Subject:
     """Trained model (cached), its ONNX export and calibration .npz (cached), unpruned MACs and accuracy."""
     model, _ = train_bench.train(model_name, seed)
     spec = BENCH_MODELS[model_name]
     data = datasets.load(spec.dataset)
     calib_x, calib_y = datasets.calib_subset(data.x_train, data.y_train, CALIB_N, seed=seed)
-    stem = f"{model_name}-seed{seed}{'-bn' if keep_bn else ''}"
-    onnx_path, calib_path = out / f"{stem}.onnx", out / f"calib-{model_name}-seed{seed}.npz"
+    onnx_path, calib_path = export_path(out, model_name, seed, keep_bn), out / f"calib-{model_name}-seed{seed}.npz"
     pt = train_bench.cache_paths(model_name, seed)[0]
     if not onnx_path.exists() or onnx_path.stat().st_mtime < pt.stat().st_mtime:
         train_bench.export_onnx(model, onnx_path, keep_bn, input_shape=spec.input_shape, check_x=data.x_test[:64])

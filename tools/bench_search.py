@@ -123,7 +123,7 @@ def latency_supported() -> bool:
     return all("target_latency" in inspect.signature(f).parameters for f in (search, SearchProblem.build))
 
 
-def budget_kwargs(budget: Budget, unpruned_ms: float) -> dict:
+def budget_kwargs(budget: Budget, unpruned_ms: float | None) -> dict:
     """SearchProblem.build's budget keywords; a latency budget in ms at its batch on the benchmark's 2 threads."""
     if budget.kind == "flops":
         return {"target_flops": budget.fraction}
@@ -154,7 +154,7 @@ class Setting:
     problem: object           # spa.search.SearchProblem
     evaluator: object         # spa.search.CalibEvaluator
     setup_s: float
-    unpruned_ms: float
+    unpruned_ms: float | None  # latency budgets: the reference the budget is a fraction of
     calib_samples: int
     reward: str
     reference_ms: list = field(default_factory=list)  # the unpruned model's median(s) the budget was set from
@@ -169,10 +169,11 @@ def build_setting(s: BQ.Subject, budget: Budget, scores: dict | None, calib_samp
     """The problem (criterion scores reused across budgets) and its evaluator (teacher outputs computed now)."""
     from spa.search import CalibEvaluator, SearchProblem
 
-    # a latency budget's reference: the median of LATENCY_ROUNDS medians (one median moved 10-25 % here)
+    # a latency budget's reference: the median of LATENCY_ROUNDS medians (one median moved 10-25 % here); a FLOPs
+    # budget needs none
     reference = [median_latency_ms(s.onnx_path, s.input_shape, budget.batch)
-                 for _ in range(LATENCY_ROUNDS if budget.kind == "latency" else 1)]
-    unpruned_ms = statistics.median(reference)
+                 for _ in range(LATENCY_ROUNDS if budget.kind == "latency" else 0)]
+    unpruned_ms = statistics.median(reference) if reference else None
     t0 = time.perf_counter()
     problem = SearchProblem.build(str(s.onnx_path), importance=CRITERION, calib=str(s.calib_path),
                                   calib_samples=calib_samples, input_shapes={"input": (1, *s.input_shape)},
@@ -242,6 +243,12 @@ def final_prune(st: Setting, plan, dest: Path) -> dict:
             "latency_batch": st.budget.batch}
 
 
+def latency_rows(res: Results, **match) -> list[dict]:
+    """The measured rows of latency budgets whose fields equal `match` (e.g. model=, seed=, budget=)."""
+    return [r for r in res.rows.values() if r.get("test_acc") is not None
+            and "target_latency" in r.get("budget_kwargs", {}) and all(r[k] == v for k, v in match.items())]
+
+
 def pruned_path(out: Path, row: dict) -> Path:
     return out / "pruned" / f"{row['model']}-seed{row['seed']}-{row['budget']}-{row['policy']}-e{row['evals']}.onnx"
 
@@ -253,14 +260,13 @@ def remeasure_latency(res: Results, out: Path, model: str, seed: int, budget: st
     seconds moves one median of 30 runs by 10-25 %; within a pass it hits every model alike, and the median over
     the passes is the number the latency goal is read from. The rows gain `latency_rounds_ms` (and the
     unpruned model's `unpruned_rounds_ms`); False when a final model is missing."""
-    rows = [r for r in res.rows.values() if (r["model"], r["seed"], r["budget"]) == (model, seed, budget)
-            and r.get("test_acc") is not None and "target_latency" in r.get("budget_kwargs", {})]
+    rows = latency_rows(res, model=model, seed=seed, budget=budget)
     paths = {row_key(r): pruned_path(out, r) for r in rows}
     if not rows or not all(p.exists() for p in paths.values()):
         return False
     spec = BQ.BENCH_MODELS[model]
     batch = rows[0]["budget_kwargs"]["latency_batch"]
-    unpruned = out / f"{model}-seed{seed}.onnx"
+    unpruned = BQ.export_path(out, model, seed, keep_bn=False)
     timings: dict = {key: [] for key in [*paths, "unpruned"]}
     for _ in range(rounds):
         for key, path in [*paths.items(), ("unpruned", unpruned)]:
@@ -474,8 +480,7 @@ def model_tables(res: Results, summ: dict, model: str) -> list[str]:
 
 def latency_note(res: Results, model: str, budget: str, evals: int) -> list[str]:
     """For a latency budget: how far each final model's measured latency is from the budget (goal: 10 %)."""
-    rows = [r for r in res.rows.values() if (r["model"], r["budget"], r["evals"]) == (model, budget, evals)
-            and r.get("test_acc") is not None and "target_latency" in r.get("budget_kwargs", {})]
+    rows = latency_rows(res, model=model, budget=budget, evals=evals)
     if not rows:
         return []
     target = rows[0]["budget_kwargs"]["target_latency"]
@@ -657,6 +662,8 @@ def parse(argv=None) -> argparse.Namespace:
                          f"{LATENCY_ROUNDS} round-robin passes with the unpruned model (done after each latency "
                          f"setting anyway), then render")
     args = ap.parse_args(argv)
+    if args.latency_batch < 1:
+        ap.error(f"--latency-batch must be >= 1, got {args.latency_batch}")
     if args.quick:
         args.models, args.seeds, args.budgets, args.latency = ["resnet1d_mnist1d"], [0], [0.1], []
         args.evals, args.probes, args.out = 20, 3, args.out / "quick"
@@ -731,9 +738,8 @@ def main(argv=None) -> int:
         return render(Results(args.out / "results.json", resume=True), args.out)
     if args.remeasure_latency:
         res = Results(args.out / "results.json", resume=True)
-        settings = sorted({(r["model"], r["seed"], r["budget"]) for r in res.rows.values()
-                           if "target_latency" in r.get("budget_kwargs", {})
-                           and r["model"] in args.models and r["seed"] in args.seeds})
+        settings = sorted({(r["model"], r["seed"], r["budget"]) for r in latency_rows(res)
+                           if r["model"] in args.models and r["seed"] in args.seeds})
         for model, seed, budget in settings:
             done = remeasure_latency(res, args.out, model, seed, budget)
             log(f"{model} s{seed} {budget}: " + ("re-measured" if done else "skipped (a final model is missing)"))
