@@ -1,7 +1,7 @@
 """Analysis: one topological sweep of the operator rules, then coupled groups and costs."""
 from __future__ import annotations
 
-import operators
+from spa import operators
 from spa.groups import Analysis, build_groups
 from spa.ir import subgraph_free_names
 from spa.labels import Context

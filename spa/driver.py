@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from passes import PassManager
-from passes.analyse import Analyse
-from passes.apply import Apply
-from passes.normalize import Normalize
+from spa.passes import PassManager
+from spa.passes.analyse import Analyse
+from spa.passes.apply import Apply
+from spa.passes.normalize import Normalize
 
 from .errors import SpaError
 from .groups import Analysis
@@ -45,7 +45,7 @@ def resolve_input(source: str) -> str:
         return source
     parts = source[4:].split(":")
     try:
-        import models
+        from spa import models
     except ImportError as e:  # torch is an extra
         raise SpaError(f"'{source}' needs the model zoo extra (torch): {e}")
     if parts[0] not in models.ZOO_NAMES:
@@ -165,7 +165,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
                   for g in an.groups]
     out_rows = None
     if reconstruct or recalibrate:
-        from passes.reconstruct import output_rows
+        from spa.passes.reconstruct import output_rows
         out_rows = output_rows(an, removed)
     step("apply")
     apply_stats = Apply(an, removed).run(model)
@@ -174,7 +174,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     verification = {"status": "skipped (--no-verify)"}
     if verify:
         step("verify")
-        from passes import verify as V
+        from spa.passes import verify as V
         V.check(pruned)
         reference = V.build_reference(original, an, removed, an.node_index)
         verification = {"status": "passed", **V.compare(reference, pruned, model.input_shapes, rtol=rtol)}
@@ -184,7 +184,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         if not verify:
             raise SpaError("--fold-constants needs verification (it measures fidelity); drop --no-verify")
         step("compensate")
-        from passes.compensate import FoldRemovedConstants, fidelity
+        from spa.passes.compensate import FoldRemovedConstants, fidelity
         before = fidelity(original, pruned, model.input_shapes)
         stats = FoldRemovedConstants(an, removed, original, model.input_shapes).run(model)
         pruned = model.graph.to_model()
@@ -275,8 +275,8 @@ def _reconstruct(model, original, an, removed, data, inputs, out_rows, step, *, 
     """Similarity compensation, least-squares refit and/or re-calibration on the structurally verified model;
     each changes values only. Fidelity to the original is measured before and after on the calibration data
     (or random inputs when data-free)."""
-    from passes import verify as V
-    from passes.compensate import fidelity
+    from spa.passes import verify as V
+    from spa.passes.compensate import fidelity
 
     from .obspa import batch_size_for, model_data
     if data is not None:
@@ -292,12 +292,12 @@ def _reconstruct(model, original, an, removed, data, inputs, out_rows, step, *, 
     report: dict = {"fidelity_before": before, "passes": []}
     if compensate == "similarity":
         step("similarity")
-        from passes.similarity import SimilarityCompensation
+        from spa.passes.similarity import SimilarityCompensation
         stats = SimilarityCompensation(an, removed, original, dbscan=dbscan).run(model)
         report["passes"].append({"pass": "similarity", **stats})
     if reconstruct or recalibrate:
         step("reconstruct")
-        from passes.reconstruct import Reconstruct
+        from spa.passes.reconstruct import Reconstruct
         feeds, _ = model_data(inputs)
         kw = {k: v for k, v in (("positions", positions), ("damp", damp)) if v is not None}
         stats = Reconstruct(original, out_rows, feeds, refit=reconstruct, recalibrate=recalibrate, seed=seed,

@@ -107,7 +107,7 @@ def _samples_per_run(proto: onnx.ModelProto, data, batch_size: int) -> int:
 
 def _run_ort(model: onnx.ModelProto, data, batch: int) -> list[np.ndarray]:
     """Every output of `model` on every sample of `data`, in onnxruntime, concatenated over batches."""
-    from passes.verify import run_many
+    from spa.passes.verify import run_many
     draws = [feeds for feeds, _ in data.batches(batch)]
     outs = run_many(model, draws, what="reference")
     return [np.concatenate([o[i] for o in outs]) for i in range(len(model.graph.output))]
@@ -556,7 +556,7 @@ def _check_export(tuned: onnx.ModelProto, net: Trainer, data, micro: int, rtol: 
         onnx.checker.check_model(tuned, full_check=True)
     except Exception as e:  # noqa: BLE001 - any checker failure means we must not write the model
         raise VerificationError(f"the fine-tuned model fails onnx.checker: {str(e).splitlines()[0][:300]}")
-    from passes.verify import run_many
+    from spa.passes.verify import run_many
     sub = data.subset(max(micro, 8))  # all of it when smaller
     ort_out = run_many(tuned, [feeds for feeds, _ in sub.batches(micro)])
     torch_out = _outputs(net, sub, 0, sub.n, micro)

@@ -109,7 +109,7 @@ def write_plan(data: dict, path) -> None:
 def tensor_section(an: Analysis, removed_roots: set[int]) -> dict:
     """initializer name -> {"shape", "keep": {axis: kept indices}, "groups": {axis: group ids}} for every
     initializer the removal cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
-    from passes.apply import param_cuts
+    from spa.passes.apply import param_cuts
 
     g = an.ctx.g
     rm = np.asarray(sorted(removed_roots), dtype=np.int64)

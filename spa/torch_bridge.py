@@ -242,8 +242,8 @@ def check_against_onnxruntime(module: TorchGraph, proto: onnx.ModelProto, input_
                               seeds=(0, 1)) -> float:
     """Max relative error of `module` against onnxruntime running `proto` on random inputs (integer inputs
     drawn within the tables they index)."""
-    from passes import verify as V
-    from passes.normalize import analysis_input_shapes
+    from spa.passes import verify as V
+    from spa.passes.normalize import analysis_input_shapes
 
     from .ir import Graph
     shapes, _ = analysis_input_shapes(Graph(proto), input_shapes or {})
@@ -515,7 +515,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
     report: a dict to fill with what was done: "tensors_cut" (torch names), "modules_changed",
         "max_rel_error" (the check after pruning; None without check).
     Raises SpaError where the plan cannot be carried over (see docs/torch.md: limitations)."""
-    from passes.apply import Apply
+    from spa.passes.apply import Apply
 
     from .driver import analyse, load
     from .select import PruningPlan, tensor_section
@@ -542,7 +542,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
     feeds = _feeds(g.model, args)
     calls, order, out_before = _trace(target, args)
     if check:
-        from passes import verify as V
+        from spa.passes import verify as V
         err = rel_error(V.run(g.to_model(), feeds, "reference"), _flat_outputs(out_before))
         if not err <= rtol:
             raise SpaError(f"the module does not reproduce the ONNX model on the example inputs (max rel. error "
@@ -621,7 +621,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
 
     err = None
     if check:
-        from passes import verify as V
+        from spa.passes import verify as V
         Apply(an, removed).run(model)
         pruned = model.graph.to_model()
         try:

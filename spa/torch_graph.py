@@ -46,7 +46,7 @@ import onnx
 import torch
 from torch import nn
 
-from operators.lowering import lowering, node_attrs, tensor_from_proto, unsupported
+from spa.operators.lowering import lowering, node_attrs, tensor_from_proto, unsupported
 
 from .errors import SpaError
 

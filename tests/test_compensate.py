@@ -7,7 +7,7 @@ import json
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from passes import verify as V
+from spa.passes import verify as V
 from spa import driver
 
 

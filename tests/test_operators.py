@@ -1384,7 +1384,7 @@ def test_initializers_listed_as_inputs():
 
 # ---- verification itself ------------------------------------------------------------------------------------------
 def test_verification_rejects_nan_outputs():
-    from passes import verify as V
+    from spa.passes import verify as V
     from spa.errors import VerificationError
 
     b = Builder()

@@ -9,7 +9,7 @@ models = pytest.importorskip("models")
 
 from gymnasium.utils.env_checker import check_env
 
-from passes.apply import Apply
+from spa.passes.apply import Apply
 from spa import driver
 from spa.calib import Calib
 from spa.search import (

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import zoo_path
+from spa.models import zoo_path
 from spa.calib import Calib
 from spa.errors import SpaError
 from spa.search import CalibEvaluator, SearchProblem, search

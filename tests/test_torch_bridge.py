@@ -23,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 from torch import nn
 
-import models
-from passes import verify as V
+from spa import models
+from spa.passes import verify as V
 from spa import driver
 from spa.cli import main
 from spa.errors import SpaError
@@ -274,7 +274,7 @@ def test_plan_on_torch_module_matches_pruned_onnx(name, dynamo, budget, tmp_path
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 @pytest.mark.parametrize("name", ["vit_tiny", "bert_layer"])
 def test_attention_heads_follow_the_plan(name, dynamo, tmp_path):
-    from models.transformer import Attention
+    from spa.models.transformer import Attention
     module, pruned, _, plan = check_route2(name, dynamo, {"ratio": 0.5}, True, tmp_path)
     heads = [(a.heads, b.heads) for a, b in zip(module.modules(), pruned.modules()) if isinstance(a, Attention)]
     assert heads and all(new < old for old, new in heads), heads

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper
 torch = pytest.importorskip("torch")
 from helpers import make_model
 
-import models
-from operators.lowering import LOWERINGS, lower, lowering
+from spa import models
+from spa.operators.lowering import LOWERINGS, lower, lowering
 from spa import driver
 from spa.errors import SpaError
 from spa.torch_graph import TorchGraph

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import passes.apply as apply_mod
+import spa.passes.apply as apply_mod
 from spa import driver
 from spa.errors import VerificationError
 
@@ -37,7 +37,7 @@ def test_wrong_shape_rewrite_is_caught(monkeypatch, tmp_path):
 
 def test_reference_zeroing_is_what_makes_it_pass(monkeypatch):
     """Without the sink zeroing the reference is just the original: a pruned model must then fail."""
-    import passes.verify as V
+    import spa.passes.verify as V
 
     real = V.build_reference
     monkeypatch.setattr(V, "build_reference", lambda original, an, removed, idx: real(original, an, set(), idx))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models.counting import torch_macs_params
+from spa import models
+from spa.models.counting import torch_macs_params
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
 

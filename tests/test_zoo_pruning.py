@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 models = pytest.importorskip("models")
-from models.counting import torch_macs_params
-from passes import verify as V
+from spa.models.counting import torch_macs_params
+from spa.passes import verify as V
 from spa import driver
 
 EXPORTERS = [False, True]

@@ -204,7 +204,7 @@ def conv_macs_by_stage(path: str, input_shape, batch: int) -> dict:
 # workers (run in fresh interpreters: python -m tools.bench_core --worker KIND ARGS...)
 # ---------------------------------------------------------------------------------------------------------------
 def w_zoo_path(name, small):
-    import models
+    from spa import models
     print(json.dumps({"path": str(models.zoo_path(name, small=small == "1"))}))
 
 
@@ -217,7 +217,7 @@ def w_export_dyn(name, small, path):
     import onnx
     import torch
 
-    import models
+    from spa import models
     small = small == "1"
     model, (x,) = models.build(name, small), models.example_inputs(name, small)
     path = Path(path)
@@ -256,7 +256,7 @@ import torch
 t1 = time.perf_counter()
 import torch_pruning as tp
 t2 = time.perf_counter()
-import models
+from spa import models
 t3 = time.perf_counter()
 name, small, attr = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 model, x = models.build(name, small), models.example_inputs(name, small)
@@ -279,8 +279,8 @@ def w_tp_warm(name, small, n):
     """Torch-Pruning in one process: a warm-up prune, then n x (build, MetaPruner, step); MACs of the result."""
     import torch_pruning as tp
 
-    import models
-    from models.counting import torch_macs_params
+    from spa import models
+    from spa.models.counting import torch_macs_params
     small = small == "1"
     x = models.example_inputs(name, small)
     runs, error, model = [], None, None

@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import datasets
+from spa.models import datasets
 from tools import bench_quality as BQ
 
 METHODS = ("oneshot-kd", "oneshot-ce", "prog-kd", "prog-ce", "tp-kd", "tp-ce")

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import models
+    from spa import models
 
     path = models.zoo_path(args.model)
     shape = models._spec(args.model).shape

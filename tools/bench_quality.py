@@ -53,9 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python tools/bench_quality.py`
     sys.path.insert(0, str(ROOT))
 
-from models import datasets
-from models.bench_nets import BENCH_MODELS, classifier
-from models.counting import torch_macs_params
+from spa.models import datasets
+from spa.models.bench_nets import BENCH_MODELS, classifier
+from spa.models.counting import torch_macs_params
 from tools import train_bench
 
 DEFAULT_OUT = ROOT / ".bench" / "quality"

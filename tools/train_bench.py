@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python tools/train_bench.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from models import datasets
-from models.bench_nets import BENCH_MODELS
+from spa.models import datasets
+from spa.models.bench_nets import BENCH_MODELS
 
 CACHE = ROOT / ".bench" / "quality"
 

@@ -328,8 +328,8 @@ class Regrapher:
 
     def pruned(self, kept: np.ndarray):
         """(pruned model, its analysis, group_of, unit scores): the candidate applied and re-analysed."""
-        from passes.analyse import Analyse
-        from passes.normalize import infer_shapes
+        from spa.passes.analyse import Analyse
+        from spa.passes.normalize import infer_shapes
 
         problem = self.problem
         model, _, removed, _ = problem.apply(np.asarray(kept, dtype=np.int64))

@@ -120,9 +120,9 @@ class SearchProblem:
         """The pruned model of a candidate (structurally pruned, not verified: candidates skip verification; the
         chosen plan goes through the driver's apply/verify path). Returns (model, its analysis, removed roots,
         and with `rows` the kept output rows of every weight layer, which reconstruction needs)."""
-        from passes.analyse import Analyse
-        from passes.apply import Apply
-        from passes.reconstruct import output_rows
+        from spa.passes.analyse import Analyse
+        from spa.passes.apply import Apply
+        from spa.passes.reconstruct import output_rows
 
         model = self.clone()
         an = Analyse().run(model)

@@ -295,7 +295,7 @@ class CalibEvaluator(Evaluator):
     # ---- re-calibration / reconstruction -------------------------------------------------------------------------
     def _reconstruct(self, model, rows) -> list[np.ndarray]:
         """passes.reconstruct.Reconstruct on the candidate (refit and/or re-calibration), then onnxruntime."""
-        from passes.reconstruct import Reconstruct
+        from spa.passes.reconstruct import Reconstruct
 
         kw = {} if self.damp is None else {"damp": self.damp}
         if self._positions_given:
@@ -317,7 +317,7 @@ class CalibEvaluator(Evaluator):
         refit="fast"/"oneshot" the statistics of every layer the refit models (`_layer_stats`)."""
         import torch
 
-        from passes.reconstruct import _channel_moments, release
+        from spa.passes.reconstruct import _channel_moments, release
 
         from ..torch_graph import TorchGraph
 
@@ -519,7 +519,7 @@ class CalibEvaluator(Evaluator):
         BN/affine re-calibration only with `recalibrate`."""
         import torch
 
-        from passes.reconstruct import _channel_moments, release
+        from spa.passes.reconstruct import _channel_moments, release
 
         from ..obspa import layer_view
         from ..torch_graph import TorchGraph
@@ -562,7 +562,7 @@ class CalibEvaluator(Evaluator):
         """Reconstruct._affine with the original's moments looked up instead of recomputed."""
         import torch
 
-        from passes.reconstruct import fold_affine
+        from spa.passes.reconstruct import fold_affine
 
         view = layer_view(g, node)
         weight = node.input[1]

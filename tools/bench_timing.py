@@ -1,6 +1,6 @@
 """Per-candidate evaluation time of the search's reward on the trained benchmark models.
 
-    OMP_NUM_THREADS=1 python -m spa.search.timing --models resnet56_digits --samples 128 256 --candidates 20
+    OMP_NUM_THREADS=1 python -m tools.bench_timing --models resnet56_digits --samples 128 256 --candidates 20
 
 For each model (trained and cached by tools/train_bench.py, exported with BN folded, as in the quality
 benchmark), calibration size (TRAIN samples, with labels) and FLOPs target, `--candidates` random candidates are
@@ -31,14 +31,11 @@ MODES = ("plain", "recalibrate", "refit")
 
 def _subject(name: str, seed: int, n: int, out: Path):
     """(onnx path, Calib of n TRAIN samples with labels, input shape)."""
-    root = Path(__file__).resolve().parents[2]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from models import datasets
-    from models.bench_nets import BENCH_MODELS
+    from spa.models import datasets
+    from spa.models.bench_nets import BENCH_MODELS
     from tools import train_bench
 
-    from ..calib import Calib
+    from spa.calib import Calib
 
     spec = BENCH_MODELS[name]
     path = out / f"{name}-seed{seed}.onnx"
@@ -54,7 +51,7 @@ def _subject(name: str, seed: int, n: int, out: Path):
 
 def time_one(name: str, samples: int, target: float, modes, candidates: int, seed: int, out: Path,
              threads: int | None) -> list[dict]:
-    from . import CalibEvaluator, SearchProblem
+    from spa.search import CalibEvaluator, SearchProblem
 
     path, calib, shape = _subject(name, seed, samples, out)
     t0 = time.perf_counter()
