@@ -81,15 +81,15 @@ def toposort(g) -> None:
     g.model.graph.node.extend(copies)
 
 
-def param_cuts(an: Analysis, removed_roots: set[int]) -> dict[str, list[tuple]]:
+def param_cuts(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[tuple]]:
     """The parameter slices the rules declared, resolved for a set of removed units: initializer name ->
     [(node, input index, [(axis, keep mask), ...] sorted by axis)] per use. Apply cuts exactly these (the
     plan file's per-tensor section is written from them too). Read it before Apply runs: Apply points uses
     that cut a shared initializer differently at fresh copies."""
-    keep = an.keep_mask(removed_roots)
+    keep = analysis.keep_mask(removed_roots)
     uses: dict[tuple[int, int], list] = {}
     nodes: dict[int, object] = {}
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         uses.setdefault((id(ps.node), ps.input_index), []).append((ps.axis, keep(ps.atoms)))
         nodes[id(ps.node)] = ps.node
     by_name: dict[str, list] = {}
@@ -104,13 +104,13 @@ class Apply(Pass):
     rewrites = True
 
     def __init__(self, analysis: Analysis, removed_roots: set[int]):
-        self.an = analysis
+        self.analysis = analysis
         self.removed = removed_roots
 
     def run(self, model) -> dict:
         g = model.graph
-        keep = self.an.keep_mask(self.removed)
-        by_name = param_cuts(self.an, self.removed)
+        keep = self.analysis.keep_mask(self.removed)
+        by_name = param_cuts(self.analysis, self.removed)
         cut_count = 0
         for name, entries in by_name.items():
             if all(m.all() for _, _, sl in entries for _, m in sl):
@@ -128,11 +128,11 @@ class Apply(Pass):
                 node.input[idx] = g.add_const(cut(original, sl), f"{name}_pruned")
                 cut_count += 1
         ap = ApplyContext(g, keep)
-        for fn in self.an.ctx.edits:
+        for fn in self.analysis.ctx.edits:
             fn(ap)
         del g.model.graph.value_info[:]
         if ap.appended:
             toposort(g)
         g.refresh()
         dead_code(g)  # originals of per-use copies, constants the rewrites replaced
-        return {"tensors_cut": cut_count, "rewrites": len(self.an.ctx.edits)}
+        return {"tensors_cut": cut_count, "rewrites": len(self.analysis.ctx.edits)}

@@ -19,7 +19,7 @@ from spa.groups import Analysis
 from spa.ir import Graph, attr
 
 from . import Pass
-from . import verify as V
+from . import verify
 
 
 def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1), feeds=None,
@@ -27,10 +27,10 @@ def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, se
     """Mean over draws (random inputs, one per seed) or over the given list of feed batches. `reference`: the
     original's outputs on those draws, when already computed (reference_outputs)."""
     out: dict[str, dict] = {}
-    draws = feeds if feeds is not None else [V.random_inputs(original, shapes, seed) for seed in seeds]
+    draws = feeds if feeds is not None else [verify.random_inputs(original, shapes, seed) for seed in seeds]
     if reference is None:
-        reference = V.run_many(original, draws, "reference")
-    for ref, new in zip(reference, V.run_many(model, draws)):
+        reference = verify.run_many(original, draws, "reference")
+    for ref, new in zip(reference, verify.run_many(model, draws)):
         for o, a, b in zip(original.graph.output, ref, new):
             a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
             d = out.setdefault(o.name, {"rel_l2": [], "top1": [], "kl": []})
@@ -56,13 +56,13 @@ def structure(model: onnx.ModelProto):
 class FoldRemovedConstants(Pass):
     name = "fold-constants"
 
-    def __init__(self, an: Analysis, removed: set[int], original: onnx.ModelProto, input_shapes: dict):
-        self.an, self.removed, self.original, self.shapes = an, removed, original, input_shapes
+    def __init__(self, analysis: Analysis, removed: set[int], original: onnx.ModelProto, input_shapes: dict):
+        self.analysis, self.removed, self.original, self.shapes = analysis, removed, original, input_shapes
         self._orig = Graph(original)
 
     def run(self, model) -> dict:
-        an, keep = self.an, self.an.keep_mask(self.removed)
-        sinks = [ps for ps in an.ctx.params if ps.role == "sink" and (~keep(ps.atoms)).any()]
+        analysis, keep = self.analysis, self.analysis.keep_mask(self.removed)
+        sinks = [ps for ps in analysis.ctx.params if ps.role == "sink" and (~keep(ps.atoms)).any()]
         if not sinks:
             return {"folded_sinks": 0, "skipped_sinks": 0}
         means = self._removed_channel_means(sinks, keep)
@@ -85,11 +85,11 @@ class FoldRemovedConstants(Pass):
         probe.CopyFrom(self.original)
         pg = Graph(probe)
         nodes = list(probe.graph.node)
-        for ps in self.an.ctx.params:
+        for ps in self.analysis.ctx.params:
             gone = ~keep(ps.atoms)
             if ps.role != "source" or not gone.any():
                 continue
-            node = nodes[self.an.node_index[id(ps.node)]]
+            node = nodes[self.analysis.node_index[id(ps.node)]]
             w = np.array(pg.const(node.input[ps.input_index]), copy=True)
             idx = [slice(None)] * w.ndim
             idx[ps.axis] = gone
@@ -97,7 +97,7 @@ class FoldRemovedConstants(Pass):
             node.input[ps.input_index] = pg.add_const(w, node.input[ps.input_index] + "_probe")
         data_inputs = []
         for ps in sinks:
-            node = nodes[self.an.node_index[id(ps.node)]]
+            node = nodes[self.analysis.node_index[id(ps.node)]]
             x = node.input[1 if ps.input_index == 0 and ps.node.op_type == "MatMul" else 0]
             data_inputs.append(x)
         existing = {o.name for o in probe.graph.output}
@@ -109,7 +109,7 @@ class FoldRemovedConstants(Pass):
         sums: dict[str, np.ndarray] = {}
         seeds = (0, 1)
         for seed in seeds:
-            res = V.run(probe, V.random_inputs(probe, self.shapes, seed), "reference")
+            res = verify.run(probe, verify.random_inputs(probe, self.shapes, seed), "reference")
             for n, r in zip(names, res):
                 sums[n] = sums.get(n, 0) + np.asarray(r, np.float64)
         out = []
@@ -130,9 +130,9 @@ class FoldRemovedConstants(Pass):
         return rank - 2 if ps.input_index == 0 else rank - 1  # MatMul: weight left reads rows of B
 
     def _fold(self, g: Graph, ps, mean: np.ndarray, keep) -> bool:
-        node, an = ps.node, self.an
+        node, analysis = ps.node, self.analysis
         gone = ~keep(ps.atoms)
-        w_orig = self._orig.const(self.original.graph.node[an.node_index[id(node)]].input[ps.input_index])
+        w_orig = self._orig.const(self.original.graph.node[analysis.node_index[id(node)]].input[ps.input_index])
         c = np.where(gone, mean, 0.0)
         if node.op_type == "Conv" and int(attr(node, "group", 1)) == 1 and ps.axis == 1:
             w = w_orig.astype(np.float64)
@@ -158,7 +158,7 @@ class FoldRemovedConstants(Pass):
         return True
 
     def _out_keep(self, node, n: int, keep) -> np.ndarray:
-        for s in self.an.ctx.sources:
+        for s in self.analysis.ctx.sources:
             if s.node == node.name and len(s.atoms) == n:
                 return keep(s.atoms)
         return np.ones(n, dtype=bool)

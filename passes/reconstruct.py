@@ -20,7 +20,7 @@ import time
 import numpy as np
 import onnx
 
-from spa import obspa as O
+from spa import obspa
 from spa.errors import SpaError
 from spa.ir import Graph
 
@@ -43,7 +43,7 @@ class Lockstep:
         self.t_orig = TorchGraph(original)
         self.t_pruned = TorchGraph(pruned)
         n = int(next(iter(feeds.values())).shape[0])
-        parts = list(O.chunks(feeds, n, chunk))
+        parts = list(obspa.chunks(feeds, n, chunk))
         if not parts:
             raise SpaError(f"{n} samples are fewer than the model's fixed batch size {chunk[0]}")
         self.env_o = [self.t_orig.initial_env(c) for c in parts]
@@ -87,8 +87,8 @@ class Reconstruct(Pass):
     name = "reconstruct"
 
     def __init__(self, original: onnx.ModelProto, out_rows: dict[str, np.ndarray], feeds: dict[str, np.ndarray], *,
-                 refit: bool = True, recalibrate: bool = False, positions: int = O.DEFAULT_POSITIONS,
-                 damp: float = O.DEFAULT_DAMP, seed: int = 0, progress=None):
+                 refit: bool = True, recalibrate: bool = False, positions: int = obspa.DEFAULT_POSITIONS,
+                 damp: float = obspa.DEFAULT_DAMP, seed: int = 0, progress=None):
         """out_rows: for each weight-carrying node (by name), the kept output rows of its original weight."""
         self.original, self.out_rows, self.feeds = original, out_rows, feeds
         self.refit, self.recalibrate = refit, recalibrate
@@ -100,7 +100,7 @@ class Reconstruct(Pass):
 
         g = model.graph
         before = structure(g.to_model())
-        ls = Lockstep(self.original, g, self.feeds, O.batch_size_for(g, 64, self.feeds))
+        ls = Lockstep(self.original, g, self.feeds, obspa.batch_size_for(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
         stats = {"layers_refit": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
                   "positions_per_layer": self.positions, "samples": ls.n}
@@ -133,11 +133,11 @@ class Reconstruct(Pass):
 
     # ---- least-squares refit ---------------------------------------------------------------------------------
     def _refit(self, node, g, ls, gen, stats, timing):
-        view = O.layer_view(g, node)
+        view = obspa.layer_view(g, node)
         orig_node = _orig_node(ls, node)
         if view is None or orig_node is None:
             return
-        ov = O.layer_view(ls.orig_graph, orig_node)
+        ov = obspa.layer_view(ls.orig_graph, orig_node)
         if ov is None or ov.kind != view.kind or (ov.bias is None) != (view.bias is None):
             stats["skipped"].append(f"{node.name}: original and pruned layers differ in kind")
             return
@@ -150,18 +150,18 @@ class Reconstruct(Pass):
             stats["skipped"].append(f"{node.name}: input not available")
             return
         t = time.perf_counter()
-        gram = O.Gram()
+        gram = obspa.Gram()
         for x_p, x_o in zip(xs_p, xs_o):
             x_p, x_o = x_p.float(), x_o.float()
-            total = O.output_positions(view, x_p)
-            if total != O.output_positions(ov, x_o):
+            total = obspa.output_positions(view, x_p)
+            if total != obspa.output_positions(ov, x_o):
                 stats["skipped"].append(f"{node.name}: positions differ")
                 return
             quota = max(1, round(self.positions * x_p.shape[0] / ls.n))
-            rows = O.pick_rows(total, quota, gen)
-            a, b = O.sample_rows(view, x_p, rows), O.sample_rows(ov, x_o, rows)
+            rows = obspa.pick_rows(total, quota, gen)
+            a, b = obspa.sample_rows(view, x_p, rows), obspa.sample_rows(ov, x_o, rows)
             if view.bias is not None:
-                a, b = O.with_ones(a), O.with_ones(b)
+                a, b = obspa.with_ones(a), obspa.with_ones(b)
             gram.add(a, b)
         w_p_full = np.asarray(g.const(view.weight))
         w_o_full = np.asarray(ls.orig_graph.const(ov.weight))
@@ -173,7 +173,7 @@ class Reconstruct(Pass):
             w_o = np.concatenate([w_o, np.asarray(ls.orig_graph.const(ov.bias), np.float64)[keep][:, None]], 1)
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        new, _ = O.refit(w_o, w_p, gram, self.damp)
+        new, _ = obspa.refit(w_o, w_p, gram, self.damp)
         timing["solve_s"] += time.perf_counter() - t
         if not np.isfinite(new).all():
             stats["skipped"].append(f"{node.name}: non-finite solution")
@@ -198,7 +198,7 @@ class Reconstruct(Pass):
         stats["bn_reestimated"] += 1
 
     def _affine(self, node, g, ls, stats):
-        view = O.layer_view(g, node)
+        view = obspa.layer_view(g, node)
         grouped = node.op_type == "Conv" and view is None and g.const(node.input[1]) is not None
         if view is None and not grouped:
             return
@@ -270,20 +270,20 @@ def _orig_node(ls: Lockstep, node):
     return index.get(node.name)
 
 
-def output_rows(an, removed) -> dict[str, np.ndarray]:
+def output_rows(analysis, removed) -> dict[str, np.ndarray]:
     """For every node whose weight has a 'source' slice: the kept output rows of its original weight."""
-    keep = an.keep_mask(removed)
+    keep = analysis.keep_mask(removed)
     out: dict[str, np.ndarray] = {}
     out_axis: dict[str, int] = {}
-    for node in an.nodes:
+    for node in analysis.nodes:
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            w = an.ctx.g.const(node.input[1])
+            w = analysis.ctx.g.const(node.input[1])
             if w is None:
                 continue
-            view = O.layer_view(an.ctx.g, node)
+            view = obspa.layer_view(analysis.ctx.g, node)
             out_axis[node.name] = 1 if (view is not None and view.trans) else 0
             out[node.name] = np.ones(w.shape[out_axis[node.name]], bool)
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if ps.role == "source" and ps.node.name in out and ps.input_index == 1 and ps.axis == out_axis[ps.node.name]:
             out[ps.node.name] &= keep(ps.atoms)
     return out

@@ -29,34 +29,34 @@ from .compensate import structure
 class SimilarityCompensation(Pass):
     name = "similarity"
 
-    def __init__(self, an: Analysis, removed: set[int], original: onnx.ModelProto, *, beta: float = 0.5,
+    def __init__(self, analysis: Analysis, removed: set[int], original: onnx.ModelProto, *, beta: float = 0.5,
                  threshold: float = 0.0, dbscan: tuple[float, int] | None = None):
-        self.an, self.removed = an, removed
+        self.analysis, self.removed = analysis, removed
         self.orig = Graph(original)
         self.orig_nodes = list(original.graph.node)
         self.beta, self.threshold, self.dbscan = beta, threshold, dbscan
         self._slices: dict[tuple[int, int], list] = {}
-        for ps in an.ctx.params:
+        for ps in analysis.ctx.params:
             self._slices.setdefault((id(ps.node), ps.input_index), []).append((ps.axis, ps.atoms))
 
     def _orig_const(self, ps):
-        node = self.orig_nodes[self.an.node_index[id(ps.node)]]
+        node = self.orig_nodes[self.analysis.node_index[id(ps.node)]]
         return self.orig.const(node.input[ps.input_index])
 
     def run(self, model) -> dict:
-        an = self.an
-        keep = an.keep_mask(self.removed)
+        analysis = self.analysis
+        keep = analysis.keep_mask(self.removed)
         g = model.graph
         before = structure(g.to_model())
         by_group: dict[int, list] = {}
-        for ps in an.ctx.params:
-            r = an.find(ps.atoms)
+        for ps in analysis.ctx.params:
+            r = analysis.find(ps.atoms)
             r = r[r >= 0]
             if len(r):
-                by_group.setdefault(an.unit_group[int(r[0])], []).append(ps)
+                by_group.setdefault(analysis.unit_group[int(r[0])], []).append(ps)
         merged, pairs, clusters = 0, 0, 0
         for gid, members in by_group.items():
-            group = an.groups[gid]
+            group = analysis.groups[gid]
             units = np.asarray(group.units)
             gone = np.isin(units, np.fromiter(self.removed, np.int64, len(self.removed)))
             if not gone.any():
@@ -98,7 +98,7 @@ class SimilarityCompensation(Pass):
             w = self._orig_const(ps)
             if w is None or w.dtype.kind != "f":
                 continue
-            roots = self.an.find(ps.atoms)
+            roots = self.analysis.find(ps.atoms)
             if ps.role == "source":
                 rows = np.moveaxis(np.asarray(w, np.float64), ps.axis, 0).reshape(w.shape[ps.axis], -1)
                 block = np.zeros((len(units), rows.shape[1]))
@@ -122,7 +122,7 @@ class SimilarityCompensation(Pass):
             name = ps.node.input[ps.input_index]
             if len(g.consumers.get(name, [])) != 1:
                 continue
-            roots = self.an.find(ps.atoms)
+            roots = self.analysis.find(ps.atoms)
             pr, pk = np.flatnonzero(roots == r), np.flatnonzero(roots == k)
             if len(pr) != len(pk) or not len(pr):
                 continue

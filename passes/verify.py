@@ -16,14 +16,14 @@ from spa.groups import Analysis
 from spa.ir import Graph
 
 
-def build_reference(original: onnx.ModelProto, an: Analysis, removed: set[int],
+def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[int],
                     node_index: dict[int, int]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(original)
     g = Graph(m)
     nodes = list(m.graph.node)
-    keep = an.keep_mask(removed)
-    for ps in an.ctx.params:
+    keep = analysis.keep_mask(removed)
+    for ps in analysis.ctx.params:
         if ps.role != "sink":
             continue
         gone = ~keep(ps.atoms)
@@ -36,16 +36,16 @@ def build_reference(original: onnx.ModelProto, an: Analysis, removed: set[int],
         w[tuple(index)] = 0
         node.input[ps.input_index] = g.add_const(w, node.input[ps.input_index] + "_ref")
     inserts: dict[int, list] = {}
-    for ms in an.ctx.mask_sinks:
+    for ms in analysis.ctx.mask_sinks:
         gone = ~keep(ms.atoms)
         if not gone.any():
             continue
         i = node_index[id(ms.node)]
         node = nodes[i]
-        rank = len(an.ctx.g.shapes[ms.node.input[ms.input_index]])
+        rank = len(analysis.ctx.g.shapes[ms.node.input[ms.input_index]])
         shape = [1] * rank
         shape[ms.axis] = len(gone)
-        dtype = helper.tensor_dtype_to_np_dtype(an.ctx.g.dtypes.get(ms.node.input[ms.input_index], 1))
+        dtype = helper.tensor_dtype_to_np_dtype(analysis.ctx.g.dtypes.get(ms.node.input[ms.input_index], 1))
         mask = g.add_const((~gone).astype(dtype).reshape(shape), "spa_ref_mask")
         out = g.unique(node.input[ms.input_index] + "_masked")
         inserts.setdefault(i, []).append(helper.make_node("Mul", [node.input[ms.input_index], mask], [out]))

@@ -425,7 +425,7 @@ def run_search(args) -> int:
     progress.setup()
     t0 = time.perf_counter()
     problem = _search_problem(args, S, optional)
-    _check_strict(args, problem.an)
+    _check_strict(args, problem.analysis)
     unreachable = _unreachable_budget(problem)
     setup_s = time.perf_counter() - t0
     plan, history = S.search(args.input, policy, problem=problem, evals=evals, seed=args.seed, metric=metric,
@@ -579,11 +579,11 @@ def _unreachable_budget(problem) -> str | None:
             "keeps " + ", ".join(over) + "; pruned as far as they allow")
 
 
-def _check_strict(args, an) -> None:
+def _check_strict(args, analysis) -> None:
     """--strict as the driver applies it, but before the search instead of after it."""
     if not args.strict:
         return
-    for g in an.groups:
+    for g in analysis.groups:
         real = [(w, r) for w, r in g.reasons if not w.startswith("graph output")]
         if real:
             raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
@@ -666,17 +666,17 @@ def run_analyse(argv) -> int:
     from . import driver
 
     model = driver.load(args.input, dict(args.input_shape))
-    an = driver.analyse(model)
-    groups = sorted(an.groups, key=lambda g: -g.macs)
+    analysis = driver.analyse(model)
+    groups = sorted(analysis.groups, key=lambda g: -g.macs)
     shown = groups if args.all else groups[:40]
-    out = [f"{len(an.groups)} coupled groups, {an.total_macs:,} MACs, {len(an.ctx.sources)} prunable sources"]
+    out = [f"{len(analysis.groups)} coupled groups, {analysis.total_macs:,} MACs, {len(analysis.ctx.sources)} prunable sources"]
     out.append(f"{'id':>4} {'units':>6} {'frozen':>6} {'MACs%':>7}  name")
     for g in shown:
-        share = 100.0 * g.macs / max(an.total_macs, 1)
+        share = 100.0 * g.macs / max(analysis.total_macs, 1)
         out.append(f"{g.id:>4} {g.size:>6} {int(g.frozen.sum()):>6} {share:>7.2f}  {g.name}")
     if len(shown) < len(groups):
         out.append(f"... {len(groups) - len(shown)} more (use --all)")
-    frozen = [g for g in an.groups if g.frozen.any()]
+    frozen = [g for g in analysis.groups if g.frozen.any()]
     if frozen:
         out.append(f"frozen ({len(frozen)} groups):")
         for g in frozen:
@@ -685,8 +685,8 @@ def run_analyse(argv) -> int:
     print("\n".join(out))
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"total_macs": an.total_macs, "groups": [g.to_json() for g in an.groups],
-                       "unruled_ops": an.unruled_ops, "warnings": model.warnings}, f, indent=1)
+            json.dump({"total_macs": analysis.total_macs, "groups": [g.to_json() for g in analysis.groups],
+                       "unruled_ops": analysis.unruled_ops, "warnings": model.warnings}, f, indent=1)
     return 0
 
 

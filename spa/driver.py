@@ -59,9 +59,9 @@ def analyse(model: Model) -> Analysis:
 
 def plan(model: Model, *, ratio=None, target_flops=None, importance="l2", aggregation="sum",
          normalization="mean", min_channels=1, round_to=1, exclude=None, max_ratio=1.0) -> PruningPlan:
-    an = analyse(model)
-    scores = score(an, importance, aggregation, normalization)
-    return select(an, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
+    analysis = analyse(model)
+    scores = score(analysis, importance, aggregation, normalization)
+    return select(analysis, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
                   round_to=round_to, exclude=exclude, max_ratio=max_ratio)
 
 
@@ -115,16 +115,16 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         original.CopyFrom(model.graph.to_model())
     params_before = param_count(model.graph)
     step("analyse")
-    an = analyse(model)
+    analysis = analyse(model)
     t = lap("analyse", t)
-    frozen_groups = [g for g in an.groups if g.prunable == 0]
+    frozen_groups = [g for g in analysis.groups if g.prunable == 0]
     if strict:  # a graph output's channels are fixed by the interface, not by a missing rule
-        for g in an.groups:
+        for g in analysis.groups:
             real = [(w, r) for w, r in g.reasons if not w.startswith("graph output")]
             if real:
                 raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
-    if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
-        raise SpaError("no prunable group: " + explain_nothing(an))
+    if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
+        raise SpaError("no prunable group: " + explain_nothing(analysis))
     calib_data = _load_data(calib, model, calib_limit)
     if reconstruct is None:
         reconstruct = importance == "obspa"
@@ -135,7 +135,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     if (reconstruct or recalibrate or compensate) and not verify:
         raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
     from .importance import ScoreInputs
-    inputs = ScoreInputs(an, calib=calib_data, loss=loss, samples=samples, seed=seed, progress=step)
+    inputs = ScoreInputs(analysis, calib=calib_data, loss=loss, samples=samples, seed=seed, progress=step)
     inputs.cache["obspa_options"] = {k: v for k, v in (("positions", positions), ("damp", damp)) if v is not None}
     step("score")
     if plan_file:
@@ -143,16 +143,16 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
             data = json.loads(Path(plan_file).read_text())
         except (OSError, ValueError) as e:
             raise SpaError(f"cannot read plan {plan_file}: {e}")
-        chosen = PruningPlan.from_json(data, an)
+        chosen = PruningPlan.from_json(data, analysis)
     else:
-        scores = score(an, importance, aggregation, normalization, inputs)
-        chosen = select(an, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
+        scores = score(analysis, importance, aggregation, normalization, inputs)
+        chosen = select(analysis, scores, ratio=ratio, target_flops=target_flops, min_channels=min_channels,
                         round_to=round_to, exclude=exclude, max_ratio=max_ratio, allocation=allocation)
     t = lap("score+select", t)
-    removed = chosen.roots(an)
-    plan_json = chosen.to_json(an) if save_plan else None  # before Apply, which rewrites the initializers
-    macs_before = an.total_macs
-    macs_after = an.macs_after(removed)
+    removed = chosen.roots(analysis)
+    plan_json = chosen.to_json(analysis) if save_plan else None  # before Apply, which rewrites the initializers
+    macs_before = analysis.total_macs
+    macs_after = analysis.macs_after(removed)
     if target_flops is not None and not plan_file and macs_after > target_flops * macs_before * (1 + 1e-9):
         # select() then prunes as far as the constraints allow; say so instead of staying quiet
         model.warnings.append(
@@ -162,13 +162,13 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
     group_rows = [{"id": g.id, "name": g.name, "units": g.size,
                    "kept": g.size - len(chosen.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
                    "given_back": chosen.given_back.get(g.id, 0)}
-                  for g in an.groups]
+                  for g in analysis.groups]
     out_rows = None
     if reconstruct or recalibrate:
         from spa.passes.reconstruct import output_rows
-        out_rows = output_rows(an, removed)
+        out_rows = output_rows(analysis, removed)
     step("apply")
-    apply_stats = Apply(an, removed).run(model)
+    apply_stats = Apply(analysis, removed).run(model)
     t = lap("apply", t)
     pruned = model.graph.to_model()
     verification = {"status": "skipped (--no-verify)"}
@@ -176,7 +176,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         step("verify")
         from spa.passes import verify as V
         V.check(pruned)
-        reference = V.build_reference(original, an, removed, an.node_index)
+        reference = V.build_reference(original, analysis, removed, analysis.node_index)
         verification = {"status": "passed", **V.compare(reference, pruned, model.input_shapes, rtol=rtol)}
         t = lap("verify", t)
     compensation = None
@@ -186,7 +186,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         step("compensate")
         from spa.passes.compensate import FoldRemovedConstants, fidelity
         before = fidelity(original, pruned, model.input_shapes)
-        stats = FoldRemovedConstants(an, removed, original, model.input_shapes).run(model)
+        stats = FoldRemovedConstants(analysis, removed, original, model.input_shapes).run(model)
         pruned = model.graph.to_model()
         V.check(pruned)
         compensation = {"pass": "fold-constants", **stats, "fidelity_before": before,
@@ -194,7 +194,7 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         t = lap("compensate", t)
     reconstruction = None
     if reconstruct or recalibrate or compensate:
-        reconstruction = _reconstruct(model, original, an, removed, calib_data, inputs, out_rows, step,
+        reconstruction = _reconstruct(model, original, analysis, removed, calib_data, inputs, out_rows, step,
                                       reconstruct=reconstruct, recalibrate=recalibrate, compensate=compensate,
                                       dbscan=dbscan, positions=positions, damp=damp, seed=seed)
         pruned = model.graph.to_model()
@@ -214,12 +214,12 @@ def prune(source, output=None, *, ratio=None, target_flops=None, importance="l2"
         "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / max(macs_before, 1)},
         "params": {"before": params_before, "after": param_count(model.graph),
                    "ratio": param_count(model.graph) / max(params_before, 1)},
-        "groups": {"total": len(an.groups), "pruned": len([g for g in chosen.removed.values() if g]),
+        "groups": {"total": len(analysis.groups), "pruned": len([g for g in chosen.removed.values() if g]),
                    "frozen": len(frozen_groups),
-                   "partially_frozen": len([g for g in an.groups if g.frozen.any() and g.prunable > 0])},
+                   "partially_frozen": len([g for g in analysis.groups if g.frozen.any() and g.prunable > 0])},
         "frozen": [{"group": g.name, "units": g.size, "reasons": [{"where": w, "why": r} for w, r in g.reasons]}
-                   for g in an.groups if g.frozen.any()],
-        "unruled_ops": an.unruled_ops,
+                   for g in analysis.groups if g.frozen.any()],
+        "unruled_ops": analysis.unruled_ops,
         "per_group": group_rows,
         "verification": verification,
         "compensation": compensation,
@@ -270,7 +270,7 @@ def _data_label(data, importance: str) -> str:
     return f"calibration ({data.n} samples)" if data is not None else "data-free (synthesized inputs)"
 
 
-def _reconstruct(model, original, an, removed, data, inputs, out_rows, step, *, reconstruct, recalibrate,
+def _reconstruct(model, original, analysis, removed, data, inputs, out_rows, step, *, reconstruct, recalibrate,
                  compensate, dbscan, positions, damp, seed) -> dict:
     """Similarity compensation, least-squares refit and/or re-calibration on the structurally verified model;
     each changes values only. Fidelity to the original is measured before and after on the calibration data
@@ -293,7 +293,7 @@ def _reconstruct(model, original, an, removed, data, inputs, out_rows, step, *, 
     if compensate == "similarity":
         step("similarity")
         from spa.passes.similarity import SimilarityCompensation
-        stats = SimilarityCompensation(an, removed, original, dbscan=dbscan).run(model)
+        stats = SimilarityCompensation(analysis, removed, original, dbscan=dbscan).run(model)
         report["passes"].append({"pass": "similarity", **stats})
     if reconstruct or recalibrate:
         step("reconstruct")
@@ -324,12 +324,12 @@ def check_output_path(output) -> None:
         raise SpaError(f"cannot write into {parent}")
 
 
-def explain_nothing(an: Analysis) -> str:
-    if not an.ctx.sources:
+def explain_nothing(analysis: Analysis) -> str:
+    if not analysis.ctx.sources:
         return ("no Conv/ConvTranspose/Gemm/MatMul with a constant weight was found (quantized or "
                 "run-time weights are not prunable yet)")
     reasons = {}
-    for g in an.groups:
+    for g in analysis.groups:
         for where, why in g.reasons:
             reasons.setdefault(why, where)
     top = "; ".join(f"{why} (at {where})" for why, where in list(reasons.items())[:3])

@@ -50,7 +50,7 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
     key = ("grad", hessian)
     if key in inputs.cache:
         return inputs.cache[key]
-    an = inputs.an
+    analysis = inputs.analysis
     feeds, n = model_data(inputs)
     kind = inputs.loss
     labels = getattr(inputs.calib, "labels", None) if inputs.calib is not None else None
@@ -62,8 +62,8 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
     inputs.notes.append(f"gradients: loss {kind} on {n} {'calibration' if inputs.calib is not None else 'synthesized'}"
                         " samples")
     t0 = time.perf_counter()
-    tg = TorchGraph(an.ctx.g)
-    names = {ps.node.input[ps.input_index] for ps in an.ctx.params}
+    tg = TorchGraph(analysis.ctx.g)
+    names = {ps.node.input[ps.input_index] for ps in analysis.ctx.params}
     params = {k: tg.param(k) for k in names if k in tg.param_names}
     for p in tg.parameters():
         p.requires_grad_(False)
@@ -71,7 +71,7 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
         p.requires_grad_(True)
     acc: dict[str, dict[str, np.ndarray]] = {k: {} for k in params}
     gen = torch.Generator().manual_seed(inputs.seed)
-    bs = batch_size_for(an.ctx.g, inputs.batch_size, feeds)
+    bs = batch_size_for(analysis.ctx.g, inputs.batch_size, feeds)
     keys = list(params)
     batches = 0
     for step, batch in enumerate(chunks(feeds, n, bs)):
@@ -117,7 +117,7 @@ def _members(inputs, hessian: bool, field: str, absolute: bool) -> list[Member]:
         v = acc.get(name, {}).get(field)
         return None if v is None or np.isscalar(v) else v
 
-    members = weight_members(inputs.an, values)
+    members = weight_members(inputs.analysis, values)
     if absolute:
         for m in members:
             m.values = np.abs(m.values)

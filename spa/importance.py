@@ -45,7 +45,7 @@ class ScoreInputs:
     """What a criterion may read besides the analysis: calibration data, the loss for gradient criteria, and
     a place to leave notes for the report."""
 
-    an: Analysis
+    analysis: Analysis
     calib: object | None = None     # spa.calib.Calib, or None: data-free
     loss: str = "auto"              # ce | pseudo | fisher | auto (ce when labels exist, else pseudo)
     samples: int = 64               # synthesized samples in data-free mode
@@ -100,7 +100,7 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in [
 ]}
 
 
-def score(an: Analysis, importance: str = "l2", aggregation: str = "sum", normalization: str = "mean",
+def score(analysis: Analysis, importance: str = "l2", aggregation: str = "sum", normalization: str = "mean",
           inputs: ScoreInputs | None = None) -> dict[int, float]:
     """Scores per unit (root atom) for `importance`; higher means keep."""
     crit = CRITERIA.get(importance)
@@ -110,24 +110,24 @@ def score(an: Analysis, importance: str = "l2", aggregation: str = "sum", normal
         raise SpaError(f"unknown aggregation '{aggregation}' (choose from {', '.join(AGGREGATIONS)})")
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (choose from {', '.join(NORMALIZATIONS)})")
-    inputs = inputs or ScoreInputs(an)
+    inputs = inputs or ScoreInputs(analysis)
     result = crit.load()(inputs)
     if crit.unit_level:
         scores = result
     else:
-        scores = aggregate(an, result, aggregation, inputs, importance)
-    return normalize_scores(an, scores, normalization)
+        scores = aggregate(analysis, result, aggregation, inputs, importance)
+    return normalize_scores(analysis, scores, normalization)
 
 
 # ---- combining members ------------------------------------------------------------------------------------------
-def aggregate(an: Analysis, members: list[Member], aggregation: str, inputs: ScoreInputs | None = None,
+def aggregate(analysis: Analysis, members: list[Member], aggregation: str, inputs: ScoreInputs | None = None,
               name: str = "") -> dict[int, float]:
     """Per-unit scores: reduce each member's positions per unit, then combine members with `aggregation`.
     Units no member scored fall back to the l2 magnitude (noted)."""
-    roots = np.array(sorted(an.unit_group), dtype=np.int64)
+    roots = np.array(sorted(analysis.unit_group), dtype=np.int64)
     us, ms, vs = [], [], []
     for k, m in enumerate(members):
-        r = an.find(m.ps.atoms)
+        r = analysis.find(m.ps.atoms)
         ok = r >= 0
         if not ok.any():
             continue
@@ -171,11 +171,11 @@ def aggregate(an: Analysis, members: list[Member], aggregation: str, inputs: Sco
             total[has] = 0.5 * (vs_[lo[has]] + vs_[hi[has]])
     scores = dict(zip(roots.tolist(), np.where(count > 0, total, 0.0).tolist()))
     missing = roots[count == 0]
-    prunable = {int(r) for g in an.groups for r, f in zip(g.units, g.frozen) if not f}
+    prunable = {int(r) for g in analysis.groups for r, f in zip(g.units, g.frozen) if not f}
     missing = [int(r) for r in missing if int(r) in prunable]
     if missing:
-        fallback = aggregate(an, l2_members(inputs or ScoreInputs(an)), "sum")
-        groups = sorted({an.groups[an.unit_group[r]].name for r in missing})
+        fallback = aggregate(analysis, l2_members(inputs or ScoreInputs(analysis)), "sum")
+        groups = sorted({analysis.groups[analysis.unit_group[r]].name for r in missing})
         for r in missing:
             scores[r] = fallback[r]
         if inputs is not None:
@@ -185,13 +185,13 @@ def aggregate(an: Analysis, members: list[Member], aggregation: str, inputs: Sco
     return scores
 
 
-def normalize_scores(an: Analysis, scores: dict, normalization: str) -> dict:
+def normalize_scores(analysis: Analysis, scores: dict, normalization: str) -> dict:
     """Per-group normalization: sum/mean/max divide, standardize rescales to [0, 1] (min-max), gaussian is
     the z-score."""
     if normalization == "none":
         return scores
     out = dict(scores)
-    for g in an.groups:
+    for g in analysis.groups:
         v = np.array([scores[int(u)] for u in g.units], dtype=np.float64)
         if normalization == "gaussian":
             v = (v - v.mean()) / (v.std() + 1e-12)
@@ -205,16 +205,16 @@ def normalize_scores(an: Analysis, scores: dict, normalization: str) -> dict:
 
 
 # ---- weight-only criteria ---------------------------------------------------------------------------------------
-def weight_members(an: Analysis, fn: Callable[[str, np.ndarray, ParamSlice], np.ndarray | None],
+def weight_members(analysis: Analysis, fn: Callable[[str, np.ndarray, ParamSlice], np.ndarray | None],
                    roles=("sink", "source", "member")) -> list[Member]:
     """Members from a per-element function of each float parameter (values summed over the non-sliced axes).
     Conv weights are reduced over the kernel once per function and weight (both channel axes read it)."""
     members, reduced = [], {}
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if ps.role not in roles:
             continue
         name = ps.node.input[ps.input_index]
-        w = an.ctx.g.const(name)
+        w = analysis.ctx.g.const(name)
         if w is None or w.dtype.kind != "f" or w.ndim == 0:
             continue
         if w.ndim >= 3 and ps.axis < 2:
@@ -235,11 +235,11 @@ def weight_members(an: Analysis, fn: Callable[[str, np.ndarray, ParamSlice], np.
 
 
 def l1_members(inputs: ScoreInputs) -> list[Member]:
-    return weight_members(inputs.an, lambda n, w, ps: np.abs(w))
+    return weight_members(inputs.analysis, lambda n, w, ps: np.abs(w))
 
 
 def l2_members(inputs: ScoreInputs) -> list[Member]:
-    members = weight_members(inputs.an, lambda n, w, ps: np.square(w))
+    members = weight_members(inputs.analysis, lambda n, w, ps: np.square(w))
     for m in members:
         m.root = 2
     return members
@@ -247,17 +247,17 @@ def l2_members(inputs: ScoreInputs) -> list[Member]:
 
 def random_scores(inputs: ScoreInputs) -> dict[int, float]:
     rng = np.random.default_rng(inputs.seed)
-    return {u: float(rng.random()) for u in sorted(inputs.an.unit_group)}
+    return {u: float(rng.random()) for u in sorted(inputs.analysis.unit_group)}
 
 
 def bn_scale_members(inputs: ScoreInputs) -> list[Member]:
     """|gamma| of BatchNormalization scale slices. Exporters that fold BN into the convolutions (torch's do by
     default) leave nothing to read: say so and name the criteria that work on such a file."""
-    an = inputs.an
+    analysis = inputs.analysis
     members = []
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if ps.node.op_type == "BatchNormalization" and ps.input_index == 1:
-            w = an.ctx.g.const(ps.node.input[1])
+            w = analysis.ctx.g.const(ps.node.input[1])
             if w is not None:
                 members.append(Member(ps, np.abs(w.astype(np.float64))))
     if not members:
@@ -271,10 +271,10 @@ def lamp_scores(inputs: ScoreInputs) -> dict[int, float]:
     """LAMP at channel level: a unit's squared L2 magnitude divided by the sum of the squared magnitudes of the
     units of its group that are not smaller (so the weakest unit of every group scores lowest relative to what
     remains, making groups comparable)."""
-    an = inputs.an
-    sq = aggregate(an, weight_members(an, lambda n, w, ps: np.square(w, dtype=np.float64)), "sum", inputs, "lamp")
+    analysis = inputs.analysis
+    sq = aggregate(analysis, weight_members(analysis, lambda n, w, ps: np.square(w, dtype=np.float64)), "sum", inputs, "lamp")
     out = {}
-    for g in an.groups:
+    for g in analysis.groups:
         v = np.array([sq[int(u)] for u in g.units])
         order = np.argsort(v, kind="stable")
         tail = np.cumsum(v[order][::-1])[::-1]  # sum of the values from this rank upwards
@@ -287,12 +287,12 @@ def lamp_scores(inputs: ScoreInputs) -> dict[int, float]:
 def fpgm_members(inputs: ScoreInputs) -> list[Member]:
     """FPGM: a filter close to the layer's geometric median is replaceable by the others. Scored on producer
     rows (each filter's summed Euclidean distance to every filter of the same weight)."""
-    an = inputs.an
+    analysis = inputs.analysis
     members = []
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if ps.role != "source":
             continue
-        w = an.ctx.g.const(ps.node.input[ps.input_index])
+        w = analysis.ctx.g.const(ps.node.input[ps.input_index])
         if w is None or w.dtype.kind != "f" or w.ndim < 2:
             continue
         f = np.moveaxis(w.astype(np.float32), ps.axis, 0).reshape(w.shape[ps.axis], -1)

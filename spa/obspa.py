@@ -367,13 +367,13 @@ def obs_members(inputs):
     from .importance import Member
     from .torch_graph import TorchGraph
 
-    an = inputs.an
-    g = an.ctx.g
+    analysis = inputs.analysis
+    g = analysis.ctx.g
     opts = inputs.cache.setdefault("obspa_options", {})
     positions = opts.get("positions", DEFAULT_POSITIONS)
     damp = opts.get("damp", DEFAULT_DAMP)
     sinks = {}
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if ps.role == "sink":
             view = layer_view(g, ps.node)
             if view is not None and ps.input_index == 1:
@@ -423,7 +423,7 @@ def obs_members(inputs):
             continue
         w = view.matrix(np.asarray(g.const(view.weight), dtype=np.float64))
         for ps in pss:
-            roots = an.find(ps.atoms)
+            roots = analysis.find(ps.atoms)
             per_pos = np.zeros(len(roots))
             valid = np.flatnonzero(roots >= 0)
             if not len(valid):
@@ -497,7 +497,7 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
     """The calibration inputs, or synthesized ones (data-free), as numpy arrays keyed by input name."""
     if inputs.calib is not None:
         return inputs.calib.inputs, inputs.calib.n
-    g = inputs.an.ctx.g
+    g = inputs.analysis.ctx.g
     cached = inputs.cache.get("synthesized")
     if cached is None:
         from .calib import input_specs

@@ -42,33 +42,33 @@ class PruningPlan:
     removed: dict[int, list[int]] = field(default_factory=dict)
     given_back: dict[int, int] = field(default_factory=dict)  # units restored so that no tensor empties
 
-    def roots(self, an: Analysis) -> set[int]:
+    def roots(self, analysis: Analysis) -> set[int]:
         out = set()
         for gid, idx in self.removed.items():
-            out.update(int(an.groups[gid].units[i]) for i in idx)
+            out.update(int(analysis.groups[gid].units[i]) for i in idx)
         return out
 
-    def to_json(self, an: Analysis, tensors: bool = True) -> dict:
+    def to_json(self, analysis: Analysis, tensors: bool = True) -> dict:
         """The plan as JSON data. With `tensors`, call it before Apply runs (Apply rewrites the initializers)."""
         data = {"format": PLAN_FORMAT, "groups": [
-            {"id": gid, "name": an.groups[gid].name, "units": an.groups[gid].size, "removed": sorted(idx)}
+            {"id": gid, "name": analysis.groups[gid].name, "units": analysis.groups[gid].size, "removed": sorted(idx)}
             for gid, idx in sorted(self.removed.items()) if idx]}
         if tensors:
-            data["tensors"] = tensor_section(an, self.roots(an))
+            data["tensors"] = tensor_section(analysis, self.roots(analysis))
         return data
 
     @classmethod
-    def from_json(cls, data: dict, an: Analysis) -> PruningPlan:
+    def from_json(cls, data: dict, analysis: Analysis) -> PruningPlan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise SpaError(f"plan file is not a spa-prune plan (format {PLAN_FORMAT})")
         removed = {}
         try:
             for entry in data.get("groups", []):
                 gid = int(entry["id"])
-                if gid < 0 or gid >= len(an.groups) or an.groups[gid].name != entry["name"] \
-                        or an.groups[gid].size != entry["units"]:
+                if gid < 0 or gid >= len(analysis.groups) or analysis.groups[gid].name != entry["name"] \
+                        or analysis.groups[gid].size != entry["units"]:
                     raise SpaError(f"plan does not match this model: group {gid} '{entry.get('name')}' differs")
-                g = an.groups[gid]
+                g = analysis.groups[gid]
                 idx = sorted(int(i) for i in entry["removed"])
                 if any(i < 0 or i >= g.size or g.frozen[i] for i in idx):
                     raise SpaError(f"plan removes a frozen or missing unit of group {gid} '{g.name}'")
@@ -77,18 +77,18 @@ class PruningPlan:
             raise SpaError(f"malformed plan file: group entry {e!r}")
         plan = cls(removed)
         for gid, idx in removed.items():
-            if len(idx) >= an.groups[gid].size:
-                raise SpaError(f"plan removes every unit of group {gid} '{an.groups[gid].name}'")
-        if an.emptied_tensors(plan.roots(an)):
+            if len(idx) >= analysis.groups[gid].size:
+                raise SpaError(f"plan removes every unit of group {gid} '{analysis.groups[gid].name}'")
+        if analysis.emptied_tensors(plan.roots(analysis)):
             raise SpaError("plan removes every channel of a tensor (e.g. a concat or split piece)")
-        if "tensors" in data and data["tensors"] != tensor_section(an, plan.roots(an)):
+        if "tensors" in data and data["tensors"] != tensor_section(analysis, plan.roots(analysis)):
             raise SpaError("plan does not match this model: its per-tensor section differs from the cuts its groups "
                            "give here (a different export of the model?)")
         return plan
 
-    def save(self, path, an: Analysis) -> None:
+    def save(self, path, analysis: Analysis) -> None:
         """Write the plan (call before Apply runs; see to_json)."""
-        write_plan(self.to_json(an), path)
+        write_plan(self.to_json(analysis), path)
 
 
 def write_plan(data: dict, path) -> None:
@@ -106,22 +106,22 @@ def write_plan(data: dict, path) -> None:
             os.unlink(tmp)
 
 
-def tensor_section(an: Analysis, removed_roots: set[int]) -> dict:
+def tensor_section(analysis: Analysis, removed_roots: set[int]) -> dict:
     """initializer name -> {"shape", "keep": {axis: kept indices}, "groups": {axis: group ids}} for every
     initializer the removal cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
     from spa.passes.apply import param_cuts
 
-    g = an.ctx.g
+    g = analysis.ctx.g
     rm = np.asarray(sorted(removed_roots), dtype=np.int64)
     cutters: dict[str, dict[int, set[int]]] = {}
-    for ps in an.ctx.params:
-        roots = an.find(ps.atoms)
+    for ps in analysis.ctx.params:
+        roots = analysis.find(ps.atoms)
         hit = np.unique(roots[np.isin(roots, rm)])
         if len(hit):
             cutters.setdefault(ps.node.input[ps.input_index], {}).setdefault(ps.axis, set()).update(
-                an.unit_group[int(r)] for r in hit)
+                analysis.unit_group[int(r)] for r in hit)
     out = {}
-    for name, entries in param_cuts(an, removed_roots).items():
+    for name, entries in param_cuts(analysis, removed_roots).items():
         if all(m.all() for _, _, sl in entries for _, m in sl):
             continue
         shape = list(g.const_info(name)[0])
@@ -146,7 +146,7 @@ def tensor_section(an: Analysis, removed_roots: set[int]) -> dict:
 
 
 # ---- selection -------------------------------------------------------------------------------------------------
-def protected_units(an: Analysis, patterns: list[str]) -> set[int]:
+def protected_units(analysis: Analysis, patterns: list[str]) -> set[int]:
     """Units touching a node or initializer whose name matches one of the --exclude patterns."""
     if not patterns:
         return set()
@@ -155,12 +155,12 @@ def protected_units(an: Analysis, patterns: list[str]) -> set[int]:
         return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     out: set[int] = set()
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if hit(ps.node.name) or hit(ps.node.input[ps.input_index]):
-            out.update(int(r) for r in np.unique(an.find(ps.atoms)) if r >= 0)
-    for s in an.ctx.sources:
+            out.update(int(r) for r in np.unique(analysis.find(ps.atoms)) if r >= 0)
+    for s in analysis.ctx.sources:
         if hit(s.node) or hit(s.weight):
-            out.update(int(r) for r in np.unique(an.find(s.atoms)))
+            out.update(int(r) for r in np.unique(analysis.find(s.atoms)))
     return out
 
 
@@ -178,22 +178,22 @@ def constrained_kept(n: int, n_fixed: int, removed: int, *, min_channels: int = 
     return _kept_count(n, n_fixed, n - min(removed, math.floor(max_ratio * n)), min_channels, round_to)
 
 
-def removal_order(an: Analysis, scores: dict, exclude: list[str] | None = None) -> tuple[dict, dict]:
+def removal_order(analysis: Analysis, scores: dict, exclude: list[str] | None = None) -> tuple[dict, dict]:
     """Per group: a bool mask of units that may not be removed (frozen, or protected by --exclude) and the
     other units' indices sorted by ascending score (the order in which they are removed)."""
-    protect = protected_units(an, exclude or [])
-    fixed = {g.id: np.array([bool(f) or int(u) in protect for u, f in zip(g.units, g.frozen)]) for g in an.groups}
+    protect = protected_units(analysis, exclude or [])
+    fixed = {g.id: np.array([bool(f) or int(u) in protect for u, f in zip(g.units, g.frozen)]) for g in analysis.groups}
     order = {g.id: sorted((i for i in range(g.size) if not fixed[g.id][i]), key=lambda i: scores[int(g.units[i])])
-             for g in an.groups}
+             for g in analysis.groups}
     return fixed, order
 
 
-def plan_from_counts(an: Analysis, fixed: dict, order: dict, removed: dict[int, int], *, min_channels: int = 1,
+def plan_from_counts(analysis: Analysis, fixed: dict, order: dict, removed: dict[int, int], *, min_channels: int = 1,
                      round_to: int = 1, max_ratio: float = 1.0) -> PruningPlan:
     """Remove removed[g] units of every group g (after the constraints of `constrained_kept`), lowest-ranked
     first. No tensor-emptying check: wrap in keep_every_tensor."""
     plan = {}
-    for g in an.groups:
+    for g in analysis.groups:
         kept = constrained_kept(g.size, int(fixed[g.id].sum()), removed.get(g.id, 0), min_channels=min_channels,
                                 round_to=round_to, max_ratio=max_ratio)
         if g.size - kept > 0:
@@ -201,7 +201,7 @@ def plan_from_counts(an: Analysis, fixed: dict, order: dict, removed: dict[int, 
     return PruningPlan(plan)
 
 
-def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
+def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
            min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
            max_ratio: float = 1.0, allocation: str = "global") -> PruningPlan:
     """allocation (with target_flops): 'global' ranks every unit by importance per MAC across groups;
@@ -219,75 +219,75 @@ def select(an: Analysis, scores: dict, *, ratio: float | None = None, target_flo
         raise SpaError(f"unknown allocation '{allocation}' (choose from global, uniform)")
     if min_channels < 1 or round_to < 1:
         raise SpaError("--min-channels and --round-to must be >= 1")
-    fixed, order = removal_order(an, scores, exclude)
+    fixed, order = removal_order(analysis, scores, exclude)
 
     def plan_for(counts: dict[int, int]) -> PruningPlan:
         # --max-ratio: a budget search may not empty a group below (1 - R) of its units
-        return plan_from_counts(an, fixed, order, counts, min_channels=min_channels, round_to=round_to,
+        return plan_from_counts(analysis, fixed, order, counts, min_channels=min_channels, round_to=round_to,
                                 max_ratio=max_ratio)
 
     def uniform(r: float) -> PruningPlan:
-        return keep_every_tensor(an, plan_for({g.id: math.floor(r * g.size + 0.5) for g in an.groups}), scores)
+        return keep_every_tensor(analysis, plan_for({g.id: math.floor(r * g.size + 0.5) for g in analysis.groups}), scores)
 
     if ratio is not None:
         return uniform(ratio)
     if allocation == "uniform":
-        goal = target_flops * an.total_macs
+        goal = target_flops * analysis.total_macs
         lo, hi = 0.0, 1.0
-        if an.macs_after(uniform(hi).roots(an)) > goal:
+        if analysis.macs_after(uniform(hi).roots(analysis)) > goal:
             return uniform(hi)  # the budget cannot be met: prune as far as the constraints allow
         for _ in range(40):
             mid = (lo + hi) / 2
-            if an.macs_after(uniform(mid).roots(an)) <= goal:
+            if analysis.macs_after(uniform(mid).roots(analysis)) <= goal:
                 hi = mid
             else:
                 lo = mid
         return uniform(hi)
-    return _budget(an, scores, order, plan_for, target_flops)  # its plans are already give-back checked
+    return _budget(analysis, scores, order, plan_for, target_flops)  # its plans are already give-back checked
 
 
-def _budget(an, scores, order, plan_for, target) -> PruningPlan:
+def _budget(analysis, scores, order, plan_for, target) -> PruningPlan:
     """Global ranking by importance per MAC; the largest prefix that meets the MAC budget (binary search)."""
     ranked = []
-    for g in an.groups:
+    for g in analysis.groups:
         for i in order[g.id]:
             u = int(g.units[i])
-            ranked.append((scores[u] / max(an.unit_macs.get(u, 0.0), 1e-9), g.id))
+            ranked.append((scores[u] / max(analysis.unit_macs.get(u, 0.0), 1e-9), g.id))
     ranked.sort()
-    goal = target * an.total_macs
+    goal = target * analysis.total_macs
 
     def plan_at(t: int) -> PruningPlan:
         counts: dict[int, int] = {}
         for _, gid in ranked[:t]:
             counts[gid] = counts.get(gid, 0) + 1
-        return keep_every_tensor(an, plan_for(counts), scores)  # measured as it will be applied
+        return keep_every_tensor(analysis, plan_for(counts), scores)  # measured as it will be applied
 
     lo, hi = 0, len(ranked)
-    if an.macs_after(plan_at(hi).roots(an)) > goal:
+    if analysis.macs_after(plan_at(hi).roots(analysis)) > goal:
         return plan_at(hi)  # the budget cannot be met: prune as far as the constraints allow
     while lo < hi:
         mid = (lo + hi) // 2
-        if an.macs_after(plan_at(mid).roots(an)) <= goal:
+        if analysis.macs_after(plan_at(mid).roots(analysis)) <= goal:
             hi = mid
         else:
             lo = mid + 1
     return plan_at(lo)
 
 
-def keep_every_tensor(an: Analysis, plan: PruningPlan, scores: dict) -> PruningPlan:
+def keep_every_tensor(analysis: Analysis, plan: PruningPlan, scores: dict) -> PruningPlan:
     """No tensor may lose all its positions (a Split piece, a Concat operand): give back its best unit."""
-    removed = plan.roots(an)
+    removed = plan.roots(analysis)
     given_back: dict[int, int] = {}
     while removed:
-        emptied = an.emptied_tensors(removed)
+        emptied = analysis.emptied_tensors(removed)
         if not emptied:
             break
         best = max(emptied[0].tolist(), key=lambda u: scores[u])
         removed.discard(best)
-        gid = an.unit_group[best]
+        gid = analysis.unit_group[best]
         given_back[gid] = given_back.get(gid, 0) + 1
     out: dict[int, list[int]] = {}
-    for g in an.groups:
+    for g in analysis.groups:
         idx = [i for i, u in enumerate(g.units) if int(u) in removed]
         if idx:
             out[g.id] = idx

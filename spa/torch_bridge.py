@@ -242,15 +242,15 @@ def check_against_onnxruntime(module: TorchGraph, proto: onnx.ModelProto, input_
                               seeds=(0, 1)) -> float:
     """Max relative error of `module` against onnxruntime running `proto` on random inputs (integer inputs
     drawn within the tables they index)."""
-    from spa.passes import verify as V
+    from spa.passes import verify
     from spa.passes.normalize import analysis_input_shapes
 
     from .ir import Graph
     shapes, _ = analysis_input_shapes(Graph(proto), input_shapes or {})
     worst = 0.0
     for seed in seeds:
-        feeds = V.random_inputs(proto, shapes, seed)
-        ref = V.run(proto, feeds, "reference")
+        feeds = verify.random_inputs(proto, shapes, seed)
+        ref = verify.run(proto, feeds, "reference")
         got = _run_torch(module, (), {k: torch.from_numpy(v) for k, v in feeds.items()})
         worst = max(worst, rel_error(ref, _flat_outputs(got)))
     return worst
@@ -486,15 +486,15 @@ def _feeds(proto: onnx.ModelProto, args: tuple) -> dict:
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
 
 
-def _head_groups(an) -> set[int]:
+def _head_groups(analysis) -> set[int]:
     """Groups whose units span several output positions of one Gemm/MatMul weight (attention heads)."""
     out = set()
-    for s in an.ctx.sources:
+    for s in analysis.ctx.sources:
         if s.op_type in ("Gemm", "MatMul"):
-            roots = an.find(s.atoms)
+            roots = analysis.find(s.atoms)
             _, counts = np.unique(roots[roots >= 0], return_counts=True)
             if len(counts) and counts.max() > 1:
-                out.update(an.unit_group[int(r)] for r in np.unique(roots[roots >= 0]))
+                out.update(analysis.unit_group[int(r)] for r in np.unique(roots[roots >= 0]))
     return out
 
 
@@ -522,7 +522,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
 
     args = _as_args(example_inputs)
     model = load(onnx_model if not isinstance(onnx_model, (str, os.PathLike)) else str(onnx_model), input_shapes)
-    an = analyse(model)
+    analysis = analyse(model)
     if isinstance(plan, PruningPlan):
         chosen = plan
     else:
@@ -533,23 +533,23 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
                 data = json.loads(Path(plan).read_text())
             except (OSError, ValueError) as e:
                 raise SpaError(f"cannot read plan {plan}: {e}")
-        chosen = PruningPlan.from_json(data, an)
-    removed = chosen.roots(an)
-    tensors = tensor_section(an, removed)
+        chosen = PruningPlan.from_json(data, analysis)
+    removed = chosen.roots(analysis)
+    tensors = tensor_section(analysis, removed)
     target = module if inplace else copy.deepcopy(module)
 
     g = model.graph
     feeds = _feeds(g.model, args)
     calls, order, out_before = _trace(target, args)
     if check:
-        from spa.passes import verify as V
-        err = rel_error(V.run(g.to_model(), feeds, "reference"), _flat_outputs(out_before))
+        from spa.passes import verify
+        err = rel_error(verify.run(g.to_model(), feeds, "reference"), _flat_outputs(out_before))
         if not err <= rtol:
             raise SpaError(f"the module does not reproduce the ONNX model on the example inputs (max rel. error "
                            f"{err:.3g} > {rtol:g}): pass the ONNX file exported from this module and its inputs")
 
     matcher = _Matcher(target, order)
-    head_groups = _head_groups(an)
+    head_groups = _head_groups(analysis)
     weight_of: dict[int, _Tensor] = {}  # id(ONNX node) -> matched torch tensor of its weight
     pending = []
     for name, entry in tensors.items():
@@ -594,7 +594,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
                     for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
                         if t is not None:
                             matcher.tensors[id(t)].cut(0, keep, why)
-    _check_heads(target, matcher, an, head_groups)
+    _check_heads(target, matcher, analysis, head_groups)
 
     # cut, then bring the module attributes in line with the new shapes
     changed: dict[int, nn.Module] = {}
@@ -617,18 +617,18 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
     names = {id(m): n for n, m in target.named_modules(remove_duplicate=False)}
     for mod in changed.values():
         _update_attributes(mod, names.get(id(mod), ""), old_shapes)
-    _update_heads(target, changed, old_shapes, an, head_groups, matcher)
+    _update_heads(target, changed, old_shapes, analysis, head_groups, matcher)
 
     err = None
     if check:
-        from spa.passes import verify as V
-        Apply(an, removed).run(model)
+        from spa.passes import verify
+        Apply(analysis, removed).run(model)
         pruned = model.graph.to_model()
         try:
             got = _run_torch(target, args)
         except RuntimeError as ex:
             raise VerificationError(f"the pruned module does not run: {str(ex).splitlines()[0][:300]}")
-        err = rel_error(V.run(pruned, feeds), _flat_outputs(got))
+        err = rel_error(verify.run(pruned, feeds), _flat_outputs(got))
         if not err <= rtol:
             raise VerificationError(f"the pruned module differs from the pruned ONNX model: max rel. error {err:.3g} "
                                     f"> {rtol:g}")
@@ -638,7 +638,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
     return target
 
 
-def _check_heads(target, matcher, an, head_groups) -> None:
+def _check_heads(target, matcher, analysis, head_groups) -> None:
     """A projection whose output loses whole heads needs a head-count attribute on its owner module."""
     names = dict(target.named_modules(remove_duplicate=False))
     for e in matcher.tensors.values():
@@ -647,7 +647,7 @@ def _check_heads(target, matcher, an, head_groups) -> None:
             continue
         for mname, mod, attr in e.owners:
             if isinstance(mod, nn.MultiheadAttention):
-                g = an.groups[min(groups)]
+                g = analysis.groups[min(groups)]
                 raise SpaError(f"group {g.id} '{g.name}' removes attention heads of nn.MultiheadAttention "
                                f"'{mname}', whose embed_dim is also the width of its input and output; head pruning "
                                "is not supported there (exclude the group with --exclude)")
@@ -655,13 +655,13 @@ def _check_heads(target, matcher, an, head_groups) -> None:
                 continue
             parent = names.get(mname.rpartition(".")[0]) if "." in mname else target
             if parent is None or not any(isinstance(getattr(parent, a, None), int) for a in HEAD_ATTRS):
-                g = an.groups[min(groups)]
+                g = analysis.groups[min(groups)]
                 raise SpaError(f"group {g.id} '{g.name}' removes whole attention heads, but '{mname}''s owner "
                                f"module has no head-count attribute ({', '.join(HEAD_ATTRS)}) to update; exclude the "
                                "group with --exclude or use the ONNX route (spa-prune to-torch)")
 
 
-def _update_heads(target, changed, old_shapes, an, head_groups, matcher) -> None:
+def _update_heads(target, changed, old_shapes, analysis, head_groups, matcher) -> None:
     names = dict(target.named_modules(remove_duplicate=False))
     ratios: dict[int, tuple[nn.Module, set]] = {}
     for e in matcher.tensors.values():

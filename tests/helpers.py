@@ -231,15 +231,15 @@ def analyse(model):
     return m, driver.analyse(m)
 
 
-def group_table(an) -> list[tuple[int, int]]:
+def group_table(analysis) -> list[tuple[int, int]]:
     """[(size, frozen units)] per coupled group, in the analysis's order."""
-    return [(g.size, int(g.frozen.sum())) for g in an.groups]
+    return [(g.size, int(g.frozen.sum())) for g in analysis.groups]
 
 
-def group_of(an, source: str):
+def group_of(analysis, source: str):
     """The coupled group whose sources include the node `source`."""
-    hits = [g for g in an.groups if source in g.sources]
-    assert len(hits) == 1, f"{source}: {[(g.name, g.sources) for g in an.groups]}"
+    hits = [g for g in analysis.groups if source in g.sources]
+    assert len(hits) == 1, f"{source}: {[(g.name, g.sources) for g in analysis.groups]}"
     return hits[0]
 
 
@@ -367,14 +367,14 @@ def count_macs(model: onnx.ModelProto) -> int:
     return total
 
 
-def random_plan(an, rng: np.random.Generator):
+def random_plan(analysis, rng: np.random.Generator):
     """Random removals in every group (never a whole group, never a frozen unit), random unit scores for the
     give-backs, then keep_every_tensor: the random plans the zoo sweeps prune with."""
     from spa.select import PruningPlan, keep_every_tensor
     removed = {}
-    for g in an.groups:
+    for g in analysis.groups:
         free = [i for i in range(g.size) if not g.frozen[i]]
         k = min(len(free), g.size - 1, int(rng.integers(0, g.size)))
         if k > 0:
             removed[g.id] = sorted(rng.choice(free, size=k, replace=False).tolist())
-    return keep_every_tensor(an, PruningPlan(removed), {u: float(rng.random()) for u in an.unit_group})
+    return keep_every_tensor(analysis, PruningPlan(removed), {u: float(rng.random()) for u in analysis.unit_group})

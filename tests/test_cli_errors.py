@@ -235,8 +235,8 @@ def test_nothing_to_prune(tmp_path, capsys, build, fragment):
 
 
 def test_gemm_model_groups_are_frozen():
-    _, an = analyse(gemm_model())
-    assert [(g.size, int(g.frozen.sum())) for g in an.groups] == [(4, 4)]
+    _, analysis = analyse(gemm_model())
+    assert [(g.size, int(g.frozen.sum())) for g in analysis.groups] == [(4, 4)]
 
 
 # ---- plans --------------------------------------------------------------------------------------------------------
@@ -252,8 +252,8 @@ def concat_net() -> onnx.ModelProto:
 def test_plan_that_empties_a_tensor_is_rejected(tmp_path, capsys, removed):
     p = tmp_path / "in.onnx"
     onnx.save(concat_net(), str(p))
-    _, an = analyse(concat_net())
-    g = an.groups[0]
+    _, analysis = analyse(concat_net())
+    g = analysis.groups[0]
     assert g.sources == ["ca", "cb"]
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"format": "spa-prune-plan/1", "groups": [

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.passes import verify as V
+from spa.passes import verify
 from spa import driver
 
 
@@ -38,8 +38,8 @@ def bn_chain(beta0: float = 0.7):
 
 
 def plan_removing_channel0(model, tmp_path):
-    an = driver.analyse(driver.load(model))
-    group = next(g for g in an.groups if "c1" in g.sources)
+    analysis = driver.analyse(driver.load(model))
+    group = next(g for g in analysis.groups if "c1" in g.sources)
     plan = {"format": "spa-prune-plan/1",
             "groups": [{"id": group.id, "name": group.name, "units": group.size, "removed": [0]}]}
     path = tmp_path / "plan.json"
@@ -57,9 +57,9 @@ def test_fold_constants_restores_a_constant_channel_exactly(tmp_path):
     assert plain["compensation"] is None
     assert comp["fidelity_before"]["y"]["rel_l2"] > 1e-3  # the constant mattered
     assert comp["fidelity_after"]["y"]["rel_l2"] < 1e-6   # and folding it restores the original
-    feeds = V.random_inputs(m, {"x": (1, 3, 8, 8)}, seed=7)
-    a = V.run(m, feeds)[0]
-    b = V.run(res.model.graph.to_model(), feeds)[0]
+    feeds = verify.random_inputs(m, {"x": (1, 3, 8, 8)}, seed=7)
+    a = verify.run(m, feeds)[0]
+    b = verify.run(res.model.graph.to_model(), feeds)[0]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 

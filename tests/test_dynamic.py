@@ -69,8 +69,8 @@ def test_chunked_qkv_heads_prune_with_dynamic_batch(dynamo, tmp_path):
     axes = None if dynamo else {"x": {0: "b"}, "y": {0: "b"}}
     torch.onnx.export(ChunkAttention().eval(), (torch.randn(1, 6, 32),), str(path), dynamo=dynamo,
                       opset_version=18 if dynamo else 17, input_names=["x"], output_names=["y"], dynamic_axes=axes)
-    an = driver.analyse(driver.load(str(path)))
-    sizes = sorted(g.size for g in an.groups if g.prunable)
+    analysis = driver.analyse(driver.load(str(path)))
+    sizes = sorted(g.size for g in analysis.groups if g.prunable)
     assert sizes == [4, 32]  # 4 heads (q, k, v of a head in one unit), 32 MLP channels
     rep = driver.prune(str(path), None, ratio=0.5).report
     assert rep["groups"]["pruned"] == 2 and rep["verification"]["status"] == "passed"

@@ -32,10 +32,10 @@ def mlp(bn: bool = False):
 
 
 def group_scores(model, importance, aggregation="sum", normalization="none"):
-    an = driver.analyse(driver.load(model))
-    g = max(an.groups, key=lambda g: g.prunable)
+    analysis = driver.analyse(driver.load(model))
+    g = max(analysis.groups, key=lambda g: g.prunable)
     assert g.size == 3
-    s = score(an, importance, aggregation, normalization)
+    s = score(analysis, importance, aggregation, normalization)
     return np.array([s[int(u)] for u in g.units])
 
 
@@ -92,12 +92,12 @@ def test_random_is_seeded():
 
 
 def test_unknown_names_are_one_line_errors():
-    an = driver.analyse(driver.load(mlp()))
+    analysis = driver.analyse(driver.load(mlp()))
     for kw, what in [({"importance": "nope"}, "importance"), ({"aggregation": "nope"}, "aggregation"),
                      ({"normalization": "nope"}, "normalization")]:
         args = {"importance": "l1", "aggregation": "sum", "normalization": "mean", **kw}
         with pytest.raises(SpaError, match=f"unknown {what}"):
-            score(an, **args)
+            score(analysis, **args)
 
 
 def test_every_criterion_is_documented():
@@ -129,9 +129,9 @@ def test_gradient_criteria_match_a_direct_torch_computation(criterion):
     x = rng.standard_normal((32, 2)).astype(np.float32)
     labels = rng.integers(0, 2, 32)
     grads, hgs = _torch_reference(x, labels)
-    an = driver.analyse(driver.load(mlp()))
-    g = max(an.groups, key=lambda g: g.prunable)
-    s = score(an, criterion, "sum", "none", ScoreInputs(an, calib=Calib({"x": x}, labels, "test"), loss="ce"))
+    analysis = driver.analyse(driver.load(mlp()))
+    g = max(analysis.groups, key=lambda g: g.prunable)
+    s = score(analysis, criterion, "sum", "none", ScoreInputs(analysis, calib=Calib({"x": x}, labels, "test"), loss="ce"))
     got = np.array([s[int(u)] for u in g.units])
     other = hgs if criterion in ("grasp", "crop") else grads
     prods = [w.astype(np.float64) * d for w, d in zip((W1, B1, W2), other)]
@@ -149,9 +149,9 @@ def test_label_free_losses_and_a_missing_label_error():
     from spa.importance import ScoreInputs
 
     x = np.random.default_rng(0).standard_normal((16, 2)).astype(np.float32)
-    an = driver.analyse(driver.load(mlp()))
+    analysis = driver.analyse(driver.load(mlp()))
     for loss in ("pseudo", "fisher", "auto"):
-        s = score(an, "taylor", "sum", "none", ScoreInputs(an, calib=Calib({"x": x}, None, "t"), loss=loss))
+        s = score(analysis, "taylor", "sum", "none", ScoreInputs(analysis, calib=Calib({"x": x}, None, "t"), loss=loss))
         assert all(np.isfinite(list(s.values()))) and max(s.values()) > 0
     with pytest.raises(SpaError, match="needs labels"):
-        score(an, "taylor", inputs=ScoreInputs(an, calib=Calib({"x": x}, None, "t"), loss="ce"))
+        score(analysis, "taylor", inputs=ScoreInputs(analysis, calib=Calib({"x": x}, None, "t"), loss="ce"))

@@ -109,10 +109,10 @@ def test_quantized_weights_explain_why_nothing_is_prunable():
     nodes = [dq, *g.node]
     del g.node[:]
     g.node.extend(nodes)
-    an = driver.analyse(driver.load(m))
-    c1 = [g for g in an.groups if "c1" in g.sources]
+    analysis = driver.analyse(driver.load(m))
+    c1 = [g for g in analysis.groups if "c1" in g.sources]
     assert c1 == []  # a run-time (dequantized) weight is not a prunable source
-    c2 = next(g for g in an.groups if "c2" in g.sources)
+    c2 = next(g for g in analysis.groups if "c2" in g.sources)
     assert c2.frozen.all()  # c2's outputs are the graph output
 
 

@@ -9,12 +9,12 @@ from helpers import Builder
 torch = pytest.importorskip("torch")
 
 from spa import driver
-from spa import obspa as O
+from spa import obspa
 from spa.calib import Calib
 
 
 def _gram(xp, xo):
-    g = O.Gram()
+    g = obspa.Gram()
     g.add(torch.from_numpy(xp).float(), torch.from_numpy(xo).float())
     return g
 
@@ -26,7 +26,7 @@ def test_refit_is_the_obs_update_and_the_closed_form_least_squares():
     w = rng.standard_normal((o, d))
     keep = np.array([True, False, True, True, False, True])
     damp = 1e-3
-    new, lam = O.refit(w, w[:, keep], _gram(x[:, keep], x), damp)
+    new, lam = obspa.refit(w, w[:, keep], _gram(x[:, keep], x), damp)
     # OBS: W_K - W_Q ([H^-1]_QQ)^-1 [H^-1]_QK with the same dampened H
     h = x.astype(np.float32).astype(np.float64)
     h = h.T @ h / n
@@ -37,7 +37,7 @@ def test_refit_is_the_obs_update_and_the_closed_form_least_squares():
     np.testing.assert_allclose(new, obs, rtol=1e-4, atol=1e-6)
     # without dampening: ordinary least squares  min ||X_K W'^T - X W^T||
     ls = np.linalg.lstsq(x[:, keep], x @ w.T, rcond=None)[0].T
-    plain, _ = O.refit(w, w[:, keep], _gram(x[:, keep], x), 1e-9)
+    plain, _ = obspa.refit(w, w[:, keep], _gram(x[:, keep], x), 1e-9)
     np.testing.assert_allclose(plain, ls, rtol=1e-3, atol=1e-5)
 
 
@@ -49,7 +49,7 @@ def test_obs_saliency_is_the_output_error_left_after_the_best_compensation():
     h = x.T @ x / n
     hinv = np.linalg.inv(h)
     for q in ([1], [0, 3]):
-        sal = O.obs_saliency(w, hinv, [np.array(q)])[0]
+        sal = obspa.obs_saliency(w, hinv, [np.array(q)])[0]
         keep = np.setdiff1d(np.arange(d), q)
         best = np.linalg.lstsq(x[:, keep], x @ w.T, rcond=None)[0].T
         err = np.square(x[:, keep] @ best.T - x @ w.T).sum() / n
@@ -63,10 +63,10 @@ def test_conv_patches_match_unfold(stride, pad, dil):
     b.output(b.op("Conv", [x, b.weight("w", (4, 3, 3, 3))], name="c", strides=[stride, stride],
                   pads=[pad] * 4, dilations=[dil, dil], kernel_shape=[3, 3]))
     m = driver.load(b.model())
-    view = O.layer_view(m.graph, m.graph.model.graph.node[0])
+    view = obspa.layer_view(m.graph, m.graph.model.graph.node[0])
     xt = torch.randn(2, 3, 9, 7)
-    total = O.output_positions(view, xt)
-    rows = O.sample_rows(view, xt, torch.arange(total))
+    total = obspa.output_positions(view, xt)
+    rows = obspa.sample_rows(view, xt, torch.arange(total))
     ref = torch.nn.functional.unfold(xt, 3, dilation=dil, padding=pad, stride=stride)  # (N, C*9, L)
     torch.testing.assert_close(rows, ref.permute(0, 2, 1).reshape(total, -1))
     w = torch.from_numpy(np.array(m.graph.const("w")))
@@ -81,9 +81,9 @@ def test_conv1d_patches_match_conv1d():
     b.output(b.conv("c", x, 3, 4, k=3, dims=1, stride=2))
     m = driver.load(b.model())
     node = m.graph.model.graph.node[0]
-    view = O.layer_view(m.graph, node)
+    view = obspa.layer_view(m.graph, node)
     xt = torch.randn(2, 3, 11)
-    rows = O.sample_rows(view, xt, torch.arange(O.output_positions(view, xt)))
+    rows = obspa.sample_rows(view, xt, torch.arange(obspa.output_positions(view, xt)))
     w, bias = (torch.from_numpy(np.array(m.graph.const(node.input[i]))) for i in (1, 2))
     y = torch.nn.functional.conv1d(xt, w, bias, stride=2, padding=1)
     torch.testing.assert_close(rows @ w.reshape(4, -1).T + bias, y.permute(0, 2, 1).reshape(-1, 4),
@@ -174,8 +174,8 @@ def duplicated_channels():
 
 def test_similarity_compensation_merges_scaled_duplicates_exactly():
     model = duplicated_channels()
-    an = driver.analyse(driver.load(model))
-    g = max(an.groups, key=lambda g: g.size)
+    analysis = driver.analyse(driver.load(model))
+    g = max(analysis.groups, key=lambda g: g.size)
     plan = {"format": "spa-prune-plan/1", "groups": [{"id": g.id, "name": g.name, "units": g.size,
                                                       "removed": list(range(8, 16))}]}
     import json

@@ -31,12 +31,12 @@ from spa import driver
 from spa.errors import SpaError
 
 
-def assert_groups(an, expected: dict):
+def assert_groups(analysis, expected: dict):
     """expected: {a source node of the group: (size, frozen units, substring of the freeze reasons or None)}."""
-    assert len(an.groups) == len(expected), [(g.sources, g.size, int(g.frozen.sum())) for g in an.groups]
+    assert len(analysis.groups) == len(expected), [(g.sources, g.size, int(g.frozen.sum())) for g in analysis.groups]
     seen = set()
     for src, (size, frozen, why) in expected.items():
-        g = group_of(an, src)
+        g = group_of(analysis, src)
         assert g.id not in seen, f"{src} shares a group with another expected source"
         seen.add(g.id)
         assert g.size == size, (src, g.size)
@@ -68,8 +68,8 @@ def test_conv_chain():
     y = b.relu(b.conv("c1", x, 3, 8))
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c1", 2): (4,), ("c2", 1): (4, 4, 3, 3), ("c2", 2): (4,)})
     assert res.report["groups"] == {"total": 2, "pruned": 1, "frozen": 1, "partially_frozen": 0}
@@ -85,9 +85,9 @@ def test_conv_depthwise():
     y = b.relu(b.conv("dw", y, 8, 8, group=8))
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
-    assert group_of(an, "c1").sources == ["c1", "dw"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    assert group_of(analysis, "c1").sources == ["c1", "dw"]
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("dw", 1): (4, 1, 3, 3), ("dw", 2): (4,),
                                ("c2", 1): (4, 4, 3, 3)})
@@ -102,10 +102,10 @@ def test_conv_grouped_removes_whole_groups(cout):
     y = b.relu(b.conv("gc", y, 8, cout, group=4))
     b.output(b.conv("c2", y, cout, 4))
     m = b.model()
-    _, an = analyse(m)
+    _, analysis = analyse(m)
     # one unit per conv group: 2 input + cout/4 output channels
-    assert_groups(an, {"c1": (4, 0, None), "c2": (4, 4, OUT)})
-    assert group_of(an, "c1").sources == ["c1", "gc"]
+    assert_groups(analysis, {"c1": (4, 0, None), "c2": (4, 4, OUT)})
+    assert group_of(analysis, "c1").sources == ["c1", "gc"]
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("gc", 1): (cout // 2, 2, 3, 3), ("gc", 2): (cout // 2,),
                                ("c2", 1): (4, cout // 2, 3, 3)})
@@ -120,8 +120,8 @@ def test_conv_depthwise_channel_multiplier():
     y = b.relu(b.conv("dw", y, 4, 8, group=4))
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (4, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (4, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (2, 3, 3, 3), ("dw", 1): (4, 1, 3, 3), ("dw", 2): (4,),
                                ("c2", 1): (4, 4, 3, 3)})
@@ -133,8 +133,8 @@ def test_conv_grouped_on_graph_input_frozen():
     x = b.input("x", [1, 4, 8, 8])
     y = b.relu(b.conv("gc", x, 4, 8, group=2))
     b.output(b.conv("c2", y, 8, 4))
-    _, an = analyse(b.model())
-    assert_groups(an, {"gc": (8, 8, "Conv 'gc': grouped conv"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(b.model())
+    assert_groups(analysis, {"gc": (8, 8, "Conv 'gc': grouped conv"), "c2": (4, 4, OUT)})
 
 
 def test_conv_grouped_dead_groups_match_original():
@@ -158,8 +158,8 @@ def test_conv1d():
     y = b.relu(b.conv("c1", x, 3, 8, dims=1))
     b.output(b.conv("c2", y, 8, 4, dims=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3), ("c1", 2): (4,), ("c2", 1): (4, 4, 3)})
 
@@ -170,8 +170,8 @@ def test_conv3d():
     y = b.relu(b.conv("c1", x, 2, 6, dims=3))
     b.output(b.conv("c2", y, 6, 4, dims=3))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (6, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (6, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (3, 2, 3, 3, 3), ("c1", 2): (3,), ("c2", 1): (4, 3, 3, 3, 3)})
 
@@ -183,8 +183,8 @@ def test_conv_transpose():
     y = b.relu(b.conv_t("up", y, 8, 6))
     b.output(b.conv("c2", y, 6, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "up": (6, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "up": (6, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     # ConvTranspose weight is (C_in, C_out/group, k, k): input channels axis 0, output channels axis 1
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("up", 1): (4, 3, 2, 2), ("up", 2): (3,),
@@ -198,8 +198,8 @@ def test_conv_transpose_grouped():
     y = b.relu(b.conv_t("up", y, 8, 8, group=4))
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (4, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (4, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("up", 1): (4, 2, 2, 2), ("up", 2): (4,),
                                ("c2", 1): (4, 4, 3, 3)})
@@ -227,8 +227,8 @@ def test_batchnorm():
     y = b.relu(b.bn("bn", b.conv("c1", x, 3, 8), 8))
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("bn", 1): (4,), ("bn", 2): (4,), ("bn", 3): (4,),
                                ("bn", 4): (4,), ("c2", 1): (4, 4, 3, 3)})
@@ -242,8 +242,8 @@ def test_instancenorm():
                                        b.weight("in.bias", (8,), 0.1)], name="in", epsilon=1e-5)
     b.output(b.conv("c2", b.relu(y), 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("in", 1): (4,), ("in", 2): (4,), ("c2", 1): (4, 4, 3, 3)})
 
@@ -264,8 +264,8 @@ def test_layernorm_over_channels_frozen():
                                            b.weight("ln.bias", (8, 8, 8), 0.1)], name="ln", axis=1), 8
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "LayerNormalization 'ln'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "LayerNormalization 'ln'"), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3), ("ln", 1): (8, 8, 8),
                                ("c2", 1): (4, 8, 3, 3)})
@@ -282,8 +282,8 @@ def test_layernorm_over_channel_last_axis_frozen():
     y = b.op("Transpose", [y], perm=[0, 3, 1, 2])
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "LayerNormalization 'ln'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "LayerNormalization 'ln'"), "c2": (4, 4, OUT)})
     prune_and_check(m, 0.5)
 
 
@@ -295,8 +295,8 @@ def test_layernorm_over_other_axis():
              name="ln", axis=-1)
     b.output(b.conv("c2", b.relu(y), 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("ln", 1): (5,), ("ln", 2): (5,), ("c2", 1): (4, 4, 3, 3)})
 
@@ -307,8 +307,8 @@ def test_groupnorm_frozen():
                                            b.weight("gn.bias", (8,), 0.1)], name="gn", num_groups=2), 8
 
     m = frozen_middle(mid, opset=21)  # opset-18 GroupNormalization is deprecated (onnx.checker rejects it)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "GroupNormalization 'gn'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "GroupNormalization 'gn'"), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3), ("gn", 1): (8,)})
 
@@ -334,8 +334,8 @@ def test_unary(op):
     y = _unary(b, b.conv("c1", x, 3, 8), op)
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
 
@@ -346,8 +346,8 @@ def test_prelu_per_channel_slope():
     y = b.op("PRelu", [b.conv("c1", x, 3, 8), b.weight("slope", (8, 1, 1), 0.2)], name="prelu")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("prelu", 1): (4, 1, 1), ("c2", 1): (4, 4, 3, 3)})
 
@@ -360,9 +360,9 @@ def test_residual_add_couples_two_convs():
     y = b.relu(b.op("Add", [a, r], name="add"))
     b.output(b.conv("c3", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c3": (4, 4, OUT)})
-    assert group_of(an, "c1").sources == ["c1", "c2"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c3": (4, 4, OUT)})
+    assert group_of(analysis, "c1").sources == ["c1", "c2"]
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3), ("bn", 1): (4,),
                                ("c3", 1): (4, 4, 3, 3)})
@@ -393,9 +393,9 @@ def test_se_gate():
     y = b.op("Mul", [s, g], name="gate")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "se1": (2, 0, None), "c2": (4, 4, OUT)})
-    assert group_of(an, "c1").sources == ["c1", "se2"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "se1": (2, 0, None), "c2": (4, 4, OUT)})
+    assert group_of(analysis, "c1").sources == ["c1", "se2"]
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("se1", 1): (1, 4, 1, 1), ("se1", 2): (1,),
                                ("se2", 1): (4, 1, 1, 1), ("se2", 2): (4,), ("c2", 1): (4, 4, 3, 3)})
@@ -409,8 +409,8 @@ def test_per_channel_constant_mul_add():
     y = b.op("Sub", [b.const("zero", np.zeros((1, 1, 1), np.float32)), y], name="sub")  # broadcast scalar-like
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("mul", 1): (1, 4, 1, 1), ("add", 1): (4, 1, 1), ("sub", 0): (1, 1, 1),
                                ("c2", 1): (4, 4, 3, 3)})
@@ -425,8 +425,8 @@ def test_broadcast_const_first_operand_div_where():
     y = b.op("Where", [cond, y, b.weight("alt", (1, 8, 1, 1))], name="where")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     dead = [0, 1, 5, 6]
     # d (a divisor) stays non-zero; the dead units still score lowest
     m = zeroed(m, {"c1.weight": (0, dead), "c1.bias": (0, dead), "k": (0, dead), "alt": (1, dead),
@@ -448,8 +448,8 @@ def test_shared_per_channel_constant_cut_per_use():
     d1, d2 = [0, 1, 2, 3], [4, 5, 6, 7]
     m = zeroed(b.model(), {"c1.weight": (0, d1), "c1.bias": (0, d1), "o1.weight": (1, d1),
                            "c2.weight": (0, d2), "c2.bias": (0, d2), "o2.weight": (1, d2)})
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (8, 0, None), "o1": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (8, 0, None), "o1": (4, 4, OUT)})
     res = prune_and_check(m, 0.5, equal_original=True)
     scale = param_value(m, "m1", 1).reshape(-1)
     np.testing.assert_array_equal(param_value(res.pruned, "m1", 1).reshape(-1), scale[4:])
@@ -464,9 +464,9 @@ def test_add_runtime_unlabelled_tensor_frozen():
     y = b.op("Add", [b.conv("c1", y, 6, 8), z], name="add_z")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Add 'add_z'"), "c2": (4, 4, OUT)})
-    assert "'z'" in reasons_text(group_of(an, "c1"))
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Add 'add_z'"), "c2": (4, 4, OUT)})
+    assert "'z'" in reasons_text(group_of(analysis, "c1"))
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3), ("c2", 1): (4, 8, 3, 3)})
 
@@ -484,8 +484,8 @@ def test_pooling(op, attrs, hw):
     y = b.op(op, [b.relu(b.conv("c1", x, 3, 8))], name="pool", **attrs)
     b.output(b.conv("c2", y, 8, 4, k=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 1, 1)})
     assert res.report["macs"]["after"] == 4 * 3 * 9 * 64 + 4 * 4 * hw * hw
@@ -506,16 +506,16 @@ def maxpool_indices_model(consumed: bool):
 
 def test_maxpool_with_used_indices_frozen():
     m = maxpool_indices_model(consumed=True)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "MaxPool 'mp'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "MaxPool 'mp'"), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3)})
 
 
 def test_maxpool_indices_graph_output_frozen():
     m = maxpool_indices_model(consumed=False)
-    _, an = analyse(m)
-    assert int(group_of(an, "c1").frozen.sum()) == 8
+    _, analysis = analyse(m)
+    assert int(group_of(analysis, "c1").frozen.sum()) == 8
     prune_and_check(m, 0.5)
 
 
@@ -531,8 +531,8 @@ def test_reduce_mean_spatial(keepdims):
         b.output(b.gemm("c2", y, 8, 4, trans_b=1))
         wshape = (4, 4)
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): wshape})
 
@@ -543,8 +543,8 @@ def test_reduce_mean_opset18_axes_input():
     y = b.op("ReduceMean", [b.relu(b.conv("c1", x, 3, 8)), b.i64("axes", [-1, -2])], name="rm", keepdims=0)
     b.output(b.gemm("c2", y, 8, 4, trans_b=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4)})
 
@@ -557,8 +557,8 @@ def test_reduce_over_channels_frozen(op):
         return b.op(op, [y], name="red", axes=[1], keepdims=1), 1
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, f"{op} 'red'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, f"{op} 'red'"), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3)})
 
@@ -568,8 +568,8 @@ def test_softmax_over_channels_frozen():
         return b.op("Softmax", [y], name="sm", axis=1), 8
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Softmax 'sm'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Softmax 'sm'"), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3), ("c2", 1): (4, 8, 3, 3)})
 
@@ -581,8 +581,8 @@ def test_softmax_over_other_axis(axis):
     y = b.op("Softmax", [b.conv("c1", x, 3, 8)], name="sm", axis=axis)
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
 
@@ -594,8 +594,8 @@ def test_resize_scales():
     y = b.op("Resize", [b.relu(b.conv("c1", x, 3, 8)), "", scales], name="up", mode="nearest")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
     np.testing.assert_array_equal(param_value(res.pruned, "up", 2), [1, 1, 2, 2])
@@ -608,8 +608,8 @@ def test_resize_sizes_rewritten():
     y = b.op("Resize", [b.relu(b.conv("c1", x, 3, 8)), "", "", sizes], name="up", mode="linear")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
     np.testing.assert_array_equal(param_value(res.pruned, "up", 3), [1, 4, 16, 16])
@@ -621,8 +621,8 @@ def test_resize_scaling_channels_frozen():
         return b.op("Resize", [y, "", s], name="up", mode="nearest"), 16
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Resize 'up'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Resize 'up'"), "c2": (4, 4, OUT)})
 
 
 def test_pad_spatial():
@@ -632,8 +632,8 @@ def test_pad_spatial():
     y = b.op("Pad", [b.relu(b.conv("c1", x, 3, 8)), pads], name="pad", mode="reflect")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
 
@@ -643,8 +643,8 @@ def test_pad_channel_axis_frozen():
         return b.op("Pad", [y, b.i64("pads", [0, 1, 0, 0, 0, 1, 0, 0])], name="pad"), 10
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Pad 'pad'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Pad 'pad'"), "c2": (4, 4, OUT)})
 
 
 def test_identity_dropout_cast():
@@ -655,8 +655,8 @@ def test_identity_dropout_cast():
     y = b.op("Cast", [y], to=TensorProto.FLOAT)
     b.output(b.conv("c2", b.relu(y), 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
 
@@ -674,9 +674,9 @@ def concat_model():
 
 def test_concat_channel_axis_one_group():
     m = concat_model()
-    _, an = analyse(m)
-    assert_groups(an, {"ca": (10, 0, None), "c3": (4, 4, OUT)})
-    assert group_of(an, "ca").sources == ["ca", "cb"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"ca": (10, 0, None), "c3": (4, 4, OUT)})
+    assert group_of(analysis, "ca").sources == ["ca", "cb"]
     res = prune_and_check(m, 0.5)
     kept_a, kept_b = param_shapes(res.pruned)[("ca", 1)][0], param_shapes(res.pruned)[("cb", 1)][0]
     assert kept_a + kept_b == 5 and kept_a >= 1 and kept_b >= 1
@@ -701,8 +701,8 @@ def test_concat_with_graph_input():
     y = b.op("Concat", [x, a], name="cat", axis=1)
     b.output(b.conv("c2", y, 11, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     dead = [0, 2, 3, 7]
     m = zeroed(m, {"c1.weight": (0, dead), "c1.bias": (0, dead), "c2.weight": (1, [3 + i for i in dead])})
     res = prune_and_check(m, 0.5, equal_original=True)
@@ -718,8 +718,8 @@ def test_concat_on_spatial_axis_unifies():
     y = b.op("Concat", [a, c], name="cat", axis=2)
     b.output(b.conv("c3", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"ca": (8, 0, None), "c3": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"ca": (8, 0, None), "c3": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("ca", 1): (4, 3, 3, 3), ("cb", 1): (4, 3, 3, 3), ("c3", 1): (4, 4, 3, 3)})
 
@@ -742,9 +742,9 @@ def split_model(opset=17):
 @pytest.mark.parametrize("opset", [17, 18])
 def test_split_sizes_rewritten(opset):
     m, na = split_model(opset)
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "ca": (4, 4, OUT)})
-    assert group_of(an, "ca").sources == ["ca", "cb"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "ca": (4, 4, OUT)})
+    assert group_of(analysis, "ca").sources == ["ca", "cb"]
     dead = [0, 4, 5, 7]  # one from the first piece (3 with opset 17 / 4 with 18), the rest from the second
     m = zeroed(m, {"c1.weight": (0, dead), "c1.bias": (0, dead), "ca.weight": (1, [d for d in dead if d < na]),
                    "cb.weight": (1, [d - na for d in dead if d >= na])})
@@ -801,8 +801,8 @@ def test_slice_channel_axis_bounds_rewritten():
     y = b.op("Slice", [y, b.i64("starts", [2]), b.i64("ends", [7]), b.i64("axes", [1])], name="sl")
     b.output(b.conv("c2", y, 5, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     dead = [0, 3, 5, 7]
     m = zeroed(m, {"c1.weight": (0, dead), "c1.bias": (0, dead), "c2.weight": (1, [1, 3])})
     res = prune_and_check(m, 0.5, equal_original=True)
@@ -817,8 +817,8 @@ def test_slice_strided_channel_axis_frozen():
                               b.i64("steps", [2])], name="sl"), 4
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Slice 'sl'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Slice 'sl'"), "c2": (4, 4, OUT)})
 
 
 def test_slice_negative_start_and_open_end():
@@ -844,8 +844,8 @@ def test_gather_channel_indices_remapped():
     y = b.op("Gather", [y, b.i64("idx", [6, 0, 3, 3, 5])], name="ga", axis=1)
     b.output(b.conv("c2", y, 5, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     dead = [0, 2, 5, 7]
     m = zeroed(m, {"c1.weight": (0, dead), "c1.bias": (0, dead), "c2.weight": (1, [1, 4])})
     res = prune_and_check(m, 0.5, equal_original=True)
@@ -875,8 +875,8 @@ def test_gather_scalar_channel_frozen():
     y = b.op("Gather", [b.conv("c1", y, 6, 8), b.const("i", np.array(2, np.int64))], name="ga", axis=1)
     b.output(b.op("Relu", [y]))
     m = b.model()
-    _, an = analyse(m)
-    g = group_of(an, "c1")
+    _, analysis = analyse(m)
+    g = group_of(analysis, "c1")
     assert g.size == 8 and int(g.frozen.sum()) >= 1 and "Gather 'ga'" in reasons_text(g)
 
 
@@ -906,8 +906,8 @@ def dead_head(m, bias_node="fc1"):
 
 def test_flatten_gemm_blocks():
     m = head_model("flatten")
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (6, 0, None), "fc1": (5, 0, None), "fc2": (3, 3, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (6, 0, None), "fc1": (5, 0, None), "fc2": (3, 3, OUT)})
     res = prune_and_check(dead_head(m), 0.5, equal_original=True)
     assert_shapes(res.pruned, {("c1", 1): (3, 3, 3, 3), ("fc1", 1): (12, 2), ("fc1", 2): (2,), ("fc2", 1): (2, 3)})
     rows = [4 * c + i for c in (0, 3, 5) for i in range(4)]
@@ -925,8 +925,8 @@ def test_flatten_of_one_channel(pool):
     y = b.op("Flatten", [y], name="flat", axis=1)
     b.output(b.gemm("fc", y, 1 if pool else 16, 3))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (1, 1, "single-channel axis"), "fc": (3, 3, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (1, 1, "single-channel axis"), "fc": (3, 3, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (1, 3, 3, 3)})
 
@@ -934,8 +934,8 @@ def test_flatten_of_one_channel(pool):
 @pytest.mark.parametrize("target,new", [([1, 24], [1, 12]), ([1, -1], [1, -1]), ([0, -1], [0, -1])])
 def test_reshape_matmul_blocks(target, new):
     m = head_model("reshape", target)
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (6, 0, None), "fc1": (5, 0, None), "fc2": (3, 3, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (6, 0, None), "fc1": (5, 0, None), "fc2": (3, 3, OUT)})
     res = prune_and_check(dead_head(m), 0.5, equal_original=True)
     assert_shapes(res.pruned, {("c1", 1): (3, 3, 3, 3), ("fc1", 1): (12, 2), ("fc1_bias", 1): (2,),
                                ("fc2", 1): (2, 3), ("fc2_bias", 1): (3,)})
@@ -949,8 +949,8 @@ def test_transpose_to_channels_last_and_back():
     y = b.op("Transpose", [b.relu(b.matmul("mm", y, 8, 5))], perm=[0, 3, 1, 2])
     b.output(b.conv("c2", y, 5, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "mm": (5, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "mm": (5, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("mm", 1): (4, 2), ("c2", 1): (4, 2, 3, 3)})
 
@@ -964,8 +964,8 @@ def test_squeeze_unsqueeze():
     y = b.op("Unsqueeze", [y, b.i64("unsq_axes", [2, 3])], name="unsq")
     b.output(b.conv("c2", y, 6, 4, k=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "fc": (6, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "fc": (6, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("fc", 1): (3, 4), ("fc", 2): (3,), ("c2", 1): (4, 3, 1, 1)})
 
@@ -977,8 +977,8 @@ def test_squeeze_channel_axis_frozen():
     y = b.op("Squeeze", [b.conv("c1", y, 6, 1), b.i64("axes", [1])], name="sq")
     b.output(b.op("Unsqueeze", [y, b.i64("axes1", [1])]))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (1, 1, "Squeeze 'sq'")})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (1, 1, "Squeeze 'sq'")})
 
 
 @pytest.mark.parametrize("target,new", [([1, 8, 8, 8], [1, 4, 8, 8]), ([1, 1, 8, 8], [1, 1, 8, 8])])
@@ -990,8 +990,8 @@ def test_expand(target, new):
     y = b.op("Mul", [s, g])
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
     assert list(param_value(res.pruned, "ex", 1)) == new
@@ -1003,8 +1003,8 @@ def test_tile_spatial():
     y = b.op("Tile", [b.relu(b.conv("c1", x, 3, 8)), b.i64("reps", [1, 1, 2, 2])], name="tile")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3), ("tile", 1): (4,)})
 
@@ -1014,8 +1014,8 @@ def test_tile_channel_axis_frozen():
         return b.op("Tile", [y, b.i64("reps", [1, 2, 1, 1])], name="tile"), 16
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Tile 'tile'"), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Tile 'tile'"), "c2": (4, 4, OUT)})
 
 
 def shared_runtime_shape_model():
@@ -1036,8 +1036,8 @@ def shared_runtime_shape_model():
 
 def test_shared_runtime_reshape_shape_same_width():
     m = shared_runtime_shape_model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (32, 0, None), "wa": (5, 5, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (32, 0, None), "wa": (5, 5, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (16, 3, 3, 3), ("wa", 1): (64, 5),
                                ("wc", 1): (64, 5)})
@@ -1085,9 +1085,9 @@ def test_runtime_batch_flatten_prunes(style):
     batch is read at run time, and the Reshape target's C*H*W (behind an int32 Concat and a Cast for tf2onnx) is
     rewritten."""
     m = runtime_flatten_model(style)
-    model, an = analyse(m)
+    model, analysis = analyse(m)
     assert model.normalize_report["shape_reads_split"] == 1
-    assert_groups(an, {"c1": (8, 0, None), "fc": (5, 5, OUT)})
+    assert_groups(analysis, {"c1": (8, 0, None), "fc": (5, 5, OUT)})
     res = prune_and_check(m, 0.5)  # verification also runs batch 2
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("fc", 1): (64, 5)})
     target = [n for n in res.pruned.graph.node if n.op_type == "Concat" and n.name != "shape_split"]
@@ -1098,15 +1098,15 @@ def test_runtime_batch_flatten_prunes(style):
 
 def test_runtime_channel_read_still_freezes():
     """The split keeps a channel count read at run time visible: a target taking C from the shape freezes."""
-    _, an = analyse(runtime_flatten_model("channel"))
-    assert_groups(an, {"c1": (8, 8, "computed at run time"), "fc": (5, 5, OUT)})
+    _, analysis = analyse(runtime_flatten_model("channel"))
+    assert_groups(analysis, {"c1": (8, 8, "computed at run time"), "fc": (5, 5, OUT)})
 
 
 def test_runtime_batch_flatten_before_opset_15_freezes():
     """Shape has no start/end before opset 15: the whole-shape read of the channel axis freezes, with the reason."""
-    model, an = analyse(runtime_flatten_model("paddle", opset=14))
+    model, analysis = analyse(runtime_flatten_model("paddle", opset=14))
     assert model.normalize_report["shape_reads_split"] == 0
-    assert_groups(an, {"c1": (8, 8, "Shape 'shape'"), "fc": (5, 5, OUT)})
+    assert_groups(analysis, {"c1": (8, 8, "Shape 'shape'"), "fc": (5, 5, OUT)})
 
 
 # ---- Gemm / MatMul --------------------------------------------------------------------------------------------------
@@ -1116,8 +1116,8 @@ def test_gemm_trans_b():
     y = b.relu(b.gemm("g1", x, 16, 8, trans_b=1))
     b.output(b.gemm("g2", y, 8, 4, trans_b=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"g1": (8, 0, None), "g2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"g1": (8, 0, None), "g2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("g1", 1): (4, 16), ("g1", 2): (4,), ("g2", 1): (4, 4), ("g2", 2): (4,)})
     assert res.report["macs"]["before"] == 2 * 8 * 16 + 2 * 4 * 8
@@ -1141,8 +1141,8 @@ def test_matmul_add_linear():
     y = b.relu(b.linear("l1", x, 16, 8))
     b.output(b.linear("l2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"l1": (8, 0, None), "l2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"l1": (8, 0, None), "l2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("l1", 1): (16, 4), ("l1_bias", 1): (4,), ("l2", 1): (4, 4), ("l2_bias", 1): (4,)})
 
@@ -1153,8 +1153,8 @@ def test_gemm_trans_a_contracts_the_labelled_axis():
     y = b.op("Transpose", [b.relu(b.gemm("g1", x, 16, 8))], perm=[1, 0])  # (8, 2)
     b.output(b.op("Gemm", [y, b.weight("g2.weight", (8, 4))], name="g2", transA=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"g1": (8, 0, None), "g2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"g1": (8, 0, None), "g2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("g1", 1): (16, 4), ("g1", 2): (4,), ("g2", 1): (4, 4)})
 
@@ -1165,8 +1165,8 @@ def test_gemm_bias_row_vector():
     y = b.relu(b.op("Gemm", [x, b.weight("g1.weight", (16, 8)), b.weight("g1.bias", (1, 8), 0.1)], name="g1"))
     b.output(b.gemm("g2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"g1": (8, 0, None), "g2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"g1": (8, 0, None), "g2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("g1", 1): (16, 4), ("g1", 2): (1, 4), ("g2", 1): (4, 4)})
 
@@ -1179,8 +1179,8 @@ def test_matmul_weight_on_the_left():
     y = b.relu(b.op("MatMul", [b.weight("wl", (6, 8)), y], name="wl_mm"))
     b.output(b.conv("c2", y, 6, 4, dims=1))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "wl_mm": (6, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "wl_mm": (6, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3), ("wl_mm", 0): (3, 4), ("c2", 1): (4, 3, 3)})
 
@@ -1193,8 +1193,8 @@ def test_weight_tied_convs():
     y = b.op("Conv", [y, "c0.weight", "c0.bias"], name="tied", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     b.output(b.conv("c2", b.relu(y), 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (8, 0, None), "tied": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (8, 0, None), "tied": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (4, 8, 3, 3), ("tied", 1): (4, 4, 3, 3), ("c2", 1): (4, 4, 3, 3)})
 
@@ -1208,8 +1208,8 @@ def test_constant_node_weight():
     y = b.relu(b.op("Conv", [x, "w1"], name="c1", kernel_shape=[3, 3]))
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c2", 1): (4, 4, 3, 3)})
 
@@ -1226,9 +1226,9 @@ def test_single_head_attention_contraction():
     o = b.op("MatMul", [p, v], name="pv")
     b.output(b.matmul("wo", o, D, D))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"wq": (8, 0, None), "wv": (8, 0, None), "wo": (8, 8, OUT)})
-    assert group_of(an, "wq").sources == ["wq", "wk"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"wq": (8, 0, None), "wv": (8, 0, None), "wo": (8, 8, OUT)})
+    assert group_of(analysis, "wq").sources == ["wq", "wk"]
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("wq", 1): (8, 4), ("wk", 1): (8, 4), ("wv", 1): (8, 4), ("wo", 1): (4, 8)})
     assert res.report["macs"]["after"] == 3 * T * D * 4 + T * T * 4 + T * 4 * T + T * D * 4
@@ -1252,9 +1252,9 @@ def attention_model(T=5, D=8, H=2):
 
 def test_attention_two_heads():
     m = attention_model()
-    _, an = analyse(m)
-    assert_groups(an, {"wq": (2, 0, None), "wo": (8, 8, OUT)})
-    assert group_of(an, "wq").sources == ["wq", "wk", "wv"]
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"wq": (2, 0, None), "wo": (8, 8, OUT)})
+    assert group_of(analysis, "wq").sources == ["wq", "wk", "wv"]
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("wq", 1): (8, 4), ("wk", 1): (8, 4), ("wv", 1): (8, 4), ("wo", 1): (4, 8)})
     for rs in ("q_rs", "k_rs", "v_rs"):
@@ -1279,10 +1279,10 @@ def test_einsum_has_no_rule_frozen():
         return b.op("Einsum", [y], name="ein", equation="nchw->nchw"), 8
 
     m = frozen_middle(mid)
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Einsum 'ein'"), "c2": (4, 4, OUT)})
-    assert an.unruled_ops == {"Einsum": 1}
-    assert "no propagation rule" in reasons_text(group_of(an, "c1"))
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Einsum 'ein'"), "c2": (4, 4, OUT)})
+    assert analysis.unruled_ops == {"Einsum": 1}
+    assert "no propagation rule" in reasons_text(group_of(analysis, "c1"))
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3)})
     assert res.report["unruled_ops"] == {"Einsum": 1}
@@ -1296,9 +1296,9 @@ def test_custom_domain_op_frozen():
     y = b.op("Relu", [b.conv("c1", y, 6, 8)], name="custom", domain="com.example")
     b.output(b.conv("c2", y, 8, 4))
     m = b.model()  # analysis only: onnxruntime cannot run the custom op
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, "Relu 'custom'"), "c2": (4, 4, OUT)})
-    assert an.unruled_ops == {"com.example.Relu": 1}
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, "Relu 'custom'"), "c2": (4, 4, OUT)})
+    assert analysis.unruled_ops == {"com.example.Relu": 1}
 
 
 def test_channel_reaching_graph_output_frozen():
@@ -1308,8 +1308,8 @@ def test_channel_reaching_graph_output_frozen():
     y = b.relu(b.conv("c1", y, 6, 8))
     b.output(y)
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, f"graph output '{y}'")})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, f"graph output '{y}'")})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c0", 1): (3, 3, 3, 3), ("c1", 1): (8, 3, 3, 3)})
 
@@ -1323,8 +1323,8 @@ def test_intermediate_graph_output_frozen():
     b.output(mid)
     b.output(b.conv("c2", mid, 8, 4))
     m = b.model()
-    _, an = analyse(m)
-    assert_groups(an, {"c0": (6, 0, None), "c1": (8, 8, OUT), "c2": (4, 4, OUT)})
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"c0": (6, 0, None), "c1": (8, 8, OUT), "c2": (4, 4, OUT)})
     prune_and_check(m, 0.5)
 
 
@@ -1357,8 +1357,8 @@ def test_dead_channels_pruned_model_equals_original():
     m, d1, d2 = dead_chain()
     # the dead channels are exactly zero after ReLU in the original
     plan = driver.plan(driver.load(m), ratio=0.4)
-    an = driver.analyse(driver.load(m))
-    g1, g2 = group_of(an, "c1"), group_of(an, "c2")
+    analysis = driver.analyse(driver.load(m))
+    g1, g2 = group_of(analysis, "c1"), group_of(analysis, "c2")
     assert plan.removed == {g1.id: d1, g2.id: d2}
     res = prune_and_check(m, 0.4, equal_original=True, seeds=(0, 1, 2, 3))
     assert_shapes(res.pruned, {("c1", 1): (5, 3, 3, 3), ("bn1", 1): (5,), ("c2", 1): (5, 5, 3, 3), ("bn2", 4): (5,),
@@ -1384,7 +1384,7 @@ def test_initializers_listed_as_inputs():
 
 # ---- verification itself ------------------------------------------------------------------------------------------
 def test_verification_rejects_nan_outputs():
-    from spa.passes import verify as V
+    from spa.passes import verify
     from spa.errors import VerificationError
 
     b = Builder()
@@ -1399,4 +1399,4 @@ def test_verification_rejects_nan_outputs():
         if t.name == "c2.weight":
             t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
     with pytest.raises(VerificationError):
-        V.compare(good, bad, {"x": (1, 3, 8, 8)})
+        verify.compare(good, bad, {"x": (1, 3, 8, 8)})

@@ -84,8 +84,8 @@ def nets(draw) -> onnx.ModelProto:
 
 
 def prunable(model) -> bool:
-    _, an = analyse(model)
-    return any(g.size >= 2 and g.prunable >= 1 for g in an.groups)
+    _, analysis = analyse(model)
+    return any(g.size >= 2 and g.prunable >= 1 for g in analysis.groups)
 
 
 def prune_or_nothing(model, **kw):
@@ -110,8 +110,8 @@ def test_random_ratio(model, ratio):
     macs = res.report["macs"]
     assert macs["after"] <= macs["before"]
     assert count_macs(res.pruned) == macs["after"]
-    _, an = analyse(model)
-    for row, g in zip(res.report["per_group"], an.groups):
+    _, analysis = analyse(model)
+    for row, g in zip(res.report["per_group"], analysis.groups):
         assert 1 <= row["kept"] <= g.size
         assert row["kept"] >= int(g.frozen.sum())
 
@@ -160,28 +160,28 @@ def test_ratio_zero_changes_nothing(model):
 def test_random_plans(model, rnd):
     if not prunable(model):
         return
-    _, an = analyse(model)
+    _, analysis = analyse(model)
     removed = {}
-    for g in an.groups:
+    for g in analysis.groups:
         free = [i for i in range(g.size) if not g.frozen[i]]
         k = rnd.randint(0, min(len(free), g.size - 1))
         if k:
             removed[g.id] = sorted(rnd.sample(free, k))
-    scores = {int(u): rnd.random() for g in an.groups for u in g.units}
-    plan = keep_every_tensor(an, PruningPlan(removed), scores)
+    scores = {int(u): rnd.random() for g in analysis.groups for u in g.units}
+    plan = keep_every_tensor(analysis, PruningPlan(removed), scores)
     for gid, idx in plan.removed.items():
-        g = an.groups[gid]
+        g = analysis.groups[gid]
         assert len(idx) < g.size and not g.frozen[idx].any()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plan.json"
-        path.write_text(json.dumps(plan.to_json(an)))
+        path.write_text(json.dumps(plan.to_json(analysis)))
         res = prune_and_check(model, plan_file=str(path))
         # the plan round-trips: saving it again and re-applying gives the same model
         again = Path(tmp) / "again.json"
         res2 = driver.prune(model, None, plan_file=str(path), save_plan=str(again), verify=False)
         assert json.loads(again.read_text()) == json.loads(path.read_text())
     kept = {row["id"]: row["kept"] for row in res.report["per_group"]}
-    for g in an.groups:
+    for g in analysis.groups:
         assert kept[g.id] == g.size - len(plan.removed.get(g.id, []))
     assert res.report["macs"]["after"] == count_macs(res.pruned)
     assert initializer_values(res2.model.graph.to_model()).keys() == initializer_values(res.pruned).keys()

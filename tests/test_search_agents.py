@@ -68,7 +68,7 @@ def planted(problem, seed=0):
 
 def assert_on_budget(problem, kept):
     """The budget module's checks: feasible by the cost model and by Analysis.macs_after, and maximal."""
-    an, pj = problem.an, problem.projector
+    analysis, pj = problem.analysis, problem.projector
     kept = np.asarray(kept)
     assert pj.feasible(kept)
     plan = pj.plan(kept)
@@ -76,7 +76,7 @@ def assert_on_budget(problem, kept):
         cost = pj.costs(kept)[kind]
         assert cost <= goal
         if kind == "flops":
-            assert abs(an.macs_after(plan.roots(an)) / an.total_macs - cost) < 1e-12
+            assert abs(analysis.macs_after(plan.roots(analysis)) / analysis.total_macs - cost) < 1e-12
     for g in pj.action_groups:   # maximal: no group can take its next allowed count
         nxt = pj._next(int(g), int(kept[g]))
         if nxt is not None:

@@ -54,9 +54,9 @@ def planted(problem):
 
 
 def kept_fractions(problem, kept):
-    an, pj = problem.an, problem.projector
+    analysis, pj = problem.analysis, problem.projector
     plan = pj.plan(kept)
-    return an.macs_after(plan.roots(an)) / an.total_macs, plan
+    return analysis.macs_after(plan.roots(analysis)) / analysis.total_macs, plan
 
 
 # ---- gymnasium conformance -----------------------------------------------------------------------------------
@@ -66,10 +66,10 @@ def test_check_env(problem, mode):
     env = PruningEnv(problem, planted(problem), mode=mode)
     check_env(env, skip_render_check=True)
     obs, _ = env.reset(seed=0)
-    assert obs["nodes"].shape == (len(problem.an.groups), len(NODE_FEATURES))
+    assert obs["nodes"].shape == (len(problem.analysis.groups), len(NODE_FEATURES))
     assert obs["edges"].shape == (problem.graph.num_edges, len(EDGE_FEATURES))
     assert np.isfinite(obs["nodes"]).all() and np.isfinite(obs["edges"]).all()
-    assert obs["edge_index"].max() < len(problem.an.groups)
+    assert obs["edge_index"].max() < len(problem.analysis.groups)
     assert obs["mask"].sum() == len(problem.projector.action_groups)
 
 
@@ -101,7 +101,7 @@ def test_projection_flops_exact(resnet18, problem, target, round_to, min_channel
         assert proj.feasible and flops <= target
         assert abs(flops - proj.costs["flops"]) < 1e-12  # the cost model is Analysis.macs_after
         assert not pj.growable(proj.kept)
-        for g in p.an.groups:
+        for g in p.analysis.groups:
             kept = g.size - len(plan.removed.get(g.id, []))
             if g.id in pj.action_groups:
                 assert kept % round_to == 0 or kept == g.size
@@ -116,8 +116,8 @@ def test_projection_params_exact(resnet18, problem):
     for _ in range(3):
         proj = pj.project(rng.random(len(pj.action_groups)))
         model = driver.load(resnet18)
-        an = driver.analyse(model)
-        Apply(an, pj.plan(proj.kept).roots(an)).run(model)
+        analysis = driver.analyse(model)
+        Apply(analysis, pj.plan(proj.kept).roots(analysis)).run(model)
         params = param_count(model.graph) / pj.cost_model.params_total
         assert abs(params - proj.costs["params"]) < 1e-12
         assert params <= 0.4 and proj.costs["flops"] <= 0.7
@@ -133,7 +133,7 @@ def test_projection_give_back_matches_plan():
         kept = pj.full()
         for g in pj.action_groups:
             kept[g] = rng.choice(pj._allowed[int(g)])
-        assert (pj.removed(kept) == pj.cost_model.removed_mask(p.an, pj.plan(kept))).all()
+        assert (pj.removed(kept) == pj.cost_model.removed_mask(p.analysis, pj.plan(kept))).all()
     proj = pj.project(rng.random(len(pj.action_groups)))
     assert kept_fractions(p, proj.kept)[0] <= 0.4
 
@@ -147,16 +147,16 @@ def test_unreachable_budget_is_reported(resnet18, problem):
 
 # ---- graph ----------------------------------------------------------------------------------------------------
 def test_group_graph_edges_follow_data_flow(problem):
-    gg, an = problem.graph, problem.an
+    gg, analysis = problem.graph, problem.analysis
     edges = set(map(tuple, gg.edge_index.T.tolist()))
     assert edges and all(a != b for a, b in edges)
     stem = 0  # the stem's group (with the first stage's residual convs) feeds the first block's conv1
-    first = next(g.id for g in an.groups if "layers.0.0/conv1" in g.name)
+    first = next(g.id for g in analysis.groups if "layers.0.0/conv1" in g.name)
     assert (stem, first) in edges and (first, stem) in edges  # a residual block is a 2-cycle
     names = list(NODE_FEATURES)
     static = gg.static
     assert static[stem, names.index("residual")] == 1.0
-    classifier = next(g.id for g in an.groups if g.prunable == 0)
+    classifier = next(g.id for g in analysis.groups if g.prunable == 0)
     assert static[classifier, names.index("frozen")] == 1.0
     share = static[:, names.index("flops_share")]  # a conv's MACs scale with its input and its output group
     assert (share >= 0).all() and (share <= 1).all() and 1.0 <= share.sum() <= 2.0

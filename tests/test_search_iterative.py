@@ -65,12 +65,12 @@ def applied(problem, kept):
     g = model.graph
     g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
     model.analyses.clear()
-    an = Analyse().run(model)
-    by_sources = {frozenset(grp.sources): grp.id for grp in problem.an.groups}
-    assert len(by_sources) == len(problem.an.groups)
-    group_of = np.array([by_sources[frozenset(grp.sources)] for grp in an.groups])
-    assert sorted(group_of.tolist()) == list(range(len(problem.an.groups)))   # a bijection
-    return an, removed, group_of
+    analysis = Analyse().run(model)
+    by_sources = {frozenset(grp.sources): grp.id for grp in problem.analysis.groups}
+    assert len(by_sources) == len(problem.analysis.groups)
+    group_of = np.array([by_sources[frozenset(grp.sources)] for grp in analysis.groups])
+    assert sorted(group_of.tolist()) == list(range(len(problem.analysis.groups)))   # a bijection
+    return analysis, removed, group_of
 
 
 # ---- the env API ------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_check_env_iterative(problem):
     env = PruningEnv(problem, planted(problem), iterative=True, steps=3)
     check_env(env, skip_render_check=True)
     obs, _ = env.reset(seed=0)
-    assert obs["nodes"].shape == (len(problem.an.groups), len(NODE_FEATURES))
+    assert obs["nodes"].shape == (len(problem.analysis.groups), len(NODE_FEATURES))
     assert obs["edges"].shape == (problem.graph.num_edges, len(EDGE_FEATURES))
     assert env.observation_space["step"].n == 4
 
@@ -111,17 +111,17 @@ def test_episode_meets_budget_without_growth(resnet18, problem, budgets):
             assert all(infos[t - 1]["costs"][k] <= f for k, f in goals.items())
             assert not pj.growable(kept[t], kept[t - 1]), (episode, t)
         final = kept[-1]
-        an = p.an
+        analysis = p.analysis
         for k, f in p.budgets.items():
             assert p.projector.costs(final)[k] <= f
-        flops = an.macs_after(p.plan(final).roots(an)) / an.total_macs
+        flops = analysis.macs_after(p.plan(final).roots(analysis)) / analysis.total_macs
         assert abs(flops - p.projector.costs(final)["flops"]) < 1e-12
         assert env.history[-1][1] == -float(np.abs(final / p.sizes - 0.6).sum())   # the final candidate
     assert env.plan().removed == p.plan(env.best.kept).removed
 
 
 def test_single_step_is_one_shot(problem):
-    action = np.random.default_rng(1).uniform(-1, 1, len(problem.an.groups)).astype(np.float32)
+    action = np.random.default_rng(1).uniform(-1, 1, len(problem.analysis.groups)).astype(np.float32)
     one = PruningEnv(problem, planted(problem))
     it = PruningEnv(problem, planted(problem), iterative=True, steps=1)
     one.reset(seed=0)
@@ -138,11 +138,11 @@ def test_observation_is_the_pruned_models_graph(problem):
     obs1, _, done, _, info = env.step(action)
     assert not done
     kept = info["kept"]
-    an, removed, group_of = applied(problem, kept)
-    new, old = unit_map(problem.an, removed, an)
-    assert (group_map(problem.an, an, new, old) == group_of).all()     # the atom mapping agrees with the names
+    analysis, removed, group_of = applied(problem, kept)
+    new, old = unit_map(problem.analysis, removed, analysis)
+    assert (group_map(problem.analysis, analysis, new, old) == group_of).all()     # the atom mapping agrees with the names
     scores = {int(n): problem.scores[int(o)] for n, o in zip(new, old)}
-    ref = GroupGraph.build(an, scores, scale=problem.graph.scale)
+    ref = GroupGraph.build(analysis, scores, scale=problem.graph.scale)
     static = np.empty_like(ref.static)
     static[group_of] = ref.static
     assert np.array_equal(obs1["nodes"][:, :N_STATIC], static)
@@ -178,19 +178,19 @@ def test_groups_map_one_to_one(name, min_channels):
     p = SearchProblem.build(str(models.zoo_path(name, small=True)), target_flops=0.3, min_channels=min_channels)
     env = PruningEnv(p, planted(p), iterative=True, steps=3)
     observations, kept, _ = play(env, np.random.default_rng(0), seed=0)
-    an, _, group_of = applied(p, kept[1])
+    analysis, _, group_of = applied(p, kept[1])
     assert (env.regrapher.build(kept[1]).static == observations[1]["nodes"][:, :N_STATIC]).all()
-    assert env.regrapher.edge_mismatches == 0 and len(an.groups) == len(group_of)
+    assert env.regrapher.edge_mismatches == 0 and len(analysis.groups) == len(group_of)
 
 
 def test_mapping_failure_is_a_clear_error(problem):
     kept = problem.projector.project(np.full(len(problem.projector.action_groups), 0.5)).kept
-    an, removed, _ = applied(problem, kept)
+    analysis, removed, _ = applied(problem, kept)
     with pytest.raises(SpaError, match="cannot map the pruned model back"):
-        unit_map(problem.an, set(), an)                     # channel counts disagree
-    new, old = unit_map(problem.an, removed, an)
+        unit_map(problem.analysis, set(), analysis)                     # channel counts disagree
+    new, old = unit_map(problem.analysis, removed, analysis)
     with pytest.raises(SpaError, match="do not correspond one to one"):
-        group_map(problem.an, an, new, np.full_like(old, old[0]))
+        group_map(problem.analysis, analysis, new, np.full_like(old, old[0]))
 
 
 # ---- determinism and the ppo-gnn agent ----------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def loaded(resnet18):
 
 @pytest.fixture(scope="module")
 def table(loaded):
-    model, an = loaded
-    return L.profile(model, an, batch=2, timer=fake_timer)
+    model, analysis = loaded
+    return L.profile(model, analysis, batch=2, timer=fake_timer)
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +84,26 @@ def test_table_covers_every_weight_layer(loaded, table):
 
 
 def test_table_round_trip_and_checks(loaded, table, table_path, tmp_path):
-    model, an = loaded
+    model, analysis = loaded
     back = L.LatencyTable.load(table_path)
     assert back.to_json() == json.loads(json.dumps(table.to_json()))
     d = json.loads(table_path.read_text())
     assert d["format"] == L.FORMAT and d["batch"] == 2 and d["threads"] == 1
     assert d["machine"]["cpu"] and d["machine"]["cores"] >= 1 and d["onnxruntime"]
     assert d["fingerprint"] == L.fingerprint(model) == L.fingerprint(driver.load(model.source))
-    cm = CostModel(an)
-    assert L.LatencyModel(back, cm, an).predict_removed(np.zeros(cm.n_units, bool)) == pytest.approx(table.full_ms)
+    cm = CostModel(analysis)
+    assert L.LatencyModel(back, cm, analysis).predict_removed(np.zeros(cm.n_units, bool)) == pytest.approx(table.full_ms)
 
     other = driver.load(str(models.zoo_path("mobilenet_v2", small=True)))
     with pytest.raises(SpaError, match="made for another model"):
         L.table_for(other, driver.analyse(other), table_path, batch=2)
     with pytest.raises(SpaError, match="batch 2, not 8"):
-        L.table_for(model, an, table_path, batch=8)
+        L.table_for(model, analysis, table_path, batch=8)
     d["machine"] = {"cpu": "Some Other CPU", "cores": 64}
     moved = tmp_path / "moved.json"
     moved.write_text(json.dumps(d))
     with pytest.warns(UserWarning, match="another setup.*Some Other CPU"):
-        carried = L.table_for(model, an, moved, batch=2)
+        carried = L.table_for(model, analysis, moved, batch=2)
     assert not carried.same_machine()
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SpaError, match="not a spa-prune latency table"):
@@ -200,7 +200,7 @@ def test_projection_meets_latency_budget_maximally(resnet18, problem, table_path
         proj = pj.project(rho)
         assert proj.feasible and proj.costs["latency"] <= target + 1e-12
         if flops is not None:
-            macs = p.an.macs_after(pj.plan(proj.kept).roots(p.an)) / p.an.total_macs
+            macs = p.analysis.macs_after(pj.plan(proj.kept).roots(p.analysis)) / p.analysis.total_macs
             assert macs <= flops and macs == pytest.approx(proj.costs["flops"], abs=1e-12)
         assert not pj.growable(proj.kept)
 
@@ -210,8 +210,8 @@ def test_depthwise_layers_and_budget(tmp_path):
     latency budget is met maximally there too."""
     path = str(models.zoo_path("mobilenet_v2", small=True))
     model = driver.load(path)
-    an = driver.analyse(model)
-    table = L.profile(model, an, batch=1, timer=fake_timer)
+    analysis = driver.analyse(model)
+    table = L.profile(model, analysis, batch=1, timer=fake_timer)
     dw = [la for la in table.layers if la["tied"]]
     assert dw and all(table.signatures[la["signature"]]["in_counts"] == [1] for la in dw)
     assert all(len(table.signatures[la["signature"]]["out_counts"]) > 1 for la in dw)
@@ -239,7 +239,7 @@ def test_latency_budget_errors(resnet18, problem, table_path, table):
         SearchProblem.build(resnet18, target_latency=0.0, latency_table=table_path, latency_batch=2,
                             scores=problem.scores)
     with pytest.raises(SpaError, match="latency budget needs a latency table"):
-        type(problem.projector)(problem.an, problem.scores, {"latency": 0.5})
+        type(problem.projector)(problem.analysis, problem.scores, {"latency": 0.5})
 
 
 # ---- end-to-end correction -------------------------------------------------------------------------------------

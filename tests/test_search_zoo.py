@@ -77,7 +77,7 @@ def check_policy(name: str, dynamo: bool, small: bool, budget: str, policy: str)
         assert kept.tolist() == pj.minimum().tolist()
     report = prune_with_plan(path, None, plan, problem).report
     assert report["verification"]["status"] == "passed"
-    assert report["macs"]["after"] == problem.an.macs_after(plan.roots(problem.an))
+    assert report["macs"]["after"] == problem.analysis.macs_after(plan.roots(problem.analysis))
     assert report["macs"]["after"] / report["macs"]["before"] == pytest.approx(costs["flops"], abs=1e-12)
     assert report["params"]["after"] / report["params"]["before"] == pytest.approx(costs["params"], abs=1e-12)
     assert [r["kept"] for r in sorted(report["per_group"], key=lambda r: r["id"])] == kept_units(problem, plan)

@@ -37,8 +37,8 @@ def test_min_channels_wins_over_ratio(resnet18):
 
 
 def test_exclude_protects_matching_groups(resnet18):
-    an = driver.analyse(driver.load(resnet18))
-    target = next(g for g in an.groups if g.prunable > 1)
+    analysis = driver.analyse(driver.load(resnet18))
+    target = next(g for g in analysis.groups if g.prunable > 1)
     pattern = target.sources[0]
     rep = driver.prune(resnet18, None, ratio=0.5, exclude=[pattern]).report
     row = kept_rows(rep)[target.name]
@@ -94,14 +94,14 @@ def test_magnitude_scores_match_a_brute_force_sum(resnet18, p):
 
     from spa.importance import score
 
-    an = driver.analyse(driver.load(resnet18))
-    scores = score(an, f"l{p}", aggregation="sum", normalization="none")
+    analysis = driver.analyse(driver.load(resnet18))
+    scores = score(analysis, f"l{p}", aggregation="sum", normalization="none")
     expected = {u: 0.0 for u in scores}
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         if ps.role == "stat":
             continue
-        w = np.asarray(an.ctx.g.const(ps.node.input[ps.input_index]), dtype=np.float64)
-        roots = an.find(ps.atoms)
+        w = np.asarray(analysis.ctx.g.const(ps.node.input[ps.input_index]), dtype=np.float64)
+        roots = analysis.find(ps.atoms)
         for u in np.unique(roots[roots >= 0]):
             sl = np.compress(roots == u, w, axis=ps.axis)
             expected[int(u)] += np.abs(sl).sum() if p == 1 else np.sqrt(np.square(sl).sum())

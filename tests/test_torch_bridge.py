@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 from torch import nn
 
 from spa import models
-from spa.passes import verify as V
+from spa.passes import verify
 from spa import driver
 from spa.cli import main
 from spa.errors import SpaError
@@ -256,8 +256,8 @@ def check_route2(name, dynamo, budget, small, tmp_path, **kw):
     assert report["max_rel_error"] <= TOL
     proto = onnx.load(str(out))
     feeds = [{proto.graph.input[0].name: args[0].numpy()}]
-    feeds.append(V.random_inputs(proto, {k: v.shape for k, v in feeds[0].items()}, 3))
-    for f, ref in zip(feeds, V.run_many(proto, feeds)):
+    feeds.append(verify.random_inputs(proto, {k: v.shape for k, v in feeds[0].items()}, 3))
+    for f, ref in zip(feeds, verify.run_many(proto, feeds)):
         err = rel_error(ref, torch_out(pruned, torch.from_numpy(next(iter(f.values())))))
         assert err <= TOL, err
     return module, pruned, report, plan
@@ -303,10 +303,10 @@ def test_random_plans_on_torch_modules(name, dynamo):
     """Random removals in every group (as test_zoo_pruning's random plans) carry over to the torch module."""
     from helpers import random_plan
     src = zoo(name, dynamo)
-    an = driver.analyse(driver.load(src))
-    plan = random_plan(an, np.random.default_rng(sum(map(ord, name)) + dynamo))
+    analysis = driver.analyse(driver.load(src))
+    plan = random_plan(analysis, np.random.default_rng(sum(map(ord, name)) + dynamo))
     report = {}
-    apply_plan_to_module(models.build(name, True), plan.to_json(an), src, models.example_inputs(name, True),
+    apply_plan_to_module(models.build(name, True), plan.to_json(analysis), src, models.example_inputs(name, True),
                          report=report)
     assert report["max_rel_error"] <= TOL
 
@@ -344,7 +344,7 @@ def test_old_plans_without_tensor_section_still_apply(pruned_resnet, tmp_path):
     report = {}
     pruned = apply_plan_to_module(models.build("resnet18", True), data, src, (x,), report=report)
     assert report["max_rel_error"] <= TOL
-    assert rel_error(V.run(onnx.load(str(out)), {"input": x.numpy()}), torch_out(pruned, x)) <= TOL
+    assert rel_error(verify.run(onnx.load(str(out)), {"input": x.numpy()}), torch_out(pruned, x)) <= TOL
     old = tmp_path / "old.json"
     old.write_text(json.dumps(data))
     assert driver.prune(src, None, plan_file=str(old)).report["verification"]["status"] == "passed"
@@ -368,8 +368,8 @@ def test_tampered_tensor_section_is_refused(pruned_resnet, tmp_path):
 def test_plan_object_and_dict_are_accepted(pruned_resnet):
     _, plan = pruned_resnet
     src = zoo("resnet18", False)
-    an = driver.analyse(driver.load(src))
-    obj = PruningPlan.from_json(json.loads(plan.read_text()), an)
+    analysis = driver.analyse(driver.load(src))
+    obj = PruningPlan.from_json(json.loads(plan.read_text()), analysis)
     args = models.example_inputs("resnet18", True)
     a = apply_plan_to_module(models.build("resnet18", True), obj, src, args, check=False)
     b = apply_plan_to_module(models.build("resnet18", True), Path(plan), src, args, check=False)
@@ -481,7 +481,7 @@ def test_hugging_face_style_attention_sizes_follow_the_heads(tmp_path):
     a = pruned.attention
     assert (a.num_attention_heads, a.attention_head_size, a.all_head_size) == (2, 8, 16)
     assert pruned.dense.in_features == 16 and net.attention.num_attention_heads == 4
-    assert rel_error(V.run(onnx.load(str(out)), {"x": x.numpy()}), torch_out(pruned, x)) <= TOL
+    assert rel_error(verify.run(onnx.load(str(out)), {"x": x.numpy()}), torch_out(pruned, x)) <= TOL
 
 
 # ==== docs/torch.md ================================================================================================

@@ -37,9 +37,9 @@ def test_wrong_shape_rewrite_is_caught(monkeypatch, tmp_path):
 
 def test_reference_zeroing_is_what_makes_it_pass(monkeypatch):
     """Without the sink zeroing the reference is just the original: a pruned model must then fail."""
-    import spa.passes.verify as V
+    from spa.passes import verify
 
-    real = V.build_reference
-    monkeypatch.setattr(V, "build_reference", lambda original, an, removed, idx: real(original, an, set(), idx))
+    real = verify.build_reference
+    monkeypatch.setattr(verify, "build_reference", lambda original, analysis, removed, idx: real(original, analysis, set(), idx))
     with pytest.raises(VerificationError):
         driver.prune(str(models.zoo_path("resnet18", small=True)), None, ratio=0.5)

@@ -13,7 +13,7 @@ import pytest
 
 models = pytest.importorskip("models")
 from spa.models.counting import torch_macs_params
-from spa.passes import verify as V
+from spa.passes import verify
 from spa import driver
 
 EXPORTERS = [False, True]
@@ -61,8 +61,8 @@ def _check_zoo(name, dynamo, small, tmp_path):
     assert rep0["macs"]["before"] == torch_macs, "cost model disagrees with the torch-hook count"
     assert rep0["macs"]["after"] == rep0["macs"]["before"]
     assert rep0["params"]["after"] == rep0["params"]["before"]
-    feeds = V.random_inputs(original, rep0_shapes(rep0), seed=3)
-    for a, b in zip(V.run(original, feeds), V.run(same, feeds)):
+    feeds = verify.random_inputs(original, rep0_shapes(rep0), seed=3)
+    for a, b in zip(verify.run(original, feeds), verify.run(same, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(a).max())))
     # parameters = float weights of the written (normalized, unpruned) file, counted here independently
     file_params = sum(math.prod(t.dims) for t in same.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
@@ -145,9 +145,9 @@ def test_zoo_random_plans_verify(name, dynamo, tmp_path):
     from helpers import random_plan
 
     path = str(models.zoo_path(name, dynamo=dynamo, small=True))
-    an = driver.analyse(driver.load(path))
-    plan = random_plan(an, np.random.default_rng(sum(map(ord, name)) + dynamo))
+    analysis = driver.analyse(driver.load(path))
+    plan = random_plan(analysis, np.random.default_rng(sum(map(ord, name)) + dynamo))
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(plan.to_json(an)))
+    plan_file.write_text(json.dumps(plan.to_json(analysis)))
     rep = driver.prune(path, None, plan_file=str(plan_file)).report
     assert rep["verification"]["status"] == "passed"

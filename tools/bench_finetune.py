@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spa.models import datasets
-from tools import bench_quality as BQ
+from tools import bench_quality
 
 METHODS = ("oneshot-kd", "oneshot-ce", "prog-kd", "prog-ce", "tp-kd", "tp-ce")
 DEFAULT_OUT = ROOT / ".bench" / "finetune"
@@ -73,7 +73,7 @@ class Settings:
 
 # ---- ours ------------------------------------------------------------------------------------------------------
 
-def run_ours(s: BQ.Subject, method: str, target: float, cfg: Settings, train_npz: Path, out: Path) -> dict:
+def run_ours(s: bench_quality.Subject, method: str, target: float, cfg: Settings, train_npz: Path, out: Path) -> dict:
     from spa import driver
     from spa.finetune import finetune
     from spa.progressive import prune_progressive
@@ -96,12 +96,12 @@ def run_ours(s: BQ.Subject, method: str, target: float, cfg: Settings, train_npz
     pruned = out / f"{tag}-pruned.onnx"
     from spa.ir import save_model
     save_model(res.model.graph.to_model(), pruned)
-    acc_pruned = BQ.onnx_accuracy(pruned, s.data.x_test, s.data.y_test)
+    acc_pruned = bench_quality.onnx_accuracy(pruned, s.data.x_test, s.data.y_test)
     t1 = time.perf_counter()
     ft = finetune(pruned, out / f"{tag}.onnx", data=str(train_npz), teacher=teacher, epochs=epochs_left,
                   **cfg.finetune_kwargs(s.seed))
     ft_s = time.perf_counter() - t1
-    acc = BQ.onnx_accuracy(out / f"{tag}.onnx", s.data.x_test, s.data.y_test)
+    acc = bench_quality.onnx_accuracy(out / f"{tag}.onnx", s.data.x_test, s.data.y_test)
     between_s = sum(t["seconds"] for t in (res.report.get("progressive") or {}).get("finetune", []))
     return {"method": method, "accuracy": acc, "accuracy_pruned": acc_pruned, "best_epoch": ft.report["best_epoch"],
             "macs_ratio": res.report["macs"]["after"] / res.report["macs"]["before"],
@@ -112,14 +112,14 @@ def run_ours(s: BQ.Subject, method: str, target: float, cfg: Settings, train_npz
 
 # ---- Torch-Pruning ---------------------------------------------------------------------------------------------
 
-def run_tp(s: BQ.Subject, method: str, target: float, cfg: Settings, matcher: BQ.MacMatcher) -> dict:
+def run_tp(s: bench_quality.Subject, method: str, target: float, cfg: Settings, matcher: bench_quality.MacMatcher) -> dict:
     from spa.finetune import _loss_fn
 
     t0 = time.perf_counter()
     pruned, _ = matcher.match(target * s.torch_macs, 0.01)
     prune_s = time.perf_counter() - t0
     model = copy.deepcopy(pruned.model)
-    acc_pruned = BQ.train_bench.accuracy(model, s.data.x_test, s.data.y_test)
+    acc_pruned = bench_quality.train_bench.accuracy(model, s.data.x_test, s.data.y_test)
     kd = method.endswith("-kd")
     x, y, xv, yv = split(s, cfg.val_split)
     teacher = teacher_val = None
@@ -169,7 +169,7 @@ def run_tp(s: BQ.Subject, method: str, target: float, cfg: Settings, matcher: BQ
     if best is not None:
         model.load_state_dict(best[2])
     ft_s = time.perf_counter() - t1
-    acc = BQ.train_bench.accuracy(model, s.data.x_test, s.data.y_test)
+    acc = bench_quality.train_bench.accuracy(model, s.data.x_test, s.data.y_test)
     n_params = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in s.model.parameters())
     return {"method": method, "accuracy": acc, "accuracy_pruned": acc_pruned, "macs_ratio": pruned.macs / s.torch_macs,
             "params_ratio": n_params, "prune_s": round(prune_s, 1), "finetune_s": round(ft_s, 1),
@@ -177,7 +177,7 @@ def run_tp(s: BQ.Subject, method: str, target: float, cfg: Settings, matcher: BQ
             "best_epoch": best[1] if best is not None else cfg.epochs}
 
 
-def split(s: BQ.Subject, fraction: float):
+def split(s: bench_quality.Subject, fraction: float):
     """The train set minus the held-out part, and the held-out part: spa.finetune.split_holdout with the
     training seed, so TP and ours see the same samples."""
     from spa.calib import Calib
@@ -267,13 +267,13 @@ def main(argv=None) -> int:
     state = load_rows(path, args.resume)
     state["runs"].append({"command": "python tools/bench_finetune.py " + shlex.join(argv or sys.argv[1:]),
                           "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                          "versions": BQ.versions()})
+                          "versions": bench_quality.versions()})
     for model_name in args.models:
         for seed in args.seeds:
-            s = BQ.prepare(model_name, seed, args.out, keep_bn=False)
+            s = bench_quality.prepare(model_name, seed, args.out, keep_bn=False)
             train_npz = args.out / f"train-{model_name}.npz"
             if not train_npz.exists():
-                data = datasets.load(BQ.BENCH_MODELS[model_name].dataset)
+                data = datasets.load(bench_quality.BENCH_MODELS[model_name].dataset)
                 np.savez(train_npz, input=data.x_train, labels=data.y_train)
             matcher = None
             for target in args.targets:
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
                     log(f"{model_name} seed {seed} keep {target} {method} ...")
                     if method.startswith("tp"):
                         if matcher is None:
-                            matcher = BQ.MacMatcher(s, "magnitude", "local", {})
+                            matcher = bench_quality.MacMatcher(s, "magnitude", "local", {})
                         row = run_tp(s, method, target, cfg, matcher)
                     else:
                         row = run_ours(s, method, target, cfg, train_npz, args.out)

@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python tools/bench_search.py`
     sys.path.insert(0, str(ROOT))
 
-from tools import bench_quality as BQ
+from tools import bench_quality
 
 MODELS = ("resnet1d_mnist1d", "resnet56_digits", "mobilenetv2_digits")
 CONTROLS = ("uniform", "global", "lamp", "random")
@@ -133,7 +133,7 @@ def budget_kwargs(budget: Budget, unpruned_ms: float | None) -> dict:
 
 def median_latency_ms(path: Path, input_shape, batch: int = 1, runs: int = LATENCY_RUNS) -> float:
     """onnxruntime latency at `batch` on 2 threads: median of `runs` after 5 warm-up runs."""
-    sess = BQ.ort_session(path)
+    sess = bench_quality.ort_session(path)
     feed = {sess.get_inputs()[0].name: np.zeros((batch, *input_shape), np.float32)}
     times = []
     for i in range(runs + 5):
@@ -149,7 +149,7 @@ def median_latency_ms(path: Path, input_shape, batch: int = 1, runs: int = LATEN
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Setting:
-    subject: BQ.Subject
+    subject: bench_quality.Subject
     budget: Budget
     problem: object           # spa.search.SearchProblem
     evaluator: object         # spa.search.CalibEvaluator
@@ -164,7 +164,7 @@ class Setting:
         return self.subject.model_name, self.subject.seed, self.budget.name
 
 
-def build_setting(s: BQ.Subject, budget: Budget, scores: dict | None, calib_samples: int,
+def build_setting(s: bench_quality.Subject, budget: Budget, scores: dict | None, calib_samples: int,
                   reward: str) -> Setting:
     """The problem (criterion scores reused across budgets) and its evaluator (teacher outputs computed now)."""
     from spa.search import CalibEvaluator, SearchProblem
@@ -236,7 +236,7 @@ def final_prune(st: Setting, plan, dest: Path) -> dict:
     prune_s = time.perf_counter() - t0
     rep = result.report
     fid = next(iter((rep.get("reconstruction") or {}).get("fidelity_after", {}).values()), {})
-    return {"test_acc": BQ.onnx_accuracy(dest, s.data.x_test, s.data.y_test), "macs_ratio": rep["macs"]["ratio"],
+    return {"test_acc": bench_quality.onnx_accuracy(dest, s.data.x_test, s.data.y_test), "macs_ratio": rep["macs"]["ratio"],
             "params_ratio": rep["params"]["ratio"], "verification": rep["verification"]["status"],
             "calib_fidelity_after": _rounded(fid), "prune_s": round(prune_s, 3),
             "latency_ms": round(median_latency_ms(dest, s.input_shape, st.budget.batch), 4),
@@ -264,9 +264,9 @@ def remeasure_latency(res: Results, out: Path, model: str, seed: int, budget: st
     paths = {row_key(r): pruned_path(out, r) for r in rows}
     if not rows or not all(p.exists() for p in paths.values()):
         return False
-    spec = BQ.BENCH_MODELS[model]
+    spec = bench_quality.BENCH_MODELS[model]
     batch = rows[0]["budget_kwargs"]["latency_batch"]
-    unpruned = BQ.export_path(out, model, seed, keep_bn=False)
+    unpruned = bench_quality.export_path(out, model, seed, keep_bn=False)
     timings: dict = {key: [] for key in [*paths, "unpruned"]}
     for _ in range(rounds):
         for key, path in [*paths.items(), ("unpruned", unpruned)]:
@@ -647,7 +647,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--latency-batch", type=int, default=1, help="batch size the latency budgets are stated at")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--evals", type=int, default=300, help="evaluation budget of every searching policy")
-    ap.add_argument("--calib-samples", type=int, default=BQ.CALIB_N, help="calibration samples of the reward")
+    ap.add_argument("--calib-samples", type=int, default=bench_quality.CALIB_N, help="calibration samples of the reward")
     ap.add_argument("--probes", type=int, default=12,
                     help="random allocations pruned per (model, budget) for the first seed (reward vs accuracy)")
     ap.add_argument("--reward", choices=REWARDS, default="recal",
@@ -682,7 +682,7 @@ def budgets_of(args) -> list[Budget]:
     return budgets
 
 
-def bench_subject(s: BQ.Subject, args, res: Results) -> None:
+def bench_subject(s: bench_quality.Subject, args, res: Results) -> None:
     """Every requested row of one (model, seed); results.json is rewritten after each row."""
     unpruned_ms = median_latency_ms(s.onnx_path, s.input_shape)  # batch 1, for the tables
     res.add_row({"model": s.model_name, "seed": s.seed, "budget": "none", "policy": "unpruned", "evals": 0,
@@ -755,7 +755,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for model_name in args.models:
         for seed in args.seeds:
-            bench_subject(BQ.prepare(model_name, seed, args.out, keep_bn=False), args, res)
+            bench_subject(bench_quality.prepare(model_name, seed, args.out, keep_bn=False), args, res)
             res.save()
     render(res, args.out)
     log(f"done in {time.perf_counter() - t0:.0f} s")

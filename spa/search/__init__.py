@@ -136,7 +136,7 @@ def prune_with_plan(model_path, output, plan: PruningPlan, problem: SearchProble
     fd, path = tempfile.mkstemp(suffix=".json", prefix="spa-plan-")
     os.close(fd)
     try:
-        plan.save(path, problem.an)
+        plan.save(path, problem.analysis)
         driver_kwargs.setdefault("input_shapes", problem.model.input_shapes)
         return driver.prune(model_path, output, plan_file=path, **driver_kwargs)
     finally:

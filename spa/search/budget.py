@@ -63,22 +63,22 @@ class CostModel:
     sliced parameter tensor; terms without factors are constants. Evaluation is vectorised over all factors.
     """
 
-    def __init__(self, an: Analysis):
-        self.an = an
-        self.unit_roots = np.array(sorted(an.unit_group), dtype=np.int64)
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+        self.unit_roots = np.array(sorted(analysis.unit_group), dtype=np.int64)
         self.n_units = len(self.unit_roots)
         self._factor_ids: dict[bytes, int] = {}
         self._pos_unit: list[np.ndarray] = []
         self._pos_factor: list[np.ndarray] = []
         self._factor_len: list[int] = []
         self.macs_terms = self._macs_terms()
-        self.params_total = param_count(an.ctx.g)
+        self.params_total = param_count(analysis.ctx.g)
         self.params_terms, self._shared = self._params_terms()
         self.pos_unit = np.concatenate(self._pos_unit) if self._pos_unit else np.zeros(0, np.int64)
         self.pos_factor = np.concatenate(self._pos_factor) if self._pos_factor else np.zeros(0, np.int64)
         self.factor_len = np.asarray(self._factor_len, dtype=np.float64)
         self.factor_start = np.concatenate([[0], np.cumsum([len(p) for p in self._pos_unit])]).astype(np.int64)
-        self.totals = {"flops": float(an.total_macs), "params": float(self.params_total)}
+        self.totals = {"flops": float(analysis.total_macs), "params": float(self.params_total)}
         self.latency = None  # a latency.LatencyModel once attached: costs() then predicts "latency" (ms) too
 
     def attach_latency(self, model) -> None:
@@ -103,7 +103,7 @@ class CostModel:
         fid = self._factor_ids.get(key)
         if fid is None:
             fid = self._factor_ids[key] = len(self._factor_len)
-            self._pos_unit.append(self.unit_index(self.an.find(atoms)))
+            self._pos_unit.append(self.unit_index(self.analysis.find(atoms)))
             self._pos_factor.append(np.full(len(atoms), fid, dtype=np.int64))
             self._factor_len.append(max(len(atoms), 1))
         return fid
@@ -121,15 +121,15 @@ class CostModel:
                 "starts": np.asarray(starts, np.int64)}
 
     def _macs_terms(self) -> dict:
-        return self._terms((float(c.macs), list(c.factors)) for c in self.an.ctx.costs.values())
+        return self._terms((float(c.macs), list(c.factors)) for c in self.analysis.ctx.costs.values())
 
     def _params_terms(self):
         """One term per sliced float tensor; initializers shared by uses that cut them differently are kept aside
         and counted per plan the way Apply copies them. Unsliced float initializers are a constant."""
-        g = self.an.ctx.g
+        g = self.analysis.ctx.g
         uses: dict[tuple[int, int], list] = {}
         nodes: dict[int, object] = {}
-        for ps in self.an.ctx.params:
+        for ps in self.analysis.ctx.params:
             uses.setdefault((id(ps.node), ps.input_index), []).append((ps.axis, ps.atoms))
             nodes[id(ps.node)] = ps.node
         by_name: dict[str, list] = {}
@@ -202,9 +202,9 @@ class CostModel:
                             for f, _ in e))
         return len(masks) > 1
 
-    def removed_mask(self, an: Analysis, plan: PruningPlan) -> np.ndarray:
+    def removed_mask(self, analysis: Analysis, plan: PruningPlan) -> np.ndarray:
         removed = np.zeros(self.n_units, dtype=bool)
-        roots = np.fromiter(plan.roots(an), dtype=np.int64)
+        roots = np.fromiter(plan.roots(analysis), dtype=np.int64)
         removed[self.unit_index(roots)] = True
         return removed
 
@@ -242,7 +242,7 @@ class BudgetProjector:
     `action_groups` lists the group ids a policy controls (groups with more than one allowed kept count).
     """
 
-    an: Analysis
+    analysis: Analysis
     scores: dict
     budgets: dict[str, float]
     min_channels: int = 1
@@ -262,18 +262,18 @@ class BudgetProjector:
             raise SpaError("min_channels and round_to must be >= 1")
         if not 0.0 < self.max_ratio <= 1.0:
             raise SpaError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
-        an = self.an
-        self.cost_model = self.cost_model or CostModel(an)
+        analysis = self.analysis
+        self.cost_model = self.cost_model or CostModel(analysis)
         cm = self.cost_model
         if "latency" in self.budgets and cm.latency is None:
             raise SpaError("a latency budget needs a latency table (SearchProblem.build(target_latency=MS, "
                            "latency_table=...))")
-        self.fixed, self.order = removal_order(an, self.scores, self.exclude)
-        self.sizes = np.array([g.size for g in an.groups], dtype=np.int64)
-        n_groups, width = len(an.groups), int(self.sizes.max(initial=0)) + 1
+        self.fixed, self.order = removal_order(analysis, self.scores, self.exclude)
+        self.sizes = np.array([g.size for g in analysis.groups], dtype=np.int64)
+        n_groups, width = len(analysis.groups), int(self.sizes.max(initial=0)) + 1
         # table[g, r]: kept count when r removals are asked for (select's constraints); padded with the minimum
         self.table = np.zeros((n_groups, width), dtype=np.int64)
-        for g in an.groups:
+        for g in analysis.groups:
             nf = int(self.fixed[g.id].sum())
             row = [constrained_kept(g.size, nf, r, min_channels=self.min_channels, round_to=self.round_to,
                                     max_ratio=self.max_ratio) for r in range(g.size + 1)]
@@ -285,7 +285,7 @@ class BudgetProjector:
         # each unit's rank in its group's removal order (fixed units never go) and its group
         self.unit_rank = np.full(cm.n_units, np.iinfo(np.int64).max, dtype=np.int64)
         self.unit_group = np.zeros(cm.n_units, dtype=np.int64)
-        for g in an.groups:
+        for g in analysis.groups:
             idx = cm.unit_index(g.units)
             self.unit_group[idx] = g.id
             order = self.order[g.id]
@@ -295,7 +295,7 @@ class BudgetProjector:
         # (in Analysis order, which keep_every_tensor follows), their units, their group and their largest
         # removal rank; the unit each would get back is its best-scored one (ties: the smallest root)
         risky_g, risky_r, self._risky_units = [], [], []
-        for roots in an._label_root_sets:
+        for roots in analysis._label_root_sets:
             idx = cm.unit_index(roots)
             ranks = self.unit_rank[idx]
             if ranks.max() < np.iinfo(np.int64).max and len(roots) < self.sizes[self.unit_group[idx[0]]]:
@@ -355,12 +355,12 @@ class BudgetProjector:
     def plan(self, kept: np.ndarray) -> PruningPlan:
         """The PruningPlan of a kept-count vector: select's plan construction, then keep_every_tensor."""
         removed = {int(g): int(self.sizes[g] - k) for g, k in enumerate(np.asarray(kept)) if k < self.sizes[g]}
-        plan = plan_from_counts(self.an, self.fixed, self.order, removed, min_channels=self.min_channels,
+        plan = plan_from_counts(self.analysis, self.fixed, self.order, removed, min_channels=self.min_channels,
                                 round_to=self.round_to, max_ratio=self.max_ratio)
-        return keep_every_tensor(self.an, plan, self.scores)
+        return keep_every_tensor(self.analysis, plan, self.scores)
 
     def kept_of_plan(self, plan: PruningPlan) -> np.ndarray:
-        return self.sizes - np.array([len(plan.removed.get(g.id, [])) for g in self.an.groups], dtype=np.int64)
+        return self.sizes - np.array([len(plan.removed.get(g.id, [])) for g in self.analysis.groups], dtype=np.int64)
 
     def full(self) -> np.ndarray:
         return self.max_kept.copy()

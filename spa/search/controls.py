@@ -35,11 +35,11 @@ class _RankingPolicy(Policy):
     def search(self, env, evals: int, seed: int = 0) -> SearchResult:
         p = env.problem
         opts = p.options
-        scores = score(p.an, self.options.get("importance", self.importance), "sum",
+        scores = score(p.analysis, self.options.get("importance", self.importance), "sum",
                        self.options.get("normalization", self.normalization))
         # the MACs fraction of the ranking only seeds the allocation; the projection meets the real budget(s)
         target = p.budgets.get("flops", p.budgets.get("params", p.budgets.get("latency")))
-        plan = select(p.an, scores, target_flops=target, min_channels=opts.get("min_channels", 1),
+        plan = select(p.analysis, scores, target_flops=target, min_channels=opts.get("min_channels", 1),
                       round_to=opts.get("round_to", 1), exclude=opts.get("exclude") or None,
                       max_ratio=opts.get("max_ratio", 1.0), allocation="global")
         kept = env.projector.kept_of_plan(plan)

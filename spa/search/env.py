@@ -336,17 +336,17 @@ class Regrapher:
         g = model.graph
         g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
         model.analyses.clear()   # Apply ran outside a pass manager: its input's analysis is stale
-        an = Analyse().run(model)
-        new, old = unit_map(problem.an, removed, an)
-        group_of = group_map(problem.an, an, new, old)
+        analysis = Analyse().run(model)
+        new, old = unit_map(problem.analysis, removed, analysis)
+        group_of = group_map(problem.analysis, analysis, new, old)
         scores = {int(n): problem.scores[int(o)] for n, o in zip(new.tolist(), old.tolist())}
-        return model, an, group_of, scores
+        return model, analysis, group_of, scores
 
     def build(self, kept: np.ndarray) -> GroupGraph:
         """The original graph with the static node features and the edge features of the pruned model's graph."""
         original = self.problem.graph
-        _, an, group_of, scores = self.pruned(kept)
-        pruned = GroupGraph.build(an, scores, scale=original.scale)
+        _, analysis, group_of, scores = self.pruned(kept)
+        pruned = GroupGraph.build(analysis, scores, scale=original.scale)
         static, edge_attr, mismatched = pruned.in_original_order(group_of, original)
         self.edge_mismatches += mismatched
         latency = STATIC_NODE_FEATURES.index("latency_share")

@@ -14,7 +14,7 @@ Every feature is computed from the ONNX graph, the cost model and the importance
 `NODE_FEATURES` / `EDGE_FEATURES` name the columns; static columns are computed once, the dynamic ones (keep ratio,
 decision flags, budget) are filled per observation by `GroupGraph.node_features`.
 
-**Pruned models** (iterative episodes): `build(an, scores, scale=original.scale)` measures a pruned model's graph on
+**Pruned models** (iterative episodes): `build(analysis, scores, scale=original.scale)` measures a pruned model's graph on
 the original's scale (largest group, feature-map size, total MACs and parameters, node count, median importance), so
 its features change only where the pruning changed something. `unit_map` / `group_map` tie the pruned model's units
 and groups back to the original's (through the source layers' kept positions) and `in_original_order` lays the
@@ -105,9 +105,9 @@ class GraphScale:
 
 @dataclass
 class GroupGraph:
-    """Nodes (groups), edges (data flow), static features. Build with `GroupGraph.build(an, scores)`."""
+    """Nodes (groups), edges (data flow), static features. Build with `GroupGraph.build(analysis, scores)`."""
 
-    an: Analysis
+    analysis: Analysis
     static: np.ndarray          # (N, len(STATIC_NODE_FEATURES)) float32
     edge_index: np.ndarray      # (2, E) int64: row 0 source group, row 1 target group
     edge_attr: np.ndarray       # (E, len(EDGE_FEATURES)) float32
@@ -143,18 +143,18 @@ class GroupGraph:
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, an: Analysis, scores: dict, params_total: float | None = None,
+    def build(cls, analysis: Analysis, scores: dict, params_total: float | None = None,
               scale: GraphScale | None = None) -> GroupGraph:
         """The graph of `an` with features from `scores` (unit root -> score); `scale` replaces the model's own
         normalisers (a pruned model measured on its original's scale)."""
-        g = an.ctx.g
-        n_groups = len(an.groups)
-        roots = np.array(sorted(an.unit_group), dtype=np.int64)
-        group_of_root = np.array([an.unit_group[int(r)] for r in roots], dtype=np.int64)
+        g = analysis.ctx.g
+        n_groups = len(analysis.groups)
+        roots = np.array(sorted(analysis.unit_group), dtype=np.int64)
+        group_of_root = np.array([analysis.unit_group[int(r)] for r in roots], dtype=np.int64)
 
         def pos_groups(atoms: np.ndarray) -> np.ndarray:
             """Group of every position of a labelling (-1: no atom)."""
-            r = an.find(atoms)
+            r = analysis.find(atoms)
             out = np.full(len(r), -1, dtype=np.int64)
             ok = r >= 0
             out[ok] = group_of_root[np.searchsorted(roots, r[ok])]
@@ -164,15 +164,15 @@ class GroupGraph:
             p = pos_groups(atoms)
             return p[p >= 0]
 
-        node_pos = {n.name: i for i, n in enumerate(an.nodes)}
-        by_name = {n.name: n for n in an.nodes}
-        n_nodes = scale.n_nodes if scale else max(len(an.nodes), 1)
-        tensor_groups = {name: np.unique(groups_of(lab.atoms)) for name, lab in an.ctx.labels.items()}
+        node_pos = {n.name: i for i, n in enumerate(analysis.nodes)}
+        by_name = {n.name: n for n in analysis.nodes}
+        n_nodes = scale.n_nodes if scale else max(len(analysis.nodes), 1)
+        tensor_groups = {name: np.unique(groups_of(lab.atoms)) for name, lab in analysis.ctx.labels.items()}
 
         # op-type mix and last reader depth
         op_counts = np.zeros((n_groups, len(OP_CATEGORIES)))
         last = np.zeros(n_groups)
-        for i, node in enumerate(an.nodes):
+        for i, node in enumerate(analysis.nodes):
             touched = set()
             for x in list(node.input) + list(node.output):
                 if x in tensor_groups:
@@ -188,12 +188,12 @@ class GroupGraph:
         # sources: geometry, depth, residual/concat
         sources: list[list[str]] = [[] for _ in range(n_groups)]
         src_width = np.zeros(n_groups)
-        for s in an.ctx.sources:
+        for s in analysis.ctx.sources:
             for gid in np.unique(groups_of(s.atoms)).tolist():
                 if s.node not in sources[gid]:
                     sources[gid].append(s.node)
                     src_width[gid] += len(s.atoms)
-        sizes = np.array([grp.size for grp in an.groups], dtype=np.float64)
+        sizes = np.array([grp.size for grp in analysis.groups], dtype=np.float64)
         kernel, stride, dw, grouped, fmap = (np.zeros(n_groups) for _ in range(5))
         depth = np.ones(n_groups)
         for gid, names in enumerate(sources):
@@ -210,22 +210,22 @@ class GroupGraph:
         concat = (n_src > 1) & ~residual                   # the sources' channels lie end to end
 
         # costs
-        total_macs = scale.total_macs if scale else max(float(an.total_macs), 1.0)
-        flops_share = np.array([grp.macs for grp in an.groups]) / total_macs
+        total_macs = scale.total_macs if scale else max(float(analysis.total_macs), 1.0)
+        flops_share = np.array([grp.macs for grp in analysis.groups]) / total_macs
         if scale:
             params_total = scale.params_total
         elif params_total is None:
             params_total = _params_total(g)
-        params_share = _params_share(an, groups_of, n_groups, params_total)
+        params_share = _params_share(analysis, groups_of, n_groups, params_total)
 
         # importance statistics
         imp = np.zeros((n_groups, 4))
-        means = np.array([np.mean([scores[int(u)] for u in grp.units]) for grp in an.groups])
+        means = np.array([np.mean([scores[int(u)] for u in grp.units]) for grp in analysis.groups])
         if scale:
             ref = scale.imp_ref
         else:
             ref = float(np.median(means[means > 0])) if (means > 0).any() else 1.0
-        for grp in an.groups:
+        for grp in analysis.groups:
             v = np.array([scores[int(u)] for u in grp.units], dtype=np.float64)
             top = np.abs(v).max()
             w = v / top if top > 0 else v
@@ -237,8 +237,8 @@ class GroupGraph:
         static = np.column_stack([
             op_mix,
             np.log2(np.maximum(sizes, 1)) / max_units,
-            np.array([grp.prunable for grp in an.groups]) / np.maximum(sizes, 1),
-            np.array([grp.prunable == 0 for grp in an.groups], dtype=np.float64),
+            np.array([grp.prunable for grp in analysis.groups]) / np.maximum(sizes, 1),
+            np.array([grp.prunable == 0 for grp in analysis.groups], dtype=np.float64),
             np.log2(1 + n_src) / 4,
             residual.astype(np.float64),
             concat.astype(np.float64),
@@ -253,7 +253,7 @@ class GroupGraph:
         ]).astype(np.float32)
         assert static.shape[1] == len(STATIC_NODE_FEATURES)
 
-        edges = _edges(an, by_name, pos_groups)
+        edges = _edges(analysis, by_name, pos_groups)
         rows, attrs = [], []
         for (a, b), (units, positions, indirect) in sorted(edges.items()):
             rows.append((a, b))
@@ -264,7 +264,7 @@ class GroupGraph:
         edge_attr = np.array(attrs, dtype=np.float32).reshape(-1, len(EDGE_FEATURES))
         topo = np.array(sorted(range(n_groups), key=lambda i: (depth[i], i)), dtype=np.int64)
         used = scale or GraphScale(max_units, max_fmap, total_macs, max(float(params_total), 1.0), n_nodes, ref)
-        return cls(an, static, edge_index, edge_attr, topo, sources, used)
+        return cls(analysis, static, edge_index, edge_attr, topo, sources, used)
 
     def in_original_order(self, group_of: np.ndarray, original: GroupGraph) -> tuple[np.ndarray, np.ndarray, int]:
         """This (pruned) graph's static features and edge features laid out in `original`'s node and edge order
@@ -285,14 +285,14 @@ class GroupGraph:
 
 
 # ---- pruned models: their units and groups in terms of the original's ---------------------------------------
-def unit_map(an: Analysis, removed, pruned: Analysis) -> tuple[np.ndarray, np.ndarray]:
+def unit_map(analysis: Analysis, removed, pruned: Analysis) -> tuple[np.ndarray, np.ndarray]:
     """(pruned roots, original roots): the unit of the pruned model's analysis that each original unit kept
     became. Source layers are matched by node name; source k's channels in the pruned model are its original
     channels whose unit was not removed, in order. Raises SpaError unless every pruned unit comes from exactly
     one original unit and every kept original unit is found."""
-    keep = an.keep_mask(removed)
+    keep = analysis.keep_mask(removed)
     originals: dict[str, list[np.ndarray]] = {}
-    for s in an.ctx.sources:
+    for s in analysis.ctx.sources:
         originals.setdefault(s.node, []).append(s.atoms)
     seen: dict[str, int] = {}
     new, old = [], []
@@ -305,22 +305,22 @@ def unit_map(an: Analysis, removed, pruned: Analysis) -> tuple[np.ndarray, np.nd
         if len(atoms) != len(s.atoms):
             raise _mapping_error(f"source layer '{s.node}' has {len(s.atoms)} channels, {len(atoms)} were kept")
         new.append(pruned.find(s.atoms))
-        old.append(an.find(atoms))
+        old.append(analysis.find(atoms))
     pairs = np.unique(np.stack([np.concatenate(new), np.concatenate(old)]), axis=1) if new else np.zeros((2, 0),
                                                                                                           np.int64)
-    kept_units = np.setdiff1d(np.fromiter(an.unit_group, np.int64), np.asarray(sorted(removed), np.int64))
+    kept_units = np.setdiff1d(np.fromiter(analysis.unit_group, np.int64), np.asarray(sorted(removed), np.int64))
     if len(np.unique(pairs[0])) != pairs.shape[1] or len(np.unique(pairs[1])) != pairs.shape[1] \
             or len(pairs[0]) != len(pruned.unit_group) or not np.array_equal(np.unique(pairs[1]), kept_units):
         raise _mapping_error("the pruned model's units do not correspond one to one to the kept original units")
     return pairs[0], pairs[1]
 
 
-def group_map(an: Analysis, pruned: Analysis, new_roots: np.ndarray, old_roots: np.ndarray) -> np.ndarray:
+def group_map(analysis: Analysis, pruned: Analysis, new_roots: np.ndarray, old_roots: np.ndarray) -> np.ndarray:
     """group_of[g]: the original group of the pruned model's group g. Raises SpaError unless the groups
     correspond one to one (channel pruning keeps every group alive: min_channels >= 1)."""
     pairs = np.unique(np.array([[pruned.unit_group[int(r)] for r in new_roots],
-                                [an.unit_group[int(r)] for r in old_roots]], dtype=np.int64).reshape(2, -1), axis=1)
-    n = len(an.groups)
+                                [analysis.unit_group[int(r)] for r in old_roots]], dtype=np.int64).reshape(2, -1), axis=1)
+    n = len(analysis.groups)
     if len(pruned.groups) != n or pairs.shape[1] != n or len(np.unique(pairs[0])) != n \
             or len(np.unique(pairs[1])) != n:
         raise _mapping_error(f"the pruned model has {len(pruned.groups)} coupled groups, the original {n}, and "
@@ -369,12 +369,12 @@ def _params_total(g) -> float:
                if np.dtype(g.const_info(n)[1]).kind == "f")
 
 
-def _params_share(an: Analysis, groups_of, n_groups: int, total: float | None) -> np.ndarray:
+def _params_share(analysis: Analysis, groups_of, n_groups: int, total: float | None) -> np.ndarray:
     """Per group: parameter elements of the slices labelled by the group (a tensor sliced on two axes counts
     its share on each axis)."""
-    g = an.ctx.g
+    g = analysis.ctx.g
     out = np.zeros(n_groups)
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         name = ps.node.input[ps.input_index]
         if not g.is_const(name):
             continue
@@ -398,12 +398,12 @@ def _data_input(node, g) -> str | None:
     return node.input[0] if node.input else None
 
 
-def _edges(an: Analysis, by_name, pos_groups) -> dict:
+def _edges(analysis: Analysis, by_name, pos_groups) -> dict:
     """(A, B) -> [units of A on the links, positions on the links, all links indirect] over the source layers of B."""
-    g = an.ctx.g
-    labels = an.ctx.labels
+    g = analysis.ctx.g
+    labels = analysis.ctx.labels
     edges: dict[tuple[int, int], list] = {}
-    for s in an.ctx.sources:
+    for s in analysis.ctx.sources:
         node = by_name.get(s.node)
         if node is None or node.op_type not in _SOURCE_OPS:
             continue
@@ -432,7 +432,7 @@ def _edges(an: Analysis, by_name, pos_groups) -> dict:
         for t, indirect in found:
             atoms = labels[t].atoms
             pg = pos_groups(atoms)
-            roots = an.find(atoms)
+            roots = analysis.find(atoms)
             for a in np.unique(pg[pg >= 0]).tolist():
                 on = pg == a
                 units, positions = len(np.unique(roots[on])), int(on.sum())

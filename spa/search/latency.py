@@ -361,24 +361,24 @@ def _counts(size: int, prunable: bool, grid=GRID, align: int = 1) -> list[int]:
     return sorted(counts | {int(size)})
 
 
-def _prunable(an, atoms) -> bool:
+def _prunable(analysis, atoms) -> bool:
     """Whether some unit on these positions may be removed (not frozen)."""
     if atoms is None:
         return False
-    roots = an.find(np.asarray(atoms, np.int64))
+    roots = analysis.find(np.asarray(atoms, np.int64))
     roots = np.unique(roots[roots >= 0])
-    return any(not _frozen_units(an).get(int(r), True) for r in roots)
+    return any(not _frozen_units(analysis).get(int(r), True) for r in roots)
 
 
-def _frozen_units(an) -> dict:
-    cache = an.__dict__.get("_latency_frozen")
+def _frozen_units(analysis) -> dict:
+    cache = analysis.__dict__.get("_latency_frozen")
     if cache is None:
-        cache = {int(u): bool(f) for grp in an.groups for u, f in zip(grp.units, grp.frozen)}
-        an.__dict__["_latency_frozen"] = cache
+        cache = {int(u): bool(f) for grp in analysis.groups for u, f in zip(grp.units, grp.frozen)}
+        analysis.__dict__["_latency_frozen"] = cache
     return cache
 
 
-def layer_specs(model, an, batch: int = 1, grid=GRID, align: int = ALIGN) -> list[LayerSpec]:
+def layer_specs(model, analysis, batch: int = 1, grid=GRID, align: int = ALIGN) -> list[LayerSpec]:
     """The MAC-carrying layers with a weight, in graph order, with the table's batch. Layers whose input shape is
     not static, and activation x activation MatMuls, are left to the rest term."""
     g = model.graph
@@ -386,18 +386,18 @@ def layer_specs(model, an, batch: int = 1, grid=GRID, align: int = ALIGN) -> lis
     base = int(base[0]) if len(base) else 1
     by_name = {n.name: n for n in g.nodes}
     specs = []
-    for name, cost in an.ctx.costs.items():
+    for name, cost in analysis.ctx.costs.items():
         node = by_name.get(name)
         if node is None or not cost.factors:
             continue
-        spec = _spec(node, cost, g, an, base, batch, grid, align)
+        spec = _spec(node, cost, g, analysis, base, batch, grid, align)
         if spec is not None:
             specs.append(spec)
     order = {n.name: i for i, n in enumerate(g.nodes)}
     return sorted(specs, key=lambda s: order[s.node.name])
 
 
-def _spec(node, cost, g, an, base: int, batch: int, grid, align: int) -> LayerSpec | None:
+def _spec(node, cost, g, analysis, base: int, batch: int, grid, align: int) -> LayerSpec | None:
     op = node.op_type
     consts = [x for x in node.input[:2] if x and g.is_const(x)]
     if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(consts) != 1:
@@ -432,12 +432,12 @@ def _spec(node, cost, g, an, base: int, batch: int, grid, align: int) -> LayerSp
         in_size, in_counts, in_align = 1, [1], 1
         out_size = groups
         out_align = align if conv and len(out_atoms) == groups and shape[1] == groups else 1
-        out_counts = _counts(groups, _prunable(an, out_atoms), grid, out_align)
+        out_counts = _counts(groups, _prunable(analysis, out_atoms), grid, out_align)
     else:
         in_size, out_size = shape[in_axis], len(out_atoms)
         in_align = out_align = align if conv else 1
-        in_counts = _counts(in_size, _prunable(an, in_atoms), grid, in_align)
-        out_counts = _counts(out_size, _prunable(an, out_atoms), grid, out_align)
+        in_counts = _counts(in_size, _prunable(analysis, in_atoms), grid, in_align)
+        out_counts = _counts(out_size, _prunable(analysis, out_atoms), grid, out_align)
     out = g.shapes.get(node.output[0])
     out_elems = int(np.prod(out)) if out and all(isinstance(d, int) for d in out) else out_size
     return LayerSpec(node, op, data_first, shape, list(w.shape), bias_shape, in_axis, int(in_size), int(out_size),
@@ -566,7 +566,7 @@ def _pooled(blocks: list[dict]) -> dict:
             "runs": int(sum(b["runs"] for b in blocks)), "blocks": [round(float(b["median"]), 5) for b in blocks]}
 
 
-def profile(model, an=None, *, batch: int = 1, threads: int = 1, runs: int = MIN_RUNS, warmup: int = 5,
+def profile(model, analysis=None, *, batch: int = 1, threads: int = 1, runs: int = MIN_RUNS, warmup: int = 5,
             grid=GRID, timer=None, log=None, clock: str = "wall", align: int = ALIGN) -> LatencyTable:
     """Measure the cost table of a normalized model (`spa.driver.load`): the end-to-end latency (FULL_BLOCKS
     blocks of at least 30 runs, before, between and after the layers, pooled by `_pooled`: the layers and the
@@ -578,13 +578,13 @@ def profile(model, an=None, *, batch: int = 1, threads: int = 1, runs: int = MIN
 
     _check_counts(batch, threads, runs, warmup, clock)
     t0 = time.perf_counter()
-    an = an or driver.analyse(model)
+    analysis = analysis or driver.analyse(model)
     log = log or (lambda msg: None)
     layer_timer = timer or Timer(threads, runs, warmup, clock)
     full_timer = timer or Timer(threads, max(runs, MIN_RUNS), warmup, clock)
     if not isinstance(align, (int, np.integer)) or align < 1:
         raise SpaError(f"align must be an integer >= 1, got {align!r}")
-    specs = layer_specs(model, an, batch, grid, align)
+    specs = layer_specs(model, analysis, batch, grid, align)
     keys = [s.signature() for s in specs]
     distinct = {key: (s, desc) for s, (key, desc) in zip(specs, keys)}
     proto, feeds = runnable(model.graph.to_model(), batch, model.input_shapes)
@@ -631,7 +631,7 @@ def cache_path(fp: str, batch: int, threads: int) -> Path:
     return Path(root) / f"{fp}-b{batch}-t{threads}.json"
 
 
-def table_for(model, an, table=None, *, batch: int = 1, threads: int | None = 1, log=None) -> LatencyTable:
+def table_for(model, analysis, table=None, *, batch: int = 1, threads: int | None = 1, log=None) -> LatencyTable:
     """The table of `model`: `table` (a LatencyTable or a path), checked against the model; without one, the cached
     table of this model, batch and thread count (~/.cache/spa-prune/latency/<fingerprint>-b<B>-t<T>.json,
     $SPA_LATENCY_CACHE overrides the folder), profiled and cached on first use."""
@@ -650,7 +650,7 @@ def table_for(model, an, table=None, *, batch: int = 1, threads: int | None = 1,
             return cached
         except SpaError:
             pass  # a broken or stale cache entry is measured again
-    table = profile(model, an, batch=batch, threads=threads, log=log)
+    table = profile(model, analysis, batch=batch, threads=threads, log=log)
     table.save(path)
     return table
 
@@ -683,10 +683,10 @@ class LatencyModel:
     input factor (none for a grouped conv, whose input is tied to its output, or for an input that carries no
     labels); `predict(frac)` takes `CostModel.kept_fractions(removed)`."""
 
-    def __init__(self, table: LatencyTable, cost_model, an):
-        self.table, self.cost_model, self.an = table, cost_model, an
+    def __init__(self, table: LatencyTable, cost_model, analysis):
+        self.table, self.cost_model, self.analysis = table, cost_model, analysis
         n_fac = len(cost_model.factor_len)
-        costs = an.ctx.costs
+        costs = analysis.ctx.costs
         k = max([2] + [len(s[a]) for s in table.signatures.values() for a in ("in_counts", "out_counts")])
         gx, gy, ms, fin, fout, weight, names, blocks = [], [], [], [], [], [], [], []
         for layer in table.layers:
@@ -768,9 +768,9 @@ class LatencyModel:
     def group_share(self) -> np.ndarray:
         """Per coupled group: the full-width time of the layers whose input or output factor it labels (split by
         positions, like flops_share: a layer counts for its input and its output group) over the end-to-end time."""
-        cm, an = self.cost_model, self.an
-        group_of_unit = np.append(np.array([an.unit_group[int(r)] for r in cm.unit_roots], dtype=np.int64), -1)
-        share = np.zeros(len(an.groups))
+        cm, analysis = self.cost_model, self.analysis
+        group_of_unit = np.append(np.array([analysis.unit_group[int(r)] for r in cm.unit_roots], dtype=np.int64), -1)
+        share = np.zeros(len(analysis.groups))
         full = self.layer_ms(np.ones(len(cm.factor_len)))
         for t, fids in zip(full, zip(self.fin, self.fout)):
             for fid in {int(x) for x in fids}:
@@ -981,13 +981,13 @@ def profile_main(argv) -> int:
             print(f"profile: {msg}", file=sys.stderr, flush=True)
 
     model = driver.load(args.input, dict(args.input_shape))
-    an = driver.analyse(model)
-    table = profile(model, an, batch=args.batch, threads=args.threads, runs=args.runs, log=log, clock=args.clock,
+    analysis = driver.analyse(model)
+    table = profile(model, analysis, batch=args.batch, threads=args.threads, runs=args.runs, log=log, clock=args.clock,
                     align=args.align)
     table.save(args.output)
     if not args.quiet:
         from .budget import CostModel
-        lm = LatencyModel(table, CostModel(an), an)
+        lm = LatencyModel(table, CostModel(analysis), analysis)
         s = lm.summary()
         print(f"profile: wrote {args.output}: {s['layers']} layers, {s['signatures']} distinct signatures; end to "
               f"end {table.full_ms:.3f} ms (p10 {table.full['p10']:.3f}, p90 {table.full['p90']:.3f}; batch "

@@ -23,7 +23,7 @@ from .graph import GroupGraph
 @dataclass
 class SearchProblem:
     model: Model                 # normalized original; never modified
-    an: Analysis
+    analysis: Analysis
     scores: dict                 # unit (root atom) -> importance, higher keeps
     projector: BudgetProjector
     graph: GroupGraph
@@ -61,25 +61,25 @@ class SearchProblem:
         if not budgets and target_latency is None:
             raise SpaError("a search needs a budget: give target_flops, target_params and/or target_latency")
         model = driver.load(source, input_shapes)
-        an = driver.analyse(model)
-        if not any(g.prunable >= 1 and g.size >= 2 for g in an.groups):
-            raise SpaError("no prunable group: " + driver.explain_nothing(an))
+        analysis = driver.analyse(model)
+        if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
+            raise SpaError("no prunable group: " + driver.explain_nothing(analysis))
         data = load_data(calib, model, calib_samples)
         if scores is None:
-            inputs = ScoreInputs(an, calib=data, loss=loss, samples=samples, seed=seed)
-            scores = score(an, importance, aggregation, normalization, inputs)
-        cost_model = CostModel(an)
+            inputs = ScoreInputs(analysis, calib=data, loss=loss, samples=samples, seed=seed)
+            scores = score(analysis, importance, aggregation, normalization, inputs)
+        cost_model = CostModel(analysis)
         latency = None
         if target_latency is not None or latency_table is not None:
             from .latency import LatencyModel, table_for
-            table = table_for(model, an, latency_table, batch=latency_batch, threads=threads)
-            latency = LatencyModel(table, cost_model, an)
+            table = table_for(model, analysis, latency_table, batch=latency_batch, threads=threads)
+            latency = LatencyModel(table, cost_model, analysis)
             cost_model.attach_latency(latency)
             if target_latency is not None:
                 budgets["latency"] = latency.fraction_of(target_latency)
-        projector = BudgetProjector(an, scores, budgets, min_channels=min_channels, round_to=round_to,
+        projector = BudgetProjector(analysis, scores, budgets, min_channels=min_channels, round_to=round_to,
                                     max_ratio=max_ratio, exclude=exclude, mode=mode, cost_model=cost_model)
-        graph = GroupGraph.build(an, scores, params_total=projector.cost_model.params_total)
+        graph = GroupGraph.build(analysis, scores, params_total=projector.cost_model.params_total)
         if latency is not None:
             graph.set_latency(latency.group_share())
         options = {"source": str(source) if not isinstance(source, onnx.ModelProto) else "<model>",
@@ -92,7 +92,7 @@ class SearchProblem:
                                   isinstance(latency_table, (str, os.PathLike)) else str(latency_table),
                                   "batch": latency.table.batch, "threads": latency.table.threads,
                                   **latency.summary()}
-        problem = cls(model, an, scores, projector, graph, data, options, latency)
+        problem = cls(model, analysis, scores, projector, graph, data, options, latency)
         problem._proto = onnx.ModelProto()
         problem._proto.CopyFrom(model.graph.to_model())
         return problem
@@ -125,13 +125,13 @@ class SearchProblem:
         from spa.passes.reconstruct import output_rows
 
         model = self.clone()
-        an = Analyse().run(model)
-        if [(g.name, g.size) for g in an.groups] != [(g.name, g.size) for g in self.an.groups]:
+        analysis = Analyse().run(model)
+        if [(g.name, g.size) for g in analysis.groups] != [(g.name, g.size) for g in self.analysis.groups]:
             raise SpaError("internal: the copy of the model analyses differently from the original")
-        removed = self.plan(kept).roots(an)
-        out_rows = output_rows(an, removed) if rows else None  # before Apply cuts the weights
-        Apply(an, removed).run(model)
-        return model, an, removed, out_rows
+        removed = self.plan(kept).roots(analysis)
+        out_rows = output_rows(analysis, removed) if rows else None  # before Apply cuts the weights
+        Apply(analysis, removed).run(model)
+        return model, analysis, removed, out_rows
 
 
 def load_data(calib, model: Model, limit: int | None = None):

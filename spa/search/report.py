@@ -41,7 +41,7 @@ def resolved_metric(requested: str, metrics: dict | None) -> str:
 def kept_units(problem, plan) -> list[int]:
     """Units each group keeps in the pruned model: the candidate's counts plus any unit given back so that no
     concat/split piece empties (what the driver's per_group rows report)."""
-    return [int(g.size - len(plan.removed.get(g.id, []))) for g in problem.an.groups]
+    return [int(g.size - len(plan.removed.get(g.id, []))) for g in problem.analysis.groups]
 
 
 def search_section(history, plan=None, *, metric: str = "auto", policy_options: dict | None = None,

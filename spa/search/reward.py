@@ -199,7 +199,7 @@ class CalibEvaluator(Evaluator):
         from ..importance import ScoreInputs
         from ..obspa import model_data
 
-        feeds, _ = model_data(ScoreInputs(self.problem.an, None, samples=samples or 64, seed=self.seed))
+        feeds, _ = model_data(ScoreInputs(self.problem.analysis, None, samples=samples or 64, seed=self.seed))
         return feeds, None
 
     def _slice(self, sl: slice) -> dict[str, np.ndarray]:
@@ -260,13 +260,13 @@ class CalibEvaluator(Evaluator):
     def measure(self, kept: np.ndarray) -> dict:
         teacher = self.teacher()
         t0 = time.perf_counter()
-        model, an, removed, rows = self.problem.apply(kept, rows=self.recalibrate or bool(self.refit))
+        model, analysis, removed, rows = self.problem.apply(kept, rows=self.recalibrate or bool(self.refit))
         t1 = time.perf_counter()
         refit_info = None
         if self._exact_refit or (self.recalibrate and not self.fast):
             outputs = self._reconstruct(model, rows)
         elif self.recalibrate or self.fast_refit:
-            cols = input_columns(an, removed, self._refit_layers) if self.fast_refit == "oneshot" else None
+            cols = input_columns(analysis, removed, self._refit_layers) if self.fast_refit == "oneshot" else None
             refit_info = {} if self.fast_refit else None
             outputs = self._fast_recalibrate(model, rows, cols, refit_info)
         else:
@@ -388,7 +388,7 @@ class CalibEvaluator(Evaluator):
         (every candidate's right-hand side is a slice of it)."""
         import torch
 
-        from .. import obspa as O
+        from .. import obspa
 
         g = self.problem.model.graph
         w = view.matrix(np.asarray(g.const(view.weight), np.float64))
@@ -397,15 +397,15 @@ class CalibEvaluator(Evaluator):
         in_axis = 0 if view.trans else 1
         layer = {"bias": view.bias is not None, "k": view.k, "in_axis": in_axis,
                  "in_len": int(np.asarray(g.const(view.weight)).shape[in_axis]), "rows": [], "y": [], "total": []}
-        gram = O.Gram()
+        gram = obspa.Gram()
         wt = torch.from_numpy(w.T.astype(np.float32))
         for x in xs:
             x = x.float()
             quota = max(1, round(self.refit_positions * x.shape[0] / max(n, 1)))
-            total = O.output_positions(view, x)
-            rows = O.pick_rows(total, quota, gen)
-            a = O.sample_rows(view, x, rows)
-            a = O.with_ones(a) if view.bias is not None else a
+            total = obspa.output_positions(view, x)
+            rows = obspa.pick_rows(total, quota, gen)
+            a = obspa.sample_rows(view, x, rows)
+            a = obspa.with_ones(a) if view.bias is not None else a
             if self.fast_refit == "oneshot":
                 gram.add(a)
             else:  # the original layer's output at the sampled positions: the refit's target
@@ -429,10 +429,10 @@ class CalibEvaluator(Evaluator):
 
         for the kept output rows of [W_o | b_o]; W_p is the pruned weight (the original's kept rows and columns),
         so with damp 0 it is the least-squares W' = W_o H_:K H_KK⁻¹. The cost is one |K| x |K| Cholesky solve."""
-        from .. import obspa as O
+        from .. import obspa
 
         layer = self._refit_layers[node.name]
-        view = O.layer_view(g, node)
+        view = obspa.layer_view(g, node)
         if view is None or len(g.consumers.get(view.weight, [])) > 1:
             return
         t = time.perf_counter()
@@ -448,20 +448,20 @@ class CalibEvaluator(Evaluator):
         out = np.flatnonzero(rows[node.name]) if node.name in rows else np.arange(layer["hw"].shape[1])
         if w_p.shape != (len(out), len(cols)):
             return
-        damp = O.DEFAULT_DAMP if self.damp is None else self.damp
-        hd, lam = O.damped(layer["h"][np.ix_(cols, cols)], damp)
+        damp = obspa.DEFAULT_DAMP if self.damp is None else self.damp
+        hd, lam = obspa.damped(layer["h"][np.ix_(cols, cols)], damp)
         rhs = layer["hw"][np.ix_(cols, out)] + lam * w_p.T          # H_K: W_oᵀ: H W_oᵀ is computed once
-        self._write_refit(g, tg, view, w_full, O._solve_psd(hd, rhs).T, info, t)
+        self._write_refit(g, tg, view, w_full, obspa._solve_psd(hd, rhs).T, info, t)
 
     def _lockstep_refit(self, node, g, tg, envs, rows, info: dict) -> None:
         """Reconstruct's refit of one layer from the pruned model's actual input, against the original layer's
         output at the positions sampled once (cached by `_original_pass`): no second model runs."""
         import torch
 
-        from .. import obspa as O
+        from .. import obspa
 
         layer = self._refit_layers[node.name]
-        view = O.layer_view(g, node)
+        view = obspa.layer_view(g, node)
         if view is None or len(g.consumers.get(view.weight, [])) > 1 or (view.bias is not None) != layer["bias"]:
             return
         t = time.perf_counter()
@@ -470,11 +470,11 @@ class CalibEvaluator(Evaluator):
         count = 0
         for env, r, y, total in zip(envs, layer["rows"], layer["y"], layer["total"]):
             x = env[node.input[0]].float()
-            if O.output_positions(view, x) != total:
+            if obspa.output_positions(view, x) != total:
                 return
-            a = O.sample_rows(view, x, r)
+            a = obspa.sample_rows(view, x, r)
             if view.bias is not None:
-                a = O.with_ones(a)
+                a = obspa.with_ones(a)
             yk = y if out is None else y.index_select(1, out)
             if a.shape[1] <= 64:  # as spa.obspa.Gram: float64 products for narrow layers, float32 otherwise
                 a, yk = a.double(), yk.double()
@@ -488,9 +488,9 @@ class CalibEvaluator(Evaluator):
             w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
         if xx is None or xy.shape != (w_p.shape[1], w_p.shape[0]):
             return
-        damp = O.DEFAULT_DAMP if self.damp is None else self.damp
-        hd, lam = O.damped(xx.numpy() / count, damp)
-        new = O._solve_psd(hd, xy.numpy() / count + lam * w_p.T).T
+        damp = obspa.DEFAULT_DAMP if self.damp is None else self.damp
+        hd, lam = obspa.damped(xx.numpy() / count, damp)
+        new = obspa._solve_psd(hd, xy.numpy() / count + lam * w_p.T).T
         self._write_refit(g, tg, view, w_full, new, info, t)
 
     def _write_refit(self, g, tg, view, w_full, new, info, t0) -> None:
@@ -583,14 +583,14 @@ class CalibEvaluator(Evaluator):
             env[node.output[0]] = torch.addcmul(sh.to(y.dtype), y, sc.to(y.dtype))
 
 
-def input_columns(an, removed, layers: dict | None) -> dict[str, np.ndarray]:
+def input_columns(analysis, removed, layers: dict | None) -> dict[str, np.ndarray]:
     """For every layer refit="oneshot" models whose input lost units: the kept input columns of its original weight matrix
     (a conv's input channel repeated over its kernel positions), from the 'sink' slices of the analysis."""
     if not layers:
         return {}
-    keep = an.keep_mask(removed)
+    keep = analysis.keep_mask(removed)
     masks = {name: np.ones(lay["in_len"], bool) for name, lay in layers.items()}
-    for ps in an.ctx.params:
+    for ps in analysis.ctx.params:
         lay = layers.get(ps.node.name)
         if ps.role != "sink" or lay is None or ps.input_index != 1 or ps.axis != lay["in_axis"]:
             continue
