@@ -20,10 +20,7 @@ Default normalization for image folders (no mean/std given): ImageNet's mean (0.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import struct
-import sys
 import warnings
 import zipfile
 import zlib
@@ -34,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import SpaError
+from .errors import SpaError, one_line
+from .fileio import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,18 +108,14 @@ def input_specs(model: onnx.ModelProto) -> dict[str, Spec]:
     return specs
 
 
-def _fmt_shape(shape) -> str:
+def format_shape(shape) -> str:
     if shape is None:
         return "[any rank]"
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _fmt_spec(spec: Spec) -> str:
-    return f"{_fmt_shape(spec[0])} {spec[1].name}"
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
+    return f"{format_shape(spec[0])} {spec[1].name}"
 
 
 def image_input(specs: dict[str, Spec], layout: str | None = None):
@@ -132,7 +126,7 @@ def image_input(specs: dict[str, Spec], layout: str | None = None):
                        f"({', '.join(specs) or 'none'}); give an .npz with one array per input instead")
     name, (shape, dtype) = next(iter(specs.items()))
     if shape is None or len(shape) != 4:
-        raise SpaError(f"images need a 4-D image input, model input '{name}' is {_fmt_shape(shape)}")
+        raise SpaError(f"images need a 4-D image input, model input '{name}' is {format_shape(shape)}")
     if dtype.kind != "f":
         raise SpaError(f"images give float data, model input '{name}' is {dtype.name}")
     if layout is None:
@@ -141,13 +135,13 @@ def image_input(specs: dict[str, Spec], layout: str | None = None):
         elif shape[3] in (1, 3):
             layout = "nhwc"
         else:
-            raise SpaError(f"cannot tell the channel axis of model input '{name}' {_fmt_shape(shape)} (no dim of "
+            raise SpaError(f"cannot tell the channel axis of model input '{name}' {format_shape(shape)} (no dim of "
                            f"size 1 or 3 at axis 1 or 3); give the layout (nchw or nhwc)")
     if layout not in ("nchw", "nhwc"):
         raise SpaError(f"layout must be nchw or nhwc, got '{layout}'")
     channels, hw = (shape[1], shape[2:4]) if layout == "nchw" else (shape[3], shape[1:3])
     if channels is not None and channels not in (1, 3):
-        raise SpaError(f"model input '{name}' {_fmt_shape(shape)} has {channels} channels in {layout} layout; "
+        raise SpaError(f"model input '{name}' {format_shape(shape)} has {channels} channels in {layout} layout; "
                        f"images give 1 (grayscale) or 3 (RGB)")
     return name, dtype, layout, channels, tuple(hw)
 
@@ -172,17 +166,17 @@ def load_calib(path, specs, limit: int | None = None, mean=None, std=None, layou
     if p.is_dir():
         name, _, layout, channels, (h, w) = image_input(specs, layout)
         if h is None or w is None:
-            raise SpaError(f"calibration data {p}: model input '{name}' {_fmt_shape(specs[name][0])} has dynamic "
+            raise SpaError(f"calibration data {p}: model input '{name}' {format_shape(specs[name][0])} has dynamic "
                            f"spatial dims; fix them or make an .npz with `spa-prune make-calib --size H,W`")
         calib = images_to_calib(p, (h, w), mean, std, layout=layout, channels=channels or 3, limit=limit,
                                 name=name)
         arrays = dict(calib.inputs)
         if calib.labels is not None:
             arrays[LABELS_KEY] = calib.labels
-        out = _validate(str(p), arrays, specs, None)
+        out = validate_arrays(str(p), arrays, specs, None)
         out.classes, out.skipped = calib.classes, calib.skipped
         return out
-    return _validate(str(p), _read_npz(p), specs, limit)
+    return validate_arrays(str(p), _read_npz(p), specs, limit)
 
 
 def _read_npz(p: Path) -> dict[str, np.ndarray]:
@@ -191,7 +185,7 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
         with open(p, "rb") as f:
             head = f.read(6)
     except OSError as e:
-        raise SpaError(f"{where}: cannot read: {_one_line(e.strerror or e)}")
+        raise SpaError(f"{where}: cannot read: {one_line(e.strerror or e)}")
     if not head:
         raise SpaError(f"{where}: the file is empty, expected an .npz archive")
     if head.startswith(b"\x93NUMPY"):
@@ -214,13 +208,13 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
                     raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         # truncated or corrupt members, CRC errors, bad .npy headers
-        raise SpaError(f"{where}: cannot read the .npz archive: {_one_line(e) or type(e).__name__}")
+        raise SpaError(f"{where}: cannot read the .npz archive: {one_line(e) or type(e).__name__}")
     if not arrays:
         raise SpaError(f"{where}: the archive holds no arrays")
     return arrays
 
 
-def _validate(where: str, arrays: dict[str, np.ndarray], specs: dict[str, Spec], limit: int | None) -> Calib:
+def validate_arrays(where: str, arrays: dict[str, np.ndarray], specs: dict[str, Spec], limit: int | None) -> Calib:
     pre = f"calibration data {where}"
     labels = arrays.pop(LABELS_KEY) if LABELS_KEY in arrays and LABELS_KEY not in specs else None
     names = list(specs)
@@ -272,11 +266,11 @@ def _check_input(pre: str, name: str, arr: np.ndarray, spec: Spec) -> np.ndarray
             hint = ""
             if arr.ndim == len(shape) - 1 and all(d is None or d == a for d, a in zip(shape[1:], arr.shape)):
                 hint = " (the sample axis 0 is missing? add it with arr[None])"
-            raise SpaError(f"{what}: expected rank {len(shape)} {_fmt_shape(shape)}, found rank {arr.ndim} "
+            raise SpaError(f"{what}: expected rank {len(shape)} {format_shape(shape)}, found rank {arr.ndim} "
                            f"{list(arr.shape)}{hint}")
         for axis, (want, got) in enumerate(zip(shape, arr.shape)):
             if axis > 0 and want is not None and want != got:
-                raise SpaError(f"{what}: dim {axis} must be {want} ({_fmt_shape(shape)}), found {got} "
+                raise SpaError(f"{what}: dim {axis} must be {want} ({format_shape(shape)}), found {got} "
                                f"(shape {list(arr.shape)})")
     elif arr.ndim == 0:
         raise SpaError(f"{what}: found a scalar; calibration data needs a sample axis")
@@ -423,7 +417,7 @@ def images_to_calib(folder, size, mean=None, std=None, layout: str = "nchw", cha
         try:
             picked.append((int(i), _decode(files[i], hw, channels)))
         except _decode_errors() as e:
-            skipped.append((_rel_name(files[i], folder), _one_line(e) or type(e).__name__))
+            skipped.append((_rel_name(files[i], folder), one_line(e) or type(e).__name__))
     if skipped:
         shown = "; ".join(f"{f} ({why})" for f, why in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
@@ -459,166 +453,21 @@ def save_calib(calib: Calib, path) -> None:
         if LABELS_KEY in arrays:
             raise SpaError(f"an input is named '{LABELS_KEY}', which the .npz format reserves for class labels")
         arrays[LABELS_KEY] = np.asarray(calib.labels)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, p)
-    except OSError as e:
-        raise SpaError(f"cannot write {p}: {_one_line(e.strerror or e)}")
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(p, lambda f: np.savez(f, **arrays))
 
 
 # ---- spa-prune make-calib ---------------------------------------------------------------------------------------------
-MAKE_CALIB_DOC = """\
-Turn a folder of images into calibration data (.npz) for spa-prune.
-
-Each image (png, jpg, jpeg, bmp, gif, tif, tiff, webp; subfolders searched, files sorted) is converted to RGB
-(or grayscale with --channels 1), resized with its aspect ratio kept to the smallest size that covers the target,
-center-cropped to the target, scaled to [0, 1] and normalized per channel: (x - mean) / std. The result is a
-float32 array NAME of shape (N, C, H, W) (nchw) or (N, H, W, C) (nhwc). When every image lies in a subfolder,
-the images are labelled ImageFolder-style (index of the sorted subfolder name) and the labels are saved as
-'labels'. Files that fail to decode are skipped with a warning.
-
-    spa-prune make-calib val/ -o calib.npz --model model.onnx --limit 512
-    spa-prune make-calib val/ -o calib.npz --size 224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
-"""
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
-    if not vals:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
-    return vals
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        vals = [int(v) for v in text.replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected S or H,W (positive integers), got '{text}'")
-    if len(vals) not in (1, 2) or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected S or H,W (positive integers), got '{text}'")
-    return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return v
 
 
-def make_calib_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="spa-prune make-calib", description=MAKE_CALIB_DOC,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Exit codes: 0 success; 2 bad input or option (one line on stderr, nothing written).")
-    p.add_argument("images", metavar="IMAGES_DIR", help="folder of images (searched recursively)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.npz",
-                   help="where to write the calibration data (replaced atomically)")
-    p.add_argument("--model", metavar="MODEL.onnx",
-                   help="take the input name, layout, channels and size from the model's single 4-D image input "
-                        "(the options below may fill its dynamic dims, but must agree with its static ones)")
-    p.add_argument("--size", type=_size, metavar="S|H,W",
-                   help="target size: S resizes the shorter side to S and center-crops S x S; H,W resizes to "
-                        "cover H x W (aspect ratio kept) and center-crops H x W (required without --model)")
-    p.add_argument("--mean", type=_floats, metavar="M[,M,M]",
-                   help="per-channel mean subtracted after scaling to [0, 1] (default 0.485,0.456,0.406 for "
-                        "3 channels, 0.5 for 1)")
-    p.add_argument("--std", type=_floats, metavar="S[,S,S]",
-                   help="per-channel std divided by after subtracting the mean (default 0.229,0.224,0.225 for "
-                        "3 channels, 0.5 for 1)")
-    p.add_argument("--layout", choices=["nchw", "nhwc"],
-                   help="array layout (default: nchw, or inferred from --model)")
-    p.add_argument("--channels", type=int, choices=[1, 3],
-                   help="3: RGB, 1: grayscale (default 3, or from --model)")
-    p.add_argument("--name", metavar="INPUT_NAME",
-                   help="array name = the model input it feeds (default 'input', or from --model)")
-    p.add_argument("--limit", type=_positive, metavar="N",
-                   help="keep N images: a seeded random choice when there are more (default: all)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the --limit choice (default 0)")
-    return p
 
 
-def _load_model_inputs(path: str) -> dict[str, Spec]:
-    from google.protobuf.message import DecodeError
-
-    p = Path(path)
-    if not p.is_file():
-        raise SpaError(f"model {p}: not found" if not p.exists() else f"model {p}: not a file")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (OSError, ValueError, RuntimeError, DecodeError) as e:
-        raise SpaError(f"model {p}: cannot read it as ONNX: {_one_line(e) or type(e).__name__}")
-    return input_specs(model)
 
 
-def _resolve(args):
-    """name, layout, channels, (H, W), specs (or None) from the options and, with --model, the model."""
-    if args.model is None:
-        if args.size is None:
-            raise SpaError("give --size S or H,W (or --model with a static image size)")
-        return args.name or "input", args.layout or "nchw", args.channels or 3, args.size, None
-    specs = _load_model_inputs(args.model)
-    try:
-        name, _, layout, channels, (h, w) = image_input(specs, args.layout)
-    except SpaError as e:
-        raise SpaError(f"model {args.model}: {e}")
-    shape = _fmt_shape(specs[name][0])
-    if args.name is not None and args.name != name:
-        raise SpaError(f"--name {args.name} does not match model {args.model}'s input '{name}'")
-    if args.channels is not None and channels is not None and args.channels != channels:
-        raise SpaError(f"--channels {args.channels} does not match model input '{name}' {shape} ({channels} "
-                       f"channels, {layout})")
-    channels = args.channels or channels or 3
-    if args.size is not None:
-        for got, want, axis in ((args.size[0], h, "H"), (args.size[1], w, "W")):
-            if want is not None and got != want:
-                raise SpaError(f"--size {args.size[0]},{args.size[1]} does not match model input '{name}' "
-                               f"{shape} ({axis} = {want}, {layout})")
-        h, w = args.size
-    if h is None or w is None:
-        raise SpaError(f"model input '{name}' {shape} has dynamic spatial dims; give --size S or H,W")
-    return name, layout, channels, (h, w), specs
 
 
-def make_calib_main(argv) -> int:
-    """``spa-prune make-calib``: 0 on success, 2 with one line on stderr for bad input (nothing written)."""
-    try:
-        args = make_calib_parser().parse_args([str(a) for a in argv])
-        name, layout, channels, hw, specs = _resolve(args)
-        out = Path(args.output)
-        if out.is_dir():
-            raise SpaError(f"output {out} is a directory")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            calib = images_to_calib(args.images, hw, args.mean, args.std, layout=layout, channels=channels,
-                                    limit=args.limit, seed=args.seed, name=name)
-        if specs is not None:  # cast to the model's dtype and check it the way load_calib will
-            arrays = dict(calib.inputs)
-            if calib.labels is not None:
-                arrays[LABELS_KEY] = calib.labels
-            checked = _validate(str(args.images), arrays, specs, None)
-            calib.inputs, calib.labels = checked.inputs, checked.labels
-        save_calib(calib, out)
-    except SpaError as e:
-        print(f"spa-prune: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    for w in caught:
-        print(f"spa-prune: warning: {_one_line(w.message)}", file=sys.stderr)
-    x = calib.inputs[name]
-    labels = (f"labels yes ({len(calib.classes)} classes)" if calib.labels is not None else "labels no")
-    print(f"make-calib: wrote {out}: {calib.n} images, '{name}' {list(x.shape)} {x.dtype.name} {layout}, "
-          f"{labels}, {len(calib.skipped)} skipped", file=sys.stderr)
-    return 0

@@ -11,3 +11,10 @@ class VerificationError(Exception):
     """The pruned model does not match its reference: exit code 1, nothing written."""
 
     exit_code = 1
+
+
+def one_line(text, limit: int | None = None) -> str:
+    """A message (or an exception) folded onto one line, so an error stays the single stderr line the CLI
+    promises; `limit` cuts very long library messages."""
+    folded = " ".join(str(text).split())
+    return folded if limit is None else folded[:limit]

@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import SpaError
+from .fileio import temp_path_beside
 
 MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is what current exporters write and is accepted widely
 MAX_OPSET = 26
@@ -318,7 +319,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     Models over ~1.8 GB (protobuf's 2 GB limit) get their weights in OUT.data beside OUT."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp = temp_path_beside(p)
     big = _approx_size(model) > 1_800_000_000 if external is None else external
     data_name = p.name + ".data"
     try:

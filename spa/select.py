@@ -8,12 +8,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import SpaError
+from .fileio import atomic_write_text
 from .groups import Analysis
 
 # ---- the plan --------------------------------------------------------------------------------------------------
@@ -92,18 +92,8 @@ class PruningPlan:
 
 
 def write_plan(data: dict, path) -> None:
-    """Write plan JSON atomically (temp file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SpaError(f"cannot write plan {path}: {e.strerror or e}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write plan JSON atomically."""
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def tensor_section(analysis: Analysis, removed_roots: set[int]) -> dict:

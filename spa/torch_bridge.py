@@ -35,11 +35,8 @@ ONNX model, both in onnxruntime on the example inputs.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,6 +47,7 @@ from onnx import helper
 from torch import nn
 
 from .errors import SpaError, VerificationError
+from .fileio import atomic_write
 from .torch_graph import TorchGraph
 
 FORMAT = "spa-prune-torch/1"
@@ -127,7 +125,7 @@ def save_torch(module: TorchGraph, path, onnx_model=None) -> None:
     """Write `module` (from to_torch / load_torch, or any TorchGraph together with the onnx_model it was
     built from) as a self-describing torch.save file, atomically (temp file + os.replace). Load it with
     `spa.torch_bridge.load_torch(path)`."""
-    _atomic(path, _writer(module, onnx_model))
+    atomic_write(path, _writer(module, onnx_model))
 
 
 def _writer(module: TorchGraph, onnx_model=None):
@@ -141,25 +139,6 @@ def _writer(module: TorchGraph, onnx_model=None):
     data = {"format": FORMAT, "onnx": structure, "params": dict(module._param_key),
             "upcast_half": bool(module.upcast_half), "state_dict": module.state_dict()}
     return lambda f: torch.save(data, f)
-
-
-def _atomic(path, write, before_replace=None) -> None:
-    """Write through `write(file)` to a temp file beside `path`, optionally check it (`before_replace(tmp)`,
-    which may raise: nothing is written then), and rename it over `path`."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, p)
-    except OSError as e:
-        raise SpaError(f"cannot write {p}: {e.strerror or e}")
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_torch(path, map_location="cpu") -> OnnxModule:
@@ -256,72 +235,10 @@ def check_against_onnxruntime(module: TorchGraph, proto: onnx.ModelProto, input_
     return worst
 
 
-# ---- the CLI -----------------------------------------------------------------------------------------------------
-TO_TORCH_DOC = """\
-Convert an ONNX model (e.g. one written by spa-prune) into a trainable PyTorch module file.
-
-    spa-prune to-torch pruned.onnx pruned.pt
-
-Load it in your code (spa-prune must be importable):
-
-    from spa.torch_bridge import load_torch
-    net = load_torch("pruned.pt")     # a torch.nn.Module: net(x), net.parameters(), net.state_dict(), ...
-    net.param("conv1.weight")         # parameters by ONNX initializer name; save_torch(net, path) after training
-
-The file is reloaded and compared with onnxruntime on random inputs before it replaces OUT.
-"""
 
 
-def to_torch_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser, _shape
-    p = _Parser(prog="spa-prune to-torch", description=TO_TORCH_DOC,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Exit codes: 0 success; 1 the reloaded module does not match onnxruntime (nothing written); "
-                       "2 bad input or option (one line on stderr).")
-    p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
-    p.add_argument("output", help="the .pt file to write (replaced atomically)")
-    p.add_argument("--input-shape", action="append", type=_shape, default=[], metavar="NAME=D1,D2,...",
-                   help="fix dynamic input dims for the check (batch 1, spatial 224, others 128 otherwise)")
-    p.add_argument("--rtol", type=float, default=1e-4,
-                   help="check tolerance: max |torch - onnxruntime| relative to each output's scale (1e-4)")
-    p.add_argument("--no-check", action="store_true", help="skip the reload + onnxruntime comparison")
-    p.add_argument("--keep-half", action="store_true",
-                   help="run float16 models in float16 (default: upcast to float32, which CPU torch needs)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
-    return p
 
 
-def to_torch_main(argv) -> int:
-    args = to_torch_parser().parse_args(argv)
-    t0 = time.perf_counter()
-    src = args.input
-    if not src.startswith("zoo:") and os.path.exists(src) and os.path.exists(args.output) \
-            and os.path.samefile(src, args.output):
-        raise SpaError("output path is the input file; refusing to overwrite the input")
-    from .driver import check_output_path
-    check_output_path(args.output)
-    if not args.rtol > 0:
-        raise SpaError(f"--rtol must be > 0, got {args.rtol}")
-    proto = _proto_of(src)
-    module = OnnxModule(proto, upcast_half=not args.keep_half)
-    out = Path(args.output)
-    err = None
-
-    def check(tmp):
-        nonlocal err
-        err = check_against_onnxruntime(load_torch(tmp), proto, dict(args.input_shape))
-        if not err <= args.rtol:
-            raise VerificationError(f"the reloaded module differs from onnxruntime: max rel. error {err:.3g} > "
-                                    f"{args.rtol:g}")
-
-    _atomic(out, _writer(module), None if args.no_check else check)
-    if not args.quiet:
-        n = sum(p.numel() for p in module.parameters())
-        check = "not checked (--no-check)" if err is None else \
-            f"reloaded, max rel. error vs onnxruntime {err:.2e} (<= {args.rtol:g}, 2 random inputs)"
-        print(f"to-torch: wrote {out}: {n:,} parameters in {len(module.param_names)} tensors, "
-              f"{len(module.nodes)} nodes; {check}; {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return 0
 
 
 # ==== route 2: a saved plan applied to the original torch module ===================================================
@@ -718,4 +635,4 @@ def _update_attributes(mod: nn.Module, name: str, old_shapes) -> None:
 
 
 __all__ = ["FORMAT", "OnnxModule", "apply_plan_to_module", "check_against_onnxruntime", "load_torch", "save_torch",
-           "to_torch", "to_torch_main"]
+           "to_torch"]

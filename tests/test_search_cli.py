@@ -19,8 +19,11 @@ pytest.importorskip("gymnasium")
 models = pytest.importorskip("models")
 
 import spa.search
-from spa import cli
-from spa.cli import SearchProgress, main
+from spa.cli import command_parser, main
+from spa.cli import prune as prune_cli
+from spa.cli import search as search_cli
+from spa.cli import summary as summary_cli
+from spa.cli.search import SearchProgress
 from spa.errors import SpaError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -306,31 +309,31 @@ def test_latency_flags_reach_the_problem(resnet18, tmp_path, capsys, monkeypatch
 
 def test_latency_summary_line():
     measured = {"budget_ms": 5.0, "measured_ms": 4.7123, "batch": 1, "threads": 2}
-    assert cli._latency_line(measured) == ("latency       4.712 ms measured (median) for a 5.000 ms budget, "
+    assert summary_cli._latency_line(measured) == ("latency       4.712 ms measured (median) for a 5.000 ms budget, "
                                            "batch 1, 2 thread(s)")
     skipped = {"budget_ms": 5.0, "search_predicted_ms": 4.9, "batch": 8, "threads": 1, "fit": "skipped: elsewhere"}
-    assert cli._latency_line(skipped).endswith("4.900 ms predicted for a 5.000 ms budget, batch 8, 1 thread(s); "
+    assert summary_cli._latency_line(skipped).endswith("4.900 ms predicted for a 5.000 ms budget, batch 8, 1 thread(s); "
                                                "skipped: elsewhere")
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
 def test_option_values_are_typed():
-    assert [cli._option_value(t) for t in ("3", "-2", "0.5", "1e-3", "true", "False", "none", "logit")] == \
+    assert [prune_cli._option_value(t) for t in ("3", "-2", "0.5", "1e-3", "true", "False", "none", "logit")] == \
         [3, -2, 0.5, 1e-3, True, False, None, "logit"]
-    assert cli._policy_option("eval-mean=false") == ("eval_mean", False)
+    assert prune_cli._policy_option("eval-mean=false") == ("eval_mean", False)
 
 
 def test_metric_choices_match_the_evaluator():
     from spa.search.reward import METRICS
 
-    assert cli.REWARD_METRICS == METRICS
-    assert set(cli.METRIC_ALIASES.values()) <= set(METRICS)
+    assert search_cli.REWARD_METRICS == METRICS
+    assert set(search_cli.METRIC_ALIASES.values()) <= set(METRICS)
 
 
 def test_help_lists_every_policy(capsys):
     rc, _ = run(["--help"], capsys)
     # --help prints to stdout; read it again through the parser to get the text
-    text = cli.prune_parser().format_help()
+    text = command_parser("prune").format_help()
     assert rc == 0
     for name in spa.search.POLICIES:
         assert any(line.strip().startswith(f"{name} ") for line in text.splitlines()), name

@@ -51,15 +51,12 @@ would measure this one).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import math
 import os
 import platform
-import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -69,7 +66,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import SpaError
+from ..errors import SpaError, one_line
+from ..fileio import atomic_write_text
 
 FORMAT = "spa-prune-latency/1"
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -99,10 +97,6 @@ def ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _one_line(e) -> str:
-    return " ".join(str(e).split())[:300]
-
-
 def session(proto: onnx.ModelProto, threads: int = 1):
     """A CPU session as latency is stated: `threads` intra-op threads, one inter-op thread, sequential."""
     import onnxruntime as ort
@@ -115,7 +109,7 @@ def session(proto: onnx.ModelProto, threads: int = 1):
     try:
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise SpaError(f"onnxruntime cannot load the model: {_one_line(e)}")
+        raise SpaError(f"onnxruntime cannot load the model: {one_line(e, 300)}")
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -135,7 +129,7 @@ def time_session(sess, feeds: dict, runs: int = MIN_RUNS, warmup: int = 5, clock
             sess.run(None, feeds)
             t[i] = now() - t0
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise SpaError(f"onnxruntime failed to run the model: {_one_line(e)}")
+        raise SpaError(f"onnxruntime failed to run the model: {one_line(e, 300)}")
     ms = t * 1e3
     return {"median": float(np.median(ms)), "p10": float(np.percentile(ms, 10)),
             "p90": float(np.percentile(ms, 90)), "runs": int(runs)}
@@ -493,22 +487,12 @@ class LatencyTable:
             if missing:
                 raise KeyError(f"no signature for layer '{missing[0]}'")
         except (KeyError, TypeError, ValueError) as e:
-            raise SpaError(f"{where} is not a valid latency table ({_one_line(e)})")
+            raise SpaError(f"{where} is not a valid latency table ({one_line(e, 300)})")
         return table
 
     def save(self, path) -> None:
-        """Write atomically (temp file in the same folder + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write atomically."""
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path) -> LatencyTable:
@@ -518,7 +502,7 @@ class LatencyTable:
         except FileNotFoundError:
             raise SpaError(f"latency table not found: {path}")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SpaError(f"cannot read latency table {path}: {_one_line(e)}")
+            raise SpaError(f"cannot read latency table {path}: {one_line(e, 300)}")
         return cls.from_json(d, where=f"latency table {path}")
 
     def same_machine(self) -> bool:
@@ -936,62 +920,5 @@ def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, 
                       converged, probes, tuple(band))
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def profile_parser() -> argparse.ArgumentParser:
-    from ..cli import _Parser, _shape
-
-    p = _Parser(prog="spa-prune profile",
-                description="Measure a model's latency cost table with onnxruntime on this machine (run it on the "
-                            "deployment machine and carry the file: spa-prune IN OUT --target-latency MS "
-                            "--latency-table TABLE.json).")
-    p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
-    p.add_argument("-o", "--output", required=True, help="where to write the JSON table (replaced atomically)")
-    p.add_argument("--batch", type=int, default=1, help="batch size the latency is stated at (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    p.add_argument("--runs", type=int, default=MIN_RUNS,
-                   help=f"timed runs per measurement (default {MIN_RUNS}; the end-to-end time uses at least "
-                        f"{MIN_RUNS})")
-    p.add_argument("--input-shape", action="append", type=_shape, default=[], metavar="NAME=D1,D2,...",
-                   help="fix the dims of an input (repeatable); the batch dim is replaced by --batch")
-    p.add_argument("--align", type=int, default=ALIGN,
-                   help=f"time and predict conv channel counts in whole blocks of this many (default {ALIGN}: "
-                        "onnxruntime's blocked CPU convolutions; 1: exact counts)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time (default); cpu: the calling thread's CPU time, for a machine shared with "
-                        "other work (--threads 1 only; the end-to-end correction then measures the same way)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
-    return p
 
 
-def profile_main(argv) -> int:
-    """spa-prune profile IN.onnx -o TABLE.json [--batch B] [--threads T] [--runs N] [--input-shape NAME=D..]"""
-    from .. import driver
-
-    args = profile_parser().parse_args(argv)
-    for name in ("batch", "threads", "runs", "align"):
-        if getattr(args, name) < 1:
-            raise SpaError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.clock == "cpu" and args.threads != 1:
-        raise SpaError("--clock cpu needs --threads 1 (other threads' work is not on the calling thread's clock)")
-    driver.check_output_path(args.output)
-    t0 = time.perf_counter()
-
-    def log(msg):
-        if not args.quiet:
-            print(f"profile: {msg}", file=sys.stderr, flush=True)
-
-    model = driver.load(args.input, dict(args.input_shape))
-    analysis = driver.analyse(model)
-    table = profile(model, analysis, batch=args.batch, threads=args.threads, runs=args.runs, log=log, clock=args.clock,
-                    align=args.align)
-    table.save(args.output)
-    if not args.quiet:
-        from .budget import CostModel
-        lm = LatencyModel(table, CostModel(analysis), analysis)
-        s = lm.summary()
-        print(f"profile: wrote {args.output}: {s['layers']} layers, {s['signatures']} distinct signatures; end to "
-              f"end {table.full_ms:.3f} ms (p10 {table.full['p10']:.3f}, p90 {table.full['p90']:.3f}; batch "
-              f"{table.batch}, {table.threads} thread(s), {table.clock} clock); layers {s['layers_ms']:.3f} ms + rest {s['rest_ms']:.3f} "
-              f"ms + overhead {s['overhead_ms']:.4f} ms, scale {s['scale']:.3f}; "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0

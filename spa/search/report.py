@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SpaError
+from ..fileio import atomic_write
 
 # one line per built-in policy, for --help and the docs (a registered policy's docstring serves otherwise)
 POLICY_SUMMARY = {
@@ -102,13 +103,7 @@ def _integer_ticks(ax) -> None:
 
 
 def _save(fig, path) -> None:
-    from pathlib import Path
-
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(str(path), format="png", bbox_inches="tight")
-    except OSError as e:
-        raise SpaError(f"cannot write {path}: {e.strerror or e}")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
 
 
 def plot_curve(history, path, title: str | None = None) -> None:

@@ -1,0 +1,57 @@
+"""What every subcommand's command line shares: the parser that turns usage errors into one line and exit 2,
+argument types, the common options, progress on a terminal and the JSON report writer."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..errors import SpaError
+from ..fileio import atomic_write_text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 like every other bad input."""
+
+    def error(self, message):
+        raise SpaError(f"{message} (see {self.prog} --help)")
+
+
+def input_shape(text: str):
+    """NAME=D1,D2,... (or NAME=D1xD2x...) for --input-shape."""
+    try:
+        name, dims = text.rsplit("=", 1)
+        return name, tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got '{text}'")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", type=input_shape, default=[], metavar="NAME=D1,D2,...",
+                   help="fix the dims of an input for the cost model and verification (repeatable)")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report")
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary table on stderr")
+
+
+def stage_progress(quiet: bool):
+    """A one-line stage indicator on a terminal (None when quiet or not a terminal)."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    t0 = time.perf_counter()
+
+    def show(stage: str):
+        sys.stderr.write(f"\r[spa-prune {time.perf_counter() - t0:6.1f}s] {stage:<12}")
+        sys.stderr.flush()
+
+    return show
+
+
+def clear_progress(show) -> None:
+    if show:
+        sys.stderr.write("\r" + " " * 40 + "\r")
+
+
+def write_json(data: dict, path) -> None:
+    """A report or table as JSON, written atomically (missing parent folders are created, as for the model)."""
+    atomic_write_text(path, json.dumps(data, indent=1))

@@ -1,0 +1,279 @@
+"""spa-prune IN OUT --policy NAME: search a per-group allocation, then prune with the best plan through the
+driver's apply/verify/reconstruction path. Every check that can fail runs before the search."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import sys
+import time
+from pathlib import Path
+
+from .. import driver
+from ..errors import SpaError
+from .common import clear_progress, stage_progress
+
+REWARD_METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")   # spa.search.reward.METRICS
+METRIC_ALIASES = {"top1": "agreement", "l2": "rel_l2"}
+SEARCH_ONLY = (("evals", "--evals"), ("policy_option", "--policy-option"),
+               ("search_recalibrate", "--search-recalibrate"), ("search_curve", "--search-curve"),
+               ("sparsity_plot", "--sparsity-plot"), ("target_latency", "--target-latency"),
+               ("latency_table", "--latency-table"), ("latency_batch", "--latency-batch"), ("threads", "--threads"))
+# flags whose spa.search.search() parameters are optional features: wired when search() takes them
+OPTIONAL_SEARCH_ARGS = (("target_latency", "--target-latency"), ("latency_table", "--latency-table"),
+                        ("latency_batch", "--latency-batch"), ("threads", "--threads"))
+SINGLE_EVALUATION = ("uniform", "global", "lamp")   # controls that evaluate one candidate whatever --evals says
+
+
+def reject_search_flags(args) -> None:
+    """A search option without a search is a mistake, not a no-op."""
+    given = [flag for dest, flag in SEARCH_ONLY if getattr(args, dest) not in (None, [])]
+    if args.metric != "auto":
+        given.append("--metric")
+    if args.search_refit != "auto":
+        given.append("--search-refit")
+    if given:
+        raise SpaError(f"{given[0]} needs --policy NAME (an allocation search)")
+
+
+def run_search(args) -> int:
+    """--policy (or --target-params): search a per-group allocation, then prune with the best plan through the
+    driver's apply/verify/reconstruction path. Every check that can fail runs before the search."""
+    from .prune import driver_kwargs, finish, parse_dbscan
+
+    S = _search_module()
+    policy = args.policy or "global"
+    cls = S.get_policy(policy)
+    _check_search_args(args, parse_dbscan)
+    options = _policy_options(cls, policy, args.policy_option)
+    optional = _optional_search_kwargs(args, S)
+    evals = 300 if args.evals is None else args.evals
+    refit = _search_refit(args)
+    recalibrate = (args.calib is not None and not refit) if args.search_recalibrate is None \
+        else args.search_recalibrate
+    metric = METRIC_ALIASES.get(args.metric, args.metric)
+    progress = SearchProgress(policy, 1 if policy in SINGLE_EVALUATION else evals, args.quiet)
+    progress.setup()
+    t0 = time.perf_counter()
+    problem = _search_problem(args, S, optional)
+    _check_strict(args, problem.analysis)
+    unreachable = _unreachable_budget(problem)
+    setup_s = time.perf_counter() - t0
+    plan, history = S.search(args.input, policy, problem=problem, evals=evals, seed=args.seed, metric=metric,
+                             recalibrate=recalibrate, reconstruct=refit, policy_options=options,
+                             progress=progress, **optional)
+    progress.close()
+    show = stage_progress(args.quiet)
+    res = S.prune_with_plan(args.input, args.output, plan, history.problem, progress=show, **driver_kwargs(args))
+    clear_progress(show)
+    from ..search.report import search_section
+    section = search_section(history, plan, metric=metric, policy_options=options, recalibrate=recalibrate,
+                             setup_s=setup_s, curve=args.search_curve, sparsity_plot=args.sparsity_plot)
+    _draw_plots(args, history, section)
+    section["feasible"] = unreachable is None
+    section["refit"] = refit or "none"
+    if unreachable:
+        res.report["warnings"].append(unreachable)
+    res.report["search"] = section
+    return finish(args, res.report)
+
+
+def _search_refit(args):
+    """The reward's refit: False, "fast" or True (CalibEvaluator's refit). By default the search scores what
+    the written model will be: refit when the final path reconstructs."""
+    choice = args.search_refit
+    if choice == "auto":
+        reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
+        choice = "fast" if reconstruct else "none"
+    return {"none": False, "fast": "fast", "full": True}[choice]
+
+
+def _search_module():
+    try:
+        from .. import search  # gymnasium and torch: optional dependencies
+    except ImportError as e:
+        raise SpaError(f"the allocation search needs gymnasium and torch: pip install spa-prune[search] ({e})")
+    return search
+
+
+def _check_search_args(args, parse_dbscan) -> None:
+    """One-line errors for every bad combination, before the model is even loaded."""
+    for value, flag in ((args.ratio, "--ratio"), (args.plan, "--plan")):
+        if value is not None:
+            raise SpaError(f"--policy searches the allocation under --target-flops/--target-params; it does not "
+                           f"combine with {flag}")
+    if args.steps != 1 or args.finetune_data:
+        raise SpaError("--policy searches a one-shot allocation; it does not combine with --steps or --finetune-data")
+    if args.allocation:
+        raise SpaError("--allocation is the selection without --policy; search with --policy global or uniform")
+    if args.target_flops is None and args.target_params is None and args.target_latency is None:
+        raise SpaError("--policy needs a budget: --target-flops F, --target-params P and/or --target-latency MS")
+    _check_search_numbers(args)
+    if args.calib is None:
+        for flag, given in (("--search-recalibrate", args.search_recalibrate), ("--recalibrate", args.recalibrate),
+                            ("--metric accuracy", args.metric == "accuracy")):
+            if given:
+                raise SpaError(f"{flag} needs calibration data (--calib FILE.npz or an image folder)")
+    reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
+    if args.no_verify and (reconstruct or args.recalibrate or args.compensate or args.fold_constants):
+        raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
+    driver._check_data_options(args.positions, args.damp, args.synth_samples, parse_dbscan(args.dbscan))
+    _check_search_paths(args)
+
+
+def _check_search_numbers(args) -> None:
+    for flag, value in (("--target-flops", args.target_flops), ("--target-params", args.target_params),
+                        ("--max-ratio", args.max_ratio)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise SpaError(f"{flag} must be in (0, 1], got {value}")
+    for flag, value in (("--evals", args.evals), ("--min-channels", args.min_channels), ("--round-to", args.round_to),
+                        ("--latency-batch", args.latency_batch), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise SpaError(f"{flag} must be at least 1, got {value}")
+    if args.target_latency is not None and not args.target_latency > 0:
+        raise SpaError(f"--target-latency must be > 0 ms, got {args.target_latency}")
+
+
+def _check_search_paths(args) -> None:
+    """Every file the run will write is writable (and no PNG needs a missing matplotlib) before the search."""
+    src, out = Path(str(args.input)), Path(args.output)
+    if not str(args.input).startswith("zoo:") and src.exists() and out.exists() and src.samefile(out):
+        raise SpaError("output path is the input file; refusing to overwrite the input")
+    for path in (args.output, args.report, args.save_plan, args.search_curve, args.sparsity_plot):
+        if path:
+            driver.check_output_path(path)
+    plots = [(flag, path) for flag, path in (("--search-curve", args.search_curve),
+                                             ("--sparsity-plot", args.sparsity_plot)) if path]
+    for flag, path in plots:
+        if not str(path).lower().endswith(".png"):
+            raise SpaError(f"{flag} writes a PNG: give FILE.png, got '{path}'")
+    if plots:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SpaError(f"{plots[0][0]} needs matplotlib: pip install matplotlib")
+
+
+def _policy_options(cls, name: str, pairs) -> dict:
+    """--policy-option KEY=VALUE pairs checked against the policy's constructor (a typo is an error)."""
+    options = dict(pairs)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = [n for n in params if n != "self"]
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise SpaError(f"policy '{name}' has no option '{unknown[0]}' (options: {', '.join(known) or 'none'})")
+    try:
+        cls(**options)
+    except (TypeError, ValueError) as e:
+        raise SpaError(f"bad --policy-option for '{name}': {e}")
+    return options
+
+
+def _optional_search_kwargs(args, S) -> dict:
+    """Flags for optional search features (latency budget, thread count): passed when both search() and
+    SearchProblem.build (the CLI builds the problem itself) take them, else a one-line error."""
+    takes = [inspect.signature(f).parameters for f in (S.search, S.SearchProblem.build)]
+    out = {}
+    for dest, flag in OPTIONAL_SEARCH_ARGS:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if not all(dest in params for params in takes):
+            raise SpaError(f"{flag} is not available yet (spa.search.search() has no '{dest}')")
+        out[dest] = value
+    return out
+
+
+def _search_problem(args, S, optional: dict):
+    """The search problem, built with the same scoring options as the driver (loss, synthesized samples) and
+    the optional budgets (latency)."""
+    return S.SearchProblem.build(args.input, target_flops=args.target_flops, target_params=args.target_params,
+                                 importance=args.importance, aggregation=args.aggregation,
+                                 normalization=args.normalization, calib=args.calib,
+                                 calib_samples=args.calib_samples, input_shapes=dict(args.input_shape),
+                                 min_channels=args.min_channels, round_to=args.round_to, max_ratio=args.max_ratio,
+                                 exclude=args.exclude or None, loss=args.loss, samples=args.synth_samples,
+                                 seed=args.seed, **optional)
+
+
+def _unreachable_budget(problem) -> str | None:
+    """Why the budget cannot be met, or None. Like the driver's selection, the search then prunes as far as
+    the constraints allow (every candidate is that smallest model); the report says so instead of staying quiet."""
+    pj = problem.projector
+    floor = pj.costs(pj.minimum())
+    over = [f"{k} {floor[k]:.4f} > {t:g}" for k, t in pj.budgets.items() if floor[k] > t]
+    if not over:
+        return None
+    return ("the budget cannot be met: the smallest model --min-channels/--round-to/--max-ratio/--exclude allow "
+            "keeps " + ", ".join(over) + "; pruned as far as they allow")
+
+
+def _check_strict(args, analysis) -> None:
+    """--strict as the driver applies it, but before the search instead of after it."""
+    if not args.strict:
+        return
+    for g in analysis.groups:
+        real = [(w, r) for w, r in g.reasons if not w.startswith("graph output")]
+        if real:
+            raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
+
+
+def _draw_plots(args, history, section: dict) -> None:
+    from ..search.report import plot_curve, plot_sparsity
+
+    name = section["policy"]
+    if args.search_curve:
+        plot_curve(history, args.search_curve,
+                   f"search {name}: {section['evaluations']} evaluations, best {section['best_reward']:.5f}")
+    if args.sparsity_plot:
+        costs = ", ".join(f"{k} kept {v:.3f}" for k, v in (section.get("costs") or {}).items())
+        plot_sparsity(history.problem, section["kept"], args.sparsity_plot, f"{name}: {costs}")
+
+
+class SearchProgress:
+    """Called by the env after every evaluation with (index, reward, best so far). On a terminal: one updating
+    stderr line; otherwise one line per 10 % of the evaluations (a log stays readable); nothing with --quiet."""
+
+    def __init__(self, policy: str, total: int, quiet: bool, stream=None):
+        self.stream = stream or sys.stderr
+        self.policy, self.total = policy, max(int(total), 1)
+        self.enabled = not quiet
+        self.tty = self.stream.isatty()
+        self.every = max(1, math.ceil(self.total / 10))
+        self.t0 = time.perf_counter()
+        self.count, self.best, self.printed = 0, float("nan"), 0
+
+    def line(self) -> str:
+        return (f"search {self.policy}  {self.count}/{self.total}  best reward {self.best:.5f}  "
+                f"({time.perf_counter() - self.t0:.1f} s)")
+
+    def setup(self) -> None:
+        """Start the clock (the time shown is setup + search) and say what the wait before the first
+        evaluation is."""
+        self.t0 = time.perf_counter()
+        if self.enabled and self.tty:
+            self.stream.write(f"\rsearch {self.policy}  setup (analysis, scores, original outputs)")
+            self.stream.flush()
+
+    def __call__(self, index: int, reward: float, best: float) -> None:
+        self.count, self.best = index + 1, best
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line().ljust(64))
+            self.stream.flush()
+        elif self.count % self.every == 0 or self.count == self.total:
+            self._print()
+
+    def _print(self) -> None:
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
+        self.printed = self.count
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + " " * 80 + "\r")
+            self.stream.flush()
+        elif self.count and self.printed != self.count:
+            self._print()

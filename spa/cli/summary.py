@@ -1,0 +1,90 @@
+"""The summary table a run prints on stderr, read from its JSON report."""
+from __future__ import annotations
+
+
+def human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fidelity_lines(prefix: str, part: dict) -> list[str]:
+    """One line per output: relative L2 error (and top-1 agreement) before -> after a compensation pass."""
+    out = []
+    for name, after in part["fidelity_after"].items():
+        before = part["fidelity_before"][name]
+        extra = f", top-1 agreement {before['top1']:.0%} -> {after['top1']:.0%}" if "top1" in after else ""
+        out.append(f"{prefix}: '{name}' rel. L2 error {before['rel_l2']:.3f} -> {after['rel_l2']:.3f}{extra}")
+    return out
+
+
+def _search_line(s: dict) -> str:
+    """policy, evaluations (how many were new), best reward and its metric, search and setup time."""
+    measured = s.get("measured")
+    new = f" ({measured} measured)" if measured is not None and measured != s["evaluations"] else ""
+    at = f" at #{s['best_index'] + 1}" if s.get("best_index") is not None else ""
+    return (f"search        {s['policy']}: {s['evaluations']} evaluation{'s' * (s['evaluations'] != 1)}{new}, "
+            f"best reward {s['best_reward']:.5f} ({s['metric']}){at}, {s['search_s']:.1f} s "
+            f"(+ {s['setup_s']:.1f} s setup)")
+
+
+def _latency_line(lat: dict) -> str:
+    """The latency budget's outcome: measured end to end after the correction, or why it was not measured."""
+    where = f"batch {lat.get('batch')}, {lat.get('threads')} thread(s)"
+    if lat.get("measured_ms") is not None:
+        line = (f"latency       {lat['measured_ms']:.3f} ms measured (median) for a {lat['budget_ms']:.3f} ms "
+                f"budget, {where}")
+        if lat.get("converged") is False:
+            line += (f"  ** not within [{lat['band'][0]:g}, {lat['band'][1]:g}] x the budget after "
+                     f"{len(lat.get('probes', []))} probes: too noisy or too small to time **")
+        return line
+    return (f"latency       {lat.get('search_predicted_ms', float('nan')):.3f} ms predicted for a "
+            f"{lat.get('budget_ms', float('nan')):.3f} ms budget, {where}; {lat.get('fit', 'not measured')}")
+
+
+def summary(rep: dict) -> str:
+    m, p, g, v = rep["macs"], rep["params"], rep["groups"], rep["verification"]
+    lines = [
+        f"{'':14}{'before':>12}{'after':>12}{'ratio':>9}",
+        f"{'MACs':14}{human(m['before']):>12}{human(m['after']):>12}{m['ratio']:>9.3f}",
+        f"{'params':14}{human(p['before']):>12}{human(p['after']):>12}{p['ratio']:>9.3f}",
+        (f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
+        f"{g['partially_frozen']} partially frozen"),
+    ]
+    if rep.get("search"):
+        lines.append(_search_line(rep["search"]))
+        if rep["search"].get("latency"):
+            lines.append(_latency_line(rep["search"]["latency"]))
+    if v["status"] == "passed":
+        worst = max(v["max_rel_error"].values(), default=0.0)
+        lines.append(f"verification  passed (max rel. error {worst:.2e} <= {v['rtol']:g}, checker full)")
+    else:
+        lines.append(f"verification  {v['status']}  ** the output model was NOT verified **")
+    comp = rep.get("compensation")
+    if comp:
+        lines += _fidelity_lines(f"compensation  fold-constants on {comp['folded_sinks']} sinks", comp)
+    rec = rep.get("reconstruction")
+    if rec:
+        names = " + ".join(p["pass"] for p in rec["passes"]) or "none"
+        lines += _fidelity_lines(f"reconstruct   {names} on {rec['fidelity_on']}", rec)
+    prog = rep.get("progressive")
+    if prog:
+        macs0 = max(m["before"], 1)
+        chain = " -> ".join(f"{st['macs_after'] / macs0:.3f}" for st in prog["per_step"])
+        tuned = sum(t["epochs"] for t in prog["finetune"])
+        lines.append(f"steps         {prog['steps']}, MACs kept {chain}"
+                     + (f"; fine-tuned {tuned} epoch(s) between steps" if tuned else "")
+                     + "; every step verified against its input" * all(
+                         st["verification"] == "passed" for st in prog["per_step"]))
+    imp = rep.get("importance") or {}
+    if imp.get("data") and imp["data"] != "weights only":
+        lines.append(f"importance    {imp['criterion']} on {imp['data']}")
+    for note in imp.get("notes", [])[:3]:
+        lines.append(f"note          {note}")
+    if rep["unruled_ops"]:
+        lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
+    for w in rep["warnings"][:5]:
+        lines.append(f"warning       {w}")
+    lines.append(f"time          {rep['timings_s']['total']:.2f} s")
+    return "\n".join(lines)

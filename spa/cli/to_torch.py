@@ -1,0 +1,79 @@
+"""spa-prune to-torch: an ONNX model as a trainable torch module file (torch is imported by run() only)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..driver import check_output_path
+from ..errors import SpaError, VerificationError
+from ..fileio import atomic_write
+from .common import input_shape
+
+TO_TORCH_DOC = """\
+Convert an ONNX model (e.g. one written by spa-prune) into a trainable PyTorch module file.
+
+    spa-prune to-torch pruned.onnx pruned.pt
+
+Load it in your code (spa-prune must be importable):
+
+    from spa.torch_bridge import load_torch
+    net = load_torch("pruned.pt")     # a torch.nn.Module: net(x), net.parameters(), net.state_dict(), ...
+    net.param("conv1.weight")         # parameters by ONNX initializer name; save_torch(net, path) after training
+
+The file is reloaded and compared with onnxruntime on random inputs before it replaces OUT.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("to-torch", description=TO_TORCH_DOC, help="a trainable torch module file from an ONNX model",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Exit codes: 0 success; 1 the reloaded module does not match onnxruntime (nothing written); "
+                       "2 bad input or option (one line on stderr).")
+    p.add_argument("input", help="ONNX file, or zoo:NAME[:small][:dynamo]")
+    p.add_argument("output", help="the .pt file to write (replaced atomically)")
+    p.add_argument("--input-shape", action="append", type=input_shape, default=[], metavar="NAME=D1,D2,...",
+                   help="fix dynamic input dims for the check (batch 1, spatial 224, others 128 otherwise)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="check tolerance: max |torch - onnxruntime| relative to each output's scale (1e-4)")
+    p.add_argument("--no-check", action="store_true", help="skip the reload + onnxruntime comparison")
+    p.add_argument("--keep-half", action="store_true",
+                   help="run float16 models in float16 (default: upcast to float32, which CPU torch needs)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..torch_bridge import OnnxModule, _proto_of, _writer, check_against_onnxruntime, load_torch
+
+    t0 = time.perf_counter()
+    src = args.input
+    if not src.startswith("zoo:") and os.path.exists(src) and os.path.exists(args.output) \
+            and os.path.samefile(src, args.output):
+        raise SpaError("output path is the input file; refusing to overwrite the input")
+    check_output_path(args.output)
+    if not args.rtol > 0:
+        raise SpaError(f"--rtol must be > 0, got {args.rtol}")
+    proto = _proto_of(src)
+    module = OnnxModule(proto, upcast_half=not args.keep_half)
+    out = Path(args.output)
+    err = None
+
+    def check(tmp):
+        nonlocal err
+        err = check_against_onnxruntime(load_torch(tmp), proto, dict(args.input_shape))
+        if not err <= args.rtol:
+            raise VerificationError(f"the reloaded module differs from onnxruntime: max rel. error {err:.3g} > "
+                                    f"{args.rtol:g}")
+
+    atomic_write(out, _writer(module), check=None if args.no_check else check)
+    if not args.quiet:
+        n = sum(p.numel() for p in module.parameters())
+        check = "not checked (--no-check)" if err is None else \
+            f"reloaded, max rel. error vs onnxruntime {err:.2e} (<= {args.rtol:g}, 2 random inputs)"
+        print(f"to-torch: wrote {out}: {n:,} parameters in {len(module.param_names)} tensors, "
+              f"{len(module.nodes)} nodes; {check}; {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
