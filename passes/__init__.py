@@ -1,6 +1,9 @@
-"""Passes over the IR. A pass has one job, declares whether it rewrites the graph, and returns what it found.
+"""Passes over the IR. A pass has one job, declares what it needs and what it provides, whether it rewrites the
+graph, and returns what it found.
 
-Analyses are cached on the model by the pass manager and dropped when a rewriting pass runs.
+The pass manager runs a list of passes in order, checks each pass's `requires` against what the passes before
+it `provide` (a pipeline that reads something nobody made fails before any work), times every pass, and drops
+the target's cached analyses after a pass that rewrites the graph: callers never clear them by hand.
 """
 from __future__ import annotations
 
@@ -8,11 +11,21 @@ import time
 from dataclasses import dataclass, field
 
 
+@dataclass
+class PassResult:
+    """What a pipeline pass returns: whether it changed the graph, and its part of the run's report."""
+
+    modified: bool = False
+    report: dict = field(default_factory=dict)
+
+
 class Pass:
     name = "pass"
-    rewrites = False  # a rewriting pass invalidates every cached analysis
+    rewrites = False          # a rewriting pass invalidates every cached analysis
+    requires: tuple = ()      # names the passes before it must provide
+    provides: tuple = ()      # names it makes available to the passes after it
 
-    def run(self, model, **kw):  # pragma: no cover - interface
+    def run(self, target, **kw):  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -21,15 +34,26 @@ class PassManager:
     passes: list
     timings: dict = field(default_factory=dict)
     progress: object = None
+    available: tuple = ()     # names the target already provides before the first pass
 
-    def run(self, model):
+    def run(self, target):
+        self.check_order()
         results = {}
         for p in self.passes:
             if self.progress:
                 self.progress(p.name)
             t = time.perf_counter()
-            results[p.name] = p.run(model)
+            results[p.name] = p.run(target)
             self.timings[p.name] = time.perf_counter() - t
             if p.rewrites:
-                model.analyses.clear()
+                target.analyses.clear()
         return results
+
+    def check_order(self) -> None:
+        """Every pass's requirements are provided by the passes before it (a programming error otherwise)."""
+        have = set(self.available)
+        for p in self.passes:
+            missing = [r for r in p.requires if r not in have]
+            if missing:
+                raise RuntimeError(f"pass '{p.name}' requires {missing}, which no earlier pass provides")
+            have.update(p.provides)

@@ -471,3 +471,13 @@ def save_calib(calib: Calib, path) -> None:
 
 
 
+
+
+def load_data(calib, model: onnx.ModelProto, limit: int | None = None) -> Calib | None:
+    """Calibration data for a run: None (data-free), a Calib (a seeded subset of `limit` samples), or a path
+    (.npz / image folder) checked against the model's inputs (its first `limit` samples)."""
+    if calib is None:
+        return None
+    if isinstance(calib, Calib):
+        return calib if limit is None else calib.subset(limit)
+    return load_calib(str(calib), input_specs(model), limit=limit)

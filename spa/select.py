@@ -9,12 +9,14 @@ import fnmatch
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .errors import SpaError
 from .fileio import atomic_write_text
 from .groups import Analysis
+from .options import check_selection
 
 # ---- the plan --------------------------------------------------------------------------------------------------
 PLAN_FORMAT = "spa-prune-plan/1"
@@ -89,6 +91,15 @@ class PruningPlan:
     def save(self, path, analysis: Analysis) -> None:
         """Write the plan (call before Apply runs; see to_json)."""
         write_plan(self.to_json(analysis), path)
+
+
+def read_plan(path, analysis: Analysis) -> PruningPlan:
+    """A plan written by --save-plan, checked against this model's analysis."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SpaError(f"cannot read plan {path}: {e}")
+    return PruningPlan.from_json(data, analysis)
 
 
 def write_plan(data: dict, path) -> None:
@@ -197,18 +208,8 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
     """allocation (with target_flops): 'global' ranks every unit by importance per MAC across groups;
     'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
     bisection) and uses the importance only inside each group."""
-    if (ratio is None) == (target_flops is None):
-        raise SpaError("give exactly one of --ratio and --target-flops")
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
-    if target_flops is not None and not 0.0 < target_flops <= 1.0:
-        raise SpaError(f"--target-flops must be in (0, 1], got {target_flops}")
-    if not 0.0 < max_ratio <= 1.0:
-        raise SpaError(f"--max-ratio must be in (0, 1], got {max_ratio}")
-    if allocation not in ("global", "uniform"):
-        raise SpaError(f"unknown allocation '{allocation}' (choose from global, uniform)")
-    if min_channels < 1 or round_to < 1:
-        raise SpaError("--min-channels and --round-to must be >= 1")
+    check_selection(ratio=ratio, target_flops=target_flops, max_ratio=max_ratio, allocation=allocation,
+                    min_channels=min_channels, round_to=round_to)
     fixed, order = removal_order(analysis, scores, exclude)
 
     def plan_for(counts: dict[int, int]) -> PruningPlan:

@@ -8,8 +8,11 @@ from pathlib import Path
 from ..driver import check_output_path
 from .common import write_json
 
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .. import finetune as finetune_module  # the docstring is the epilog; torch is imported only by run()
+    from .. import (
+        finetune as finetune_module,  # the docstring is the epilog; torch is imported only by run()
+    )
 
     p = subparsers.add_parser("finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
                               help="fine-tune (+ distillation) an ONNX model, same interface out",

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import onnx
 
-from ..calib import (LABELS_KEY, Spec, format_shape, image_input, images_to_calib, input_specs, save_calib,
-                     validate_arrays)
+from ..calib import (
+    LABELS_KEY,
+    Spec,
+    format_shape,
+    image_input,
+    images_to_calib,
+    input_specs,
+    save_calib,
+    validate_arrays,
+)
 from ..errors import SpaError, one_line
 
 MAKE_CALIB_DOC = """\

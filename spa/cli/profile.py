@@ -11,6 +11,7 @@ from ..search.budget import CostModel
 from ..search.latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
 from .common import input_shape
 
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("profile", help="measure a latency cost table for --target-latency",
                 description="Measure a model's latency cost table with onnxruntime on this machine (run it on the "

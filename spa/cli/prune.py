@@ -7,6 +7,7 @@ import sys
 from .. import driver
 from ..errors import SpaError
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
+from ..options import PruneOptions
 from ..progressive import prune_progressive
 from .common import add_common, clear_progress, stage_progress, write_json
 from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_search
@@ -194,22 +195,23 @@ def run(args) -> int:
     reject_search_flags(args)
     if args.ratio is None and args.target_flops is None and args.plan is None:
         raise SpaError("give one of --ratio, --target-flops or --plan")
+    if args.steps < 1:
+        raise SpaError(f"--steps must be at least 1, got {args.steps}")
+    keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation or "global",
+                "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args)}
+    options = PruneOptions.from_keywords(**keywords).validated()  # every option's domain, before any work
     if args.report:
         driver.check_output_path(args.report)
     show = stage_progress(args.quiet)
-    kwargs = {}
-    prune = driver.prune
-    if args.steps < 1:
-        raise SpaError(f"--steps must be at least 1, got {args.steps}")
     if args.steps != 1 or args.finetune_data:
         if args.steps < 2:
             raise SpaError("--finetune-data needs --steps K with K >= 2 (fine-tuning runs between steps)")
-        prune = prune_progressive
-        kwargs = {"steps": args.steps, "finetune_data": args.finetune_data, "finetune_epochs": args.finetune_epochs,
-                  "finetune_options": {"lr": args.finetune_lr, "seed": args.seed}, "kd": not args.no_kd}
-    res = prune(args.input, args.output, ratio=args.ratio, target_flops=args.target_flops, **kwargs,
-                allocation=args.allocation or "global", plan_file=args.plan, input_shapes=dict(args.input_shape),
-                progress=show, **driver_kwargs(args))
+        res = prune_progressive(args.input, args.output, steps=args.steps, finetune_data=args.finetune_data,
+                                finetune_epochs=args.finetune_epochs, kd=not args.no_kd,
+                                finetune_options={"lr": args.finetune_lr, "seed": args.seed}, progress=show,
+                                **keywords)
+    else:
+        res = driver.prune(args.input, args.output, options, progress=show)
     clear_progress(show)
     return finish(args, res.report)
 

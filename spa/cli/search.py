@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import driver
 from ..errors import SpaError
+from ..options import check_data_options
 from .common import clear_progress, stage_progress
 
 REWARD_METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")   # spa.search.reward.METRICS
@@ -117,7 +118,8 @@ def _check_search_args(args, parse_dbscan) -> None:
     reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
     if args.no_verify and (reconstruct or args.recalibrate or args.compensate or args.fold_constants):
         raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
-    driver._check_data_options(args.positions, args.damp, args.synth_samples, parse_dbscan(args.dbscan))
+    check_data_options(positions=args.positions, damp=args.damp, samples=args.synth_samples,
+                       dbscan=parse_dbscan(args.dbscan), seed=args.seed)
     _check_search_paths(args)
 
 

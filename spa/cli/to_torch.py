@@ -47,7 +47,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..torch_bridge import OnnxModule, _proto_of, _writer, check_against_onnxruntime, load_torch
+    from ..torch_bridge import (
+        OnnxModule,
+        _proto_of,
+        _writer,
+        check_against_onnxruntime,
+        load_torch,
+    )
 
     t0 = time.perf_counter()
     src = args.input

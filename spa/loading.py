@@ -1,0 +1,49 @@
+"""Reading a model into the IR: an ONNX file, a ModelProto, or a model from the built-in zoo, normalized."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .errors import SpaError
+from .ir import Graph, read_model
+from .model import Model
+from .passes import PassManager
+from .passes.normalize import Normalize
+
+
+def load(source, input_shapes: dict | None = None) -> Model:
+    """Load an ONNX file (or a ModelProto, or 'zoo:NAME[:small][:dynamo]') and normalize it."""
+    name = str(source) if not isinstance(source, onnx.ModelProto) else "<model>"
+    raw = None
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+    else:
+        proto, raw = read_model(resolve_input(str(source)))
+    model = Model(Graph(proto, raw=raw), source=name)
+    PassManager([Normalize(input_shapes)]).run(model)
+    return model
+
+
+def resolve_input(source: str) -> str:
+    """A path as given, or the cached export of a zoo model (built on first use; needs torch)."""
+    if not source.startswith("zoo:"):
+        return source
+    parts = source[4:].split(":")
+    try:
+        from . import models  # the zoo needs torch, an optional dependency
+    except ImportError as e:
+        raise SpaError(f"'{source}' needs the model zoo extra (torch): {e}")
+    if parts[0] not in models.ZOO_NAMES:
+        raise SpaError(f"unknown zoo model '{parts[0]}' (available: {', '.join(models.ZOO_NAMES)})")
+    return str(models.zoo_path(parts[0], dynamo="dynamo" in parts[1:], small="small" in parts[1:]))
+
+
+def param_count(g: Graph) -> int:
+    """Floating-point parameters (initializer elements)."""
+    total = 0
+    for name in g.initializer_names():
+        shape, dtype = g.const_info(name)
+        if np.dtype(dtype).kind == "f":
+            total += int(np.prod(shape))
+    return total

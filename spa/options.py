@@ -1,0 +1,155 @@
+"""What a pruning run is asked to do, validated once.
+
+`PruneOptions` is the one description of a run that the CLI and the Python API share: the CLI builds it from
+its flags, `spa.prune(..., ratio=0.5)` from keywords, and `validated()` checks every value's domain and every
+combination with the same one-line messages (they name the CLI flag, which is what users type). The passes
+read the options; none re-checks them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import SpaError
+
+ALLOCATIONS = ("global", "uniform")
+COMPENSATIONS = ("similarity",)
+LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
+LARGEST_SEED = 2**32 - 1    # numpy's seed range
+
+
+def is_whole(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(flag: str, value, *, minimum: int = 1) -> None:
+    """A whole number of things (units, samples, positions): an int in [minimum, 2**31)."""
+    if not is_whole(value) or not minimum <= value <= LARGEST_COUNT:
+        raise SpaError(f"{flag} must be a whole number in [{minimum}, {LARGEST_COUNT}], got {value}")
+
+
+def check_fraction(flag: str, value, *, low_open: bool = True, high_open: bool = False) -> None:
+    """A fraction in (0, 1] (or the interval the flags ask for); NaN is never in range."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
+        (0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise SpaError(f"{flag} must be in {interval}, got {value}")
+
+
+def check_selection(*, ratio, target_flops, max_ratio, allocation, min_channels, round_to) -> None:
+    """The selection's options (shared by the driver and `spa.select.select`)."""
+    if (ratio is None) == (target_flops is None):
+        raise SpaError("give exactly one of --ratio and --target-flops")
+    if ratio is not None:
+        check_fraction("--ratio", ratio, low_open=False, high_open=True)
+    if target_flops is not None:
+        check_fraction("--target-flops", target_flops)
+    check_fraction("--max-ratio", max_ratio)
+    if allocation not in ALLOCATIONS:
+        raise SpaError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
+    if not (is_whole(min_channels) and is_whole(round_to)) or min_channels < 1 or round_to < 1:
+        raise SpaError("--min-channels and --round-to must be >= 1")
+    check_count("--min-channels", min_channels)
+    check_count("--round-to", round_to)
+
+
+def check_data_options(*, positions, damp, samples, dbscan, seed=0) -> None:
+    """Bad numbers for the data-driven passes are one-line errors before any work (sklearn and torch would
+    otherwise raise deep inside, or silently accept a negative dampening)."""
+    if positions is not None and (not is_whole(positions) or positions < 1):
+        raise SpaError(f"--positions must be at least 1, got {positions}")
+    if positions is not None:
+        check_count("--positions", positions)
+    if damp is not None and not (damp >= 0 and math.isfinite(damp)):
+        raise SpaError(f"--damp must be >= 0, got {damp}")
+    if not is_whole(samples) or samples < 1:
+        raise SpaError(f"--synth-samples must be at least 1, got {samples}")
+    check_count("--synth-samples", samples)
+    if dbscan is not None:
+        eps, min_samples = dbscan
+        if not (eps > 0 and math.isfinite(eps)) or min_samples < 1:
+            raise SpaError(f"--dbscan needs EPS > 0 and MIN_SAMPLES >= 1, got {eps},{min_samples}")
+    if not is_whole(seed) or not 0 <= seed <= LARGEST_SEED:
+        raise SpaError(f"--seed must be a whole number in [0, {LARGEST_SEED}], got {seed}")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every option of a pruning run (defaults are the CLI's). `validated()` returns a checked copy with the
+    defaults that depend on other options resolved (reconstruct is on for importance 'obspa')."""
+
+    # what to remove: exactly one of ratio / target_flops / plan_file
+    ratio: float | None = None
+    target_flops: float | None = None
+    plan_file: str | None = None
+    allocation: str = "global"
+    # how units are ranked
+    importance: str = "l2"
+    aggregation: str = "sum"
+    normalization: str = "mean"
+    # constraints on the selection
+    min_channels: int = 1
+    round_to: int = 1
+    max_ratio: float = 1.0
+    exclude: tuple = ()
+    # data for scoring and for the value passes
+    calib: object = None          # a .npz path, an image folder, or a spa.calib.Calib; None: data-free
+    calib_limit: int | None = None
+    loss: str = "auto"
+    samples: int = 64             # synthesized inputs in data-free mode
+    seed: int = 0
+    positions: int | None = None
+    damp: float | None = None
+    # value passes after the structural cut (each reports fidelity)
+    reconstruct: bool | None = None
+    recalibrate: bool = False
+    compensate: str | None = None
+    dbscan: tuple | None = None
+    fold_constants: bool = False
+    # checks and outputs
+    verify: bool = True
+    rtol: float = 1e-4
+    strict: bool = False
+    input_shapes: dict = field(default_factory=dict)
+    save_plan: str | None = None
+
+    @classmethod
+    def from_keywords(cls, **kwargs) -> PruneOptions:
+        """Keywords of `spa.prune` / `driver.prune`; an unknown one is a TypeError, as for any function."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"prune() got an unexpected keyword argument '{unknown[0]}'")
+        kwargs = {k: v for k, v in kwargs.items() if not (k in ("exclude", "input_shapes") and v is None)}
+        if "exclude" in kwargs:
+            kwargs["exclude"] = tuple(kwargs["exclude"])
+        return cls(**kwargs)
+
+    @property
+    def value_passes(self) -> bool:
+        """Whether a pass after the cut changes weight values (they need the verified structure first)."""
+        return bool(self.reconstruct or self.recalibrate or self.compensate)
+
+    def validated(self) -> PruneOptions:
+        if self.plan_file is None:
+            check_selection(ratio=self.ratio, target_flops=self.target_flops, max_ratio=self.max_ratio,
+                            allocation=self.allocation, min_channels=self.min_channels, round_to=self.round_to)
+        check_data_options(positions=self.positions, damp=self.damp, samples=self.samples, dbscan=self.dbscan,
+                           seed=self.seed)
+        if not (self.rtol > 0 and math.isfinite(self.rtol)):
+            raise SpaError(f"--rtol must be a finite number > 0, got {self.rtol}")
+        if self.calib_limit is not None:
+            check_count("--calib-samples", self.calib_limit)
+        resolved = self if self.reconstruct is not None else replace(self, reconstruct=self.importance == "obspa")
+        if resolved.recalibrate and resolved.calib is None:
+            raise SpaError("--recalibrate needs calibration data (--calib FILE.npz or an image folder)")
+        if resolved.compensate not in (None, *COMPENSATIONS):
+            raise SpaError(f"unknown compensation '{resolved.compensate}' (choose from: {', '.join(COMPENSATIONS)})")
+        if resolved.value_passes and not resolved.verify:
+            raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
+        if resolved.fold_constants and not resolved.verify:
+            raise SpaError("--fold-constants needs verification (it measures fidelity); drop --no-verify")
+        return resolved

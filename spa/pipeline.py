@@ -1,0 +1,225 @@
+"""The passes of a pruning run, in the order `spa.driver.prune` lists them.
+
+Each pass has one job, reads what earlier passes left on the `PruneRun` (declared in `requires`), leaves its own
+results there (`provides`) and returns its part of the report in a `PassResult`. The pass manager checks the
+order, times each pass and drops cached analyses after the passes that rewrite the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from .calib import load_data
+from .errors import SpaError
+from .groups import Analysis
+from .importance import CRITERIA, ScoreInputs, score
+from .ir import save_model
+from .loading import load, param_count
+from .model import Model
+from .options import PruneOptions
+from .passes import Pass, PassResult, verify
+from .passes.analyse import Analyse
+from .passes.apply import Apply
+from .passes.compensate import FoldRemovedConstants, fidelity
+from .passes.reconstruct import output_rows
+from .reconstruction import reconstruct_values
+from .select import PruningPlan, read_plan, select, write_plan
+
+
+@dataclass
+class PruneRun:
+    """What one run's passes share: the options, the model as it goes, and what each pass found."""
+
+    source: object
+    output: object
+    options: PruneOptions
+    progress: object = None
+    model: Model | None = None
+    original: onnx.ModelProto | None = None    # the normalized input, kept for verification and fidelity
+    params_before: int = 0
+    analysis: Analysis | None = None
+    data: object = None                        # calibration data (spa.calib.Calib) or None: data-free
+    score_inputs: ScoreInputs | None = None
+    plan: PruningPlan | None = None
+    removed: set = field(default_factory=set)  # union-find roots of the removed units
+    plan_json: dict | None = None
+    out_rows: dict | None = None               # per-layer kept output rows, taken before Apply cuts the weights
+    pruned: onnx.ModelProto | None = None
+
+    @property
+    def analyses(self) -> dict:
+        return self.model.analyses if self.model is not None else {}
+
+    def step(self, stage: str) -> None:
+        if self.progress:
+            self.progress(stage)
+
+
+def data_label(data, importance: str) -> str:
+    crit = CRITERIA.get(importance)
+    if crit is None or crit.needs == "weights":
+        return "weights only"
+    return f"calibration ({data.n} samples)" if data is not None else "data-free (synthesized inputs)"
+
+
+class LoadModel(Pass):
+    """Read and normalize the input; keep a copy of the normalized original for the checks."""
+    name, provides = "load+normalize", ("model", "original")
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("load")
+        run.model = load(run.source, run.options.input_shapes)
+        if run.options.verify:
+            run.original = onnx.ModelProto()
+            run.original.CopyFrom(run.model.graph.to_model())
+        run.params_before = param_count(run.model.graph)
+        return PassResult()
+
+
+class AnalyseModel(Pass):
+    """Coupled groups and frozen units; refuse a model with nothing to prune (and frozen groups under --strict)."""
+    name, requires, provides = "analyse", ("model",), ("analysis",)
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("analyse")
+        analysis = run.analysis = Analyse().run(run.model)
+        if run.options.strict:
+            check_strict(analysis)
+        if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
+            raise SpaError("no prunable group: " + explain_nothing(analysis))
+        frozen = [g for g in analysis.groups if g.prunable == 0]
+        return PassResult(report={
+            "frozen": [{"group": g.name, "units": g.size, "reasons": [{"where": w, "why": r} for w, r in g.reasons]}
+                       for g in analysis.groups if g.frozen.any()],
+            "unruled_ops": analysis.unruled_ops,
+            "_frozen_groups": len(frozen)})
+
+
+class ScoreAndSelect(Pass):
+    """Load the calibration data, score the units and choose which go (or read them from --plan)."""
+    name, requires, provides = "score+select", ("analysis",), ("plan", "data")
+
+    def run(self, run: PruneRun) -> PassResult:
+        opts, analysis = run.options, run.analysis
+        run.data = load_data(opts.calib, run.model.graph.model, opts.calib_limit)
+        inputs = run.score_inputs = ScoreInputs(analysis, calib=run.data, loss=opts.loss, samples=opts.samples,
+                                                seed=opts.seed, progress=run.step)
+        inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))
+                                         if v is not None}
+        run.step("score")
+        if opts.plan_file:
+            run.plan = read_plan(opts.plan_file, analysis)
+        else:
+            scores = score(analysis, opts.importance, opts.aggregation, opts.normalization, inputs)
+            run.plan = select(analysis, scores, ratio=opts.ratio, target_flops=opts.target_flops,
+                              min_channels=opts.min_channels, round_to=opts.round_to, exclude=list(opts.exclude),
+                              max_ratio=opts.max_ratio, allocation=opts.allocation)
+        run.removed = run.plan.roots(analysis)
+        run.plan_json = run.plan.to_json(analysis) if opts.save_plan else None  # before Apply rewrites weights
+        macs_before, macs_after = analysis.total_macs, analysis.macs_after(run.removed)
+        if opts.target_flops is not None and not opts.plan_file and \
+                macs_after > opts.target_flops * macs_before * (1 + 1e-9):
+            # select() then prunes as far as the constraints allow; say so instead of staying quiet
+            run.model.warnings.append(
+                f"the budget cannot be met: --target-flops {opts.target_flops:g}, but the smallest model that "
+                f"--min-channels/--round-to/--max-ratio/--exclude and the frozen groups allow keeps "
+                f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow")
+        plan = run.plan
+        return PassResult(report={
+            "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / max(macs_before, 1)},
+            "groups": {"total": len(analysis.groups), "pruned": len([g for g in plan.removed.values() if g]),
+                       "partially_frozen": len([g for g in analysis.groups if g.frozen.any() and g.prunable > 0])},
+            "per_group": [{"id": g.id, "name": g.name, "units": g.size,
+                           "kept": g.size - len(plan.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
+                           "given_back": plan.given_back.get(g.id, 0)} for g in analysis.groups]})
+
+
+class ApplyPlan(Pass):
+    """Cut the removed units' slices and rewrite the shape constants."""
+    name, requires, provides, rewrites = "apply", ("plan",), ("pruned",), True
+
+    def run(self, run: PruneRun) -> PassResult:
+        if run.options.reconstruct or run.options.recalibrate:
+            run.out_rows = output_rows(run.analysis, run.removed)  # before Apply cuts the weights
+        run.step("apply")
+        stats = Apply(run.analysis, run.removed).run(run.model)
+        run.pruned = run.model.graph.to_model()
+        return PassResult(modified=True, report={"apply": stats})
+
+
+class VerifyStructure(Pass):
+    """onnx.checker, then onnxruntime against the original with the removed channels disconnected."""
+    name, requires = "verify", ("pruned", "original")
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("verify")
+        verify.check(run.pruned)
+        reference = verify.build_reference(run.original, run.analysis, run.removed, run.analysis.node_index)
+        result = verify.compare(reference, run.pruned, run.model.input_shapes, rtol=run.options.rtol)
+        return PassResult(report={"verification": {"status": "passed", **result}})
+
+
+class FoldConstants(Pass):
+    """Fold the constant each removed channel carries into its consumers' biases; report fidelity."""
+    name, requires, rewrites = "compensate", ("pruned", "original"), True
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("compensate")
+        shapes = run.model.input_shapes
+        before = fidelity(run.original, run.pruned, shapes)
+        stats = FoldRemovedConstants(run.analysis, run.removed, run.original, shapes).run(run.model)
+        run.pruned = run.model.graph.to_model()
+        verify.check(run.pruned)
+        return PassResult(modified=True, report={"compensation": {
+            "pass": "fold-constants", **stats, "fidelity_before": before,
+            "fidelity_after": fidelity(run.original, run.pruned, shapes)}})
+
+
+class Reconstruction(Pass):
+    """Similarity compensation, least-squares refit and/or re-calibration on the verified structure; each
+    changes values only. Fidelity to the original is measured before and after, on the calibration data (or
+    random inputs when data-free)."""
+    name, requires, rewrites = "reconstruct", ("pruned", "original", "data"), True
+
+    def run(self, run: PruneRun) -> PassResult:
+        report = reconstruct_values(run, data_label(run.data, "obspa"))
+        run.pruned = run.model.graph.to_model()
+        return PassResult(modified=True, report={"reconstruction": report})
+
+
+class WriteOutputs(Pass):
+    """The plan (--save-plan) and the model, each written atomically, after every check passed."""
+    name, requires = "save", ("pruned",)
+
+    def run(self, run: PruneRun) -> PassResult:
+        if run.options.save_plan:
+            write_plan(run.plan_json, run.options.save_plan)
+        if run.output is not None:
+            run.step("save")
+            try:
+                save_model(run.pruned, run.output)
+            except OSError as e:
+                raise SpaError(f"cannot write {run.output}: {e.strerror or e}")
+        return PassResult()
+
+
+def check_strict(analysis: Analysis) -> None:
+    """--strict: a frozen group is an error (a graph output's channels are fixed by the interface, not by a
+    missing rule, so those are allowed)."""
+    for g in analysis.groups:
+        real = [(w, r) for w, r in g.reasons if not w.startswith("graph output")]
+        if real:
+            raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
+
+
+def explain_nothing(analysis: Analysis) -> str:
+    if not analysis.ctx.sources:
+        return ("no Conv/ConvTranspose/Gemm/MatMul with a constant weight was found (quantized or "
+                "run-time weights are not prunable yet)")
+    reasons = {}
+    for g in analysis.groups:
+        for where, why in g.reasons:
+            reasons.setdefault(why, where)
+    top = "; ".join(f"{why} (at {where})" for why, where in list(reasons.items())[:3])
+    return f"every group is frozen or has a single unit: {top or 'all groups have one unit'}"
