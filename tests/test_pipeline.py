@@ -1,0 +1,127 @@
+"""The driver's pass pipeline and its options: the order is checked before any work, rewriting passes drop
+cached analyses, every option's domain is checked once with the same message for the CLI and the Python API,
+and the report is assembled from the passes' results."""
+from __future__ import annotations
+
+import itertools
+
+import onnx
+import pytest
+from helpers import Builder
+
+from spa import driver
+from spa.cli import main
+from spa.errors import SpaError
+from spa.options import PruneOptions
+from spa.passes import Pass, PassManager, PassResult
+
+
+def conv_net() -> onnx.ModelProto:
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.bn("bn1", b.conv("c1", x, 3, 8), 8))
+    b.output(b.conv("c2", y, 8, 4))
+    return b.model()
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    p = tmp_path / "in.onnx"
+    onnx.save(conv_net(), str(p))
+    return p
+
+
+class Target:
+    def __init__(self):
+        self.analyses = {"analyse": "stale"}
+        self.log = []
+
+
+def make_pass(name, requires=(), provides=(), rewrites=False):
+    class P(Pass):
+        def run(self, target):
+            target.log.append((self.name, dict(target.analyses)))
+            return PassResult(modified=rewrites)
+    P.name, P.requires, P.provides, P.rewrites = name, requires, provides, rewrites
+    return P()
+
+
+def test_a_pass_that_needs_what_no_earlier_pass_provides_fails_before_any_work():
+    target = Target()
+    manager = PassManager([make_pass("a"), make_pass("b", requires=("plan",)), make_pass("c", provides=("plan",))])
+    with pytest.raises(RuntimeError, match="pass 'b' requires \\['plan'\\]"):
+        manager.run(target)
+    assert target.log == []  # nothing ran
+
+
+def test_the_manager_drops_cached_analyses_after_a_rewriting_pass_and_times_every_pass():
+    target = Target()
+    manager = PassManager([make_pass("reader"), make_pass("rewriter", rewrites=True), make_pass("after")])
+    manager.run(target)
+    assert [seen for _, seen in target.log] == [{"analyse": "stale"}, {"analyse": "stale"}, {}]
+    assert set(manager.timings) == {"reader", "rewriter", "after"}
+
+
+@pytest.mark.parametrize("verify,fold,reconstruct", list(itertools.product([True, False], repeat=3)))
+def test_every_pipeline_the_driver_builds_is_in_a_valid_order(verify, fold, reconstruct):
+    options = PruneOptions(ratio=0.5, verify=verify, fold_constants=fold, reconstruct=reconstruct)
+    passes = driver.passes_for(options)
+    PassManager(passes).check_order()
+    names = [p.name for p in passes]
+    assert names[:4] == ["load+normalize", "analyse", "score+select", "apply"] and names[-1] == "save"
+    assert ("verify" in names) == verify and ("compensate" in names) == fold
+    assert ("reconstruct" in names) == reconstruct
+
+
+@pytest.mark.parametrize("flags,keywords,message", [
+    (["--rtol", "-1"], {"rtol": -1.0}, "--rtol must be a finite number > 0"),
+    (["--rtol", "nan"], {"rtol": float("nan")}, "--rtol must be a finite number > 0"),
+    (["--rtol", "0"], {"rtol": 0.0}, "--rtol must be a finite number > 0"),
+    (["--seed", "-1"], {"seed": -1}, "--seed must be a whole number in [0, 4294967295]"),
+    (["--seed", str(2**64)], {"seed": 2**64}, "--seed must be a whole number in [0, 4294967295]"),
+    (["--damp", "inf"], {"damp": float("inf")}, "--damp must be >= 0"),
+    (["--round-to", str(10**30)], {"round_to": 10**30}, "--round-to must be a whole number in [1, 2147483647]"),
+    (["--positions", "0"], {"positions": 0}, "--positions must be at least 1"),
+    (["--synth-samples", "0"], {"samples": 0}, "--synth-samples must be at least 1"),
+    (["--max-ratio", "nan"], {"max_ratio": float("nan")}, "--max-ratio must be in (0, 1]"),
+    (["--recalibrate"], {"recalibrate": True}, "--recalibrate needs calibration data"),
+    (["--importance", "obspa", "--no-verify"], {"importance": "obspa", "verify": False},
+     "reconstruction and compensation need verification"),
+])
+def test_options_are_checked_once_with_the_same_message_for_cli_and_api(model_file, tmp_path, capsys, flags,
+                                                                          keywords, message):
+    out = tmp_path / "out.onnx"
+    rc = main([str(model_file), str(out), "--ratio", "0.5", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    with pytest.raises(SpaError) as api:
+        driver.prune(str(model_file), str(out), ratio=0.5, **keywords)
+    assert message in str(api.value)
+    assert not out.exists()
+
+
+def test_an_unknown_keyword_is_a_type_error_as_for_any_function(model_file):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ratoi'"):
+        driver.prune(str(model_file), None, ratoi=0.5)
+
+
+def test_options_object_and_keywords_give_the_same_model_and_report(model_file):
+    by_keywords = driver.prune(str(model_file), None, ratio=0.5, importance="l1")
+    by_object = driver.prune(str(model_file), None, PruneOptions(ratio=0.5, importance="l1"))
+    assert by_keywords.model.graph.to_model().SerializeToString() == \
+        by_object.model.graph.to_model().SerializeToString()
+    a, b = by_keywords.report, by_object.report
+    a.pop("timings_s"), b.pop("timings_s")
+    assert a == b
+
+
+def test_the_report_is_assembled_from_every_pass(model_file):
+    report = driver.prune(str(model_file), None, ratio=0.5).report
+    assert set(report["timings_s"]) == {"load+normalize", "analyse", "score+select", "apply", "verify", "save",
+                                        "total"}
+    assert report["verification"]["status"] == "passed"
+    assert report["macs"]["after"] < report["macs"]["before"]
+    assert report["groups"]["total"] == len(report["per_group"])
+    assert report["compensation"] is None and report["reconstruction"] is None
+    skipped = driver.prune(str(model_file), None, ratio=0.5, verify=False).report
+    assert skipped["verification"] == {"status": "skipped (--no-verify)"} and "verify" not in skipped["timings_s"]
