@@ -7,8 +7,8 @@ import json
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.passes import verify
 from spa import driver
+from spa.passes import verify
 
 
 def bn_chain(beta0: float = 0.7):

@@ -53,7 +53,7 @@ def digits(tmp_path_factory):
     net = SmallNet()
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
-    for epoch in range(12):
+    for _epoch in range(12):
         for i in range(0, len(tr), 64):
             loss = nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64])
             opt.zero_grad()

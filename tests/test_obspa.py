@@ -8,8 +8,7 @@ from helpers import Builder
 
 torch = pytest.importorskip("torch")
 
-from spa import driver
-from spa import obspa
+from spa import driver, obspa
 from spa.calib import Calib
 
 

@@ -1384,8 +1384,8 @@ def test_initializers_listed_as_inputs():
 
 # ---- verification itself ------------------------------------------------------------------------------------------
 def test_verification_rejects_nan_outputs():
-    from spa.passes import verify
     from spa.errors import VerificationError
+    from spa.passes import verify
 
     b = Builder()
     x = b.input("x", [1, 3, 8, 8])

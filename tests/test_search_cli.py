@@ -162,7 +162,7 @@ def test_search_refit_choice_reaches_the_evaluator(resnet18, calib_file, tmp_pat
         return real(*a, **kw)
 
     monkeypatch.setattr(S, "search", spy)
-    for flag, want in (("none", False), ("full", True), ("auto", False)):
+    for flag, _want in (("none", False), ("full", True), ("auto", False)):
         out = tmp_path / f"{flag}.onnx"
         rc, err = run([resnet18, out, "--policy", "uniform", "--target-flops", 0.5, "--calib", calib_file,
                        "--calib-samples", 8, "--search-refit", flag, "-q"], capsys)

@@ -9,9 +9,9 @@ models = pytest.importorskip("models")
 
 from gymnasium.utils.env_checker import check_env
 
-from spa.passes.apply import Apply
 from spa import driver
 from spa.calib import Calib
+from spa.passes.apply import Apply
 from spa.search import (
     EDGE_FEATURES,
     NODE_FEATURES,

@@ -9,9 +9,9 @@ models = pytest.importorskip("models")
 
 from gymnasium.utils.env_checker import check_env
 
+from spa.errors import SpaError
 from spa.passes.analyse import Analyse
 from spa.passes.normalize import infer_shapes
-from spa.errors import SpaError
 from spa.search import (
     EDGE_FEATURES,
     NODE_FEATURES,

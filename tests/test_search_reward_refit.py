@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from spa.models import zoo_path
 from spa.calib import Calib
 from spa.errors import SpaError
+from spa.models import zoo_path
 from spa.search import CalibEvaluator, SearchProblem, search
 
 torch.set_num_threads(1)

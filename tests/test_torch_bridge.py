@@ -23,11 +23,10 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 from torch import nn
 
-from spa import models
-from spa.passes import verify
-from spa import driver
+from spa import driver, models
 from spa.cli import main
 from spa.errors import SpaError
+from spa.passes import verify
 from spa.select import PruningPlan
 from spa.torch_bridge import (
     FORMAT,

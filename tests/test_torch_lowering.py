@@ -21,10 +21,9 @@ from onnx import TensorProto, helper
 torch = pytest.importorskip("torch")
 from helpers import make_model
 
-from spa import models
-from spa.operators.lowering import LOWERINGS, lower, lowering
-from spa import driver
+from spa import driver, models
 from spa.errors import SpaError
+from spa.operators.lowering import LOWERINGS, lower, lowering
 from spa.torch_graph import TorchGraph
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]

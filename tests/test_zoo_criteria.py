@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 from spa import driver
 from spa.errors import SpaError
@@ -28,7 +28,12 @@ def run_criterion(name: str, dynamo: bool, criterion: str):
         assert criterion == "bn-scale" and "needs BatchNormalization" in str(e) and "obspa" in str(e), str(e)
         return None
     assert rep["verification"]["status"] == "passed"
-    assert rep["macs"]["after"] <= 0.7 * rep["macs"]["before"] + 1 or rep["macs"]["ratio"] < 1
+    macs = rep["macs"]
+    unreachable = [w for w in rep["warnings"] if w.startswith("the budget cannot be met")]
+    if unreachable:  # select() pruned as far as the constraints allow, and said so
+        assert 0.7 < macs["ratio"] < 1, unreachable
+    else:
+        assert macs["after"] <= 0.7 * macs["before"], (criterion, macs)
     rec = rep["reconstruction"]
     if criterion == "obspa":
         assert rec is not None

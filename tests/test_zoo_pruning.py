@@ -12,9 +12,9 @@ import onnx
 import pytest
 
 models = pytest.importorskip("models")
+from spa import driver
 from spa.models.counting import torch_macs_params
 from spa.passes import verify
-from spa import driver
 
 EXPORTERS = [False, True]
 
