@@ -127,3 +127,4 @@ def unregister(op_type: str, *, domain: str = "") -> None:
 
 
 from . import conv, linear, norm, elementwise, pool, shape, concat  # noqa: E402,F401  (registration)
+from .weights import BIAS_INPUT, WEIGHT_INPUT, is_weight_layer, weight_input  # noqa: E402,F401
