@@ -1,7 +1,6 @@
 """VGG-16 with BatchNorm: a plain chain of conv-BN-ReLU, the simplest pruning target."""
 from torch import nn
 
-
 CFG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 

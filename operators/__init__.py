@@ -1,31 +1,130 @@
-"""Per-operator mask-propagation rules, registered by op type.
+"""Per-operator mask-propagation rules, registered by (domain, op type).
 
 A rule is `rule(ctx, node)`: it reads the labellings of the node's inputs (`ctx.inp`), writes its outputs'
 labellings (`ctx.out`), couples atoms (`ctx.unify`, `ctx.uf`), declares the parameter slices that follow a
 labelling (`ctx.slice_param`), registers rewrites of shape constants and attributes (`ctx.edit`), records MACs
 (`ctx.cost`) and freezes what it cannot express (`ctx.freeze`). Propagation and slicing of one operator family
 live side by side in one module. An op type with no rule freezes every channel that reaches it.
+
+Registry: RULES[(domain, op_type)] = rule, the default ONNX domain keyed as "" ("" and "ai.onnx" name the same
+domain: `canonical_domain`). The torch lowerings (spa.lowering) are keyed the same way. A user adds an operator of
+their own with `register` (docs/operators.md). This package never imports torch.
 """
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
 from typing import Callable
 
-RULES: dict[str, Callable] = {}
+RULES: dict[tuple[str, str], Callable] = {}
 
 
-def rule(*op_types: str):
-    def register(fn):
+def canonical_domain(domain: str) -> str:
+    """The registry key of a domain: "" and "ai.onnx" are both the default ONNX domain and key as ""."""
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def rule(*op_types: str, domain: str = ""):
+    """Decorator: register `fn(ctx, node)` as the propagation rule of the given op types of `domain`."""
+    d = canonical_domain(domain)
+
+    def add(fn):
         for t in op_types:
-            RULES[t] = fn
+            RULES[(d, t)] = fn
         return fn
 
-    return register
+    return add
 
 
 def lookup(op_type: str, domain: str = ""):
-    if domain not in ("", "ai.onnx"):
-        return None
-    return RULES.get(op_type)
+    """The propagation rule of an op type of a domain, or None (the analysis then freezes what reaches it)."""
+    return RULES.get((canonical_domain(domain), op_type))
 
 
-from . import conv, linear, norm, elementwise, pool, shape, concat  # noqa: E402,F401  (registration)
+# ---- registering a user's operator ---------------------------------------------------------------------------------
+_MISSING = object()
+
+
+@dataclass
+class Registration:
+    """What `register` changed, so that it can be undone: `undo()`, or use the registration as a context manager
+    (`with register(...):`). Undoing restores whatever was registered before (nothing, or a built-in)."""
+
+    op_type: str
+    domain: str
+    previous: dict = field(default_factory=dict)  # "rule" / "lowering" -> the entry it replaced (or _MISSING)
+
+    def undo(self) -> None:
+        key = (self.domain, self.op_type)
+        for table, old in self.previous.items():
+            registry = RULES if table == "rule" else _lowerings()
+            if old is _MISSING:
+                registry.pop(key, None)
+            else:
+                registry[key] = old
+        self.previous = {}
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def _lowerings() -> dict:
+    from spa.lowering import LOWERINGS  # torch: imported only when a lowering is registered or undone
+    return LOWERINGS
+
+
+def register(op_type: str, *, domain: str = "", rule: Callable | None = None, lowering: Callable | None = None,
+             replace: bool = False) -> Registration:
+    """Teach spa an operator it does not know: a custom op of your own domain (or a default-domain op spa has no
+    rule for).
+
+    Why: an op without a propagation rule freezes every channel that reaches it ("no propagation rule for this
+    operator"), and an op without a torch lowering stops everything that runs the model in torch (gradient
+    criteria, obs/obspa, reconstruction, fine-tuning). Both registries are keyed by (domain, op type), so a
+    custom domain's op cannot collide with an ONNX op of the same name.
+
+    rule: `fn(ctx, node)` mask propagation, as the built-in rules in spa/operators/<family>.py are written
+        (`spa.labels.passthrough` for a channel-wise op whose output carries its input's channels unchanged).
+    lowering: `fn(node, inputs, attrs) -> list[torch.Tensor]`, as in spa/lowering/<family>.py; torch is
+        imported only when one is given.
+    replace: an entry that already exists (a built-in, or an earlier registration) is replaced only when True;
+        otherwise ValueError (a custom op that shadows a built-in by mistake would silently change results).
+
+    Returns a Registration: `.undo()` (or `with register(...):`) restores the previous state. `unregister`
+    removes entries whoever made them. Constant folding (spa/passes/fold.py) stays default-domain only.
+    """
+    if rule is None and lowering is None:
+        raise ValueError("register: give a rule, a lowering, or both")
+    d = canonical_domain(domain)
+    key = (d, op_type)
+    tables = []
+    if rule is not None:
+        tables.append(("rule", RULES, rule))
+    if lowering is not None:
+        tables.append(("lowering", _lowerings(), lowering))
+    if not replace:
+        taken = [name for name, registry, _ in tables if key in registry]
+        if taken:
+            raise ValueError(f"register: {d + '::' if d else ''}{op_type} already has a {' and a '.join(taken)} "
+                             "(pass replace=True to replace it)")
+    reg = Registration(op_type, d)
+    for name, registry, fn in tables:
+        reg.previous[name] = registry.get(key, _MISSING)
+        registry[key] = fn
+    return reg
+
+
+def unregister(op_type: str, *, domain: str = "") -> None:
+    """Remove the rule and the torch lowering of an op type of a domain (absent entries are ignored; the lowering
+    registry is only looked at when spa.lowering is already loaded, so this never imports torch)."""
+    key = (canonical_domain(domain), op_type)
+    RULES.pop(key, None)
+    if "spa.lowering" in sys.modules:
+        sys.modules["spa.lowering"].LOWERINGS.pop(key, None)
+
+
+from . import concat, conv, elementwise, linear, norm, pool, shape  # noqa: E402,F401  (registration)
+from .weights import BIAS_INPUT, WEIGHT_INPUT, is_weight_layer, weight_input  # noqa: E402,F401

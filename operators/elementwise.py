@@ -7,7 +7,6 @@ size but no labels freezes the channels it meets.
 """
 from __future__ import annotations
 
-
 from spa.ir import attr
 from spa.labels import Labels, passthrough
 

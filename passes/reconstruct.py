@@ -276,6 +276,7 @@ def output_rows(analysis, removed) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     out_axis: dict[str, int] = {}
     for node in analysis.nodes:
+        # not spa.operators.is_weight_layer: OBSPA views read input 1 only and ConvTranspose has its out axis at 1
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
             w = analysis.ctx.g.const(node.input[1])
             if w is None:

@@ -46,11 +46,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from spa.operators.weights import BIAS_INPUT, WEIGHT_INPUT
+
 from .errors import SpaError, VerificationError
 from .fileio import atomic_write
 
+# trainable slots: wider than the weight-layer table (norm affines, PRelu, either MatMul operand, any constness)
 WEIGHT_SLOTS = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2),
+    **{op: (WEIGHT_INPUT[op], BIAS_INPUT[op]) for op in BIAS_INPUT}, "BatchNormalization": (1, 2),
     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2),
     "PRelu": (1,), "MatMul": (0, 1),
 }

@@ -57,7 +57,8 @@ class LayerView:
 
 def layer_view(g, node) -> LayerView | None:
     """The matrix view of a node, or None for a node OBS does not model (grouped/transposed conv, 3-D conv,
-    activation x activation MatMul, Gemm with transA or a run-time weight)."""
+    activation x activation MatMul, Gemm with transA or a run-time weight): narrower than
+    spa.operators.weights.is_weight_layer on purpose (only layers OBS can write as y = X Wᵀ)."""
     if node.op_type == "Conv":
         w = g.const(node.input[1])
         if w is None or w.ndim not in (3, 4):

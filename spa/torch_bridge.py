@@ -46,6 +46,8 @@ import torch
 from onnx import helper
 from torch import nn
 
+from spa.operators.weights import BIAS_INPUT
+
 from .errors import SpaError, VerificationError
 from .fileio import atomic_write
 from .torch_graph import TorchGraph
@@ -407,7 +409,7 @@ def _head_groups(analysis) -> set[int]:
     """Groups whose units span several output positions of one Gemm/MatMul weight (attention heads)."""
     out = set()
     for s in analysis.ctx.sources:
-        if s.op_type in ("Gemm", "MatMul"):
+        if s.op_type in ("Gemm", "MatMul"):  # linear weight layers only: a conv output channel is never a head
             roots = analysis.find(s.atoms)
             _, counts = np.unique(roots[roots >= 0], return_counts=True)
             if len(counts) and counts.max() > 1:
@@ -487,7 +489,7 @@ def apply_plan_to_module(module: nn.Module, plan, onnx_model, example_inputs, *,
             e.groups.setdefault(axes[int(axis)], set()).update(gids)
     for name in pending:  # a folded bias: the Conv/Gemm/ConvTranspose whose weight matched carries it
         uses = g.consumers.get(name, [])
-        if not uses or not all(n.op_type in ("Conv", "ConvTranspose", "Gemm") and i == 2 and id(n) in weight_of
+        if not uses or not all(BIAS_INPUT.get(n.op_type) == i and id(n) in weight_of
                                for n, i in uses):
             shape = "x".join(map(str, g.const_info(name)[0]))
             raise SpaError(f"no torch parameter or buffer matches ONNX initializer '{name}' ({shape}), which the plan "

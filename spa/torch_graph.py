@@ -7,7 +7,8 @@
     tg.run({"input": x}, hook=lambda node, ins, outs: acts.update(zip(node.output, outs)))
     onnx_weights = tg.state_dict_onnx()           # fine-tuned values by initializer name
 
-Each node is executed by its lowering in operators/lowering.py, in the graph's (topological) order.
+Each node is executed by its lowering (spa/lowering/, one module per operator family), in the graph's
+(topological) order.
 
 Parameters: every floating-point initializer becomes one nn.Parameter (also when several nodes share it),
 reachable by its ONNX name through `param(name)` / `param_names`; integer and bool initializers become
@@ -34,7 +35,8 @@ Executing node by node from another module (layer-wise capture, reconstruction):
 graph output or listed in `keep`.
 
 Unsupported: ops without a lowering (checked for every node at construction: SpaError naming the op types
-and nodes), ops with subgraphs (If/Loop/Scan) and non-default domains.
+and nodes), ops with subgraphs (If/Loop/Scan) and other domains than the default and ai.onnx.ml, unless a user
+registered a lowering (spa.operators.register).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ import onnx
 import torch
 from torch import nn
 
-from spa.operators.lowering import lowering, node_attrs, tensor_from_proto, unsupported
+from spa.lowering import lowering, node_attrs, tensor_from_proto, unsupported
 
 from .errors import SpaError
 

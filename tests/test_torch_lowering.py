@@ -1,4 +1,4 @@
-"""TorchGraph (spa/torch_graph.py) and the torch lowerings (operators/lowering.py) against onnxruntime.
+"""TorchGraph (spa/torch_graph.py) and the torch lowerings (spa/lowering/) against onnxruntime.
 
 1. every zoo model (small variants, both exporters), raw file and normalized graph: outputs equal onnxruntime's
    within 1e-4 of the output scale;
@@ -23,7 +23,7 @@ from helpers import make_model
 
 from spa import driver, models
 from spa.errors import SpaError
-from spa.operators.lowering import LOWERINGS, lower, lowering
+from spa.lowering import LOWERINGS, lower, lowering
 from spa.torch_graph import TorchGraph
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
@@ -649,7 +649,8 @@ def test_subgraph_op_is_a_clear_error():
 
 
 def test_registry_api():
-    assert lowering("Conv") is LOWERINGS["Conv"]
+    assert lowering("Conv") is LOWERINGS[("", "Conv")]
+    assert lowering("Conv", "ai.onnx") is LOWERINGS[("", "Conv")]
     assert lowering("Conv", "com.microsoft") is None
     assert lowering("ArrayFeatureExtractor", "ai.onnx.ml") is not None
     assert lowering("ArrayFeatureExtractor") is None
@@ -662,7 +663,7 @@ def test_registry_api():
     try:
         assert lowering("_TestOnlyOp") is _fn
     finally:
-        del LOWERINGS["_TestOnlyOp"]
+        del LOWERINGS[("", "_TestOnlyOp")]
 
 
 def small_net():

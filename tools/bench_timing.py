@@ -31,11 +31,10 @@ MODES = ("plain", "recalibrate", "refit")
 
 def _subject(name: str, seed: int, n: int, out: Path):
     """(onnx path, Calib of n TRAIN samples with labels, input shape)."""
+    from spa.calib import Calib
     from spa.models import datasets
     from spa.models.bench_nets import BENCH_MODELS
     from tools import train_bench
-
-    from spa.calib import Calib
 
     spec = BENCH_MODELS[name]
     path = out / f"{name}-seed{seed}.onnx"

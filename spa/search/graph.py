@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spa.operators.weights import WEIGHT_INPUT
+
 from ..errors import SpaError
 from ..groups import Analysis
 from ..ir import attr
@@ -47,7 +49,7 @@ _CAT = {
     **{op: "concat_slice" for op in ("Concat", "Split", "Slice", "Gather")},
     **{op: "layout" for op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Tile")},
 }
-_SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_SOURCE_OPS = tuple(WEIGHT_INPUT)  # the weight-layer ops (spa.operators.weights)
 
 STATIC_NODE_FEATURES = (
     *(f"op_{c}" for c in OP_CATEGORIES),   # share of the ONNX nodes touching the group, by category
