@@ -11,8 +11,8 @@ import numpy as np
 from spa.ir import attr, set_attr
 from spa.labels import Labels
 
-from . import rule
 from ._util import none_labels, prod
+from .registry import rule
 
 
 @rule("Conv", "ConvTranspose")

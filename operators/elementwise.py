@@ -10,7 +10,7 @@ from __future__ import annotations
 from spa.ir import attr
 from spa.labels import Labels, passthrough
 
-from . import rule
+from .registry import rule
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Tanh", "Softplus", "Softsign",

@@ -11,8 +11,8 @@ import numpy as np
 from spa.ir import attr
 from spa.labels import Labels, MaskSink
 
-from . import rule
 from ._util import none_labels, prod
+from .registry import rule
 
 
 @rule("Gemm")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from spa.ir import attr
 from spa.labels import passthrough
 
-from . import rule
 from ._util import norm_axis
+from .registry import rule
 
 
 @rule("BatchNormalization", "InstanceNormalization")

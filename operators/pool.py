@@ -7,8 +7,8 @@ import numpy as np
 from spa.ir import attr
 from spa.labels import Labels, passthrough
 
-from . import rule
 from ._util import axes_of, norm_axis
+from .registry import rule
 
 
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")

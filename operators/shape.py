@@ -13,8 +13,8 @@ import numpy as np
 from spa.ir import attr
 from spa.labels import Labels, passthrough
 
-from . import rule
 from ._util import axes_of, norm_axis, prod, shape_element
+from .registry import rule
 
 
 def map_reshape(ctx, node, lab: Labels, s_in: tuple, s_out: tuple) -> Labels | None:

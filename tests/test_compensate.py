@@ -78,7 +78,7 @@ def test_fold_constants_changes_values_only(tmp_path):
 
 def test_fold_constants_on_zoo_models_reports_fidelity():
     import pytest
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("spa.models")
     for name in ("mobilenet_v2", "densenet121"):
         rep = driver.prune(str(models.zoo_path(name, small=True)), None, ratio=0.3, fold_constants=True).report
         comp = rep["compensation"]

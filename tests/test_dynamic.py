@@ -9,7 +9,7 @@ from spa import driver
 from spa.errors import SpaError
 
 torch = pytest.importorskip("torch")
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 
 def export_dynamic(name, path, seq=False):

@@ -313,14 +313,11 @@ def test_no_bare_repo_folder_imports():
     assert not bad, "import spa.passes / spa.operators / spa.models instead:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="tests outside this branch still pytest.importorskip('models'); "
-                                        "to become importorskip('spa.models') in the house restructuring")
 def test_no_bare_repo_folder_string_imports():
     bad = [w for f in _all_files() for w, by_string in _bare_imports(f) if by_string]
     assert not bad, "use the installed names (spa.models, ...):\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="operators/lowering.py (torch) is being moved out of operators/")
 def test_operators_never_import_torch():
     pkg = package_layout()
     bad = []

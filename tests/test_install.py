@@ -47,7 +47,7 @@ def test_one_top_level_import_name(wheel):
 
 def test_pipeline_folders_are_spa_subpackages(wheel):
     names = set(wheel.namelist())
-    for path in ("spa/__init__.py", "spa/cli.py", "spa/search/__init__.py", "spa/passes/analyse.py",
+    for path in ("spa/__init__.py", "spa/cli/__init__.py", "spa/search/__init__.py", "spa/passes/analyse.py",
                  "spa/operators/__init__.py", "spa/models/__init__.py"):
         assert path in names, path
     # every module of the source folders is shipped

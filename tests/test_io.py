@@ -117,7 +117,7 @@ def test_quantized_weights_explain_why_nothing_is_prunable():
 
 
 def test_zero_copy_weight_views_equal_protobuf_decoding(tmp_path):
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("spa.models")
     from spa.ir import read_model
 
     for name, dynamo in (("resnet18", False), ("vit_tiny", True), ("bert_layer", False)):

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 gym = pytest.importorskip("gymnasium")
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 from spa.search import (
     POLICIES,

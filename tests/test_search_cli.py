@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 pytest.importorskip("gymnasium")
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 import spa.search
 from spa.cli import command_parser, main

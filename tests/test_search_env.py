@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 gym = pytest.importorskip("gymnasium")
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 from gymnasium.utils.env_checker import check_env
 

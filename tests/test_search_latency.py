@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 from spa import driver
 from spa.cli import main

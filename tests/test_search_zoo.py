@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gymnasium")
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 from spa.search import POLICIES, CalibEvaluator, SearchProblem, prune_with_plan, search
 from spa.search.report import kept_units

@@ -8,7 +8,7 @@ import pytest
 
 from spa import driver
 
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import spa.passes.apply as apply_mod
 from spa import driver
 from spa.errors import VerificationError
 
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121", "vit_tiny"])

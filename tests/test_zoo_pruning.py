@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-models = pytest.importorskip("models")
+models = pytest.importorskip("spa.models")
 from spa import driver
 from spa.models.counting import torch_macs_params
 from spa.passes import verify

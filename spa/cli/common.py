@@ -9,6 +9,7 @@ import time
 
 from ..errors import SpaError
 from ..fileio import atomic_write_text
+from .summary import summary
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,3 +56,32 @@ def clear_progress(show) -> None:
 def write_json(data: dict, path) -> None:
     """A report or table as JSON, written atomically (missing parent folders are created, as for the model)."""
     atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def driver_kwargs(args) -> dict:
+    """The driver options every pruning path shares (scoring, constraints, verification, data, compensation)."""
+    return {"importance": args.importance, "aggregation": args.aggregation, "normalization": args.normalization,
+            "min_channels": args.min_channels, "round_to": args.round_to, "max_ratio": args.max_ratio,
+            "exclude": args.exclude, "save_plan": args.save_plan, "verify": not args.no_verify, "rtol": args.rtol,
+            "strict": args.strict, "fold_constants": args.fold_constants, "calib": args.calib,
+            "calib_limit": args.calib_samples, "loss": args.loss, "reconstruct": args.reconstruct,
+            "recalibrate": args.recalibrate, "compensate": args.compensate, "dbscan": parse_dbscan(args.dbscan),
+            "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed}
+
+
+def finish(args, report: dict) -> int:
+    if args.report:
+        write_json(report, args.report)
+    if not args.quiet:
+        print(summary(report), file=sys.stderr)
+    return 0
+
+
+def parse_dbscan(text):
+    if text is None:
+        return None
+    try:
+        eps, k = text.split(",")
+        return float(eps), int(k)
+    except ValueError:
+        raise SpaError(f"--dbscan expects EPS,MIN_SAMPLES (e.g. 0.3,2), got '{text}'")

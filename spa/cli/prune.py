@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .. import driver
 from ..errors import SpaError
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
 from ..options import PruneOptions
 from ..progressive import prune_progressive
-from .common import add_common, clear_progress, stage_progress, write_json
+from .common import add_common, clear_progress, driver_kwargs, finish, stage_progress
 from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_search
-from .summary import summary
 
 USAGE = """spa-prune: structured pruning of ONNX models.
 
@@ -214,32 +212,3 @@ def run(args) -> int:
         res = driver.prune(args.input, args.output, options, progress=show)
     clear_progress(show)
     return finish(args, res.report)
-
-
-def driver_kwargs(args) -> dict:
-    """The driver options every pruning path shares (scoring, constraints, verification, data, compensation)."""
-    return {"importance": args.importance, "aggregation": args.aggregation, "normalization": args.normalization,
-            "min_channels": args.min_channels, "round_to": args.round_to, "max_ratio": args.max_ratio,
-            "exclude": args.exclude, "save_plan": args.save_plan, "verify": not args.no_verify, "rtol": args.rtol,
-            "strict": args.strict, "fold_constants": args.fold_constants, "calib": args.calib,
-            "calib_limit": args.calib_samples, "loss": args.loss, "reconstruct": args.reconstruct,
-            "recalibrate": args.recalibrate, "compensate": args.compensate, "dbscan": parse_dbscan(args.dbscan),
-            "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed}
-
-
-def finish(args, report: dict) -> int:
-    if args.report:
-        write_json(report, args.report)
-    if not args.quiet:
-        print(summary(report), file=sys.stderr)
-    return 0
-
-
-def parse_dbscan(text):
-    if text is None:
-        return None
-    try:
-        eps, k = text.split(",")
-        return float(eps), int(k)
-    except ValueError:
-        raise SpaError(f"--dbscan expects EPS,MIN_SAMPLES (e.g. 0.3,2), got '{text}'")

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import driver
 from ..errors import SpaError
 from ..options import check_data_options
-from .common import clear_progress, stage_progress
+from .common import clear_progress, driver_kwargs, finish, parse_dbscan, stage_progress
 
 REWARD_METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")   # spa.search.reward.METRICS
 METRIC_ALIASES = {"top1": "agreement", "l2": "rel_l2"}
@@ -40,12 +40,10 @@ def reject_search_flags(args) -> None:
 def run_search(args) -> int:
     """--policy (or --target-params): search a per-group allocation, then prune with the best plan through the
     driver's apply/verify/reconstruction path. Every check that can fail runs before the search."""
-    from .prune import driver_kwargs, finish, parse_dbscan
-
     S = _search_module()
     policy = args.policy or "global"
     cls = S.get_policy(policy)
-    _check_search_args(args, parse_dbscan)
+    _check_search_args(args)
     options = _policy_options(cls, policy, args.policy_option)
     optional = _optional_search_kwargs(args, S)
     evals = 300 if args.evals is None else args.evals
@@ -97,7 +95,7 @@ def _search_module():
     return search
 
 
-def _check_search_args(args, parse_dbscan) -> None:
+def _check_search_args(args) -> None:
     """One-line errors for every bad combination, before the model is even loaded."""
     for value, flag in ((args.ratio, "--ratio"), (args.plan, "--plan")):
         if value is not None:

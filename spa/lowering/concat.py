@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import lower
 from ._util import _axis, _ints, _opt
+from .core import lower
 
 
 @lower("Concat")

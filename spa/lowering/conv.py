@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from . import lower
 from ._util import _CONV, _CONV_T, _opt, _same_pads, _spatial, _torch_pad
+from .core import lower
 
 
 def _conv_pads(attrs, in_spatial, k_eff, strides):

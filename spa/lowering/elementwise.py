@@ -7,8 +7,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import lower, torch_dtype
 from ._util import _axis, _opset, _opt, _per_axis
+from .core import lower, torch_dtype
 
 
 def _unary(fn):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import lower
 from ._util import _opt
+from .core import lower
 
 
 @lower("Gemm")

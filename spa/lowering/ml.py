@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import lower
+from .core import lower
 
 
 def array_feature_extractor(node, inputs, attrs):

@@ -6,8 +6,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import lower
 from ._util import _axis, _opt
+from .core import lower
 
 
 @lower("BatchNormalization")

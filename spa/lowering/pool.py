@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import lower
 from ._util import _AVGPOOL, _CONV, _MAXPOOL, _axis, _ints, _opset, _opt, _prod, _same_pads, _spatial, _torch_pad
+from .core import lower
 
 
 def _pool_geometry(attrs, in_spatial):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import lower
 from ._util import _axis, _ints, _opt, _prod
+from .core import lower
 
 
 @lower("Reshape")
