@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .errors import SpaError
+from .fileio import check_outputs
 from .groups import Analysis
 from .importance import score
 from .loading import load, param_count, resolve_input
@@ -35,7 +34,7 @@ from .pipeline import (
 )
 from .select import PruningPlan, select
 
-__all__ = ["PruneOptions", "Result", "analyse", "check_output_path", "explain_nothing", "load", "param_count",
+__all__ = ["PruneOptions", "Result", "analyse", "check_output_path", "explain_nothing", "input_paths", "load", "param_count",
            "passes_for", "plan", "prune", "resolve_input"]
 
 
@@ -79,7 +78,7 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
     recalibrate: per-layer statistics matching (needs calib). compensate: 'similarity' (data-free merging;
     `dbscan=(eps, min_samples)` restricts merges to DBSCAN clusters)."""
     options = (options or PruneOptions.from_keywords(**keywords)).validated()
-    check_paths(source, output)
+    check_paths(source, output, options)
     t0 = time.perf_counter()
     run = PruneRun(source, output, options, progress)
     manager = PassManager(passes_for(options))
@@ -124,24 +123,17 @@ def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
     }
 
 
-def check_paths(source, output) -> None:
-    """OUT may not be the input, and must be writable, before any work."""
-    if output is None:
-        return
-    if not str(source).startswith("zoo:") and Path(output).exists() and Path(source).exists() \
-            and os.path.samefile(source, output):
-        raise SpaError("output path is the input file; refusing to overwrite the input")
-    check_output_path(output)
+def check_paths(source, output, options: PruneOptions) -> None:
+    """No output may be an input (the model, a plan, calibration data) or another output, and each must be
+    writable, before any work."""
+    check_outputs({"OUT": output, "--save-plan": options.save_plan},
+                  input_paths(source, options.plan_file, options.calib))
 
 
-def check_output_path(output) -> None:
-    p = Path(output)
-    if p.is_dir():
-        raise SpaError(f"output {p} is a directory")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SpaError(f"cannot create {p}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise SpaError(f"cannot write into {parent}")
+def input_paths(*candidates) -> tuple:
+    """The files among a run's inputs (zoo names, ModelProtos, Calib objects and None are not files)."""
+    return tuple(c for c in candidates if isinstance(c, (str, os.PathLike)) and not str(c).startswith("zoo:"))
+
+
+def check_output_path(output, flag: str = "OUT") -> None:
+    check_outputs({flag: output})

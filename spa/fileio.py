@@ -46,3 +46,106 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_bytes(path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
+
+
+class StagedOutputs:
+    """Every file a run writes, committed together at its very end: each is written to a temp file beside its
+    target as soon as it is ready (`stage`), and `commit` renames them all in one go with Ctrl-C and SIGTERM held
+    back, so a run that fails or is interrupted before the commit leaves no file of its outputs and one that
+    commits leaves all of them. Use as a context manager: leaving it by an exception discards what was staged."""
+
+    def __init__(self):
+        self.staged: list[tuple[Path, Path]] = []   # (temp file, target)
+
+    def stage(self, path, write: Callable, *, binary: bool = True) -> None:
+        p = Path(path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path_beside(p)
+            self.staged.append((tmp, p))
+            with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+                write(f)
+        except OSError as e:
+            raise SpaError(f"cannot write {p}: {e.strerror or e}")
+
+    def stage_file(self, path, tmp: Path) -> None:
+        """Take over a temp file already written beside `path` (e.g. a model with its external-data file)."""
+        self.staged.append((Path(tmp), Path(path)))
+
+    def commit(self) -> None:
+        import signal
+
+        held = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for tmp, target in self.staged:
+                os.replace(tmp, target)
+            self.staged = []
+        except OSError as e:
+            raise SpaError(f"cannot write {target}: {e.strerror or e}")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self.discard()
+
+    def discard(self) -> None:
+        for tmp, _ in self.staged:
+            if tmp.exists():
+                tmp.unlink()
+        self.staged = []
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            self.discard()
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (the same inode, through links too), or the same path."""
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve(strict=False) == pb.resolve(strict=False)
+
+
+def check_outputs(outputs: dict, inputs: tuple = ()) -> None:
+    """Refuse, before any work, every output path (flag -> path) that would lose or corrupt a file: one that is an
+    input or another output, a directory, an existing special file (device, FIFO, socket: replacing /dev/null as
+    root would be a disaster), a name ending in '/', or an empty name; and one whose folder cannot be written."""
+    given = [(flag, path) for flag, path in outputs.items() if path is not None]
+    for flag, path in given:
+        text = os.fspath(path)
+        if not text:
+            raise SpaError(f"{flag}: the output path is empty")
+        p = Path(text)
+        if text.endswith(("/", os.sep)) or p.is_dir():
+            raise SpaError(f"{flag} {text} is a directory; give a file name")
+        if p.exists() and not p.is_file():
+            raise SpaError(f"{flag} {text} exists and is not a regular file (a device, FIFO or socket); "
+                           "refusing to replace it")
+        if len(p.name.encode()) > 255:
+            raise SpaError(f"{flag}: the file name is longer than 255 bytes")
+        for source in inputs:
+            if source is not None and same_file(source, p):
+                raise SpaError(f"{flag} {text} is an input file of this run ({os.fspath(source)}); refusing to "
+                               "overwrite the input")
+        writable_folder(flag, p)
+    for i, (flag, path) in enumerate(given):
+        for other_flag, other in given[i + 1:]:
+            if same_file(path, other):
+                raise SpaError(f"{flag} and {other_flag} name the same file {os.fspath(path)}")
+
+
+def writable_folder(flag: str, p: Path) -> None:
+    """The nearest existing folder above `p` is a folder we may write into (missing ones are created later)."""
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpaError(f"{flag}: cannot create {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise SpaError(f"{flag}: cannot write into {parent}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .. import driver
+from ..fileio import check_outputs
 from .common import add_common, write_json
 
 
@@ -18,6 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    check_outputs({"--report": args.report}, driver.input_paths(args.input))
     model = driver.load(args.input, dict(args.input_shape))
     analysis = driver.analyse(model)
     groups = sorted(analysis.groups, key=lambda g: -g.macs)

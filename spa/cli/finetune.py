@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..driver import check_output_path
+from ..driver import input_paths
+from ..fileio import check_outputs
 from .common import write_json
 
 
@@ -71,9 +72,9 @@ def progress_printer(quiet: bool):
 def run(args) -> int:
     from ..finetune import finetune
 
-    if args.report:
-        check_output_path(args.report)
     curve = None if args.no_curve else (args.curve or str(Path(args.output).with_suffix("")) + ".curve.png")
+    check_outputs({"OUT": args.output, "--report": args.report, "--curve": curve},
+                  input_paths(args.input, args.data, args.teacher, args.val))
     res = finetune(args.input, args.output, data=args.data, teacher=args.teacher, val=args.val,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                    weight_decay=args.weight_decay, momentum=args.momentum, kd_alpha=args.kd_alpha,

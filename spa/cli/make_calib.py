@@ -18,7 +18,9 @@ from ..calib import (
     save_calib,
     validate_arrays,
 )
+from ..driver import input_paths
 from ..errors import SpaError, one_line
+from ..fileio import check_outputs
 
 MAKE_CALIB_DOC = """\
 Turn a folder of images into calibration data (.npz) for spa-prune.
@@ -146,6 +148,9 @@ def run(args) -> int:
         out = Path(args.output)
         if out.is_dir():
             raise SpaError(f"output {out} is a directory")
+        check_outputs({"-o": out}, input_paths(args.model))
+        if out.exists() and out.resolve().is_relative_to(Path(args.images).resolve()):
+            raise SpaError(f"-o {out} lies in the image folder it reads; refusing to overwrite an input")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             calib = images_to_calib(args.images, hw, args.mean, args.std, layout=layout, channels=channels,

@@ -7,6 +7,7 @@ import time
 
 from .. import driver
 from ..errors import SpaError
+from ..fileio import check_outputs
 from ..search.budget import CostModel
 from ..search.latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
 from .common import input_shape
@@ -44,7 +45,7 @@ def run(args) -> int:
             raise SpaError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.clock == "cpu" and args.threads != 1:
         raise SpaError("--clock cpu needs --threads 1 (other threads' work is not on the calling thread's clock)")
-    driver.check_output_path(args.output)
+    check_outputs({"-o": args.output}, driver.input_paths(args.input))
     t0 = time.perf_counter()
 
     def log(msg):

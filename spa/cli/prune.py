@@ -5,6 +5,7 @@ import argparse
 
 from .. import driver
 from ..errors import SpaError
+from ..fileio import check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
 from ..options import PruneOptions
 from ..progressive import prune_progressive
@@ -198,8 +199,8 @@ def run(args) -> int:
     keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation or "global",
                 "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args)}
     options = PruneOptions.from_keywords(**keywords).validated()  # every option's domain, before any work
-    if args.report:
-        driver.check_output_path(args.report)
+    check_outputs({"OUT": args.output, "--report": args.report, "--save-plan": args.save_plan},
+                  driver.input_paths(args.input, args.plan, args.calib, args.finetune_data))
     show = stage_progress(args.quiet)
     if args.steps != 1 or args.finetune_data:
         if args.steps < 2:

@@ -7,10 +7,10 @@ import inspect
 import math
 import sys
 import time
-from pathlib import Path
 
 from .. import driver
 from ..errors import SpaError
+from ..fileio import check_outputs
 from ..options import check_data_options
 from .common import clear_progress, driver_kwargs, finish, parse_dbscan, stage_progress
 
@@ -136,12 +136,9 @@ def _check_search_numbers(args) -> None:
 
 def _check_search_paths(args) -> None:
     """Every file the run will write is writable (and no PNG needs a missing matplotlib) before the search."""
-    src, out = Path(str(args.input)), Path(args.output)
-    if not str(args.input).startswith("zoo:") and src.exists() and out.exists() and src.samefile(out):
-        raise SpaError("output path is the input file; refusing to overwrite the input")
-    for path in (args.output, args.report, args.save_plan, args.search_curve, args.sparsity_plot):
-        if path:
-            driver.check_output_path(path)
+    check_outputs({"OUT": args.output, "--report": args.report, "--save-plan": args.save_plan,
+                   "--search-curve": args.search_curve, "--sparsity-plot": args.sparsity_plot},
+                  driver.input_paths(args.input, args.calib, args.latency_table))
     plots = [(flag, path) for flag, path in (("--search-curve", args.search_curve),
                                              ("--sparsity-plot", args.sparsity_plot)) if path]
     for flag, path in plots:

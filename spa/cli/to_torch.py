@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from ..driver import check_output_path
+from ..driver import input_paths
 from ..errors import SpaError, VerificationError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, check_outputs
 from .common import input_shape
 
 TO_TORCH_DOC = """\
@@ -57,10 +56,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     src = args.input
-    if not src.startswith("zoo:") and os.path.exists(src) and os.path.exists(args.output) \
-            and os.path.samefile(src, args.output):
-        raise SpaError("output path is the input file; refusing to overwrite the input")
-    check_output_path(args.output)
+    check_outputs({"OUT": args.output}, input_paths(src))
     if not args.rtol > 0:
         raise SpaError(f"--rtol must be > 0, got {args.rtol}")
     proto = _proto_of(src)
