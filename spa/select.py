@@ -34,7 +34,7 @@ class PruningPlan:
     "groups" is what re-applying a plan reads. "tensors" (written since the torch bridge, optional on input)
     lists every initializer of the normalized model that the plan cuts: its original shape, the kept indices
     per cut axis and the groups that cut each axis. It is derived from "groups" by the same slices Apply cuts
-    (passes.apply.param_cuts), so code outside spa (spa.torch_bridge.apply_plan_to_module) can cut the
+    (passes.apply.param_cuts), so code outside spa (spa.torch_plan.apply_plan_to_module) can cut the
     matching framework parameters without re-running the analysis. An initializer that uses cut differently
     (a shared weight) has "uses": [{"node", "input", "keep"}] instead of "keep".
     """
