@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spa.passes.apply import param_cuts
+
 from .errors import SpaError
 from .fileio import atomic_write_text
 from .groups import Analysis
@@ -99,8 +101,6 @@ def write_plan(data: dict, path) -> None:
 def tensor_section(analysis: Analysis, removed_roots: set[int]) -> dict:
     """initializer name -> {"shape", "keep": {axis: kept indices}, "groups": {axis: group ids}} for every
     initializer the removal cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
-    from spa.passes.apply import param_cuts
-
     g = analysis.ctx.g
     rm = np.asarray(sorted(removed_roots), dtype=np.int64)
     cutters: dict[str, dict[int, set[int]]] = {}
