@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spa.errors import VerificationError
+from spa.errors import SpaError, VerificationError
 from spa.groups import Analysis
 from spa.ir import Graph
 
@@ -110,7 +110,6 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned") ->
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         if what == "reference":
-            from spa.errors import SpaError
             shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
             raise SpaError(f"the input model does not run in onnxruntime with inputs {shapes} (dynamic dims: fix "
                            f"them with --input-shape): {msg}")

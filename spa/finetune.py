@@ -25,7 +25,7 @@ deep conv net without it diverges under SGD at ordinary learning rates (a BN-fol
 So every Conv whose output no normalization reads gets a training-time BatchNorm, initialized to the identity
 (running statistics measured on the training data, scale = their standard deviation, shift = their mean), and
 it is folded back into the conv's weight and bias at export: the graph keeps its nodes (a conv without a bias
-gains a bias input).
+gains a bias input). spa/train_batchnorm.py has these BatchNorms and the Trainer that runs them.
 
 Validation (`--val FILE`, or `--val-split F` to hold out part of --data): accuracy (or agreement with the
 teacher) and loss after every epoch; with it, the best epoch is what comes back (`--keep-best`, on by default),
@@ -47,9 +47,15 @@ import onnx
 from onnx import numpy_helper
 
 from spa.operators.weights import BIAS_INPUT, WEIGHT_INPUT
+from spa.passes.verify import run_many
 
+from .calib import Calib, input_specs, load_calib
+from .driver import check_output_path
 from .errors import SpaError, VerificationError
 from .fileio import atomic_write
+from .ir import Graph, load_model, save_model
+from .obspa import batch_size_for
+from .train_batchnorm import ConvSite, Trainer, bn_modules, conv_sites, fold_batchnorms
 
 # trainable slots: wider than the weight-layer table (norm affines, PRelu, either MatMul operand, any constness)
 WEIGHT_SLOTS = {
@@ -88,7 +94,6 @@ def trainable_initializers(model: onnx.ModelProto, mode: str = "weights") -> lis
 # ---- data ------------------------------------------------------------------------------------------------------
 
 def _load(path_or_calib, model: onnx.ModelProto, what: str):
-    from .calib import Calib, input_specs, load_calib
     if path_or_calib is None or isinstance(path_or_calib, Calib):
         return path_or_calib
     data = load_calib(str(path_or_calib), input_specs(model))
@@ -100,149 +105,14 @@ def _load(path_or_calib, model: onnx.ModelProto, what: str):
 def _samples_per_run(proto: onnx.ModelProto, data, batch_size: int) -> int:
     """`batch_size`, or the export's fixed batch (often 1) when its reshapes bake that batch in; the gradients
     of a batch are then accumulated over runs of that size (obspa.batch_size_for probes it)."""
-    from .ir import Graph
-    from .obspa import batch_size_for
     return batch_size_for(Graph(proto), batch_size, data.inputs)[0]
 
 
 def _run_ort(model: onnx.ModelProto, data, batch: int) -> list[np.ndarray]:
     """Every output of `model` on every sample of `data`, in onnxruntime, concatenated over batches."""
-    from spa.passes.verify import run_many
     draws = [feeds for feeds, _ in data.batches(batch)]
     outs = run_many(model, draws, what="reference")
     return [np.concatenate([o[i] for o in outs]) for i in range(len(model.graph.output))]
-
-
-# ---- training-time batch normalization -------------------------------------------------------------------------
-
-NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization")
-
-
-@dataclass
-class ConvSite:
-    """A Conv whose output gets a training-time BatchNorm: its node, weight and (optional) bias initializers."""
-
-    index: int  # position in model.graph.node (the same in the trained copy)
-    node: onnx.NodeProto
-    weight: str
-    bias: str | None
-
-
-def conv_sites(model: onnx.ModelProto, trainable: list[str]) -> list[ConvSite]:
-    """Convs with trainable, unshared weight (and bias) whose output no normalization node reads."""
-    uses: dict[str, int] = {}
-    readers: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for x in node.input:
-            uses[x] = uses.get(x, 0) + 1
-            readers.setdefault(x, []).append(node.op_type)
-    wanted = set(trainable)
-    sites = []
-    for index, node in enumerate(model.graph.node):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
-            continue
-        w = node.input[1]
-        b = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if w not in wanted or uses[w] != 1 or (b is not None and (b not in wanted or uses[b] != 1)):
-            continue
-        if any(op in NORM_OPS for op in readers.get(node.output[0], [])):
-            continue
-        sites.append(ConvSite(index, node, w, b))
-    return sites
-
-
-def _bn_modules(tg, sites: list[ConvSite], data, micro: int, limit: int = 256):
-    """One nn.BatchNorm per site, initialized to the identity on (up to `limit` samples of) `data`."""
-    import torch
-    from torch import nn
-
-    outs = {s.node.output[0] for s in sites}
-    sums: dict[str, list] = {}
-
-    def hook(node, _ins, res):
-        o = node.output[0]
-        if o in outs:
-            t = res[0].detach().double().transpose(0, 1).reshape(res[0].shape[1], -1)
-            acc = sums.setdefault(o, [0.0, 0.0, 0])
-            acc[0] = acc[0] + t.sum(1)
-            acc[1] = acc[1] + (t * t).sum(1)
-            acc[2] += t.shape[1]
-
-    n = min(data.n, limit)
-    with torch.no_grad():
-        for start in range(0, n, micro):
-            tg.run({k: torch.from_numpy(np.ascontiguousarray(v[start:min(n, start + micro)]))
-                    for k, v in data.inputs.items()}, hook=hook)
-    bns = nn.ModuleDict()
-    keys = {}
-    for i, site in enumerate(sites):
-        o = site.node.output[0]
-        total, sq, count = sums[o]
-        mean = total / count
-        var = (sq / count - mean * mean).clamp_min(0)
-        c = mean.numel()
-        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(len(_kernel(tg, site)), nn.BatchNorm2d)(c)
-        with torch.no_grad():
-            bn.running_mean.copy_(mean.float())
-            bn.running_var.copy_(var.float())
-            bn.weight.copy_(torch.sqrt(var + bn.eps).float())
-            bn.bias.copy_(mean.float())
-        keys[o] = f"bn{i}"
-        bns[keys[o]] = bn
-    return bns, keys
-
-
-def _kernel(tg, site: ConvSite) -> tuple:
-    return tuple(tg.param(site.weight).shape[2:])
-
-
-class Trainer:
-    """The student as trained: the TorchGraph plus the training-time BatchNorms after their convs."""
-
-    def __init__(self, tg, bns=None, keys=None):
-        self.tg, self.bns, self.keys = tg, bns, keys or {}
-
-    def train(self, mode: bool = True) -> None:
-        self.tg.train(mode)
-        if self.bns is not None:
-            self.bns.train(mode)
-
-    def outputs(self, feeds) -> list:
-        res = self.tg.run(feeds, hook=self._normalize if self.keys else None)
-        return [res[o] for o in self.tg.output_names]
-
-    def _normalize(self, node, _inputs, outs):
-        """TorchGraph.run hook: a site's conv output goes through its training-time BatchNorm."""
-        key = self.keys.get(node.output[0])
-        return None if key is None else [self.bns[key](outs[0]), *outs[1:]]
-
-
-def fold_batchnorms(model: onnx.ModelProto, sites: list[ConvSite], bns, keys) -> None:
-    """Fold each training-time BatchNorm (eval-mode statistics) into its conv's weight and bias, in place."""
-    inits = {t.name: t for t in model.graph.initializer}
-    taken = {t.name for t in model.graph.initializer} | {x for n in model.graph.node for x in n.output}
-    for site in sites:
-        node = model.graph.node[site.index]
-        bn = bns[keys[node.output[0]]]
-        scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
-        mean = bn.running_mean.detach().double().numpy()
-        shift = bn.bias.detach().double().numpy()
-        wt = inits[site.weight]
-        w = numpy_helper.to_array(wt).astype(np.float64)
-        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(wt.data_type)
-        wt.CopyFrom(numpy_helper.from_array(w.astype(dtype), site.weight))
-        b = numpy_helper.to_array(inits[site.bias]).astype(np.float64) if site.bias else np.zeros_like(scale)
-        b = (b - mean) * scale + shift
-        if site.bias:
-            inits[site.bias].CopyFrom(numpy_helper.from_array(b.astype(dtype), site.bias))
-        else:
-            name, k = f"{site.weight}_bias", 1
-            while name in taken:
-                name, k = f"{site.weight}_bias{k}", k + 1
-            taken.add(name)
-            model.graph.initializer.append(numpy_helper.from_array(b.astype(dtype), name))
-            node.input.append(name)
 
 
 # ---- training --------------------------------------------------------------------------------------------------
@@ -301,20 +171,63 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
     validation data than its input. `curve`: PNG path for the loss/accuracy curve. `progress(text, line)` is
     called during training (line=True for the per-epoch summaries). Writes `output` (if given) only after the
     checks passed."""
-    import torch
-
-    from .ir import load_model, save_model
-    from .torch_graph import TorchGraph
+    import torch  # here, not at the top: spa.cli.finetune imports this module (its docstring) without torch
 
     _check_numbers(epochs, lr, batch_size, weight_decay, momentum, kd_alpha, kd_temperature)
     if optimizer not in ("sgd", "adam"):
         raise SpaError(f"unknown optimizer '{optimizer}' (choose from: sgd, adam)")
-    from .driver import check_output_path
     for path in (output, curve):
         if path is not None:
             check_output_path(path)
     say = progress or (lambda text, line=False: None)
     t_start = time.perf_counter()
+    run = _load_run(student, teacher, data, val, val_split, keep_best, seed)
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+
+    st = _build_student(run, trainable, batchnorm, batch_size, say)
+    st.net.train(False)  # evaluation before training must not move the BatchNorm statistics
+    say("teacher")
+    goal = _build_goal(run, st, kd_alpha, kd_temperature)
+    best = _BestEpoch(st.net, st.names) if run.keep_best else None
+    opt, sched = _optimizer(st.params, optimizer, lr, momentum, weight_decay,
+                            max(1, epochs * math.ceil(run.train.n / batch_size)))
+    history = _train(run, st, goal, best, opt, sched, epochs, batch_size, seed, say)
+    tuned, check = _export(run, st, best, history, curve, output, say)
+    report = {
+        "student": str(student) if not isinstance(student, onnx.ModelProto) else "<model>",
+        "teacher": (str(teacher) if not isinstance(teacher, onnx.ModelProto) else "<model>") if teacher else None,
+        "output": str(output) if output else None,
+        "samples": run.train.n, "val_samples": run.valid.n if run.valid is not None else 0, "val_split": val_split,
+        "keep_best": run.keep_best, "best_epoch": best.epoch if best else epochs,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "micro_batch": st.micro, "optimizer": optimizer,
+        "weight_decay": weight_decay, "kd_alpha": goal.alpha if run.tproto is not None else None,
+        "kd_temperature": kd_temperature if run.tproto is not None else None,
+        "loss": ("ce+kd" if run.train.labels is not None else "kd") if run.tproto is not None else "ce",
+        "trainable": {"mode": trainable, "initializers": len(st.names),
+                      "parameters": int(sum(p.numel() for p in st.params))},
+        "training_batchnorms": len(st.sites), "notes": st.notes,
+        "history": history, "export_check": check, "curve": str(curve) if curve else None,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    return FinetuneResult(tuned, report, history)
+
+
+# ---- setup: the models and data, the student, the loss -----------------------------------------------------------
+
+@dataclass
+class _Run:
+    """The student and teacher models and the training and validation data, loaded and checked."""
+
+    proto: onnx.ModelProto
+    tproto: onnx.ModelProto | None
+    train: Calib
+    valid: Calib | None
+    keep_best: bool
+
+
+def _load_run(student, teacher, data, val, val_split: float, keep_best: bool | None, seed: int) -> _Run:
     proto = student if isinstance(student, onnx.ModelProto) else load_model(str(student))
     tproto = None
     if teacher is not None:
@@ -335,10 +248,26 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
         raise SpaError("--keep-best needs validation data (--val or --val-split)")
     if train.labels is None and tproto is None:
         raise SpaError("fine-tuning needs labels in the training data or a teacher model (--teacher)")
-    if threads:
-        torch.set_num_threads(int(threads))
-    torch.manual_seed(seed)
+    return _Run(proto, tproto, train, valid, keep_best)
 
+
+@dataclass
+class _Student:
+    """The student as trained: its TorchGraph, the trainable initializers and parameters, the micro-batch."""
+
+    tg: object  # spa.torch_graph.TorchGraph
+    names: list[str]
+    params: list
+    micro: int
+    net: Trainer
+    sites: list[ConvSite]
+    notes: list[str]
+
+
+def _build_student(run: _Run, trainable: str, batchnorm: bool, batch_size: int, say) -> _Student:
+    from .torch_graph import TorchGraph  # torch: imported on use (see finetune)
+
+    proto, train = run.proto, run.train
     tg = TorchGraph(proto)
     names = trainable_initializers(proto, trainable)
     if not names:
@@ -355,15 +284,28 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
         sites = []
     if sites:
         say("batchnorm")
-        bns, keys = _bn_modules(tg, sites, train, micro)
+        bns, keys = bn_modules(tg, sites, train, micro)
         student_net = Trainer(tg, bns, keys)
         params = params + list(bns.parameters())
-    student_net.train(False)  # evaluation before training must not move the BatchNorm statistics
+    return _Student(tg, names, params, micro, student_net, sites, notes)
 
-    # teacher outputs, once (onnxruntime), and what the student's outputs are
-    say("teacher")
+
+@dataclass
+class _Goal:
+    """What the student is trained towards: the teacher's outputs (onnxruntime, computed once), which output
+    is the class logits, and the loss."""
+
+    teach_all: list | None
+    val_teacher: list | None
+    logits_index: int | None
+    alpha: float
+    loss_fn: object
+
+
+def _build_goal(run: _Run, st: _Student, kd_alpha: float | None, kd_temperature: float) -> _Goal:
+    train, tproto, micro = run.train, run.tproto, st.micro
     teach_all = _run_ort(tproto, train, micro) if tproto is not None else None
-    probe = teach_all if teach_all is not None else [o.numpy() for o in _outputs(student_net, train, 0, min(2, train.n), micro)]
+    probe = teach_all if teach_all is not None else [o.numpy() for o in _outputs(st.net, train, 0, min(2, train.n), micro)]
     logits_index = next((i for i, o in enumerate(probe) if _is_logits(o)), None)
     if train.labels is not None and logits_index is None:
         raise SpaError("the training data has labels but no model output is [batch, classes] logits")
@@ -372,86 +314,121 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
                        "classes")
     teacher_var = [max(float(np.var(o)), 1e-12) for o in teach_all] if teach_all is not None else None
     alpha = (0.5 if kd_alpha is None else kd_alpha) if tproto is not None else 0.0
-    loss_fn = _loss_fn(len(tg.output_names), logits_index, alpha, kd_temperature, teacher_var)
-    val_teacher = _run_ort(tproto, valid, micro) if (tproto is not None and valid is not None) else None
+    loss_fn = _loss_fn(len(st.tg.output_names), logits_index, alpha, kd_temperature, teacher_var)
+    val_teacher = _run_ort(tproto, run.valid, micro) if (tproto is not None and run.valid is not None) else None
+    return _Goal(teach_all, val_teacher, logits_index, alpha, loss_fn)
 
-    steps_per_epoch = math.ceil(train.n / batch_size)
-    total_steps = max(1, epochs * steps_per_epoch)
+
+def _optimizer(params: list, optimizer: str, lr: float, momentum: float, weight_decay: float, total_steps: int):
+    """The optimizer and its cosine learning-rate schedule over `total_steps` steps."""
+    import torch  # see finetune
+
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    return opt, sched
+
+
+# ---- the training loop -------------------------------------------------------------------------------------------
+
+def _evaluate(st: _Student, goal: _Goal, d, teach_outs, with_loss: bool = False) -> dict:
+    """Accuracy (with labels) and agreement with the teacher (with teacher outputs) of the student on `d`,
+    and its loss when asked."""
+    import torch  # see finetune
+
+    if d is None:
+        return {}
+    raw = _outputs(st.net, d, 0, d.n, st.micro)
+    outs = [o.numpy() for o in raw]
+    m = {}
+    if goal.logits_index is not None and d.labels is not None:
+        m["accuracy"] = float((outs[goal.logits_index].argmax(1) == d.labels).mean())
+    if teach_outs is not None and goal.logits_index is not None:
+        m["agreement"] = float((outs[goal.logits_index].argmax(1) == teach_outs[goal.logits_index].argmax(1)).mean())
+    if with_loss:
+        labels = None if d.labels is None else torch.from_numpy(d.labels.astype(np.int64))
+        teach = None if teach_outs is None else [torch.from_numpy(t).float() for t in teach_outs]
+        m["loss"] = float(goal.loss_fn(raw, labels, teach)[0])
+    return m
+
+
+def _validate(run: _Run, st: _Student, goal: _Goal) -> dict:
+    return {f"val_{k}": v for k, v in _evaluate(st, goal, run.valid, goal.val_teacher, with_loss=True).items()}
+
+
+def _train(run: _Run, st: _Student, goal: _Goal, best, opt, sched, epochs: int, batch_size: int, seed: int,
+           say) -> list[dict]:
+    """Epoch 0 (the model as given) evaluated, then `epochs` epochs of training, each validated; the history."""
+    train = run.train
     gen = np.random.default_rng(seed)
-
-    def evaluate(d, teach_outs, with_loss: bool = False) -> dict:
-        if d is None:
-            return {}
-        raw = _outputs(student_net, d, 0, d.n, micro)
-        outs = [o.numpy() for o in raw]
-        m = {}
-        if logits_index is not None and d.labels is not None:
-            m["accuracy"] = float((outs[logits_index].argmax(1) == d.labels).mean())
-        if teach_outs is not None and logits_index is not None:
-            m["agreement"] = float((outs[logits_index].argmax(1) == teach_outs[logits_index].argmax(1)).mean())
-        if with_loss:
-            labels = None if d.labels is None else torch.from_numpy(d.labels.astype(np.int64))
-            teach = None if teach_outs is None else [torch.from_numpy(t).float() for t in teach_outs]
-            m["loss"] = float(loss_fn(raw, labels, teach)[0])
-        return m
-
-    def validate() -> dict:
-        return {f"val_{k}": v for k, v in evaluate(valid, val_teacher, with_loss=True).items()}
-
-    best = _BestEpoch(student_net, names) if keep_best else None
-
-    history = [{"epoch": 0, **validate(), **{f"train_{k}": v for k, v in evaluate(train, teach_all).items()}}]
+    history = [{"epoch": 0, **_validate(run, st, goal),
+                **{f"train_{k}": v for k, v in _evaluate(st, goal, train, goal.teach_all).items()}}]
     if best:
         best.offer(history[0])
     say(f"epoch 0/{epochs}: " + _fmt(history[0]), line=True)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        student_net.train(True)
-        order = gen.permutation(train.n)
-        seen, loss_sum, correct = 0, 0.0, 0
-        for b in range(steps_per_epoch):
-            idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
-            opt.zero_grad(set_to_none=True)
-            for start in range(0, len(idx), micro):
-                part = idx[start:start + micro]
-                feeds = {k: torch.from_numpy(np.ascontiguousarray(v[part])) for k, v in train.inputs.items()}
-                outs = student_net.outputs(feeds)
-                labels = None if train.labels is None else torch.from_numpy(train.labels[part].astype(np.int64))
-                teach = None if teach_all is None else [torch.from_numpy(t[part]).float() for t in teach_all]
-                loss, _ = loss_fn(outs, labels, teach)
-                (loss * (len(part) / len(idx))).backward()
-                loss_sum += float(loss.detach()) * len(part)
-                if labels is not None:
-                    correct += int((outs[logits_index].detach().argmax(1) == labels).sum())
-                seen += len(part)
-            opt.step()
-            sched.step()
-            say(f"epoch {epoch}/{epochs} {_bar(b + 1, steps_per_epoch)} loss {loss_sum / max(seen, 1):.4f}")
-        student_net.train(False)
+        st.net.train(True)
+        loss_sum, seen, correct = _train_epoch(run, st, goal, opt, sched, gen.permutation(train.n), batch_size,
+                                               lambda text, epoch=epoch: say(f"epoch {epoch}/{epochs} {text}"))
+        st.net.train(False)
         row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "seconds": round(time.perf_counter() - t0, 2)}
         if train.labels is not None:
             row["train_accuracy"] = correct / max(seen, 1)
-        row.update(validate())
+        row.update(_validate(run, st, goal))
         history.append(row)
         if best:
             best.offer(row)
         say(f"epoch {epoch}/{epochs}: " + _fmt(row), line=True)
+    return history
 
-    # back to ONNX: same graph, new initializer values; checked before anything is written
+
+def _train_epoch(run: _Run, st: _Student, goal: _Goal, opt, sched, order: np.ndarray, batch_size: int,
+                 say) -> tuple[float, int, int]:
+    """One pass over the training data in `order`, a step per batch (gradients accumulated over micro-batches):
+    the summed loss, the samples seen and the correct top-1 predictions (with labels)."""
+    import torch  # see finetune
+
+    train, micro, teach_all = run.train, st.micro, goal.teach_all
+    steps_per_epoch = math.ceil(train.n / batch_size)
+    seen, loss_sum, correct = 0, 0.0, 0
+    for b in range(steps_per_epoch):
+        idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
+        opt.zero_grad(set_to_none=True)
+        for start in range(0, len(idx), micro):
+            part = idx[start:start + micro]
+            feeds = {k: torch.from_numpy(np.ascontiguousarray(v[part])) for k, v in train.inputs.items()}
+            outs = st.net.outputs(feeds)
+            labels = None if train.labels is None else torch.from_numpy(train.labels[part].astype(np.int64))
+            teach = None if teach_all is None else [torch.from_numpy(t[part]).float() for t in teach_all]
+            loss, _ = goal.loss_fn(outs, labels, teach)
+            (loss * (len(part) / len(idx))).backward()
+            loss_sum += float(loss.detach()) * len(part)
+            if labels is not None:
+                correct += int((outs[goal.logits_index].detach().argmax(1) == labels).sum())
+            seen += len(part)
+        opt.step()
+        sched.step()
+        say(f"{_bar(b + 1, steps_per_epoch)} loss {loss_sum / max(seen, 1):.4f}")
+    return loss_sum, seen, correct
+
+
+# ---- back to ONNX ------------------------------------------------------------------------------------------------
+
+def _export(run: _Run, st: _Student, best, history: list[dict], curve, output, say):
+    """Same graph, new initializer values (the best epoch's with keep-best, training BatchNorms folded in);
+    checked before anything is written. The tuned model and the export check."""
     say("export")
-    student_net.train(False)
+    st.net.train(False)
     if best:
         best.restore()
         say(f"kept epoch {best.epoch} (best on validation)", line=True)
-    tuned = _with_weights(proto, tg, names)
-    if sites:
-        fold_batchnorms(tuned, sites, student_net.bns, student_net.keys)
-    check = _check_export(tuned, student_net, valid or train, micro)
+    tuned = _with_weights(run.proto, st.tg, st.names)
+    if st.sites:
+        fold_batchnorms(tuned, st.sites, st.net.bns, st.net.keys)
+    check = _check_export(tuned, st.net, run.valid or run.train, st.micro)
     if curve:
         plot_curve(history, curve)
     if output is not None:
@@ -459,29 +436,12 @@ def finetune(student, output=None, *, data, teacher=None, val=None, epochs: int 
             save_model(tuned, output)
         except OSError as e:
             raise SpaError(f"cannot write {output}: {e.strerror or e}")
-    report = {
-        "student": str(student) if not isinstance(student, onnx.ModelProto) else "<model>",
-        "teacher": (str(teacher) if not isinstance(teacher, onnx.ModelProto) else "<model>") if teacher else None,
-        "output": str(output) if output else None,
-        "samples": train.n, "val_samples": valid.n if valid is not None else 0, "val_split": val_split,
-        "keep_best": keep_best, "best_epoch": best.epoch if best else epochs,
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "micro_batch": micro, "optimizer": optimizer,
-        "weight_decay": weight_decay, "kd_alpha": alpha if tproto is not None else None,
-        "kd_temperature": kd_temperature if tproto is not None else None,
-        "loss": ("ce+kd" if train.labels is not None else "kd") if tproto is not None else "ce",
-        "trainable": {"mode": trainable, "initializers": len(names),
-                      "parameters": int(sum(p.numel() for p in params))},
-        "training_batchnorms": len(sites), "notes": notes,
-        "history": history, "export_check": check, "curve": str(curve) if curve else None,
-        "seconds": round(time.perf_counter() - t_start, 2),
-    }
-    return FinetuneResult(tuned, report, history)
+    return tuned, check
 
 
 def split_holdout(data, fraction: float, seed: int = 0):
     """(train, validation): `fraction` of the samples held out, seeded; per class when labelled, so every class
     keeps its share on both sides. At least one sample on each side."""
-    from .calib import Calib
     rng = np.random.default_rng(seed)
     if data.labels is not None:
         held = [rng.permutation(np.flatnonzero(data.labels == c))[:round(fraction * int((data.labels == c).sum()))]
@@ -556,7 +516,6 @@ def _check_export(tuned: onnx.ModelProto, net: Trainer, data, micro: int, rtol: 
         onnx.checker.check_model(tuned, full_check=True)
     except Exception as e:  # noqa: BLE001 - any checker failure means we must not write the model
         raise VerificationError(f"the fine-tuned model fails onnx.checker: {str(e).splitlines()[0][:300]}")
-    from spa.passes.verify import run_many
     sub = data.subset(max(micro, 8))  # all of it when smaller
     ort_out = run_many(tuned, [feeds for feeds, _ in sub.batches(micro)])
     torch_out = _outputs(net, sub, 0, sub.n, micro)
@@ -572,7 +531,6 @@ def _check_export(tuned: onnx.ModelProto, net: Trainer, data, micro: int, rtol: 
 
 
 def _same_interface(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
-    from .calib import input_specs
     ia, ib = input_specs(a), input_specs(b)
     if set(ia) != set(ib):
         raise SpaError(f"the teacher's inputs {sorted(ib)} differ from the student's {sorted(ia)}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import SpaError
 from .importance import Member, weight_members
+from .obspa import batch_size_for, chunks, model_data
 
 
 def _loss(torch, out, kind: str, labels, original, gen):
@@ -44,8 +45,7 @@ def gradient_products(inputs, hessian: bool) -> dict[str, dict[str, np.ndarray]]
     """Per float initializer: sums over mini-batches of w·g, |w·g| (and w·Hg, |w·Hg| when `hessian`)."""
     import torch
 
-    from .obspa import batch_size_for, chunks, model_data
-    from .torch_graph import TorchGraph
+    from .torch_graph import TorchGraph  # torch: this module must import without it (spa.importance loads it)
 
     key = ("grad", hessian)
     if key in inputs.cache:

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .calib import input_specs
 from .errors import SpaError
+from .importance import Member
 from .ir import attr as get_attr
 
 DEFAULT_POSITIONS = 8192
@@ -287,7 +289,7 @@ def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60
     mean and variance (ZeroQ-style distilled data). Each BN node's loss is normalized by its variance."""
     import torch
 
-    from .torch_graph import TorchGraph
+    from .torch_graph import TorchGraph  # torch: this module must import without it
 
     t0 = time.perf_counter()
     tg = TorchGraph(g)
@@ -365,8 +367,7 @@ def obs_members(inputs):
     data (batched), accumulating each consumer's Hessian from sampled positions."""
     import torch
 
-    from .importance import Member
-    from .torch_graph import TorchGraph
+    from .torch_graph import TorchGraph  # torch: this module must import without it
 
     analysis = inputs.analysis
     g = analysis.ctx.g
@@ -445,8 +446,6 @@ def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) 
     """Samples per run, and whether that size is fixed. A model exported with a fixed batch dim (often 1) may
     have the batch baked into Reshape constants; it is probed once: when a run on two samples gives exactly the
     two single-sample results, any batch size is used, else batches of the exported size."""
-    from .calib import input_specs
-
     fixed = None
     for shape, _ in input_specs(g.model).values():
         if shape and isinstance(shape[0], int) and shape[0] > 0:
@@ -465,7 +464,7 @@ def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) 
 def _batch_polymorphic(g, feeds) -> bool:
     import torch
 
-    from .torch_graph import TorchGraph
+    from .torch_graph import TorchGraph  # torch: this module must import without it
 
     tg = TorchGraph(g)
     try:
@@ -501,8 +500,6 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
     g = inputs.analysis.ctx.g
     cached = inputs.cache.get("synthesized")
     if cached is None:
-        from .calib import input_specs
-
         specs = input_specs(g.model)
         shapes = {k: g.shapes.get(k) for k in specs}
         if any(s is None for s in shapes.values()):

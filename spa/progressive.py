@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import onnx
 
+from . import driver
 from .errors import SpaError
+from .finetune import _load, finetune
+from .ir import save_model
 
 
 def step_targets(steps: int, ratio: float | None, target_flops: float | None) -> list[float]:
@@ -30,9 +33,6 @@ def prune_progressive(source, output=None, *, steps: int, ratio=None, target_flo
                       progress=None, **prune_kwargs):
     """Prune in `steps` steps; returns a driver.Result whose report has the overall numbers plus one entry per
     step. `prune_kwargs` go to every driver.prune call (importance, calib, reconstruct, input_shapes, ...)."""
-    from . import driver
-    from .ir import save_model
-
     if int(steps) != steps or steps < 1:
         raise SpaError(f"--steps must be a whole number >= 1, got {steps}")
     if (ratio is None) == (target_flops is None):
@@ -47,7 +47,6 @@ def prune_progressive(source, output=None, *, steps: int, ratio=None, target_flo
     say = progress or (lambda s: None)
     teacher = driver.load(source, prune_kwargs.get("input_shapes")).graph.to_model()
     if finetune_data is not None and finetune_epochs > 0:  # read and checked once, before any pruning
-        from .finetune import _load
         finetune_data = _load(finetune_data, teacher, "fine-tuning")
     current = teacher
     reports, tuned = [], []
@@ -66,7 +65,6 @@ def prune_progressive(source, output=None, *, steps: int, ratio=None, target_flo
         reports.append(rep)
         current = res.model.graph.to_model()
         if finetune_data is not None and finetune_epochs > 0 and k < steps:
-            from .finetune import finetune
             say(f"{tag} finetune")
             ft = finetune(current, None, data=finetune_data, teacher=teacher if kd else None,
                           epochs=finetune_epochs, **(finetune_options or {}))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spa.passes.apply import param_cuts
+
 from .errors import SpaError
 from .fileio import atomic_write_text
 from .groups import Analysis
@@ -36,7 +38,7 @@ class PruningPlan:
     "groups" is what re-applying a plan reads. "tensors" (written since the torch bridge, optional on input)
     lists every initializer of the normalized model that the plan cuts: its original shape, the kept indices
     per cut axis and the groups that cut each axis. It is derived from "groups" by the same slices Apply cuts
-    (passes.apply.param_cuts), so code outside spa (spa.torch_bridge.apply_plan_to_module) can cut the
+    (passes.apply.param_cuts), so code outside spa (spa.torch_plan.apply_plan_to_module) can cut the
     matching framework parameters without re-running the analysis. An initializer that uses cut differently
     (a shared weight) has "uses": [{"node", "input", "keep"}] instead of "keep".
     """
@@ -110,8 +112,6 @@ def write_plan(data: dict, path) -> None:
 def tensor_section(analysis: Analysis, removed_roots: set[int]) -> dict:
     """initializer name -> {"shape", "keep": {axis: kept indices}, "groups": {axis: group ids}} for every
     initializer the removal cuts, from the rules' parameter slices (passes.apply.param_cuts). JSON-ready (axis keys are strings)."""
-    from spa.passes.apply import param_cuts
-
     g = analysis.ctx.g
     rm = np.asarray(sorted(removed_roots), dtype=np.int64)
     cutters: dict[str, dict[int, set[int]]] = {}

@@ -18,8 +18,9 @@ from torch import nn
 
 from spa import driver
 from spa.errors import SpaError
-from spa.finetune import conv_sites, finetune, trainable_initializers
+from spa.finetune import finetune, trainable_initializers
 from spa.progressive import prune_progressive, step_targets
+from spa.train_batchnorm import conv_sites
 
 SPA_PRUNE = Path(sys.executable).parent / "spa-prune"
 

@@ -1,4 +1,4 @@
-"""spa/torch_bridge.py: back to PyTorch.
+"""spa/torch_bridge.py and spa/torch_plan.py: back to PyTorch.
 
 Route 1 (ONNX -> torch): `to_torch` + `save_torch` + `load_torch` reproduce onnxruntime within 1e-5 of the output
 scale, on zoo models as exported and as pruned (both exporters); the reloaded module trains and saves again; the
@@ -30,13 +30,13 @@ from spa.passes import verify
 from spa.select import PruningPlan
 from spa.torch_bridge import (
     FORMAT,
-    apply_plan_to_module,
     check_against_onnxruntime,
     load_torch,
     rel_error,
     save_torch,
     to_torch,
 )
+from spa.torch_plan import apply_plan_to_module
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
