@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spa.passes.fidelity import compare
+
 from ..errors import SpaError
 from ..obspa import DEFAULT_POSITIONS
 from .problem import SearchProblem
@@ -617,26 +619,3 @@ def free_batch_dim(proto, copy: bool = True):
             dims[0].Clear()
             dims[0].dim_param = "batch"
     return proto
-
-
-def compare(teacher: list[np.ndarray], outputs: list[np.ndarray], labels: np.ndarray | None) -> dict:
-    """rel_l2 averaged over outputs; agreement, kl (and accuracy with labels) on the first logits output."""
-    rel = []
-    out: dict = {}
-    logits_done = False
-    for a, b in zip(teacher, outputs):
-        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        rel.append(float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-12)))
-        if not logits_done and a64.ndim == 2 and a64.shape[1] > 1:
-            logits_done = True
-            out["agreement"] = float((a64.argmax(1) == b64.argmax(1)).mean())
-            la = a64 - a64.max(1, keepdims=True)
-            lb = b64 - b64.max(1, keepdims=True)
-            la -= np.log(np.exp(la).sum(1, keepdims=True))
-            lb -= np.log(np.exp(lb).sum(1, keepdims=True))
-            out["kl"] = float((np.exp(la) * (la - lb)).sum(1).mean())
-            if labels is not None:
-                out["accuracy"] = float((b64.argmax(1) == labels).mean())
-                out["teacher_accuracy"] = float((a64.argmax(1) == labels).mean())
-    out["rel_l2"] = float(np.mean(rel)) if rel else 0.0
-    return out
