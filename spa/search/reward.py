@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spa.passes.fidelity import compare
+from spa.passes.reconstruct import affine_layer, channel_axis, correct_affine, reestimate_bn
 
 from ..errors import SpaError
 from ..obspa import DEFAULT_POSITIONS
@@ -319,7 +320,7 @@ class CalibEvaluator(Evaluator):
         refit="fast"/"oneshot" the statistics of every layer the refit models (`_layer_stats`)."""
         import torch
 
-        from spa.passes.reconstruct import _channel_moments, release
+        from spa.passes.reconstruct import channel_moments, release
 
         from ..torch_graph import TorchGraph
 
@@ -341,8 +342,8 @@ class CalibEvaluator(Evaluator):
                     tg.step(node, env)
                 if node.op_type in ("Conv", "Gemm", "MatMul") and node.output and node.output[0] in envs[0]:
                     ys = [env[node.output[0]] for env in envs]
-                    ch = 1 if node.op_type == "Conv" else ys[0].dim() - 1
-                    moments[node.name] = (ch, *_channel_moments(ys, ch))
+                    ch = channel_axis(node, ys[0])
+                    moments[node.name] = (ch, *channel_moments(ys, ch))
                 for env in envs:
                     release(env, tg, pos, outputs)
             if self.score_slice == self.stats_slice:
@@ -521,9 +522,8 @@ class CalibEvaluator(Evaluator):
         BN/affine re-calibration only with `recalibrate`."""
         import torch
 
-        from spa.passes.reconstruct import _channel_moments, release
+        from spa.passes.reconstruct import release
 
-        from ..obspa import layer_view
         from ..torch_graph import TorchGraph
 
         g = model.graph
@@ -543,15 +543,11 @@ class CalibEvaluator(Evaluator):
                 elif self.fast_refit == "fast" and node.name in self._refit_layers:
                     self._lockstep_refit(node, g, tg, envs, rows, refit_info)
                 if self.recalibrate and node.op_type == "BatchNormalization":
-                    mean_name, var_name = node.input[3], node.input[4]
-                    if len(g.consumers.get(mean_name, [])) <= 1 and len(g.consumers.get(var_name, [])) <= 1:
-                        mean, var = _channel_moments([env[node.input[0]] for env in envs], 1)
-                        write(mean_name, mean.astype(np.asarray(g.const(mean_name)).dtype))
-                        write(var_name, var.astype(np.asarray(g.const(var_name)).dtype))
+                    reestimate_bn(g, node, [env[node.input[0]] for env in envs], write)
                 for env in envs:
                     tg.step(node, env)
                 if self.recalibrate and node.name in rows and node.output[0] not in followed_by_bn:
-                    self._affine(node, g, tg, envs, rows, layer_view, write)
+                    self._affine(node, g, envs, rows, write)
                 for env in envs:
                     release(env, tg, pos, outputs)
             if self.score_slice == self.stats_slice:
@@ -560,30 +556,18 @@ class CalibEvaluator(Evaluator):
                 outs = [list(tg.run(c).values()) for c in self._chunks(self.score_slice)]
         return [np.concatenate([o[i].float().numpy() for o in outs]) for i in range(len(tg.output_names))]
 
-    def _affine(self, node, g, tg, envs, rows, layer_view, write) -> None:
-        """Reconstruct._affine with the original's moments looked up instead of recomputed."""
-        import torch
-
-        from spa.passes.reconstruct import fold_affine
-
-        view = layer_view(g, node)
-        weight = node.input[1]
-        grouped = node.op_type == "Conv" and view is None and g.const(weight) is not None
+    def _affine(self, node, g, envs, rows, write) -> None:
+        """Reconstruct._affine with the original's moments looked up instead of recomputed, the outputs corrected
+        in their own precision (Reconstruct: float64, then cast back)."""
+        view, applies = affine_layer(g, node)
         stats = self._moments.get(node.name)
-        if (view is None and not grouped) or stats is None or len(g.consumers.get(weight, [])) > 1:
+        if not applies or stats is None or len(g.consumers.get(node.input[1], [])) > 1:
             return
         ys_p = [env[node.output[0]] for env in envs]
         keep = np.flatnonzero(rows[node.name])
         _, mean_o, var_o = stats
-        ch = 1 if node.op_type == "Conv" else ys_p[0].dim() - 1
-        scale, shift = fold_affine(g, node, view, mean_o[keep], var_o[keep], ys_p, ch, write)
-        view_shape = [1] * ys_p[0].dim()
-        view_shape[ch] = -1
-        sc = torch.from_numpy(scale).view(view_shape)
-        sh = torch.from_numpy(shift).view(view_shape)
-        for env, y in zip(envs, ys_p):  # in the tensor's own precision (Reconstruct: float64, then cast back)
-            env[node.output[0]] = torch.addcmul(sh.to(y.dtype), y, sc.to(y.dtype))
-
+        ch = channel_axis(node, ys_p[0])
+        correct_affine(g, node, view, mean_o[keep], var_o[keep], envs, ys_p, ch, write, float64=False)
 
 def input_columns(analysis, removed, layers: dict | None) -> dict[str, np.ndarray]:
     """For every layer refit="oneshot" models whose input lost units: the kept input columns of its original weight matrix
