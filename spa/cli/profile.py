@@ -7,8 +7,8 @@ import time
 
 from .. import driver
 from ..errors import SpaError
+from ..latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
 from ..search.budget import CostModel
-from ..search.latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
 from .common import input_shape
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -10,8 +10,8 @@
 Modules: `budget` (cost model, exact budget projection), `graph` (group graph and features), `problem` (model +
 analysis + scores + projector + graph), `reward` (evaluators), `env` (gymnasium env), `policy` (interface and
 registry), `controls` (uniform/global/lamp/random), the agents `ppo_gnn` (PPO over the GATv2 encoder of `gnn`),
-`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy), `latency` (measured cost tables, latency
-budgets, end-to-end correction). See docs/search.md.
+`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy). Latency budgets (measured cost tables, the
+latency model, end-to-end correction) come from `spa.latency`, the layer below. See docs/search.md.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from ..errors import SpaError
+from ..latency import fit_latency
 from ..select import PruningPlan
 from . import controls, dist, ppo_gnn, sac  # noqa: F401  (register the controls and the agents)
 from .budget import BudgetProjector, CostModel, Projection
@@ -107,8 +108,6 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
 def _fit_latency(problem: SearchProblem, result: SearchResult, meta: dict, target_ms: float | None) -> PruningPlan:
     """The end-to-end correction of the best candidate (skipped when the table comes from another machine: it
     would measure this one); the corrected counts replace the search's in `meta`."""
-    from .latency import fit_latency
-
     lm = problem.latency
     budget_ms = target_ms if target_ms is not None else problem.options["latency"]["target_ms"]
     info = {"budget_ms": budget_ms, "batch": lm.table.batch, "threads": lm.table.threads,

@@ -20,8 +20,8 @@ exactly: MACs are products of kept fractions of the labellings each Conv/Gemm/Ma
 same formula as `Analysis.macs_after`); a parameter tensor keeps the product of the kept fractions of its sliced
 axes (the way `passes.apply.Apply` cuts it, including the per-use copies of a shared initializer cut differently).
 The third kind, `latency`, is a prediction, not an exact count: the fraction kept of the measured end-to-end
-latency, predicted from a measured cost table by `latency.LatencyModel` over the same kept fractions (attached with
-`CostModel.attach_latency`; see `latency.py`).
+latency, predicted from a measured cost table by `spa.latency.LatencyModel` over the same kept fractions (attached with
+`CostModel.attach_latency`; see `spa.latency`).
 """
 from __future__ import annotations
 

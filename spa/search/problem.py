@@ -14,6 +14,7 @@ import onnx
 from ..errors import SpaError
 from ..groups import Analysis
 from ..ir import Graph
+from ..latency import LatencyModel, table_for
 from ..model import Model
 from ..select import PruningPlan
 from .budget import BudgetProjector, CostModel
@@ -71,7 +72,6 @@ class SearchProblem:
         cost_model = CostModel(analysis)
         latency = None
         if target_latency is not None or latency_table is not None:
-            from .latency import LatencyModel, table_for
             table = table_for(model, analysis, latency_table, batch=latency_batch, threads=threads)
             latency = LatencyModel(table, cost_model, analysis)
             cost_model.attach_latency(latency)

@@ -52,6 +52,7 @@ from spa.passes.fidelity import compare
 from spa.passes.reconstruct import affine_layer, channel_axis, correct_affine, reestimate_bn
 
 from ..errors import SpaError
+from ..latency import free_batch_dim
 from ..obspa import DEFAULT_POSITIONS
 from .problem import SearchProblem
 
@@ -586,20 +587,3 @@ def input_columns(analysis, removed, layers: dict | None) -> dict[str, np.ndarra
             continue
         masks[ps.node.name] &= keep(ps.atoms)
     return {name: np.repeat(m, layers[name]["k"]) for name, m in masks.items() if not m.all()}
-
-
-def free_batch_dim(proto, copy: bool = True):
-    """The model with dim 0 of every graph input and output symbolic (value_info dropped)."""
-    import onnx
-
-    if copy:
-        m = onnx.ModelProto()
-        m.CopyFrom(proto)
-        proto = m
-    del proto.graph.value_info[:]
-    for vi in list(proto.graph.input) + list(proto.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].Clear()
-            dims[0].dim_param = "batch"
-    return proto
