@@ -81,56 +81,14 @@ def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, 
     if lm is None:
         raise SpaError("fit_latency needs a problem built with a latency table (target_latency / latency_table)")
     budget_ms = float(budget_ms if budget_ms is not None else problem.options.get("latency", {}).get("target_ms"))
-    lo_ms, hi_ms = band[0] * budget_ms, band[1] * budget_ms
-    target = 0.5 * (lo_ms + hi_ms)
     pj = problem.projector
-    kept = np.asarray(kept, dtype=np.int64)
-    ag = pj.action_groups
-    rho = kept[ag] / np.maximum(pj.sizes[ag], 1)
-    measure = measure or plan_timer(problem, runs, warmup)
-    log = log or (lambda msg: None)
-    measured: dict[bytes, float] = {}
-    repeats: dict[bytes, list[float]] = {}   # the confirmed allocations' measurements
-    probes: list[Probe] = []
-
-    def probe(fraction: float, k: np.ndarray | None = None) -> Probe:
-        feasible = True
-        if k is None:
-            proj = pj.with_budgets(latency=fraction).project(rho)
-            k, feasible = proj.kept, proj.feasible
-        k = np.asarray(k, dtype=np.int64)
-        key = k.tobytes()
-        if key not in measured:
-            measured[key] = float(measure(k))
-        p = Probe(fraction, pj.costs(k)["latency"] * lm.full_ms, measured[key], k.tolist(), feasible,
-                  repeats.get(key))
-        probes.append(p)
-        log(f"latency probe {len(probes)}: fraction {fraction:.4f}, predicted {p.predicted_ms:.3f} ms, "
-            f"measured {p.measured_ms:.3f} ms (budget {budget_ms:.3f} ms)")
-        return p
-
-    def inside(p: Probe) -> bool:
-        return lo_ms <= p.measured_ms <= hi_ms
-
-    def confirmed(p: Probe) -> Probe:
-        """An in-band probe measured `confirm` more times: its median decides (a later visit reuses it)."""
-        if confirm < 1 or not inside(p) or p.repeats:
-            return p
-        k = np.asarray(p.kept, dtype=np.int64)
-        p.repeats = repeats[k.tobytes()] = [p.measured_ms, *(float(measure(k)) for _ in range(confirm))]
-        p.measured_ms = measured[k.tobytes()] = float(np.median(p.repeats))
-        log(f"latency probe {len(probes)} confirmed: {', '.join(f'{m:.3f}' for m in p.repeats)} ms, median "
-            f"{p.measured_ms:.3f} ms")
-        return p
-
-    def settled(p: Probe) -> bool:
-        return inside(p) and abs(p.measured_ms - target) <= settle * budget_ms
-
-    p = confirmed(probe(pj.budgets.get("latency", min(budget_ms / lm.full_ms, 1.0)), kept))
+    fit = _Bisection(problem, kept, budget_ms, measure or plan_timer(problem, runs, warmup), band, confirm, settle,
+                     log or (lambda msg: None))
+    p = fit.confirmed(fit.probe(pj.budgets.get("latency", min(budget_ms / lm.full_ms, 1.0)), fit.kept))
     lo, hi = 0.0, 1.0      # bracket of fractions: measurements below the band's middle at lo, above it at hi
-    while not settled(p) and len(probes) < max_steps:
-        if p.measured_ms > target:
-            if p.measured_ms > hi_ms and (not p.feasible or p.kept == pj.minimum().tolist()):
+    while not fit.settled(p) and len(fit.probes) < max_steps:
+        if p.measured_ms > fit.target:
+            if p.measured_ms > fit.hi_ms and (not p.feasible or p.kept == pj.minimum().tolist()):
                 break       # the smallest model the constraints allow is still over the band
             hi = min(hi, p.fraction)
         else:
@@ -139,20 +97,80 @@ def fit_latency(problem, kept, budget_ms: float | None = None, *, measure=None, 
             lo = max(lo, p.fraction)
         if hi - lo < 1e-6:
             break
-        guess = p.predicted_ms * target / max(p.measured_ms, 1e-12) / lm.full_ms
-        repeat = sum(q.kept == p.kept for q in probes) > 1
-        if lo < guess < hi and not repeat:
-            nxt = guess
-        elif guess >= hi == 1.0 and not any(q.fraction >= 1.0 for q in probes):
-            nxt = 1.0       # the whole model first: if even it is under the band, the search is over
-        else:
-            nxt = 0.5 * (lo + hi)
-        p = confirmed(probe(nxt))
-    best = min((q for q in probes if inside(q)), key=lambda q: abs(q.measured_ms - target), default=None)
-    converged = best is not None
-    if best is None:
-        under = [q for q in probes if q.measured_ms <= hi_ms]
-        best = max(under, key=lambda q: q.measured_ms) if under else min(probes, key=lambda q: q.measured_ms)
+        p = fit.confirmed(fit.probe(fit.next_fraction(p, lo, hi)))
+    best = fit.best()
     final = np.asarray(best.kept, dtype=np.int64)
     return LatencyFit(final, pj.plan(final), budget_ms, best.fraction, best.predicted_ms, best.measured_ms,
-                      converged, probes, tuple(band))
+                      fit.inside(best), fit.probes, tuple(band))
+
+
+class _Bisection:
+    """The state of one `fit_latency`: every allocation measured (by its kept counts), the confirmed ones'
+    repeated measurements, the probes in order."""
+
+    def __init__(self, problem, kept, budget_ms: float, measure, band: tuple, confirm: int, settle: float, log):
+        self.pj, self.lm = problem.projector, problem.latency
+        self.budget_ms, self.measure, self.confirm, self.settle, self.log = budget_ms, measure, confirm, settle, log
+        self.lo_ms, self.hi_ms = band[0] * budget_ms, band[1] * budget_ms
+        self.target = 0.5 * (self.lo_ms + self.hi_ms)
+        self.kept = np.asarray(kept, dtype=np.int64)
+        ag = self.pj.action_groups
+        self.rho = self.kept[ag] / np.maximum(self.pj.sizes[ag], 1)
+        self.measured: dict[bytes, float] = {}
+        self.repeats: dict[bytes, list[float]] = {}   # the confirmed allocations' measurements
+        self.probes: list[Probe] = []
+
+    def probe(self, fraction: float, k: np.ndarray | None = None) -> Probe:
+        """The allocation at this latency fraction (re-projecting the desired ratios), or `k`, measured once."""
+        feasible = True
+        if k is None:
+            proj = self.pj.with_budgets(latency=fraction).project(self.rho)
+            k, feasible = proj.kept, proj.feasible
+        k = np.asarray(k, dtype=np.int64)
+        key = k.tobytes()
+        if key not in self.measured:
+            self.measured[key] = float(self.measure(k))
+        p = Probe(fraction, self.pj.costs(k)["latency"] * self.lm.full_ms, self.measured[key], k.tolist(), feasible,
+                  self.repeats.get(key))
+        self.probes.append(p)
+        self.log(f"latency probe {len(self.probes)}: fraction {fraction:.4f}, predicted {p.predicted_ms:.3f} ms, "
+                 f"measured {p.measured_ms:.3f} ms (budget {self.budget_ms:.3f} ms)")
+        return p
+
+    def inside(self, p: Probe) -> bool:
+        return self.lo_ms <= p.measured_ms <= self.hi_ms
+
+    def confirmed(self, p: Probe) -> Probe:
+        """An in-band probe measured `confirm` more times: its median decides (a later visit reuses it)."""
+        if self.confirm < 1 or not self.inside(p) or p.repeats:
+            return p
+        k = np.asarray(p.kept, dtype=np.int64)
+        p.repeats = self.repeats[k.tobytes()] = [p.measured_ms, *(float(self.measure(k)) for _ in range(self.confirm))]
+        p.measured_ms = self.measured[k.tobytes()] = float(np.median(p.repeats))
+        self.log(f"latency probe {len(self.probes)} confirmed: {', '.join(f'{m:.3f}' for m in p.repeats)} ms, median "
+                 f"{p.measured_ms:.3f} ms")
+        return p
+
+    def settled(self, p: Probe) -> bool:
+        return self.inside(p) and abs(p.measured_ms - self.target) <= self.settle * self.budget_ms
+
+    def next_fraction(self, p: Probe, lo: float, hi: float) -> float:
+        """The proportional guess when it lies inside the bracket (lo, hi) and `p` did not repeat an allocation;
+        the whole model when the guess lies beyond the top and it was not measured yet; else the middle."""
+        guess = p.predicted_ms * self.target / max(p.measured_ms, 1e-12) / self.lm.full_ms
+        repeat = sum(q.kept == p.kept for q in self.probes) > 1
+        if lo < guess < hi and not repeat:
+            return guess
+        if guess >= hi == 1.0 and not any(q.fraction >= 1.0 for q in self.probes):
+            return 1.0       # the whole model first: if even it is under the band, the search is over
+        return 0.5 * (lo + hi)
+
+    def best(self) -> Probe:
+        """The in-band probe nearest the middle, else the largest measurement under the budget, else the
+        smallest measurement."""
+        best = min((q for q in self.probes if self.inside(q)), key=lambda q: abs(q.measured_ms - self.target),
+                   default=None)
+        if best is not None:
+            return best
+        under = [q for q in self.probes if q.measured_ms <= self.hi_ms]
+        return max(under, key=lambda q: q.measured_ms) if under else min(self.probes, key=lambda q: q.measured_ms)
