@@ -36,7 +36,7 @@ class Lockstep:
     def __init__(self, original: onnx.ModelProto, pruned: Graph, feeds: dict[str, np.ndarray], chunk=(64, False)):
         import torch
 
-        from spa.torch_graph import TorchGraph
+        from spa.torch_graph import TorchGraph  # torch: an optional dependency
 
         self.torch = torch
         self.orig_graph = Graph(original)

@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 
+from .. import driver
 from ..errors import SpaError
 from ..latency import fit_latency
 from ..select import PruningPlan
@@ -130,8 +131,6 @@ def _fit_latency(problem: SearchProblem, result: SearchResult, meta: dict, targe
 def prune_with_plan(model_path, output, plan: PruningPlan, problem: SearchProblem, **driver_kwargs):
     """Run the driver's full pipeline (apply, verify, optional reconstruction, save) with a searched plan.
     Driver keywords (calib, recalibrate, reconstruct, importance, input_shapes, ...) pass through."""
-    from .. import driver
-
     fd, path = tempfile.mkstemp(suffix=".json", prefix="spa-plan-")
     os.close(fd)
     try:

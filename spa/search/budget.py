@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import driver
 from ..errors import SpaError
 from ..groups import Analysis
 from ..select import (
@@ -49,8 +50,7 @@ _SPAN = 60.0         # shift range [-SPAN, SPAN]: far beyond any clipped logit
 
 def param_count(g) -> int:
     """Float initializer elements: the count the prune report uses (one definition, spa.driver's)."""
-    from spa.driver import param_count as count
-    return count(g)
+    return driver.param_count(g)
 
 
 # ---- cost model ------------------------------------------------------------------------------------------------
