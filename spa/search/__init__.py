@@ -8,7 +8,8 @@
                                calib="calib.npz")
 
 Modules: `budget` (cost model, exact budget projection), `graph` (group graph and features), `problem` (model +
-analysis + scores + projector + graph), `reward` (evaluators), `env` (gymnasium env), `policy` (interface and
+analysis + scores + projector + graph), `reward` (evaluators; `CalibEvaluator`'s pieces: `samples`, `onepass`,
+`refit`), `env` (gymnasium env), `policy` (interface and
 registry), `controls` (uniform/global/lamp/random), the agents `ppo_gnn` (PPO over the GATv2 encoder of `gnn`),
 `sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy). Latency budgets (measured cost tables, the
 latency model, end-to-end correction) come from `spa.latency`, the layer below. See docs/search.md.
