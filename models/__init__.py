@@ -16,6 +16,7 @@ import tempfile
 import warnings
 from typing import Callable, NamedTuple
 
+import onnx
 import torch
 
 from . import conv1d, densenet, efficientnet, googlenet, mobilenet, resnet, transformer, unet, vgg
@@ -80,8 +81,6 @@ def input_names(name: str) -> list[str]:
 
 def export(name: str, path, *, dynamo: bool, small: bool = False) -> pathlib.Path:
     """Export with static shapes to ONE self-contained .onnx file (IR version capped at 10)."""
-    import onnx
-
     path = pathlib.Path(path)
     model, inputs = build(name, small), example_inputs(name, small)
     kwargs = dict(input_names=input_names(name), output_names=["output"], dynamo=dynamo,

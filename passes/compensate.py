@@ -6,7 +6,7 @@ the original with the removed units' source rows zeroed, average it over positio
 `constant x consumer weights` into the consumers' biases. Only values of kept parameters change (asserted).
 
 Fidelity compares a model with the original (not the disconnected reference): relative L2 error per output, and
-top-1 agreement and KL divergence where an output looks like class logits.
+top-1 agreement and KL divergence where an output looks like class logits (the metrics: passes.fidelity).
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from spa.errors import VerificationError
 from spa.groups import Analysis
 from spa.ir import Graph, attr
 
-from . import Pass
-from . import verify
+from . import Pass, verify
+from . import fidelity as metrics
+
+REPORT_KL_EPS = 1e-12   # the report's KL from probabilities (passes.fidelity.kl)
 
 
 def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, seeds=(0, 1), feeds=None,
@@ -34,17 +36,11 @@ def fidelity(original: onnx.ModelProto, model: onnx.ModelProto, shapes: dict, se
         for o, a, b in zip(original.graph.output, ref, new):
             a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
             d = out.setdefault(o.name, {"rel_l2": [], "top1": [], "kl": []})
-            d["rel_l2"].append(float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-12)))
-            if a64.ndim == 2 and a64.shape[1] > 1:
-                d["top1"].append(float((a64.argmax(1) == b64.argmax(1)).mean()))
-                pa, pb = _softmax(a64), _softmax(b64)
-                d["kl"].append(float((pa * (np.log(pa + 1e-12) - np.log(pb + 1e-12))).sum(1).mean()))
+            d["rel_l2"].append(metrics.rel_l2(a64, b64))
+            if metrics.is_logits(a64):
+                d["top1"].append(metrics.top1_agreement(a64, b64))
+                d["kl"].append(metrics.kl(a64, b64, eps=REPORT_KL_EPS))
     return {k: {m: float(np.mean(v)) for m, v in d.items() if v} for k, d in out.items()}
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def structure(model: onnx.ModelProto):

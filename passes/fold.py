@@ -39,8 +39,7 @@ def _slice(node, ins):
 
 
 def _cast(node, ins):
-    from onnx import helper as h
-    return ins[0].astype(h.tensor_dtype_to_np_dtype(attr(node, "to")))
+    return ins[0].astype(helper.tensor_dtype_to_np_dtype(attr(node, "to")))
 
 
 def _const_of_shape(node, ins):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, version_converter
 
 from spa.errors import SpaError
 from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
@@ -26,7 +26,6 @@ def fix_versions(model: onnx.ModelProto) -> list[str]:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset > MAX_OPSET:
         try:
-            from onnx import version_converter
             converted = version_converter.convert_version(model, MAX_OPSET)
         except Exception as e:
             raise SpaError(f"model uses opset {opset} (onnxruntime runs <= {MAX_OPSET}) and onnx's version "

@@ -36,7 +36,7 @@ class Lockstep:
     def __init__(self, original: onnx.ModelProto, pruned: Graph, feeds: dict[str, np.ndarray], chunk=(64, False)):
         import torch
 
-        from spa.torch_graph import TorchGraph
+        from spa.torch_graph import TorchGraph  # torch: an optional dependency
 
         self.torch = torch
         self.orig_graph = Graph(original)
@@ -188,43 +188,75 @@ class Reconstruct(Pass):
     # ---- re-calibration ---------------------------------------------------------------------------------------
     def _reestimate_bn(self, node, g, ls, stats):
         xs = ls.pruned_value(node.input[0])
-        mean_name, var_name = node.input[3], node.input[4]
-        if xs is None or len(g.consumers.get(mean_name, [])) > 1 or len(g.consumers.get(var_name, [])) > 1:
-            return
-        mean, var = _channel_moments(xs, 1)
-        dtype = np.asarray(g.const(mean_name)).dtype
-        self._write(g, ls, mean_name, mean.astype(dtype))
-        self._write(g, ls, var_name, var.astype(dtype))
-        stats["bn_reestimated"] += 1
+        if xs is not None and reestimate_bn(g, node, xs, lambda name, value: self._write(g, ls, name, value)):
+            stats["bn_reestimated"] += 1
 
     def _affine(self, node, g, ls, stats):
-        view = obspa.layer_view(g, node)
-        grouped = node.op_type == "Conv" and view is None and g.const(node.input[1]) is not None
-        if view is None and not grouped:
+        view, applies = affine_layer(g, node)
+        if not applies:
             return
-        weight = node.input[1]
         orig_node = _orig_node(ls, node)
         ys_p = ls.pruned_value(node.output[0])
         ys_o = ls.original(orig_node.output[0]) if orig_node is not None else None
-        if ys_p is None or ys_o is None or len(g.consumers.get(weight, [])) > 1:
+        if ys_p is None or ys_o is None or len(g.consumers.get(node.input[1], [])) > 1:
             return
         keep = ls.torch.from_numpy(np.flatnonzero(self.out_rows[node.name]))
-        ch = 1 if node.op_type == "Conv" else ys_p[0].dim() - 1
-        m_o, v_o = _channel_moments([y.index_select(ch, keep) for y in ys_o], ch)
-        scale, shift = fold_affine(g, node, view, m_o, v_o, ys_p, ch,
-                                   lambda name, value: self._write(g, ls, name, value))
-        view_shape = [1] * ys_p[0].dim()
-        view_shape[ch] = -1
-        sc = ls.torch.from_numpy(scale).view(view_shape)
-        sh = ls.torch.from_numpy(shift).view(view_shape)
-        for env, y in zip(ls.env_p, ys_p):
-            env[node.output[0]] = (y.double() * sc + sh).to(y.dtype)
+        ch = channel_axis(node, ys_p[0])
+        m_o, v_o = channel_moments([y.index_select(ch, keep) for y in ys_o], ch)
+        correct_affine(g, node, view, m_o, v_o, ls.env_p, ys_p, ch,
+                       lambda name, value: self._write(g, ls, name, value), float64=True)
         stats["affine_corrected"] += 1
 
     @staticmethod
     def _write(g, ls, name, value):
         g.set_const(name, value)
         ls.t_pruned.param(name).data.copy_(ls.torch.from_numpy(np.array(value)))
+
+
+# ---- re-calibration, shared with the search's one-pass reward (spa.search) ----------------------------------------
+def channel_axis(node, y) -> int:
+    """The channel axis of a weight layer's output `y`: 1 for a Conv, the last one for Gemm/MatMul."""
+    return 1 if node.op_type == "Conv" else y.dim() - 1
+
+
+def reestimate_bn(g, node, xs, write) -> bool:
+    """BN re-estimation: the BatchNormalization `node` gets the per-channel mean and variance of its input chunks
+    `xs` (the pruned model's) as running statistics, through `write(name, value)`. False (nothing written) when
+    the statistics are shared with another node."""
+    mean_name, var_name = node.input[3], node.input[4]
+    if len(g.consumers.get(mean_name, [])) > 1 or len(g.consumers.get(var_name, [])) > 1:
+        return False
+    mean, var = channel_moments(xs, 1)
+    write(mean_name, mean.astype(np.asarray(g.const(mean_name)).dtype))
+    write(var_name, var.astype(np.asarray(g.const(var_name)).dtype))
+    return True
+
+
+def affine_layer(g, node) -> tuple[object, bool]:
+    """(spa.obspa.layer_view of `node` or None, whether the affine correction handles it: a plain Conv/Gemm/
+    MatMul layer, or a grouped Conv with a constant weight)."""
+    view = obspa.layer_view(g, node)
+    grouped = node.op_type == "Conv" and view is None and g.const(node.input[1]) is not None
+    return view, view is not None or grouped
+
+
+def correct_affine(g, node, view, m_o, v_o, envs, ys_p, ch: int, write, *, float64: bool) -> None:
+    """The affine correction of one layer: `fold_affine` into its weight and bias, and the same scale and shift
+    applied to its outputs already computed (`ys_p`, one per chunk; replaced in `envs`). float64: the outputs
+    are corrected in float64 and cast back (Reconstruct); else in their own precision (the search's one-pass
+    re-calibration: one fused multiply-add per element)."""
+    import torch
+
+    scale, shift = fold_affine(g, node, view, m_o, v_o, ys_p, ch, write)
+    view_shape = [1] * ys_p[0].dim()
+    view_shape[ch] = -1
+    sc = torch.from_numpy(scale).view(view_shape)
+    sh = torch.from_numpy(shift).view(view_shape)
+    for env, y in zip(envs, ys_p):
+        if float64:
+            env[node.output[0]] = (y.double() * sc + sh).to(y.dtype)
+        else:
+            env[node.output[0]] = torch.addcmul(sh.to(y.dtype), y, sc.to(y.dtype))
 
 
 def fold_affine(g, node, view, m_o, v_o, ys_p, ch: int, write) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +266,7 @@ def fold_affine(g, node, view, m_o, v_o, ys_p, ch: int, write) -> tuple[np.ndarr
     where no bias could absorb it."""
     weight = node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    m_p, v_p = _channel_moments(ys_p, ch)
+    m_p, v_p = channel_moments(ys_p, ch)
     s_o, s_p = np.sqrt(v_o), np.sqrt(v_p)
     scale = np.where(s_p > 1e-8, np.clip(s_o / np.maximum(s_p, 1e-8), 0.0, 10.0), 1.0)
     shift = m_o - scale * m_p
@@ -250,7 +282,7 @@ def fold_affine(g, node, view, m_o, v_o, ys_p, ch: int, write) -> tuple[np.ndarr
     return scale, shift
 
 
-def _channel_moments(tensors, ch: int) -> tuple[np.ndarray, np.ndarray]:
+def channel_moments(tensors, ch: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (population) variance over every other axis of a list of chunks."""
     total, sq, count = 0.0, 0.0, 0
     for t in tensors:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from PIL import Image
 
 from .errors import SpaError, one_line
 from .fileio import atomic_write
@@ -340,14 +341,12 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _decode_errors() -> tuple:
     """What Pillow raises for a file it cannot decode (UnidentifiedImageError and truncation are OSErrors)."""
-    from PIL import Image
 
     return (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
             Image.DecompressionBombError)
 
 
 def _decode(path: Path, hw: tuple[int, int], channels: int) -> np.ndarray:
-    from PIL import Image
 
     resample = getattr(Image, "Resampling", Image).BILINEAR
     with Image.open(path) as im:
@@ -392,11 +391,6 @@ def images_to_calib(folder, size, mean=None, std=None, layout: str = "nchw", cha
     s = _per_channel(std, channels, "std", IMAGENET_STD if channels == 3 else GRAY_STD)
     if (s == 0).any():
         raise SpaError("std must be non-zero")
-    try:
-        import PIL.Image  # noqa: F401
-    except ImportError as e:
-        raise SpaError(f"reading images needs Pillow (pip install pillow): {e}")
-
     files = _image_files(folder)
     if not files:
         raise SpaError(f"image folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}), searched recursively")

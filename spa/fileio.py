@@ -5,6 +5,7 @@ included, the temp file is removed and the target is left as it was."""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,6 @@ class StagedOutputs:
         self.staged.append((Path(tmp), Path(path)))
 
     def commit(self) -> None:
-        import signal
 
         held = {signal.SIGINT, signal.SIGTERM}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, held)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from .errors import SpaError
 from .fileio import temp_path_beside
@@ -227,7 +228,6 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, RawWeights | N
         model.ParseFromString(buf)
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         if external:
-            from onnx.external_data_helper import load_external_data_for_model
             load_external_data_for_model(model, str(p.parent))
     except Exception as e:  # protobuf DecodeError, missing external data, ...
         raise SpaError(f"cannot read {p} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 from spa import driver
 from spa.calib import Calib
+from spa.loading import param_count
 from spa.passes.apply import Apply
 from spa.search import (
     EDGE_FEATURES,
@@ -25,7 +26,6 @@ from spa.search import (
     register_policy,
     search,
 )
-from spa.search.budget import param_count
 
 
 @pytest.fixture(scope="module")

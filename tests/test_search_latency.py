@@ -1,4 +1,4 @@
-"""spa.search latency budgets (issue 4): cost tables, the latency model, the latency budget kind, the end-to-end
+"""spa.latency budgets in the search (issue 4): cost tables, the latency model, the latency budget kind, the end-to-end
 correction and `spa-prune profile`. Deterministic tests time models with a fake timer; the slow one measures."""
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 models = pytest.importorskip("spa.models")
 
 from spa import driver
+from spa import latency as L
+from spa.budget import CostModel
 from spa.cli import main
 from spa.errors import SpaError
+from spa.latency import fit as latency_fit
+from spa.latency import table as latency_table
 from spa.search import FunctionEvaluator, SearchProblem, search
-from spa.search import latency as L
-from spa.search.budget import CostModel
 from spa.search.graph import STATIC_NODE_FEATURES
 
 
@@ -112,7 +114,7 @@ def test_table_round_trip_and_checks(loaded, table, table_path, tmp_path):
 
 def test_profile_on_the_fly_is_cached(resnet18, monkeypatch, tmp_path):
     monkeypatch.setenv("SPA_LATENCY_CACHE", str(tmp_path))
-    monkeypatch.setattr(L, "Timer", FakeTimer)
+    monkeypatch.setattr(latency_table, "Timer", FakeTimer)
     p = SearchProblem.build(resnet18, target_latency=1e-3, latency_batch=1)
     files = list(tmp_path.glob("*-b1-t1.json"))
     assert len(files) == 1 and files[0].name.startswith(L.fingerprint(p.model))
@@ -120,7 +122,7 @@ def test_profile_on_the_fly_is_cached(resnet18, monkeypatch, tmp_path):
     def no_profile(*args, **kwargs):
         raise AssertionError("profiled again instead of reading the cache")
 
-    monkeypatch.setattr(L, "profile", no_profile)
+    monkeypatch.setattr(latency_table, "profile", no_profile)
     again = SearchProblem.build(resnet18, target_latency=1e-3, latency_batch=1)
     assert again.latency.full_ms == p.latency.full_ms
 
@@ -307,7 +309,7 @@ def test_fit_latency_reports_when_out_of_reach(problem):
 def test_search_runs_the_correction(resnet18, problem, table, monkeypatch):
     """search() with a latency budget measures and corrects the best candidate and reports every probe."""
     measure, _ = linear_clock(problem, 0.01, 0.9 * table.full_ms)
-    monkeypatch.setattr(L, "plan_timer", lambda problem, runs=30, warmup=5: measure)
+    monkeypatch.setattr(latency_fit, "plan_timer", lambda problem, runs=30, warmup=5: measure)
     ev = FunctionEvaluator(problem, lambda r: -float(np.abs(r - 0.6).sum()))
     budget = 0.6 * table.full_ms
     plan, history = search(resnet18, "random", evals=5, problem=problem, evaluator=ev, target_latency=budget)

@@ -5,16 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import finetune as finetune_module
 from ..driver import input_paths
 from ..fileio import check_outputs
 from .common import write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .. import (
-        finetune as finetune_module,  # the docstring is the epilog; torch is imported only by run()
-    )
-
     p = subparsers.add_parser("finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
                               help="fine-tune (+ distillation) an ONNX model, same interface out",
                 description="Fine-tune a (pruned) ONNX model on labelled and/or teacher-labelled data and write "
@@ -70,12 +67,10 @@ def progress_printer(quiet: bool):
 
 
 def run(args) -> int:
-    from ..finetune import finetune
-
     curve = None if args.no_curve else (args.curve or str(Path(args.output).with_suffix("")) + ".curve.png")
     check_outputs({"OUT": args.output, "--report": args.report, "--curve": curve},
                   input_paths(args.input, args.data, args.teacher, args.val))
-    res = finetune(args.input, args.output, data=args.data, teacher=args.teacher, val=args.val,
+    res = finetune_module.finetune(args.input, args.output, data=args.data, teacher=args.teacher, val=args.val,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                    weight_decay=args.weight_decay, momentum=args.momentum, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, trainable=args.trainable, seed=args.seed,

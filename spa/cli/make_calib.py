@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 
 from ..calib import (
     LABELS_KEY,
@@ -100,7 +101,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_model_inputs(path: str) -> dict[str, Spec]:
-    from google.protobuf.message import DecodeError
 
     p = Path(path)
     if not p.is_file():

@@ -6,10 +6,10 @@ import sys
 import time
 
 from .. import driver
+from ..budget import CostModel
 from ..errors import SpaError
 from ..fileio import check_outputs
-from ..search.budget import CostModel
-from ..search.latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
+from ..latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
 from .common import input_shape
 
 

@@ -7,11 +7,12 @@
     spa.search.prune_with_plan("model.onnx", "out.onnx", plan, history.problem, recalibrate=True,
                                calib="calib.npz")
 
-Modules: `budget` (cost model, exact budget projection), `graph` (group graph and features), `problem` (model +
-analysis + scores + projector + graph), `reward` (evaluators), `env` (gymnasium env), `policy` (interface and
+Modules: `spa.budget` (cost model, exact budget projection; below this package), `graph` (group graph and features), `problem` (model +
+analysis + scores + projector + graph), `reward` (evaluators; `CalibEvaluator`'s pieces: `samples`, `onepass`,
+`refit`), `env` (gymnasium env), `policy` (interface and
 registry), `controls` (uniform/global/lamp/random), the agents `ppo_gnn` (PPO over the GATv2 encoder of `gnn`),
-`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy), `latency` (measured cost tables, latency
-budgets, end-to-end correction). See docs/search.md.
+`sac` (sequential SAC) and `dist` (RL-Pruner's distribution policy). Latency budgets (measured cost tables, the
+latency model, end-to-end correction) come from `spa.latency`, the layer below. See docs/search.md.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import os
 import tempfile
 import time
 
+from .. import driver
+from ..budget import BudgetProjector, CostModel, Projection
 from ..errors import SpaError
+from ..latency import fit_latency
 from ..select import PruningPlan
 from . import controls, dist, ppo_gnn, sac  # noqa: F401  (register the controls and the agents)
-from .budget import BudgetProjector, CostModel, Projection
 from .env import GLOBAL_FEATURES, PruningEnv
 from .graph import EDGE_FEATURES, NODE_FEATURES, GroupGraph
 from .policy import POLICIES, Policy, SearchResult, get_policy, register_policy
@@ -107,8 +110,6 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
 def _fit_latency(problem: SearchProblem, result: SearchResult, meta: dict, target_ms: float | None) -> PruningPlan:
     """The end-to-end correction of the best candidate (skipped when the table comes from another machine: it
     would measure this one); the corrected counts replace the search's in `meta`."""
-    from .latency import fit_latency
-
     lm = problem.latency
     budget_ms = target_ms if target_ms is not None else problem.options["latency"]["target_ms"]
     info = {"budget_ms": budget_ms, "batch": lm.table.batch, "threads": lm.table.threads,
@@ -131,8 +132,6 @@ def _fit_latency(problem: SearchProblem, result: SearchResult, meta: dict, targe
 def prune_with_plan(model_path, output, plan: PruningPlan, problem: SearchProblem, **driver_kwargs):
     """Run the driver's full pipeline (apply, verify, optional reconstruction, save) with a searched plan.
     Driver keywords (calib, recalibrate, reconstruct, importance, input_shapes, ...) pass through."""
-    from .. import driver
-
     fd, path = tempfile.mkstemp(suffix=".json", prefix="spa-plan-")
     os.close(fd)
     try:

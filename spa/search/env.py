@@ -49,8 +49,11 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from spa.passes.analyse import Analyse
+from spa.passes.normalize import infer_shapes
+
+from ..budget import BudgetProjector, Projection
 from ..errors import SpaError
-from .budget import BudgetProjector, Projection
 from .graph import (
     EDGE_FEATURES,
     NODE_FEATURES,
@@ -328,9 +331,6 @@ class Regrapher:
 
     def pruned(self, kept: np.ndarray):
         """(pruned model, its analysis, group_of, unit scores): the candidate applied and re-analysed."""
-        from spa.passes.analyse import Analyse
-        from spa.passes.normalize import infer_shapes
-
         problem = self.problem
         model, _, removed, _ = problem.apply(np.asarray(kept, dtype=np.int64))
         g = model.graph

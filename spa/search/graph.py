@@ -151,65 +151,12 @@ class GroupGraph:
         normalisers (a pruned model measured on its original's scale)."""
         g = analysis.ctx.g
         n_groups = len(analysis.groups)
-        roots = np.array(sorted(analysis.unit_group), dtype=np.int64)
-        group_of_root = np.array([analysis.unit_group[int(r)] for r in roots], dtype=np.int64)
-
-        def pos_groups(atoms: np.ndarray) -> np.ndarray:
-            """Group of every position of a labelling (-1: no atom)."""
-            r = analysis.find(atoms)
-            out = np.full(len(r), -1, dtype=np.int64)
-            ok = r >= 0
-            out[ok] = group_of_root[np.searchsorted(roots, r[ok])]
-            return out
-
-        def groups_of(atoms: np.ndarray) -> np.ndarray:
-            p = pos_groups(atoms)
-            return p[p >= 0]
-
-        node_pos = {n.name: i for i, n in enumerate(analysis.nodes)}
+        where = _GroupLocator(analysis)
         by_name = {n.name: n for n in analysis.nodes}
         n_nodes = scale.n_nodes if scale else max(len(analysis.nodes), 1)
-        tensor_groups = {name: np.unique(groups_of(lab.atoms)) for name, lab in analysis.ctx.labels.items()}
-
-        # op-type mix and last reader depth
-        op_counts = np.zeros((n_groups, len(OP_CATEGORIES)))
-        last = np.zeros(n_groups)
-        for i, node in enumerate(analysis.nodes):
-            touched = set()
-            for x in list(node.input) + list(node.output):
-                if x in tensor_groups:
-                    touched.update(tensor_groups[x].tolist())
-            if not touched:
-                continue
-            cat = _category(node, g)
-            for gid in touched:
-                op_counts[gid, OP_CATEGORIES.index(cat)] += 1
-                last[gid] = max(last[gid], i)
-        op_mix = op_counts / np.maximum(op_counts.sum(axis=1, keepdims=True), 1.0)
-
-        # sources: geometry, depth, residual/concat
-        sources: list[list[str]] = [[] for _ in range(n_groups)]
-        src_width = np.zeros(n_groups)
-        for s in analysis.ctx.sources:
-            for gid in np.unique(groups_of(s.atoms)).tolist():
-                if s.node not in sources[gid]:
-                    sources[gid].append(s.node)
-                    src_width[gid] += len(s.atoms)
+        op_mix, last = _op_mix(analysis, where, n_groups)
         sizes = np.array([grp.size for grp in analysis.groups], dtype=np.float64)
-        kernel, stride, dw, grouped, fmap = (np.zeros(n_groups) for _ in range(5))
-        depth = np.ones(n_groups)
-        for gid, names in enumerate(sources):
-            geo = [_geometry(by_name[nm], g) for nm in names if nm in by_name]
-            if geo:
-                kernel[gid] = np.mean([math.log2(max(k, 1)) for k, _, _, _, _ in geo])
-                stride[gid] = np.mean([math.log2(max(s, 1)) for _, s, _, _, _ in geo])
-                dw[gid] = np.mean([d for _, _, d, _, _ in geo])
-                grouped[gid] = np.mean([gr for _, _, _, gr, _ in geo])
-                fmap[gid] = np.mean([math.log2(max(f, 1)) for _, _, _, _, f in geo])
-                depth[gid] = min(node_pos.get(nm, n_nodes) for nm in names) / n_nodes
-        n_src = np.array([len(s) for s in sources], dtype=np.float64)
-        residual = (n_src > 1) & (src_width > sizes + 0.5)  # the sources' channels were unified
-        concat = (n_src > 1) & ~residual                   # the sources' channels lie end to end
+        src = _source_features(analysis, where, by_name, n_nodes, sizes)
 
         # costs
         total_macs = scale.total_macs if scale else max(float(analysis.total_macs), 1.0)
@@ -218,55 +165,34 @@ class GroupGraph:
             params_total = scale.params_total
         elif params_total is None:
             params_total = _params_total(g)
-        params_share = _params_share(analysis, groups_of, n_groups, params_total)
-
-        # importance statistics
-        imp = np.zeros((n_groups, 4))
-        means = np.array([np.mean([scores[int(u)] for u in grp.units]) for grp in analysis.groups])
-        if scale:
-            ref = scale.imp_ref
-        else:
-            ref = float(np.median(means[means > 0])) if (means > 0).any() else 1.0
-        for grp in analysis.groups:
-            v = np.array([scores[int(u)] for u in grp.units], dtype=np.float64)
-            top = np.abs(v).max()
-            w = v / top if top > 0 else v
-            level = math.log10(max(means[grp.id], 1e-300) / ref) if means[grp.id] > 0 else -3.0
-            imp[grp.id] = [w.mean(), w.std(), w.min(), float(np.clip(level, -3, 3)) / 3]
+        params_share = _params_share(analysis, where.groups_of, n_groups, params_total)
+        imp, ref = _importance_stats(analysis, scores, scale)
 
         max_units = scale.max_units if scale else math.log2(sizes.max(initial=1) + 1)
-        max_fmap = scale.max_fmap if scale else max(fmap.max(initial=0.0), 1.0)
+        max_fmap = scale.max_fmap if scale else max(src.fmap.max(initial=0.0), 1.0)
         static = np.column_stack([
             op_mix,
             np.log2(np.maximum(sizes, 1)) / max_units,
             np.array([grp.prunable for grp in analysis.groups]) / np.maximum(sizes, 1),
             np.array([grp.prunable == 0 for grp in analysis.groups], dtype=np.float64),
-            np.log2(1 + n_src) / 4,
-            residual.astype(np.float64),
-            concat.astype(np.float64),
-            kernel / 6,
-            stride / 2,
-            dw, grouped,
-            fmap / max_fmap,
-            depth,
+            np.log2(1 + src.n_src) / 4,
+            src.residual.astype(np.float64),
+            src.concat.astype(np.float64),
+            src.kernel / 6,
+            src.stride / 2,
+            src.dw, src.grouped,
+            src.fmap / max_fmap,
+            src.depth,
             last / n_nodes,
             flops_share, params_share, np.zeros(n_groups),
             imp,
         ]).astype(np.float32)
         assert static.shape[1] == len(STATIC_NODE_FEATURES)
 
-        edges = _edges(analysis, by_name, pos_groups)
-        rows, attrs = [], []
-        for (a, b), (units, positions, indirect) in sorted(edges.items()):
-            rows.append((a, b))
-            attrs.append([min(units / sizes[a], 1.0), math.log2(1 + units) / max_units,
-                          math.log2(max(positions / max(units, 1), 1.0)) / 12, float(units < sizes[a]),
-                          float(residual[a]), float(concat[a]), float(indirect)])
-        edge_index = np.array(rows, dtype=np.int64).T.reshape(2, -1)
-        edge_attr = np.array(attrs, dtype=np.float32).reshape(-1, len(EDGE_FEATURES))
-        topo = np.array(sorted(range(n_groups), key=lambda i: (depth[i], i)), dtype=np.int64)
+        edge_index, edge_attr = _edge_features(analysis, by_name, where, sizes, src, max_units)
+        topo = np.array(sorted(range(n_groups), key=lambda i: (src.depth[i], i)), dtype=np.int64)
         used = scale or GraphScale(max_units, max_fmap, total_macs, max(float(params_total), 1.0), n_nodes, ref)
-        return cls(analysis, static, edge_index, edge_attr, topo, sources, used)
+        return cls(analysis, static, edge_index, edge_attr, topo, src.sources, used)
 
     def in_original_order(self, group_of: np.ndarray, original: GroupGraph) -> tuple[np.ndarray, np.ndarray, int]:
         """This (pruned) graph's static features and edge features laid out in `original`'s node and edge order
@@ -337,6 +263,126 @@ def _mapping_error(why: str) -> SpaError:
                     "when pruning changes how channels couple: a depthwise or grouped convolution left with one "
                     "channel per group turns into an ordinary or a depthwise one (min_channels >= 2 prevents it), "
                     "attention heads regroup once heads or head_dim shrink. Use one-shot episodes for this model")
+
+
+
+class _GroupLocator:
+    """Coupled group of every position of a labelling (-1: no atom)."""
+
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+        self.roots = np.array(sorted(analysis.unit_group), dtype=np.int64)
+        self.group_of_root = np.array([analysis.unit_group[int(r)] for r in self.roots], dtype=np.int64)
+
+    def pos_groups(self, atoms: np.ndarray) -> np.ndarray:
+        """Group of every position of a labelling (-1: no atom)."""
+        r = self.analysis.find(atoms)
+        out = np.full(len(r), -1, dtype=np.int64)
+        ok = r >= 0
+        out[ok] = self.group_of_root[np.searchsorted(self.roots, r[ok])]
+        return out
+
+    def groups_of(self, atoms: np.ndarray) -> np.ndarray:
+        p = self.pos_groups(atoms)
+        return p[p >= 0]
+
+
+def _op_mix(analysis: Analysis, where: _GroupLocator, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(share of the nodes touching each group by OP_CATEGORIES, topological index of its last node)."""
+    g = analysis.ctx.g
+    tensor_groups = {name: np.unique(where.groups_of(lab.atoms)) for name, lab in analysis.ctx.labels.items()}
+    op_counts = np.zeros((n_groups, len(OP_CATEGORIES)))
+    last = np.zeros(n_groups)
+    for i, node in enumerate(analysis.nodes):
+        touched = set()
+        for x in list(node.input) + list(node.output):
+            if x in tensor_groups:
+                touched.update(tensor_groups[x].tolist())
+        if not touched:
+            continue
+        cat = _category(node, g)
+        for gid in touched:
+            op_counts[gid, OP_CATEGORIES.index(cat)] += 1
+            last[gid] = max(last[gid], i)
+    return op_counts / np.maximum(op_counts.sum(axis=1, keepdims=True), 1.0), last
+
+
+@dataclass
+class _Sources:
+    """Per group: its source layers (names) and their geometry, depth and kind (residual / concat)."""
+
+    sources: list[list[str]]
+    kernel: np.ndarray
+    stride: np.ndarray
+    dw: np.ndarray
+    grouped: np.ndarray
+    fmap: np.ndarray
+    depth: np.ndarray
+    n_src: np.ndarray
+    residual: np.ndarray
+    concat: np.ndarray
+
+
+def _source_features(analysis: Analysis, where: _GroupLocator, by_name: dict, n_nodes: int,
+                     sizes: np.ndarray) -> _Sources:
+    g = analysis.ctx.g
+    n_groups = len(analysis.groups)
+    node_pos = {n.name: i for i, n in enumerate(analysis.nodes)}
+    sources: list[list[str]] = [[] for _ in range(n_groups)]
+    src_width = np.zeros(n_groups)
+    for s in analysis.ctx.sources:
+        for gid in np.unique(where.groups_of(s.atoms)).tolist():
+            if s.node not in sources[gid]:
+                sources[gid].append(s.node)
+                src_width[gid] += len(s.atoms)
+    kernel, stride, dw, grouped, fmap = (np.zeros(n_groups) for _ in range(5))
+    depth = np.ones(n_groups)
+    for gid, names in enumerate(sources):
+        geo = [_geometry(by_name[nm], g) for nm in names if nm in by_name]
+        if geo:
+            kernel[gid] = np.mean([math.log2(max(k, 1)) for k, _, _, _, _ in geo])
+            stride[gid] = np.mean([math.log2(max(s, 1)) for _, s, _, _, _ in geo])
+            dw[gid] = np.mean([d for _, _, d, _, _ in geo])
+            grouped[gid] = np.mean([gr for _, _, _, gr, _ in geo])
+            fmap[gid] = np.mean([math.log2(max(f, 1)) for _, _, _, _, f in geo])
+            depth[gid] = min(node_pos.get(nm, n_nodes) for nm in names) / n_nodes
+    n_src = np.array([len(s) for s in sources], dtype=np.float64)
+    residual = (n_src > 1) & (src_width > sizes + 0.5)  # the sources' channels were unified
+    concat = (n_src > 1) & ~residual                   # the sources' channels lie end to end
+    return _Sources(sources, kernel, stride, dw, grouped, fmap, depth, n_src, residual, concat)
+
+
+def _importance_stats(analysis: Analysis, scores: dict, scale: GraphScale | None) -> tuple[np.ndarray, float]:
+    """(per group: mean, std, min of its unit scores over the largest, clipped log10 level over `ref`; ref: the
+    median group mean, or the scale's)."""
+    imp = np.zeros((len(analysis.groups), 4))
+    means = np.array([np.mean([scores[int(u)] for u in grp.units]) for grp in analysis.groups])
+    if scale:
+        ref = scale.imp_ref
+    else:
+        ref = float(np.median(means[means > 0])) if (means > 0).any() else 1.0
+    for grp in analysis.groups:
+        v = np.array([scores[int(u)] for u in grp.units], dtype=np.float64)
+        top = np.abs(v).max()
+        w = v / top if top > 0 else v
+        level = math.log10(max(means[grp.id], 1e-300) / ref) if means[grp.id] > 0 else -3.0
+        imp[grp.id] = [w.mean(), w.std(), w.min(), float(np.clip(level, -3, 3)) / 3]
+    return imp, ref
+
+
+def _edge_features(analysis: Analysis, by_name: dict, where: _GroupLocator, sizes: np.ndarray, src: _Sources,
+                   max_units: float) -> tuple[np.ndarray, np.ndarray]:
+    """(edge_index (2, E), edge_attr (E, EDGE_FEATURES)) in sorted edge order."""
+    edges = _edges(analysis, by_name, where.pos_groups)
+    rows, attrs = [], []
+    for (a, b), (units, positions, indirect) in sorted(edges.items()):
+        rows.append((a, b))
+        attrs.append([min(units / sizes[a], 1.0), math.log2(1 + units) / max_units,
+                      math.log2(max(positions / max(units, 1), 1.0)) / 12, float(units < sizes[a]),
+                      float(src.residual[a]), float(src.concat[a]), float(indirect)])
+    edge_index = np.array(rows, dtype=np.int64).T.reshape(2, -1)
+    edge_attr = np.array(attrs, dtype=np.float32).reshape(-1, len(EDGE_FEATURES))
+    return edge_index, edge_attr
 
 
 def _category(node, g) -> str:

@@ -99,7 +99,7 @@ def build_actor_critic(hidden: int = 64, heads: int = 4, layers: int = 2, multi_
     import torch
     from torch import nn
 
-    from .gnn import GraphEncoder
+    from .gnn import GraphEncoder  # torch: imported when an agent is built
 
     class ActorCritic(nn.Module):
         def __init__(self):
@@ -172,7 +172,7 @@ class PPOGNNPolicy(Policy):
     def _search(self, env, evals: int, seed: int) -> None:
         import torch
 
-        from .gnn import GraphBatch
+        from .gnn import GraphBatch  # torch
 
         o = self.options
         self.net = net = self.build_network(env)

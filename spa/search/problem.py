@@ -11,12 +11,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from spa.passes.analyse import Analyse
+from spa.passes.apply import Apply
+from spa.passes.reconstruct import output_rows
+
+from .. import driver
+from ..budget import BudgetProjector, CostModel
+from ..calib import Calib, input_specs, load_calib
 from ..errors import SpaError
 from ..groups import Analysis
+from ..importance import ScoreInputs, score
 from ..ir import Graph
+from ..latency import LatencyModel, table_for
 from ..model import Model
 from ..select import PruningPlan
-from .budget import BudgetProjector, CostModel
 from .graph import GroupGraph
 
 
@@ -54,9 +62,6 @@ class SearchProblem:
         one, this model is profiled on this machine at `latency_batch` / `threads` and cached). A table given
         without a latency budget still fills the graph's latency_share feature. `scores` overrides the criterion
         (unit root -> score)."""
-        from .. import driver
-        from ..importance import ScoreInputs, score
-
         budgets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
         if not budgets and target_latency is None:
             raise SpaError("a search needs a budget: give target_flops, target_params and/or target_latency")
@@ -71,7 +76,6 @@ class SearchProblem:
         cost_model = CostModel(analysis)
         latency = None
         if target_latency is not None or latency_table is not None:
-            from .latency import LatencyModel, table_for
             table = table_for(model, analysis, latency_table, batch=latency_batch, threads=threads)
             latency = LatencyModel(table, cost_model, analysis)
             cost_model.attach_latency(latency)
@@ -120,10 +124,6 @@ class SearchProblem:
         """The pruned model of a candidate (structurally pruned, not verified: candidates skip verification; the
         chosen plan goes through the driver's apply/verify path). Returns (model, its analysis, removed roots,
         and with `rows` the kept output rows of every weight layer, which reconstruction needs)."""
-        from spa.passes.analyse import Analyse
-        from spa.passes.apply import Apply
-        from spa.passes.reconstruct import output_rows
-
         model = self.clone()
         analysis = Analyse().run(model)
         if [(g.name, g.size) for g in analysis.groups] != [(g.name, g.size) for g in self.analysis.groups]:
@@ -137,8 +137,6 @@ class SearchProblem:
 def load_data(calib, model: Model, limit: int | None = None):
     """Calibration data: None (data-free), a spa.calib.Calib, or a path (.npz / image folder) checked against
     the model's inputs; `limit` keeps that many samples (seeded subset for a Calib, the first ones for a file)."""
-    from ..calib import Calib, input_specs, load_calib
-
     if calib is None:
         return None
     if isinstance(calib, Calib):

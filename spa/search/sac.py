@@ -38,6 +38,7 @@ eval_every [10], full_state [True], init_std [0.3], store_action ["raw"], thread
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -159,7 +160,6 @@ class SACPolicy(Policy):
 
     # ---- networks --------------------------------------------------------------------------------------------
     def _build(self, state_dim: int):
-        import copy
 
         import torch
 

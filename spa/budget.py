@@ -15,13 +15,13 @@ budget as the granularity allows:
    The result is maximal: no group can keep one more step of units without breaking a budget.
 
 Budgets are fractions kept of the unpruned model: `flops` (MACs, DESIGN.md's one definition) and `params`
-(float initializer elements, `spa.driver.param_count`). Both are evaluated by `CostModel` from a removed-unit mask,
+(float initializer elements, `spa.loading.param_count`). Both are evaluated by `CostModel` from a removed-unit mask,
 exactly: MACs are products of kept fractions of the labellings each Conv/Gemm/MatMul's cost scales with (the
 same formula as `Analysis.macs_after`); a parameter tensor keeps the product of the kept fractions of its sliced
 axes (the way `passes.apply.Apply` cuts it, including the per-use copies of a shared initializer cut differently).
 The third kind, `latency`, is a prediction, not an exact count: the fraction kept of the measured end-to-end
-latency, predicted from a measured cost table by `latency.LatencyModel` over the same kept fractions (attached with
-`CostModel.attach_latency`; see `latency.py`).
+latency, predicted from a measured cost table by `spa.latency.LatencyModel` over the same kept fractions (attached with
+`CostModel.attach_latency`; see `spa.latency`).
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import SpaError
-from ..groups import Analysis
-from ..select import (
+from .errors import SpaError
+from .groups import Analysis
+from .loading import param_count
+from .select import (
     PruningPlan,
     constrained_kept,
     keep_every_tensor,
@@ -45,12 +46,6 @@ BUDGET_KINDS = ("flops", "params", "latency")
 MODES = ("logit", "scale")
 _EPS = 1e-4          # desired ratios are clipped into [EPS, 1 - EPS] (logit mode)
 _SPAN = 60.0         # shift range [-SPAN, SPAN]: far beyond any clipped logit
-
-
-def param_count(g) -> int:
-    """Float initializer elements: the count the prune report uses (one definition, spa.driver's)."""
-    from spa.driver import param_count as count
-    return count(g)
 
 
 # ---- cost model ------------------------------------------------------------------------------------------------
