@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from spa import operators
 from spa.groups import Analysis, build_groups
-from spa.ir import subgraph_free_names
+from spa.ir import has_subgraph, subgraph_free_names
 from spa.labels import Context
 
 from . import Pass
@@ -24,7 +24,7 @@ class Analyse(Pass):
         unruled: dict[str, int] = {}
         nodes = list(g.model.graph.node)
         for node in nodes:
-            implicit = subgraph_free_names(node) if _has_subgraph(node) else set()
+            implicit = subgraph_free_names(node) if has_subgraph(node) else set()
             fn = None if implicit else operators.lookup(node.op_type, node.domain)
             if fn is not None:
                 fn(ctx, node)
@@ -45,7 +45,3 @@ class Analyse(Pass):
                           nodes=nodes, node_index={id(n): i for i, n in enumerate(nodes)})
         model.analyses[self.name] = result
         return result
-
-
-def _has_subgraph(node) -> bool:
-    return any(a.HasField("g") or len(a.graphs) for a in node.attribute)

@@ -105,7 +105,7 @@ class Graph:
             for i, x in enumerate(n.input):
                 if x:
                     self.consumers.setdefault(x, []).append((n, i))
-            for x in subgraph_free_names(n) if _has_subgraph(n) else ():
+            for x in subgraph_free_names(n) if has_subgraph(n) else ():
                 self.consumers.setdefault(x, []).append((n, -1))
 
     def is_const(self, name: str) -> bool:
@@ -202,8 +202,10 @@ def _decode(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def _has_subgraph(n: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+def has_subgraph(n: onnx.NodeProto) -> bool:
+    """Whether a node carries a subgraph (If/Loop/Scan bodies, or any op with a graph attribute)."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) or a.HasField("g") or len(a.graphs)
+               for a in n.attribute)
 
 
 # ---- loading and saving ----------------------------------------------------------------------------------------

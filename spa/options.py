@@ -25,9 +25,11 @@ def is_whole(value) -> bool:
 
 
 def check_count(flag: str, value, *, minimum: int = 1) -> None:
-    """A whole number of things (units, samples, positions): an int in [minimum, 2**31)."""
-    if not is_whole(value) or not minimum <= value <= LARGEST_COUNT:
-        raise SpaError(f"{flag} must be a whole number in [{minimum}, {LARGEST_COUNT}], got {value}")
+    """A whole number of things (units, samples, positions, evaluations): an int in [minimum, 2**31)."""
+    if not is_whole(value) or value < minimum:
+        raise SpaError(f"{flag} must be at least {minimum}, got {value}")
+    if value > LARGEST_COUNT:
+        raise SpaError(f"{flag} must be at most {LARGEST_COUNT}, got {value}")
 
 
 def check_fraction(flag: str, value, *, low_open: bool = True, high_open: bool = False) -> None:
@@ -37,6 +39,12 @@ def check_fraction(flag: str, value, *, low_open: bool = True, high_open: bool =
     if not ok:
         interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
         raise SpaError(f"{flag} must be in {interval}, got {value}")
+
+
+def check_positive(flag: str, value, unit: str = "") -> None:
+    """A finite number > 0 (a budget in ms, a tolerance)."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise SpaError(f"{flag} must be a finite number > 0{unit}, got {value}")
 
 
 def check_selection(*, ratio, target_flops, max_ratio, allocation, min_channels, round_to) -> None:
@@ -59,14 +67,10 @@ def check_selection(*, ratio, target_flops, max_ratio, allocation, min_channels,
 def check_data_options(*, positions, damp, samples, dbscan, seed=0) -> None:
     """Bad numbers for the data-driven passes are one-line errors before any work (sklearn and torch would
     otherwise raise deep inside, or silently accept a negative dampening)."""
-    if positions is not None and (not is_whole(positions) or positions < 1):
-        raise SpaError(f"--positions must be at least 1, got {positions}")
     if positions is not None:
         check_count("--positions", positions)
     if damp is not None and not (damp >= 0 and math.isfinite(damp)):
         raise SpaError(f"--damp must be >= 0, got {damp}")
-    if not is_whole(samples) or samples < 1:
-        raise SpaError(f"--synth-samples must be at least 1, got {samples}")
     check_count("--synth-samples", samples)
     if dbscan is not None:
         eps, min_samples = dbscan
@@ -139,8 +143,7 @@ class PruneOptions:
                             allocation=self.allocation, min_channels=self.min_channels, round_to=self.round_to)
         check_data_options(positions=self.positions, damp=self.damp, samples=self.samples, dbscan=self.dbscan,
                            seed=self.seed)
-        if not (self.rtol > 0 and math.isfinite(self.rtol)):
-            raise SpaError(f"--rtol must be a finite number > 0, got {self.rtol}")
+        check_positive("--rtol", self.rtol)
         if self.calib_limit is not None:
             check_count("--calib-samples", self.calib_limit)
         resolved = self if self.reconstruct is not None else replace(self, reconstruct=self.importance == "obspa")

@@ -51,13 +51,10 @@ from torch import nn
 from spa.lowering import lowering, node_attrs, tensor_from_proto, unsupported
 
 from .errors import SpaError
+from .ir import has_subgraph
 
 _HALF = (torch.float16, torch.bfloat16)
 _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _key(name: str, taken: set[str], prefix: str) -> str:
@@ -150,7 +147,7 @@ class TorchGraph(nn.Module):
     def _check_supported(self, nodes) -> None:
         missing: dict[str, list[str]] = {}
         for n in nodes:
-            if n.op_type in ("If", "Loop", "Scan", "SequenceMap") or _has_subgraph(n):
+            if n.op_type in ("If", "Loop", "Scan", "SequenceMap") or has_subgraph(n):
                 raise SpaError(f"TorchGraph: node '{n.name}' ({n.op_type}) has a subgraph; control flow is not "
                                "supported")
             if lowering(n.op_type, n.domain) is None:

@@ -80,7 +80,7 @@ def test_every_pipeline_the_driver_builds_is_in_a_valid_order(verify, fold, reco
     (["--seed", "-1"], {"seed": -1}, "--seed must be a whole number in [0, 4294967295]"),
     (["--seed", str(2**64)], {"seed": 2**64}, "--seed must be a whole number in [0, 4294967295]"),
     (["--damp", "inf"], {"damp": float("inf")}, "--damp must be >= 0"),
-    (["--round-to", str(10**30)], {"round_to": 10**30}, "--round-to must be a whole number in [1, 2147483647]"),
+    (["--round-to", str(10**30)], {"round_to": 10**30}, "--round-to must be at most 2147483647"),
     (["--positions", "0"], {"positions": 0}, "--positions must be at least 1"),
     (["--synth-samples", "0"], {"samples": 0}, "--synth-samples must be at least 1"),
     (["--max-ratio", "nan"], {"max_ratio": float("nan")}, "--max-ratio must be in (0, 1]"),

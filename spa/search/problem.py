@@ -17,7 +17,7 @@ from spa.passes.reconstruct import output_rows
 
 from .. import driver
 from ..budget import BudgetProjector, CostModel
-from ..calib import Calib, input_specs, load_calib
+from ..calib import load_data
 from ..errors import SpaError
 from ..groups import Analysis
 from ..importance import ScoreInputs, score
@@ -69,7 +69,7 @@ class SearchProblem:
         analysis = driver.analyse(model)
         if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
             raise SpaError("no prunable group: " + driver.explain_nothing(analysis))
-        data = load_data(calib, model, calib_samples)
+        data = load_data(calib, model.graph.model, calib_samples)
         if scores is None:
             inputs = ScoreInputs(analysis, calib=data, loss=loss, samples=samples, seed=seed)
             scores = score(analysis, importance, aggregation, normalization, inputs)
@@ -132,13 +132,3 @@ class SearchProblem:
         out_rows = output_rows(analysis, removed) if rows else None  # before Apply cuts the weights
         Apply(analysis, removed).run(model)
         return model, analysis, removed, out_rows
-
-
-def load_data(calib, model: Model, limit: int | None = None):
-    """Calibration data: None (data-free), a spa.calib.Calib, or a path (.npz / image folder) checked against
-    the model's inputs; `limit` keeps that many samples (seeded subset for a Calib, the first ones for a file)."""
-    if calib is None:
-        return None
-    if isinstance(calib, Calib):
-        return calib if limit is None else calib.subset(limit)
-    return load_calib(str(calib), input_specs(model.graph.model), limit=limit)
