@@ -378,3 +378,12 @@ def random_plan(analysis, rng: np.random.Generator):
         if k > 0:
             removed[g.id] = sorted(rng.choice(free, size=k, replace=False).tolist())
     return keep_every_tensor(analysis, PruningPlan(removed), {u: float(rng.random()) for u in analysis.unit_group})
+
+
+def conv_net() -> onnx.ModelProto:
+    """Conv -> BN -> ReLU -> Conv on a 1x3x8x8 input: the smallest model with one prunable group."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.bn("bn1", b.conv("c1", x, 3, 8), 8))
+    b.output(b.conv("c2", y, 8, 4))
+    return b.model()

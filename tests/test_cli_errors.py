@@ -11,21 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import Builder, analyse, make_model
+from helpers import Builder, analyse, conv_net, make_model
 from onnx import TensorProto, helper
 
 from spa.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SPA_PRUNE = Path(sys.executable).parent / "spa-prune"
-
-
-def conv_net() -> onnx.ModelProto:
-    b = Builder()
-    x = b.input("x", [1, 3, 8, 8])
-    y = b.relu(b.bn("bn1", b.conv("c1", x, 3, 8), 8))
-    b.output(b.conv("c2", y, 8, 4))
-    return b.model()
 
 
 @pytest.fixture

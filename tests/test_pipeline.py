@@ -7,21 +7,13 @@ import itertools
 
 import onnx
 import pytest
-from helpers import Builder
+from helpers import conv_net
 
 from spa import driver
 from spa.cli import main
 from spa.errors import SpaError
 from spa.options import PruneOptions
 from spa.passes import Pass, PassManager, PassResult
-
-
-def conv_net() -> onnx.ModelProto:
-    b = Builder()
-    x = b.input("x", [1, 3, 8, 8])
-    y = b.relu(b.bn("bn1", b.conv("c1", x, 3, 8), 8))
-    b.output(b.conv("c2", y, 8, 4))
-    return b.model()
 
 
 @pytest.fixture

@@ -1,22 +1,5 @@
-"""spa-prune: structured pruning of ONNX models.
-
-    spa-prune IN.onnx OUT.onnx --ratio 0.5            remove half of the units of every coupled group
-    spa-prune IN.onnx OUT.onnx --target-flops 0.5     keep at most 50% of the MACs (global ranking)
-    spa-prune analyse IN.onnx                          list coupled groups and frozen channels (dry run)
-    spa-prune zoo:resnet18 out.onnx --ratio 0.5        prune a model from the built-in zoo (needs torch)
-    spa-prune IN OUT --target-flops 0.5 --importance obspa --calib calib.npz
-                                                       OBS scores + least-squares reconstruction, no fine-tuning
-    spa-prune make-calib IMAGES_DIR -o calib.npz --size 224    calibration data from a folder of images
-    spa-prune IN OUT --policy ppo-gnn --target-flops 0.5 --calib calib.npz --evals 300
-                                                       search a per-group allocation (RL or a control), then
-                                                       apply + verify it like any other selection
-    spa-prune IN OUT --target-flops 0.5 --steps 3 --finetune-data train.npz
-                                                       progressive: 3 verified steps, KD fine-tuning between
-    spa-prune finetune OUT tuned.onnx --data train.npz --teacher IN    fine-tune (+ distillation), same interface
-    spa-prune to-torch OUT out.pt                      a trainable torch module that reproduces OUT
-    spa-prune profile IN.onnx -o table.json --batch 8  latency cost table for --target-latency (run it on the
-                                                       deployment machine, carry the file)
-"""
+"""The spa-prune command line: one argparse parser with a subparser per command (the usage is
+`spa.cli.prune.USAGE`, shown by `spa-prune --help`)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +8,7 @@ import sys
 
 from ..errors import SpaError, VerificationError
 from .common import Parser
+from .prune import USAGE
 
 # subcommand modules, each with add_parser(subparsers) that sets `run`; "prune" is the default command
 COMMANDS = {"prune": "prune", "analyse": "analyse", "profile": "profile", "finetune": "finetune",
@@ -35,7 +19,7 @@ ALIASES = {"analyze": "analyse"}
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: one argparse parser with a subparser per command. A subcommand whose optional
     dependency is missing (torch, gymnasium) still parses and says what to install when it runs."""
-    top = Parser(prog="spa-prune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = Parser(prog="spa-prune", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = top.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
     for command, module_name in COMMANDS.items():
         try:
