@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .fileio import check_outputs
+from .fileio import StagedOutputs, check_outputs
 from .groups import Analysis
 from .importance import score
 from .loading import load, param_count, resolve_input
@@ -69,23 +69,31 @@ def passes_for(options: PruneOptions) -> list:
     return passes
 
 
-def prune(source, output=None, options: PruneOptions | None = None, *, progress=None, **keywords) -> Result:
+def prune(source, output=None, options: PruneOptions | None = None, *, progress=None,
+          outputs: StagedOutputs | None = None, **keywords) -> Result:
     """Prune a model end to end; write `output` only after every check passed.
 
     Options come as a `PruneOptions` or as its fields by keyword (`ratio=0.5, importance="obspa", calib=...`).
     calib: a .npz file / image folder / spa.calib.Calib (None: data-free: synthesized inputs where data is
     needed). reconstruct: refit the consumers by least squares (default: on for importance 'obspa').
     recalibrate: per-layer statistics matching (needs calib). compensate: 'similarity' (data-free merging;
-    `dbscan=(eps, min_samples)` restricts merges to DBSCAN clusters)."""
+    `dbscan=(eps, min_samples)` restricts merges to DBSCAN clusters).
+    outputs: stage OUT and --save-plan into the caller's StagedOutputs, which the caller commits with its own
+    files (the CLI's report); by default they are committed here, at the end of a successful run."""
     options = (options or PruneOptions.from_keywords(**keywords)).validated()
     check_paths(source, output, options)
     t0 = time.perf_counter()
-    run = PruneRun(source, output, options, progress)
-    manager = PassManager(passes_for(options))
-    results = manager.run(run)
-    timings = {name: round(seconds, 4) for name, seconds in manager.timings.items()}
-    timings["total"] = round(time.perf_counter() - t0, 4)
-    return Result(run.model, assemble_report(run, results, timings))
+    staged = outputs if outputs is not None else StagedOutputs()
+    with staged:  # a failure discards what was staged: nothing of this run is written
+        run = PruneRun(source, output, options, progress, outputs=staged)
+        manager = PassManager(passes_for(options))
+        results = manager.run(run)
+        timings = {name: round(seconds, 4) for name, seconds in manager.timings.items()}
+        timings["total"] = round(time.perf_counter() - t0, 4)
+        report = assemble_report(run, results, timings)
+        if outputs is None:
+            staged.commit()
+    return Result(run.model, report)
 
 
 def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:

@@ -322,7 +322,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_beside(p)
-    big = _approx_size(model) > 1_800_000_000 if external is None else external
+    big = needs_external_data(model) if external is None else external
     data_name = p.name + ".data"
     try:
         if big:
@@ -347,6 +347,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
         for leftover in (tmp, p.parent / (tmp.name + ".data")):
             if leftover.exists():
                 leftover.unlink()
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether the model is too large for one protobuf file (2 GB; 1.8 GB of weights leaves room for the rest)."""
+    return _approx_size(model) > 1_800_000_000
 
 
 def _approx_size(model: onnx.ModelProto) -> int:

@@ -6,15 +6,17 @@ order, times each pass and drops cached analyses after the passes that rewrite t
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import onnx
 
 from .calib import load_data
 from .errors import SpaError
+from .fileio import StagedOutputs
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
-from .ir import save_model
+from .ir import needs_external_data, save_model
 from .loading import load, param_count
 from .model import Model
 from .options import PruneOptions
@@ -24,7 +26,7 @@ from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
 from .passes.reconstruct import output_rows
 from .reconstruction import reconstruct_values
-from .select import PruningPlan, read_plan, select, write_plan
+from .select import PruningPlan, read_plan, select
 
 
 @dataclass
@@ -46,6 +48,7 @@ class PruneRun:
     plan_json: dict | None = None
     out_rows: dict | None = None               # per-layer kept output rows, taken before Apply cuts the weights
     pruned: onnx.ModelProto | None = None
+    outputs: StagedOutputs = field(default_factory=StagedOutputs)   # files written only when the run commits
 
     @property
     def analyses(self) -> dict:
@@ -189,18 +192,23 @@ class Reconstruction(Pass):
 
 
 class WriteOutputs(Pass):
-    """The plan (--save-plan) and the model, each written atomically, after every check passed."""
+    """The plan (--save-plan) and the model, staged beside their targets after every check passed; they are
+    renamed into place together with the caller's other outputs when the run commits (driver.prune)."""
     name, requires = "save", ("pruned",)
 
     def run(self, run: PruneRun) -> PassResult:
         if run.options.save_plan:
-            write_plan(run.plan_json, run.options.save_plan)
+            run.outputs.stage(run.options.save_plan, lambda f: f.write(json.dumps(run.plan_json, indent=1)),
+                              binary=False)
         if run.output is not None:
             run.step("save")
-            try:
-                save_model(run.pruned, run.output)
-            except OSError as e:
-                raise SpaError(f"cannot write {run.output}: {e.strerror or e}")
+            if needs_external_data(run.pruned):  # weights in OUT.data: written (atomically) on its own
+                try:
+                    save_model(run.pruned, run.output)
+                except OSError as e:
+                    raise SpaError(f"cannot write {run.output}: {e.strerror or e}")
+            else:
+                run.outputs.stage(run.output, lambda f: f.write(run.pruned.SerializeToString()))
         return PassResult()
 
 

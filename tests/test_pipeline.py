@@ -117,3 +117,36 @@ def test_the_report_is_assembled_from_every_pass(model_file):
     assert report["compensation"] is None and report["reconstruction"] is None
     skipped = driver.prune(str(model_file), None, ratio=0.5, verify=False).report
     assert skipped["verification"] == {"status": "skipped (--no-verify)"} and "verify" not in skipped["timings_s"]
+
+
+def test_staged_outputs_are_written_together_or_not_at_all(tmp_path):
+    from spa.fileio import StagedOutputs
+
+    a, b = tmp_path / "a.json", tmp_path / "sub" / "b.onnx"
+    with pytest.raises(RuntimeError):
+        with StagedOutputs() as outputs:
+            outputs.stage(a, lambda f: f.write("{}"), binary=False)
+            outputs.stage(b, lambda f: f.write(b"x"))
+            raise RuntimeError("a later pass failed")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []   # no target, no temp file
+    with StagedOutputs() as outputs:
+        outputs.stage(a, lambda f: f.write("{}"), binary=False)
+        outputs.stage(b, lambda f: f.write(b"x"))
+        assert not a.exists() and not b.exists()   # staged, not yet committed
+        outputs.commit()
+    assert a.read_text() == "{}" and b.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.json", "b.onnx"]
+
+
+def test_a_run_that_fails_after_staging_writes_none_of_its_outputs(model_file, tmp_path, capsys, monkeypatch):
+    """The model and the plan are staged before the report; a failure in between leaves none of the three."""
+    from spa.cli import common
+
+    def failing_report(report, path):
+        raise SpaError("cannot write the report")
+    monkeypatch.setattr(common.StagedOutputs, "commit", lambda self: failing_report(None, None))
+    out, plan, report = tmp_path / "out.onnx", tmp_path / "plan.json", tmp_path / "r.json"
+    rc = main([str(model_file), str(out), "--ratio", "0.5", "--save-plan", str(plan), "--report", str(report)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot write the report" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]   # no OUT, no plan, no temp file

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import SpaError
-from ..fileio import atomic_write_text
+from ..fileio import StagedOutputs, atomic_write_text
 from .summary import summary
 
 
@@ -69,9 +69,16 @@ def driver_kwargs(args) -> dict:
             "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed}
 
 
-def finish(args, report: dict) -> int:
-    if args.report:
-        write_json(report, args.report)
+def finish(args, report: dict, outputs: StagedOutputs | None = None) -> int:
+    """Write the report (with the run's other staged outputs, all renamed into place together) and print the
+    summary."""
+    if outputs is None:
+        if args.report:
+            write_json(report, args.report)
+    else:
+        if args.report:
+            outputs.stage(args.report, lambda f: f.write(json.dumps(report, indent=1)), binary=False)
+        outputs.commit()
     if not args.quiet:
         print(summary(report), file=sys.stderr)
     return 0

@@ -5,7 +5,7 @@ import argparse
 
 from .. import driver
 from ..errors import SpaError
-from ..fileio import check_outputs
+from ..fileio import StagedOutputs, check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
 from ..options import PruneOptions
 from ..progressive import prune_progressive
@@ -210,6 +210,9 @@ def run(args) -> int:
                                 finetune_options={"lr": args.finetune_lr, "seed": args.seed}, progress=show,
                                 **keywords)
     else:
-        res = driver.prune(args.input, args.output, options, progress=show)
+        with StagedOutputs() as outputs:  # OUT, --save-plan and --report are renamed into place together
+            res = driver.prune(args.input, args.output, options, progress=show, outputs=outputs)
+            clear_progress(show)
+            return finish(args, res.report, outputs)
     clear_progress(show)
     return finish(args, res.report)

@@ -10,7 +10,7 @@ import time
 
 from .. import driver
 from ..errors import SpaError
-from ..fileio import check_outputs
+from ..fileio import StagedOutputs, check_outputs
 from ..options import check_count, check_data_options, check_fraction, check_positive
 from .common import clear_progress, driver_kwargs, finish, parse_dbscan, stage_progress
 
@@ -63,18 +63,21 @@ def run_search(args) -> int:
                              progress=progress, **optional)
     progress.close()
     show = stage_progress(args.quiet)
-    res = S.prune_with_plan(args.input, args.output, plan, history.problem, progress=show, **driver_kwargs(args))
-    clear_progress(show)
-    from ..search.report import search_section
-    section = search_section(history, plan, metric=metric, policy_options=options, recalibrate=recalibrate,
-                             setup_s=setup_s, curve=args.search_curve, sparsity_plot=args.sparsity_plot)
-    _draw_plots(args, history, section)
-    section["feasible"] = unreachable is None
-    section["refit"] = refit or "none"
-    if unreachable:
-        res.report["warnings"].append(unreachable)
-    res.report["search"] = section
-    return finish(args, res.report)
+    outputs = StagedOutputs()  # OUT, --save-plan, the plots and --report are renamed into place together
+    with outputs:
+        res = S.prune_with_plan(args.input, args.output, plan, history.problem, progress=show, outputs=outputs,
+                                **driver_kwargs(args))
+        clear_progress(show)
+        from ..search.report import search_section
+        section = search_section(history, plan, metric=metric, policy_options=options, recalibrate=recalibrate,
+                                 setup_s=setup_s, curve=args.search_curve, sparsity_plot=args.sparsity_plot)
+        _draw_plots(args, history, section, outputs)
+        section["feasible"] = unreachable is None
+        section["refit"] = refit or "none"
+        if unreachable:
+            res.report["warnings"].append(unreachable)
+        res.report["search"] = section
+        return finish(args, res.report, outputs)
 
 
 def _search_refit(args):
@@ -214,16 +217,16 @@ def _check_strict(args, analysis) -> None:
             raise SpaError(f"--strict: group '{g.name}' is frozen at {real[0][0]}: {real[0][1]}")
 
 
-def _draw_plots(args, history, section: dict) -> None:
+def _draw_plots(args, history, section: dict, outputs) -> None:
     from ..search.report import plot_curve, plot_sparsity
 
     name = section["policy"]
     if args.search_curve:
         plot_curve(history, args.search_curve,
-                   f"search {name}: {section['evaluations']} evaluations, best {section['best_reward']:.5f}")
+                   f"search {name}: {section['evaluations']} evaluations, best {section['best_reward']:.5f}", outputs)
     if args.sparsity_plot:
         costs = ", ".join(f"{k} kept {v:.3f}" for k, v in (section.get("costs") or {}).items())
-        plot_sparsity(history.problem, section["kept"], args.sparsity_plot, f"{name}: {costs}")
+        plot_sparsity(history.problem, section["kept"], args.sparsity_plot, f"{name}: {costs}", outputs)
 
 
 class SearchProgress:

@@ -102,11 +102,16 @@ def _integer_ticks(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _save(fig, path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
+def _save(fig, path, outputs=None) -> None:
+    """Atomically, or staged into the run's outputs (renamed into place with the model)."""
+    write = lambda f: fig.savefig(f, format="png", bbox_inches="tight")  # noqa: E731
+    if outputs is not None:
+        outputs.stage(path, write)
+    else:
+        atomic_write(path, write)
 
 
-def plot_curve(history, path, title: str | None = None) -> None:
+def plot_curve(history, path, title: str | None = None, outputs=None) -> None:
     """Reward of every evaluation (dots) and the best so far (line): does the policy still improve?"""
     rows = np.asarray([(i, r, b) for i, r, b in history], dtype=np.float64).reshape(-1, 3)
     fig = _figure()
@@ -120,10 +125,10 @@ def plot_curve(history, path, title: str | None = None) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     _integer_ticks(ax)
-    _save(fig, path)
+    _save(fig, path, outputs)
 
 
-def plot_sparsity(problem, kept, path, title: str | None = None) -> None:
+def plot_sparsity(problem, kept, path, title: str | None = None, outputs=None) -> None:
     """Kept fraction of every coupled group (bars by group id), action groups apart from fixed ones: where did
     the allocation put the budget?"""
     kept = np.asarray(kept, dtype=np.float64)
@@ -143,4 +148,4 @@ def plot_sparsity(problem, kept, path, title: str | None = None) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small", frameon=False)
     _integer_ticks(ax)
-    _save(fig, path)
+    _save(fig, path, outputs)
