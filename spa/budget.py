@@ -379,12 +379,14 @@ class BudgetProjector:
         return kept
 
     # ---- projection ------------------------------------------------------------------------------------------
-    def _z(self, rho: np.ndarray) -> np.ndarray:
+    def _shift_coordinate(self, rho: np.ndarray) -> np.ndarray:
+        """Keep ratios mapped to the axis the common shift t moves along (logit or log of the ratio)."""
         rho = np.clip(np.nan_to_num(np.asarray(rho, dtype=np.float64), nan=0.5), _EPS, 1.0 if self.mode == "scale"
                       else 1.0 - _EPS)
         return np.log(rho / (1.0 - rho)) if self.mode == "logit" else np.log(rho)
 
-    def _x(self, z: np.ndarray, t: float, n: np.ndarray) -> np.ndarray:
+    def _wanted_units(self, z: np.ndarray, t: float, n: np.ndarray) -> np.ndarray:
+        """Units wanted per group (continuous) at shift t: the inverse of _shift_coordinate, times the sizes."""
         if self.mode == "logit":
             return n / (1.0 + np.exp(-(z + t)))
         return n * np.minimum(1.0, np.exp(np.minimum(z + t, 0.0)))
@@ -392,7 +394,7 @@ class BudgetProjector:
     def _kept_at(self, z, t, groups, base) -> np.ndarray:
         kept = base.copy()
         n = self.sizes[groups]
-        want = np.clip(np.floor(self._x(z, t, n) + 0.5).astype(np.int64), 0, n)
+        want = np.clip(np.floor(self._wanted_units(z, t, n) + 0.5).astype(np.int64), 0, n)
         kept[groups] = self.table[groups, n - want]
         return kept
 
@@ -409,7 +411,7 @@ class BudgetProjector:
             base[g] = k
         free = np.array([i for i, g in enumerate(self.action_groups) if int(g) not in pinned], dtype=np.int64)
         groups = self.action_groups[free]
-        z = self._z(rho)[free]
+        z = self._shift_coordinate(rho)[free]
         lo_k = self._kept_at(z, -_SPAN, groups, base)
         if not self.feasible(lo_k):
             return Projection(lo_k, -_SPAN, self.costs(lo_k), feasible=False)
