@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from PIL import Image
 
 from .errors import SpaError, one_line
 from .fileio import atomic_write
@@ -341,12 +340,14 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _decode_errors() -> tuple:
     """What Pillow raises for a file it cannot decode (UnidentifiedImageError and truncation are OSErrors)."""
+    from PIL import Image
 
     return (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
             Image.DecompressionBombError)
 
 
 def _decode(path: Path, hw: tuple[int, int], channels: int) -> np.ndarray:
+    from PIL import Image
 
     resample = getattr(Image, "Resampling", Image).BILINEAR
     with Image.open(path) as im:

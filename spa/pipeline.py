@@ -25,7 +25,6 @@ from .passes.analyse import Analyse
 from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
 from .passes.reconstruct import output_rows
-from .reconstruction import reconstruct_values
 from .select import PruningPlan, read_plan, select
 
 
@@ -186,6 +185,8 @@ class Reconstruction(Pass):
     name, requires, rewrites = "reconstruct", ("pruned", "original", "data"), True
 
     def run(self, run: PruneRun) -> PassResult:
+        from .reconstruction import reconstruct_values  # deferred: only runs with value passes load them
+
         report = reconstruct_values(run, data_label(run.data, "obspa"))
         run.pruned = run.model.graph.to_model()
         return PassResult(modified=True, report={"reconstruction": report})

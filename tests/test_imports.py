@@ -332,6 +332,14 @@ def test_operators_never_import_torch():
 # core dependencies imported inside functions on purpose, with the reason
 DEFERRED_CORE = {
     "onnxruntime": "costs ~0.3 s at start-up; --no-verify and analyse never load it (tests/test_cli_errors.py)",
+    "PIL": "only image folders (--calib DIR, make-calib) need Pillow; a prune without them does not load it",
+}
+
+
+# project modules imported inside functions on purpose, with the reason (start-up time: see BENCHMARKS.md (a))
+DEFERRED_PROJECT = {
+    "spa.progressive": "only --steps runs load the fine-tuning machinery",
+    "spa.reconstruction": "only runs with value passes (reconstruct, recalibrate, compensate) load them",
 }
 
 
@@ -372,7 +380,7 @@ def function_level_imports(pkg: Package) -> list[str]:
             if not in_fn or root in OPTIONAL_HEAVY or root in DEFERRED_CORE:
                 continue
             targets = {base, *(f"{base}.{n}" for n in names)}
-            if root == "spa" and targets & heavy:
+            if root == "spa" and targets & (heavy | set(DEFERRED_PROJECT)):
                 continue
             what = f"from {base} import {', '.join(names)}" if names else f"import {base}"
             bad.append(f"{path.relative_to(ROOT)}:{line}: {what}")

@@ -16,12 +16,17 @@ COMMANDS = {"prune": "prune", "analyse": "analyse", "profile": "profile", "finet
 ALIASES = {"analyze": "analyse"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: one argparse parser with a subparser per command. A subcommand whose optional
-    dependency is missing (torch, gymnasium) still parses and says what to install when it runs."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line: one argparse parser with a subparser per command. With `only`, the other
+    commands are registered by name but not configured: the command that runs does not pay for importing the
+    others' modules at start-up. A subcommand whose optional dependency is missing (torch, gymnasium) still
+    parses and says what to install when it runs."""
     top = Parser(prog="spa-prune", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = top.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
     for command, module_name in COMMANDS.items():
+        if only is not None and command != only:
+            subparsers.add_parser(command)
+            continue
         try:
             module = importlib.import_module(f"{__name__}.{module_name}")
         except ImportError as e:
@@ -33,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_parser(command: str) -> argparse.ArgumentParser:
     """One subcommand's parser (its --help text, its defaults)."""
-    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    parser = build_parser(command)
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def _unavailable(subparsers, command: str, error: ImportError) -> None:
@@ -60,7 +66,8 @@ def with_command(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
-        args = build_parser().parse_args(with_command(argv))
+        argv = with_command(argv)
+        args = build_parser(argv[0]).parse_args(argv)
         return args.run(args)
     except SpaError as e:
         print(f"spa-prune: error: {e}", file=sys.stderr)

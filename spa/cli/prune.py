@@ -8,7 +8,6 @@ from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
 from ..options import PruneOptions
-from ..progressive import prune_progressive
 from .common import add_common, clear_progress, driver_kwargs, finish, stage_progress
 from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_search
 
@@ -205,6 +204,8 @@ def run(args) -> int:
     if args.steps != 1 or args.finetune_data:
         if args.steps < 2:
             raise SpaError("--finetune-data needs --steps K with K >= 2 (fine-tuning runs between steps)")
+        from ..progressive import prune_progressive  # deferred: only --steps runs load the fine-tuning machinery
+
         res = prune_progressive(args.input, args.output, steps=args.steps, finetune_data=args.finetune_data,
                                 finetune_epochs=args.finetune_epochs, kd=not args.no_kd,
                                 finetune_options={"lr": args.finetune_lr, "seed": args.seed}, progress=show,
