@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from spa import operators
+from spa.errors import SpaError, one_line
 from spa.groups import Analysis, build_groups
 from spa.ir import has_subgraph, subgraph_free_names
 from spa.labels import Context
@@ -27,7 +28,13 @@ class Analyse(Pass):
             implicit = subgraph_free_names(node) if has_subgraph(node) else set()
             fn = None if implicit else operators.lookup(node.op_type, node.domain)
             if fn is not None:
-                fn(ctx, node)
+                try:
+                    fn(ctx, node)
+                except (IndexError, ValueError, TypeError, ZeroDivisionError, KeyError) as e:
+                    # a rule met a node that breaks its operator's contract (a bad perm, a Reshape target that
+                    # does not fit, a missing input): the input is malformed, say where
+                    raise SpaError(f"the input model is invalid: node '{node.name or node.output[0]}' "
+                                   f"({node.op_type}): {type(e).__name__}: {one_line(e, 200)}") from e
                 continue
             touched = [x for x in [*node.input, *implicit] if x in ctx.labels]
             if touched:

@@ -6,6 +6,8 @@ Only ops listed here are folded; anything else stays in the graph as it is.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from onnx import helper, numpy_helper
 
@@ -135,10 +137,32 @@ def constant_node_value(node) -> np.ndarray | None:
     return None
 
 
+def _result_elements(node, ins) -> int:
+    """Elements of the result of the ops whose output can be far larger than their inputs, computed from the
+    inputs alone (an upper bound); 0 for the others."""
+    try:
+        if node.op_type == "ConstantOfShape":
+            return math.prod(abs(int(d)) for d in np.atleast_1d(ins[0]))
+        if node.op_type == "Expand":
+            shape = [abs(int(d)) for d in np.atleast_1d(ins[1])]
+            rank = max(len(shape), ins[0].ndim)
+            a = [1] * (rank - ins[0].ndim) + list(ins[0].shape)
+            b = [1] * (rank - len(shape)) + shape
+            return math.prod(max(x, y) for x, y in zip(a, b))
+        if node.op_type == "Range":
+            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in ins[:3])
+            return 0 if delta == 0 else max(0, math.ceil((limit - start) / delta))
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
+        return MAX_FOLD_ELEMENTS + 1
+    return 0
+
+
 def evaluate(node, inputs: list) -> list | None:
     fn = FOLDERS.get(node.op_type)
     if fn is None or node.domain not in ("", "ai.onnx"):
         return None
+    if _result_elements(node, inputs) > MAX_FOLD_ELEMENTS:
+        return None  # never allocate it: the node stays in the graph
     try:
         out = np.asarray(fn(node, inputs))
     except Exception:

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, version_converter
 
-from spa.errors import SpaError
+from spa.errors import SpaError, one_line
 from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
 from spa.model import default_dim
+from spa.validate import check_elements, check_parameters
 
 from . import Pass
 from .fold import FOLDERS, constant_node_value, evaluate
@@ -57,6 +58,7 @@ class Normalize(Pass):
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)
+        check_parameters(g)  # weights are initializers now: their rank, sizes and group, before any rule reads them
         g.shapes, g.dtypes = infer_shapes(g, fixed=None)
         report["folded_nodes"] = fold_constants(g)
         report["shape_reads_split"] = split_shape_reads(g)
@@ -68,6 +70,9 @@ class Normalize(Pass):
         if declared != model.input_shapes or report["folded_nodes"] or report["dead_nodes_removed"] \
                 or report["shape_reads_split"]:
             g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
+        for name, shape in g.shapes.items():  # what verification would materialise: bounded before it runs
+            if name not in model.input_shapes and shape is not None:
+                check_elements(shape, f"tensor '{name}' (inferred)")
         model.normalize_report = report
         return report
 
@@ -274,6 +279,7 @@ def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
             if len(fixed) != len(dims) or any(isinstance(d, int) and d != f for d, f in zip(dims, fixed)):
                 raise SpaError(f"--input-shape {vi.name}={','.join(map(str, fixed))} does not match the "
                                f"declared shape {tuple(d if isinstance(d, int) else '?' for d in dims)}")
+            check_elements(fixed, f"--input-shape {vi.name}")
             shapes[vi.name] = fixed
             continue
         fixed = []
@@ -285,6 +291,7 @@ def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
                 if i > 0:
                     warnings.append(f"input '{vi.name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
                                     f"(set it with --input-shape {vi.name}=...)")
+        check_elements(fixed, f"input '{vi.name}'")
         shapes[vi.name] = tuple(fixed)
     return shapes, warnings
 
@@ -297,6 +304,8 @@ def infer_shapes(g: Graph, fixed: dict | None) -> tuple[dict, dict]:
     Expand to a Shape-derived target) are resolved by folding the copy's shape subgraphs with those fixed sizes
     and inferring again. Only the analysis sees these sizes; the model itself keeps its dynamic dims."""
     light = _light_copy(g, fixed)
+    if fixed is None and all(onnx.defs.has(n.op_type, n.domain) for n in light.graph.node):
+        check_inference(light)  # (a custom op has no schema: inference cannot see past it, nothing to check)
     shapes, dtypes = _inferred(light)
     if fixed:
         lg = Graph(light)
@@ -324,6 +333,7 @@ def _light_copy(g: Graph, fixed: dict | None) -> onnx.ModelProto:
     light.ir_version = m.ir_version
     light.opset_import.extend(m.opset_import)
     lg = light.graph
+    lg.name = m.graph.name or "main"
     lg.node.extend(m.graph.node)
     lg.output.extend(m.graph.output)
     for vi in m.graph.input:
@@ -341,6 +351,17 @@ def _light_copy(g: Graph, fixed: dict | None) -> onnx.ModelProto:
         else:
             lg.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
     return light
+
+
+def check_inference(light: onnx.ModelProto) -> None:
+    """The checks verification applies to the pruned model (onnx.checker's full check: strict shape inference),
+    applied to the input as given (its light copy: no weight bytes, no stale value_info), so that a defect only
+    inference sees — a Transpose perm that repeats an axis, a Reshape target that does not fit — is refused as
+    bad input (exit 2) instead of surfacing as a failed verification of the pruned model."""
+    try:
+        onnx.checker.check_model(light, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise SpaError(f"the input model is invalid: {one_line(e, 300)}")
 
 
 def _inferred(model: onnx.ModelProto) -> tuple[dict, dict]:

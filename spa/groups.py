@@ -119,6 +119,8 @@ def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict
     """Units (union-find roots), their groups (roots joined through shared labellings), frozen units with
     reasons, and the first-order MACs each unit carries. Vectorised: ResNet-50 has ~27k atoms."""
     n_atoms = len(ctx.uf.parent)
+    if n_atoms == 0:  # no prunable source in the main graph (weights only inside an If, say): no group at all
+        return [], {}, {}
     table = root_table(ctx.uf)
 
     def find(a):  # the sweep is over: roots by table lookup

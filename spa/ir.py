@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
 
 from .errors import SpaError
 from .fileio import temp_path_beside
+from .validate import check_input, check_tensor
 
 MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is what current exporters write and is accepted widely
 MAX_OPSET = 26
@@ -193,7 +193,9 @@ _RAW_OK = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLO
 
 
 def _decode(t: onnx.TensorProto) -> np.ndarray:
-    """A tensor's value; plain little-endian raw data is viewed without a conversion pass."""
+    """A tensor's value; plain little-endian raw data is viewed without a conversion pass. The header is checked
+    against the data first (spa.validate), so a malformed tensor is a one-line SpaError naming it."""
+    check_tensor(t, f"tensor '{t.name}'")
     if t.data_type in _RAW_OK and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
         raw = t.raw_data
         if raw:
@@ -228,13 +230,12 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, RawWeights | N
         buf = p.read_bytes()
         model = onnx.ModelProto()
         model.ParseFromString(buf)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        if external:
-            load_external_data_for_model(model, str(p.parent))
-    except Exception as e:  # protobuf DecodeError, missing external data, ...
+    except Exception as e:  # protobuf DecodeError, an unreadable file, ...
         raise SpaError(f"cannot read {p} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if not model.graph.node:
         raise SpaError(f"{p} has no graph nodes (truncated or not an ONNX model?)")
+    # names and wiring, external data from the model's folder only, every tensor's header, onnx.checker
+    external = check_input(model, p.parent, buf)
     raw = None
     if not external:
         try:

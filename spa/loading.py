@@ -9,6 +9,7 @@ from .ir import Graph, read_model
 from .model import Model
 from .passes import PassManager
 from .passes.normalize import Normalize
+from .validate import check_input
 
 
 def load(source, input_shapes: dict | None = None) -> Model:
@@ -18,6 +19,7 @@ def load(source, input_shapes: dict | None = None) -> Model:
     if isinstance(source, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(source)
+        check_input(proto)  # what read_model checks of a file (a ModelProto has no folder: no external data)
     else:
         proto, raw = read_model(resolve_input(str(source)))
     model = Model(Graph(proto, raw=raw), source=name)
