@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, version_converter
 from spa.errors import SpaError, one_line
 from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
 from spa.model import default_dim
-from spa.validate import check_elements, check_parameters
+from spa.validate import check_elements, check_parameters, run_checker
 
 from . import Pass
 from .fold import FOLDERS, constant_node_value, evaluate
@@ -304,8 +304,11 @@ def infer_shapes(g: Graph, fixed: dict | None) -> tuple[dict, dict]:
     Expand to a Shape-derived target) are resolved by folding the copy's shape subgraphs with those fixed sizes
     and inferring again. Only the analysis sees these sizes; the model itself keeps its dynamic dims."""
     light = _light_copy(g, fixed)
-    if fixed is None and all(onnx.defs.has(n.op_type, n.domain) for n in light.graph.node):
-        check_inference(light)  # (a custom op has no schema: inference cannot see past it, nothing to check)
+    if fixed is None:  # the input's own check, on the weightless copy (spa.validate checked the tensors)
+        if all(onnx.defs.has(n.op_type, n.domain) for n in light.graph.node):
+            check_inference(light)
+        else:  # a custom op has no schema: inference cannot see past it; the plain checker still runs
+            run_checker(light)
     shapes, dtypes = _inferred(light)
     if fixed:
         lg = Graph(light)

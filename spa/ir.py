@@ -235,14 +235,13 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, RawWeights | N
     if not model.graph.node:
         raise SpaError(f"{p} has no graph nodes (truncated or not an ONNX model?)")
     # names and wiring, external data from the model's folder only, every tensor's header, onnx.checker
-    external = check_input(model, p.parent, buf)
-    raw = None
-    if not external:
-        try:
-            raw = RawWeights(buf)
-        except (IndexError, ValueError, UnicodeDecodeError):
-            raw = None  # an unusual encoding: decode through protobuf instead
-    return model, raw
+    try:
+        raw = RawWeights(buf)
+    except (IndexError, ValueError, UnicodeDecodeError):
+        raw = None  # an unusual encoding: decode through protobuf instead
+    sizes = {name: end - start for name, (start, end) in raw.spans.items()} if raw is not None else None
+    external = check_input(model, p.parent, sizes)
+    return model, (None if external else raw)
 
 
 class RawWeights:
