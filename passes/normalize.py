@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, version_converter
 from spa.errors import SpaError, one_line
 from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
 from spa.model import default_dim
-from spa.validate import check_elements, check_parameters, run_checker
+from spa.validate import MAX_ANALYSIS_ELEMENTS, check_elements, check_parameters, run_checker
 
 from . import Pass
 from .fold import FOLDERS, constant_node_value, evaluate
@@ -43,8 +43,9 @@ class Normalize(Pass):
     name = "normalize"
     rewrites = True
 
-    def __init__(self, input_shapes: dict | None = None):
+    def __init__(self, input_shapes: dict | None = None, max_elements: int = MAX_ANALYSIS_ELEMENTS):
         self.input_shapes = input_shapes or {}
+        self.max_elements = max_elements  # per analysed tensor (--memory-limit)
 
     def run(self, model):
         report = {"versions": fix_versions(model.graph.model)}
@@ -63,7 +64,7 @@ class Normalize(Pass):
         report["folded_nodes"] = fold_constants(g)
         report["shape_reads_split"] = split_shape_reads(g)
         report["dead_nodes_removed"] = dead_code(g)
-        model.input_shapes, warnings = analysis_input_shapes(g, self.input_shapes)
+        model.input_shapes, warnings = analysis_input_shapes(g, self.input_shapes, self.max_elements)
         model.warnings.extend(warnings)
         declared = {name: g.shapes.get(name) for name in model.input_shapes}
         # static inputs and nothing folded: the first inference is final
@@ -72,7 +73,7 @@ class Normalize(Pass):
             g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
         for name, shape in g.shapes.items():  # what verification would materialise: bounded before it runs
             if name not in model.input_shapes and shape is not None:
-                check_elements(shape, f"tensor '{name}' (inferred)")
+                check_elements(shape, f"tensor '{name}' (inferred)", self.max_elements)
         model.normalize_report = report
         return report
 
@@ -259,7 +260,8 @@ def dead_code(g: Graph) -> int:
     return removed
 
 
-def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
+def analysis_input_shapes(g: Graph, given: dict, max_elements: int = MAX_ANALYSIS_ELEMENTS
+                          ) -> tuple[dict, list[str]]:
     """Static shapes for every graph input: --input-shape where given, declared dims, then documented defaults."""
     shapes, warnings = {}, []
     names = g.input_names
@@ -279,7 +281,7 @@ def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
             if len(fixed) != len(dims) or any(isinstance(d, int) and d != f for d, f in zip(dims, fixed)):
                 raise SpaError(f"--input-shape {vi.name}={','.join(map(str, fixed))} does not match the "
                                f"declared shape {tuple(d if isinstance(d, int) else '?' for d in dims)}")
-            check_elements(fixed, f"--input-shape {vi.name}")
+            check_elements(fixed, f"--input-shape {vi.name}", max_elements)
             shapes[vi.name] = fixed
             continue
         fixed = []
@@ -291,7 +293,7 @@ def analysis_input_shapes(g: Graph, given: dict) -> tuple[dict, list[str]]:
                 if i > 0:
                     warnings.append(f"input '{vi.name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
                                     f"(set it with --input-shape {vi.name}=...)")
-        check_elements(fixed, f"input '{vi.name}'")
+        check_elements(fixed, f"input '{vi.name}'", max_elements)
         shapes[vi.name] = tuple(fixed)
     return shapes, warnings
 

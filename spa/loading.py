@@ -7,13 +7,15 @@ import onnx
 from .errors import SpaError
 from .ir import Graph, read_model
 from .model import Model
+from .options import DEFAULT_MEMORY_LIMIT_GB
 from .passes import PassManager
 from .passes.normalize import Normalize
-from .validate import check_input
+from .validate import analysis_elements, check_input
 
 
-def load(source, input_shapes: dict | None = None) -> Model:
-    """Load an ONNX file (or a ModelProto, or 'zoo:NAME[:small][:dynamo]') and normalize it."""
+def load(source, input_shapes: dict | None = None, memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> Model:
+    """Load an ONNX file (or a ModelProto, or 'zoo:NAME[:small][:dynamo]') and normalize it; analysed tensors
+    larger than the memory limit allows are refused before anything of their size is allocated."""
     name = str(source) if not isinstance(source, onnx.ModelProto) else "<model>"
     raw = None
     if isinstance(source, onnx.ModelProto):
@@ -23,7 +25,7 @@ def load(source, input_shapes: dict | None = None) -> Model:
     else:
         proto, raw = read_model(resolve_input(str(source)))
     model = Model(Graph(proto, raw=raw), source=name)
-    PassManager([Normalize(input_shapes)]).run(model)
+    PassManager([Normalize(input_shapes, analysis_elements(memory_limit_gb))]).run(model)
     return model
 
 

@@ -17,6 +17,7 @@ ALLOCATIONS = ("global", "uniform")
 COMPENSATIONS = ("similarity",)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range
+DEFAULT_MEMORY_LIMIT_GB = 4.0  # --memory-limit: what one run may allocate for analysis and data (spa.validate)
 
 
 def is_whole(value) -> bool:
@@ -119,6 +120,7 @@ class PruneOptions:
     strict: bool = False
     input_shapes: dict = field(default_factory=dict)
     save_plan: str | None = None
+    memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB  # bounds analysed tensors and the data a run makes
 
     @classmethod
     def from_keywords(cls, **kwargs) -> PruneOptions:
@@ -144,6 +146,7 @@ class PruneOptions:
         check_data_options(positions=self.positions, damp=self.damp, samples=self.samples, dbscan=self.dbscan,
                            seed=self.seed)
         check_positive("--rtol", self.rtol)
+        check_positive("--memory-limit", self.memory_limit_gb, " GB")
         if self.calib_limit is not None:
             check_count("--calib-samples", self.calib_limit)
         resolved = self if self.reconstruct is not None else replace(self, reconstruct=self.importance == "obspa")

@@ -71,7 +71,7 @@ class LoadModel(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         run.step("load")
-        run.model = load(run.source, run.options.input_shapes)
+        run.model = load(run.source, run.options.input_shapes, run.options.memory_limit_gb)
         if run.options.verify:
             run.original = onnx.ModelProto()
             run.original.CopyFrom(run.model.graph.to_model())

@@ -150,3 +150,21 @@ def test_a_run_that_fails_after_staging_writes_none_of_its_outputs(model_file, t
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "cannot write the report" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]   # no OUT, no plan, no temp file
+
+
+def test_the_memory_limit_bounds_analysed_tensors_and_can_be_raised(tmp_path):
+    from spa.loading import load
+    from spa.validate import MAX_ANALYSIS_ELEMENTS, analysis_elements
+
+    proto = conv_net()
+    for vi in (proto.graph.input[0], proto.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"   # a dynamic batch --input-shape may fix
+    model_file = tmp_path / "dynamic.onnx"
+    onnx.save(proto, str(model_file))
+    assert analysis_elements(4.0) == MAX_ANALYSIS_ELEMENTS == 2**28
+    big = {"x": (2**19, 3, 8, 8)}   # the largest tensor (c1 out, 8 channels): 268 M elements, 4 GB allows it
+    with pytest.raises(SpaError, match="raise it with --memory-limit"):
+        load(str(model_file), big, memory_limit_gb=2.0)
+    assert load(str(model_file), big, memory_limit_gb=4.0).input_shapes["x"] == (2**19, 3, 8, 8)
+    with pytest.raises(SpaError, match="--memory-limit must be a finite number > 0 GB"):
+        PruneOptions(ratio=0.5, memory_limit_gb=float("nan")).validated()
