@@ -297,7 +297,7 @@ def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60
         p.requires_grad_(False)
     targets = {}
     for node in tg.nodes:
-        if node.op_type == "BatchNormalization":
+        if node.op_type == "BatchNormalization" and len(node.input) >= 5:
             mean, var = g.const(node.input[3]), g.const(node.input[4])
             if mean is not None and var is not None:
                 targets[node.name] = (torch.from_numpy(np.array(mean, np.float32)),

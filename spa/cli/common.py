@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
-from ..errors import SpaError
+from ..errors import SpaError, one_line
 from ..fileio import atomic_write_text
+from ..options import LARGEST_COUNT, LARGEST_SEED
 from .summary import summary
 
 
@@ -69,12 +71,55 @@ def driver_kwargs(args) -> dict:
             "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed}
 
 
+def python_warnings(args) -> list[str]:
+    """The Python warnings main() caught during this run, one line each, without repeats."""
+    out: list[str] = []
+    for w in getattr(args, "caught_warnings", None) or []:
+        line = f"{w.category.__name__}: {one_line(w.message, 300)}"
+        if line not in out:
+            out.append(line)
+    return out
+
+
 def finish(args, report: dict) -> int:
+    report["warnings"] = list(report.get("warnings") or []) + [
+        w for w in python_warnings(args) if w not in (report.get("warnings") or [])]
     if args.report:
         write_json(report, args.report)
     if not args.quiet:
         print(summary(report), file=sys.stderr)
     return 0
+
+
+def check_number(flag: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 whole: bool = False) -> None:
+    """One option's domain as a one-line SpaError: finite (NaN and inf never pass), whole when asked, within
+    [low, high] (open ends when asked). None (the option not given) passes."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (not whole or float(value).is_integer()) \
+        and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + _fmt(low)
+        hi = "inf)" if high is None else _fmt(high) + (")" if high_open else "]")
+        kind = "a whole number" if whole else "a number"
+        raise SpaError(f"{flag} must be {kind} in {lo}, {hi}, got {value}")
+
+
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def check_counts(pairs, *, minimum: int = 1) -> None:
+    """(flag, value) pairs of whole-number options: each None or in [minimum, LARGEST_COUNT]."""
+    for flag, value in pairs:
+        check_number(flag, value, low=minimum, high=LARGEST_COUNT, whole=True)
+
+
+def check_seed(value, flag: str = "--seed") -> None:
+    check_number(flag, value, low=0, high=LARGEST_SEED, whole=True)
 
 
 def parse_dbscan(text):

@@ -10,7 +10,7 @@ from ..budget import CostModel
 from ..errors import SpaError
 from ..fileio import check_outputs
 from ..latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
-from .common import input_shape
+from .common import check_counts, input_shape
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,9 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """spa-prune profile IN.onnx -o TABLE.json [--batch B] [--threads T] [--runs N] [--input-shape NAME=D..]"""
-    for name in ("batch", "threads", "runs", "align"):
-        if getattr(args, name) < 1:
-            raise SpaError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_counts([(f"--{name}", getattr(args, name)) for name in ("batch", "threads", "runs", "align")])
     if args.clock == "cpu" and args.threads != 1:
         raise SpaError("--clock cpu needs --threads 1 (other threads' work is not on the calling thread's clock)")
     check_outputs({"-o": args.output}, driver.input_paths(args.input))

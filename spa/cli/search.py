@@ -12,7 +12,15 @@ from .. import driver
 from ..errors import SpaError
 from ..fileio import check_outputs
 from ..options import check_data_options
-from .common import clear_progress, driver_kwargs, finish, parse_dbscan, stage_progress
+from .common import (
+    check_counts,
+    check_number,
+    clear_progress,
+    driver_kwargs,
+    finish,
+    parse_dbscan,
+    stage_progress,
+)
 
 REWARD_METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")   # spa.search.reward.METRICS
 METRIC_ALIASES = {"top1": "agreement", "l2": "rel_l2"}
@@ -124,14 +132,12 @@ def _check_search_args(args) -> None:
 def _check_search_numbers(args) -> None:
     for flag, value in (("--target-flops", args.target_flops), ("--target-params", args.target_params),
                         ("--max-ratio", args.max_ratio)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise SpaError(f"{flag} must be in (0, 1], got {value}")
-    for flag, value in (("--evals", args.evals), ("--min-channels", args.min_channels), ("--round-to", args.round_to),
-                        ("--latency-batch", args.latency_batch), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise SpaError(f"{flag} must be at least 1, got {value}")
-    if args.target_latency is not None and not args.target_latency > 0:
-        raise SpaError(f"--target-latency must be > 0 ms, got {args.target_latency}")
+        check_number(flag, value, low=0.0, low_open=True, high=1.0)
+    check_counts([("--evals", args.evals), ("--min-channels", args.min_channels), ("--round-to", args.round_to),
+                  ("--latency-batch", args.latency_batch), ("--threads", args.threads),
+                  ("--calib-samples", args.calib_samples)])
+    check_number("--target-latency", args.target_latency, low=0.0, low_open=True)
+    check_number("--rtol", args.rtol, low=0.0, low_open=True)
 
 
 def _check_search_paths(args) -> None:
