@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from spa.calib import array_bytes, check_memory
 from spa.errors import SpaError, VerificationError
 from spa.groups import Analysis
 from spa.ir import Graph
@@ -60,15 +61,27 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
     return g.to_model()
 
 
-def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int) -> dict:
-    """Random feeds of the analysis shapes; integer inputs (token ids) drawn within the tables they index."""
+def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int, memory_limit_gb: float | None = None) -> dict:
+    """Random feeds of the analysis shapes; integer inputs (token ids) drawn within the tables they index.
+    Their size is checked against the memory limit (`memory_limit_gb`, else the CLI's --memory-limit) first."""
+    dtypes = {}
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            try:
+                dtypes[vi.name] = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            except (KeyError, TypeError, ValueError):
+                raise SpaError(f"model input '{vi.name}' has an unsupported element type "
+                               f"{vi.type.tensor_type.elem_type}")
+    need = sum(array_bytes(shapes[name], dtype) for name, dtype in dtypes.items())
+    check_memory(need, "verification inputs at " + ", ".join(
+        f"{name}={'x'.join(map(str, shapes[name]))}" for name in dtypes), memory_limit_gb)
     rng = np.random.default_rng(seed)
     g = Graph(model)
     feeds = {}
     for vi in model.graph.input:
         if vi.name not in shapes:
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        dtype = dtypes[vi.name]
         shape = shapes[vi.name]
         if dtype.kind == "f":
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)

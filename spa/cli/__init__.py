@@ -27,8 +27,9 @@ import sys
 import threading
 import warnings
 
+from ..calib import memory_limit
 from ..errors import SpaError, VerificationError, one_line
-from .common import Parser
+from .common import Parser, check_number
 
 # subcommand modules, each with add_parser(subparsers) that sets `run`; "prune" is the default command
 COMMANDS = {"prune": "prune", "analyse": "analyse", "profile": "profile", "finetune": "finetune",
@@ -125,7 +126,10 @@ def _main(argv: list[str]) -> int:
         try:
             args = build_parser().parse_args(with_command(argv))
             args.caught_warnings = caught
-            return args.run(args)
+            limit = getattr(args, "memory_limit", None)
+            check_number("--memory-limit", limit, low=0.0, low_open=True)
+            with memory_limit(limit):  # TODO(PruneOptions.memory_limit_gb): a parameter through the driver
+                return args.run(args)
         except SpaError as e:
             print(f"spa-prune: error: {one_line(e)}", file=sys.stderr)
             return 2

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 
+from ..calib import DEFAULT_MEMORY_LIMIT_GB
 from ..errors import SpaError, one_line
 from ..fileio import atomic_write_text
 from ..options import LARGEST_COUNT, LARGEST_SEED
@@ -30,7 +31,14 @@ def input_shape(text: str):
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got '{text}'")
 
 
+def add_memory_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_LIMIT_GB, metavar="GB",
+                   help=f"refuse, before allocating, verification inputs, synthesized samples, calibration arrays "
+                        f"and Hessians larger than this (default {DEFAULT_MEMORY_LIMIT_GB:g} GB)")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
+    add_memory_limit(p)
     p.add_argument("--input-shape", action="append", type=input_shape, default=[], metavar="NAME=D1,D2,...",
                    help="fix the dims of an input for the cost model and verification (repeatable)")
     p.add_argument("--report", metavar="FILE", help="write a JSON report")

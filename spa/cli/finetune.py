@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import finetune as finetune_module
 from ..driver import input_paths
 from ..fileio import check_outputs
-from .common import check_counts, check_number, check_seed, python_warnings, write_json
+from .common import add_memory_limit, check_counts, check_number, check_seed, python_warnings, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,6 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-curve", action="store_true", help="do not draw the curve")
     p.add_argument("--report", metavar="FILE", help="write a JSON report (history, settings, export check)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 

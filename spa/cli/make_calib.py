@@ -22,7 +22,7 @@ from ..calib import (
 from ..driver import input_paths
 from ..errors import SpaError, one_line
 from ..fileio import check_outputs
-from .common import check_counts, check_seed
+from .common import add_memory_limit, check_counts, check_seed
 
 MAKE_CALIB_DOC = """\
 Turn a folder of images into calibration data (.npz) for spa-prune.
@@ -97,6 +97,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, metavar="N",
                    help="keep N images: a seeded random choice when there are more (default: all)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the --limit choice (default 0)")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 

@@ -10,7 +10,7 @@ from ..budget import CostModel
 from ..errors import SpaError
 from ..fileio import check_outputs
 from ..latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
-from .common import check_counts, input_shape
+from .common import add_memory_limit, check_counts, input_shape
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="wall: elapsed time (default); cpu: the calling thread's CPU time, for a machine shared with "
                         "other work (--threads 1 only; the end-to-end correction then measures the same way)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 

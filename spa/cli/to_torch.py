@@ -9,7 +9,7 @@ from pathlib import Path
 from ..driver import input_paths
 from ..errors import VerificationError
 from ..fileio import atomic_write, check_outputs
-from .common import check_number, input_shape
+from .common import add_memory_limit, check_number, input_shape
 
 TO_TORCH_DOC = """\
 Convert an ONNX model (e.g. one written by spa-prune) into a trainable PyTorch module file.
@@ -41,6 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep-half", action="store_true",
                    help="run float16 models in float16 (default: upcast to float32, which CPU torch needs)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 
