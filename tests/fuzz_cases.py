@@ -609,6 +609,8 @@ def option_case(rng: random.Random, cid: str) -> Case:
             argv += ["--size", "8"]
         if rng.random() < 0.3:
             argv += ["--model", rng.choice(["{d}/in.onnx", "{d}/calib.npz", "{d}/imgs"])]
+        elif p == "{d}/in.onnx":  # not an input of this run: a file it may replace
+            outputs.append("in.onnx")
     else:
         argv = ["{d}/in.onnx", "{d}/out.onnx", "-q", "--policy", rng.choice(["uniform", "global", "lamp", "nope"]),
                 "--target-flops", "0.6", "--evals", "1"]
@@ -767,7 +769,8 @@ def run_case(case: Case, base: Path, *, seconds: float = CASE_SECONDS, headroom:
     for rel in case.dirs:
         (folder / rel).mkdir(parents=True, exist_ok=True)
     for rel in case.fifos:
-        os.mkfifo(folder / rel)
+        if not (folder / rel).exists():
+            os.mkfifo(folder / rel)
     argv = [a.replace("{d}", str(folder)) for a in case.argv]
     rc, error = None, None
     # bytes outside the model's folder that a loader must never copy into an output: one in the working
@@ -854,7 +857,7 @@ def _check_onnx(path: Path) -> str | None:
     try:
         import onnxruntime as ort
 
-        m = onnx.load(str(path))
+        m = onnx.load_model(str(path), format="protobuf")   # whatever the name's extension says
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -83,7 +83,8 @@ def python_warnings(args) -> list[str]:
     """The Python warnings main() caught during this run, one line each, without repeats."""
     out: list[str] = []
     for w in getattr(args, "caught_warnings", None) or []:
-        line = f"{w.category.__name__}: {one_line(w.message, 300)}"
+        kind = "" if w.category is UserWarning else f"{w.category.__name__}: "
+        line = kind + one_line(w.message, 300)
         if line not in out:
             out.append(line)
     return out

@@ -159,6 +159,8 @@ def _policy_options(cls, name: str, pairs) -> dict:
     """--policy-option KEY=VALUE pairs checked against the policy's constructor (a typo is an error)."""
     options = dict(pairs)
     params = inspect.signature(cls.__init__).parameters
+    if cls.__init__.__qualname__ == "Policy.__init__":   # the base class's catch-all: the policy takes no option
+        params = {}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         known = [n for n in params if n != "self"]
         unknown = [k for k in options if k not in known]
