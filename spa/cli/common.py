@@ -110,11 +110,15 @@ def check_number(flag: str, value, *, low=None, high=None, low_open: bool = Fals
         and (not whole or float(value).is_integer()) \
         and (low is None or (value > low if low_open else value >= low)) \
         and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        lo = "(-inf" if low is None else ("(" if low_open else "[") + _fmt(low)
-        hi = "inf)" if high is None else _fmt(high) + (")" if high_open else "]")
-        kind = "a whole number" if whole else "a number"
-        raise SpaError(f"{flag} must be {kind} in {lo}, {hi}, got {value}")
+    if ok:
+        return
+    if whole and low is not None and isinstance(value, int) and value < low:
+        raise SpaError(f"{flag} must be at least {_fmt(low)}, got {value}")
+    if high is None and low is not None:
+        raise SpaError(f"{flag} must be a finite number {'>' if low_open else '>='} {_fmt(low)}, got {value}")
+    lo = "(-inf" if low is None else ("(" if low_open else "[") + _fmt(low)
+    hi = "inf)" if high is None else _fmt(high) + (")" if high_open else "]")
+    raise SpaError(f"{flag} must be {'a whole number ' if whole else ''}in {lo}, {hi}, got {value}")
 
 
 def _fmt(v) -> str:
