@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from spa.calib import array_bytes, check_memory
 from spa.errors import SpaError, VerificationError
 from spa.groups import Analysis
 from spa.ir import Graph
@@ -60,15 +61,28 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
     return g.to_model()
 
 
-def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int) -> dict:
-    """Random feeds of the analysis shapes; integer inputs (token ids) drawn within the tables they index."""
+def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int, memory_limit_gb: float | None = None) -> dict:
+    """Random feeds of the analysis shapes; integer inputs (token ids) drawn within the tables they index.
+    Their size is checked against the memory limit (`memory_limit_gb`, else the CLI's --memory-limit) first."""
+    dtypes = {}
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            try:
+                dtypes[vi.name] = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            except (KeyError, TypeError, ValueError):
+                raise SpaError(f"model input '{vi.name}' has an unsupported element type "
+                               f"{vi.type.tensor_type.elem_type}")
+    need = sum(array_bytes(shapes[name], dtype) for name, dtype in dtypes.items())
+    need += 2 * largest_activation(model, {k: shapes[k] for k in dtypes})
+    check_memory(need, "verification (inputs and activations) at " + ", ".join(
+        f"{name}={'x'.join(map(str, shapes[name]))}" for name in dtypes), memory_limit_gb)
     rng = np.random.default_rng(seed)
     g = Graph(model)
     feeds = {}
     for vi in model.graph.input:
         if vi.name not in shapes:
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        dtype = dtypes[vi.name]
         shape = shapes[vi.name]
         if dtype.kind == "f":
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
@@ -78,6 +92,38 @@ def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int) -> dict:
             high = _index_range(g, vi.name)
             feeds[vi.name] = rng.integers(0, high, size=shape).astype(dtype)
     return feeds
+
+
+def largest_activation(model: onnx.ModelProto, shapes: dict) -> int:
+    """Bytes of the largest intermediate tensor when the inputs have `shapes`, from onnx shape inference on a
+    weightless copy of the graph (initializers become typed inputs: nothing large is copied); 0 when inference
+    cannot tell. onnxruntime holds at least a node's input and output at once, hence 2x this in the estimate."""
+    try:
+        inits = {t.name: t for t in model.graph.initializer}
+        inputs = []
+        for vi in model.graph.input:
+            if vi.name in inits:
+                continue
+            dims = shapes.get(vi.name)
+            elem = vi.type.tensor_type.elem_type
+            inputs.append(helper.make_tensor_value_info(vi.name, elem, list(dims) if dims is not None else None))
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits.values()]
+        graph = helper.make_graph(model.graph.node, "shapes", inputs, model.graph.output)
+        light = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # noqa: BLE001 - an estimate: onnxruntime reports what inference cannot
+        return 0
+    largest = 0
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8
+        largest = max(largest, itemsize * int(np.prod([max(d.dim_value, 0) for d in tt.shape.dim], dtype=object)))
+    return largest
 
 
 def _index_range(g: Graph, name: str) -> int:

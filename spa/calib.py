@@ -20,6 +20,9 @@ Default normalization for image folders (no mean/std given): ImageNet's mean (0.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import struct
 import warnings
 import zipfile
@@ -33,6 +36,7 @@ import onnx
 
 from .errors import SpaError, one_line
 from .fileio import atomic_write
+from .options import DEFAULT_MEMORY_LIMIT_GB, GB
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +46,39 @@ GRAY_STD = (0.5,)
 LABELS_KEY = "labels"
 
 Spec = tuple  # (shape: tuple[int | None, ...] | None, dtype: np.dtype)
+
+
+# ---- the memory limit ---------------------------------------------------------------------------------------------
+_MEMORY_LIMIT_GB = contextvars.ContextVar("spa_memory_limit_gb", default=DEFAULT_MEMORY_LIMIT_GB)
+
+
+@contextlib.contextmanager
+def memory_limit(gb: float | None):
+    """The limit (GB) that `check_memory` applies inside the block; None keeps it. The CLI sets it from
+    --memory-limit for every command, and driver.prune from PruneOptions.memory_limit_gb for API callers."""
+    token = _MEMORY_LIMIT_GB.set(float(gb)) if gb is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _MEMORY_LIMIT_GB.reset(token)
+
+
+def memory_limit_gb(value: float | None = None) -> float:
+    return _MEMORY_LIMIT_GB.get() if value is None else float(value)
+
+
+def array_bytes(shape, dtype) -> int:
+    """Bytes of an array of `shape` (exact Python ints: a dim of 2**40 does not overflow)."""
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+
+
+def check_memory(nbytes: int, what: str, limit_gb: float | None = None) -> None:
+    """Refuse, before allocating, `nbytes` over the memory limit with a line that says how to raise it."""
+    limit = memory_limit_gb(limit_gb)
+    if nbytes > limit * GB:
+        raise SpaError(f"{what} needs ~{nbytes / GB:.3g} GB, over the {limit:g} GB limit; raise it with "
+                       f"--memory-limit")
 
 
 # ---- the data set -----------------------------------------------------------------------------------------------
@@ -195,6 +232,7 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
         raise SpaError(f"{where}: is a pickle, expected an .npz archive (pickles are never loaded: they can run code)")
     if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         raise SpaError(f"{where}: not an .npz archive (np.savez output)")
+    _check_npz_sizes(p, where)
     arrays = {}
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -212,6 +250,38 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
     if not arrays:
         raise SpaError(f"{where}: the archive holds no arrays")
     return arrays
+
+
+def _check_npz_sizes(p: Path, where: str) -> None:
+    """Every member's declared size, read from the zip directory and from the .npy header inside the member
+    (a few hundred bytes decompressed), against the memory limit, before any array is read: a small archive that
+    inflates to gigabytes (a zip bomb) or declares 2**40 elements is refused at once."""
+    total = 0
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                if info.is_dir():
+                    continue
+                declared = info.file_size
+                if info.filename.endswith(".npy"):
+                    with z.open(info) as f:
+                        try:
+                            version = np.lib.format.read_magic(f)
+                            header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                      np.lib.format.read_array_header_2_0)(f)
+                        except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+                            raise SpaError(f"{where}: member {info.filename}: not an .npy array: "
+                                           f"{one_line(e, 200) or type(e).__name__}")
+                    shape, _, dtype = header
+                    if dtype.hasobject:
+                        raise SpaError(f"{where}: array '{info.filename[:-4]}' holds Python objects (pickled), "
+                                       f"expected numeric data; object arrays are never loaded")
+                    declared = max(declared, array_bytes(shape, dtype))
+                total += declared
+                check_memory(total, f"{where}: reading the archive ({info.filename} declares "
+                                    f"{declared / GB:.3g} GB)")
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+        raise SpaError(f"{where}: cannot read the .npz archive: {one_line(e, 200) or type(e).__name__}")
 
 
 def validate_arrays(where: str, arrays: dict[str, np.ndarray], specs: dict[str, Spec], limit: int | None) -> Calib:
@@ -343,15 +413,19 @@ def _decode_errors() -> tuple:
     from PIL import Image
 
     return (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
-            Image.DecompressionBombError)
+            Image.DecompressionBombError, Image.DecompressionBombWarning, SpaError)
 
 
 def _decode(path: Path, hw: tuple[int, int], channels: int) -> np.ndarray:
     from PIL import Image
 
     resample = getattr(Image, "Resampling", Image).BILINEAR
-    with Image.open(path) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
+    with warnings.catch_warnings():
+        # Pillow warns about (and past twice the size refuses) a decompression bomb: skip it like a corrupt file
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            check_memory(array_bytes((im.height, im.width, 4), np.uint8), f"image {path.name}")
+            im = im.convert("RGB" if channels == 3 else "L")
     h, w = hw
     if (im.height, im.width) != (h, w):
         scale = max(h / im.height, w / im.width)  # cover the target, keep the aspect ratio
@@ -401,6 +475,9 @@ def images_to_calib(folder, size, mean=None, std=None, layout: str = "nchw", cha
         classes = tuple(sorted({parts[0] for parts in rel}))
     class_index = {c: i for i, c in enumerate(classes)}
 
+    check_memory(array_bytes((min(len(files), limit or len(files)), channels, *hw), np.float32) +
+                 array_bytes((min(len(files), limit or len(files)), *hw, channels), np.uint8),
+                 f"image folder {folder}: {min(len(files), limit or len(files))} images at {hw[0]}x{hw[1]}")
     order = list(range(len(files)))
     if limit is not None and limit < len(files):
         order = list(np.random.default_rng(seed).permutation(len(files)))
@@ -422,6 +499,8 @@ def images_to_calib(folder, size, mean=None, std=None, layout: str = "nchw", cha
                        f"(first: {skipped[0][0]}: {skipped[0][1]})")
     picked.sort(key=lambda t: t[0])
     h, w = hw
+    check_memory(array_bytes((len(picked), channels, h, w), np.float32), f"image folder {folder}: {len(picked)} "
+                 f"images at {h}x{w}")
     x = np.empty((len(picked), channels, h, w) if layout == "nchw" else (len(picked), h, w, channels), np.float32)
     for k, (_, px) in enumerate(picked):  # uint8 H, W, C -> normalized float32, one image at a time
         v = (px / np.float32(255.0) - m) / s

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .calib import memory_limit
 from .fileio import StagedOutputs, check_outputs
 from .groups import Analysis
 from .importance import score
@@ -84,7 +85,7 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
     check_paths(source, output, options)
     t0 = time.perf_counter()
     staged = outputs if outputs is not None else StagedOutputs()
-    with staged:  # a failure discards what was staged: nothing of this run is written
+    with staged, memory_limit(options.memory_limit_gb):  # a failure discards what was staged: nothing is written
         run = PruneRun(source, output, options, progress, outputs=staged)
         manager = PassManager(passes_for(options))
         results = manager.run(run)

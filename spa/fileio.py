@@ -118,26 +118,33 @@ def check_outputs(outputs: dict, inputs: tuple = ()) -> None:
     root would be a disaster), a name ending in '/', or an empty name; and one whose folder cannot be written."""
     given = [(flag, path) for flag, path in outputs.items() if path is not None]
     for flag, path in given:
-        text = os.fspath(path)
-        if not text:
-            raise SpaError(f"{flag}: the output path is empty")
-        p = Path(text)
-        if text.endswith(("/", os.sep)) or p.is_dir():
-            raise SpaError(f"{flag} {text} is a directory; give a file name")
-        if p.exists() and not p.is_file():
-            raise SpaError(f"{flag} {text} exists and is not a regular file (a device, FIFO or socket); "
-                           "refusing to replace it")
-        if len(p.name.encode()) > 255:
-            raise SpaError(f"{flag}: the file name is longer than 255 bytes")
-        for source in inputs:
-            if source is not None and same_file(source, p):
-                raise SpaError(f"{flag} {text} is an input file of this run ({os.fspath(source)}); refusing to "
-                               "overwrite the input")
-        writable_folder(flag, p)
+        try:
+            _check_output(flag, path, inputs)
+        except OSError as e:  # a path the OS refuses to even look at (too long, a bad byte, a loop of links)
+            raise SpaError(f"{flag}: cannot use {os.fspath(path)[:80]!r} as an output: {e.strerror or e}")
     for i, (flag, path) in enumerate(given):
         for other_flag, other in given[i + 1:]:
             if same_file(path, other):
                 raise SpaError(f"{flag} and {other_flag} name the same file {os.fspath(path)}")
+
+
+def _check_output(flag: str, path, inputs: tuple) -> None:
+    text = os.fspath(path)
+    if not text:
+        raise SpaError(f"{flag}: the output path is empty")
+    p = Path(text)
+    if len(p.name.encode()) > 255 or len(text.encode()) > 4095:
+        raise SpaError(f"{flag}: the file name is longer than the system allows (255 bytes a name, 4095 a path)")
+    if text.endswith(("/", os.sep)) or p.is_dir():
+        raise SpaError(f"{flag} {text} is a directory; give a file name")
+    if p.exists() and not p.is_file():
+        raise SpaError(f"{flag} {text} exists and is not a regular file (a device, FIFO or socket); "
+                       "refusing to replace it")
+    for source in inputs:
+        if source is not None and same_file(source, p):
+            raise SpaError(f"{flag} {text} is an input file of this run ({os.fspath(source)}); refusing to "
+                           "overwrite the input")
+    writable_folder(flag, p)
 
 
 def writable_folder(flag: str, p: Path) -> None:

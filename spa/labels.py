@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .errors import SpaError
 from .ir import Graph
 
 
@@ -198,6 +199,14 @@ class Context:
         if not self.g.is_const(name):
             self.freeze(atoms, node, f"per-channel operand '{name}' is computed at run time")
             return False
+        shape = self.g.const_info(name)[0]
+        have = shape[axis] if -len(shape) <= axis < len(shape) else None
+        if have != len(atoms):  # a broadcast operand cannot be cut; any other size cannot run at all
+            if have == 1:
+                self.freeze(atoms, node, f"operand '{name}' broadcasts one value over the channels")
+                return False
+            raise SpaError(f"the input model is invalid: {node.op_type} node '{node.name}' input '{name}' has "
+                           f"{have} entries along axis {axis}, but the tensor it applies to has {len(atoms)}")
         self.params.append(ParamSlice(node, i, axis, atoms, role))
         return True
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calib import input_specs
-from .errors import SpaError
+from .calib import array_bytes, check_memory, input_specs
+from .errors import SpaError, one_line
 from .importance import Member
 from .ir import attr as get_attr
 
@@ -265,6 +265,11 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
     """Data-free inputs: for float inputs, half white Gaussian noise and half smooth noise (white noise blurred
     over the spatial axes and rescaled to unit variance), both in the model's own (normalized) input space;
     integer inputs (token ids) are drawn uniformly below the size of the first table they index, else 0."""
+    # the float arrays live three times over while they are made (noise, smooth noise, the cast)
+    need = sum(array_bytes((n, *shapes[name][1:]), np.float32) * (3 if np.dtype(dtype).kind == "f" else 1)
+               for name, (_, dtype) in specs.items())
+    check_memory(need, f"{n} synthesized samples (--synth-samples) at " + ", ".join(
+        f"{name}={'x'.join(map(str, shapes[name][1:]))}" for name in specs))
     rng = np.random.default_rng(seed)
     out = {}
     for name, (_, dtype) in specs.items():
@@ -297,7 +302,7 @@ def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60
         p.requires_grad_(False)
     targets = {}
     for node in tg.nodes:
-        if node.op_type == "BatchNormalization":
+        if node.op_type == "BatchNormalization" and len(node.input) >= 5:
             mean, var = g.const(node.input[3]), g.const(node.input[4])
             if mean is not None and var is not None:
                 targets[node.name] = (torch.from_numpy(np.array(mean, np.float32)),
@@ -322,7 +327,7 @@ def match_bn_statistics(g, feeds: dict[str, np.ndarray], inputs, steps: int = 60
 
         opt.zero_grad()
         for start in range(0, n - size + 1 if fixed else n, size):
-            tg.run({k: v[start:start + size] for k, v in xs.items()}, hook=hook)
+            run_model(tg, {k: v[start:start + size] for k, v in xs.items()}, hook=hook)
         losses = []
         for name, (s1, s2, count) in sums.items():
             mean, var = targets[name]
@@ -382,6 +387,7 @@ def obs_members(inputs):
                 sinks.setdefault(ps.node.name, (view, []))[1].append(ps)
     if not sinks:
         return []
+    check_hessians(g, sinks, positions)
     feeds, n = model_data(inputs)
     timing = inputs.cache.setdefault("obspa_timing", {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0})
     t0 = time.perf_counter()
@@ -408,7 +414,7 @@ def obs_members(inputs):
     bs = batch_size_for(g, inputs.batch_size, feeds)
     with torch.no_grad():
         for k, batch in enumerate(chunks(feeds, n, bs)):
-            tg.run(batch, hook=hook)
+            run_model(tg, batch, hook=hook)
             inputs.progress(f"obs: {min((k + 1) * bs[0], n)}/{n} samples")
     timing["forward_s"] += time.perf_counter() - t0 - hess_t[0]
     timing["hessian_s"] += hess_t[0]
@@ -440,6 +446,32 @@ def obs_members(inputs):
     inputs.cache["obspa_data"] = {"samples": n, "positions_per_layer": positions,
                                   "mode": "calibration" if inputs.calib is not None else "data-free (synthesized)"}
     return members
+
+
+def run_model(tg, feeds, hook=None):
+    """One torch run of the input model; a model that cannot run (a malformed input the loader let through) is
+    bad input, one line, not a traceback."""
+    try:
+        return tg.run(feeds, hook=hook)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise SpaError(f"the input model does not run on the calibration/synthesized inputs: {one_line(e, 300)}")
+
+
+def check_hessians(g, sinks: dict, positions: int) -> None:
+    """The Hessians (D x D float64 per layer, all held until the solve, plus one inverse) and one layer's sampled
+    rows (positions x D) against the memory limit, before the forward passes."""
+    columns = []
+    for view, _ in sinks.values():
+        w = g.const(view.weight)
+        if w is None or not w.ndim:
+            continue
+        d = int(w.shape[0]) if view.trans else math.prod(int(s) for s in w.shape[1:])
+        columns.append(d + (view.bias is not None))
+    if not columns:
+        return
+    widest = max(columns)
+    need = sum(d * d * 8 for d in columns) + 2 * widest * widest * 8 + int(positions) * widest * 8
+    check_memory(need, f"the Hessians of {len(columns)} layers (up to {widest} columns, --positions {positions})")
 
 
 def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) -> tuple[int, bool]:

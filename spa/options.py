@@ -17,7 +17,8 @@ ALLOCATIONS = ("global", "uniform")
 COMPENSATIONS = ("similarity",)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range
-DEFAULT_MEMORY_LIMIT_GB = 4.0  # --memory-limit: what one run may allocate for analysis and data (spa.validate)
+DEFAULT_MEMORY_LIMIT_GB = 4.0  # --memory-limit: what one run may allocate for analysis and data
+GB = 10**9                     # the unit of --memory-limit
 
 
 def is_whole(value) -> bool:
@@ -25,27 +26,54 @@ def is_whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_number(flag: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 whole: bool = False) -> None:
+    """One option's domain as a one-line SpaError: finite (NaN and inf never pass), whole when asked, within
+    [low, high] (open ends when asked). None (the option not given) passes."""
+    if value is None:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (not whole or float(value).is_integer()) \
+        and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if whole and low is not None and isinstance(value, int) and value < low:
+        raise SpaError(f"{flag} must be at least {_fmt(low)}, got {value}")
+    if high is None and low is not None:
+        raise SpaError(f"{flag} must be a finite number {'>' if low_open else '>='} {_fmt(low)}, got {value}")
+    lo = "(-inf" if low is None else ("(" if low_open else "[") + _fmt(low)
+    hi = "inf)" if high is None else _fmt(high) + (")" if high_open else "]")
+    raise SpaError(f"{flag} must be {'a whole number ' if whole else ''}in {lo}, {hi}, got {value}")
+
+
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def check_seed(value, flag: str = "--seed") -> None:
+    check_number(flag, value, low=0, high=LARGEST_SEED, whole=True)
+
+
 def check_count(flag: str, value, *, minimum: int = 1) -> None:
     """A whole number of things (units, samples, positions, evaluations): an int in [minimum, 2**31)."""
-    if not is_whole(value) or value < minimum:
-        raise SpaError(f"{flag} must be at least {minimum}, got {value}")
-    if value > LARGEST_COUNT:
-        raise SpaError(f"{flag} must be at most {LARGEST_COUNT}, got {value}")
+    check_number(flag, value, low=minimum, high=LARGEST_COUNT, whole=True)
+
+
+def check_counts(pairs, *, minimum: int = 1) -> None:
+    """(flag, value) pairs of whole-number options: each None or in [minimum, LARGEST_COUNT]."""
+    for flag, value in pairs:
+        check_count(flag, value, minimum=minimum)
 
 
 def check_fraction(flag: str, value, *, low_open: bool = True, high_open: bool = False) -> None:
     """A fraction in (0, 1] (or the interval the flags ask for); NaN is never in range."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
-        (0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)
-    if not ok:
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise SpaError(f"{flag} must be in {interval}, got {value}")
+    check_number(flag, value, low=0.0, high=1.0, low_open=low_open, high_open=high_open)
 
 
-def check_positive(flag: str, value, unit: str = "") -> None:
-    """A finite number > 0 (a budget in ms, a tolerance)."""
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise SpaError(f"{flag} must be a finite number > 0{unit}, got {value}")
+def check_positive(flag: str, value) -> None:
+    """A finite number > 0 (a budget in ms, a tolerance, a memory limit in GB)."""
+    check_number(flag, value, low=0.0, low_open=True)
 
 
 def check_selection(*, ratio, target_flops, max_ratio, allocation, min_channels, round_to) -> None:
@@ -77,8 +105,7 @@ def check_data_options(*, positions, damp, samples, dbscan, seed=0) -> None:
         eps, min_samples = dbscan
         if not (eps > 0 and math.isfinite(eps)) or min_samples < 1:
             raise SpaError(f"--dbscan needs EPS > 0 and MIN_SAMPLES >= 1, got {eps},{min_samples}")
-    if not is_whole(seed) or not 0 <= seed <= LARGEST_SEED:
-        raise SpaError(f"--seed must be a whole number in [0, {LARGEST_SEED}], got {seed}")
+    check_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -146,7 +173,7 @@ class PruneOptions:
         check_data_options(positions=self.positions, damp=self.damp, samples=self.samples, dbscan=self.dbscan,
                            seed=self.seed)
         check_positive("--rtol", self.rtol)
-        check_positive("--memory-limit", self.memory_limit_gb, " GB")
+        check_positive("--memory-limit", self.memory_limit_gb)
         if self.calib_limit is not None:
             check_count("--calib-samples", self.calib_limit)
         resolved = self if self.reconstruct is not None else replace(self, reconstruct=self.importance == "obspa")

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import SpaError, one_line
-from .options import DEFAULT_MEMORY_LIMIT_GB
+from .options import DEFAULT_MEMORY_LIMIT_GB, GB
 
 # Stored tensors (weights, constants): declared elements above this are refused before any byte is read.
 MAX_TENSOR_ELEMENTS = 2 ** 31
@@ -34,12 +34,13 @@ MAX_TENSOR_ELEMENTS = 2 ** 31
 # shapes, folded constants): elements per tensor above this are refused before allocating, which keeps a run on a
 # small model well under 2 GB. A CLI flag may raise it later (pass `limit=` to the checks that take one).
 def analysis_elements(memory_limit_gb: float) -> int:
-    """Elements one analysed tensor may have under a memory limit: a sixteenth of it in float32 (verification
-    holds a handful of activations, two random draws and the reference's outputs at once)."""
-    return int(memory_limit_gb * 2**30 / 16)
+    """Elements one analysed tensor may have under a memory limit: the whole limit in float32. A coarse guard
+    that keeps shape inference and folding from materialising absurd shapes; what a run will really hold
+    (verification's inputs and activations, data, Hessians) is estimated precisely where it is allocated."""
+    return int(memory_limit_gb * GB / 4)
 
 
-MAX_ANALYSIS_ELEMENTS = analysis_elements(DEFAULT_MEMORY_LIMIT_GB)   # 2**28
+MAX_ANALYSIS_ELEMENTS = analysis_elements(DEFAULT_MEMORY_LIMIT_GB)   # 1e9 elements
 # Above this (bytes of the loaded protobuf) onnx.checker needs the path form; the structural checks still run.
 CHECKER_MAX_BYTES = 1_800_000_000
 
@@ -399,4 +400,4 @@ def check_elements(shape, what: str, limit: int = MAX_ANALYSIS_ELEMENTS) -> None
     n = math.prod(dims)
     if n > limit:
         raise SpaError(f"{what}: shape {list(shape)} has {n} elements, more than the {limit} that the memory limit "
-                       f"allows (~{n * 16 / 2**30:.1f} GB needed); raise it with --memory-limit GB if this is meant")
+                       f"allows (~{n * 4 / GB:.1f} GB in float32); raise it with --memory-limit GB if this is meant")

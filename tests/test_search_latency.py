@@ -362,7 +362,7 @@ def test_cli_profile_writes_a_table(resnet18, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["/nonexistent/model.onnx", "-o", "{out}"], "not found"),
-    (["{model}", "-o", "{out}", "--batch", "0"], "--batch must be >= 1"),
+    (["{model}", "-o", "{out}", "--batch", "0"], "--batch must be at least 1"),
     (["{model}", "-o", "{out}", "--runs", "x"], "invalid int"),
     (["{model}"], "required"),
     (["{model}", "-o", "{dir}"], "is a directory"),

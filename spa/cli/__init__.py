@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
+import warnings
 
-from ..errors import SpaError, VerificationError
-from .common import Parser
+from ..calib import memory_limit
+from ..errors import SpaError, VerificationError, one_line
+from .common import Parser, check_number
 from .prune import USAGE
 
 # subcommand modules, each with add_parser(subparsers) that sets `run`; "prune" is the default command
@@ -63,18 +68,76 @@ def with_command(argv: list[str]) -> list[str]:
     return ["prune", *argv]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean interruption as Ctrl-C (temp files removed, nothing committed)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    """The spa-prune command. `argv=None` means a real process (the console script, python -m spa.cli): an
+    interrupted run then ends with os._exit so that no interpreter shutdown (threading's join, atexit) can print
+    a second KeyboardInterrupt traceback or change the exit code. Called with a list (tests, scripts), it only
+    returns the exit code and leaves the process's signal handlers as it found them."""
+    as_program = argv is None
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    rc = 2
     try:
-        argv = with_command(argv)
-        args = build_parser(argv[0]).parse_args(argv)
-        return args.run(args)
-    except SpaError as e:
-        print(f"spa-prune: error: {e}", file=sys.stderr)
-        return 2
-    except VerificationError as e:
-        print(f"spa-prune: verification failed, nothing written: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("spa-prune: interrupted, nothing written", file=sys.stderr)
-        return 130
+        rc = _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the run itself (while parsing, say)
+        rc = _interrupted(e)
+    finally:
+        if in_main_thread:
+            if as_program:  # the exit code is decided: no signal may turn it into a traceback at shutdown
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            else:
+                signal.signal(signal.SIGTERM, old_term)
+    if as_program and rc in (130, 143):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
+    # Python warnings (a corrupt image in --calib, numpy's overflow in a criterion, Pillow's decompression-bomb
+    # warning) never reach stderr as extra lines: a run that succeeds lists them in its report's "warnings"
+    # (and the summary's warning lines, see common.finish); a refused one prints its one error line only.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            argv = with_command(argv)
+            args = build_parser(argv[0]).parse_args(argv)
+            args.caught_warnings = caught
+            limit = getattr(args, "memory_limit", None)
+            check_number("--memory-limit", limit, low=0.0, low_open=True)
+            with memory_limit(limit):  # every command's data checks (prune's driver sets it from its options too)
+                return args.run(args)
+        except SpaError as e:
+            print(f"spa-prune: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        except VerificationError as e:
+            print(f"spa-prune: verification failed, nothing written: {one_line(e)}", file=sys.stderr)
+            return 1
+        except MemoryError:
+            print("spa-prune: error: out of memory; give a smaller --input-shape / fewer samples, or run on a "
+                  "machine with more memory", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            return _interrupted(e)
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    if isinstance(e, Terminated):
+        print("spa-prune: terminated, nothing written", file=sys.stderr)
+        return 143
+    print("spa-prune: interrupted, nothing written", file=sys.stderr)
+    return 130

@@ -5,7 +5,7 @@ import argparse
 
 from .. import driver
 from ..fileio import check_outputs
-from .common import add_common, write_json
+from .common import add_common, python_warnings, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,5 +40,6 @@ def run(args) -> int:
     print("\n".join(out))
     if args.report:
         write_json({"total_macs": analysis.total_macs, "groups": [g.to_json() for g in analysis.groups],
-                    "unruled_ops": analysis.unruled_ops, "warnings": model.warnings}, args.report)
+                    "unruled_ops": analysis.unruled_ops,
+                    "warnings": [*model.warnings, *python_warnings(args)]}, args.report)
     return 0

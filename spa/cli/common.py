@@ -7,8 +7,9 @@ import json
 import sys
 import time
 
-from ..errors import SpaError
+from ..errors import SpaError, one_line
 from ..fileio import StagedOutputs, atomic_write_text
+from ..options import DEFAULT_MEMORY_LIMIT_GB, check_counts, check_number, check_seed  # noqa: F401
 from .summary import summary
 
 
@@ -28,7 +29,14 @@ def input_shape(text: str):
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got '{text}'")
 
 
+def add_memory_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_LIMIT_GB, metavar="GB",
+                   help=f"refuse, before allocating, verification inputs, synthesized samples, calibration arrays "
+                        f"and Hessians larger than this (default {DEFAULT_MEMORY_LIMIT_GB:g} GB)")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
+    add_memory_limit(p)
     p.add_argument("--input-shape", action="append", type=input_shape, default=[], metavar="NAME=D1,D2,...",
                    help="fix the dims of an input for the cost model and verification (repeatable)")
     p.add_argument("--report", metavar="FILE", help="write a JSON report")
@@ -66,12 +74,26 @@ def driver_kwargs(args) -> dict:
             "strict": args.strict, "fold_constants": args.fold_constants, "calib": args.calib,
             "calib_limit": args.calib_samples, "loss": args.loss, "reconstruct": args.reconstruct,
             "recalibrate": args.recalibrate, "compensate": args.compensate, "dbscan": parse_dbscan(args.dbscan),
-            "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed}
+            "positions": args.positions, "damp": args.damp, "samples": args.synth_samples, "seed": args.seed,
+            "memory_limit_gb": args.memory_limit}
+
+
+def python_warnings(args) -> list[str]:
+    """The Python warnings main() caught during this run, one line each, without repeats."""
+    out: list[str] = []
+    for w in getattr(args, "caught_warnings", None) or []:
+        kind = "" if w.category is UserWarning else f"{w.category.__name__}: "
+        line = kind + one_line(w.message, 300)
+        if line not in out:
+            out.append(line)
+    return out
 
 
 def finish(args, report: dict, outputs: StagedOutputs | None = None) -> int:
     """Write the report (with the run's other staged outputs, all renamed into place together) and print the
-    summary."""
+    summary; the Python warnings main() caught go into both."""
+    report["warnings"] = list(report.get("warnings") or []) + [
+        w for w in python_warnings(args) if w not in (report.get("warnings") or [])]
     if outputs is None:
         if args.report:
             write_json(report, args.report)

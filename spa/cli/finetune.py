@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import finetune as finetune_module
 from ..driver import input_paths
 from ..fileio import check_outputs
-from .common import write_json
+from .common import add_memory_limit, check_counts, check_number, check_seed, python_warnings, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,6 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-curve", action="store_true", help="do not draw the curve")
     p.add_argument("--report", metavar="FILE", help="write a JSON report (history, settings, export check)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 
@@ -67,6 +68,15 @@ def progress_printer(quiet: bool):
 
 
 def run(args) -> int:
+    check_counts([("--epochs", args.epochs)], minimum=0)
+    check_counts([("--batch-size", args.batch_size), ("--threads", args.threads)])
+    check_number("--lr", args.lr, low=0.0, low_open=True)
+    check_number("--weight-decay", args.weight_decay, low=0.0)
+    check_number("--momentum", args.momentum, low=0.0, high=1.0, high_open=True)
+    check_number("--kd-alpha", args.kd_alpha, low=0.0, high=1.0)
+    check_number("--kd-temperature", args.kd_temperature, low=0.0, low_open=True)
+    check_number("--val-split", args.val_split, low=0.0, high=1.0, high_open=True)
+    check_seed(args.seed)
     curve = None if args.no_curve else (args.curve or str(Path(args.output).with_suffix("")) + ".curve.png")
     check_outputs({"OUT": args.output, "--report": args.report, "--curve": curve},
                   input_paths(args.input, args.data, args.teacher, args.val))
@@ -76,6 +86,7 @@ def run(args) -> int:
                    kd_temperature=args.kd_temperature, trainable=args.trainable, seed=args.seed,
                    batchnorm=not args.no_batchnorm, val_split=args.val_split, keep_best=args.keep_best,
                    curve=curve, progress=progress_printer(args.quiet), threads=args.threads)
+    res.report["warnings"] = [*res.report.get("warnings", []), *python_warnings(args)]
     if args.report:
         write_json(res.report, args.report)
     if not args.quiet:
@@ -92,4 +103,6 @@ def run(args) -> int:
         print(line, file=sys.stderr)
         if curve:
             print(f"curve: {curve}", file=sys.stderr)
+        for w in res.report["warnings"][:5]:
+            print(f"warning: {w}", file=sys.stderr)
     return 0

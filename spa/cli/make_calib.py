@@ -22,6 +22,7 @@ from ..calib import (
 from ..driver import input_paths
 from ..errors import SpaError, one_line
 from ..fileio import check_outputs
+from .common import add_memory_limit, check_counts, check_seed
 
 MAKE_CALIB_DOC = """\
 Turn a folder of images into calibration data (.npz) for spa-prune.
@@ -96,6 +97,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, metavar="N",
                    help="keep N images: a seeded random choice when there are more (default: all)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the --limit choice (default 0)")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 
@@ -144,11 +146,12 @@ def _resolve(args):
 def run(args) -> int:
     """``spa-prune make-calib``: 0 on success, 2 with one line on stderr for bad input (nothing written)."""
     try:
-        name, layout, channels, hw, specs = _resolve(args)
+        check_seed(args.seed)
+        check_counts([("--limit", args.limit)])
+        # the text as given: Path() would drop a trailing '/' that check_outputs refuses
+        check_outputs({"-o": args.output}, input_paths(args.model))
         out = Path(args.output)
-        if out.is_dir():
-            raise SpaError(f"output {out} is a directory")
-        check_outputs({"-o": out}, input_paths(args.model))
+        name, layout, channels, hw, specs = _resolve(args)
         if out.exists() and out.resolve().is_relative_to(Path(args.images).resolve()):
             raise SpaError(f"-o {out} lies in the image folder it reads; refusing to overwrite an input")
         with warnings.catch_warnings(record=True) as caught:

@@ -10,7 +10,7 @@ from ..budget import CostModel
 from ..errors import SpaError
 from ..fileio import check_outputs
 from ..latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
-from .common import input_shape
+from .common import add_memory_limit, check_counts, input_shape
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,15 +34,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="wall: elapsed time (default); cpu: the calling thread's CPU time, for a machine shared with "
                         "other work (--threads 1 only; the end-to-end correction then measures the same way)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 
 
 def run(args) -> int:
     """spa-prune profile IN.onnx -o TABLE.json [--batch B] [--threads T] [--runs N] [--input-shape NAME=D..]"""
-    for name in ("batch", "threads", "runs", "align"):
-        if getattr(args, name) < 1:
-            raise SpaError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_counts([(f"--{name}", getattr(args, name)) for name in ("batch", "threads", "runs", "align")])
     if args.clock == "cpu" and args.threads != 1:
         raise SpaError("--clock cpu needs --threads 1 (other threads' work is not on the calling thread's clock)")
     check_outputs({"-o": args.output}, driver.input_paths(args.input))

@@ -8,7 +8,15 @@ from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
 from ..options import PruneOptions
-from .common import add_common, clear_progress, driver_kwargs, finish, stage_progress
+from .common import (
+    add_common,
+    check_counts,
+    check_number,
+    clear_progress,
+    driver_kwargs,
+    finish,
+    stage_progress,
+)
 from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_search
 
 USAGE = """spa-prune: structured pruning of ONNX models.
@@ -193,8 +201,9 @@ def run(args) -> int:
     reject_search_flags(args)
     if args.ratio is None and args.target_flops is None and args.plan is None:
         raise SpaError("give one of --ratio, --target-flops or --plan")
-    if args.steps < 1:
-        raise SpaError(f"--steps must be at least 1, got {args.steps}")
+    check_counts([("--steps", args.steps)])
+    check_counts([("--finetune-epochs", args.finetune_epochs)], minimum=0)
+    check_number("--finetune-lr", args.finetune_lr, low=0, low_open=True)
     keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation or "global",
                 "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args)}
     options = PruneOptions.from_keywords(**keywords).validated()  # every option's domain, before any work

@@ -11,8 +11,14 @@ import time
 from .. import driver
 from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
-from ..options import check_count, check_data_options, check_fraction, check_positive
-from .common import clear_progress, driver_kwargs, finish, parse_dbscan, stage_progress
+from ..options import check_counts, check_data_options, check_number
+from .common import (
+    clear_progress,
+    driver_kwargs,
+    finish,
+    parse_dbscan,
+    stage_progress,
+)
 
 REWARD_METRICS = ("auto", "accuracy", "agreement", "kl", "rel_l2")   # spa.search.reward.METRICS
 METRIC_ALIASES = {"top1": "agreement", "l2": "rel_l2"}
@@ -127,14 +133,12 @@ def _check_search_args(args) -> None:
 def _check_search_numbers(args) -> None:
     for flag, value in (("--target-flops", args.target_flops), ("--target-params", args.target_params),
                         ("--max-ratio", args.max_ratio)):
-        if value is not None:
-            check_fraction(flag, value)
-    for flag, value in (("--evals", args.evals), ("--min-channels", args.min_channels), ("--round-to", args.round_to),
-                        ("--latency-batch", args.latency_batch), ("--threads", args.threads)):
-        if value is not None:
-            check_count(flag, value)
-    if args.target_latency is not None:
-        check_positive("--target-latency", args.target_latency, " ms")
+        check_number(flag, value, low=0.0, low_open=True, high=1.0)
+    check_counts([("--evals", args.evals), ("--min-channels", args.min_channels), ("--round-to", args.round_to),
+                  ("--latency-batch", args.latency_batch), ("--threads", args.threads),
+                  ("--calib-samples", args.calib_samples)])
+    check_number("--target-latency", args.target_latency, low=0.0, low_open=True)
+    check_number("--rtol", args.rtol, low=0.0, low_open=True)
 
 
 def _check_search_paths(args) -> None:
@@ -156,6 +160,8 @@ def _policy_options(cls, name: str, pairs) -> dict:
     """--policy-option KEY=VALUE pairs checked against the policy's constructor (a typo is an error)."""
     options = dict(pairs)
     params = inspect.signature(cls.__init__).parameters
+    if cls.__init__.__qualname__ == "Policy.__init__":   # the base class's catch-all: the policy takes no option
+        params = {}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         known = [n for n in params if n != "self"]
         unknown = [k for k in options if k not in known]

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from ..driver import input_paths
-from ..errors import SpaError, VerificationError
+from ..errors import VerificationError
 from ..fileio import atomic_write, check_outputs
-from .common import input_shape
+from .common import add_memory_limit, check_number, input_shape
 
 TO_TORCH_DOC = """\
 Convert an ONNX model (e.g. one written by spa-prune) into a trainable PyTorch module file.
@@ -41,6 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep-half", action="store_true",
                    help="run float16 models in float16 (default: upcast to float32, which CPU torch needs)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
+    add_memory_limit(p)
     p.set_defaults(run=run)
     return p
 
@@ -57,8 +58,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     src = args.input
     check_outputs({"OUT": args.output}, input_paths(src))
-    if not args.rtol > 0:
-        raise SpaError(f"--rtol must be > 0, got {args.rtol}")
+    check_number("--rtol", args.rtol, low=0.0, low_open=True)
     proto = _proto_of(src)
     module = OnnxModule(proto, upcast_half=not args.keep_half)
     out = Path(args.output)
