@@ -17,7 +17,8 @@ ALLOCATIONS = ("global", "uniform")
 COMPENSATIONS = ("similarity",)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range
-DEFAULT_MEMORY_LIMIT_GB = 4.0  # --memory-limit: what one run may allocate for analysis and data
+DEFAULT_MEMORY_LIMIT_GB = 1.2  # --memory-limit: what one run may allocate for analysis and data (the
+#                                process itself takes ~0.3-0.5 GB more: a run stays under 2 GB by default)
 GB = 10**9                     # the unit of --memory-limit
 
 
