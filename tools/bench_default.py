@@ -159,7 +159,7 @@ def run_ours(s: bq.Subject, method: str, target: float, out: Path) -> dict:
 
     stem = out / "pruned" / f"{s.model_name}-seed{s.seed}-{method}-f{target}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    dest, report, log_path = (stem.with_suffix(x) for x in (".onnx", ".json", ".log"))
+    dest, report, log_path = (Path(f"{stem}{x}") for x in (".onnx", ".json", ".log"))  # not with_suffix: "f0.5"
     for p in (dest, report):
         p.unlink(missing_ok=True)
     argv = cli_args(method, s, target, dest, report)
