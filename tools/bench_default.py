@@ -55,7 +55,7 @@ from spa.models.bench_nets import BENCH_MODELS
 from tools import bench_quality as bq
 
 DEFAULT_OUT = ROOT / ".bench" / "default"
-DEFAULT_MODELS = ["resnet20_digits", "resnet1d_mnist1d"]  # the rest when asked: --models all
+DEFAULT_MODELS = ["resnet20_digits", "resnet1d_mnist1d", "mobilenetv2_digits"]  # measured; + resnet56: all
 CALIB = bq.CALIB  # placeholder, replaced by the (model, seed)'s calibration .npz
 
 # ---- ours: method -> extra CLI arguments after `spa-prune IN OUT --target-flops F` ------------------------------
