@@ -387,3 +387,24 @@ def conv_net() -> onnx.ModelProto:
     y = b.relu(b.bn("bn1", b.conv("c1", x, 3, 8), 8))
     b.output(b.conv("c2", y, 8, 4))
     return b.model()
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """spa.cli.main in-process: (exit code, stdout, stderr)."""
+    from spa.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's --help exits by itself
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *fragments) -> None:
+    """The CLI's contract for bad input: exit 2, ONE stderr line starting 'spa-prune: error:', with `fragments`."""
+    assert rc == 2, (rc, err)
+    assert err.count("\n") == 1 and err.endswith("\n"), f"expected one line on stderr, got:\n{err}"
+    assert err.startswith("spa-prune: error:"), err
+    for f in fragments:
+        assert f in err, err

@@ -13,23 +13,10 @@ import numpy as np
 import onnx
 import pytest
 from fuzz_cases import png_bytes, residual_net
-from helpers import Builder
+from helpers import Builder, assert_one_line_error, run_cli
 from PIL import Image
 
-from spa.cli import main
-
-
-def cli(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err, *fragments):
-    assert rc == 2, (rc, err)
-    assert err.count("\n") == 1 and err.startswith("spa-prune: error:"), err
-    for f in fragments:
-        assert f in err, err
+cli, one_line_error = run_cli, assert_one_line_error
 
 
 @pytest.fixture

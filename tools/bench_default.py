@@ -258,22 +258,8 @@ def run_onnxsim(s: bq.Subject, method: str, target: float, tol: float, out: Path
 # results
 # ---------------------------------------------------------------------------------------------------------------
 def summarize(rows: list[dict]) -> dict:
-    """(model, method, target) -> {n, acc, std, macs, time, rss, errors}."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["method"], float(r["target"])), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        ok = [r for r in rs if r.get("accuracy") is not None]
-        e = {"n": len(ok), "errors": sorted({r["error"] for r in rs if r.get("error")})}
-        if ok:
-            e["acc"], e["std"] = bq.mean_std([100 * r["accuracy"] for r in ok])
-            e["macs"] = statistics.fmean(r["macs_ratio"] for r in ok)
-            for name, k in (("time", "time_s"), ("rss", "peak_rss_mb"), ("search", "search_time_s")):
-                vals = [r[k] for r in ok if r.get(k) is not None]
-                e[name] = statistics.fmean(vals) if vals else None
-        out[key] = e
-    return out
+    """(model, method, target) -> {n, acc, std, macs, time, rss, search, errors} (bench_quality's, plus peak RSS)."""
+    return bq.summarize(rows, means=(("time", "time_s"), ("rss", "peak_rss_mb"), ("search", "search_time_s")))
 
 
 def cell(e: dict | None, notes: dict) -> str:

@@ -395,8 +395,8 @@ def mean_std(xs) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(rows: list[dict]) -> dict:
-    """(model, method, target) -> {acc, std, macs, time, n, errors}."""
+def summarize(rows: list[dict], means=(("time", "time_s"), ("search", "search_time_s"))) -> dict:
+    """(model, method, target) -> {acc, std, macs, n, errors} plus the mean of each (name, row key) in `means`."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["method"], float(r["target"])), []).append(r)
@@ -407,10 +407,9 @@ def summarize(rows: list[dict]) -> dict:
         if ok:
             entry["acc"], entry["std"] = mean_std([100 * r["accuracy"] for r in ok])
             entry["macs"] = statistics.fmean(r["macs_ratio"] for r in ok)
-            times = [r["time_s"] for r in ok if r.get("time_s") is not None]
-            entry["time"] = statistics.fmean(times) if times else None
-            search = [r["search_time_s"] for r in ok if r.get("search_time_s") is not None]
-            entry["search"] = statistics.fmean(search) if search else None
+            for name, k in means:
+                vals = [r[k] for r in ok if r.get(k) is not None]
+                entry[name] = statistics.fmean(vals) if vals else None
         out[key] = entry
     return out
 
