@@ -523,3 +523,23 @@ def test_valid_models_still_load(tmp_path, capsys):
     rc, err = cli([src, tmp_path / "out.onnx", "--ratio", "0.5", "-q"], capsys)
     assert rc == 0, err
     assert onnx.load(str(tmp_path / "out.onnx")).graph.node[0].op_type == "Conv"
+
+
+def test_the_largest_batch_the_default_limit_accepts_stays_under_2_gb(tmp_path):
+    """Not just refusals: the biggest run the default --memory-limit lets through on a 1 KB model (found by
+    trying batch sizes downwards) peaks under 2 GB, and every refused probe did too."""
+    b = Builder()
+    x = b.input("x", ["n", 3, 8, 8])
+    y = b.relu(b.conv("c1", x, 3, 8))
+    b.output(b.conv("c2", y, 8, 4))
+    src = _save(tmp_path, b.model())
+    out = tmp_path / "out.onnx"
+    for n in (60000, 45000, 34000, 25000):
+        rc, peak, err = _peak([src, out, "--ratio", "0.5", "-q", "--input-shape", f"x={n},3,8,8"])
+        assert peak < 2 << 30, f"batch {n}: peak RSS {peak / 2**30:.2f} GiB (exit {rc})"
+        assert rc in (0, 2) and "Traceback" not in err, err
+        if rc == 0:
+            assert out.exists()
+            return
+        assert "--memory-limit" in err and not out.exists()
+    pytest.fail("the default limit refused even batch 25,000 of a 1 KB conv net")
