@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from spa.operators.weights import BIAS_INPUT
-from spa.passes import verify
+from spa.passes import PassManager, verify
 from spa.passes.apply import Apply
 
 from .driver import analyse, load
@@ -368,7 +368,7 @@ def _cut(matcher: _Matcher) -> tuple[dict[int, nn.Module], dict[tuple[int, str],
 def _check_after(model, analysis, removed: set[int], target: nn.Module, args: tuple, feeds: dict,
                  rtol: float) -> float:
     """Prune the ONNX model by the same plan (in place) and compare the pruned module with it: the max rel. error."""
-    Apply(analysis, removed).run(model)
+    PassManager([Apply(analysis, removed)]).run(model)  # the manager drops the now stale analyses
     pruned = model.graph.to_model()
     try:
         got = run_eval(target, args)

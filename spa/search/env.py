@@ -335,7 +335,6 @@ class Regrapher:
         model, _, removed, _ = problem.apply(np.asarray(kept, dtype=np.int64))
         g = model.graph
         g.shapes, g.dtypes = infer_shapes(g, fixed=model.input_shapes)
-        model.analyses.clear()   # Apply ran outside a pass manager: its input's analysis is stale
         analysis = Analyse().run(model)
         new, old = unit_map(problem.analysis, removed, analysis)
         group_of = group_map(problem.analysis, analysis, new, old)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from spa.passes import PassManager
 from spa.passes.analyse import Analyse
 from spa.passes.apply import Apply
 from spa.passes.reconstruct import output_rows
@@ -130,5 +131,5 @@ class SearchProblem:
             raise SpaError("internal: the copy of the model analyses differently from the original")
         removed = self.plan(kept).roots(analysis)
         out_rows = output_rows(analysis, removed) if rows else None  # before Apply cuts the weights
-        Apply(analysis, removed).run(model)
+        PassManager([Apply(analysis, removed)]).run(model)  # the manager drops the now stale analyses
         return model, analysis, removed, out_rows
