@@ -105,6 +105,11 @@ class ScoreAndSelect(Pass):
     def run(self, run: PruneRun) -> PassResult:
         opts, analysis = run.options, run.analysis
         run.data = load_data(opts.calib, run.model.graph.model, opts.calib_limit)
+        if run.data is not None and data_label(run.data, opts.importance) == "weights only" \
+                and not (opts.reconstruct or opts.recalibrate):
+            run.model.warnings.append(
+                f"--calib is not used: --importance {opts.importance} ranks by weights only and nothing "
+                f"reconstructs; --importance obspa (or --reconstruct / --recalibrate) puts the data to work")
         inputs = run.score_inputs = ScoreInputs(analysis, calib=run.data, loss=opts.loss, samples=opts.samples,
                                                 seed=opts.seed, progress=run.step)
         inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))

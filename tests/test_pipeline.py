@@ -168,3 +168,14 @@ def test_the_memory_limit_bounds_analysed_tensors_and_can_be_raised(tmp_path):
     assert load(str(model_file), big, memory_limit_gb=4.0).input_shapes["x"] == (1_000_000, 3, 8, 8)
     with pytest.raises(SpaError, match="--memory-limit must be a finite number > 0"):
         PruneOptions(ratio=0.5, memory_limit_gb=float("nan")).validated()
+
+
+def test_calibration_data_that_nothing_uses_is_reported_not_silently_ignored(model_file, tmp_path):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    unused = driver.prune(str(model_file), None, ratio=0.5, calib=str(calib)).report["warnings"]
+    assert any(w.startswith("--calib is not used: --importance l2") for w in unused), unused
+    used = driver.prune(str(model_file), None, ratio=0.5, calib=str(calib), recalibrate=True).report["warnings"]
+    assert not any(w.startswith("--calib is not used") for w in used), used
