@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spa.calib import array_bytes, check_memory
 from spa.errors import SpaError, VerificationError
 from spa.groups import Analysis
 from spa.ir import Graph
+from spa.memory import array_bytes, check_memory
 
 
 def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[int],

@@ -20,9 +20,6 @@ Default normalization for image folders (no mean/std given): ImageNet's mean (0.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
 import struct
 import warnings
 import zipfile
@@ -36,7 +33,7 @@ import onnx
 
 from .errors import SpaError, one_line
 from .fileio import atomic_write
-from .options import DEFAULT_MEMORY_LIMIT_GB, GB
+from .memory import GB, array_bytes, check_memory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,39 +43,6 @@ GRAY_STD = (0.5,)
 LABELS_KEY = "labels"
 
 Spec = tuple  # (shape: tuple[int | None, ...] | None, dtype: np.dtype)
-
-
-# ---- the memory limit ---------------------------------------------------------------------------------------------
-_MEMORY_LIMIT_GB = contextvars.ContextVar("spa_memory_limit_gb", default=DEFAULT_MEMORY_LIMIT_GB)
-
-
-@contextlib.contextmanager
-def memory_limit(gb: float | None):
-    """The limit (GB) that `check_memory` applies inside the block; None keeps it. The CLI sets it from
-    --memory-limit for every command, and driver.prune from PruneOptions.memory_limit_gb for API callers."""
-    token = _MEMORY_LIMIT_GB.set(float(gb)) if gb is not None else None
-    try:
-        yield
-    finally:
-        if token is not None:
-            _MEMORY_LIMIT_GB.reset(token)
-
-
-def memory_limit_gb(value: float | None = None) -> float:
-    return _MEMORY_LIMIT_GB.get() if value is None else float(value)
-
-
-def array_bytes(shape, dtype) -> int:
-    """Bytes of an array of `shape` (exact Python ints: a dim of 2**40 does not overflow)."""
-    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
-
-
-def check_memory(nbytes: int, what: str, limit_gb: float | None = None) -> None:
-    """Refuse, before allocating, `nbytes` over the memory limit with a line that says how to raise it."""
-    limit = memory_limit_gb(limit_gb)
-    if nbytes > limit * GB:
-        raise SpaError(f"{what} needs ~{nbytes / GB:.3g} GB, over the {limit:g} GB limit; raise it with "
-                       f"--memory-limit")
 
 
 # ---- the data set -----------------------------------------------------------------------------------------------

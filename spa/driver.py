@@ -11,11 +11,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .calib import memory_limit
 from .fileio import StagedOutputs, check_outputs
 from .groups import Analysis
 from .importance import score
 from .loading import load, param_count, resolve_input
+from .memory import memory_limit
 from .model import Model
 from .options import PruneOptions
 from .passes import PassManager
@@ -35,8 +35,8 @@ from .pipeline import (
 )
 from .select import PruningPlan, select
 
-__all__ = ["PruneOptions", "Result", "analyse", "check_output_path", "explain_nothing", "input_paths", "load", "param_count",
-           "passes_for", "plan", "prune", "resolve_input"]
+__all__ = ["PruneOptions", "Result", "analyse", "check_output_path", "explain_nothing", "input_paths", "load",
+           "param_count", "passes_for", "plan", "prune", "resolve_input"]
 
 
 def analyse(model: Model) -> Analysis:
@@ -104,14 +104,12 @@ def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
         sections.update(result.report)
     opts, inputs, graph = run.options, run.score_inputs, run.model.graph
     params_after = param_count(graph)
-    groups = sections["groups"]
     return {
         "input": str(run.source), "output": str(run.output) if run.output else None,
         "macs": sections["macs"],
         "params": {"before": run.params_before, "after": params_after,
                    "ratio": params_after / max(run.params_before, 1)},
-        "groups": {"total": groups["total"], "pruned": groups["pruned"], "frozen": sections["_frozen_groups"],
-                   "partially_frozen": groups["partially_frozen"]},
+        "groups": sections["groups"],
         "frozen": sections["frozen"],
         "unruled_ops": sections["unruled_ops"],
         "per_group": sections["per_group"],

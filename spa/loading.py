@@ -6,8 +6,8 @@ import onnx
 
 from .errors import SpaError
 from .ir import Graph, read_model
+from .memory import DEFAULT_MEMORY_LIMIT_GB
 from .model import Model
-from .options import DEFAULT_MEMORY_LIMIT_GB
 from .passes import PassManager
 from .passes.normalize import Normalize
 from .validate import analysis_elements, check_input

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calib import array_bytes, check_memory, input_specs
+from .calib import input_specs
 from .errors import SpaError, one_line
 from .importance import Member
 from .ir import attr as get_attr
+from .memory import array_bytes, check_memory
 
 DEFAULT_POSITIONS = 8192
 DEFAULT_DAMP = 0.01

@@ -12,14 +12,12 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import SpaError
+from .memory import DEFAULT_MEMORY_LIMIT_GB
 
 ALLOCATIONS = ("global", "uniform")
 COMPENSATIONS = ("similarity",)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range
-DEFAULT_MEMORY_LIMIT_GB = 1.2  # --memory-limit: what one run may allocate for analysis and data (the
-#                                process itself takes ~0.3-0.5 GB more: a run stays under 2 GB by default)
-GB = 10**9                     # the unit of --memory-limit
 
 
 def is_whole(value) -> bool:
@@ -39,7 +37,7 @@ def check_number(flag: str, value, *, low=None, high=None, low_open: bool = Fals
         and (high is None or (value < high if high_open else value <= high))
     if ok:
         return
-    if whole and low is not None and isinstance(value, int) and value < low:
+    if whole and low is not None and is_whole(value) and value < low:
         raise SpaError(f"{flag} must be at least {_fmt(low)}, got {value}")
     if high is None and low is not None:
         raise SpaError(f"{flag} must be a finite number {'>' if low_open else '>='} {_fmt(low)}, got {value}")

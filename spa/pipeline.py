@@ -58,9 +58,14 @@ class PruneRun:
             self.progress(stage)
 
 
-def data_label(data, importance: str) -> str:
+def uses_data(importance: str) -> bool:
+    """Whether the criterion reads activations or gradients (calibration data, or synthesized inputs)."""
     crit = CRITERIA.get(importance)
-    if crit is None or crit.needs == "weights":
+    return crit is not None and crit.needs != "weights"
+
+
+def data_label(data, importance: str) -> str:
+    if not uses_data(importance):
         return "weights only"
     return f"calibration ({data.n} samples)" if data is not None else "data-free (synthesized inputs)"
 
@@ -90,12 +95,10 @@ class AnalyseModel(Pass):
             check_strict(analysis)
         if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
             raise SpaError("no prunable group: " + explain_nothing(analysis))
-        frozen = [g for g in analysis.groups if g.prunable == 0]
         return PassResult(report={
             "frozen": [{"group": g.name, "units": g.size, "reasons": [{"where": w, "why": r} for w, r in g.reasons]}
                        for g in analysis.groups if g.frozen.any()],
-            "unruled_ops": analysis.unruled_ops,
-            "_frozen_groups": len(frozen)})
+            "unruled_ops": analysis.unruled_ops})
 
 
 class ScoreAndSelect(Pass):
@@ -105,8 +108,7 @@ class ScoreAndSelect(Pass):
     def run(self, run: PruneRun) -> PassResult:
         opts, analysis = run.options, run.analysis
         run.data = load_data(opts.calib, run.model.graph.model, opts.calib_limit)
-        if run.data is not None and data_label(run.data, opts.importance) == "weights only" \
-                and not (opts.reconstruct or opts.recalibrate):
+        if run.data is not None and not uses_data(opts.importance) and not (opts.reconstruct or opts.recalibrate):
             run.model.warnings.append(
                 f"--calib is not used: --importance {opts.importance} ranks by weights only and nothing "
                 f"reconstructs; --importance obspa (or --reconstruct / --recalibrate) puts the data to work")
@@ -136,6 +138,7 @@ class ScoreAndSelect(Pass):
         return PassResult(report={
             "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / max(macs_before, 1)},
             "groups": {"total": len(analysis.groups), "pruned": len([g for g in plan.removed.values() if g]),
+                       "frozen": len([g for g in analysis.groups if g.prunable == 0]),
                        "partially_frozen": len([g for g in analysis.groups if g.frozen.any() and g.prunable > 0])},
             "per_group": [{"id": g.id, "name": g.name, "units": g.size,
                            "kept": g.size - len(plan.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import SpaError, one_line
-from .options import DEFAULT_MEMORY_LIMIT_GB, GB
+from .memory import DEFAULT_MEMORY_LIMIT_GB, GB
 
 # Stored tensors (weights, constants): declared elements above this are refused before any byte is read.
 MAX_TENSOR_ELEMENTS = 2 ** 31

@@ -89,8 +89,8 @@ def test_synthesized_samples_refused(tmp_path, model, capsys):
 
 
 def test_hessians_checked():
-    from spa.calib import memory_limit
     from spa.errors import SpaError
+    from spa.memory import memory_limit
     from spa.obspa import LayerView, check_hessians
 
     class G:

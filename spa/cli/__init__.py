@@ -10,9 +10,10 @@ import sys
 import threading
 import warnings
 
-from ..calib import memory_limit
 from ..errors import SpaError, VerificationError, one_line
-from .common import Parser, check_number
+from ..memory import memory_limit
+from ..options import check_number
+from .common import Parser
 from .prune import USAGE
 
 # subcommand modules, each with add_parser(subparsers) that sets `run`; "prune" is the default command

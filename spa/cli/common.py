@@ -9,7 +9,7 @@ import time
 
 from ..errors import SpaError, one_line
 from ..fileio import StagedOutputs, atomic_write_text
-from ..options import DEFAULT_MEMORY_LIMIT_GB, check_counts, check_number, check_seed  # noqa: F401
+from ..memory import DEFAULT_MEMORY_LIMIT_GB
 from .summary import summary
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from .. import finetune as finetune_module
 from ..driver import input_paths
 from ..fileio import check_outputs
-from .common import add_memory_limit, check_counts, check_number, check_seed, python_warnings, write_json
+from ..options import check_counts, check_number, check_seed
+from .common import add_memory_limit, python_warnings, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ from ..calib import (
 from ..driver import input_paths
 from ..errors import SpaError, one_line
 from ..fileio import check_outputs
-from .common import add_memory_limit, check_counts, check_seed
+from ..options import check_counts, check_seed
+from .common import add_memory_limit
 
 MAKE_CALIB_DOC = """\
 Turn a folder of images into calibration data (.npz) for spa-prune.

@@ -10,7 +10,8 @@ from ..budget import CostModel
 from ..errors import SpaError
 from ..fileio import check_outputs
 from ..latency import ALIGN, CLOCKS, MIN_RUNS, LatencyModel, profile
-from .common import add_memory_limit, check_counts, input_shape
+from ..options import check_counts
+from .common import add_memory_limit, input_shape
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -7,11 +7,9 @@ from .. import driver
 from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
-from ..options import PruneOptions
+from ..options import PruneOptions, check_counts, check_number
 from .common import (
     add_common,
-    check_counts,
-    check_number,
     clear_progress,
     driver_kwargs,
     finish,

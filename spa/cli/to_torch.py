@@ -9,7 +9,8 @@ from pathlib import Path
 from ..driver import input_paths
 from ..errors import VerificationError
 from ..fileio import atomic_write, check_outputs
-from .common import add_memory_limit, check_number, input_shape
+from ..options import check_number
+from .common import add_memory_limit, input_shape
 
 TO_TORCH_DOC = """\
 Convert an ONNX model (e.g. one written by spa-prune) into a trainable PyTorch module file.
