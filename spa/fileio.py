@@ -1,7 +1,8 @@
 """Writing files so that a reader never sees half of one: every output of spa-prune (models, reports, plans,
-tables, calibration data, torch files, plots) goes through `atomic_write`: a temp file in the target's folder,
-an optional check of the finished temp file, then one rename over the target. On any failure, interrupts
-included, the temp file is removed and the target is left as it was."""
+tables, calibration data, torch files, plots) is written to a temp file in the target's folder and renamed over
+the target, alone (`atomic_write`, with an optional check of the finished temp file) or together with the run's
+other outputs (`StagedOutputs`). On any failure, interrupts included, the temp files are removed and the targets
+are left as they were."""
 from __future__ import annotations
 
 import os
@@ -23,30 +24,15 @@ def temp_path_beside(path: Path) -> Path:
 def atomic_write(path, write: Callable, *, check: Callable | None = None, binary: bool = True) -> None:
     """Write through `write(file)` into a temp file beside `path`, run `check(temp_path)` (which may raise:
     nothing is written then), and rename it over `path`. Missing parent folders are created."""
-    p = Path(path)
-    tmp = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path_beside(p)
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
+    with StagedOutputs() as outputs:
+        temp = outputs.stage(path, write, binary=binary)
         if check is not None:
-            check(tmp)
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as e:
-        raise SpaError(f"cannot write {p}: {e.strerror or e}")
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+            check(temp)
+        outputs.commit()
 
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
 
 
 class StagedOutputs:
@@ -58,7 +44,8 @@ class StagedOutputs:
     def __init__(self):
         self.staged: list[tuple[Path, Path]] = []   # (temp file, target)
 
-    def stage(self, path, write: Callable, *, binary: bool = True) -> None:
+    def stage(self, path, write: Callable, *, binary: bool = True) -> Path:
+        """Write through `write(file)` into a temp file beside `path`; returns the temp file's path."""
         p = Path(path)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -68,13 +55,9 @@ class StagedOutputs:
                 write(f)
         except OSError as e:
             raise SpaError(f"cannot write {p}: {e.strerror or e}")
-
-    def stage_file(self, path, tmp: Path) -> None:
-        """Take over a temp file already written beside `path` (e.g. a model with its external-data file)."""
-        self.staged.append((Path(tmp), Path(path)))
+        return tmp
 
     def commit(self) -> None:
-
         held = {signal.SIGINT, signal.SIGTERM}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:

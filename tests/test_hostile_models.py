@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import IR_VERSION, OPSET, Builder
+from helpers import IR_VERSION, OPSET, Builder, conv_net
 from onnx import TensorProto, helper, numpy_helper
 
 from spa.cli import main
@@ -22,12 +22,7 @@ from spa.cli import main
 SECRET = b"TOP-SECRET-BYTES-" * 256  # 4352 bytes: more than any tensor below needs
 
 
-def base_model() -> onnx.ModelProto:
-    b = Builder()
-    x = b.input("x", [1, 3, 8, 8])
-    y = b.relu(b.bn("bn1", b.conv("c1", x, 3, 8), 8))
-    b.output(b.conv("c2", y, 8, 4))
-    return b.model()
+base_model = conv_net   # Conv -> BN -> ReLU -> Conv, 1x3x8x8
 
 
 def cli(argv, capsys) -> tuple[int, str]:
