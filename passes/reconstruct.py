@@ -20,7 +20,7 @@ import time
 import numpy as np
 import onnx
 
-from spa import obspa
+from spa import execution, obspa
 from spa.errors import SpaError
 from spa.ir import Graph
 
@@ -43,7 +43,7 @@ class Lockstep:
         self.t_orig = TorchGraph(original)
         self.t_pruned = TorchGraph(pruned)
         n = int(next(iter(feeds.values())).shape[0])
-        parts = list(obspa.chunks(feeds, n, chunk))
+        parts = list(execution.chunks(feeds, n, chunk))
         if not parts:
             raise SpaError(f"{n} samples are fewer than the model's fixed batch size {chunk[0]}")
         self.env_o = [self.t_orig.initial_env(c) for c in parts]
@@ -100,7 +100,7 @@ class Reconstruct(Pass):
 
         g = model.graph
         before = structure(g.to_model())
-        ls = Lockstep(self.original, g, self.feeds, obspa.batch_size_for(g, 64, self.feeds))
+        ls = Lockstep(self.original, g, self.feeds, execution.batch_size_for(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
         stats = {"layers_refit": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
                   "positions_per_layer": self.positions, "samples": ls.n}

@@ -52,9 +52,9 @@ from spa.passes.verify import run_many
 from .calib import Calib, input_specs, load_calib
 from .driver import check_output_path
 from .errors import SpaError, VerificationError
+from .execution import batch_size_for
 from .fileio import atomic_write
 from .ir import Graph, load_model, save_model
-from .obspa import batch_size_for
 from .train_batchnorm import ConvSite, Trainer, bn_modules, conv_sites, fold_batchnorms
 
 # trainable slots: wider than the weight-layer table (norm affines, PRelu, either MatMul operand, any constness)
@@ -104,7 +104,7 @@ def _load(path_or_calib, model: onnx.ModelProto, what: str):
 
 def _samples_per_run(proto: onnx.ModelProto, data, batch_size: int) -> int:
     """`batch_size`, or the export's fixed batch (often 1) when its reshapes bake that batch in; the gradients
-    of a batch are then accumulated over runs of that size (obspa.batch_size_for probes it)."""
+    of a batch are then accumulated over runs of that size (execution.batch_size_for probes it)."""
     return batch_size_for(Graph(proto), batch_size, data.inputs)[0]
 
 

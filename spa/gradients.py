@@ -24,8 +24,9 @@ import time
 import numpy as np
 
 from .errors import SpaError
+from .execution import batch_size_for, chunks
 from .importance import Member, weight_members
-from .obspa import batch_size_for, chunks, model_data
+from .synthesis import model_data
 
 
 def _loss(torch, out, kind: str, labels, original, gen):

@@ -3,11 +3,12 @@ Each changes weight values only, on a model whose structure is already verified;
 measured before and after on the same inputs (calibration data, or random inputs when data-free)."""
 from __future__ import annotations
 
-from .obspa import batch_size_for, model_data
+from .execution import batch_size_for
 from .passes import verify
 from .passes.compensate import fidelity
 from .passes.reconstruct import Reconstruct
 from .passes.similarity import SimilarityCompensation
+from .synthesis import model_data
 
 
 def fidelity_feeds(run) -> tuple[list[dict], str]:

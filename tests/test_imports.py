@@ -406,7 +406,7 @@ LAYERS = [
     ["spa.errors", "spa.memory", "spa.fileio", "spa.options"],
     ["spa.ir", "spa.validate", "spa.model", "spa.labels", "spa.groups"],
     ["spa.operators", "spa.lowering", "spa.torch_graph", "spa.models"],
-    ["spa.calib", "spa.importance", "spa.obspa", "spa.gradients"],
+    ["spa.calib", "spa.importance", "spa.execution", "spa.synthesis", "spa.obspa", "spa.gradients"],
     ["spa.passes"],
     ["spa.select", "spa.budget", "spa.loading"],
     ["spa.reconstruction", "spa.pipeline", "spa.driver"],

@@ -6,9 +6,10 @@ import numpy as np
 
 from ..calib import input_specs
 from ..errors import SpaError
+from ..execution import batch_size_for, chunks
 from ..importance import ScoreInputs
 from ..latency import free_batch_dim
-from ..obspa import batch_size_for, chunks, model_data
+from ..synthesis import model_data
 
 
 class CalibSamples:
@@ -62,7 +63,7 @@ class CalibSamples:
                 for i in range(start, stop, self.batch_size)]
 
     def chunks(self, sl: slice) -> list:
-        """Torch chunks of slice `sl` (spa.obspa.chunks: whole batches when the batch dim is fixed)."""
+        """Torch chunks of slice `sl` (spa.execution.chunks: whole batches when the batch dim is fixed)."""
         return list(chunks(self.slice(sl), sl.stop - sl.start, (self.batch_size, self.fixed_batch)))
 
     def run_ort(self, proto, sl: slice, threads: int | None, own: bool = False) -> list[np.ndarray]:

@@ -1,0 +1,69 @@
+"""Running the input model on sample batches (torch): whole batches when the export fixed the batch size, and a
+model that cannot run is one line of bad input, not a traceback. Shared by OBS scoring, gradient criteria,
+data-free synthesis, reconstruction, fine-tuning and the search's sample sets."""
+from __future__ import annotations
+
+import numpy as np
+
+from .calib import input_specs
+from .errors import SpaError, one_line
+
+
+def run_model(tg, feeds, hook=None):
+    """One torch run of the input model; a model that cannot run (a malformed input the loader let through) is
+    bad input, one line, not a traceback."""
+    try:
+        return tg.run(feeds, hook=hook)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise SpaError(f"the input model does not run on the calibration/synthesized inputs: {one_line(e, 300)}")
+
+
+def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) -> tuple[int, bool]:
+    """Samples per run, and whether that size is fixed. A model exported with a fixed batch dim (often 1) may
+    have the batch baked into Reshape constants; it is probed once: when a run on two samples gives exactly the
+    two single-sample results, any batch size is used, else batches of the exported size."""
+    fixed = None
+    for shape, _ in input_specs(g.model).values():
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            fixed = shape[0]
+            break
+    if fixed is None:
+        return default, False
+    if fixed != 1 or feeds is None or min(v.shape[0] for v in feeds.values()) < 2:
+        return fixed, True
+    cached = getattr(g, "_batch_probe", None)
+    if cached is None:
+        cached = g._batch_probe = _batch_polymorphic(g, feeds)
+    return (default, False) if cached else (fixed, True)
+
+
+def _batch_polymorphic(g, feeds) -> bool:
+    import torch
+
+    from .torch_graph import TorchGraph  # torch: this module must import without it
+
+    tg = TorchGraph(g)
+    try:
+        with torch.no_grad():
+            pair = tg.run({k: torch.from_numpy(np.ascontiguousarray(v[:2])) for k, v in feeds.items()})
+            singles = [tg.run({k: torch.from_numpy(np.ascontiguousarray(v[i:i + 1])) for k, v in feeds.items()})
+                       for i in range(2)]
+    except Exception:  # noqa: BLE001 - any failure means: keep the exported batch size
+        return False
+    for name, t in pair.items():
+        if t.dim() == 0 or t.shape[0] != 2:
+            return False
+        ref = torch.cat([s[name] for s in singles])
+        if ref.shape != t.shape or not torch.allclose(t.float(), ref.float(), rtol=1e-4,
+                                                       atol=1e-5 * float(ref.float().abs().max()) + 1e-6):
+            return False
+    return True
+
+
+def chunks(feeds: dict[str, np.ndarray], n: int, size: tuple[int, bool]):
+    """Batches of `size[0]` samples; with a fixed batch size a short last batch is dropped."""
+    import torch
+
+    size, fixed = size
+    for start in range(0, n - size + 1 if fixed else n, size):
+        yield {k: torch.from_numpy(np.ascontiguousarray(v[start:start + size])) for k, v in feeds.items()}
