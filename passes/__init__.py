@@ -38,16 +38,19 @@ class PassManager:
 
     def run(self, target):
         self.check_order()
-        results = {}
-        for p in self.passes:
-            if self.progress:
-                self.progress(p.name)
-            t = time.perf_counter()
-            results[p.name] = p.run(target)
-            self.timings[p.name] = time.perf_counter() - t
-            if p.rewrites:
-                target.analyses.clear()
-        return results
+        return {p.name: self.run_one(p, target) for p in self.passes}
+
+    def run_one(self, p: Pass, target) -> PassResult:
+        """One pass, timed, the target's analyses dropped after it if it rewrites (also used to append a pass
+        to a finished run, e.g. the writing of the run a fidelity guard chose)."""
+        if self.progress:
+            self.progress(p.name)
+        t = time.perf_counter()
+        result = p.run(target)
+        self.timings[p.name] = time.perf_counter() - t
+        if p.rewrites:
+            target.analyses.clear()
+        return result
 
     def check_order(self) -> None:
         """Every pass's requirements are provided by the passes before it (a programming error otherwise)."""

@@ -1,16 +1,19 @@
 """The pipeline behind the CLI and the Python API:
 
-    load ─► normalize ─► analyse ─► score ─► select ─► apply ─► verify ─► [compensate] ─► [reconstruct] ─► save
+    load ─► normalize ─► analyse ─► score ─► select ─► apply ─► verify ─► [compensate] ─► [reconstruct]
+         ─► fidelity ─► save
 
 `prune` validates its options once, runs the passes of `spa.pipeline` in this order through the pass manager,
-and assembles the report from what they return.
+and assembles the report from what they return. With a fidelity guard (--max-drop) a cut that loses too much
+is retried smaller (bisection on the share of the requested cut) and the largest one within the guard is saved.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .errors import FidelityError
 from .fileio import StagedOutputs, check_outputs
 from .groups import Analysis
 from .importance import score
@@ -23,8 +26,10 @@ from .passes.analyse import Analyse
 from .pipeline import (
     AnalyseModel,
     ApplyPlan,
+    FidelityNotMet,
     FoldConstants,
     LoadModel,
+    MeasureFidelity,
     PruneRun,
     Reconstruction,
     ScoreAndSelect,
@@ -57,8 +62,12 @@ class Result:
     report: dict = field(default_factory=dict)
 
 
-def passes_for(options: PruneOptions) -> list:
-    """The run's passes, in order: the structural cut and its check always, the value passes when asked."""
+GUARD_PROBES = 4  # smaller cuts tried after the requested one fails the guard: the smallest is 1/16 of it
+
+
+def passes_for(options: PruneOptions, write: bool = True) -> list:
+    """The run's passes, in order: the structural cut and its check always, the value passes when asked, the
+    fidelity measurement whenever the run verifies (it needs onnxruntime), the writing unless `write` is off."""
     passes = [LoadModel(), AnalyseModel(), ScoreAndSelect(), ApplyPlan()]
     if options.verify:
         passes.append(VerifyStructure())
@@ -66,7 +75,10 @@ def passes_for(options: PruneOptions) -> list:
         passes.append(FoldConstants())
     if options.value_passes:
         passes.append(Reconstruction())
-    passes.append(WriteOutputs())
+    if options.verify:
+        passes.append(MeasureFidelity())
+    if write:
+        passes.append(WriteOutputs())
     return passes
 
 
@@ -86,15 +98,85 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
     t0 = time.perf_counter()
     staged = outputs if outputs is not None else StagedOutputs()
     with staged, memory_limit(options.memory_limit_gb):  # a failure discards what was staged: nothing is written
-        run = PruneRun(source, output, options, progress, outputs=staged)
-        manager = PassManager(passes_for(options))
-        results = manager.run(run)
+        if options.max_drop is None:
+            run = PruneRun(source, output, options, progress, outputs=staged)
+            manager = PassManager(passes_for(options))
+            results, guard = manager.run(run), None
+        else:
+            run, manager, results, guard = guarded(source, output, options, progress, staged)
         timings = {name: round(seconds, 4) for name, seconds in manager.timings.items()}
         timings["total"] = round(time.perf_counter() - t0, 4)
         report = assemble_report(run, results, timings)
+        if guard is not None:
+            report["fidelity"]["guard"] = guard
         if outputs is None:
             staged.commit()
     return Result(run.model, report)
+
+
+def guarded(source, output, options: PruneOptions, progress, staged: StagedOutputs):
+    """--max-drop: the requested cut, and when it loses more fidelity than allowed, a bisection on the share of
+    it (GUARD_PROBES smaller cuts); the largest cut within the guard is written. None within it: FidelityError."""
+    tried: list[dict] = []
+    best = None
+    lo, hi, share = 0.0, 1.0, 1.0
+    for _ in range(GUARD_PROBES + 1):
+        probe = scaled_cut(options, share)
+        run = PruneRun(source, output, probe, progress, outputs=staged)
+        manager = PassManager(passes_for(probe, write=False))
+        try:
+            results = manager.run(run)
+        except FidelityNotMet as e:
+            tried.append({"share_of_cut": share, **cut_of(probe), "drop_pct": e.section["drop_pct"],
+                          "metric": e.section["metric"], "met": False})
+            hi = share
+        else:
+            section = results["fidelity"].report["fidelity"]
+            removes = results["score+select"].report["groups"]["pruned"] > 0
+            tried.append({"share_of_cut": share, **cut_of(probe), "drop_pct": section["drop_pct"],
+                          "metric": section["metric"], "met": removes, **({} if removes else {"removes": "nothing"})})
+            if not removes:  # so small a cut removes no unit: smaller ones do not either
+                break
+            best, lo = (run, manager, results), share
+            if share == 1.0:
+                break
+        if options.plan_file:
+            break  # a plan is checked, not scaled
+        share = (lo + hi) / 2
+    if best is None:
+        worst = next(t for t in reversed(tried) if "removes" not in t) if len(tried) > 1 else tried[-1]
+        raise FidelityError(f"--max-drop {options.max_drop:g}: even the smallest cut tried ({describe_cut(worst)}) "
+                            f"loses {worst['drop_pct']:.2f} % > {options.max_drop:g} % ({worst['metric']}); "
+                            f"nothing written (allow a larger --max-drop; more --calib data measures it finer)")
+    run, manager, results = best
+    results["save"] = manager.run_one(WriteOutputs(), run)
+    met = tried[0]["met"]
+    return run, manager, results, {
+        "max_drop_pct": options.max_drop, "met_at_requested_budget": met, "tried": tried,
+        "outcome": "the requested budget is within the guard" if met else
+                   f"pruned less than asked, as far as the guard allows ({describe_cut(next(t for t in reversed(tried) if t['met']))})"}
+
+
+def scaled_cut(options: PruneOptions, share: float) -> PruneOptions:
+    """The options with `share` of the requested cut (1 = as asked): keep 1 - share x (1 - F) of the MACs, or
+    remove share x R of every group."""
+    if share == 1.0 or options.plan_file:
+        return options
+    if options.target_flops is not None:
+        return replace(options, target_flops=1.0 - share * (1.0 - options.target_flops))
+    return replace(options, ratio=share * options.ratio)
+
+
+def cut_of(options: PruneOptions) -> dict:
+    if options.plan_file:
+        return {"plan": str(options.plan_file)}
+    return {"target_flops": options.target_flops} if options.target_flops is not None else {"ratio": options.ratio}
+
+
+def describe_cut(tried: dict) -> str:
+    if "target_flops" in tried:
+        return f"keep {tried['target_flops']:.3f} of the MACs"
+    return f"--ratio {tried['ratio']:.3f}" if "ratio" in tried else f"the plan {tried['plan']}"
 
 
 def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
@@ -116,6 +198,7 @@ def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
         "verification": sections.get("verification", {"status": "skipped (--no-verify)"}),
         "compensation": sections.get("compensation"),
         "reconstruction": sections.get("reconstruction"),
+        "fidelity": sections.get("fidelity"),
         "importance": {"criterion": opts.importance, "aggregation": opts.aggregation,
                        "normalization": opts.normalization, "data": data_label(run.data, opts.importance),
                        "notes": inputs.notes,

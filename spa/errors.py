@@ -13,6 +13,12 @@ class VerificationError(Exception):
     exit_code = 1
 
 
+class FidelityError(Exception):
+    """--max-drop: even the smallest cut tried loses more fidelity than allowed: exit code 1, nothing written."""
+
+    exit_code = 1
+
+
 def one_line(text, limit: int | None = None) -> str:
     """A message (or an exception) folded onto one line, so an error stays the single stderr line the CLI
     promises; `limit` cuts very long library messages."""

@@ -15,7 +15,8 @@ def run_model(tg, feeds, hook=None):
     try:
         return tg.run(feeds, hook=hook)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise SpaError(f"the input model does not run on the calibration/synthesized inputs: {one_line(e, 300)}")
+        raise SpaError(f"the input model does not run on the calibration/synthesized inputs (are the input shapes "
+                       f"right? --input-shape sets them): {one_line(e, 300)}")
 
 
 def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) -> tuple[int, bool]:
@@ -53,9 +54,10 @@ def _batch_polymorphic(g, feeds) -> bool:
     for name, t in pair.items():
         if t.dim() == 0 or t.shape[0] != 2:
             return False
-        ref = torch.cat([s[name] for s in singles])
-        if ref.shape != t.shape or not torch.allclose(t.float(), ref.float(), rtol=1e-4,
-                                                       atol=1e-5 * float(ref.float().abs().max()) + 1e-6):
+        ref = torch.cat([s[name] for s in singles]).float()
+        scale = float(ref.nan_to_num(0.0, 0.0, 0.0).abs().max()) if ref.numel() else 0.0
+        if ref.shape != t.shape or not torch.allclose(t.float(), ref, rtol=1e-4, atol=1e-5 * scale + 1e-6,
+                                                       equal_nan=True):
             return False
     return True
 

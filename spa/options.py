@@ -7,6 +7,7 @@ read the options; none re-checks them.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +16,11 @@ from .errors import SpaError
 from .memory import DEFAULT_MEMORY_LIMIT_GB
 
 ALLOCATIONS = ("global", "uniform")
+DEFAULT_IMPORTANCE = "obspa"      # OBS saliencies on data (or synthesized inputs), then least-squares refit
+DEFAULT_ALLOCATION = "uniform"
+FAST_IMPORTANCE = "l2"            # --fast: magnitude ranking, no data pass, no reconstruction
+FAST_ALLOCATION = "uniform"
+DATA_CRITERIA = ("taylor", "snip", "grasp", "crop", "obs", "obspa")  # read activations or gradients (need torch)
 COMPENSATIONS = ("similarity",)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range
@@ -110,15 +116,17 @@ def check_data_options(*, positions, damp, samples, dbscan, seed=0) -> None:
 @dataclass(frozen=True)
 class PruneOptions:
     """Every option of a pruning run (defaults are the CLI's). `validated()` returns a checked copy with the
-    defaults that depend on other options resolved (reconstruct is on for importance 'obspa')."""
+    defaults that depend on other options resolved: OBS scoring, the default allocation and reconstruction,
+    or with `fast` magnitude ranking and no value pass."""
 
     # what to remove: exactly one of ratio / target_flops / plan_file
     ratio: float | None = None
     target_flops: float | None = None
     plan_file: str | None = None
-    allocation: str = "global"
+    allocation: str | None = None  # None: DEFAULT_ALLOCATION (FAST_ALLOCATION with fast)
     # how units are ranked
-    importance: str = "l2"
+    importance: str | None = None  # None: DEFAULT_IMPORTANCE (FAST_IMPORTANCE with fast)
+    fast: bool = False             # the instant path: magnitude ranking, no reconstruction (fine-tune afterwards)
     aggregation: str = "sum"
     normalization: str = "mean"
     # constraints on the selection
@@ -135,7 +143,7 @@ class PruneOptions:
     positions: int | None = None
     damp: float | None = None
     # value passes after the structural cut (each reports fidelity)
-    reconstruct: bool | None = None
+    reconstruct: bool | None = None   # None: on unless fast
     recalibrate: bool = False
     compensate: str | None = None
     dbscan: tuple | None = None
@@ -146,6 +154,7 @@ class PruneOptions:
     strict: bool = False
     input_shapes: dict = field(default_factory=dict)
     save_plan: str | None = None
+    max_drop: float | None = None  # fidelity guard: the most the held-out fidelity may drop, in percent
     memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB  # bounds analysed tensors and the data a run makes
 
     @classmethod
@@ -166,22 +175,59 @@ class PruneOptions:
         return bool(self.reconstruct or self.recalibrate or self.compensate)
 
     def validated(self) -> PruneOptions:
-        if self.plan_file is None:
+        resolved = replace(self, **resolved_defaults(self))
+        if resolved.plan_file is None:
             check_selection(ratio=self.ratio, target_flops=self.target_flops, max_ratio=self.max_ratio,
-                            allocation=self.allocation, min_channels=self.min_channels, round_to=self.round_to)
+                            allocation=resolved.allocation, min_channels=self.min_channels, round_to=self.round_to)
         check_data_options(positions=self.positions, damp=self.damp, samples=self.samples, dbscan=self.dbscan,
                            seed=self.seed)
         check_positive("--rtol", self.rtol)
         check_positive("--memory-limit", self.memory_limit_gb)
         if self.calib_limit is not None:
             check_count("--calib-samples", self.calib_limit)
-        resolved = self if self.reconstruct is not None else replace(self, reconstruct=self.importance == "obspa")
+        if self.max_drop is not None:
+            check_number("--max-drop", self.max_drop, low=0.0, high=100.0)
+            if not resolved.verify:
+                raise SpaError("--max-drop measures fidelity after verification; drop --no-verify")
+        check_torch(resolved)
         if resolved.recalibrate and resolved.calib is None:
             raise SpaError("--recalibrate needs calibration data (--calib FILE.npz or an image folder)")
         if resolved.compensate not in (None, *COMPENSATIONS):
             raise SpaError(f"unknown compensation '{resolved.compensate}' (choose from: {', '.join(COMPENSATIONS)})")
         if resolved.value_passes and not resolved.verify:
-            raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
+            hint = "" if self.reconstruct or self.fast else \
+                " or add --fast (the default reconstructs: magnitude ranking only with --fast)"
+            raise SpaError(f"reconstruction and compensation need verification (they report fidelity); drop "
+                           f"--no-verify{hint}")
         if resolved.fold_constants and not resolved.verify:
             raise SpaError("--fold-constants needs verification (it measures fidelity); drop --no-verify")
         return resolved
+
+
+def resolved_defaults(options: PruneOptions) -> dict:
+    """The values of the options left at None: the default mode (OBS scoring, reconstruction) or, with --fast,
+    magnitude ranking without any pass that reads data. --fast with a data criterion or --reconstruct is a
+    contradiction, refused."""
+    if options.fast:
+        if options.importance in DATA_CRITERIA:
+            raise SpaError(f"--fast ranks by weights only; --importance {options.importance} reads data (drop --fast "
+                           f"for it)")
+        if options.reconstruct:
+            raise SpaError("--fast skips reconstruction; drop --fast or --reconstruct")
+    importance = options.importance or (FAST_IMPORTANCE if options.fast else DEFAULT_IMPORTANCE)
+    allocation = options.allocation or (FAST_ALLOCATION if options.fast else DEFAULT_ALLOCATION)
+    reconstruct = options.reconstruct if options.reconstruct is not None else not options.fast
+    return {"importance": importance, "allocation": allocation, "reconstruct": reconstruct}
+
+
+def needs_torch(options: PruneOptions) -> bool:
+    """Whether the run reads data through the torch lowering (a data criterion, or a value pass)."""
+    return options.importance in DATA_CRITERIA or bool(options.reconstruct or options.recalibrate)
+
+
+def check_torch(options: PruneOptions) -> None:
+    """The default mode runs the model in torch (an optional dependency): say how to get it, or --fast."""
+    if needs_torch(options) and importlib.util.find_spec("torch") is None:
+        what = "reconstruction" if options.importance not in DATA_CRITERIA else f"--importance {options.importance}"
+        raise SpaError(f"{what} needs torch: pip install 'spa-prune[criteria]' (or add --fast: magnitude ranking "
+                       f"without reconstruction, for models you fine-tune afterwards)")

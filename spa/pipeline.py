@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
-from .calib import load_data
+from .calib import Calib, load_data
 from .errors import SpaError
+from .execution import batch_size_for
 from .fileio import StagedOutputs
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
@@ -26,6 +28,11 @@ from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
 from .passes.reconstruct import output_rows
 from .select import PruningPlan, read_plan, select
+from .synthesis import model_data
+
+HOLDOUT_SHARE = 8        # 1/8 of the calibration samples (at least HOLDOUT_MIN) are kept out of every fit
+HOLDOUT_MIN = 8
+HOLDOUT_SYNTHESIZED = 16  # data-free: fresh synthesized samples, made with the fitted ones, never fitted
 
 
 @dataclass
@@ -41,6 +48,8 @@ class PruneRun:
     params_before: int = 0
     analysis: Analysis | None = None
     data: object = None                        # calibration data (spa.calib.Calib) or None: data-free
+    holdout: list | None = None                # feed batches no pass fits to, for the fidelity measurement
+    holdout_label: str = ""
     score_inputs: ScoreInputs | None = None
     plan: PruningPlan | None = None
     removed: set = field(default_factory=set)  # union-find roots of the removed units
@@ -107,15 +116,22 @@ class ScoreAndSelect(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         opts, analysis = run.options, run.analysis
-        run.data = load_data(opts.calib, run.model.graph.model, opts.calib_limit)
+        run.data, held = split_holdout(load_data(opts.calib, run.model.graph.model, opts.calib_limit))
         if run.data is not None and not uses_data(opts.importance) and not (opts.reconstruct or opts.recalibrate):
             run.model.warnings.append(
-                f"--calib is not used: --importance {opts.importance} ranks by weights only and nothing "
-                f"reconstructs; --importance obspa (or --reconstruct / --recalibrate) puts the data to work")
+                f"--calib is not used for pruning: --importance {opts.importance} ranks by weights only and nothing "
+                f"reconstructs (it only measures fidelity); without --fast the default puts the data to work")
         inputs = run.score_inputs = ScoreInputs(analysis, calib=run.data, loss=opts.loss, samples=opts.samples,
                                                 seed=opts.seed, progress=run.step)
         inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))
                                          if v is not None}
+        if held is not None:
+            run.holdout_label = f"{held.n} held-out calibration samples"
+            run.holdout = batches_for(run.model.graph, held.inputs)
+        elif run.data is None and (uses_data(opts.importance) or opts.reconstruct):
+            run.holdout = synthesize_holdout(run, inputs)
+        if uses_data(opts.importance) or opts.reconstruct:
+            check_finite_weights(analysis)
         run.step("score")
         if opts.plan_file:
             run.plan = read_plan(opts.plan_file, analysis)
@@ -198,6 +214,98 @@ class Reconstruction(Pass):
         report = reconstruct_values(run, data_label(run.data, "obspa"))
         run.pruned = run.model.graph.to_model()
         return PassResult(modified=True, report={"reconstruction": report})
+
+
+class FidelityNotMet(Exception):
+    """The --max-drop guard failed for this cut (the driver then tries a smaller one)."""
+
+    def __init__(self, section: dict):
+        super().__init__(f"fidelity drop {section['drop_pct']:.2f} % > --max-drop {section['max_drop_pct']:g} %")
+        self.section = section
+
+
+class MeasureFidelity(Pass):
+    """The pruned model's fidelity to the original on inputs no pass fitted to (held-out calibration samples,
+    or fresh synthesized / random inputs when data-free): top-1 agreement for outputs that look like class logits,
+    relative L2 error for the others. --max-drop turns it into a guard."""
+    name, requires = "fidelity", ("pruned", "original")
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("fidelity")
+        feeds, label = run.holdout, run.holdout_label
+        if not feeds:
+            feeds = [verify.random_inputs(run.original, run.model.input_shapes, seed) for seed in (2, 3)]
+            label = "random inputs (data-free)"
+        outputs = fidelity(run.original, run.pruned, run.model.input_shapes, feeds=feeds)
+        drop, metric = fidelity_drop(outputs)
+        section = {"on": label, "metric": metric, "drop_pct": drop, "outputs": outputs}
+        if run.options.max_drop is not None:
+            section["max_drop_pct"] = run.options.max_drop
+            if drop > run.options.max_drop:
+                raise FidelityNotMet(section)
+        return PassResult(report={"fidelity": section})
+
+
+def check_finite_weights(analysis: Analysis) -> None:
+    """The data passes (OBS Hessians, least-squares refits) need finite weights: a NaN/inf weight is one line of
+    bad input, not a failed solve deep inside."""
+    g = analysis.ctx.g
+    for s in analysis.ctx.sources:
+        w = g.const(s.weight)
+        if w is not None and np.asarray(w).dtype.kind == "f" and not np.isfinite(w).all():
+            raise SpaError(f"the weight '{s.weight}' of node '{s.node}' has NaN/inf values: scoring on data and "
+                           f"reconstruction need finite weights (fix the model, or add --fast: magnitude ranking "
+                           f"only)")
+
+
+def fidelity_drop(outputs: dict) -> tuple[float, str]:
+    """One number for the guard and the summary, in percent: the top-1 predictions that changed on the first
+    output that looks like class logits, else the mean relative L2 error of the outputs."""
+    for values in outputs.values():
+        if "top1" in values:
+            return round(100.0 * (1.0 - values["top1"]), 4), "top-1 predictions changed"
+    errors = [v["rel_l2"] for v in outputs.values()]
+    return round(100.0 * (sum(errors) / max(len(errors), 1)), 4), "relative L2 error of the outputs"
+
+
+def split_holdout(data: Calib | None) -> tuple[Calib | None, Calib | None]:
+    """(samples to fit, samples held out for the fidelity measurement): 1/HOLDOUT_SHARE of them, at least
+    HOLDOUT_MIN, from the end; nothing is held out of fewer than 4 x HOLDOUT_MIN samples."""
+    if data is None or data.n < 4 * HOLDOUT_MIN:
+        return data, None
+    held = max(data.n // HOLDOUT_SHARE, HOLDOUT_MIN)
+    keep = data.n - held
+
+    def part(sl):
+        return Calib({k: v[sl] for k, v in data.inputs.items()}, None if data.labels is None else data.labels[sl],
+                     data.source, data.classes, data.skipped)
+
+    return part(slice(0, keep)), part(slice(keep, None))
+
+
+def batches_for(graph, inputs: dict) -> list[dict] | None:
+    """Feed batches for onnxruntime: whole batches of the exported size when the batch dim is fixed (None when
+    there are fewer samples than one batch), else one batch of all samples."""
+    n = int(next(iter(inputs.values())).shape[0])
+    size, fixed = batch_size_for(graph, 64)
+    if not fixed:
+        return [{k: v[s:s + size] for k, v in inputs.items()} for s in range(0, n, size)]
+    out = [{k: v[s:s + size] for k, v in inputs.items()} for s in range(0, n - size + 1, size)]
+    return out or None
+
+
+def synthesize_holdout(run: PruneRun, inputs: ScoreInputs) -> list[dict] | None:
+    """Data-free: synthesize HOLDOUT_SYNTHESIZED more samples together with the fitted ones, keep the fitted
+    ones where the data passes read them (spa.synthesis.model_data's cache) and the rest for the fidelity."""
+    wanted = inputs.samples
+    inputs.samples = wanted + HOLDOUT_SYNTHESIZED
+    try:
+        feeds, _ = model_data(inputs)
+    finally:
+        inputs.samples = wanted
+    inputs.cache["synthesized"] = {k: v[:wanted] for k, v in feeds.items()}
+    run.holdout_label = f"{HOLDOUT_SYNTHESIZED} held-out synthesized samples (data-free)"
+    return batches_for(run.model.graph, {k: v[wanted:] for k, v in feeds.items()})
 
 
 class WriteOutputs(Pass):

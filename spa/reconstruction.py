@@ -12,9 +12,12 @@ from .synthesis import model_data
 
 
 def fidelity_feeds(run) -> tuple[list[dict], str]:
-    """The inputs fidelity is measured on: up to 256 calibration samples in whole batches (onnxruntime needs
-    exactly the batch size a fixed batch dim declares), else two random draws."""
+    """The inputs fidelity is measured on: the held-out samples when the run has some (spa.pipeline), else up to
+    256 calibration samples in whole batches (onnxruntime needs exactly the batch size a fixed batch dim
+    declares), else two random draws."""
     data, model = run.data, run.model
+    if run.holdout:
+        return run.holdout, run.holdout_label
     if data is None:
         return [verify.random_inputs(run.original, model.input_shapes, seed) for seed in (0, 1)], \
             "random inputs (data-free)"

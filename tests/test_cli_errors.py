@@ -251,7 +251,7 @@ def test_plan_that_empties_a_tensor_is_rejected(tmp_path, capsys, removed):
     plan.write_text(json.dumps({"format": "spa-prune-plan/1", "groups": [
         {"id": g.id, "name": g.name, "units": g.size, "removed": removed}]}))
     out = tmp_path / "out.onnx"
-    rc, _, err = cli([p, out, "--plan", plan, "--no-verify"], capsys)
+    rc, _, err = cli([p, out, "--plan", plan, "--no-verify", "--fast"], capsys)
     assert not out.exists()
     assert_one_line_error(rc, err, "plan")
 
@@ -361,7 +361,7 @@ def test_executable_exit_codes(tmp_path, model_file):
 
 def test_no_verify_imports_neither_onnxruntime_nor_torch(tmp_path, model_file):
     code = ("import sys; from spa.cli import main; "
-            f"rc = main([{str(model_file)!r}, {str(tmp_path / 'o.onnx')!r}, '--ratio', '0.5', '--no-verify', '-q']); "
+            f"rc = main([{str(model_file)!r}, {str(tmp_path / 'o.onnx')!r}, '--ratio', '0.5', '--no-verify', '--fast', '-q']); "
             "print(rc, 'onnxruntime' in sys.modules, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr

@@ -57,7 +57,8 @@ def leftovers(folder: Path) -> list[str]:
                                              (signal.SIGTERM, 143, "terminated")])
 def test_signal_during_prune(tmp_path, big_model, import_seconds, sig, code, word):
     (tmp_path / "in.onnx").write_bytes(big_model.read_bytes())
-    proc = spawn(["in.onnx", "out.onnx", "--ratio", "0.5", "--report", "r.json", "--save-plan", "p.json"], tmp_path)
+    proc = spawn(["in.onnx", "out.onnx", "--ratio", "0.5", "--fast", "--report", "r.json", "--save-plan", "p.json"],
+                 tmp_path)
     time.sleep(import_seconds + 0.6)
     if proc.poll() is not None:
         pytest.fail(f"the run ended before the signal (rc {proc.returncode}); the model is too small here")
@@ -74,7 +75,7 @@ def test_two_runs_write_the_same_output(tmp_path):
     import onnxruntime as ort
 
     onnx.save(conv_stack(64, layers=6), str(tmp_path / "in.onnx"))
-    runs = [spawn(["in.onnx", "out.onnx", "--ratio", ratio, "-q"], tmp_path) for ratio in ("0.25", "0.5")]
+    runs = [spawn(["in.onnx", "out.onnx", "--ratio", ratio, "--fast", "-q"], tmp_path) for ratio in ("0.25", "0.5")]
     results = [p.communicate(timeout=120) for p in runs]
     assert [p.returncode for p in runs] == [0, 0], results
     assert leftovers(tmp_path) == ["out.onnx"]

@@ -142,7 +142,7 @@ def test_data_free_obspa_improves_fidelity_with_and_without_bn_nodes(bn):
     rec = rep["reconstruction"]
     out = model.graph.output[0].name
     assert rep["importance"]["data"] == "data-free (synthesized inputs)"
-    assert rec["fidelity_on"] == "random inputs (data-free)"
+    assert rec["fidelity_on"] == "16 held-out synthesized samples (data-free)"
     assert rec["fidelity_after"][out]["rel_l2"] < rec["fidelity_before"][out]["rel_l2"]
 
 

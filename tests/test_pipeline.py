@@ -98,8 +98,8 @@ def test_an_unknown_keyword_is_a_type_error_as_for_any_function(model_file):
 
 
 def test_options_object_and_keywords_give_the_same_model_and_report(model_file):
-    by_keywords = driver.prune(str(model_file), None, ratio=0.5, importance="l1")
-    by_object = driver.prune(str(model_file), None, PruneOptions(ratio=0.5, importance="l1"))
+    by_keywords = driver.prune(str(model_file), None, ratio=0.5, importance="l1", fast=True)
+    by_object = driver.prune(str(model_file), None, PruneOptions(ratio=0.5, importance="l1", fast=True))
     assert by_keywords.model.graph.to_model().SerializeToString() == \
         by_object.model.graph.to_model().SerializeToString()
     a, b = by_keywords.report, by_object.report
@@ -108,15 +108,18 @@ def test_options_object_and_keywords_give_the_same_model_and_report(model_file):
 
 
 def test_the_report_is_assembled_from_every_pass(model_file):
-    report = driver.prune(str(model_file), None, ratio=0.5).report
-    assert set(report["timings_s"]) == {"load+normalize", "analyse", "score+select", "apply", "verify", "save",
-                                        "total"}
+    report = driver.prune(str(model_file), None, ratio=0.5, fast=True).report
+    assert set(report["timings_s"]) == {"load+normalize", "analyse", "score+select", "apply", "verify", "fidelity",
+                                        "save", "total"}
     assert report["verification"]["status"] == "passed"
     assert report["macs"]["after"] < report["macs"]["before"]
     assert report["groups"]["total"] == len(report["per_group"])
     assert report["compensation"] is None and report["reconstruction"] is None
-    skipped = driver.prune(str(model_file), None, ratio=0.5, verify=False).report
+    skipped = driver.prune(str(model_file), None, ratio=0.5, verify=False, fast=True).report
     assert skipped["verification"] == {"status": "skipped (--no-verify)"} and "verify" not in skipped["timings_s"]
+    assert skipped["fidelity"] is None
+    default = driver.prune(str(model_file), None, ratio=0.5).report
+    assert set(default["timings_s"]) == set(report["timings_s"]) | {"reconstruct"}
 
 
 def test_staged_outputs_are_written_together_or_not_at_all(tmp_path):
@@ -175,7 +178,8 @@ def test_calibration_data_that_nothing_uses_is_reported_not_silently_ignored(mod
 
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
-    unused = driver.prune(str(model_file), None, ratio=0.5, calib=str(calib)).report["warnings"]
-    assert any(w.startswith("--calib is not used: --importance l2") for w in unused), unused
-    used = driver.prune(str(model_file), None, ratio=0.5, calib=str(calib), recalibrate=True).report["warnings"]
+    unused = driver.prune(str(model_file), None, ratio=0.5, calib=str(calib), fast=True).report["warnings"]
+    assert any(w.startswith("--calib is not used for pruning: --importance l2") for w in unused), unused
+    used = driver.prune(str(model_file), None, ratio=0.5, calib=str(calib), recalibrate=True,
+                        importance="l2").report["warnings"]
     assert not any(w.startswith("--calib is not used") for w in used), used

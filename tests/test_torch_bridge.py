@@ -70,7 +70,7 @@ def check_route1(name, dynamo, small, tmp_path):
     src = zoo(name, dynamo, small)
     assert roundtrip_error(src, tmp_path) <= TOL
     pruned = tmp_path / "pruned.onnx"
-    driver.prune(src, str(pruned), ratio=0.5)
+    driver.prune(src, str(pruned), ratio=0.5, fast=True)
     assert roundtrip_error(pruned, tmp_path) <= TOL
 
 
@@ -179,7 +179,7 @@ def one_line_error(rc, err, *fragments):
 def pruned_resnet(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pruned")
     out, plan = folder / "pruned.onnx", folder / "plan.json"
-    driver.prune(zoo("resnet18", False), str(out), ratio=0.5, save_plan=str(plan))
+    driver.prune(zoo("resnet18", False), str(out), ratio=0.5, save_plan=str(plan), fast=True)
     return out, plan
 
 
@@ -243,7 +243,7 @@ def check_route2(name, dynamo, budget, small, tmp_path, **kw):
     ONNX model in onnxruntime (the example input and a random one)."""
     src = zoo(name, dynamo, small)
     out, plan = tmp_path / "pruned.onnx", tmp_path / "plan.json"
-    driver.prune(src, str(out), save_plan=str(plan), **budget)
+    driver.prune(src, str(out), save_plan=str(plan), **budget, fast=True)
     module = models.build(name, small)
     args = models.example_inputs(name, small)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -346,7 +346,7 @@ def test_old_plans_without_tensor_section_still_apply(pruned_resnet, tmp_path):
     assert rel_error(verify.run(onnx.load(str(out)), {"input": x.numpy()}), torch_out(pruned, x)) <= TOL
     old = tmp_path / "old.json"
     old.write_text(json.dumps(data))
-    assert driver.prune(src, None, plan_file=str(old)).report["verification"]["status"] == "passed"
+    assert driver.prune(src, None, plan_file=str(old), fast=True).report["verification"]["status"] == "passed"
 
 
 def test_tampered_tensor_section_is_refused(pruned_resnet, tmp_path):
@@ -359,7 +359,7 @@ def test_tampered_tensor_section_is_refused(pruned_resnet, tmp_path):
     bad.write_text(json.dumps(data))
     src = zoo("resnet18", False)
     with pytest.raises(SpaError, match="per-tensor section"):
-        driver.prune(src, None, plan_file=str(bad))
+        driver.prune(src, None, plan_file=str(bad), fast=True)
     with pytest.raises(SpaError, match="per-tensor section"):
         apply_plan_to_module(models.build("resnet18", True), data, src, models.example_inputs("resnet18", True))
 
@@ -431,7 +431,7 @@ def test_head_pruning_without_a_head_attribute_is_refused(tmp_path):
     net, x = TinyTransformer().eval(), torch.randn(1, 5, 8)
     src, plan = tmp_path / "t.onnx", tmp_path / "plan.json"
     torch.onnx.export(net, (x,), str(src), input_names=["x"], dynamo=False)
-    driver.prune(str(src), None, ratio=0.5, save_plan=str(plan))
+    driver.prune(str(src), None, ratio=0.5, save_plan=str(plan), fast=True)
     groups = json.loads(plan.read_text())["groups"]
     assert any(g["units"] == 2 and g["removed"] for g in groups)  # a head was removed
     with pytest.raises(SpaError, match=r"group \d+ '.*' removes whole attention heads.*head-count attribute"):
@@ -474,7 +474,7 @@ def test_hugging_face_style_attention_sizes_follow_the_heads(tmp_path):
     net, x = HFLayer().eval(), torch.randn(1, 6, 8)
     src, out, plan = tmp_path / "t.onnx", tmp_path / "p.onnx", tmp_path / "plan.json"
     torch.onnx.export(net, (x,), str(src), input_names=["x"], dynamo=False)
-    driver.prune(str(src), str(out), ratio=0.5, save_plan=str(plan))
+    driver.prune(str(src), str(out), ratio=0.5, save_plan=str(plan), fast=True)
     report = {}
     pruned = apply_plan_to_module(net, plan, src, (x,), report=report)
     a = pruned.attention

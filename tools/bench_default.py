@@ -55,7 +55,7 @@ from spa.models.bench_nets import BENCH_MODELS
 from tools import bench_quality as bq
 
 DEFAULT_OUT = ROOT / ".bench" / "default"
-DEFAULT_MODELS = ["resnet20_digits", "resnet1d_mnist1d", "mobilenetv2_digits"]  # measured; + resnet56: all
+DEFAULT_MODELS = ["resnet20_digits", "resnet1d_mnist1d", "mobilenetv2_digits", "resnet56_digits"]
 CALIB = bq.CALIB  # placeholder, replaced by the (model, seed)'s calibration .npz
 
 # ---- ours: method -> extra CLI arguments after `spa-prune IN OUT --target-flops F` ------------------------------
@@ -66,6 +66,8 @@ OUR_METHODS: dict[str, list[str]] = {
     "global+obspa": ["--importance", "obspa", "--calib", CALIB],
     "uniform+obspa-datafree": ["--importance", "obspa", "--allocation", "uniform"],
     "global+obspa-datafree": ["--importance", "obspa"],
+    "fast": ["--fast"],                                          # the instant path (magnitude, no reconstruction)
+    "fast-global (old default)": ["--fast", "--allocation", "global"],  # what the plain command did before issue 16
 }
 TP_METHODS = {"tp-magnitude-global+bn": "global", "tp-magnitude-local+bn": "local"}
 ONNXSIM_METHODS = {"onnxsim-l2+ft": "structured", "onnxsim-wanda+ft": "wanda"}
@@ -172,7 +174,9 @@ def run_ours(s: bq.Subject, method: str, target: float, out: Path) -> dict:
     rep = json.loads(report.read_text())
     return {**row, "macs_ratio": rep["macs"]["ratio"], "params_ratio": rep["params"]["ratio"],
             "accuracy": bq.onnx_accuracy(dest, s.data.x_test, s.data.y_test), "time_s": seconds, "peak_rss_mb": rss,
-            "verification": rep["verification"]["status"], "importance": str(rep.get("importance"))[:200]}
+            "verification": rep["verification"]["status"], "importance": str(rep.get("importance"))[:200],
+            "fidelity_drop_pct": (rep.get("fidelity") or {}).get("drop_pct"),
+            "fidelity_on": (rep.get("fidelity") or {}).get("on")}
 
 
 class TPVariant:

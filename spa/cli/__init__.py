@@ -10,7 +10,7 @@ import sys
 import threading
 import warnings
 
-from ..errors import SpaError, VerificationError, one_line
+from ..errors import FidelityError, SpaError, VerificationError, one_line
 from ..memory import memory_limit
 from ..options import check_number
 from .common import Parser
@@ -127,6 +127,9 @@ def _main(argv: list[str]) -> int:
             return 2
         except VerificationError as e:
             print(f"spa-prune: verification failed, nothing written: {one_line(e)}", file=sys.stderr)
+            return 1
+        except FidelityError as e:
+            print(f"spa-prune: fidelity guard: {one_line(e)}", file=sys.stderr)
             return 1
         except MemoryError:
             print("spa-prune: error: out of memory; give a smaller --input-shape / fewer samples, or run on a "

@@ -68,7 +68,8 @@ def write_json(data: dict, path) -> None:
 
 def driver_kwargs(args) -> dict:
     """The driver options every pruning path shares (scoring, constraints, verification, data, compensation)."""
-    return {"importance": args.importance, "aggregation": args.aggregation, "normalization": args.normalization,
+    return {"importance": args.importance, "fast": getattr(args, "fast", False),
+            "max_drop": getattr(args, "max_drop", None), "aggregation": args.aggregation, "normalization": args.normalization,
             "min_channels": args.min_channels, "round_to": args.round_to, "max_ratio": args.max_ratio,
             "exclude": args.exclude, "save_plan": args.save_plan, "verify": not args.no_verify, "rtol": args.rtol,
             "strict": args.strict, "fold_constants": args.fold_constants, "calib": args.calib,

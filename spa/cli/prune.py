@@ -7,7 +7,7 @@ from .. import driver
 from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
-from ..options import PruneOptions, check_counts, check_number
+from ..options import ALLOCATIONS, PruneOptions, check_counts, check_number
 from .common import (
     add_common,
     clear_progress,
@@ -19,12 +19,16 @@ from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_sea
 
 USAGE = """spa-prune: structured pruning of ONNX models.
 
+    spa-prune IN.onnx OUT.onnx --target-flops 0.5     keep at most 50% of the MACs: OBS scores + least-squares
+                                                       reconstruction on synthesized inputs (data-free)
+    spa-prune IN OUT --target-flops 0.5 --calib calib.npz     the same on your data (best accuracy)
     spa-prune IN.onnx OUT.onnx --ratio 0.5            remove half of the units of every coupled group
-    spa-prune IN.onnx OUT.onnx --target-flops 0.5     keep at most 50% of the MACs (global ranking)
+    spa-prune IN OUT --target-flops 0.5 --fast         magnitude ranking, no reconstruction: instant, for models
+                                                       you fine-tune afterwards
+    spa-prune IN OUT --target-flops 0.3 --max-drop 1   prune at most as far as keeps 99% of held-out top-1
+                                                       predictions (exit 1, nothing written, if no cut does)
     spa-prune analyse IN.onnx                          list coupled groups and frozen channels (dry run)
     spa-prune zoo:resnet18 out.onnx --ratio 0.5        prune a model from the built-in zoo (needs torch)
-    spa-prune IN OUT --target-flops 0.5 --importance obspa --calib calib.npz
-                                                       OBS scores + least-squares reconstruction, no fine-tuning
     spa-prune make-calib IMAGES_DIR -o calib.npz --size 224    calibration data from a folder of images
     spa-prune IN OUT --policy ppo-gnn --target-flops 0.5 --calib calib.npz --evals 300
                                                        search a per-group allocation (RL or a control), then
@@ -124,11 +128,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="remove floor(R*n+0.5) of the n units of every coupled group")
     budget.add_argument("--target-flops", type=float, metavar="F",
-                        help="keep at most the fraction F of the model's MACs (global ranking per MAC; with "
-                             "--policy: the search's budget)")
+                        help="keep at most the fraction F of the model's MACs (see --allocation; with --policy: "
+                             "the search's budget)")
     budget.add_argument("--plan", metavar="FILE", help="re-apply a plan written by --save-plan")
-    p.add_argument("--importance", default="l2", choices=list(CRITERIA), metavar="NAME",
-                   help="unit importance (default l2): " + "; ".join(f"{c.name}: {c.doc}" for c in CRITERIA.values())
+    p.add_argument("--fast", action="store_true",
+                   help="the instant path: magnitude (l2) ranking, uniform allocation, no data pass and no "
+                        "reconstruction. Accuracy drops far more without fine-tuning; for models you fine-tune "
+                        "afterwards")
+    p.add_argument("--max-drop", type=float, metavar="PCT",
+                   help="fidelity guard: the pruned model may change at most PCT %% of the held-out top-1 "
+                        "predictions of the original (classifiers; relative L2 error in %% otherwise). Prunes as "
+                        "far as the budget allows within it, or exits 1 with nothing written when even the "
+                        "smallest cut breaks it")
+    p.add_argument("--importance", default=None, choices=list(CRITERIA), metavar="NAME",
+                   help="unit importance (default obspa; l2 with --fast): " + "; ".join(f"{c.name}: {c.doc}" for c in CRITERIA.values())
                    + ". Gradient criteria and obs/obspa use --calib data, or synthesized inputs without it")
     p.add_argument("--aggregation", default="sum", choices=AGGREGATIONS,
                    help="how the scores of a unit's parameter slices (group members) combine (sum)")
@@ -145,7 +158,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            "(labels sampled from its softmax); auto = ce with labels, else pseudo")
     data.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                       help="least-squares refit of every layer towards the original's outputs, layer by layer "
-                           "(default: on for --importance obspa)")
+                           "(default: on; off with --fast)")
     data.add_argument("--recalibrate", action="store_true",
                       help="re-estimate BN statistics / per-channel output scale and shift on --calib data")
     data.add_argument("--compensate", choices=["similarity"],
@@ -163,11 +176,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
-    p.add_argument("--allocation", choices=["global", "uniform"],
-                   help="with --target-flops: 'global' ranks units across groups by importance per MAC (default); "
-                        "'uniform' removes the same fraction of every group (bisected to the budget), ranking "
-                        "only inside groups: safer for accuracy without fine-tuning (with --policy: use "
-                        "--policy global|uniform)")
+    p.add_argument("--allocation", choices=list(ALLOCATIONS),
+                   help="with --target-flops: 'uniform' (default) removes the same fraction of every group "
+                        "(bisected to the budget), ranking only inside groups; 'global' ranks units across groups "
+                        "by importance per MAC (thins some layers to almost nothing: worse without fine-tuning) "
+                        "(with --policy: use --policy global|uniform)")
     prog = p.add_argument_group("progressive pruning")
     prog.add_argument("--steps", type=int, default=1, metavar="K",
                       help="reach the budget in K verified steps (geometric schedule: each step removes the same "
@@ -202,7 +215,7 @@ def run(args) -> int:
     check_counts([("--steps", args.steps)])
     check_counts([("--finetune-epochs", args.finetune_epochs)], minimum=0)
     check_number("--finetune-lr", args.finetune_lr, low=0, low_open=True)
-    keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation or "global",
+    keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation,
                 "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args)}
     options = PruneOptions.from_keywords(**keywords).validated()  # every option's domain, before any work
     check_outputs({"OUT": args.output, "--report": args.report, "--save-plan": args.save_plan},

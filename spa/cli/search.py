@@ -11,7 +11,7 @@ import time
 from .. import driver
 from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
-from ..options import check_counts, check_data_options, check_number
+from ..options import PruneOptions, check_counts, check_data_options, check_number, resolved_defaults
 from .common import (
     clear_progress,
     driver_kwargs,
@@ -47,6 +47,12 @@ def run_search(args) -> int:
     """--policy (or --target-params): search a per-group allocation, then prune with the best plan through the
     driver's apply/verify/reconstruction path. Every check that can fail runs before the search."""
     S = _search_module()
+    if args.max_drop is not None:
+        raise SpaError("--max-drop is not available with --policy yet (the search picks the plan; prune it "
+                       "without --policy to use the guard)")
+    defaults = resolved_defaults(PruneOptions(importance=args.importance, fast=args.fast,
+                                              reconstruct=args.reconstruct))
+    args.importance, args.reconstruct = defaults["importance"], defaults["reconstruct"]
     policy = args.policy or "global"
     cls = S.get_policy(policy)
     _check_search_args(args)
@@ -91,8 +97,7 @@ def _search_refit(args):
     the written model will be: refit when the final path reconstructs."""
     choice = args.search_refit
     if choice == "auto":
-        reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
-        choice = "fast" if reconstruct else "none"
+        choice = "fast" if args.reconstruct else "none"
     return {"none": False, "fast": "fast", "full": True}[choice]
 
 
@@ -122,8 +127,7 @@ def _check_search_args(args) -> None:
                             ("--metric accuracy", args.metric == "accuracy")):
             if given:
                 raise SpaError(f"{flag} needs calibration data (--calib FILE.npz or an image folder)")
-    reconstruct = args.reconstruct if args.reconstruct is not None else args.importance == "obspa"
-    if args.no_verify and (reconstruct or args.recalibrate or args.compensate or args.fold_constants):
+    if args.no_verify and (args.reconstruct or args.recalibrate or args.compensate or args.fold_constants):
         raise SpaError("reconstruction and compensation need verification (they report fidelity); drop --no-verify")
     check_data_options(positions=args.positions, damp=args.damp, samples=args.synth_samples,
                        dbscan=parse_dbscan(args.dbscan), seed=args.seed)

@@ -19,6 +19,15 @@ def _fidelity_lines(prefix: str, part: dict) -> list[str]:
     return out
 
 
+def _fidelity_line(fid: dict) -> str:
+    """The held-out fidelity and, with --max-drop, what the guard decided."""
+    line = f"fidelity      {fid['drop_pct']:.2f} % {fid['metric']}, on {fid['on']}"
+    guard = fid.get("guard")
+    if guard:
+        line += f"\nguard         --max-drop {guard['max_drop_pct']:g} %: {guard['outcome']}"
+    return line
+
+
 def _search_line(s: dict) -> str:
     """policy, evaluations (how many were new), best reward and its metric, search and setup time."""
     measured = s.get("measured")
@@ -68,6 +77,9 @@ def summary(rep: dict) -> str:
     if rec:
         names = " + ".join(p["pass"] for p in rec["passes"]) or "none"
         lines += _fidelity_lines(f"reconstruct   {names} on {rec['fidelity_on']}", rec)
+    fid = rep.get("fidelity")
+    if fid:
+        lines.append(_fidelity_line(fid))
     prog = rep.get("progressive")
     if prog:
         macs0 = max(m["before"], 1)

@@ -1,0 +1,170 @@
+"""Quality by default (issue 16): what the command a user types first does, --fast, and the fidelity guard.
+
+The defaults: OBS scoring, uniform allocation and least-squares reconstruction, data-free without --calib;
+every verified run reports its fidelity on inputs no pass fitted to; --max-drop guards it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from spa import driver
+from spa.errors import SpaError
+from spa.options import PruneOptions
+from tests.helpers import Builder, assert_one_line_error, conv_net, run_cli
+
+pytest.importorskip("torch")
+
+
+def classifier() -> onnx.ModelProto:
+    """conv -> relu -> conv -> relu -> global pool -> gemm: 10 logits from a 1x3x12x12 image."""
+    b = Builder()
+    x = b.input("x", [1, 3, 12, 12])
+    y = b.relu(b.conv("c1", x, 3, 16))
+    y = b.relu(b.conv("c2", y, 16, 16))
+    y = b.op("GlobalAveragePool", [y])
+    y = b.op("Flatten", [y], axis=1)
+    b.output(b.gemm("fc", y, 16, 10))
+    return b.model()
+
+
+@pytest.fixture
+def files(tmp_path):
+    cls, fm = tmp_path / "cls.onnx", tmp_path / "fm.onnx"
+    onnx.save(classifier(), cls)
+    onnx.save(conv_net(), fm)
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((64, 3, 12, 12)).astype(np.float32))
+    return cls, fm, calib
+
+
+# ---- the options ---------------------------------------------------------------------------------------------
+def test_default_mode_is_obs_uniform_with_reconstruction():
+    o = PruneOptions(target_flops=0.5).validated()
+    assert (o.importance, o.allocation, o.reconstruct) == ("obspa", "uniform", True)
+
+
+def test_fast_is_magnitude_without_reconstruction():
+    o = PruneOptions(target_flops=0.5, fast=True).validated()
+    assert (o.importance, o.allocation, o.reconstruct) == ("l2", "uniform", False)
+    assert not o.value_passes
+
+
+def test_explicit_choices_win_over_the_defaults():
+    o = PruneOptions(target_flops=0.5, importance="l1", allocation="global", reconstruct=False).validated()
+    assert (o.importance, o.allocation, o.reconstruct) == ("l1", "global", False)
+    assert PruneOptions(ratio=0.5, fast=True, importance="l1").validated().importance == "l1"
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"fast": True, "importance": "obspa"}, "--fast ranks by weights only"),
+    ({"fast": True, "reconstruct": True}, "--fast skips reconstruction"),
+    ({"verify": False}, "add --fast"),
+    ({"max_drop": -1}, "--max-drop"),
+    ({"max_drop": float("nan")}, "--max-drop"),
+    ({"fast": True, "verify": False, "max_drop": 1}, "--max-drop measures fidelity after verification"),
+])
+def test_contradictions_are_one_line_errors(kw, fragment):
+    with pytest.raises(SpaError, match=fragment.replace("-", r"\-")):
+        PruneOptions(ratio=0.5, **kw).validated()
+
+
+# ---- what a default run does ---------------------------------------------------------------------------------
+def test_default_run_scores_with_obs_reconstructs_and_reports_held_out_fidelity(files, tmp_path):
+    cls, _, _ = files
+    rep = driver.prune(str(cls), str(tmp_path / "o.onnx"), target_flops=0.5).report
+    assert rep["importance"]["criterion"] == "obspa"
+    assert rep["importance"]["data"] == "data-free (synthesized inputs)"
+    assert [p["pass"] for p in rep["reconstruction"]["passes"]] == ["obspa-refit"]
+    fid = rep["fidelity"]
+    assert fid["on"] == "16 held-out synthesized samples (data-free)"
+    assert fid["metric"] == "top-1 predictions changed"
+    assert 0.0 <= fid["drop_pct"] <= 100.0
+    assert fid["drop_pct"] == pytest.approx(100 * (1 - fid["outputs"][next(iter(fid["outputs"]))]["top1"]))
+    assert rep["macs"]["ratio"] <= 0.5
+
+
+def test_calibration_samples_are_split_into_fit_and_held_out(files, tmp_path):
+    cls, _, calib = files
+    rep = driver.prune(str(cls), str(tmp_path / "o.onnx"), target_flops=0.5, calib=str(calib)).report
+    assert rep["importance"]["data"] == "calibration (56 samples)"   # 64 - 64 // 8
+    assert rep["fidelity"]["on"] == "8 held-out calibration samples"
+    assert rep["reconstruction"]["fidelity_on"] == "8 held-out calibration samples"
+
+
+def test_default_reconstruction_beats_fast_on_the_same_cut(files, tmp_path):
+    cls, _, calib = files
+    default = driver.prune(str(cls), None, target_flops=0.5, calib=str(calib)).report
+    fast = driver.prune(str(cls), None, target_flops=0.5, calib=str(calib), fast=True).report
+    assert fast["importance"]["criterion"] == "l2" and fast["reconstruction"] is None
+    err = {name: r["fidelity"]["outputs"]["fc_out"]["rel_l2"] for name, r in (("default", default), ("fast", fast))}
+    assert err["default"] < 0.5 * err["fast"], err
+
+
+def test_non_classifier_fidelity_is_relative_l2(files, tmp_path):
+    _, fm, _ = files
+    rep = driver.prune(str(fm), str(tmp_path / "o.onnx"), ratio=0.5).report
+    assert rep["fidelity"]["metric"] == "relative L2 error of the outputs"
+    (out,) = rep["fidelity"]["outputs"].values()
+    assert rep["fidelity"]["drop_pct"] == pytest.approx(100 * out["rel_l2"], abs=1e-3)
+
+
+# ---- the fidelity guard --------------------------------------------------------------------------------------
+def test_guard_met_is_reported(files, tmp_path, capsys):
+    cls, _, _ = files
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    rc, _, err = run_cli([cls, out, "--target-flops", "0.5", "--max-drop", "100", "--report", report], capsys)
+    assert rc == 0, err
+    guard = json.loads(report.read_text())["fidelity"]["guard"]
+    assert guard["met_at_requested_budget"] and len(guard["tried"]) == 1
+    assert "--max-drop 100 %: the requested budget is within the guard" in err
+
+
+def test_guard_that_no_cut_meets_exits_1_and_writes_nothing(files, tmp_path, capsys):
+    _, fm, _ = files   # a feature-map output: the relative L2 error of any cut is > 0
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    rc, _, err = run_cli([fm, out, "--ratio", "0.9", "--max-drop", "0", "--report", report], capsys)
+    assert rc == 1, err
+    assert err.count("\n") == 1 and err.startswith("spa-prune: fidelity guard: --max-drop 0: even the smallest cut")
+    assert not out.exists() and not report.exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_guard_backs_off_to_a_smaller_cut_within_it(files, tmp_path):
+    _, fm, _ = files
+    full = driver.prune(str(fm), None, target_flops=0.3).report["fidelity"]["drop_pct"]
+    assert full > 0
+    rep = driver.prune(str(fm), str(tmp_path / "o.onnx"), target_flops=0.3, max_drop=full / 2).report
+    guard = rep["fidelity"]["guard"]
+    assert not guard["met_at_requested_budget"] and guard["tried"][0]["drop_pct"] == pytest.approx(full)
+    chosen = max((t for t in guard["tried"] if t["met"]), key=lambda t: t["share_of_cut"])
+    assert rep["fidelity"]["drop_pct"] <= full / 2
+    assert rep["macs"]["ratio"] > 0.3 and chosen["target_flops"] > 0.3
+    assert "pruned less than asked" in guard["outcome"]
+    assert (tmp_path / "o.onnx").exists()
+
+
+def test_fast_and_max_drop_without_torch_ask_for_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SpaError, match=r"needs torch: pip install 'spa-prune\[criteria\]' \(or add --fast"):
+        PruneOptions(ratio=0.5).validated()
+    assert PruneOptions(ratio=0.5, fast=True).validated().importance == "l2"
+
+
+def test_nan_weights_are_one_line_in_the_default_mode(tmp_path, capsys):
+    m = conv_net()
+    for t in m.graph.initializer:
+        if t.name == "c1.weight":
+            w = onnx.numpy_helper.to_array(t).copy()
+            w[0, 0, 0, 0] = np.nan
+            t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    p = tmp_path / "nan.onnx"
+    onnx.save(m, p)
+    rc, _, err = run_cli([p, tmp_path / "o.onnx", "--ratio", "0.5"], capsys)
+    assert_one_line_error(rc, err, "c1.weight", "NaN/inf", "--fast")
