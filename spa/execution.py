@@ -60,6 +60,12 @@ def _batch_polymorphic(g, feeds) -> bool:
     return True
 
 
+def chunk_count(n: int, size: tuple[int, bool]) -> int:
+    """How many batches `chunks` yields for n samples."""
+    size, fixed = size
+    return len(range(0, n - size + 1 if fixed else n, size))
+
+
 def chunks(feeds: dict[str, np.ndarray], n: int, size: tuple[int, bool]):
     """Batches of `size[0]` samples; with a fixed batch size a short last batch is dropped."""
     import torch
