@@ -40,8 +40,8 @@ class Lockstep:
 
         self.torch = torch
         self.orig_graph = Graph(original)
-        self.t_orig = TorchGraph(original)
-        self.t_pruned = TorchGraph(pruned)
+        self.t_orig = execution.fast_layout(TorchGraph(original))
+        self.t_pruned = execution.fast_layout(TorchGraph(pruned))
         n = int(next(iter(feeds.values())).shape[0])
         parts = list(execution.chunks(feeds, n, chunk))
         if not parts:

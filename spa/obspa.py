@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .execution import batch_size_for, chunk_count, chunks, run_model
+from .execution import batch_size_for, chunk_count, chunks, fast_layout, run_model
 from .importance import Member
 from .ir import attr as get_attr
 from .memory import check_memory
@@ -166,10 +166,10 @@ def sample_rows(view: LayerView, x, rows):
 def sample_outputs(view: LayerView, y, rows, keep=None):
     """The layer's output (P x O', torch) at the flat output positions `rows` (as `sample_rows`), restricted to
     the output channels `keep` (a LongTensor, or None for all)."""
-    if view.kind == "conv":
-        out = y.reshape(y.shape[0], y.shape[1], -1)                  # (N, O, positions)
-        per = out.shape[2]
-        picked = out[rows // per, :, rows % per]                      # (P, O)
+    if view.kind == "conv":                                           # no reshape: y may be channels_last
+        per = math.prod(y.shape[2:])
+        n, rem = rows // per, rows % per
+        picked = y[n, :, rem // y.shape[3], rem % y.shape[3]] if y.dim() == 4 else y[n, :, rem]   # (P, O)
     else:
         picked = y.reshape(-1, y.shape[-1])[rows]
     return picked if keep is None else picked.index_select(1, keep)
@@ -308,7 +308,7 @@ def obs_members(inputs):
     feeds, n = model_data(inputs)
     timing = inputs.cache.setdefault("obspa_timing", {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0})
     t0 = time.perf_counter()
-    tg = TorchGraph(g)
+    tg = fast_layout(TorchGraph(g))
     grams: dict[str, Gram] = {name: Gram() for name in sinks}
     scored: dict[str, list] = {}
     gen = torch.Generator().manual_seed(inputs.seed)

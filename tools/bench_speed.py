@@ -64,18 +64,19 @@ def make_calib(path: Path, name: str, shape: tuple[int, ...], n: int) -> Path:
     return path
 
 
-def floor_pass(model: Path, feeds: dict[str, np.ndarray], batch: int) -> float:
-    """Seconds onnxruntime (2 threads) takes to create a session and run the model once over `feeds`."""
+def floor_pass(model: Path, feeds: dict[str, np.ndarray], batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds onnxruntime (2 threads) takes to create a session and run the model once over
+    `feeds`. CPU seconds (all threads of this process) are the steadier measure on a shared machine."""
     import onnxruntime as ort
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     n = next(iter(feeds.values())).shape[0]
     for start in range(0, n, batch):
         sess.run(None, {k: v[start:start + batch] for k, v in feeds.items()})
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def stages(rep: dict) -> dict[str, float]:
@@ -116,11 +117,12 @@ def median_stages(runs: list[dict]) -> dict[str, float]:
 
 def markdown(results: dict, load: tuple[float, float, float]) -> str:
     lines = [f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min)", "",
-             "| mode | samples | onnxruntime pass (s) | spa-prune (s) | ratio | spa-prune CPU (s) | peak RSS (MB) | runs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | samples | onnxruntime pass: wall / CPU (s) | spa-prune: wall / CPU (s) | ratio: wall / CPU "
+             "| peak RSS (MB) | runs |", "|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
-        lines.append(f"| {mode} | {r['samples']} | {r['floor_s']:.2f} | {r['ours_s']:.1f} | {r['ratio']:.1f}x | "
-                     f"{r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {len(r['runs'])} |")
+        lines.append(f"| {mode} | {r['samples']} | {r['floor_s']:.2f} / {r['floor_cpu_s']:.2f} | {r['ours_s']:.1f} / "
+                     f"{r['cpu_s']:.1f} | {r['ratio']:.1f}x / {r['cpu_ratio']:.1f}x | {r['peak_rss_mb']:.0f} | "
+                     f"{len(r['runs'])} |")
     lines += ["", "Per stage (median seconds, from --report):", ""]
     modes = list(results)
     keys = list(dict.fromkeys(k for r in results.values() for k in r["stages"]))
@@ -165,17 +167,20 @@ def main(argv=None) -> int:
     for k in range(args.repeats):
         for mode in args.modes:
             floors[mode].append(floor_pass(args.model, feeds[mode], args.floor_batch))
-            print(f"[speed] {mode} #{k}: onnxruntime pass {floors[mode][-1]:.2f} s", flush=True)
+            print(f"[speed] {mode} #{k}: onnxruntime pass {floors[mode][-1][0]:.2f} s "
+                  f"(CPU {floors[mode][-1][1]:.2f} s)", flush=True)
             ours[mode].append(run_ours(args, mode, calib if mode == "calib" else None, args.out, k))
             print(f"[speed] {mode} #{k}: spa-prune {ours[mode][-1]['time_s']:.1f} s "
                   f"(CPU {ours[mode][-1]['cpu_s']:.1f} s), {ours[mode][-1]['peak_rss_mb']:.0f} MB", flush=True)
     results = {}
     for mode in args.modes:
-        floor_s = statistics.median(floors[mode])
+        floor_s = statistics.median(f[0] for f in floors[mode])
+        floor_cpu_s = statistics.median(f[1] for f in floors[mode])
         ours_s = statistics.median(r["time_s"] for r in ours[mode])
+        cpu_s = statistics.median(r["cpu_s"] for r in ours[mode])
         results[mode] = {"samples": next(iter(feeds[mode].values())).shape[0], "floor_s": floor_s, "ours_s": ours_s,
                          "ratio": ours_s / floor_s,
-                         "cpu_s": statistics.median(r["cpu_s"] for r in ours[mode]), "peak_rss_mb": max(r["peak_rss_mb"] for r in ours[mode]),
+                         "floor_cpu_s": floor_cpu_s, "cpu_s": cpu_s, "cpu_ratio": cpu_s / floor_cpu_s, "peak_rss_mb": max(r["peak_rss_mb"] for r in ours[mode]),
                          "stages": median_stages(ours[mode]), "floors": floors[mode], "runs": ours[mode]}
     text = markdown(results, os.getloadavg())
     print(text)
