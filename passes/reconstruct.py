@@ -40,8 +40,8 @@ class Lockstep:
 
         self.torch = torch
         self.orig_graph = Graph(original)
-        self.t_orig = TorchGraph(original)
-        self.t_pruned = TorchGraph(pruned)
+        self.t_orig = execution.fast_layout(TorchGraph(original))
+        self.t_pruned = execution.fast_layout(TorchGraph(pruned))
         n = int(next(iter(feeds.values())).shape[0])
         parts = list(execution.chunks(feeds, n, chunk))
         if not parts:
@@ -145,35 +145,36 @@ class Reconstruct(Pass):
             stats["skipped"].append(f"{node.name}: weight shared by several nodes")
             return
         xs_p = ls.pruned_value(node.input[view.data_index])
-        xs_o = ls.original(orig_node.input[ov.data_index])
-        if xs_p is None or xs_o is None:
+        ys_o = ls.original(orig_node.output[0])   # the refit's target: the original layer's output
+        if xs_p is None or ys_o is None:
             stats["skipped"].append(f"{node.name}: input not available")
             return
         t = time.perf_counter()
+        keep = self.out_rows[node.name]
+        kept = ls.torch.from_numpy(np.flatnonzero(keep)) if not keep.all() else None
         gram = obspa.Gram()
-        for x_p, x_o in zip(xs_p, xs_o):
-            x_p, x_o = x_p.float(), x_o.float()
+        for x_p, y_o in zip(xs_p, ys_o):
+            x_p = x_p.float()
             total = obspa.output_positions(view, x_p)
-            if total != obspa.output_positions(ov, x_o):
+            if total != y_o.numel() // y_o.shape[1 if view.kind == "conv" else -1]:
                 stats["skipped"].append(f"{node.name}: positions differ")
                 return
             quota = max(1, round(self.positions * x_p.shape[0] / ls.n))
             rows = obspa.pick_rows(total, quota, gen)
-            a, b = obspa.sample_rows(view, x_p, rows), obspa.sample_rows(ov, x_o, rows)
+            a = obspa.sample_rows(view, x_p, rows)
             if view.bias is not None:
-                a, b = obspa.with_ones(a), obspa.with_ones(b)
-            gram.add(a, b)
+                a = obspa.with_ones(a)
+            gram.add(a, obspa.sample_outputs(view, y_o.float(), rows, kept))
         w_p_full = np.asarray(g.const(view.weight))
-        w_o_full = np.asarray(ls.orig_graph.const(ov.weight))
-        keep = self.out_rows[node.name]
         w_p = view.matrix(w_p_full).astype(np.float64)
-        w_o = ov.matrix(w_o_full)[keep].astype(np.float64)
         if view.bias is not None:
             w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
-            w_o = np.concatenate([w_o, np.asarray(ls.orig_graph.const(ov.bias), np.float64)[keep][:, None]], 1)
+        if gram.xy.shape != (w_p.shape[1], w_p.shape[0]):
+            stats["skipped"].append(f"{node.name}: kept output rows do not match the pruned weight")
+            return
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        new, _ = obspa.refit(w_o, w_p, gram, self.damp)
+        new, _ = obspa.refit(w_p, gram, self.damp)
         timing["solve_s"] += time.perf_counter() - t
         if not np.isfinite(new).all():
             stats["skipped"].append(f"{node.name}: non-finite solution")

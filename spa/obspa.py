@@ -16,7 +16,8 @@ layer's output from the pruned network's actual input (so errors of earlier laye
     min_W' ||X_p W'ᵀ - X_o W_oᵀ||² + λ||W' - W_p||²  =>  W'ᵀ = (X_pᵀX_p + λI)⁻¹ (X_pᵀX_o W_oᵀ + λ W_pᵀ)
 
 With X_p = X_o (nothing upstream changed) this is exactly the OBS update W + δW, δW = -W_Q([H⁻¹]_QQ)⁻¹[H⁻¹]_Q:,
-of the dampened Hessian. Positions are subsampled per layer (`positions`, default 8192 output positions).
+of the dampened Hessian. X_o W_oᵀ is the original layer's output, read at the sampled positions (the original's
+input patches are never unfolded). Positions are subsampled per layer (`positions`, default 8192 output positions).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .execution import batch_size_for, chunks, run_model
+from .execution import batch_size_for, chunk_count, chunks, fast_layout, run_model
 from .importance import Member
 from .ir import attr as get_attr
 from .memory import check_memory
@@ -131,9 +132,9 @@ def _conv_out(spatial, kernel, strides, dilations, pads) -> list[int]:
 
 def sample_rows(view: LayerView, x, rows):
     """Input rows (P x D, torch) of the layer at flat output positions `rows` (a LongTensor): conv patches in
-    the weight's (channel, kernel...) column order, or the Gemm/MatMul input rows."""
+    the weight's (channel, kernel...) column order, or the Gemm/MatMul input rows. Only the sampled patches are
+    gathered (no padded copy of the whole tensor): taps that fall in the padding read 0."""
     import torch
-    import torch.nn.functional as F
 
     if view.kind != "conv":
         return x.reshape(-1, x.shape[-1])[rows]
@@ -146,17 +147,32 @@ def sample_rows(view: LayerView, x, rows):
     else:
         kernel, strides, dil = c["kernel"], c["strides"], c["dilations"]
         pads = _conv_pads(view, tuple(x.shape[2:]))
-    oh, ow = _conv_out(tuple(x.shape[2:]), kernel, strides, dil, pads)
-    xp = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    height, width = x.shape[2], x.shape[3]
+    oh, ow = _conv_out((height, width), kernel, strides, dil, pads)
     n = rows // (oh * ow)
     rem = rows % (oh * ow)
     i, j = rem // ow, rem % ow
     ki = torch.arange(kernel[0]).repeat_interleave(kernel[1]) * dil[0]
     kj = torch.arange(kernel[1]).repeat(kernel[0]) * dil[1]
-    r = i[:, None] * strides[0] + ki[None, :]
-    s = j[:, None] * strides[1] + kj[None, :]
-    patches = xp[n[:, None], :, r, s]          # (P, K, C): advanced indices first
+    r = i[:, None] * strides[0] + ki[None, :] - pads[0]        # (P, K) in the unpadded input
+    s = j[:, None] * strides[1] + kj[None, :] - pads[1]
+    inside = (r >= 0) & (r < height) & (s >= 0) & (s < width)
+    patches = x[n[:, None], :, r.clamp(0, height - 1), s.clamp(0, width - 1)]   # (P, K, C): advanced indices first
+    if not bool(inside.all()):
+        patches = patches * inside[:, :, None].to(patches.dtype)
     return patches.permute(0, 2, 1).reshape(len(rows), -1)
+
+
+def sample_outputs(view: LayerView, y, rows, keep=None):
+    """The layer's output (P x O', torch) at the flat output positions `rows` (as `sample_rows`), restricted to
+    the output channels `keep` (a LongTensor, or None for all)."""
+    if view.kind == "conv":                                           # no reshape: y may be channels_last
+        per = math.prod(y.shape[2:])
+        n, rem = rows // per, rows % per
+        picked = y[n, :, rem // y.shape[3], rem % y.shape[3]] if y.dim() == 4 else y[n, :, rem]   # (P, O)
+    else:
+        picked = y.reshape(-1, y.shape[-1])[rows]
+    return picked if keep is None else picked.index_select(1, keep)
 
 
 def pick_rows(total: int, positions: int, generator):
@@ -169,23 +185,27 @@ def pick_rows(total: int, positions: int, generator):
 
 # ---- statistics -----------------------------------------------------------------------------------------------------
 class Gram:
-    """Running XᵀX (and X_pᵀX_o) sums in float64, from float32 row blocks."""
+    """Running XᵀX (and XᵀY) sums from row blocks X (P x D) and Y (P x O): float64 for narrow layers (D <= 64),
+    float32 otherwise (half the memory of the Hessians held until the solve). The products run in numpy's BLAS
+    (OpenBLAS, with a symmetric rank-k update for XᵀX): torch's MKL sgemm was 2-3x slower on our AMD CPUs."""
 
     def __init__(self):
         self.xx = None
         self.xy = None
         self.n = 0
 
-    def add(self, xp, xo=None):
-        import torch
-
-        a = xp.double() if xp.shape[1] <= 64 else xp
-        xx = (a.T @ a).double().numpy()
+    def add(self, x, y=None):
+        a = np.ascontiguousarray(_numpy(x), np.float64 if x.shape[1] <= 64 else np.float32)
+        xx = a.T @ a
         self.xx = xx if self.xx is None else self.xx + xx
-        if xo is not None:
-            xy = (a.T @ (xo.double() if a.dtype == torch.float64 else xo)).double().numpy()
+        if y is not None:
+            xy = a.T @ np.ascontiguousarray(_numpy(y), a.dtype)
             self.xy = xy if self.xy is None else self.xy + xy
-        self.n += xp.shape[0]
+        self.n += x.shape[0]
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
 def with_ones(x):
@@ -195,9 +215,10 @@ def with_ones(x):
 
 
 def damped(h: np.ndarray, damp: float) -> np.ndarray:
-    d = np.diag(h)
-    lam = damp * max(float(d.mean()), 1e-12)
-    return h + lam * np.eye(len(h)), lam
+    lam = damp * max(float(np.diag(h).astype(np.float64).mean()), 1e-12)
+    out = np.array(h, copy=True)
+    out.flat[::len(h) + 1] += lam                                 # + λI without a D x D identity
+    return out, lam
 
 
 def obs_saliency(w: np.ndarray, hinv: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
@@ -216,13 +237,14 @@ def obs_saliency(w: np.ndarray, hinv: np.ndarray, columns: list[np.ndarray]) -> 
     return out
 
 
-def refit(w_o: np.ndarray, w_p: np.ndarray, gram: Gram, damp: float) -> tuple[np.ndarray, float]:
-    """The ridge least-squares refit of the docstring. w_o: O' x D_o (original rows kept, all columns; bias as
-    the last column when augmented), w_p: O' x D_p (current pruned weights). Returns (new w_p, λ)."""
+def refit(w_p: np.ndarray, gram: Gram, damp: float) -> tuple[np.ndarray, float]:
+    """The ridge least-squares refit of the docstring, from gram.xx = X_pᵀX_p and gram.xy = X_pᵀY_o with Y_o the
+    original layer's output at the same positions (= X_o W_oᵀ over its kept output rows; the bias included when
+    X_p is augmented). w_p: O' x D_p (current pruned weights, bias as the last column when augmented).
+    Returns (new w_p, λ)."""
     h = gram.xx / gram.n
-    c = gram.xy / gram.n                                          # D_p x D_o
     hd, lam = damped(h, damp)
-    rhs = c @ w_o.T.astype(np.float64) + lam * w_p.T.astype(np.float64)
+    rhs = gram.xy.astype(np.float64) / gram.n + lam * w_p.T.astype(np.float64)
     return _solve_psd(hd, rhs).T, lam
 
 
@@ -286,10 +308,14 @@ def obs_members(inputs):
     feeds, n = model_data(inputs)
     timing = inputs.cache.setdefault("obspa_timing", {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0})
     t0 = time.perf_counter()
-    tg = TorchGraph(g)
+    tg = fast_layout(TorchGraph(g))
     grams: dict[str, Gram] = {name: Gram() for name in sinks}
+    scored: dict[str, list] = {}
     gen = torch.Generator().manual_seed(inputs.seed)
-    hess_t = [0.0]
+    hess_t, solve_t = [0.0], [0.0]
+    bs = batch_size_for(g, inputs.batch_size, feeds)
+    last = chunk_count(n, bs) - 1
+    chunk = [0]
 
     def hook(node, ins, outs):
         entry = sinks.get(node.name)
@@ -304,48 +330,55 @@ def obs_members(inputs):
         if view.bias is not None:
             rows = with_ones(rows)
         grams[node.name].add(rows)
-        hess_t[0] += time.perf_counter() - t
+        t1 = time.perf_counter()
+        hess_t[0] += t1 - t
+        if chunk[0] == last:  # the Hessian is complete: score now and free it (one Hessian held, not all)
+            scored[node.name] = _layer_members(analysis, g, view, entry[1], grams.pop(node.name), damp)
+            solve_t[0] += time.perf_counter() - t1
 
-    bs = batch_size_for(g, inputs.batch_size, feeds)
     with torch.no_grad():
         for k, batch in enumerate(chunks(feeds, n, bs)):
+            chunk[0] = k
             run_model(tg, batch, hook=hook)
             inputs.progress(f"obs: {min((k + 1) * bs[0], n)}/{n} samples")
-    timing["forward_s"] += time.perf_counter() - t0 - hess_t[0]
+    timing["forward_s"] += time.perf_counter() - t0 - hess_t[0] - solve_t[0]
     timing["hessian_s"] += hess_t[0]
-    t = time.perf_counter()
-    members = []
-    for name, (view, pss) in sinks.items():
-        gram = grams[name]
-        if gram.xx is None:
-            continue
-        hd, _ = damped(gram.xx / gram.n, damp)
-        try:
-            hinv = psd_inverse(hd)
-        except np.linalg.LinAlgError:
-            continue
-        w = view.matrix(np.asarray(g.const(view.weight), dtype=np.float64))
-        for ps in pss:
-            roots = analysis.find(ps.atoms)
-            per_pos = np.zeros(len(roots))
-            valid = np.flatnonzero(roots >= 0)
-            if not len(valid):
-                continue
-            uniq, first = np.unique(roots[valid], return_index=True)
-            cols = [np.concatenate([np.arange(p * view.k, (p + 1) * view.k) for p in valid[roots[valid] == u]])
-                    for u in uniq]
-            sal = obs_saliency(w, hinv, cols)
-            per_pos[valid[first]] = sal
-            members.append(Member(ps, per_pos))
-    timing["solve_s"] += time.perf_counter() - t
+    timing["solve_s"] += solve_t[0]
+    members = [m for name in sinks for m in scored.get(name, [])]  # in the sinks' order, as before
     inputs.cache["obspa_data"] = {"samples": n, "positions_per_layer": positions,
                                   "mode": "calibration" if inputs.calib is not None else "data-free (synthesized)"}
     return members
 
 
+def _layer_members(analysis, g, view: LayerView, pss: list, gram: Gram, damp: float) -> list:
+    """The OBS saliency members of one consumer (one per sink slice) from its complete Gram sum."""
+    if gram.xx is None:
+        return []
+    hd, _ = damped(gram.xx / gram.n, damp)
+    try:
+        hinv = psd_inverse(hd)
+    except np.linalg.LinAlgError:
+        return []
+    w = view.matrix(np.asarray(g.const(view.weight), dtype=np.float64))
+    members = []
+    for ps in pss:
+        roots = analysis.find(ps.atoms)
+        per_pos = np.zeros(len(roots))
+        valid = np.flatnonzero(roots >= 0)
+        if not len(valid):
+            continue
+        uniq, first = np.unique(roots[valid], return_index=True)
+        cols = [np.concatenate([np.arange(p * view.k, (p + 1) * view.k) for p in valid[roots[valid] == u]])
+                for u in uniq]
+        per_pos[valid[first]] = obs_saliency(w, hinv, cols)
+        members.append(Member(ps, per_pos))
+    return members
+
+
 def check_hessians(g, sinks: dict, positions: int) -> None:
-    """The Hessians (D x D float64 per layer, all held until the solve, plus one inverse) and one layer's sampled
-    rows (positions x D) against the memory limit, before the forward passes."""
+    """The Hessians (D x D per layer, float32 above 64 columns, all held until the last batch, plus a dampened
+    copy and an inverse) and one layer's sampled rows (positions x D) against the memory limit, before the
+    forward passes."""
     columns = []
     for view, _ in sinks.values():
         w = g.const(view.weight)
@@ -356,6 +389,6 @@ def check_hessians(g, sinks: dict, positions: int) -> None:
     if not columns:
         return
     widest = max(columns)
-    need = sum(d * d * 8 for d in columns) + 2 * widest * widest * 8 + int(positions) * widest * 8
+    need = sum(d * d * (8 if d <= 64 else 4) for d in columns) + 2 * widest * widest * 8 + int(positions) * widest * 4
     check_memory(need, f"the Hessians of {len(columns)} layers (up to {widest} columns, --positions {positions})")
 

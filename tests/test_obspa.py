@@ -12,9 +12,9 @@ from spa import driver, obspa
 from spa.calib import Calib
 
 
-def _gram(xp, xo):
+def _gram(xp, yo):
     g = obspa.Gram()
-    g.add(torch.from_numpy(xp).float(), torch.from_numpy(xo).float())
+    g.add(torch.from_numpy(xp).float(), torch.from_numpy(yo).float())
     return g
 
 
@@ -25,7 +25,7 @@ def test_refit_is_the_obs_update_and_the_closed_form_least_squares():
     w = rng.standard_normal((o, d))
     keep = np.array([True, False, True, True, False, True])
     damp = 1e-3
-    new, lam = obspa.refit(w, w[:, keep], _gram(x[:, keep], x), damp)
+    new, lam = obspa.refit(w[:, keep], _gram(x[:, keep], x @ w.T), damp)
     # OBS: W_K - W_Q ([H^-1]_QQ)^-1 [H^-1]_QK with the same dampened H
     h = x.astype(np.float32).astype(np.float64)
     h = h.T @ h / n
@@ -36,7 +36,7 @@ def test_refit_is_the_obs_update_and_the_closed_form_least_squares():
     np.testing.assert_allclose(new, obs, rtol=1e-4, atol=1e-6)
     # without dampening: ordinary least squares  min ||X_K W'^T - X W^T||
     ls = np.linalg.lstsq(x[:, keep], x @ w.T, rcond=None)[0].T
-    plain, _ = obspa.refit(w, w[:, keep], _gram(x[:, keep], x), 1e-9)
+    plain, _ = obspa.refit(w[:, keep], _gram(x[:, keep], x @ w.T), 1e-9)
     np.testing.assert_allclose(plain, ls, rtol=1e-3, atol=1e-5)
 
 
@@ -71,6 +71,10 @@ def test_conv_patches_match_unfold(stride, pad, dil):
     w = torch.from_numpy(np.array(m.graph.const("w")))
     y = torch.nn.functional.conv2d(xt, w, stride=stride, padding=pad, dilation=dil)
     torch.testing.assert_close(rows @ w.reshape(4, -1).T, y.permute(0, 2, 3, 1).reshape(total, -1),
+                               rtol=1e-5, atol=1e-5)
+    picked = torch.tensor([0, 3, total - 1])
+    torch.testing.assert_close(obspa.sample_outputs(view, y, picked, torch.tensor([2, 0])),
+                               (obspa.sample_rows(view, xt, picked) @ w.reshape(4, -1).T)[:, [2, 0]],
                                rtol=1e-5, atol=1e-5)
 
 
