@@ -102,7 +102,11 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
 
     logits = classifier_logits(g)
     bn = _bn_targets(g)
-    if steps <= 0 or (logits is None and not bn) or not any(np.dtype(v.dtype).kind == "f" for v in feeds.values()):
+    if steps <= 0 or not any(np.dtype(v.dtype).kind == "f" for v in feeds.values()):
+        return feeds
+    if logits is None and not bn:
+        inputs.notes.append("data-free: noise inputs, not inverted (the first output holds no class scores "
+                            "and no BatchNormalization statistics survived: nothing to aim the inputs at)")
         return feeds
     t0 = time.perf_counter()
     n = int(next(iter(feeds.values())).shape[0])
