@@ -1,6 +1,7 @@
 """The inputs the data-driven passes run on: the calibration data, or, data-free, inputs synthesized from the
-model alone (noise shaped to the input, then optimized towards the statistics the model itself records, where
-it records any)."""
+model alone: noise shaped to the input, then optimized (model inversion, within a compute budget) until a
+classifier answers it confidently with every class and surviving BatchNormalization nodes see their running
+statistics; other models, and models too big for the budget, keep the noise."""
 from __future__ import annotations
 
 import time
