@@ -80,9 +80,12 @@ def _bn_targets(g) -> dict:
     return targets
 
 
-def inversion_steps(macs_per_sample: float, n: int) -> int:
-    """Adam steps the compute budget allows for n samples (0: below INVERSION_MIN_STEPS, not worth running)."""
-    steps = min(INVERSION_STEPS, int(INVERSION_BUDGET_MACS // max(3.0 * macs_per_sample * n, 1.0)))
+def inversion_steps(macs_per_sample: float, n: int, steps: int | None = None, budget: float | None = None) -> int:
+    """Adam steps the compute budget allows for n samples (0: below INVERSION_MIN_STEPS, not worth running);
+    `steps` / `budget` replace INVERSION_STEPS / INVERSION_BUDGET_MACS (a caller's options; 0 steps: noise)."""
+    most = INVERSION_STEPS if steps is None else int(steps)
+    budget = INVERSION_BUDGET_MACS if budget is None else float(budget)
+    steps = min(most, int(budget // max(3.0 * macs_per_sample * n, 1.0)))
     return steps if steps >= INVERSION_MIN_STEPS else 0
 
 
@@ -231,12 +234,16 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
             raise SpaError("data-free mode needs static input shapes; pass --input-shape")
         cached = synthesize(specs, shapes, inputs.samples, inputs.seed, g)
         macs = float(getattr(inputs.analysis, "total_macs", 0) or 0)
-        steps = inversion_steps(macs, inputs.samples)
+        opts = inputs.cache.get("synthesis_options", {})  # {"steps": N, "budget": MACs}, from the caller's options
+        steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"))
         if steps:
             cached = invert(g, cached, inputs, steps)
+        elif opts.get("steps") == 0:
+            inputs.notes.append("data-free: noise inputs (the inversion is switched off)")
         else:
-            inputs.notes.append(f"data-free: noise inputs, not inverted (the inversion budget of "
-                                f"{INVERSION_BUDGET_MACS:.3g} MACs allows fewer than {INVERSION_MIN_STEPS} steps "
-                                f"over {inputs.samples} samples of {macs:.3g} MACs)")
+            budget = opts.get("budget", INVERSION_BUDGET_MACS)
+            inputs.notes.append(f"data-free: noise inputs, not inverted (the inversion budget of {budget:.3g} "
+                                f"MACs allows fewer than {INVERSION_MIN_STEPS} steps over {inputs.samples} "
+                                f"samples of {macs:.3g} MACs)")
         inputs.cache["synthesized"] = cached
     return cached, inputs.samples

@@ -91,6 +91,8 @@ def test_the_budget_decides_the_steps():
     assert synthesis.inversion_steps(4.1e9, 64) == 0                           # ResNet-50 at 224: noise
     big = synthesis.INVERSION_BUDGET_MACS / (3 * 64 * (synthesis.INVERSION_MIN_STEPS + 1))
     assert synthesis.inversion_steps(big, 64) == synthesis.INVERSION_MIN_STEPS + 1
+    assert synthesis.inversion_steps(3e7, 64, steps=0) == 0                    # the caller asks for noise
+    assert synthesis.inversion_steps(4.1e9, 64, budget=1e14) == synthesis.INVERSION_STEPS
 
 
 def test_the_inversion_refuses_activations_over_the_memory_limit():
