@@ -1,0 +1,101 @@
+"""Data-free inputs: the inversion makes a classifier answer confidently and with every class where noise does
+not, on images, 1-D signals and feature vectors; it is deterministic per seed, leaves outputs that are no class
+scores to noise, stays within the compute budget and the memory limit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import Builder, analyse, run_model
+
+torch = pytest.importorskip("torch")
+
+from spa import synthesis  # noqa: E402
+from spa.errors import SpaError  # noqa: E402
+from spa.importance import ScoreInputs  # noqa: E402
+from spa.memory import memory_limit  # noqa: E402
+
+CLASSES = 6
+
+
+def classifier(shape, favoured: float = 4.0, gain: float = 30.0):
+    """A random conv (or, for [N, F] inputs, Gemm) net with a strong classifier (a gain on its weights) and a bias
+    towards class 0: noise, averaged over positions, is answered with one class; the others need inputs shaped
+    for them."""
+    b = Builder()
+    x = b.input("x", shape)
+    if len(shape) >= 3:
+        dims = len(shape) - 2
+        y = b.relu(b.conv("c1", x, shape[1], 16, dims=dims))
+        y = b.relu(b.conv("c2", y, 16, 16, dims=dims))
+        y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    else:
+        y = b.relu(b.gemm("h", x, shape[1], 16, trans_b=1))
+    bias = np.zeros(CLASSES, np.float32)
+    bias[0] = favoured
+    fc = np.random.default_rng(0).standard_normal((CLASSES, 16)).astype(np.float32) * gain
+    b.output(b.op("Gemm", [y, b.const("fc.weight", fc), b.const("fc.bias", bias)], transB=1))
+    return b.model()
+
+
+def data(model, samples=24, seed=0, notes=None):
+    _, analysis = analyse(model)
+    inputs = ScoreInputs(analysis, None, samples=samples, seed=seed)
+    feeds, n = synthesis.model_data(inputs)
+    if notes is not None:
+        notes.extend(inputs.notes)
+    return feeds["x"]
+
+
+def answers(model, x):
+    logits = np.concatenate([run_model(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p.argmax(1), p.max(1)
+
+
+@pytest.mark.parametrize("shape", [[1, 3, 12, 12], [1, 2, 40], [1, 10]], ids=["image", "signal", "features"])
+def test_inverted_inputs_get_confident_diverse_answers_where_noise_does_not(shape, monkeypatch):
+    model = classifier(shape)
+    notes = []
+    inverted = data(model, notes=notes)
+    assert any("optimized towards confident, evenly assigned classes" in n for n in notes)
+    cls, conf = answers(model, inverted)
+    # the prior: each sample keeps unit standard deviation, as the noise it starts from
+    np.testing.assert_allclose(inverted.reshape(len(inverted), -1).std(1, ddof=1), 1.0, rtol=1e-3)
+    monkeypatch.setattr(synthesis, "INVERSION_STEPS", 0)
+    noise_cls, _ = answers(model, data(model))
+    assert len(set(cls.tolist())) >= max(3, min(CLASSES, len(set(noise_cls.tolist())) + 2)) and conf.mean() > 0.8
+
+
+def test_synthesis_is_deterministic_per_seed():
+    model = classifier([1, 3, 12, 12])
+    a, b, c = data(model, seed=3), data(model, seed=3), data(model, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_outputs_that_are_no_class_scores_keep_noise(monkeypatch):
+    b = Builder()
+    y = b.relu(b.conv("c1", b.input("x", [1, 3, 12, 12]), 3, 8))
+    b.output(b.conv("c2", y, 8, 4))          # a dense map, as in segmentation: nothing to aim at
+    model = b.model()
+    notes = []
+    kept = data(model, notes=notes)
+    assert any("nothing to aim the inputs at" in n for n in notes)
+    monkeypatch.setattr(synthesis, "INVERSION_STEPS", 0)
+    np.testing.assert_array_equal(kept, data(model))
+
+
+def test_the_budget_decides_the_steps():
+    assert synthesis.inversion_steps(3e7, 64) == synthesis.INVERSION_STEPS     # a net of resnet20's size
+    assert synthesis.inversion_steps(4.1e9, 64) == 0                           # ResNet-50 at 224: noise
+    big = synthesis.INVERSION_BUDGET_MACS / (3 * 64 * (synthesis.INVERSION_MIN_STEPS + 1))
+    assert synthesis.inversion_steps(big, 64) == synthesis.INVERSION_MIN_STEPS + 1
+    assert synthesis.inversion_steps(3e7, 64, steps=0) == 0                    # the caller asks for noise
+    assert synthesis.inversion_steps(4.1e9, 64, budget=1e14) == synthesis.INVERSION_STEPS
+
+
+def test_the_inversion_refuses_activations_over_the_memory_limit():
+    model = classifier([1, 3, 12, 12])
+    with memory_limit(4e-4), pytest.raises(SpaError, match="data-free inversion"):  # noise fits, gradients not
+        data(model)
