@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from .errors import SpaError
 from .memory import DEFAULT_MEMORY_LIMIT_GB
 
-ALLOCATIONS = ("global", "uniform", "sensitivity")
+ALLOCATIONS = ("global", "uniform", "banded")
 COMPENSATIONS = ("similarity",)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range

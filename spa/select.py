@@ -202,12 +202,16 @@ def plan_from_counts(analysis: Analysis, fixed: dict, order: dict, removed: dict
     return PruningPlan(plan)
 
 
+BAND = 0.1  # the banded allocation: each group removes within ±BAND (a fraction of its units) of the uniform one
+
+
 def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
            min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
-           max_ratio: float = 1.0, allocation: str = "global", inputs=None) -> PruningPlan:
+           max_ratio: float = 1.0, allocation: str = "global") -> PruningPlan:
     """allocation (with target_flops): 'global' ranks every unit by importance per MAC across groups;
     'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
-    bisection) and uses the importance only inside each group."""
+    bisection) and uses the importance only inside each group; 'banded' ranks by importance per MAC like
+    'global', but every group stays within ±BAND of the uniform fraction (see _banded)."""
     check_selection(ratio=ratio, target_flops=target_flops, max_ratio=max_ratio, allocation=allocation,
                     min_channels=min_channels, round_to=round_to)
     fixed, order = removal_order(analysis, scores, exclude)
@@ -222,7 +226,7 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
 
     if ratio is not None:
         return uniform(ratio)
-    if allocation in ("uniform", "sensitivity"):
+    if allocation in ("uniform", "banded"):
         goal = target_flops * analysis.total_macs
         lo, hi = 0.0, 1.0
         if analysis.macs_after(uniform(hi).roots(analysis)) > goal:
@@ -233,116 +237,42 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
                 hi = mid
             else:
                 lo = mid
-        if allocation == "uniform":
-            return uniform(hi)
-        return _sensitivity(analysis, scores, order, plan_for, goal, hi, inputs) or uniform(hi)
+        if allocation == "banded":
+            return _banded(analysis, scores, order, plan_for, goal, hi) or uniform(hi)
+        return uniform(hi)
     return _budget(analysis, scores, order, plan_for, target_flops)  # its plans are already give-back checked
 
 
-EXP = {"floor": 0.5, "metric": "layer"}
-
-
-def _interp_count(counts, dist, tau) -> int:
-    """The largest removal count whose (linearly interpolated) distortion is at most tau."""
-    i = int(np.searchsorted(dist, tau, side="right")) - 1     # dist[i] <= tau < dist[i + 1]
-    if i >= len(dist) - 1:
-        return int(counts[-1])
-    step = dist[i + 1] - dist[i]
-    return int(counts[i] + math.floor((tau - dist[i]) / step * (counts[i + 1] - counts[i]))) if step > 0 \
-        else int(counts[i])
-
-
-def _sensitivity(analysis, scores, order, plan_for, goal, r_uniform, inputs):
-    from .allocation import layer_errors, measure_sensitivity
-    from .importance import ScoreInputs
-
-    if EXP.get("rule") == "band":
-        delta = float(EXP.get("delta", 0.15))
-        per_mac, bounds = {}, {}
-        for g in analysis.groups:
-            per_mac[g.id] = np.array([scores[int(g.units[i])] / max(analysis.unit_macs.get(int(g.units[i]), 0.0), 1e-9)
-                                      for i in order[g.id]])
-            bounds[g.id] = (min(math.floor(max(r_uniform - delta, 0.0) * g.size + 0.5), len(order[g.id])),
-                            min(math.floor(min(r_uniform + delta, 1.0) * g.size + 0.5), len(order[g.id])))
-        ladder = np.unique(np.concatenate([v for v in per_mac.values()] + [[0.0]]))
-
-        def plan_band(j):
-            t = ladder[j]
-            counts = {gid: int(min(max(int((v <= t).sum()), bounds[gid][0]), bounds[gid][1]))
-                      for gid, v in per_mac.items()}
-            return keep_every_tensor(analysis, plan_for(counts), scores)
-        lo, hi = 0, len(ladder) - 1
-        if analysis.macs_after(plan_band(hi).roots(analysis)) > goal:
-            return None
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if analysis.macs_after(plan_band(mid).roots(analysis)) <= goal:
-                hi = mid
-            else:
-                lo = mid + 1
-        return plan_band(lo)
-
-    inputs = inputs if inputs is not None else ScoreInputs(analysis)
-    curves = inputs.cache.get("allocation_sensitivity")
-    if curves is None:
-        curves = inputs.cache["allocation_sensitivity"] = (layer_errors if EXP.get("metric") == "layer" else measure_sensitivity)(analysis, order, inputs)
-    caps = {}
+def _banded(analysis, scores, order, plan_for, goal, r_uniform) -> PruningPlan | None:
+    """The global ranking by importance per MAC inside a trust band around the uniform allocation r: group g
+    removes between round((r - BAND) n) and round((r + BAND) n) of its n units, the ones below a common
+    importance-per-MAC threshold (the lowest that meets the budget, by binary search). Units that cost many
+    MACs go first, so more units stay for the same MACs, but no group is thinned far beyond the uniform
+    fraction: per-group normalized scores cannot say that a layer may go (the unbounded ranking collapses
+    layers at high compression). None when the widest band still misses the budget."""
+    per_mac, bounds = {}, {}
     for g in analysis.groups:
-        uni_removed = math.floor(r_uniform * g.size + 0.5)
-        caps[g.id] = max(0, g.size - math.ceil(EXP["floor"] * (g.size - uni_removed)))
-        if g.id not in curves:
-            caps[g.id] = uni_removed
+        n_free = len(order[g.id])
+        per_mac[g.id] = np.array([scores[int(g.units[i])] / max(analysis.unit_macs.get(int(g.units[i]), 0.0), 1e-9)
+                                  for i in order[g.id]])
+        bounds[g.id] = (min(math.floor(max(r_uniform - BAND, 0.0) * g.size + 0.5), n_free),
+                        min(math.floor(min(r_uniform + BAND, 1.0) * g.size + 0.5), n_free))
+    thresholds = np.unique(np.concatenate([-np.inf * np.ones(1), *per_mac.values()]))
 
-    if EXP.get("rule") == "lagrange":
-        tables = {}
-        for g in analysis.groups:
-            if g.id not in curves:
-                continue
-            c, d = curves[g.id]
-            delta = float(EXP.get("delta", 1.0))
-            k_lo = min(math.floor(max(r_uniform - delta, 0.0) * g.size + 0.5), int(c[-1]))
-            k_hi = min(math.floor(min(r_uniform + delta, 1.0) * g.size + 0.5), int(c[-1]), caps[g.id])
-            ks = np.arange(0, max(k_hi, k_lo) + 1)
-            saved = np.concatenate([[0.0], np.cumsum([analysis.unit_macs.get(int(g.units[i]), 0.0)
-                                                      for i in order[g.id][:len(ks) - 1]])])
-            dd = np.interp(ks, c, d)
-            dd[:k_lo] = 1e30 * (k_lo - np.arange(k_lo))   # at least k_lo go
-            tables[g.id] = (ks, dd, saved / max(analysis.total_macs, 1))
+    def plan_at(j: int) -> PruningPlan:
+        counts = {gid: int(np.clip(np.count_nonzero(v <= thresholds[j]), *bounds[gid])) for gid, v in per_mac.items()}
+        return keep_every_tensor(analysis, plan_for(counts), scores)  # measured as it will be applied
 
-        def plan_at(lam):
-            counts = {gid: caps[gid] for gid in caps if gid not in tables}
-            for gid, (ks, d, saved) in tables.items():
-                counts[gid] = int(ks[np.argmin(d - lam * saved)])
-            return keep_every_tensor(analysis, plan_for(counts), scores)
-        hi_l = 1.0
-        while analysis.macs_after(plan_at(hi_l).roots(analysis)) > goal and hi_l < 1e12:
-            hi_l *= 4
-        lo, hi = 0.0, hi_l
-        if analysis.macs_after(plan_at(hi).roots(analysis)) > goal:
-            return None
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if analysis.macs_after(plan_at(mid).roots(analysis)) <= goal:
-                hi = mid
-            else:
-                lo = mid
-        return plan_at(hi)
-
-    def plan_at(tau):
-        counts = {gid: min(_interp_count(*curves[gid], tau), caps[gid]) if gid in curves else caps[gid]
-                  for gid in caps}
-        return keep_every_tensor(analysis, plan_for(counts), scores)
-
-    lo, hi = 0.0, 1.0 + max((float(d[-1]) for _, d in curves.values()), default=0.0)
+    lo, hi = 0, len(thresholds) - 1
     if analysis.macs_after(plan_at(hi).roots(analysis)) > goal:
         return None
-    for _ in range(50):
-        mid = (lo + hi) / 2
+    while lo < hi:
+        mid = (lo + hi) // 2
         if analysis.macs_after(plan_at(mid).roots(analysis)) <= goal:
             hi = mid
         else:
-            lo = mid
-    return plan_at(hi)
+            lo = mid + 1
+    return plan_at(lo)
 
 
 def _budget(analysis, scores, order, plan_for, target) -> PruningPlan:

@@ -1,8 +1,8 @@
-"""Allocation benchmark: sensitivity vs uniform vs global, all with importance obspa (reconstruction on).
+"""Allocation benchmark: banded vs uniform vs global, all with importance obspa (reconstruction on).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_allocation.py \\
         --models resnet1d_mnist1d resnet20_digits mobilenetv2_digits resnet56_digits --seeds 0 1 2 \\
-        --keeps 0.7 0.5 0.3 --modes calib datafree --allocations sensitivity uniform global > allocation.md
+        --keeps 0.7 0.5 0.3 --modes calib datafree --allocations banded uniform global > allocation.md
 
 A benchmark, not a test. For each trained network (`.bench/quality/{model}-seed{seed}.pt`, from
 tools/train_bench.py; missing ones are skipped and listed), mode (`calib`: the 128 training samples
@@ -11,7 +11,7 @@ allocation, the BN-folded ONNX export is pruned by `spa.driver.prune(..., import
 allocation=A, target_flops=F)` and evaluated in onnxruntime on the test set. The scores do not depend on the
 allocation or the budget, so they are computed once per (model, seed, mode) and reused (the run is otherwise
 the normal pipeline: selection, Apply, verification, reconstruction). Markdown on stdout (mean ± std over
-the seeds, accuracy in %, and the sensitivity - uniform difference), every row as JSON in `--json`.
+the seeds, accuracy in %, and the banded - uniform difference), every row as JSON in `--json`.
 """
 from __future__ import annotations
 
@@ -47,25 +47,6 @@ def memoized_scores():
         return dict(memo[key])
 
     pipeline.score = score
-    # the pipeline's select() call does not pass the run's ScoreInputs yet: hand them over here, with the
-    # measured sensitivity remembered like the scores (it depends on the scores' order only)
-    make_inputs, select, last = pipeline.ScoreInputs, pipeline.select, {}
-
-    def score_inputs(*a, **kw):
-        last["inputs"] = make_inputs(*a, **kw)
-        return last["inputs"]
-
-    def select_with_inputs(*a, **kw):
-        inputs = last.pop("inputs")
-        key = ("sensitivity", memoized_scores.key)
-        if key in memo:
-            inputs.cache["allocation_sensitivity"] = memo[key]
-        plan = select(*a, inputs=inputs, **kw)
-        if "allocation_sensitivity" in inputs.cache:
-            memo[key] = inputs.cache["allocation_sensitivity"]
-        return plan
-
-    pipeline.ScoreInputs, pipeline.select = score_inputs, select_with_inputs
     return memo
 
 
@@ -76,13 +57,7 @@ def run_one(s: bq.Subject, mode: str, keep: float, allocation: str, out: Path) -
     memoized_scores.key = (str(s.onnx_path), mode)
     dest = out / f"{s.model_name}-s{s.seed}-{mode}-{keep}-{allocation}.onnx"
     t = time.perf_counter()
-    from spa import select as _sel
-    name, _, knob = allocation.partition("@")
-    for kv in knob.split(",") if knob else []:   # experiment knobs: floor=0.5,rule=lagrange,metric=layer
-        k, v = kv.split("=")
-        _sel.EXP[k] = float(v) if k in ("floor", "delta") else v
-    memoized_scores.key = (str(s.onnx_path), mode, _sel.EXP.get("metric"))
-    rep = driver.prune(str(s.onnx_path), str(dest), target_flops=keep, importance="obspa", allocation=name,
+    rep = driver.prune(str(s.onnx_path), str(dest), target_flops=keep, importance="obspa", allocation=allocation,
                        calib=str(s.calib_path) if mode == "calib" else None,
                        input_shapes={"input": (1, *s.input_shape)}).report
     acc = bq.onnx_accuracy(str(dest), s.data.x_test, s.data.y_test)
@@ -108,8 +83,8 @@ def markdown(rows: list[dict], allocations: list[str], argv: list[str], missing:
     if missing:
         lines += [f"Not measured (weights missing): {', '.join(missing)}", ""]
     head = ["model (unpruned)", "mode", "keep", "n", *allocations]
-    if "sensitivity" in allocations and "uniform" in allocations:
-        head.append("sens - unif")
+    if "banded" in allocations and "uniform" in allocations:
+        head.append("banded - uniform")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = []
     for r in rows:
@@ -124,7 +99,7 @@ def markdown(rows: list[dict], allocations: list[str], argv: list[str], missing:
         row = [f"{model} ({unpruned:.2f})", mode, f"{keep}", str(len(seeds))]
         row += [cell([by[a][s] for s in seeds]) for a in allocations]
         if len(head) > len(row):
-            row.append(cell([by["sensitivity"][s] - by["uniform"][s] for s in seeds]))
+            row.append(cell([by["banded"][s] - by["uniform"][s] for s in seeds]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -136,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--keeps", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     p.add_argument("--modes", nargs="+", default=["calib", "datafree"], choices=["calib", "datafree"])
-    p.add_argument("--allocations", nargs="+", default=["sensitivity", "uniform", "global"])
+    p.add_argument("--allocations", nargs="+", default=["banded", "uniform", "global"])
     p.add_argument("--weights", type=Path, default=ROOT / ".bench" / "quality")
     p.add_argument("--json", type=Path, default=None, help="append every row here (JSON lines)")
     args = p.parse_args(argv)
