@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from .errors import SpaError
 from .memory import DEFAULT_MEMORY_LIMIT_GB
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "banded")
 DEFAULT_IMPORTANCE = "obspa"      # OBS saliencies on data (or synthesized inputs), then least-squares refit
 DEFAULT_ALLOCATION = "uniform"
 FAST_IMPORTANCE = "l2"            # --fast: magnitude ranking, no data pass, no reconstruction

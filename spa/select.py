@@ -202,12 +202,16 @@ def plan_from_counts(analysis: Analysis, fixed: dict, order: dict, removed: dict
     return PruningPlan(plan)
 
 
+BAND = 0.1  # the banded allocation: each group removes within ±BAND (a fraction of its units) of the uniform one
+
+
 def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
            min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
            max_ratio: float = 1.0, allocation: str = "global") -> PruningPlan:
     """allocation (with target_flops): 'global' ranks every unit by importance per MAC across groups;
     'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
-    bisection) and uses the importance only inside each group."""
+    bisection) and uses the importance only inside each group; 'banded' ranks by importance per MAC like
+    'global', but every group stays within ±BAND of the uniform fraction (see _banded)."""
     check_selection(ratio=ratio, target_flops=target_flops, max_ratio=max_ratio, allocation=allocation,
                     min_channels=min_channels, round_to=round_to)
     fixed, order = removal_order(analysis, scores, exclude)
@@ -222,7 +226,7 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
 
     if ratio is not None:
         return uniform(ratio)
-    if allocation == "uniform":
+    if allocation in ("uniform", "banded"):
         goal = target_flops * analysis.total_macs
         lo, hi = 0.0, 1.0
         if analysis.macs_after(uniform(hi).roots(analysis)) > goal:
@@ -233,8 +237,42 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
                 hi = mid
             else:
                 lo = mid
+        if allocation == "banded":
+            return _banded(analysis, scores, order, plan_for, goal, hi) or uniform(hi)
         return uniform(hi)
     return _budget(analysis, scores, order, plan_for, target_flops)  # its plans are already give-back checked
+
+
+def _banded(analysis, scores, order, plan_for, goal, r_uniform) -> PruningPlan | None:
+    """The global ranking by importance per MAC inside a trust band around the uniform allocation r: group g
+    removes between round((r - BAND) n) and round((r + BAND) n) of its n units, the ones below a common
+    importance-per-MAC threshold (the lowest that meets the budget, by binary search). Units that cost many
+    MACs go first, so more units stay for the same MACs, but no group is thinned far beyond the uniform
+    fraction: per-group normalized scores cannot say that a layer may go (the unbounded ranking collapses
+    layers at high compression). None when the widest band still misses the budget."""
+    per_mac, bounds = {}, {}
+    for g in analysis.groups:
+        n_free = len(order[g.id])
+        per_mac[g.id] = np.array([scores[int(g.units[i])] / max(analysis.unit_macs.get(int(g.units[i]), 0.0), 1e-9)
+                                  for i in order[g.id]])
+        bounds[g.id] = (min(math.floor(max(r_uniform - BAND, 0.0) * g.size + 0.5), n_free),
+                        min(math.floor(min(r_uniform + BAND, 1.0) * g.size + 0.5), n_free))
+    thresholds = np.unique(np.concatenate([-np.inf * np.ones(1), *per_mac.values()]))
+
+    def plan_at(j: int) -> PruningPlan:
+        counts = {gid: int(np.clip(np.count_nonzero(v <= thresholds[j]), *bounds[gid])) for gid, v in per_mac.items()}
+        return keep_every_tensor(analysis, plan_for(counts), scores)  # measured as it will be applied
+
+    lo, hi = 0, len(thresholds) - 1
+    if analysis.macs_after(plan_at(hi).roots(analysis)) > goal:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if analysis.macs_after(plan_at(mid).roots(analysis)) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan_at(lo)
 
 
 def _budget(analysis, scores, order, plan_for, target) -> PruningPlan:

@@ -54,7 +54,7 @@ def test_target_flops_meets_budget(resnet18, budget):
     assert rep["macs"]["after"] >= 0.6 * budget * rep["macs"]["before"]  # not wildly over-pruned
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "banded"])
 def test_unreachable_target_flops_is_a_warning(resnet18, allocation):
     """Pruned as far as --min-channels allows, and the report says the budget was not met (not silent)."""
     rep = driver.prune(resnet18, None, target_flops=0.05, min_channels=8, allocation=allocation, fast=True).report
@@ -130,3 +130,91 @@ def test_uniform_allocation_removes_one_fraction_everywhere_and_meets_the_budget
     assert lo <= hi
     smaller = driver.prune(resnet18, None, ratio=max(lo - 0.02, 0.0), fast=True).report
     assert smaller["macs"]["after"] > 0.5 * smaller["macs"]["before"] or math.isclose(lo, 0.0)
+
+
+# ---- the banded allocation ----------------------------------------------------------------------------------------
+def chain_net():
+    """x -> a (16) -> b (16) -> c (16) -> out (4): three prunable groups of 16 with the same MACs per unit
+    except at the ends (a's units also cost the 3-channel input conv, c's the 4-channel output conv)."""
+    from helpers import Builder
+
+    b = Builder()
+    y = b.input("x", [1, 3, 8, 8])
+    for name, cin in (("a", 3), ("b", 16), ("c", 16)):
+        y = b.relu(b.conv(name, y, cin, 16))
+    b.output(b.conv("out", y, 16, 4))
+    return b.model()
+
+
+@pytest.fixture(scope="module")
+def chain():
+    from helpers import analyse, group_of
+
+    _, analysis = analyse(chain_net())
+    groups = {n: group_of(analysis, n) for n in "abc"}
+    return analysis, groups
+
+
+def chain_scores(analysis, groups, cheap: str, cheap_scale: float = 1e-6):
+    """Per-unit scores rising inside each group; the group `cheap` scaled down (near-zero importance)."""
+    scores = {}
+    for name, g in groups.items():
+        for i, u in enumerate(g.units):
+            scores[int(u)] = (1.0 + i / g.size) * (cheap_scale if name == cheap else 1.0)
+    for u in analysis.unit_group:
+        scores.setdefault(int(u), 1.0)
+    return scores
+
+
+def removed_fractions(plan, groups):
+    return {n: len(plan.removed.get(g.id, [])) / g.size for n, g in groups.items()}
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.5, 0.3])
+def test_banded_meets_the_budget_inside_the_band_and_thins_the_cheap_group_most(chain, budget):
+    from spa.select import BAND, select
+
+    analysis, groups = chain
+    scores = chain_scores(analysis, groups, cheap="b")
+    uniform = select(analysis, scores, target_flops=budget, allocation="uniform")
+    banded = select(analysis, scores, target_flops=budget, allocation="banded")
+    glob = select(analysis, scores, target_flops=budget, allocation="global")
+    goal = budget * analysis.total_macs
+    assert analysis.macs_after(banded.roots(analysis)) <= goal
+    # no more pruned than needed: one unit fewer anywhere would miss the budget, checked via the uniform
+    # plan's MACs as a floor (the band exists to spend the budget no worse than uniform)
+    assert analysis.macs_after(banded.roots(analysis)) >= 0.9 * analysis.macs_after(uniform.roots(analysis))
+    r_u = removed_fractions(uniform, groups)
+    r_b = removed_fractions(banded, groups)
+    r = max(r_u.values())  # the uniform fraction (rounded per group; all groups are 16 wide)
+    for name in "abc":
+        assert r - BAND - 1 / 16 <= r_b[name] <= r + BAND + 1 / 16, (name, r_b, r)
+    assert r_b["b"] > r_b["c"] and r_b["b"] > r_b["a"]  # the near-zero group goes first ...
+    assert r_b["b"] <= r + BAND + 1 / 32          # ... but only to the band's edge
+    assert removed_fractions(glob, groups)["b"] > r_b["b"] or budget == 0.7  # where global thins it further
+
+
+def test_banded_honours_min_channels_round_to_and_exclude(chain):
+    from spa.select import select
+
+    analysis, groups = chain
+    scores = chain_scores(analysis, groups, cheap="b")
+    plan = select(analysis, scores, target_flops=0.5, allocation="banded", round_to=4, min_channels=12,
+                  exclude=["out"])  # touches c's units only (b's reach conv c)
+    kept = {n: g.size - len(plan.removed.get(g.id, [])) for n, g in groups.items()}
+    assert kept["c"] == 16                           # --exclude
+    assert all(k % 4 == 0 and k >= 12 for k in kept.values()), kept
+    # the budget cannot be met under these constraints: pruned as far as they allow, like uniform
+    assert kept == {"a": 12, "b": 12, "c": 16}
+
+
+def test_banded_is_uniform_when_every_unit_is_alike(chain):
+    """Equal importance per MAC everywhere: the band has nothing to trade; the plan keeps the uniform fraction
+    up to the per-group rounding."""
+    from spa.select import select
+
+    analysis, groups = chain
+    scores = {int(u): analysis.unit_macs.get(int(u), 1.0) for u in analysis.unit_group}
+    uniform = removed_fractions(select(analysis, scores, target_flops=0.5, allocation="uniform"), groups)
+    banded = removed_fractions(select(analysis, scores, target_flops=0.5, allocation="banded"), groups)
+    assert all(abs(banded[n] - uniform[n]) <= 2 / 16 for n in "abc"), (banded, uniform)
