@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import SpaError
 from .execution import batch_size_for, chunk_count, chunks, fast_layout, run_model
 from .importance import Member
 from .ir import attr as get_attr
@@ -268,6 +269,9 @@ def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Solve a x = b for symmetric positive definite a."""
     import torch
 
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise SpaError("the model computes NaN/inf values on the calibration/synthesized inputs: least squares "
+                       "needs finite activations (check the model and its input scale, or add --fast)")
     chol = _factor(a)
     if chol is None:
         return np.linalg.lstsq(a, b, rcond=None)[0]

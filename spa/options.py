@@ -139,6 +139,7 @@ class PruneOptions:
     calib_limit: int | None = None
     loss: str = "auto"
     samples: int = 64             # synthesized inputs in data-free mode
+    synth_steps: int | None = None  # data-free: most model-inversion steps (0: noise); None: spa.synthesis's default
     seed: int = 0
     positions: int | None = None
     damp: float | None = None
@@ -185,6 +186,8 @@ class PruneOptions:
         check_positive("--memory-limit", self.memory_limit_gb)
         if self.calib_limit is not None:
             check_count("--calib-samples", self.calib_limit)
+        if self.synth_steps is not None:
+            check_count("--synth-steps", self.synth_steps, minimum=0)
         if self.max_drop is not None:
             check_number("--max-drop", self.max_drop, low=0.0, high=100.0)
             if not resolved.verify:

@@ -116,6 +116,8 @@ class ScoreAndSelect(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         opts, analysis = run.options, run.analysis
+        if uses_data(opts.importance) or opts.reconstruct:
+            check_finite_weights(analysis)
         run.data, held = split_holdout(load_data(opts.calib, run.model.graph.model, opts.calib_limit))
         if run.data is not None and not uses_data(opts.importance) and not (opts.reconstruct or opts.recalibrate):
             run.model.warnings.append(
@@ -125,13 +127,13 @@ class ScoreAndSelect(Pass):
                                                 seed=opts.seed, progress=run.step)
         inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))
                                          if v is not None}
+        if opts.synth_steps is not None:
+            inputs.cache["synthesis_options"] = {"steps": opts.synth_steps}
         if held is not None:
             run.holdout_label = f"{held.n} held-out calibration samples"
             run.holdout = batches_for(run.model.graph, held.inputs)
         elif run.data is None and (uses_data(opts.importance) or opts.reconstruct):
             run.holdout = synthesize_holdout(run, inputs)
-        if uses_data(opts.importance) or opts.reconstruct:
-            check_finite_weights(analysis)
         run.step("score")
         if opts.plan_file:
             run.plan = read_plan(opts.plan_file, analysis)
@@ -209,6 +211,8 @@ class Reconstruction(Pass):
     name, requires, rewrites = "reconstruct", ("pruned", "original", "data"), True
 
     def run(self, run: PruneRun) -> PassResult:
+        if not run.removed:  # nothing was cut: the original's values are already the best ones
+            return PassResult(report={"reconstruction": None})
         from .reconstruction import reconstruct_values  # deferred: only runs with value passes load them
 
         report = reconstruct_values(run, data_label(run.data, "obspa"))
@@ -250,12 +254,17 @@ def check_finite_weights(analysis: Analysis) -> None:
     """The data passes (OBS Hessians, least-squares refits) need finite weights: a NaN/inf weight is one line of
     bad input, not a failed solve deep inside."""
     g = analysis.ctx.g
-    for s in analysis.ctx.sources:
-        w = g.const(s.weight)
+    seen = set()
+    for ps in analysis.ctx.params:   # the parameters the groups cut: weights, biases, norm parameters
+        name = ps.node.input[ps.input_index]
+        if name in seen:
+            continue
+        seen.add(name)
+        w = g.const(name)
         if w is not None and np.asarray(w).dtype.kind == "f" and not np.isfinite(w).all():
-            raise SpaError(f"the weight '{s.weight}' of node '{s.node}' has NaN/inf values: scoring on data and "
-                           f"reconstruction need finite weights (fix the model, or add --fast: magnitude ranking "
-                           f"only)")
+            raise SpaError(f"the parameter '{name}' of node '{ps.node.name}' has NaN/inf values: scoring on data "
+                           f"and reconstruction need finite values (fix the model, or add --fast: magnitude "
+                           f"ranking only)")
 
 
 def fidelity_drop(outputs: dict) -> tuple[float, str]:

@@ -525,7 +525,8 @@ def option_case(rng: random.Random, cid: str) -> Case:
     fifos, dirs, outputs = [], [], ["out.onnx"]
     argv: list = []
     if sub == "prune":
-        argv = ["{d}/in.onnx", "{d}/out.onnx", "--ratio", "0.5", "-q", *(["--fast"] if rng.random() < 0.75 else [])]
+        argv = ["{d}/in.onnx", "{d}/out.onnx", "--ratio", "0.5", "-q",
+                *(["--fast"] if rng.random() < 0.75 else ["--synth-samples", "4", "--synth-steps", "8", "--positions", "64"])]
         for _ in range(rng.randint(1, 3)):
             flag = rng.choice(PRUNE_NUMERIC)
             if flag in ("--ratio", "--target-flops"):
@@ -640,7 +641,7 @@ def model_argv(rng: random.Random) -> tuple[list, tuple]:
         argv += ["--report", "{d}/report.json", "--save-plan", "{d}/plan.json"]
         outputs += ("report.json", "plan.json")
     if rng.random() < 0.25:  # the default mode (OBS + reconstruction, data-free), kept small
-        argv += ["--synth-samples", "4", "--positions", "64"]
+        argv += ["--synth-samples", "4", "--synth-steps", "8", "--positions", "64"]
     else:                    # the instant path: most cases test the structure, cheaply
         argv += ["--fast"]
     return argv, outputs

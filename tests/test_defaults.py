@@ -168,3 +168,4 @@ def test_nan_weights_are_one_line_in_the_default_mode(tmp_path, capsys):
     onnx.save(m, p)
     rc, _, err = run_cli([p, tmp_path / "o.onnx", "--ratio", "0.5"], capsys)
     assert_one_line_error(rc, err, "c1.weight", "NaN/inf", "--fast")
+

@@ -131,7 +131,7 @@ def test_distillation_recovers_a_pruned_model_and_writes_a_checked_model(digits)
     """Prune half the channels (l1, no reconstruction: accuracy near chance), then 4 epochs of CE+KD: accuracy and agreement with the
     teacher rise, the written model is what torch trained (ONNX vs torch within 1e-5), the curve is drawn."""
     pruned = digits / "pruned.onnx"
-    driver.prune(str(digits / "teacher.onnx"), pruned, ratio=0.5, importance="l1")
+    driver.prune(str(digits / "teacher.onnx"), pruned, ratio=0.5, importance="l1", fast=True)
     before = accuracy(pruned, digits / "test.npz")
     res = finetune(pruned, digits / "tuned.onnx", data=digits / "train.npz", val=digits / "test.npz",
                    teacher=digits / "teacher.onnx", epochs=4, lr=0.1, batch_size=32, curve=digits / "curve.png",
@@ -174,7 +174,7 @@ def test_keep_best_never_returns_a_worse_model_on_validation(digits, tmp_path):
 
 def test_teacher_only_distillation_without_labels(digits):
     pruned = digits / "pruned_kd.onnx"
-    driver.prune(str(digits / "teacher.onnx"), pruned, ratio=0.5, importance="l1")
+    driver.prune(str(digits / "teacher.onnx"), pruned, ratio=0.5, importance="l1", fast=True)
     res = finetune(pruned, None, data=digits / "unlabelled.npz", teacher=digits / "teacher.onnx", epochs=2,
                    lr=0.05, val=digits / "test.npz")
     assert res.report["loss"] == "kd"
@@ -217,9 +217,9 @@ def test_step_targets():
 
 def test_progressive_reaches_the_budget_with_every_step_verified(digits):
     one = driver.prune(str(digits / "teacher.onnx"), digits / "oneshot.onnx", target_flops=0.5, importance="l1",
-                       allocation="uniform").report
+                       allocation="uniform", fast=True).report
     res = prune_progressive(str(digits / "teacher.onnx"), digits / "prog.onnx", steps=3, target_flops=0.5,
-                            importance="l1", allocation="uniform", finetune_data=digits / "train.npz",
+                            importance="l1", allocation="uniform", fast=True, finetune_data=digits / "train.npz",
                             finetune_epochs=1, finetune_options={"lr": 0.1, "batch_size": 32})
     rep = res.report
     assert rep["macs"]["before"] == one["macs"]["before"]

@@ -170,6 +170,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--damp", type=float, help="Hessian dampening, fraction of its mean diagonal (0.01)")
     data.add_argument("--synth-samples", type=int, default=64, metavar="N",
                       help="data-free mode: number of synthesized inputs (64)")
+    data.add_argument("--synth-steps", type=int, metavar="N",
+                      help="data-free mode: at most N model-inversion steps shaping the synthesized inputs "
+                           "(default 80, fewer on large models by a compute budget; 0: plain noise)")
     data.add_argument("--seed", type=int, default=0, help="seed for sampling and synthesized data")
     p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
     p.add_argument("--round-to", type=int, default=1, metavar="N", help="kept units a multiple of N")
