@@ -11,7 +11,7 @@ import numpy as np
 from .calib import input_specs
 from .errors import SpaError
 from .execution import batch_size_for, run_model
-from .memory import array_bytes, check_memory
+from .memory import GB, array_bytes, check_memory, memory_limit_gb
 
 
 def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str, np.ndarray]:
@@ -89,6 +89,28 @@ def inversion_steps(macs_per_sample: float, n: int, steps: int | None = None, bu
     return steps if steps >= INVERSION_MIN_STEPS else 0
 
 
+def inversion_bytes_per_sample(g) -> int:
+    """The graph's tensors at one sample, kept for the backward pass, with their gradients (x3 in the check)."""
+    return sum(array_bytes(g.shapes[o][1:], np.float32) for node in g.model.graph.node for o in node.output
+               if g.shapes.get(o))
+
+
+def invert_in_parts(g, feeds: dict[str, np.ndarray], inputs, steps: int):
+    """`invert` on as many samples at once as the memory limit allows: more samples than fit are inverted in
+    parts, each its own optimization (the objectives are per sample, except BN statistics, matched per part)."""
+    n = int(next(iter(feeds.values())).shape[0])
+    fit = int(memory_limit_gb() * GB // max(3 * inversion_bytes_per_sample(g), 1))
+    size, fixed = batch_size_for(g, n, feeds)
+    if fixed:
+        fit = fit // size * size
+    if fit >= n or fit < 1:
+        return invert(g, feeds, inputs, steps)   # all at once, or refused by invert's own memory check
+    parts = [invert(g, {k: v[start:start + fit] for k, v in feeds.items()}, inputs, steps)
+             for start in range(0, n, fit)]
+    inputs.notes.append(f"data-free: inverted in {len(parts)} parts of at most {fit} samples (--memory-limit)")
+    return {k: np.concatenate([p[k] for p in parts]) for k in feeds}
+
+
 def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
     """Optimize the float inputs (Adam, through TorchGraph) so that the model treats them like data:
     * a classifier (see `classifier_logits`) answers each sample confidently with an assigned class, the classes
@@ -115,11 +137,8 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
         return feeds
     t0 = time.perf_counter()
     n = int(next(iter(feeds.values())).shape[0])
-    # the graph's tensors at one sample, kept for the backward pass, with their gradients
-    per_sample = sum(array_bytes(g.shapes[o][1:], np.float32) for node in g.model.graph.node for o in node.output
-                     if g.shapes.get(o))
-    check_memory(3 * n * per_sample, f"the data-free inversion ({n} synthesized samples, activations kept for "
-                                     f"the gradient; fewer with --synth-samples)")
+    check_memory(3 * n * inversion_bytes_per_sample(g), f"the data-free inversion ({n} synthesized samples, "
+                                                        f"activations kept for the gradient; fewer with --synth-samples)")
     tg = TorchGraph(g)
     for p in tg.parameters():
         p.requires_grad_(False)
@@ -237,7 +256,7 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         opts = inputs.cache.get("synthesis_options", {})  # {"steps": N, "budget": MACs}, from the caller's options
         steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"))
         if steps:
-            cached = invert(g, cached, inputs, steps)
+            cached = invert_in_parts(g, cached, inputs, steps)
         elif opts.get("steps") == 0:
             inputs.notes.append("data-free: noise inputs (the inversion is switched off)")
         else:

@@ -95,7 +95,22 @@ def test_the_budget_decides_the_steps():
     assert synthesis.inversion_steps(4.1e9, 64, budget=1e14) == synthesis.INVERSION_STEPS
 
 
-def test_the_inversion_refuses_activations_over_the_memory_limit():
+def test_the_inversion_runs_in_parts_under_the_memory_limit_and_refuses_below_one_sample():
     model = classifier([1, 3, 12, 12])
-    with memory_limit(4e-4), pytest.raises(SpaError, match="data-free inversion"):  # noise fits, gradients not
-        data(model)
+    per_part = int(4e-4 * 1e9 // (3 * synthesis.inversion_bytes_per_sample(model_graph(model))))
+    assert 1 <= per_part < 24
+    notes = []
+    with memory_limit(4e-4):   # the noise fits, the gradients of all 24 samples do not: parts of `per_part`
+        parted = data(model, notes=notes)
+    parts = -(-24 // per_part)
+    assert f"data-free: inverted in {parts} parts of at most {per_part} samples (--memory-limit)" in notes
+    assert parted.shape[0] == 24 and sum("optimized towards" in n for n in notes) == parts
+    cls, conf = answers(model, parted)
+    assert len(set(cls.tolist())) >= 3 and conf.mean() > 0.8
+    with memory_limit(3e-5), pytest.raises(SpaError, match="data-free inversion"):  # not even one sample fits
+        data(model, samples=2)
+
+
+def model_graph(model):
+    _, analysis = analyse(model)
+    return analysis.ctx.g

@@ -22,7 +22,9 @@ FULL = [(name, dyn) for name in models.ZOO_NAMES for dyn in (False, True)]
 def run_criterion(name: str, dynamo: bool, criterion: str):
     src = f"zoo:{name}:small" + (":dynamo" if dynamo else "")
     try:
-        rep = driver.prune(src, None, target_flops=0.7, importance=criterion, samples=8).report
+        # reconstruction only where the criterion is OBSPA, and a short inversion: the subject is the criteria
+        rep = driver.prune(src, None, target_flops=0.7, importance=criterion, samples=8, synth_steps=8,
+                           reconstruct=criterion == "obspa").report
     except SpaError as e:
         # the only accepted refusal: bn-scale on an export without BatchNormalization nodes, naming alternatives
         assert criterion == "bn-scale" and "needs BatchNormalization" in str(e) and "obspa" in str(e), str(e)
