@@ -263,16 +263,9 @@ def _banded(analysis, scores, order, plan_for, goal, r_uniform) -> PruningPlan |
         counts = {gid: int(np.clip(np.count_nonzero(v <= thresholds[j]), *bounds[gid])) for gid, v in per_mac.items()}
         return keep_every_tensor(analysis, plan_for(counts), scores)  # measured as it will be applied
 
-    lo, hi = 0, len(thresholds) - 1
-    if analysis.macs_after(plan_at(hi).roots(analysis)) > goal:
+    if analysis.macs_after(plan_at(len(thresholds) - 1).roots(analysis)) > goal:
         return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if analysis.macs_after(plan_at(mid).roots(analysis)) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    return plan_at(lo)
+    return plan_at(first_within(analysis, plan_at, len(thresholds) - 1, goal))
 
 
 def _budget(analysis, scores, order, plan_for, target) -> PruningPlan:
@@ -291,16 +284,22 @@ def _budget(analysis, scores, order, plan_for, target) -> PruningPlan:
             counts[gid] = counts.get(gid, 0) + 1
         return keep_every_tensor(analysis, plan_for(counts), scores)  # measured as it will be applied
 
-    lo, hi = 0, len(ranked)
-    if analysis.macs_after(plan_at(hi).roots(analysis)) > goal:
-        return plan_at(hi)  # the budget cannot be met: prune as far as the constraints allow
+    if analysis.macs_after(plan_at(len(ranked)).roots(analysis)) > goal:
+        return plan_at(len(ranked))  # the budget cannot be met: prune as far as the constraints allow
+    return plan_at(first_within(analysis, plan_at, len(ranked), goal))
+
+
+def first_within(analysis: Analysis, plan_at, hi: int, goal: float) -> int:
+    """The smallest j in [0, hi] whose plan_at(j) keeps at most `goal` MACs (plans remove more as j grows, and
+    plan_at(hi) is within the goal): a binary search."""
+    lo = 0
     while lo < hi:
         mid = (lo + hi) // 2
         if analysis.macs_after(plan_at(mid).roots(analysis)) <= goal:
             hi = mid
         else:
             lo = mid + 1
-    return plan_at(lo)
+    return lo
 
 
 def keep_every_tensor(analysis: Analysis, plan: PruningPlan, scores: dict) -> PruningPlan:
