@@ -80,7 +80,8 @@ def test_search_end_to_end(resnet18, calib_file, tmp_path, capsys):
     assert best == list(np.maximum.accumulate(rewards)) and s["best_reward"] == max(rewards)
     assert s["history"][s["best_index"]][1] == s["best_reward"]
     assert s["policy_options"] == {"samples": 3, "variance": 0.02}
-    assert s["metric"] == "accuracy" and s["recalibrate"] is True   # labels present; on by default with --calib
+    # labels present; the default reconstructs, so candidates are scored after the fast refit, not re-calibrated
+    assert s["metric"] == "accuracy" and s["refit"] == "fast" and s["recalibrate"] is False
     assert s["curve"] == str(curve) and s["sparsity_plot"] == str(bars) and s["feasible"] is True
     # the applied model is the searched plan, under the budget, verified, valid ONNX
     assert report["verification"]["status"] == "passed"
@@ -152,7 +153,8 @@ def test_obspa_reconstruction_path(resnet18, calib_file, tmp_path, capsys):
 
 
 def test_search_refit_choice_reaches_the_evaluator(resnet18, calib_file, tmp_path, capsys, monkeypatch):
-    """--search-refit none/full map to CalibEvaluator's refit False/True; without reconstruction auto is none."""
+    """--search-refit none/full map to CalibEvaluator's refit False/True; auto is fast when the written model is
+    reconstructed (the default) and none without reconstruction (--fast)."""
     import spa.search as S
     seen = []
     real = S.search
@@ -162,12 +164,12 @@ def test_search_refit_choice_reaches_the_evaluator(resnet18, calib_file, tmp_pat
         return real(*a, **kw)
 
     monkeypatch.setattr(S, "search", spy)
-    for flag, _want in (("none", False), ("full", True), ("auto", False)):
-        out = tmp_path / f"{flag}.onnx"
+    for k, (flag, extra) in enumerate((("none", []), ("full", []), ("auto", []), ("auto", ["--fast"]))):
+        out = tmp_path / f"{k}.onnx"
         rc, err = run([resnet18, out, "--policy", "uniform", "--target-flops", 0.5, "--calib", calib_file,
-                       "--calib-samples", 8, "--search-refit", flag, "-q"], capsys)
+                       "--calib-samples", 8, "--search-refit", flag, "-q", *extra], capsys)
         assert rc == 0, err
-    assert seen == [False, True, False]
+    assert seen == [False, True, "fast", False]
 
 
 def test_unreachable_budget_is_a_warning(resnet18, tmp_path, capsys):

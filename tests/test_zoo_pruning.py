@@ -47,7 +47,8 @@ def independent_macs(model: onnx.ModelProto) -> int:
 
 def _run(path, ratio, tmp_path):
     out = tmp_path / f"pruned_{ratio}.onnx"
-    res = driver.prune(str(path), str(out), ratio=ratio)  # raises unless checker + verification pass
+    # the structural cut on every architecture (--fast: the data passes are covered by test_zoo_criteria)
+    res = driver.prune(str(path), str(out), ratio=ratio, fast=True)  # raises unless checker + verification pass
     return res.report, onnx.load(str(out))
 
 
@@ -149,5 +150,5 @@ def test_zoo_random_plans_verify(name, dynamo, tmp_path):
     plan = random_plan(analysis, np.random.default_rng(sum(map(ord, name)) + dynamo))
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan.to_json(analysis)))
-    rep = driver.prune(path, None, plan_file=str(plan_file)).report
+    rep = driver.prune(path, None, plan_file=str(plan_file), fast=True).report
     assert rep["verification"]["status"] == "passed"
