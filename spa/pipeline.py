@@ -50,6 +50,7 @@ class PruneRun:
     data: object = None                        # calibration data (spa.calib.Calib) or None: data-free
     holdout: list | None = None                # feed batches no pass fits to, for the fidelity measurement
     holdout_label: str = ""
+    holdout_reference: list | None = None      # the original's outputs on them (reference_on_holdout)
     score_inputs: ScoreInputs | None = None
     plan: PruningPlan | None = None
     removed: set = field(default_factory=set)  # union-find roots of the removed units
@@ -61,6 +62,13 @@ class PruneRun:
     @property
     def analyses(self) -> dict:
         return self.model.analyses if self.model is not None else {}
+
+    def reference_on_holdout(self) -> list:
+        """The original's outputs on the held-out feeds, run once in onnxruntime: the reconstruction's fidelity
+        and the fidelity pass both compare against them."""
+        if self.holdout_reference is None:
+            self.holdout_reference = verify.run_many(self.original, self.holdout, "reference")
+        return self.holdout_reference
 
     def step(self, stage: str) -> None:
         if self.progress:
@@ -236,11 +244,12 @@ class MeasureFidelity(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         run.step("fidelity")
-        feeds, label = run.holdout, run.holdout_label
-        if not feeds:
+        if run.holdout:
+            feeds, label, reference = run.holdout, run.holdout_label, run.reference_on_holdout()
+        else:
             feeds = [verify.random_inputs(run.original, run.model.input_shapes, seed) for seed in (2, 3)]
-            label = "random inputs (data-free)"
-        outputs = fidelity(run.original, run.pruned, run.model.input_shapes, feeds=feeds)
+            label, reference = "random inputs (data-free)", None
+        outputs = fidelity(run.original, run.pruned, run.model.input_shapes, feeds=feeds, reference=reference)
         drop, metric = fidelity_drop(outputs)
         section = {"on": label, "metric": metric, "drop_pct": drop, "outputs": outputs}
         if run.options.max_drop is not None:

@@ -31,7 +31,7 @@ def reconstruct_values(run, data_label: str) -> dict:
     """Run the value passes the options ask for on `run.model`; the report section with fidelity before/after."""
     opts, model, original = run.options, run.model, run.original
     feeds_list, fidelity_on = fidelity_feeds(run)
-    reference = verify.run_many(original, feeds_list, "reference")
+    reference = run.reference_on_holdout() if run.holdout else verify.run_many(original, feeds_list, "reference")
     before = fidelity(original, model.graph.to_model(), model.input_shapes, feeds=feeds_list, reference=reference)
     report: dict = {"fidelity_before": before, "passes": []}
     if opts.compensate == "similarity":

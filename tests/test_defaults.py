@@ -59,6 +59,15 @@ def test_explicit_choices_win_over_the_defaults():
     assert PruneOptions(ratio=0.5, fast=True, importance="l1").validated().importance == "l1"
 
 
+def test_the_options_know_which_criteria_read_data():
+    """spa.options sits below spa.importance (it cannot import CRITERIA): its list of the criteria that read
+    data, which --fast refuses and which need torch, must be the table's."""
+    from spa.importance import CRITERIA
+    from spa.options import DATA_CRITERIA
+
+    assert set(DATA_CRITERIA) == {name for name, c in CRITERIA.items() if c.needs != "weights"}
+
+
 @pytest.mark.parametrize("kw, fragment", [
     ({"fast": True, "importance": "obspa"}, "--fast ranks by weights only"),
     ({"fast": True, "reconstruct": True}, "--fast skips reconstruction"),

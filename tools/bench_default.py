@@ -362,17 +362,6 @@ def markdown(res: bq.Results, tol: float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------------
-def versions() -> str:
-    from importlib import metadata
-
-    out = [bq.versions()]
-    try:
-        out.append(f"onnxsim {metadata.version('onnxsim')}")
-    except metadata.PackageNotFoundError:
-        pass
-    return ", ".join(out)
-
-
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
@@ -437,7 +426,7 @@ def main(argv=None) -> int:
     if not args.render:
         command = shlex.join(["python", "tools/bench_default.py", *(sys.argv[1:] if argv is None else argv)])
         res.runs.append({"command": command, "date": datetime.datetime.now(datetime.timezone.utc)
-                         .strftime("%Y-%m-%d %H:%M UTC"), "versions": versions(), "cpus": os.cpu_count()})
+                         .strftime("%Y-%m-%d %H:%M UTC"), "versions": bq.versions(("onnxsim",)), "cpus": os.cpu_count()})
         log(f"{command}\n  models {args.models}, seeds {args.seeds}, targets {args.targets}, methods {args.methods}")
         t0 = time.perf_counter()
         for model_name in args.models:

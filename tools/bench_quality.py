@@ -523,10 +523,11 @@ def plot(res: Results, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------------
-def versions() -> str:
+def versions(extra: tuple[str, ...] = ()) -> str:
+    """Python and the versions of the distributions a benchmark's numbers depend on (plus `extra` ones)."""
     from importlib import metadata
     out = [f"python {platform.python_version()}"]
-    for dist in ("torch", "torch-pruning", "onnx", "onnxruntime"):
+    for dist in ("torch", "torch-pruning", "onnx", "onnxruntime", *extra):
         try:
             out.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
