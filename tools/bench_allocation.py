@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python tools/bench_allocation.py`
     sys.path.insert(0, str(ROOT))
 
-from spa import driver, pipeline  # noqa: E402
+from spa import driver, pipeline, select, synthesis  # noqa: E402
 from tools import bench_quality as bq  # noqa: E402
 
+DEFAULT_BAND = select.BAND
 MODELS = ("resnet1d_mnist1d", "resnet20_digits", "mobilenetv2_digits", "resnet56_digits")
 
 
@@ -53,16 +54,36 @@ def memoized_scores():
 memoized_scores.key = None
 
 
+def memoized_inversion():
+    """spa.synthesis.invert_in_parts, remembered per (model file, sample count): every allocation and budget of
+    one data-free (model, seed) starts from the same synthesized inputs, as one run of the CLI would."""
+    original = synthesis.invert_in_parts
+    memo: dict = {}
+
+    def invert(g, start, inputs, steps):
+        key = (memoized_scores.key, inputs.samples, steps)
+        if key not in memo:
+            memo[key] = original(g, start, inputs, steps)
+        return {k: v.copy() for k, v in memo[key].items()}
+
+    synthesis.invert_in_parts = invert
+    return memo
+
+
 def run_one(s: bq.Subject, mode: str, keep: float, allocation: str, out: Path) -> dict:
+    """allocation: a name spa-prune accepts, or 'banded@W' (banded with a band of ±W)."""
     memoized_scores.key = (str(s.onnx_path), mode)
+    name, _, band = allocation.partition("@")
+    select.BAND = float(band) if band else DEFAULT_BAND
     dest = out / f"{s.model_name}-s{s.seed}-{mode}-{keep}-{allocation}.onnx"
     t = time.perf_counter()
-    rep = driver.prune(str(s.onnx_path), str(dest), target_flops=keep, importance="obspa", allocation=allocation,
+    rep = driver.prune(str(s.onnx_path), str(dest), target_flops=keep, importance="obspa", allocation=name,
                        calib=str(s.calib_path) if mode == "calib" else None,
                        input_shapes={"input": (1, *s.input_shape)}).report
     acc = bq.onnx_accuracy(str(dest), s.data.x_test, s.data.y_test)
     dest.unlink()
-    return {"model": s.model_name, "seed": s.seed, "mode": mode, "keep": keep, "allocation": allocation,
+    held = next(iter(rep.get("fidelity", {}).get("outputs", {}).values()), {})
+    return {"holdout": held, "model": s.model_name, "seed": s.seed, "mode": mode, "keep": keep, "allocation": allocation,
             "acc": 100 * acc, "macs_ratio": rep["macs"]["ratio"], "unpruned": 100 * s.onnx_acc,
             "kept": [g["kept"] for g in rep["per_group"]], "units": [g["units"] for g in rep["per_group"]],
             "time_s": time.perf_counter() - t}
@@ -116,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="append every row here (JSON lines)")
     args = p.parse_args(argv)
     memoized_scores()
+    memoized_inversion()
     out = args.weights / "allocation"
     out.mkdir(parents=True, exist_ok=True)
     rows, missing = [], []
