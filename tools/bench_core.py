@@ -7,14 +7,17 @@
 What it measures (every measured thing runs in its own fresh subprocess, so that torch, onnxruntime
 and spa never share a process unless that is the point of the measurement):
 
-(a) spa-prune on ResNet-50 and ViT-Tiny (zoo TorchScript exports, static batch 1) at --ratio 0.5:
+(a) spa-prune on ResNet-50 and ViT-Tiny (zoo TorchScript exports, static batch 1) at --ratio 0.5 --fast (the
+    instant path: magnitude ranking, no data pass; the default command's OBS scoring and refit are timed by
+    tools/bench_speed.py):
     whole-process wall time of the CLI (fresh process each time), the pipeline time as the CLI run itself
     reports it (cold: first call in a process) and in a warm process (driver.prune called repeatedly),
     broken down by stage, the import time of the CLI path, and the whole process with verification on.
 (b) Torch-Pruning (MetaPruner, L2 magnitude, pruning_ratio 0.5, classifier ignored) on the same torch
     architectures, in the same run and interleaved with (a): whole process (import torch + torch_pruning,
     build the model, prune) and in-process (DependencyGraph build + step), with the resulting MACs.
-(c) onnxruntime CPU latency, original vs pruned (--target-flops 0.5, verified), for ResNet-50 and
+(c) onnxruntime CPU latency, original vs pruned (--target-flops 0.5 --fast, verified: uniform allocation, so
+    the same widths as the default command's plan), for ResNet-50 and
     MobileNetV2 exported with a dynamic batch axis, at batch 1 and batch 32, interleaved runs.
 
 All numbers in the report come from the run that produced it.
@@ -243,7 +246,7 @@ def w_spa_warm(path, n):
         out = Path(d) / "pruned.onnx"
         for _ in range(int(n) + 1):
             t = time.perf_counter()
-            res = driver.prune(path, out, ratio=0.5, verify=False)
+            res = driver.prune(path, out, ratio=0.5, verify=False, fast=True)
             runs.append({"wall": time.perf_counter() - t, "timings": res.report["timings_s"],
                          "macs_ratio": res.report["macs"]["ratio"], "params_ratio": res.report["params"]["ratio"]})
     print(json.dumps({"import_s": import_s, "runs": runs}))
@@ -316,7 +319,7 @@ def w_cprofile(path, top):
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         prof.enable()
-        driver.prune(path, Path(d) / "p.onnx", ratio=0.5, verify=False)
+        driver.prune(path, Path(d) / "p.onnx", ratio=0.5, verify=False, fast=True)
         prof.disable()
         wall = time.perf_counter() - t
     st = pstats.Stats(prof)
@@ -456,7 +459,7 @@ class Bench:
             self.data["load"].setdefault("reps", []).append(loadavg().split()[0])
             for nm in names:
                 rpt = self.tmp / f"{nm}.report.json"
-                wall, cp = run_timed(cli + [zoo[nm], str(self.tmp / f"{nm}.onnx"), "--ratio", "0.5", "--no-verify",
+                wall, cp = run_timed(cli + [zoo[nm], str(self.tmp / f"{nm}.onnx"), "--ratio", "0.5", "--fast", "--no-verify",
                                             "--report", str(rpt)])
                 whole[nm].append({"wall": wall, **json.loads(rpt.read_text())["timings_s"],
                                   "macs_ratio": json.loads(rpt.read_text())["macs"]["ratio"], "rusage": cp.rusage})
@@ -472,7 +475,7 @@ class Bench:
             bare.append(w0)
             for nm in names:
                 rpt = self.tmp / f"{nm}.v.report.json"
-                wall, _ = run_timed(cli + [zoo[nm], str(self.tmp / f"{nm}.v.onnx"), "--ratio", "0.5",
+                wall, _ = run_timed(cli + [zoo[nm], str(self.tmp / f"{nm}.v.onnx"), "--ratio", "0.5", "--fast",
                                            "--report", str(rpt)])
                 r = json.loads(rpt.read_text())
                 verify_status[nm] = r["verification"]
@@ -514,8 +517,8 @@ class Bench:
             src = models_[f"{nm} original"]
             out = BENCH_DIR / f"{nm}{suffix}-tf0.5-r{rt}.onnx"
             rpt = BENCH_DIR / f"{nm}{suffix}-tf0.5-r{rt}.report.json"
-            log(f"latency: pruning {nm} --target-flops 0.5 --round-to {rt} (verified)")
-            wall, _ = run_timed(spa_cli() + [src, str(out), "--target-flops", "0.5", "--round-to", str(rt),
+            log(f"latency: pruning {nm} --target-flops 0.5 --fast --round-to {rt} (verified)")
+            wall, _ = run_timed(spa_cli() + [src, str(out), "--target-flops", "0.5", "--fast", "--round-to", str(rt),
                                              "--input-shape", f"input=1,3,{hw},{hw}", "--report", str(rpt)])
             r = json.loads(rpt.read_text())
             label = f"{nm} r{rt}"
@@ -613,7 +616,7 @@ class Bench:
         stages = {k: med([r.get(k) for r in d["whole"]["resnet50"]]) for k in d["whole"]["resnet50"][0]
                   if k not in ("wall", "total", "macs_ratio", "rusage")}
         top = sorted(stages.items(), key=lambda kv: -(kv[1] or 0))[:3]
-        L.append(f"1. **spa-prune on ResNet-50 ONNX, `--ratio 0.5 --no-verify`, ≤ 1 s whole process on this "
+        L.append(f"1. **spa-prune on ResNet-50 ONNX, `--ratio 0.5 --fast --no-verify`, ≤ 1 s whole process on this "
                  f"{d['nproc']}-core machine: {'MET' if g1 else 'MISSED'}** — median {r50['whole']:.2f} s"
                  f" (min {min(r['wall'] for r in d['whole']['resnet50']):.2f} s)"
                  + ("" if g1 else f", {r50['whole'] - 1:.2f} s ({(r50['whole'] - 1) * 100:.0f}%) over")
@@ -652,7 +655,7 @@ class Bench:
             pr = paired(b32.get("resnet50 original", []), b32.get("resnet50 r8", []))
             fl = d["prune_info"]["resnet50 r8"]["macs"]["ratio"]
             g3 = sp is not None and sp >= 1.7
-            txt = (f"3. **Pruned ResNet-50 at ~50% FLOPs (`--target-flops 0.5 --round-to 8`, verified) ≥ 1.7× faster in "
+            txt = (f"3. **Pruned ResNet-50 at ~50% FLOPs (`--target-flops 0.5 --fast --round-to 8`, verified) ≥ 1.7× faster in "
                    f"onnxruntime at batch 32: {'MET' if g3 else 'MISSED'}** — {o:.0f} ms → {p:.0f} ms, "
                    f"{sp:.2f}× from the medians (per-round paired ratios {fmt_spread(pr)}; MACs ratio {fl:.3f}, "
                    f"i.e. {1 / fl:.2f}× fewer MACs)")
@@ -735,9 +738,9 @@ class Bench:
     def section_a(self):
         d, s = self.data, self._stats()
         n = self.n
-        L = ["## (a) spa-prune time, `--ratio 0.5`\n"]
+        L = ["## (a) spa-prune time, `--ratio 0.5 --fast`\n"]
         L.append(f"Zoo TorchScript exports with static batch 1 (`models.zoo_path(name)`). Whole process = wall time of "
-                 f"`{Path(spa_cli()[0]).name if len(spa_cli()) == 1 else 'python -m spa.cli'} IN OUT --ratio 0.5 "
+                 f"`{Path(spa_cli()[0]).name if len(spa_cli()) == 1 else 'python -m spa.cli'} IN OUT --ratio 0.5 --fast "
                  f"--no-verify --report R.json` in a fresh subprocess (the summary goes to a captured stderr), "
                  f"median of {n} (min–max). Pipeline cold = `timings_s.total` that the same CLI runs report (first "
                  f"call in the process); pipeline warm = `driver.prune(..., verify=False)` repeated in one process "
@@ -841,7 +844,7 @@ class Bench:
         b1r, b32r = spec["batches"][0][2], spec["batches"][1][2]
         L = ["## (c) onnxruntime CPU latency, original vs pruned\n"]
         L.append(f"Models exported here with a dynamic batch axis (TorchScript exporter, opset 17, IR ≤ 10) into "
-                 f"`.bench/`, pruned with `spa-prune IN OUT --target-flops 0.5 --round-to N --input-shape "
+                 f"`.bench/`, pruned with `spa-prune IN OUT --target-flops 0.5 --fast --round-to N --input-shape "
                  f"input={','.join(map(str, spec['input_shape']))}` with verification on. onnxruntime "
                  f"{d['versions']['onnxruntime']} CPUExecutionProvider, intra_op_num_threads=2, inter_op 1, "
                  f"sequential, graph optimization ALL. Batch 1: 5 warm-up runs per model then {b1r} interleaved "
@@ -935,7 +938,7 @@ class Bench:
     def section_profile(self):
         cp = self.data["cprofile"]
         L = ["## Where spa-prune's time goes (cProfile)\n"]
-        L.append(f"cProfile of the first `driver.prune(resnet50, ratio=0.5, verify=False)` call in a fresh process "
+        L.append(f"cProfile of the first `driver.prune(resnet50, ratio=0.5, verify=False, fast=True)` call in a fresh process "
                  f"(as the CLI runs it; {cp['wall_profiled']:.2f} s under the profiler). Top by cumulative time:\n")
         L.append("| function | calls | tottime (s) | cumtime (s) |")
         L.append("|---|---:|---:|---:|")
