@@ -137,6 +137,23 @@ def _main(argv: list[str]) -> int:
             return 2
         except KeyboardInterrupt as e:
             return _interrupted(e)
+        except ImportError as e:
+            # a signal that lands while a C extension initializes (onnxruntime, torch, imported lazily) reaches
+            # us as that import's failure, with our interruption as its context
+            interruption = _interruption_behind(e)
+            if interruption is None:
+                raise
+            return _interrupted(interruption)
+
+
+def _interruption_behind(error: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:
