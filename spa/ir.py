@@ -364,7 +364,10 @@ def _approx_size(model: onnx.ModelProto) -> int:
 
 
 def static_dims(vi: onnx.ValueInfoProto) -> tuple | None:
+    """Declared dims: ints where static, the dim_param (or None) where dynamic. A negative dim_value is how some
+    exporters (Paddle) write a dynamic dim: it is dynamic here too, never a size."""
     t = vi.type.tensor_type
     if not t.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                 for d in t.shape.dim)
