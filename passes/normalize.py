@@ -262,39 +262,50 @@ def dead_code(g: Graph) -> int:
 
 def analysis_input_shapes(g: Graph, given: dict, max_elements: int = MAX_ANALYSIS_ELEMENTS
                           ) -> tuple[dict, list[str]]:
-    """Static shapes for every graph input: --input-shape where given, declared dims, then documented defaults."""
+    """Static shapes for every graph input: --input-shape where given, declared dims, then documented defaults.
+    A named dynamic dim (dim_param) is one size in every input that declares it: the size --input-shape gave it,
+    else the batch default where it is some input's dim 0 (silero-vad's `state` holds the batch at dim 1)."""
     shapes, warnings = {}, []
     names = g.input_names
     for k in given:
         if k not in names:
             raise SpaError(f"--input-shape names '{k}', which is not a model input (inputs: {', '.join(names)})")
-    for vi in g.model.graph.input:
-        if vi.name not in names:
-            continue
-        dims = static_dims(vi)
+    declared = {vi.name: static_dims(vi) for vi in g.model.graph.input if vi.name in names}
+    sizes: dict[str, int] = {}  # dim_param -> its size
+    for name, dims in declared.items():
+        if name in given and dims is not None:
+            sizes.update((d, int(f)) for d, f in zip(dims, given[name]) if isinstance(d, str) and d not in sizes)
+    for name, dims in declared.items():
+        if name not in given and dims and isinstance(dims[0], str):
+            sizes.setdefault(dims[0], default_dim(len(dims), 0))
+    for name, dims in declared.items():
         if dims is None:
-            if vi.name not in given:
-                raise SpaError(f"input '{vi.name}' has no declared shape; pass --input-shape {vi.name}=...")
-            dims = given[vi.name]
-        if vi.name in given:
-            fixed = tuple(int(d) for d in given[vi.name])
+            if name not in given:
+                raise SpaError(f"input '{name}' has no declared shape; pass --input-shape {name}=...")
+            dims = given[name]
+        if name in given:
+            fixed = tuple(int(d) for d in given[name])
             if len(fixed) != len(dims) or any(isinstance(d, int) and d != f for d, f in zip(dims, fixed)):
-                raise SpaError(f"--input-shape {vi.name}={','.join(map(str, fixed))} does not match the "
+                raise SpaError(f"--input-shape {name}={','.join(map(str, fixed))} does not match the "
                                f"declared shape {tuple(d if isinstance(d, int) else '?' for d in dims)}")
-            check_elements(fixed, f"--input-shape {vi.name}", max_elements)
-            shapes[vi.name] = fixed
+            check_elements(fixed, f"--input-shape {name}", max_elements)
+            shapes[name] = fixed
             continue
         fixed = []
         for i, d in enumerate(dims):
             if isinstance(d, int) and d > 0:
                 fixed.append(d)
+            elif isinstance(d, str) and d in sizes:
+                fixed.append(sizes[d])
             else:
                 fixed.append(default_dim(len(dims), i))
+                if isinstance(d, str):
+                    sizes[d] = fixed[-1]
                 if i > 0:
-                    warnings.append(f"input '{vi.name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
-                                    f"(set it with --input-shape {vi.name}=...)")
-        check_elements(fixed, f"input '{vi.name}'", max_elements)
-        shapes[vi.name] = tuple(fixed)
+                    warnings.append(f"input '{name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
+                                    f"(set it with --input-shape {name}=...)")
+        check_elements(fixed, f"input '{name}'", max_elements)
+        shapes[name] = tuple(fixed)
     return shapes, warnings
 
 

@@ -192,7 +192,9 @@ class VerifyStructure(Pass):
         run.step("verify")
         verify.check(run.pruned)
         reference = verify.build_reference(run.original, run.analysis, run.removed, run.analysis.node_index)
-        result = verify.compare(reference, run.pruned, run.model.input_shapes, rtol=run.options.rtol)
+        result = verify.compare(reference, run.pruned, run.model.input_shapes, rtol=run.options.rtol,
+                                pinned=run.options.input_shapes)
+        run.model.warnings.extend(result.pop("warnings", []))
         return PassResult(report={"verification": {"status": "passed", **result}})
 
 

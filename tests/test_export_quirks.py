@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 from helpers import Builder, assert_one_line_error, run_cli, run_model
-from onnx import TensorProto, helper, numpy_helper
 
-from spa import driver
+from spa.errors import SpaError
+from spa.passes import verify
 
 
 def set_dims(vi: onnx.ValueInfoProto, dims) -> None:
@@ -89,3 +89,79 @@ def test_input_shape_still_refuses_a_static_dim_it_contradicts(tmp_path, capsys)
     rc, _, err = run_cli([src, out, "--ratio", "0.5", "--input-shape", "x=1,4,48,192"], capsys)
     assert_one_line_error(rc, err, "--input-shape x=1,4,48,192 does not match the declared shape ('?', 3, '?', '?')")
     assert not out.exists()
+
+
+# ---- verification inputs: the second draw doubles the batch, and only the batch ----------------------------------
+def prune_report(tmp_path, capsys, model, *extra) -> tuple[dict, str]:
+    src, out = save(model, tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    rc, _, err = run_cli([src, out, "--fast", "--ratio", "0.5", "--report", tmp_path / "r.json", *extra], capsys)
+    assert rc == 0, err
+    assert out.exists()
+    return json.loads((tmp_path / "r.json").read_text()), err
+
+
+def test_a_batch_baked_into_a_reshape_falls_back_with_a_warning(tmp_path, capsys):
+    """x.view(1, -1) exported with batch 1 baked in: the original cannot run at batch 2, so the second draw uses
+    the given shapes, and the report and the summary say so."""
+    rep, err = prune_report(tmp_path, capsys, cnn(reshape_batch=1))
+    v = rep["verification"]
+    assert v["status"] == "passed" and v["inputs"] == 2 and rep["groups"]["pruned"] >= 1
+    assert v["input_shapes"] == [{"x": [1, 3, 8, 8]}, {"x": [1, 3, 8, 8]}]
+    warning = [w for w in rep["warnings"] if "doubled batch" in w]
+    assert len(warning) == 1 and "x=2x3x8x8" in warning[0] and "used the given shapes" in warning[0]
+    assert "doubled batch" in err  # the summary shows it
+
+
+def test_a_batch_the_model_takes_is_doubled_without_a_warning(tmp_path, capsys):
+    rep, _ = prune_report(tmp_path, capsys, cnn())
+    assert rep["verification"]["input_shapes"] == [{"x": [1, 3, 8, 8]}, {"x": [2, 3, 8, 8]}]
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+
+
+def test_input_shape_pins_the_batch_of_the_second_draw(tmp_path, capsys):
+    """--input-shape fixes every dim it names: the second draw keeps them (no doubling, so no fallback either)."""
+    rep, _ = prune_report(tmp_path, capsys, cnn(reshape_batch=1), "--input-shape", "x=1,3,8,8")
+    assert rep["verification"]["input_shapes"] == [{"x": [1, 3, 8, 8]}, {"x": [1, 3, 8, 8]}]
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+
+
+def shared_batch_model() -> onnx.ModelProto:
+    """Three inputs: x [B, 3, 8, 8], a recurrent-style state [2, B, 6] holding the same named batch at dim 1
+    (silero-vad's `state`), and a gain [1] without it. The state's batch rows are concatenated to the conv
+    features, so a batch that differs between x and state cannot run."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    state = b.input("state", [2, 1, 6])
+    gain = b.input("gain", [1])
+    y = b.relu(b.conv("c1", x, 3, 8))
+    y = b.relu(b.conv("c2", y, 8, 8))
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])])                       # [B, 8]
+    s = b.op("Flatten", [b.op("Transpose", [state], perm=[1, 0, 2])])            # [B, 12]
+    y = b.op("Concat", [y, b.op("Mul", [s, gain])], axis=1)                      # [B, 20]
+    b.output(b.gemm("fc", y, 20, 4))
+    m = b.model()
+    set_dims(m.graph.input[0], ["batch", 3, 8, 8])
+    set_dims(m.graph.input[1], [2, "batch", 6])
+    set_dims(m.graph.output[0], ["batch", 4])
+    return m
+
+
+def test_a_named_batch_is_doubled_wherever_it_appears(tmp_path, capsys):
+    rep, _ = prune_report(tmp_path, capsys, shared_batch_model())
+    assert rep["verification"]["input_shapes"][1] == {"x": [2, 3, 8, 8], "state": [2, 2, 6], "gain": [1]}
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+    assert rep["groups"]["pruned"] >= 1
+
+
+def test_a_name_pinned_in_one_input_keeps_its_size_in_all(tmp_path, capsys):
+    rep, _ = prune_report(tmp_path, capsys, shared_batch_model(), "--input-shape", "state=2,1,6")
+    assert rep["verification"]["input_shapes"][1] == {"x": [1, 3, 8, 8], "state": [2, 1, 6], "gain": [1]}
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+
+
+def test_the_first_draw_still_refuses_a_model_that_does_not_run():
+    """The fallback is for the doubled batch only: a model that fails at the given shapes is still refused."""
+    m = cnn(reshape_batch=1)
+    assert "warnings" in verify.compare(m, m, {"x": (1, 3, 8, 8)})
+    with pytest.raises(SpaError, match="does not run in onnxruntime with inputs x=2x3x8x8"):
+        verify.compare(m, m, {"x": (2, 3, 8, 8)})
