@@ -26,6 +26,7 @@ from .passes import Pass, PassResult, verify
 from .passes.analyse import Analyse
 from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
+from .passes.normalize import weights_out_of_reach
 from .passes.reconstruct import output_rows
 from .select import PruningPlan, read_plan, select
 from .synthesis import model_data
@@ -360,7 +361,7 @@ def check_strict(analysis: Analysis) -> None:
 
 def explain_nothing(analysis: Analysis) -> str:
     if not analysis.ctx.sources:
-        return ("no Conv/ConvTranspose/Gemm/MatMul with a constant weight was found (quantized or "
+        return weights_out_of_reach(analysis.ctx.g.model) or ("no Conv/ConvTranspose/Gemm/MatMul with a constant weight was found (quantized or "
                 "run-time weights are not prunable yet)")
     reasons = {}
     for g in analysis.groups:

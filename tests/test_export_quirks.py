@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import Builder, assert_one_line_error, run_cli, run_model
+from onnx import TensorProto, helper, numpy_helper
 
 from spa.errors import SpaError
 from spa.passes import verify
@@ -51,6 +52,100 @@ def cnn(batch_dim="batch", reshape_batch=None) -> onnx.ModelProto:
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+# ---- no prunable source in the main graph: one line, exit 2, nothing written -------------------------------------
+IR, OPSET_CF = 10, 21  # what current exporters write for these (onnxruntime 1.32 runs IR <= 13, opset <= 26)
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(tmp_path, capsys, model, *fragments) -> str:
+    src = save(model, tmp_path / "in.onnx")
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli([src, tmp_path / "out" / "o.onnx", "--target-flops", "0.5"], capsys)
+    assert_one_line_error(rc, err, *fragments)
+    assert snapshot(tmp_path) == before, "something was written or the input changed"
+    return err
+
+
+def versioned(graph: onnx.GraphProto) -> onnx.ModelProto:
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET_CF)], producer_name="spa-tests")
+    m.ir_version = IR
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def conv_integer_layers(x: str, n: int, c: int = 3) -> tuple[list, list, str]:
+    """Dynamically quantized Conv layers as onnxruntime's quantize_dynamic writes them: DynamicQuantizeLinear ->
+    ConvInteger (int8 weight) -> Cast -> Mul by the two scales."""
+    nodes, inits, rng = [], [], np.random.default_rng(0)
+    for i in range(n):
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (8, c, 3, 3)).astype(np.int8), f"w{i}"),
+                  numpy_helper.from_array(np.array(0, np.int8), f"wz{i}"),
+                  numpy_helper.from_array(np.array(0.01, np.float32), f"ws{i}")]
+        nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"q{i}", f"s{i}", f"z{i}"]),
+                  helper.make_node("ConvInteger", [f"q{i}", f"w{i}", f"z{i}", f"wz{i}"], [f"ci{i}"],
+                                   pads=[1, 1, 1, 1], name=f"convint{i}"),
+                  helper.make_node("Cast", [f"ci{i}"], [f"cf{i}"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"s{i}", f"ws{i}"], [f"sm{i}"]),
+                  helper.make_node("Mul", [f"cf{i}", f"sm{i}"], [f"y{i}"])]
+        x, c = f"y{i}", 8
+    return nodes, inits, x
+
+
+def if_with_weights(cond: str, x: str, out: str) -> onnx.NodeProto:
+    """An If whose two branches each hold a Conv with its own float weight (the main graph holds none)."""
+    def branch(name):
+        w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((8, 8, 3, 3)).astype(np.float32), name)
+        conv = helper.make_node("Conv", [x, name], [f"{name}_y"], pads=[1, 1, 1, 1])
+        return helper.make_graph([conv], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                   [1, 8, 8, 8])], initializer=[w])
+    return helper.make_node("If", [cond], [out], then_branch=branch("then_w"), else_branch=branch("else_w"))
+
+
+def io(name, dims, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def test_quantized_and_branch_weights_are_named_not_a_traceback(tmp_path, capsys):
+    """3 ConvInteger layers, then an If with a Conv in each branch: the main graph has float scales but no prunable
+    weight. (This crashed with an IndexError in build_groups before the no-atom guard.)"""
+    nodes, inits, y = conv_integer_layers("x", 3)
+    nodes.append(if_with_weights("flag", y, "out"))
+    m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8]), io("flag", [], TensorProto.BOOL)],
+                                    [io("out", [1, 8, 8, 8])], initializer=inits))
+    refused(tmp_path, capsys, m, "no prunable float weights in the main graph: 3 ConvInteger nodes (quantized) and "
+            "1 If with weights in its branches, which spa-prune does not prune yet")
+
+
+def test_weights_only_inside_an_if_are_not_called_no_weights(tmp_path, capsys):
+    """No float tensor at all in the main graph: the early check used to say 'no floating-point weights'."""
+    m = versioned(helper.make_graph([if_with_weights("flag", "x", "out")], "g",
+                                    [io("x", [1, 8, 8, 8]), io("flag", [], TensorProto.BOOL)],
+                                    [io("out", [1, 8, 8, 8])]))
+    err = refused(tmp_path, capsys, m, "no prunable float weights in the main graph: 1 If with weights in its "
+                  "branches, which spa-prune does not prune yet")
+    assert "no floating-point weights" not in err
+
+
+def test_qdq_weights_are_named(tmp_path, capsys):
+    """A QDQ model: the Conv's weight is DequantizeLinear(int8 constant), not a float constant."""
+    w = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["out"], pads=[1, 1, 1, 1])]
+    m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8])], [io("out", [1, 8, 8, 8])],
+                                    initializer=[w, scale]))
+    refused(tmp_path, capsys, m, "1 DequantizeLinear of a constant weight (QDQ quantized)")
+
+
+def test_a_model_without_weights_still_says_so(tmp_path, capsys):
+    m = versioned(helper.make_graph([helper.make_node("Relu", ["x"], ["out"])], "g", [io("x", [1, 3])],
+                                    [io("out", [1, 3])]))
+    refused(tmp_path, capsys, m, "model has no floating-point weights")
 
 
 # ---- a dim declared -1 is dynamic: --input-shape may pin it -------------------------------------------------------
