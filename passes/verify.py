@@ -7,13 +7,16 @@ index bookkeeping, so it checks concat offsets, reshape blocks, head maps and sh
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from spa.errors import SpaError, VerificationError, one_line
 from spa.groups import Analysis
-from spa.ir import Graph, static_dims
+from spa.ir import Graph, has_external_data, needs_external_data, static_dims, weightless_copy
 from spa.memory import array_bytes, check_memory
 
 
@@ -158,8 +161,11 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned") ->
     opts.log_severity_level = 4
     feeds = draws[0] if draws else {}
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return [sess.run(None, feeds) for feeds in draws]
+        serialized, weights = session_bytes(model, opts)  # `weights` must outlive the session: it holds no copy
+        sess = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+        outputs = [sess.run(None, feeds) for feeds in draws]
+        del sess, weights
+        return outputs
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         if what == "reference":
@@ -167,6 +173,26 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned") ->
             raise SpaError(f"the input model does not run in onnxruntime with inputs {shapes} (dynamic dims: fix "
                            f"them with --input-shape): {msg}")
         raise VerificationError(f"the pruned model does not run in onnxruntime: {msg}")
+
+
+def session_bytes(model: onnx.ModelProto, opts) -> tuple[bytes, list]:
+    """The serialized model for an onnxruntime session, and the values the session borrows. Past protobuf's 2 GB
+    a model cannot be serialized whole: the session gets its weightless copy, and the large weights as external
+    initializers added to `opts` (OrtValues over numpy arrays, which must stay alive as long as the session)."""
+    if not needs_external_data(model):
+        return model.SerializeToString(), []
+    import onnxruntime as ort
+
+    skeleton, _ = weightless_copy(model, "spa-weights-in-memory.data")
+    g = Graph(skeleton)
+    large = {t.name for t in skeleton.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    for name in large - set(g.consumers) - set(g.output_names):  # unused (a reference's replaced weight): the
+        g.remove_initializer(name)                                 # session drops it before taking the values
+    large &= set(g.initializer_names())
+    tensors = [t for t in model.graph.initializer if t.name in large]
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(t))) for t in tensors]
+    opts.add_external_initializers([t.name for t in tensors], values)
+    return skeleton.SerializeToString(), values
 
 
 def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, rtol: float = 1e-4,
@@ -239,7 +265,27 @@ def other_batch(model: onnx.ModelProto, shapes: dict, pinned=()) -> dict:
 
 
 def check(model: onnx.ModelProto) -> None:
+    """onnx.checker's full check (strict shape inference included). A model past protobuf's 2 GB cannot be
+    serialized whole, nor one whose weights are in an external-data file checked in memory: those are checked by
+    path (`check_by_path`)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if needs_external_data(model) or has_external_data(model):
+            check_by_path(model)
+        else:
+            onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise VerificationError(f"onnx.checker rejected the pruned model: {str(e).splitlines()[0][:300]}")
+
+
+def check_by_path(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model(path, full_check=True) on the model file as `spa.ir.save_model` writes it past
+    2 GB (weights in an external-data file, small tensors inline), in a temporary folder. The checker reads the
+    model file and only requires the data file to be a regular file (it never reads external bytes: inference
+    needs the small inline ones), so the data file is left sparse: no weight byte is copied or written."""
+    with tempfile.TemporaryDirectory(prefix="spa-check-") as folder:
+        path = Path(folder) / "model.onnx"
+        skeleton, data_bytes = weightless_copy(model, path.name + ".data")
+        path.write_bytes(skeleton.SerializeToString())
+        with open(Path(folder) / (path.name + ".data"), "wb") as f:
+            f.truncate(data_bytes)
+        onnx.checker.check_model(str(path), full_check=True)

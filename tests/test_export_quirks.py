@@ -13,7 +13,8 @@ import pytest
 from helpers import Builder, assert_one_line_error, run_cli, run_model
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.errors import SpaError
+from spa import driver
+from spa.errors import SpaError, VerificationError
 from spa.passes import verify
 
 
@@ -260,3 +261,63 @@ def test_the_first_draw_still_refuses_a_model_that_does_not_run():
     assert "warnings" in verify.compare(m, m, {"x": (1, 3, 8, 8)})
     with pytest.raises(SpaError, match="does not run in onnxruntime with inputs x=2x3x8x8"):
         verify.compare(m, m, {"x": (2, 3, 8, 8)})
+
+
+# ---- past protobuf's 2 GB: the full check runs by path ------------------------------------------------------------
+@pytest.fixture
+def checker_calls(monkeypatch):
+    """What onnx.checker.check_model was given, in order (a path, or the in-memory model)."""
+    calls, real = [], onnx.checker.check_model
+
+    def spy(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", spy)
+    return calls
+
+
+def test_a_model_past_the_limit_is_checked_by_path(tmp_path, monkeypatch, checker_calls):
+    """EXTERNAL_DATA_BYTES at 0: every model is 'past 2 GB' (and tensors from 256 bytes go external). The pruned
+    model is checked by path, verified in onnxruntime sessions that get the large weights as external
+    initializers (a model past 2 GB cannot be serialized for a session either), written with its weights in
+    OUT.data, and runs."""
+    import spa.ir
+
+    monkeypatch.setattr(spa.ir, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(spa.ir, "EXTERNAL_TENSOR_MIN_BYTES", 256)
+    src, out = save(cnn(), tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    rep = driver.prune(src, str(out), ratio=0.5, fast=True).report
+    assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 2
+    assert [c for c in checker_calls if isinstance(c, str)]
+    # in memory only normalization's light copy of the input, whose weights are typed inputs (no bytes)
+    assert not [c for c in checker_calls if isinstance(c, onnx.ModelProto)
+                and any(t.name == "c1.weight" for t in c.graph.initializer)]
+    written = onnx.load(str(out), load_external_data=False)
+    assert (tmp_path / "out.onnx.data").exists() and onnx.external_data_helper.uses_external_data(
+        next(t for t in written.graph.initializer if t.name == "c1.weight"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert run_model(onnx.load(str(out)), {"x": x})[0].shape == (2, 4)
+
+
+def test_the_check_by_path_still_rejects_a_broken_model(monkeypatch):
+    import spa.ir
+
+    monkeypatch.setattr(spa.ir, "EXTERNAL_DATA_BYTES", 0)
+    m = cnn()
+    fc = next(t for t in m.graph.initializer if t.name == "fc.weight")
+    bad = numpy_helper.from_array(np.zeros((4, 7), np.float32), "fc.weight")  # Gemm needs 8 rows (transB: [4, 8])
+    fc.CopyFrom(bad)
+    with pytest.raises(VerificationError, match="onnx.checker rejected the pruned model: .*fc"):
+        verify.check(m)
+
+
+def test_a_model_that_refers_to_external_data_is_checked_by_path(tmp_path, checker_calls):
+    """Initializers that refer to a data file (loaded without it) cannot be checked in memory; by path they are,
+    without reading their bytes."""
+    onnx.save_model(cnn(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=1024)
+    m = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    (tmp_path / "m.data").unlink()  # the check does not need it
+    verify.check(m)
+    assert [c for c in checker_calls if isinstance(c, str)]
