@@ -148,41 +148,31 @@ def _index_range(g: Graph, name: str) -> int:
 
 
 def run(model: onnx.ModelProto, feeds: dict, what: str = "pruned") -> list[np.ndarray]:
-    return Session(model, what).run(feeds)
+    return run_many(model, [feeds], what)[0]
 
 
 def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned") -> list[list[np.ndarray]]:
-    """Outputs for each feed dict, from one onnxruntime session."""
-    session = Session(model, what)
-    return [session.run(feeds) for feeds in draws]
+    """Outputs for each feed dict, from one onnxruntime session (creating one costs a serialization of the
+    whole model)."""
+    import onnxruntime as ort  # imported here: the no-verify CLI path never pays for it
 
-
-class Session:
-    """One onnxruntime session over a model, opened on the first run (opening one serializes the whole model:
-    seconds past 1 GB) and reused; its failures are one-line errors: SpaError for the reference (the input model
-    does not run: exit 2), VerificationError for the pruned model."""
-
-    def __init__(self, model: onnx.ModelProto, what: str = "pruned"):
-        self.model, self.what = model, what
-        self._session, self._weights = None, []  # the weights the session borrows live as long as it does
-
-    def run(self, feeds: dict) -> list[np.ndarray]:
-        try:
-            if self._session is None:
-                import onnxruntime as ort  # imported here: the no-verify CLI path never pays for it
-
-                ort.set_default_logger_severity(4)  # failures become our one-line error, not ORT's log lines
-                opts = ort.SessionOptions()
-                opts.log_severity_level = 4
-                serialized, self._weights = session_bytes(self.model, opts)
-                self._session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
-            return self._session.run(None, feeds)
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            if self.what == "reference":
-                raise SpaError(f"the input model does not run in onnxruntime with inputs {_shapes_text(feeds)} "
-                               f"(dynamic dims: fix them with --input-shape): {msg}")
-            raise VerificationError(f"the pruned model does not run in onnxruntime: {msg}")
+    ort.set_default_logger_severity(4)  # failures become our one-line error, not ORT's log lines
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    feeds = draws[0] if draws else {}
+    try:
+        serialized, weights = session_bytes(model, opts)  # `weights` must outlive the session: it holds no copy
+        sess = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+        outputs = [sess.run(None, feeds) for feeds in draws]
+        del sess, weights
+        return outputs
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if what == "reference":
+            shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+            raise SpaError(f"the input model does not run in onnxruntime with inputs {shapes} (dynamic dims: fix "
+                           f"them with --input-shape): {msg}")
+        raise VerificationError(f"the pruned model does not run in onnxruntime: {msg}")
 
 
 def session_bytes(model: onnx.ModelProto, opts) -> tuple[bytes, list]:
@@ -211,13 +201,12 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
     (`other_batch`; `pinned`: the inputs --input-shape fixed), so that a pruned model must still serve other batch
     sizes. When the original itself cannot run at the doubled batch (an exporter baked batch 1 into a Reshape),
     that draw falls back to `shapes` and the result carries a warning instead of refusing the run."""
-    used, warnings, runs = [], [], []
-    original = Session(reference, "reference")
+    worst, tol, used, warnings = {}, {}, [], []
     for seed in seeds:
         draw = shapes if seed == seeds[0] else other_batch(reference, shapes, pinned)
         feeds = random_inputs(reference, draw, seed)
         try:
-            ref_out = original.run(feeds)
+            ref_out = run(reference, feeds, "reference")
         except SpaError as e:
             if draw == shapes:
                 raise
@@ -226,14 +215,9 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
                             f"instead (the batch size is fixed inside the graph)")
             draw = shapes
             feeds = random_inputs(reference, draw, seed)
-            ref_out = original.run(feeds)
+            ref_out = run(reference, feeds, "reference")
         used.append({k: list(v) for k, v in draw.items()})
-        runs.append((feeds, ref_out))
-    del original  # one session at a time: past 1 GB each holds a copy of the weights
-    candidate = Session(pruned)
-    worst, tol = {}, {}
-    for feeds, ref_out in runs:
-        new_out = candidate.run(feeds)
+        new_out = run(pruned, feeds)
         for o, a, b in zip(reference.graph.output, ref_out, new_out):
             a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
             if a64.shape != b64.shape:
@@ -259,8 +243,7 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
 
 
 def _shapes_text(shapes: dict) -> str:
-    """name=AxBxC, ... of shapes or arrays."""
-    return ", ".join(f"{k}={'x'.join(map(str, getattr(v, 'shape', v)))}" for k, v in shapes.items())
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def other_batch(model: onnx.ModelProto, shapes: dict, pinned=()) -> dict:
