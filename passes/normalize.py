@@ -6,12 +6,14 @@ static shapes the rules and the cost model read. All of it is exact: the folded 
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, version_converter
 
 from spa.errors import SpaError, one_line
-from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims
+from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, has_subgraph, static_dims
 from spa.model import default_dim
 from spa.validate import MAX_ANALYSIS_ELEMENTS, check_elements, check_parameters, run_checker
 
@@ -54,8 +56,8 @@ class Normalize(Pass):
         g: Graph = model.graph
         if not any(t.data_type in FLOAT_TYPES for t in g.model.graph.initializer) and not any(
                 _is_float_const(n) for n in g.model.graph.node):
-            raise SpaError("model has no floating-point weights (an integer-only model, or no weights at all): "
-                           "nothing to prune")
+            raise SpaError(weights_out_of_reach(g.model) or "model has no floating-point weights (an integer-only "
+                           "model, or no weights at all): nothing to prune")
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)
@@ -83,6 +85,48 @@ def _is_float_const(n) -> bool:
         return False
     v = constant_node_value(n)
     return v is not None and v.dtype.kind == "f"
+
+
+# operators whose weights are integers (QOperator and dynamic quantization): no rule takes them as a source yet
+QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits",
+                 "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM")
+
+
+def weights_out_of_reach(model: onnx.ModelProto) -> str:
+    """Where the weights are when the main graph has no prunable one, as one clause for the user: quantized
+    operators, DequantizeLinear of constant weights (QDQ), control flow whose bodies hold float weights. '' when
+    the model holds none of these (then it has no weights to prune at all)."""
+    g = model.graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    found: Counter = Counter()
+    for n in g.node:
+        if n.op_type in QUANTIZED_OPS:
+            found[(n.op_type, "(quantized)")] += 1
+        elif n.op_type == "DequantizeLinear" and n.input and n.input[0] in consts:
+            found[("DequantizeLinear", "of a constant weight (QDQ quantized)")] += 1
+        elif has_subgraph(n) and any(_holds_weights(b) for b in _bodies(n)):
+            found[(n.op_type, "with weights in its branches" if n.op_type == "If" else "with weights in its body")] += 1
+    if not found:
+        return ""
+    parts = [f"{count} {op} {what}" if count == 1 else
+             f"{count} {op} nodes {what.replace('its ', 'their ').replace('a constant weight', 'constant weights')}"
+             for (op, what), count in found.items()]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"no prunable float weights in the main graph: {listed}, which spa-prune does not prune yet"
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [b for a in node.attribute for b in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
+def _holds_weights(graph: onnx.GraphProto) -> bool:
+    """A float tensor of rank >= 2 (a Conv/Gemm/MatMul weight, not a scalar threshold) anywhere in the graph."""
+    def weight(t: onnx.TensorProto) -> bool:
+        return t.data_type in FLOAT_TYPES and len(t.dims) >= 2
+
+    return any(weight(t) for t in graph.initializer) or any(
+        any(a.HasField("t") and weight(a.t) for a in n.attribute) or any(_holds_weights(b) for b in _bodies(n))
+        for n in graph.node)
 
 
 def drop_initializer_inputs(g: Graph) -> int:
@@ -262,39 +306,50 @@ def dead_code(g: Graph) -> int:
 
 def analysis_input_shapes(g: Graph, given: dict, max_elements: int = MAX_ANALYSIS_ELEMENTS
                           ) -> tuple[dict, list[str]]:
-    """Static shapes for every graph input: --input-shape where given, declared dims, then documented defaults."""
+    """Static shapes for every graph input: --input-shape where given, declared dims, then documented defaults.
+    A named dynamic dim (dim_param) is one size in every input that declares it: the size --input-shape gave it,
+    else the batch default where it is some input's dim 0 (silero-vad's `state` holds the batch at dim 1)."""
     shapes, warnings = {}, []
     names = g.input_names
     for k in given:
         if k not in names:
             raise SpaError(f"--input-shape names '{k}', which is not a model input (inputs: {', '.join(names)})")
-    for vi in g.model.graph.input:
-        if vi.name not in names:
-            continue
-        dims = static_dims(vi)
+    declared = {vi.name: static_dims(vi) for vi in g.model.graph.input if vi.name in names}
+    sizes: dict[str, int] = {}  # dim_param -> its size
+    for name, dims in declared.items():
+        if name in given and dims is not None:
+            sizes.update((d, int(f)) for d, f in zip(dims, given[name]) if isinstance(d, str) and d not in sizes)
+    for name, dims in declared.items():
+        if name not in given and dims and isinstance(dims[0], str):
+            sizes.setdefault(dims[0], default_dim(len(dims), 0))
+    for name, dims in declared.items():
         if dims is None:
-            if vi.name not in given:
-                raise SpaError(f"input '{vi.name}' has no declared shape; pass --input-shape {vi.name}=...")
-            dims = given[vi.name]
-        if vi.name in given:
-            fixed = tuple(int(d) for d in given[vi.name])
+            if name not in given:
+                raise SpaError(f"input '{name}' has no declared shape; pass --input-shape {name}=...")
+            dims = given[name]
+        if name in given:
+            fixed = tuple(int(d) for d in given[name])
             if len(fixed) != len(dims) or any(isinstance(d, int) and d != f for d, f in zip(dims, fixed)):
-                raise SpaError(f"--input-shape {vi.name}={','.join(map(str, fixed))} does not match the "
+                raise SpaError(f"--input-shape {name}={','.join(map(str, fixed))} does not match the "
                                f"declared shape {tuple(d if isinstance(d, int) else '?' for d in dims)}")
-            check_elements(fixed, f"--input-shape {vi.name}", max_elements)
-            shapes[vi.name] = fixed
+            check_elements(fixed, f"--input-shape {name}", max_elements)
+            shapes[name] = fixed
             continue
         fixed = []
         for i, d in enumerate(dims):
             if isinstance(d, int) and d > 0:
                 fixed.append(d)
+            elif isinstance(d, str) and d in sizes:
+                fixed.append(sizes[d])
             else:
                 fixed.append(default_dim(len(dims), i))
+                if isinstance(d, str):
+                    sizes[d] = fixed[-1]
                 if i > 0:
-                    warnings.append(f"input '{vi.name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
-                                    f"(set it with --input-shape {vi.name}=...)")
-        check_elements(fixed, f"input '{vi.name}'", max_elements)
-        shapes[vi.name] = tuple(fixed)
+                    warnings.append(f"input '{name}' dim {i} ('{d}') is dynamic: using {fixed[-1]} "
+                                    f"(set it with --input-shape {name}=...)")
+        check_elements(fixed, f"input '{name}'", max_elements)
+        shapes[name] = tuple(fixed)
     return shapes, warnings
 
 

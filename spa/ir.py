@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from .errors import SpaError
@@ -22,6 +23,8 @@ from .validate import check_input, check_tensor
 
 MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is what current exporters write and is accepted widely
 MAX_OPSET = 26
+EXTERNAL_DATA_BYTES = 1_800_000_000  # weights past this go to an external-data file (protobuf's limit is 2 GB)
+EXTERNAL_TENSOR_MIN_BYTES = 1024     # smaller tensors (shape constants, which inference reads) stay in the model file
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -328,7 +331,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
         if big:
             tmp_data = tmp.name + ".data"
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=0 if external else 1024)
+                            location=tmp_data, size_threshold=0 if external else EXTERNAL_TENSOR_MIN_BYTES)
             # the model refers to the data file by name: rewrite the location to the final name
             m2 = onnx.load(str(tmp), load_external_data=False)
             for t in m2.graph.initializer:
@@ -351,20 +354,85 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """Whether the model is too large for one protobuf file (2 GB; 1.8 GB of weights leaves room for the rest)."""
-    return _approx_size(model) > 1_800_000_000
+    return _approx_size(model) > EXTERNAL_DATA_BYTES
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether initializers refer to an external-data file instead of holding their bytes."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def weightless_copy(model: onnx.ModelProto, location: str) -> tuple[onnx.ModelProto, int]:
+    """The model as `save_model` writes it past 2 GB, without copying a weight byte: initializers of at least
+    EXTERNAL_TENSOR_MIN_BYTES (and those already external) refer to `location`, one after another; smaller ones
+    are copied. Returns the copy and the length its data file must have."""
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
+    offset = 0
+    for t in model.graph.initializer:
+        n = _tensor_bytes(t)
+        if n is None or (n < EXTERNAL_TENSOR_MIN_BYTES and t.data_location != onnx.TensorProto.EXTERNAL):
+            copy.graph.initializer.add().CopyFrom(t)
+            continue
+        h = copy.graph.initializer.add()
+        h.name, h.data_type, h.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
+        h.dims.extend(t.dims)
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(n))):
+            entry = h.external_data.add()
+            entry.key, entry.value = key, value
+        offset += n
+    return copy, offset
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(dst, fd.name).CopyFrom(value)
+        elif hasattr(value, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int | None:
+    """The bytes of a tensor's data as an external-data file holds them; None for strings (never external)."""
+    if t.data_type == onnx.TensorProto.STRING:
+        return None
+    length = next((e.value for e in t.external_data if e.key == "length"), None)
+    if t.data_location == onnx.TensorProto.EXTERNAL and length is not None:
+        return int(length)
+    return _data_bytes(t)
 
 
 def _approx_size(model: onnx.ModelProto) -> int:
-    """Bytes of initializer data (cheap: no full ByteSize pass over the message)."""
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.raw_data else 8 * max(len(t.float_data), len(t.int64_data), len(t.int32_data),
-                                                           len(t.double_data))
-    return total
+    """Bytes of initializer data held in the model (cheap: from the dims, no copy of a tensor's bytes)."""
+    return sum(_data_bytes(t) for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _data_bytes(t: onnx.TensorProto) -> int:
+    """A tensor's data size from its dims and type: reading raw_data would copy it (1.4 s for 720 MB)."""
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(x) for x in t.string_data)
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in PACKED_4BIT:
+        return (count + 1) // 2
+    try:
+        return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # a type numpy has no dtype for: measure the bytes themselves
+        return len(t.raw_data)
 
 
 def static_dims(vi: onnx.ValueInfoProto) -> tuple | None:
+    """Declared dims: ints where static, the dim_param (or None) where dynamic. A negative dim_value is how some
+    exporters (Paddle) write a dynamic dim: it is dynamic here too, never a size."""
     t = vi.type.tensor_type
     if not t.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                 for d in t.shape.dim)

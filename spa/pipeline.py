@@ -26,6 +26,7 @@ from .passes import Pass, PassResult, verify
 from .passes.analyse import Analyse
 from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
+from .passes.normalize import weights_out_of_reach
 from .passes.reconstruct import output_rows
 from .select import PruningPlan, read_plan, select
 from .synthesis import model_data
@@ -192,7 +193,9 @@ class VerifyStructure(Pass):
         run.step("verify")
         verify.check(run.pruned)
         reference = verify.build_reference(run.original, run.analysis, run.removed, run.analysis.node_index)
-        result = verify.compare(reference, run.pruned, run.model.input_shapes, rtol=run.options.rtol)
+        result = verify.compare(reference, run.pruned, run.model.input_shapes, rtol=run.options.rtol,
+                                pinned=run.options.input_shapes)
+        run.model.warnings.extend(result.pop("warnings", []))
         return PassResult(report={"verification": {"status": "passed", **result}})
 
 
@@ -358,7 +361,7 @@ def check_strict(analysis: Analysis) -> None:
 
 def explain_nothing(analysis: Analysis) -> str:
     if not analysis.ctx.sources:
-        return ("no Conv/ConvTranspose/Gemm/MatMul with a constant weight was found (quantized or "
+        return weights_out_of_reach(analysis.ctx.g.model) or ("no Conv/ConvTranspose/Gemm/MatMul with a constant weight was found (quantized or "
                 "run-time weights are not prunable yet)")
     reasons = {}
     for g in analysis.groups:

@@ -1,0 +1,323 @@
+"""What real exports hold that spa-prune must take without a traceback or a dead end (issue 15): no prunable source
+in the main graph (quantized weights, weights only inside an If), a dynamic dim declared -1 (Paddle), a batch baked
+into a Reshape or held at dim 1 of another input (silero-vad), models past protobuf's 2 GB.
+
+Every fixture is built with onnx.helper, small, with the IR and opset versions real exports of that kind carry."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import Builder, assert_one_line_error, run_cli, run_model
+from onnx import TensorProto, helper, numpy_helper
+
+from spa import driver
+from spa.errors import SpaError, VerificationError
+from spa.passes import verify
+
+
+def set_dims(vi: onnx.ValueInfoProto, dims) -> None:
+    """Declared dims: an int is a dim_value (-1 too, as Paddle writes a dynamic dim), a str a dim_param."""
+    shape = vi.type.tensor_type.shape
+    shape.Clear()
+    for d in dims:
+        if isinstance(d, str):
+            shape.dim.add().dim_param = d
+        else:
+            shape.dim.add().dim_value = d
+
+
+def cnn(batch_dim="batch", reshape_batch=None) -> onnx.ModelProto:
+    """Conv -> ReLU -> Conv -> ReLU -> (GlobalAveragePool -> Flatten | Reshape to a constant [B, -1]) -> Gemm,
+    on a 1x3x8x8 input whose dim 0 is then declared `batch_dim`."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv("c1", x, 3, 8))
+    y = b.relu(b.conv("c2", y, 8, 8))
+    if reshape_batch is None:
+        y = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+        k = 8
+    else:  # what some exporters write for x.view(1, -1): the batch baked into the constant
+        y = b.op("Reshape", [b.op("MaxPool", [y], kernel_shape=[4, 4], strides=[4, 4]),
+                             b.i64("target", [reshape_batch, -1])])
+        k = 8 * 2 * 2
+    b.output(b.gemm("fc", y, k, 4))
+    m = b.model()
+    set_dims(m.graph.input[0], [batch_dim, 3, 8, 8])
+    set_dims(m.graph.output[0], [batch_dim, 4])
+    return m
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+# ---- no prunable source in the main graph: one line, exit 2, nothing written -------------------------------------
+IR, OPSET_CF = 10, 21  # what current exporters write for these (onnxruntime 1.32 runs IR <= 13, opset <= 26)
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(tmp_path, capsys, model, *fragments) -> str:
+    src = save(model, tmp_path / "in.onnx")
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli([src, tmp_path / "out" / "o.onnx", "--target-flops", "0.5"], capsys)
+    assert_one_line_error(rc, err, *fragments)
+    assert snapshot(tmp_path) == before, "something was written or the input changed"
+    return err
+
+
+def versioned(graph: onnx.GraphProto) -> onnx.ModelProto:
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET_CF)], producer_name="spa-tests")
+    m.ir_version = IR
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def conv_integer_layers(x: str, n: int, c: int = 3) -> tuple[list, list, str]:
+    """Dynamically quantized Conv layers as onnxruntime's quantize_dynamic writes them: DynamicQuantizeLinear ->
+    ConvInteger (int8 weight) -> Cast -> Mul by the two scales."""
+    nodes, inits, rng = [], [], np.random.default_rng(0)
+    for i in range(n):
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (8, c, 3, 3)).astype(np.int8), f"w{i}"),
+                  numpy_helper.from_array(np.array(0, np.int8), f"wz{i}"),
+                  numpy_helper.from_array(np.array(0.01, np.float32), f"ws{i}")]
+        nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"q{i}", f"s{i}", f"z{i}"]),
+                  helper.make_node("ConvInteger", [f"q{i}", f"w{i}", f"z{i}", f"wz{i}"], [f"ci{i}"],
+                                   pads=[1, 1, 1, 1], name=f"convint{i}"),
+                  helper.make_node("Cast", [f"ci{i}"], [f"cf{i}"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"s{i}", f"ws{i}"], [f"sm{i}"]),
+                  helper.make_node("Mul", [f"cf{i}", f"sm{i}"], [f"y{i}"])]
+        x, c = f"y{i}", 8
+    return nodes, inits, x
+
+
+def if_with_weights(cond: str, x: str, out: str) -> onnx.NodeProto:
+    """An If whose two branches each hold a Conv with its own float weight (the main graph holds none)."""
+    def branch(name):
+        w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((8, 8, 3, 3)).astype(np.float32), name)
+        conv = helper.make_node("Conv", [x, name], [f"{name}_y"], pads=[1, 1, 1, 1])
+        return helper.make_graph([conv], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                   [1, 8, 8, 8])], initializer=[w])
+    return helper.make_node("If", [cond], [out], then_branch=branch("then_w"), else_branch=branch("else_w"))
+
+
+def io(name, dims, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def test_quantized_and_branch_weights_are_named_not_a_traceback(tmp_path, capsys):
+    """3 ConvInteger layers, then an If with a Conv in each branch: the main graph has float scales but no prunable
+    weight. (This crashed with an IndexError in build_groups before the no-atom guard.)"""
+    nodes, inits, y = conv_integer_layers("x", 3)
+    nodes.append(if_with_weights("flag", y, "out"))
+    m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8]), io("flag", [], TensorProto.BOOL)],
+                                    [io("out", [1, 8, 8, 8])], initializer=inits))
+    refused(tmp_path, capsys, m, "no prunable float weights in the main graph: 3 ConvInteger nodes (quantized) and "
+            "1 If with weights in its branches, which spa-prune does not prune yet")
+
+
+def test_weights_only_inside_an_if_are_not_called_no_weights(tmp_path, capsys):
+    """No float tensor at all in the main graph: the early check used to say 'no floating-point weights'."""
+    m = versioned(helper.make_graph([if_with_weights("flag", "x", "out")], "g",
+                                    [io("x", [1, 8, 8, 8]), io("flag", [], TensorProto.BOOL)],
+                                    [io("out", [1, 8, 8, 8])]))
+    err = refused(tmp_path, capsys, m, "no prunable float weights in the main graph: 1 If with weights in its "
+                  "branches, which spa-prune does not prune yet")
+    assert "no floating-point weights" not in err
+
+
+def test_qdq_weights_are_named(tmp_path, capsys):
+    """A QDQ model: the Conv's weight is DequantizeLinear(int8 constant), not a float constant."""
+    w = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["out"], pads=[1, 1, 1, 1])]
+    m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8])], [io("out", [1, 8, 8, 8])],
+                                    initializer=[w, scale]))
+    refused(tmp_path, capsys, m, "1 DequantizeLinear of a constant weight (QDQ quantized)")
+
+
+def test_a_model_without_weights_still_says_so(tmp_path, capsys):
+    m = versioned(helper.make_graph([helper.make_node("Relu", ["x"], ["out"])], "g", [io("x", [1, 3])],
+                                    [io("out", [1, 3])]))
+    refused(tmp_path, capsys, m, "model has no floating-point weights")
+
+
+# ---- a dim declared -1 is dynamic: --input-shape may pin it -------------------------------------------------------
+def paddle_cls() -> onnx.ModelProto:
+    """PaddleOCR's direction classifier declares its input (-1, 3, ?, ?) and its output (-1, 4)."""
+    m = cnn()
+    set_dims(m.graph.input[0], [-1, 3, "?", "?"])
+    set_dims(m.graph.output[0], [-1, 4])
+    return m
+
+
+def test_input_shape_pins_a_dim_declared_minus_one(tmp_path, capsys):
+    src, out = save(paddle_cls(), tmp_path / "cls.onnx"), tmp_path / "out.onnx"
+    rc, _, err = run_cli([src, out, "--fast", "--ratio", "0.5", "--input-shape", "x=1,3,48,192",
+                          "--report", tmp_path / "r.json"], capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["input_shapes"] == {"x": [1, 3, 48, 192]}
+    assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 2
+    pruned = onnx.load(str(out))
+    x = np.random.default_rng(0).standard_normal((3, 3, 48, 192)).astype(np.float32)  # any batch, any size
+    assert run_model(pruned, {"x": x})[0].shape == (3, 4)
+
+
+def test_minus_one_without_input_shape_takes_the_default_sizes(tmp_path, capsys):
+    """The declared -1 in the output is no size either (it used to fail as 'negative dim in [-1, 4]')."""
+    src = save(paddle_cls(), tmp_path / "cls.onnx")
+    rc, _, err = run_cli([src, tmp_path / "out.onnx", "--fast", "--ratio", "0.5", "--report", tmp_path / "r.json"],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["input_shapes"] == {"x": [1, 3, 224, 224]}
+
+
+def test_input_shape_still_refuses_a_static_dim_it_contradicts(tmp_path, capsys):
+    src, out = save(paddle_cls(), tmp_path / "cls.onnx"), tmp_path / "out.onnx"
+    rc, _, err = run_cli([src, out, "--ratio", "0.5", "--input-shape", "x=1,4,48,192"], capsys)
+    assert_one_line_error(rc, err, "--input-shape x=1,4,48,192 does not match the declared shape ('?', 3, '?', '?')")
+    assert not out.exists()
+
+
+# ---- verification inputs: the second draw doubles the batch, and only the batch ----------------------------------
+def prune_report(tmp_path, capsys, model, *extra) -> tuple[dict, str]:
+    src, out = save(model, tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    rc, _, err = run_cli([src, out, "--fast", "--ratio", "0.5", "--report", tmp_path / "r.json", *extra], capsys)
+    assert rc == 0, err
+    assert out.exists()
+    return json.loads((tmp_path / "r.json").read_text()), err
+
+
+def test_a_batch_baked_into_a_reshape_falls_back_with_a_warning(tmp_path, capsys):
+    """x.view(1, -1) exported with batch 1 baked in: the original cannot run at batch 2, so the second draw uses
+    the given shapes, and the report and the summary say so."""
+    rep, err = prune_report(tmp_path, capsys, cnn(reshape_batch=1))
+    v = rep["verification"]
+    assert v["status"] == "passed" and v["inputs"] == 2 and rep["groups"]["pruned"] >= 1
+    assert v["input_shapes"] == [{"x": [1, 3, 8, 8]}, {"x": [1, 3, 8, 8]}]
+    warning = [w for w in rep["warnings"] if "doubled batch" in w]
+    assert len(warning) == 1 and "x=2x3x8x8" in warning[0] and "used the given shapes" in warning[0]
+    assert "doubled batch" in err  # the summary shows it
+
+
+def test_a_batch_the_model_takes_is_doubled_without_a_warning(tmp_path, capsys):
+    rep, _ = prune_report(tmp_path, capsys, cnn())
+    assert rep["verification"]["input_shapes"] == [{"x": [1, 3, 8, 8]}, {"x": [2, 3, 8, 8]}]
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+
+
+def test_input_shape_pins_the_batch_of_the_second_draw(tmp_path, capsys):
+    """--input-shape fixes every dim it names: the second draw keeps them (no doubling, so no fallback either)."""
+    rep, _ = prune_report(tmp_path, capsys, cnn(reshape_batch=1), "--input-shape", "x=1,3,8,8")
+    assert rep["verification"]["input_shapes"] == [{"x": [1, 3, 8, 8]}, {"x": [1, 3, 8, 8]}]
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+
+
+def shared_batch_model() -> onnx.ModelProto:
+    """Three inputs: x [B, 3, 8, 8], a recurrent-style state [2, B, 6] holding the same named batch at dim 1
+    (silero-vad's `state`), and a gain [1] without it. The state's batch rows are concatenated to the conv
+    features, so a batch that differs between x and state cannot run."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    state = b.input("state", [2, 1, 6])
+    gain = b.input("gain", [1])
+    y = b.relu(b.conv("c1", x, 3, 8))
+    y = b.relu(b.conv("c2", y, 8, 8))
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])])                       # [B, 8]
+    s = b.op("Flatten", [b.op("Transpose", [state], perm=[1, 0, 2])])            # [B, 12]
+    y = b.op("Concat", [y, b.op("Mul", [s, gain])], axis=1)                      # [B, 20]
+    b.output(b.gemm("fc", y, 20, 4))
+    m = b.model()
+    set_dims(m.graph.input[0], ["batch", 3, 8, 8])
+    set_dims(m.graph.input[1], [2, "batch", 6])
+    set_dims(m.graph.output[0], ["batch", 4])
+    return m
+
+
+def test_a_named_batch_is_doubled_wherever_it_appears(tmp_path, capsys):
+    rep, _ = prune_report(tmp_path, capsys, shared_batch_model())
+    assert rep["verification"]["input_shapes"][1] == {"x": [2, 3, 8, 8], "state": [2, 2, 6], "gain": [1]}
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+    assert rep["groups"]["pruned"] >= 1
+
+
+def test_a_name_pinned_in_one_input_keeps_its_size_in_all(tmp_path, capsys):
+    rep, _ = prune_report(tmp_path, capsys, shared_batch_model(), "--input-shape", "state=2,1,6")
+    assert rep["verification"]["input_shapes"][1] == {"x": [1, 3, 8, 8], "state": [2, 1, 6], "gain": [1]}
+    assert not [w for w in rep["warnings"] if "doubled batch" in w]
+
+
+def test_the_first_draw_still_refuses_a_model_that_does_not_run():
+    """The fallback is for the doubled batch only: a model that fails at the given shapes is still refused."""
+    m = cnn(reshape_batch=1)
+    assert "warnings" in verify.compare(m, m, {"x": (1, 3, 8, 8)})
+    with pytest.raises(SpaError, match="does not run in onnxruntime with inputs x=2x3x8x8"):
+        verify.compare(m, m, {"x": (2, 3, 8, 8)})
+
+
+# ---- past protobuf's 2 GB: the full check runs by path ------------------------------------------------------------
+@pytest.fixture
+def checker_calls(monkeypatch):
+    """What onnx.checker.check_model was given, in order (a path, or the in-memory model)."""
+    calls, real = [], onnx.checker.check_model
+
+    def spy(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", spy)
+    return calls
+
+
+def test_a_model_past_the_limit_is_checked_by_path(tmp_path, monkeypatch, checker_calls):
+    """EXTERNAL_DATA_BYTES at 0: every model is 'past 2 GB' (and tensors from 256 bytes go external). The pruned
+    model is checked by path, verified in onnxruntime sessions that get the large weights as external
+    initializers (a model past 2 GB cannot be serialized for a session either), written with its weights in
+    OUT.data, and runs."""
+    import spa.ir
+
+    monkeypatch.setattr(spa.ir, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(spa.ir, "EXTERNAL_TENSOR_MIN_BYTES", 256)
+    src, out = save(cnn(), tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    rep = driver.prune(src, str(out), ratio=0.5, fast=True).report
+    assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 2
+    assert [c for c in checker_calls if isinstance(c, str)]
+    # in memory only normalization's light copy of the input, whose weights are typed inputs (no bytes)
+    assert not [c for c in checker_calls if isinstance(c, onnx.ModelProto)
+                and any(t.name == "c1.weight" for t in c.graph.initializer)]
+    written = onnx.load(str(out), load_external_data=False)
+    assert (tmp_path / "out.onnx.data").exists() and onnx.external_data_helper.uses_external_data(
+        next(t for t in written.graph.initializer if t.name == "c1.weight"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert run_model(onnx.load(str(out)), {"x": x})[0].shape == (2, 4)
+
+
+def test_the_check_by_path_still_rejects_a_broken_model(monkeypatch):
+    import spa.ir
+
+    monkeypatch.setattr(spa.ir, "EXTERNAL_DATA_BYTES", 0)
+    m = cnn()
+    fc = next(t for t in m.graph.initializer if t.name == "fc.weight")
+    bad = numpy_helper.from_array(np.zeros((4, 7), np.float32), "fc.weight")  # Gemm needs 8 rows (transB: [4, 8])
+    fc.CopyFrom(bad)
+    with pytest.raises(VerificationError, match="onnx.checker rejected the pruned model: .*fc"):
+        verify.check(m)
+
+
+def test_a_model_that_refers_to_external_data_is_checked_by_path(tmp_path, checker_calls):
+    """Initializers that refer to a data file (loaded without it) cannot be checked in memory; by path they are,
+    without reading their bytes."""
+    onnx.save_model(cnn(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=1024)
+    m = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    (tmp_path / "m.data").unlink()  # the check does not need it
+    verify.check(m)
+    assert [c for c in checker_calls if isinstance(c, str)]
