@@ -172,10 +172,11 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned") ->
 def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, rtol: float = 1e-4,
             seeds=(0, 1)) -> dict:
     worst, tol = {}, {}
-    for seed in seeds:
-        # the second draw doubles every dynamic batch dim: a pruned model must still serve other batch sizes
-        feeds = random_inputs(reference, shapes if seed == seeds[0] else _other_batch(reference, shapes), seed)
-        ref_out, new_out = run(reference, feeds, "reference"), run(pruned, feeds)
+    # the second draw doubles every dynamic batch dim: a pruned model must still serve other batch sizes
+    draws = [random_inputs(reference, shapes if seed == seeds[0] else _other_batch(reference, shapes), seed)
+             for seed in seeds]
+    # one session per model for all draws (creating one serializes and optimizes the whole model)
+    for ref_out, new_out in zip(run_many(reference, draws, "reference"), run_many(pruned, draws)):
         for o, a, b in zip(reference.graph.output, ref_out, new_out):
             a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
             if a64.shape != b64.shape:
