@@ -1,8 +1,9 @@
 """Reconstruction after structural pruning: change values of kept parameters so the pruned model's layers
 reproduce the original's, measured on calibration (or synthesized) inputs.
 
-The pruned model runs beside the original node by node, in topological order, on the whole calibration set; the
-original advances lazily to the tensors the pruned side asks for. Before a layer of the pruned model runs, its
+The pruned model runs node by node, in topological order, on the whole calibration set. The original layers'
+outputs come from the OBS scoring pass, which kept them at its sampled positions (`targets`); for a layer without
+them the original runs beside it and advances lazily to the tensors the pruned side asks for. Before a layer of the pruned model runs, its
 weights are updated from what its input actually is now (so the errors of the layers before it are compensated):
 
 - `obspa`: every Conv (group 1) / Gemm / MatMul-with-weight is refit by ridge least squares towards the original
@@ -39,17 +40,17 @@ class Lockstep:
         from spa.torch_graph import TorchGraph  # torch: an optional dependency
 
         self.torch = torch
+        self.original_proto = original
         self.orig_graph = Graph(original)
-        self.t_orig = execution.fast_layout(TorchGraph(original))
+        self.orig_nodes = list(self.orig_graph.model.graph.node)
         self.t_pruned = execution.fast_layout(TorchGraph(pruned))
         n = int(next(iter(feeds.values())).shape[0])
-        parts = list(execution.chunks(feeds, n, chunk))
-        if not parts:
+        self.parts = list(execution.chunks(feeds, n, chunk))
+        if not self.parts:
             raise SpaError(f"{n} samples are fewer than the model's fixed batch size {chunk[0]}")
-        self.env_o = [self.t_orig.initial_env(c) for c in parts]
-        self.env_p = [self.t_pruned.initial_env(c) for c in parts]
-        self.n = sum(int(next(iter(c.values())).shape[0]) for c in parts)
-        self.orig_nodes = list(self.t_orig.nodes)
+        self.env_p = [self.t_pruned.initial_env(c) for c in self.parts]
+        self.n = sum(int(next(iter(c.values())).shape[0]) for c in self.parts)
+        self.t_orig = self.env_o = None   # the original runs only when a layer's target was not kept (`original`)
         self.orig_pos = 0
         self._outputs_o = {o.name for o in original.graph.output}
         self.forward_s = 0.0
@@ -57,6 +58,12 @@ class Lockstep:
     def original(self, name: str):
         """The original model's tensor `name` per chunk (advancing the original up to its producer), or None."""
         t0 = time.perf_counter()
+        if self.t_orig is None:
+            from spa.torch_graph import TorchGraph
+
+            self.t_orig = execution.fast_layout(TorchGraph(self.original_proto))
+            self.orig_nodes = list(self.t_orig.nodes)
+            self.env_o = [self.t_orig.initial_env(c) for c in self.parts]
         while name not in self.env_o[0] and self.orig_pos < len(self.orig_nodes):
             node = self.orig_nodes[self.orig_pos]
             for env in self.env_o:
@@ -88,9 +95,13 @@ class Reconstruct(Pass):
 
     def __init__(self, original: onnx.ModelProto, out_rows: dict[str, np.ndarray], feeds: dict[str, np.ndarray], *,
                  refit: bool = True, recalibrate: bool = False, positions: int = obspa.DEFAULT_POSITIONS,
-                 damp: float = obspa.DEFAULT_DAMP, seed: int = 0, progress=None):
-        """out_rows: for each weight-carrying node (by name), the kept output rows of its original weight."""
+                 damp: float = obspa.DEFAULT_DAMP, seed: int = 0, progress=None,
+                 targets: dict[str, obspa.LayerTargets] | None = None):
+        """out_rows: for each weight-carrying node (by name), the kept output rows of its original weight.
+        targets: the original layers' outputs at sampled positions, kept by the OBS scoring pass on the same
+        `feeds` (restricted to the kept output rows): those layers are refit without running the original."""
         self.original, self.out_rows, self.feeds = original, out_rows, feeds
+        self.targets = targets or {}
         self.refit, self.recalibrate = refit, recalibrate
         self.positions, self.damp, self.seed = positions, damp, seed
         self.progress = progress or (lambda s: None)
@@ -102,7 +113,7 @@ class Reconstruct(Pass):
         before = structure(g.to_model())
         ls = Lockstep(self.original, g, self.feeds, execution.batch_size_for(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
-        stats = {"layers_refit": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
+        stats = {"layers_refit": 0, "targets_from_scoring": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
                   "positions_per_layer": self.positions, "samples": ls.n}
         timing = {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0}
         nodes = list(ls.t_pruned.nodes)
@@ -145,26 +156,45 @@ class Reconstruct(Pass):
             stats["skipped"].append(f"{node.name}: weight shared by several nodes")
             return
         xs_p = ls.pruned_value(node.input[view.data_index])
-        ys_o = ls.original(orig_node.output[0])   # the refit's target: the original layer's output
-        if xs_p is None or ys_o is None:
+        if xs_p is None:
+            stats["skipped"].append(f"{node.name}: input not available")
+            return
+        target = self.targets.pop(node.name, None)
+        totals = [obspa.output_positions(view, x_p) for x_p in xs_p]
+        if target is not None and target.total != sum(totals):
+            target = None   # not the positions the scoring pass saw: read the original instead
+        ys_o = None if target is not None else ls.original(orig_node.output[0])   # the refit's target
+        if target is None and ys_o is None:
             stats["skipped"].append(f"{node.name}: input not available")
             return
         t = time.perf_counter()
         keep = self.out_rows[node.name]
         kept = ls.torch.from_numpy(np.flatnonzero(keep)) if not keep.all() else None
         gram = obspa.Gram()
-        for x_p, y_o in zip(xs_p, ys_o):
+        start = 0
+        for k, x_p in enumerate(xs_p):
             x_p = x_p.float()
-            total = obspa.output_positions(view, x_p)
-            if total != y_o.numel() // y_o.shape[1 if view.kind == "conv" else -1]:
-                stats["skipped"].append(f"{node.name}: positions differ")
-                return
-            quota = max(1, round(self.positions * x_p.shape[0] / ls.n))
-            rows = obspa.pick_rows(total, quota, gen)
+            total = totals[k]
+            if target is not None:   # the original layer's output at the positions the scoring pass sampled
+                rows, y_rows = target.between(start, start + total)
+                start += total
+            else:
+                y_o = ys_o[k]
+                if total != y_o.numel() // y_o.shape[1 if view.kind == "conv" else -1]:
+                    stats["skipped"].append(f"{node.name}: positions differ")
+                    return
+                quota = max(1, round(self.positions * x_p.shape[0] / ls.n))
+                rows = obspa.pick_rows(total, quota, gen)
+                y_rows = obspa.sample_outputs(view, y_o.float(), rows, kept)
+            if not len(rows):
+                continue
             a = obspa.sample_rows(view, x_p, rows)
             if view.bias is not None:
                 a = obspa.with_ones(a)
-            gram.add(a, obspa.sample_outputs(view, y_o.float(), rows, kept))
+            gram.add(a, y_rows)
+        if gram.xy is None:
+            stats["skipped"].append(f"{node.name}: no sampled positions")
+            return
         w_p_full = np.asarray(g.const(view.weight))
         w_p = view.matrix(w_p_full).astype(np.float64)
         if view.bias is not None:
@@ -185,6 +215,7 @@ class Reconstruct(Pass):
             new = new[:, :-1]
         self._write(g, ls, view.weight, view.unmatrix(new, w_p_full.shape).astype(dtype))
         stats["layers_refit"] += 1
+        stats["targets_from_scoring"] += target is not None
 
     # ---- re-calibration ---------------------------------------------------------------------------------------
     def _reestimate_bn(self, node, g, ls, stats):

@@ -19,6 +19,27 @@ def run_model(tg, feeds, hook=None):
                        f"right? --input-shape sets them): {one_line(e, 300)}")
 
 
+def run_layerwise(tg, batches: list[dict], hook, progress=None) -> None:
+    """Run the input model over every batch node by node: each node on all batches, then
+    `hook(node, k, inputs, outputs)` for each batch k, before the next node. A layer's statistics over all samples
+    are then complete right after it ran (and can be used and freed: one layer's at a time), at the memory of all
+    batches' live activations (as one large batch). Errors as in `run_model`."""
+    envs = [tg.initial_env(b) for b in batches]
+    nodes = list(tg.nodes)
+    try:
+        for i, node in enumerate(nodes):
+            for k, env in enumerate(envs):
+                outs = tg.step(i, env)
+                hook(node, k, [env.get(x) if x else None for x in node.input], outs)
+                for name in tg.free_after(i):
+                    env.pop(name, None)
+            if progress is not None and i % 10 == 0:
+                progress(f"{i + 1}/{len(nodes)} nodes")
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise SpaError(f"the input model does not run on the calibration/synthesized inputs (are the input shapes "
+                       f"right? --input-shape sets them): {one_line(e, 300)}")
+
+
 def fast_layout(tg):
     """`tg` (a TorchGraph) with its 4-D weights in channels_last memory layout: its convolutions then run (and
     their outputs stay) channels_last, same values up to rounding, ~1.4x less CPU on ResNet-50 here."""

@@ -18,6 +18,8 @@ layer's output from the pruned network's actual input (so errors of earlier laye
 With X_p = X_o (nothing upstream changed) this is exactly the OBS update W + δW, δW = -W_Q([H⁻¹]_QQ)⁻¹[H⁻¹]_Q:,
 of the dampened Hessian. X_o W_oᵀ is the original layer's output, read at the sampled positions (the original's
 input patches are never unfolded). Positions are subsampled per layer (`positions`, default 8192 output positions).
+The scoring pass keeps X_o W_oᵀ at its sampled positions (`LayerTargets`): the refit reads it there instead of
+running the original model a second time.
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import SpaError
-from .execution import batch_size_for, chunk_count, chunks, fast_layout, run_model
+from .execution import batch_size_for, chunks, fast_layout, run_layerwise
 from .importance import Member
 from .ir import attr as get_attr
-from .memory import check_memory
+from .memory import GB, check_memory, memory_limit_gb
 from .synthesis import model_data
 
 DEFAULT_POSITIONS = 8192
@@ -284,13 +286,16 @@ def psd_inverse(a: np.ndarray) -> np.ndarray:
     chol = _factor(a)
     if chol is None:
         raise np.linalg.LinAlgError("not positive definite")
-    return torch.cholesky_inverse(chol).double().numpy()
+    return torch.cholesky_inverse(chol).numpy()   # in the factor's precision (float32 above LARGE columns)
 
 
 # ---- scores (the `obs` / `obspa` criteria) ---------------------------------------------------------------------------
 def obs_members(inputs):
     """OBS saliency members: one per sink slice of a modelled consumer. Runs the original model once over the
-    data (batched), accumulating each consumer's Hessian from sampled positions."""
+    data (batched), accumulating each consumer's Hessian from sampled positions. With
+    `obspa_options["keep_targets"]` (a reconstruction follows) the same pass also keeps, for every modelled layer,
+    its output at the sampled positions (`LayerTargets`, in `inputs.cache["obspa_targets"]`): the refit reads
+    them instead of running the original model a second time."""
     import torch
 
     from .torch_graph import TorchGraph  # torch: this module must import without it
@@ -308,8 +313,21 @@ def obs_members(inputs):
                 sinks.setdefault(ps.node.name, (view, []))[1].append(ps)
     if not sinks:
         return []
-    check_hessians(g, sinks, positions)
+    n = inputs.calib.n if inputs.calib is not None else inputs.samples
+    need = check_hessians(g, sinks, positions, n)
     feeds, n = model_data(inputs)
+    layers = {name: view for name, (view, _) in sinks.items()}    # the layers whose inputs/outputs are read
+    targets: dict[str, LayerTargets] | None = None
+    if opts.get("keep_targets"):
+        wanted = {node.name: layers.get(node.name) or layer_view(g, node) for node in g.model.graph.node}
+        wanted = {name: view for name, view in wanted.items() if view is not None}
+        extra = targets_bytes(g, wanted, positions, n)
+        if need + extra <= memory_limit_gb() * GB:
+            targets = {}
+            layers.update(wanted)
+        else:
+            inputs.notes.append(f"the refit runs the original model again: its layers' sampled outputs "
+                                f"(~{extra / GB:.2g} GB) would not fit beside the Hessians in --memory-limit")
     timing = inputs.cache.setdefault("obspa_timing", {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0})
     t0 = time.perf_counter()
     tg = fast_layout(TorchGraph(g))
@@ -317,52 +335,98 @@ def obs_members(inputs):
     scored: dict[str, list] = {}
     gen = torch.Generator().manual_seed(inputs.seed)
     hess_t, solve_t = [0.0], [0.0]
-    bs = batch_size_for(g, inputs.batch_size, feeds)
-    last = chunk_count(n, bs) - 1
-    chunk = [0]
+    batches = list(chunks(feeds, n, batch_size_for(g, inputs.batch_size, feeds)))
+    last = len(batches) - 1
 
-    def hook(node, ins, outs):
-        entry = sinks.get(node.name)
-        if entry is None:
+    def hook(node, k, ins, outs):
+        view = layers.get(node.name)
+        if view is None:
             return
         t = time.perf_counter()
-        view = entry[0]
         x = ins[view.data_index].float()
         total = output_positions(view, x)
         quota = max(1, round(positions * x.shape[0] / n))
-        rows = sample_rows(view, x, pick_rows(total, quota, gen))
+        picked = pick_rows(total, quota, gen)
+        if targets is not None:
+            targets.setdefault(node.name, LayerTargets()).add(total, picked, sample_outputs(view, outs[0].float(),
+                                                                                          picked))
+        entry = sinks.get(node.name)
+        if entry is None:
+            hess_t[0] += time.perf_counter() - t
+            return
+        rows = sample_rows(view, x, picked)
         if view.bias is not None:
             rows = with_ones(rows)
         grams[node.name].add(rows)
         t1 = time.perf_counter()
         hess_t[0] += t1 - t
-        if chunk[0] == last:  # the Hessian is complete: score now and free it (one Hessian held, not all)
+        if k == last:  # the Hessian is complete: score now and free it (one Hessian held at a time)
             scored[node.name] = _layer_members(analysis, g, view, entry[1], grams.pop(node.name), damp)
             solve_t[0] += time.perf_counter() - t1
 
     with torch.no_grad():
-        for k, batch in enumerate(chunks(feeds, n, bs)):
-            chunk[0] = k
-            run_model(tg, batch, hook=hook)
-            inputs.progress(f"obs: {min((k + 1) * bs[0], n)}/{n} samples")
+        run_layerwise(tg, batches, hook, lambda s: inputs.progress(f"obs: {s} ({n} samples)"))
     timing["forward_s"] += time.perf_counter() - t0 - hess_t[0] - solve_t[0]
     timing["hessian_s"] += hess_t[0]
     timing["solve_s"] += solve_t[0]
     members = [m for name in sinks for m in scored.get(name, [])]  # in the sinks' order, as before
     inputs.cache["obspa_data"] = {"samples": n, "positions_per_layer": positions,
                                   "mode": "calibration" if inputs.calib is not None else "data-free (synthesized)"}
+    if targets is not None:
+        inputs.cache["obspa_targets"] = {name: t.done() for name, t in targets.items()}
     return members
+
+
+class LayerTargets:
+    """One layer's output in the original model at its sampled positions, shared by the OBS scoring pass (which
+    ran the original) and the refit (which reads it instead of running the original again). `rows` index the
+    layer's output positions over all samples in order (each batch's positions follow the previous batches':
+    independent of how the samples are batched), `outputs` holds the outputs there (len(rows) x channels,
+    float32), `total` is the number of positions the layer has over all samples."""
+
+    def __init__(self):
+        self.total = 0
+        self.rows = []
+        self.outputs = []
+
+    def add(self, total: int, rows, outputs) -> None:
+        """One batch: its `total` positions, the sampled ones (`rows`, local to the batch) and their outputs."""
+        self.rows.append(rows + self.total)
+        self.outputs.append(outputs.contiguous())
+        self.total += total
+
+    def done(self) -> LayerTargets:
+        import torch
+
+        if isinstance(self.rows, list):
+            self.rows, self.outputs = torch.cat(self.rows), torch.cat(self.outputs)
+        return self
+
+    def keep_channels(self, keep: np.ndarray) -> None:
+        """Drop the output channels the cut removed (never a refit's target)."""
+        import torch
+
+        if not keep.all():
+            self.outputs = self.outputs.index_select(1, torch.from_numpy(np.flatnonzero(keep))).contiguous()
+
+    def between(self, lo: int, hi: int):
+        """(the sampled rows in [lo, hi), made local to it, their outputs)."""
+        inside = ((self.rows >= lo) & (self.rows < hi)).nonzero().flatten()
+        return self.rows[inside] - lo, self.outputs[inside]
 
 
 def _layer_members(analysis, g, view: LayerView, pss: list, gram: Gram, damp: float) -> list:
     """The OBS saliency members of one consumer (one per sink slice) from its complete Gram sum."""
     if gram.xx is None:
         return []
-    hd, _ = damped(gram.xx / gram.n, damp)
+    h, gram.xx = gram.xx, None   # consumed: normalized and dampened in place (one D x D copy less)
+    h /= gram.n
+    h.flat[::len(h) + 1] += damp * max(float(np.diag(h).astype(np.float64).mean()), 1e-12)   # as `damped`
     try:
-        hinv = psd_inverse(hd)
+        hinv = psd_inverse(h)
     except np.linalg.LinAlgError:
         return []
+    del h
     w = view.matrix(np.asarray(g.const(view.weight), dtype=np.float64))
     members = []
     for ps in pss:
@@ -379,20 +443,49 @@ def _layer_members(analysis, g, view: LayerView, pss: list, gram: Gram, damp: fl
     return members
 
 
-def check_hessians(g, sinks: dict, positions: int) -> None:
-    """The Hessians (D x D per layer, float32 above 64 columns, all held until the last batch, plus a dampened
-    copy and an inverse) and one layer's sampled rows (positions x D) against the memory limit, before the
-    forward passes."""
-    columns = []
+def factor_bytes(d: int) -> int:
+    """Peak bytes of one layer's scoring solve at d columns: the Hessian (normalized and dampened in place), its
+    Cholesky factor and inverse (float32 above LARGE columns, else float64; the sum is float64 up to 64 columns)."""
+    if d > LARGE:
+        return 3 * 4 * d * d
+    return (8 if d <= 64 else 4) * d * d + 2 * 8 * d * d
+
+
+def check_hessians(g, sinks: dict, positions: int, samples: int | None = None) -> int:
+    """The scoring pass's statistics against the memory limit, before the forward pass: the widest layer's
+    Hessian and its solve (`factor_bytes`; one layer's at a time) and its sampled rows (positions x D, float32
+    beside a float64 copy up to 64 columns). Returns the bytes."""
+    need = 0
+    widest = 0
     for view, _ in sinks.values():
         w = g.const(view.weight)
         if w is None or not w.ndim:
             continue
-        d = int(w.shape[0]) if view.trans else math.prod(int(s) for s in w.shape[1:])
-        columns.append(d + (view.bias is not None))
-    if not columns:
-        return
-    widest = max(columns)
-    need = sum(d * d * (8 if d <= 64 else 4) for d in columns) + 2 * widest * widest * 8 + int(positions) * widest * 4
-    check_memory(need, f"the Hessians of {len(columns)} layers (up to {widest} columns, --positions {positions})")
+        d = (int(w.shape[0]) if view.trans else math.prod(int(s) for s in w.shape[1:])) + (view.bias is not None)
+        rows = min(int(positions), _positions_bound(g, view, samples))
+        need = max(need, factor_bytes(d) + rows * d * (12 if d <= 64 else 4))
+        widest = max(widest, d)
+    check_memory(need, f"the Hessians of {len(sinks)} layers (up to {widest} columns, --positions {positions})")
+    return need
 
+
+def targets_bytes(g, layers: dict, positions: int, samples: int) -> int:
+    """Bytes of the layers' outputs the scoring pass keeps for the refit (`LayerTargets`): positions x output
+    channels each, float32, with their row indices."""
+    need = 0
+    for view in layers.values():
+        w = g.const(view.weight)
+        out = int(w.shape[1] if view.trans else w.shape[0])
+        need += (4 * out + 8) * min(int(positions), _positions_bound(g, view, samples))
+    return need
+
+
+def _positions_bound(g, view: LayerView, samples: int | None) -> int:
+    """How many output positions the layer has over `samples` samples, from the inferred shape of its output
+    (no bound when unknown)."""
+    shapes = getattr(g, "shapes", None)
+    shape = shapes.get(view.node.output[0]) if shapes is not None and samples and view.node is not None else None
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        return 2**62
+    per = math.prod(shape[2:]) if view.kind == "conv" else math.prod(shape[1:-1])
+    return samples * per

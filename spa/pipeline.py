@@ -52,6 +52,7 @@ class PruneRun:
     holdout: list | None = None                # feed batches no pass fits to, for the fidelity measurement
     holdout_label: str = ""
     holdout_reference: list | None = None      # the original's outputs on them (reference_on_holdout)
+    holdout_fidelity: tuple | None = None      # (pruned model, its fidelity on them), once measured
     score_inputs: ScoreInputs | None = None
     plan: PruningPlan | None = None
     removed: set = field(default_factory=set)  # union-find roots of the removed units
@@ -136,6 +137,8 @@ class ScoreAndSelect(Pass):
                                                 seed=opts.seed, progress=run.step)
         inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))
                                          if v is not None}
+        if opts.reconstruct:  # the refit reads the original's layer outputs the scoring pass keeps
+            inputs.cache["obspa_options"]["keep_targets"] = True
         if opts.synth_steps is not None:
             inputs.cache["synthesis_options"] = {"steps": opts.synth_steps}
         if held is not None:
@@ -148,6 +151,7 @@ class ScoreAndSelect(Pass):
             run.plan = read_plan(opts.plan_file, analysis)
         else:
             scores = score(analysis, opts.importance, opts.aggregation, opts.normalization, inputs)
+            run.step("select")
             run.plan = select(analysis, scores, ratio=opts.ratio, target_flops=opts.target_flops,
                               min_channels=opts.min_channels, round_to=opts.round_to, exclude=list(opts.exclude),
                               max_ratio=opts.max_ratio, allocation=opts.allocation)
@@ -179,6 +183,10 @@ class ApplyPlan(Pass):
     def run(self, run: PruneRun) -> PassResult:
         if run.options.reconstruct or run.options.recalibrate:
             run.out_rows = output_rows(run.analysis, run.removed)  # before Apply cuts the weights
+            targets = run.score_inputs.cache.get("obspa_targets", {}) if run.score_inputs else {}
+            for name, target in targets.items():   # the refit's targets: only the kept output channels
+                if name in run.out_rows:
+                    target.keep_channels(run.out_rows[name])
         run.step("apply")
         stats = Apply(run.analysis, run.removed).run(run.model)
         run.pruned = run.model.graph.to_model()
@@ -226,8 +234,7 @@ class Reconstruction(Pass):
             return PassResult(report={"reconstruction": None})
         from .reconstruction import reconstruct_values  # deferred: only runs with value passes load them
 
-        report = reconstruct_values(run, data_label(run.data, "obspa"))
-        run.pruned = run.model.graph.to_model()
+        report = reconstruct_values(run, data_label(run.data, "obspa"))   # sets run.pruned
         return PassResult(modified=True, report={"reconstruction": report})
 
 
@@ -247,12 +254,15 @@ class MeasureFidelity(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         run.step("fidelity")
-        if run.holdout:
-            feeds, label, reference = run.holdout, run.holdout_label, run.reference_on_holdout()
+        if run.holdout and run.holdout_fidelity is not None and run.holdout_fidelity[0] is run.pruned:
+            label, outputs = run.holdout_label, run.holdout_fidelity[1]   # measured by the reconstruction
         else:
-            feeds = [verify.random_inputs(run.original, run.model.input_shapes, seed) for seed in (2, 3)]
-            label, reference = "random inputs (data-free)", None
-        outputs = fidelity(run.original, run.pruned, run.model.input_shapes, feeds=feeds, reference=reference)
+            if run.holdout:
+                feeds, label, reference = run.holdout, run.holdout_label, run.reference_on_holdout()
+            else:
+                feeds = [verify.random_inputs(run.original, run.model.input_shapes, seed) for seed in (2, 3)]
+                label, reference = "random inputs (data-free)", None
+            outputs = fidelity(run.original, run.pruned, run.model.input_shapes, feeds=feeds, reference=reference)
         drop, metric = fidelity_drop(outputs)
         section = {"on": label, "metric": metric, "drop_pct": drop, "outputs": outputs}
         if run.options.max_drop is not None:

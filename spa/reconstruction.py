@@ -42,8 +42,9 @@ def reconstruct_values(run, data_label: str) -> dict:
         run.step("reconstruct")
         feeds, _ = model_data(run.score_inputs)
         kw = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp)) if v is not None}
+        targets = run.score_inputs.cache.pop("obspa_targets", None)  # the refit consumes (and frees) them
         stats = Reconstruct(original, run.out_rows, feeds, refit=opts.reconstruct, recalibrate=opts.recalibrate,
-                            seed=opts.seed, progress=run.step, **kw).run(model)
+                            seed=opts.seed, progress=run.step, targets=targets, **kw).run(model)
         name = "+".join(p for p, used in (("obspa-refit", opts.reconstruct), ("recalibrate", opts.recalibrate))
                         if used)
         report["passes"].append({"pass": name, "data": data_label, **stats})
@@ -51,4 +52,7 @@ def reconstruct_values(run, data_label: str) -> dict:
     verify.check(pruned)
     report["fidelity_after"] = fidelity(original, pruned, model.input_shapes, feeds=feeds_list, reference=reference)
     report["fidelity_on"] = fidelity_on
+    run.pruned = pruned
+    if run.holdout:  # the fidelity pass measures this same model on the same held-out feeds: it reads this
+        run.holdout_fidelity = (pruned, report["fidelity_after"])
     return report

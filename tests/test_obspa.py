@@ -207,3 +207,26 @@ def test_bad_numbers_for_data_passes_are_clear_errors(kw, msg, tmp_path):
     with pytest.raises(SpaError, match=msg):
         driver.prune(conv_net(False), str(out), target_flops=0.5, importance="obspa", **kw)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("samples", [48, 64])
+def test_refit_from_the_scoring_pass_outputs_equals_rerunning_the_original(samples, monkeypatch):
+    """The scoring pass keeps the original layers' outputs at its sampled positions and the refit reads them
+    instead of running the original again: with every position sampled (so both ways see the same rows), the
+    refit weights are the same, also when the scoring pass batches the samples differently (32 per batch there,
+    all at once in the refit)."""
+    model = conv_net(False)
+    kw = dict(target_flops=0.5, importance="obspa", calib=calib_for(model, samples), positions=10**6)
+    shared = driver.prune(model, None, **kw)
+    monkeypatch.setattr(obspa, "targets_bytes", lambda *a: 10**15)   # never fits: the refit reruns the original
+    rerun = driver.prune(model, None, **kw)
+    p_shared, p_rerun = shared.report["reconstruction"]["passes"][0], rerun.report["reconstruction"]["passes"][0]
+    assert p_shared["targets_from_scoring"] == p_shared["layers_refit"] == 3
+    assert p_rerun["targets_from_scoring"] == 0 and p_rerun["layers_refit"] == 3
+    assert any("runs the original model again" in n for n in rerun.report["importance"]["notes"])
+    a, b = shared.model.graph, rerun.model.graph
+    for init in a.model.graph.initializer:
+        np.testing.assert_allclose(a.const(init.name), b.const(init.name), rtol=2e-4, atol=2e-5)
+    out = model.graph.output[0].name
+    assert shared.report["fidelity"]["outputs"][out]["rel_l2"] == pytest.approx(
+        rerun.report["fidelity"]["outputs"][out]["rel_l2"], rel=1e-3)
