@@ -134,7 +134,7 @@ class PruneOptions:
     normalization: str = "mean"
     # constraints on the selection
     min_channels: int = 1
-    round_to: int | str = "auto"  # kept units a multiple of N; "auto": widths that suit the kernels (1: off)
+    round_to: int | str = "auto"  # kept units a multiple of N; "auto": kernel-friendly widths for a budget (1: off)
     max_ratio: float = 1.0
     exclude: tuple = ()
     # data for scoring and for the value passes

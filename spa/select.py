@@ -263,10 +263,13 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
     'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
     bisection) and uses the importance only inside each group; 'banded' ranks by importance per MAC like
     'global', but every group stays within ±BAND of the uniform fraction (see _banded).
-    round_to: kept units a multiple of N (rounded up), or ROUND_AUTO (kernel_steps per group); when the
-    kernel-friendly widths cannot meet the budget, the widths are not rounded."""
+    round_to: kept units a multiple of N, or ROUND_AUTO: kernel_steps per group where a budget sets the widths
+    (target_flops; a ratio is an exact count per group); when the kernel-friendly widths cannot meet the
+    budget, the widths are not rounded."""
     check_selection(ratio=ratio, target_flops=target_flops, max_ratio=max_ratio, allocation=allocation,
                     min_channels=min_channels, round_to=round_to)
+    if round_to == ROUND_AUTO and target_flops is None:
+        round_to = 1
     steps = group_steps(analysis, round_to)
     plan = _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude, max_ratio, allocation)
     if round_to == ROUND_AUTO and target_flops is not None \
@@ -279,8 +282,6 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
 def _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude, max_ratio, allocation):
     fixed, order = removal_order(analysis, scores, exclude)
     unrounded = {g.id: 1 for g in analysis.groups}
-    # 'uniform' bisects the fraction without rounding, then _round_within rounds each group down or up
-    bisect_steps = unrounded if allocation == "uniform" else steps
 
     def plan_for(counts: dict[int, int], up: bool = True, round_to: dict[int, int] = steps) -> PruningPlan:
         # --max-ratio: a budget search may not empty a group below (1 - R) of its units
@@ -290,28 +291,43 @@ def _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude,
     def counts(r: float) -> dict[int, int]:
         return {g.id: math.floor(r * g.size + 0.5) for g in analysis.groups}
 
-    def uniform(r: float, round_to: dict[int, int] = steps) -> PruningPlan:
-        return keep_every_tensor(analysis, plan_for(counts(r), round_to=round_to), scores)
+    def uniform(r: float, up: bool = True, round_to: dict[int, int] = steps) -> PruningPlan:
+        return keep_every_tensor(analysis, plan_for(counts(r), up, round_to), scores)
 
     if ratio is not None:
         return uniform(ratio)
     if allocation in ("uniform", "banded"):
         goal = target_flops * analysis.total_macs
-        lo, hi = 0.0, 1.0
-        if analysis.macs_after(uniform(hi).roots(analysis)) > goal:
-            return uniform(hi)  # the budget cannot be met: prune as far as the constraints allow
-        if analysis.macs_after(uniform(hi, bisect_steps).roots(analysis)) > goal:
-            bisect_steps = steps  # only the rounded widths meet it (frozen units): bisect with them
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if analysis.macs_after(uniform(mid, bisect_steps).roots(analysis)) <= goal:
-                hi = mid
-            else:
-                lo = mid
+
+        def meets(r: float, up: bool = True, round_to: dict[int, int] = steps) -> bool:
+            return analysis.macs_after(uniform(r, up, round_to).roots(analysis)) <= goal
+
         if allocation == "banded":
+            if not meets(1.0):
+                return uniform(1.0)  # the budget cannot be met: prune as far as the constraints allow
+            hi = smallest_fraction(meets)
             return _banded(analysis, scores, order, plan_for, goal, hi) or uniform(hi)
+        # 'uniform': the fraction bisected without rounding; _round_within rounds each group down or up. Where
+        # the minimum width or --min-channels keep a group above the multiple below, bisect the rounded widths
+        if not meets(1.0, up=False):
+            return uniform(1.0, up=False)
+        hi = smallest_fraction(lambda r: meets(r, round_to=unrounded))
+        if not meets(hi, up=False):
+            hi = smallest_fraction(lambda r: meets(r, up=False), lo=hi)
         return _round_within(analysis, scores, plan_for, counts(hi), steps, goal)
     return _budget(analysis, scores, order, plan_for, target_flops)  # its plans are already give-back checked
+
+
+def smallest_fraction(meets, lo: float = 0.0, hi: float = 1.0) -> float:
+    """The smallest r in [lo, hi] (to 2**-40) with meets(r), for a meets that holds at hi and stays true as r
+    grows: a bisection."""
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _round_within(analysis, scores, plan_for, counts: dict[int, int], steps: dict[int, int],

@@ -327,7 +327,8 @@ def test_attention_heads_are_not_rounded():
 
 
 def test_round_to_auto_is_the_default_and_one_turns_it_off(resnet18):
-    """The plain command rounds (resnet18-small: groups of 16-128 units); --round-to 1 is the unrounded plan."""
+    """The plain --target-flops command rounds (resnet18-small: groups of 16-128 units); --round-to 1 is the
+    unrounded plan; --ratio stays exact."""
     from spa.options import PruneOptions
 
     assert PruneOptions().round_to == "auto"
@@ -339,3 +340,19 @@ def test_round_to_auto_is_the_default_and_one_turns_it_off(resnet18):
     rows = [r for r in auto["per_group"] if r["frozen_units"] == 0 and r["units"] in step]
     assert rows and all(r["kept"] % step[r["units"]] == 0 for r in rows), rows
     assert any(r["kept"] % 4 for r in off["per_group"] if r["frozen_units"] == 0 and r["units"] > 1)
+    exact = driver.prune(resnet18, None, ratio=0.3, fast=True).report  # a ratio is an exact count per group
+    assert all(r["kept"] == r["units"] - math.floor(0.3 * r["units"] + 0.5)
+               for r in exact["per_group"] if r["frozen_units"] == 0)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.03, 0.02])
+def test_explicit_round_to_with_min_channels_meets_a_tight_budget(widths, budget):
+    """--round-to 4 --min-channels 6 with the uniform allocation: where the minimum (8, the multiple above 6)
+    keeps groups above the multiple below their uniform width, the rounded widths are bisected instead; the
+    budget is still met (the old plan, every group rounded up, met these too)."""
+    from spa.select import select
+
+    analysis, groups, scores = widths
+    plan = select(analysis, scores, target_flops=budget, allocation="uniform", round_to=4, min_channels=6)
+    assert analysis.macs_after(plan.roots(analysis)) <= budget * analysis.total_macs
+    assert all(k % 4 == 0 and k >= 8 for k in kept_widths(plan, groups).values()), kept_widths(plan, groups)

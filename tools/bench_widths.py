@@ -4,14 +4,17 @@
         --variant "r1=--fast --round-to 1" --variant "auto=--fast" --variant "r16=--fast --round-to 16"
 
 A benchmark, not a test. Each variant is `spa-prune MODEL OUT --target-flops F --input-shape ... OPTIONS` (a
-subprocess, verified), pruned ONCE; then, per batch size, the original and every variant run in one process,
-interleaved (every round runs each model once, the order rotated every round), onnxruntime CPU EP with
---threads intra-op threads and graph optimization ALL, after warm-up. Per variant: MACs ratio, median latency,
-speed-up = median(original) / median(variant) and its fraction of the MAC reduction (speed-up x MACs ratio; 1.0
-means the time fell exactly as the MACs did), the median of the per-round paired ratios (less sensitive to load
-drifting), the layout reorders onnxruntime inserted in its optimized graph (`com.microsoft.nchwc:Reorder*`:
-convolutions whose channel counts are not multiples of the NCHWc block), and the distinct kept widths.
-With --profile, kernel time per op type from onnxruntime's profiler (minimum over 2 profiled runs per node).
+subprocess, verified), pruned ONCE (or a file pruned beforehand: --pruned); then, per batch size, the original and
+every variant run in one process, interleaved (every round runs each model once, the order rotated every round),
+onnxruntime CPU EP with --threads intra-op threads (spinning off), graph optimization ALL, after warm-up.
+
+Per variant: MACs ratio; median latency; speed-up = median(original) / median(variant) and its fraction of the
+MAC reduction (speed-up x MACs ratio: 1.0 means the time fell exactly as the MACs did); the median of the
+per-round paired ratios (less sensitive to load drifting) and the ratio of the fastest rounds; the median CPU time
+of the process per run and its ratio (spinning off, so CPU time is work done: the steadiest measure on a shared
+machine); the layout reorders in onnxruntime's optimized graph (`com.microsoft.nchwc:Reorder*`: a convolution or
+pool whose channel count does not suit the NCHWc layout); the distinct kept widths. With --profile, kernel time
+per op type from onnxruntime's profiler at the largest batch (minimum over 2 profiled runs per node).
 
 Set OMP_WAIT_POLICY=PASSIVE (done here) and state the load average (printed) with the numbers.
 """
@@ -43,6 +46,7 @@ def session(path: str, threads: int, **extra):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # CPU time = work, not spinning
     for k, v in extra.items():
         setattr(opts, k, v)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
@@ -142,32 +146,46 @@ def main(argv=None) -> int:
             for _ in range(3 if batch <= 4 else 1):
                 s.run(None, {name: x})
         times = {k: [] for k in labels}
+        cpu = {k: [] for k in labels}
         loads = []
         for r in range(n_rounds):
             loads.append(os.getloadavg()[0])
             order = labels[r % len(labels):] + labels[:r % len(labels)]
             for k in order:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 sessions[k].run(None, {name: x})
                 times[k].append(time.perf_counter() - t)
-        results[batch] = (times, loads)
+                cpu[k].append(time.process_time() - c)
+        results[batch] = (times, loads, cpu)
         del sessions
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"\nmodel {args.model}, onnxruntime CPU EP, {args.threads} threads, interleaved rounds "
           f"{', '.join(f'b{b}: {n}' for b, n in zip(args.batch, rounds))}; 1-min load during the rounds "
-          + ", ".join(f"b{b}: {min(ld):.1f}-{max(ld):.1f}" for b, (_, ld) in results.items()))
+          + ", ".join(f"b{b}: {min(ld):.1f}-{max(ld):.1f}" for b, (_, ld, _) in results.items()))
     head = "| variant | options | MACs ratio | reorders |"
     for b in args.batch:
-        head += f" b{b} ms | b{b} speed-up (paired) | b{b} / MAC reduction |"
+        head += f" b{b} ms | b{b} speed-up: medians (paired; fastest) | b{b} / MAC reduction |"
     print(head + " widths kept (of) |")
-    print("|" + "---|" * (head.count("|") - 1 + 1))
+    print("|" + "---|" * (head.count("|") - 1))
     for k in labels:
         row = f"| {k} | `{info[k]['cmd']}` | {info[k]['macs']:.3f} | {info[k]['reorders']} |"
-        for times, _ in results.values():
+        for times, _, _ in results.values():
             o, q = statistics.median(times["original"]), statistics.median(times[k])
             paired = statistics.median(a / c for a, c in zip(times["original"], times[k]))
-            row += f" {q * 1e3:.1f} | {o / q:.2f} ({paired:.2f}) | {o / q * info[k]['macs']:.2f} |"
+            fastest = min(times["original"]) / min(times[k])
+            row += f" {q * 1e3:.1f} | {o / q:.2f} ({paired:.2f}; {fastest:.2f}) | {o / q * info[k]['macs']:.2f} |"
         print(row + f" {info[k]['widths']} |")
+    print("\nCPU time of the process per run (both intra-op threads, spinning off): less disturbed by other load "
+          "than wall time\n")
+    head = "| variant | MACs ratio |" + "".join(f" b{b} CPU ms | b{b} CPU speed-up | b{b} / MAC reduction |"
+                                           for b in args.batch)
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
+    for k in labels:
+        row = f"| {k} | {info[k]['macs']:.3f} |"
+        for _, _, cpu in results.values():
+            o, q = statistics.median(cpu["original"]), statistics.median(cpu[k])
+            row += f" {q * 1e3:.1f} | {o / q:.2f} | {o / q * info[k]['macs']:.2f} |"
+        print(row)
     if args.profile:
         b = max(args.batch)
         x = np.random.default_rng(0).standard_normal([b, *[int(d) for d in dims.split(",")[1:]]]).astype(np.float32)

@@ -186,9 +186,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="seed for sampling and synthesized data")
     p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
     p.add_argument("--round-to", type=round_to_arg, default=ROUND_AUTO, metavar="N",
-                   help="kept units a multiple of N (rounded up); default 'auto': widths that suit the kernels "
-                        "(multiples of 16 in groups of 64 or more units, of 4 in groups of 16 to 63, narrower "
-                        "groups and attention heads as they are); 1 turns rounding off")
+                   help="kept units a multiple of N; default 'auto' (with --target-flops): widths that suit the "
+                        "kernels (multiples of 16 in groups of 128 or more units, of 4 in groups of 32 to 127, "
+                        "narrower groups and attention heads as they are); 1 turns rounding off")
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
