@@ -74,10 +74,18 @@ class Analysis:
                 sets.append(r)
         return sets
 
+    def removed_mask(self, removed) -> np.ndarray:
+        """A bool per root id, True where removed: membership by indexing, not by np.isin (the budget searches
+        ask this of many plans). The extra last entry answers for -1 ("no atom"), never removed."""
+        mask = np.zeros(len(self._root_table) + 1, dtype=bool)
+        mask[np.asarray(sorted(removed), dtype=np.int64)] = True
+        mask[-1] = False
+        return mask
+
     def emptied_tensors(self, removed) -> list[np.ndarray]:
         """Root sets of labellings that would lose every position (such a plan is invalid)."""
-        rm = np.asarray(sorted(removed), dtype=np.int64)
-        return [r for r in self._label_root_sets if np.isin(r, rm).all()]
+        mask = self.removed_mask(removed)
+        return [r for r in self._label_root_sets if mask[r].all()]
 
     def keep_mask(self, removed: set[int] | np.ndarray):
         """A function atoms -> bool mask of kept positions, for a set of removed roots."""
@@ -90,12 +98,12 @@ class Analysis:
         return keep
 
     def macs_after(self, removed) -> int:
-        rm = np.asarray(sorted(removed), dtype=np.int64)
+        mask = self.removed_mask(removed)
         total = 0.0
         for macs, factors in self._cost_roots:
             m = macs
             for r in factors:
-                m *= ((r < 0) | ~np.isin(r, rm)).sum() / len(r)
+                m *= np.count_nonzero(~mask[r]) / len(r)
             total += m
         return round(total)
 

@@ -22,6 +22,7 @@ FAST_IMPORTANCE = "l2"            # --fast: magnitude ranking, no data pass, no 
 FAST_ALLOCATION = "uniform"
 DATA_CRITERIA = ("taylor", "snip", "grasp", "crop", "obs", "obspa")  # read activations or gradients (need torch)
 COMPENSATIONS = ("similarity",)
+ROUND_AUTO = "auto"               # --round-to's default: kernel-friendly widths per group (spa.select.kernel_steps)
 LARGEST_COUNT = 2**31 - 1   # counts (positions, samples, channels) beyond this are nonsense, not big models
 LARGEST_SEED = 2**32 - 1    # numpy's seed range
 
@@ -92,8 +93,10 @@ def check_selection(*, ratio, target_flops, max_ratio, allocation, min_channels,
     check_fraction("--max-ratio", max_ratio)
     if allocation not in ALLOCATIONS:
         raise SpaError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
+    if round_to == ROUND_AUTO:
+        round_to = 1
     if not (is_whole(min_channels) and is_whole(round_to)) or min_channels < 1 or round_to < 1:
-        raise SpaError("--min-channels and --round-to must be >= 1")
+        raise SpaError("--min-channels and --round-to must be >= 1 (--round-to also takes 'auto')")
     check_count("--min-channels", min_channels)
     check_count("--round-to", round_to)
 
@@ -131,7 +134,7 @@ class PruneOptions:
     normalization: str = "mean"
     # constraints on the selection
     min_channels: int = 1
-    round_to: int = 1
+    round_to: int | str = "auto"  # kept units a multiple of N; "auto": kernel-friendly widths for a budget (1: off)
     max_ratio: float = 1.0
     exclude: tuple = ()
     # data for scoring and for the value passes

@@ -18,7 +18,7 @@ from spa.passes.apply import param_cuts
 from .errors import SpaError
 from .fileio import atomic_write_text
 from .groups import Analysis
-from .options import check_selection
+from .options import ROUND_AUTO, check_selection
 
 # ---- the plan --------------------------------------------------------------------------------------------------
 PLAN_FORMAT = "spa-prune-plan/1"
@@ -165,18 +165,67 @@ def protected_units(analysis: Analysis, patterns: list[str]) -> set[int]:
     return out
 
 
-def _kept_count(n: int, n_fixed: int, want_kept: int, min_channels: int, round_to: int) -> int:
-    kept = max(want_kept, min(min_channels, n), n_fixed, 1)
-    if round_to > 1:  # round up: both the minimum and the multiple hold (capped at the full width)
-        kept = min(n, int(math.ceil(kept / round_to) * round_to))
+def _kept_count(n: int, n_fixed: int, want_kept: int, min_channels: int, round_to: int, up: bool = True) -> int:
+    lower = max(min(min_channels, n), n_fixed, 1)
+    kept = max(want_kept, lower)
+    if round_to > 1 and kept < n:  # a multiple of round_to (or the full width) that respects the minimum
+        if up:
+            kept = min(n, int(math.ceil(kept / round_to) * round_to))
+        else:
+            kept = min(n, max(kept // round_to * round_to, int(math.ceil(lower / round_to) * round_to)))
     return kept
 
 
 def constrained_kept(n: int, n_fixed: int, removed: int, *, min_channels: int = 1, round_to: int = 1,
-                     max_ratio: float = 1.0) -> int:
+                     max_ratio: float = 1.0, up: bool = True) -> int:
     """Units a group of n (n_fixed of them frozen or protected) keeps when `removed` are asked for, after
-    --max-ratio (remove at most floor(R*n)), --min-channels and --round-to."""
-    return _kept_count(n, n_fixed, n - min(removed, math.floor(max_ratio * n)), min_channels, round_to)
+    --max-ratio (remove at most floor(R*n)), --min-channels and --round-to (the multiple above, or with
+    up=False the one below, never under the minimum)."""
+    return _kept_count(n, n_fixed, n - min(removed, math.floor(max_ratio * n)), min_channels, round_to, up)
+
+
+# ---- --round-to auto: widths that suit the kernels -------------------------------------------------------------
+KERNEL_BLOCK = 16   # onnxruntime's NCHWc block on AVX-512 (8 on AVX2, 4 on NEON: 16 is a multiple of each)
+CHANNEL_ALIGN = 4   # a convolution whose channel count is not a multiple of 4 leaves the NCHWc layout
+STEPS_PER_GROUP = 8  # a group is rounded to a multiple m only when it is at least this many m wide
+
+
+def unit_channels(analysis: Analysis) -> dict[int, int]:
+    """Per group: the channels one unit spans in the producers' outputs (1 for a channel; head_dim for an
+    attention head; the group width for a conv group)."""
+    width: dict[int, int] = {}
+    for s in analysis.ctx.sources:
+        roots, counts = np.unique(analysis.find(s.atoms), return_counts=True)
+        for r, c in zip(roots.tolist(), counts.tolist()):
+            gid = analysis.unit_group.get(r)
+            if gid is not None and c > width.get(gid, 1):
+                width[gid] = c
+    return width
+
+
+def kernel_steps(analysis: Analysis) -> dict[int, int]:
+    """--round-to auto: per group, the multiple its kept units are rounded to. onnxruntime's CPU convolutions
+    run in a blocked layout (NCHWc) that pads output channels to the block and runs a convolution whose
+    channel count is not a multiple of 4, and pools whose count is not a multiple of the block, in plain NCHW
+    with layout conversions around them (measured on ResNet-50: BENCHMARKS.md, "Real speed of the default
+    plan"). So channel units go by KERNEL_BLOCK in groups at least STEPS_PER_GROUP blocks wide (128), by
+    CHANNEL_ALIGN in groups at least 32 wide; narrower groups are not rounded (a step of a quarter of a
+    16-wide group cost accuracy on resnet20), nor are units that span several channels (attention heads,
+    conv groups). A step is at most an eighth of the group."""
+    width = unit_channels(analysis)
+    steps = {}
+    for g in analysis.groups:
+        steps[g.id] = 1
+        if width.get(g.id, 1) == 1:
+            steps[g.id] = next((m for m in (KERNEL_BLOCK, CHANNEL_ALIGN) if g.size >= STEPS_PER_GROUP * m), 1)
+    return steps
+
+
+def group_steps(analysis: Analysis, round_to) -> dict[int, int]:
+    """round_to as a multiple per group: an int N for every group, or kernel_steps for ROUND_AUTO."""
+    if round_to == ROUND_AUTO:
+        return kernel_steps(analysis)
+    return {g.id: int(round_to) for g in analysis.groups}
 
 
 def removal_order(analysis: Analysis, scores: dict, exclude: list[str] | None = None) -> tuple[dict, dict]:
@@ -190,13 +239,15 @@ def removal_order(analysis: Analysis, scores: dict, exclude: list[str] | None = 
 
 
 def plan_from_counts(analysis: Analysis, fixed: dict, order: dict, removed: dict[int, int], *, min_channels: int = 1,
-                     round_to: int = 1, max_ratio: float = 1.0) -> PruningPlan:
-    """Remove removed[g] units of every group g (after the constraints of `constrained_kept`), lowest-ranked
-    first. No tensor-emptying check: wrap in keep_every_tensor."""
+                     round_to: int | dict[int, int] = 1, max_ratio: float = 1.0, up: bool = True) -> PruningPlan:
+    """Remove removed[g] units of every group g (after the constraints of `constrained_kept`; round_to an int
+    for every group or a multiple per group id), lowest-ranked first. No tensor-emptying check: wrap in
+    keep_every_tensor."""
     plan = {}
     for g in analysis.groups:
+        step = round_to.get(g.id, 1) if isinstance(round_to, dict) else round_to
         kept = constrained_kept(g.size, int(fixed[g.id].sum()), removed.get(g.id, 0), min_channels=min_channels,
-                                round_to=round_to, max_ratio=max_ratio)
+                                round_to=step, max_ratio=max_ratio, up=up)
         if g.size - kept > 0:
             plan[g.id] = sorted(order[g.id][:g.size - kept])
     return PruningPlan(plan)
@@ -206,41 +257,102 @@ BAND = 0.1  # the banded allocation: each group removes within ±BAND (a fractio
 
 
 def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, target_flops: float | None = None,
-           min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
+           min_channels: int = 1, round_to: int | str = 1, exclude: list[str] | None = None,
            max_ratio: float = 1.0, allocation: str = "global") -> PruningPlan:
     """allocation (with target_flops): 'global' ranks every unit by importance per MAC across groups;
     'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
     bisection) and uses the importance only inside each group; 'banded' ranks by importance per MAC like
-    'global', but every group stays within ±BAND of the uniform fraction (see _banded)."""
+    'global', but every group stays within ±BAND of the uniform fraction (see _banded).
+    round_to: kept units a multiple of N, or ROUND_AUTO: kernel_steps per group where a budget sets the widths
+    (target_flops; a ratio is an exact count per group); when the kernel-friendly widths cannot meet the
+    budget, the widths are not rounded."""
     check_selection(ratio=ratio, target_flops=target_flops, max_ratio=max_ratio, allocation=allocation,
                     min_channels=min_channels, round_to=round_to)
-    fixed, order = removal_order(analysis, scores, exclude)
+    if round_to == ROUND_AUTO and target_flops is None:
+        round_to = 1
+    steps = group_steps(analysis, round_to)
+    plan = _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude, max_ratio, allocation)
+    if round_to == ROUND_AUTO and target_flops is not None \
+            and analysis.macs_after(plan.roots(analysis)) > target_flops * analysis.total_macs:
+        plan = _select(analysis, scores, ratio, target_flops, min_channels, group_steps(analysis, 1), exclude,
+                       max_ratio, allocation)
+    return plan
 
-    def plan_for(counts: dict[int, int]) -> PruningPlan:
+
+def _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude, max_ratio, allocation):
+    fixed, order = removal_order(analysis, scores, exclude)
+    unrounded = {g.id: 1 for g in analysis.groups}
+
+    def plan_for(counts: dict[int, int], up: bool = True, round_to: dict[int, int] = steps) -> PruningPlan:
         # --max-ratio: a budget search may not empty a group below (1 - R) of its units
         return plan_from_counts(analysis, fixed, order, counts, min_channels=min_channels, round_to=round_to,
-                                max_ratio=max_ratio)
+                                max_ratio=max_ratio, up=up)
 
-    def uniform(r: float) -> PruningPlan:
-        return keep_every_tensor(analysis, plan_for({g.id: math.floor(r * g.size + 0.5) for g in analysis.groups}), scores)
+    def counts(r: float) -> dict[int, int]:
+        return {g.id: math.floor(r * g.size + 0.5) for g in analysis.groups}
+
+    def uniform(r: float, up: bool = True, round_to: dict[int, int] = steps) -> PruningPlan:
+        return keep_every_tensor(analysis, plan_for(counts(r), up, round_to), scores)
 
     if ratio is not None:
         return uniform(ratio)
     if allocation in ("uniform", "banded"):
         goal = target_flops * analysis.total_macs
-        lo, hi = 0.0, 1.0
-        if analysis.macs_after(uniform(hi).roots(analysis)) > goal:
-            return uniform(hi)  # the budget cannot be met: prune as far as the constraints allow
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if analysis.macs_after(uniform(mid).roots(analysis)) <= goal:
-                hi = mid
-            else:
-                lo = mid
+
+        def meets(r: float, up: bool = True, round_to: dict[int, int] = steps) -> bool:
+            return analysis.macs_after(uniform(r, up, round_to).roots(analysis)) <= goal
+
         if allocation == "banded":
+            if not meets(1.0):
+                return uniform(1.0)  # the budget cannot be met: prune as far as the constraints allow
+            hi = smallest_fraction(meets)
             return _banded(analysis, scores, order, plan_for, goal, hi) or uniform(hi)
-        return uniform(hi)
+        # 'uniform': the fraction bisected without rounding; _round_within rounds each group down or up. Where
+        # the minimum width or --min-channels keep a group above the multiple below, bisect the rounded widths
+        if not meets(1.0, up=False):
+            return uniform(1.0, up=False)
+        hi = smallest_fraction(lambda r: meets(r, round_to=unrounded))
+        if not meets(hi, up=False):
+            hi = smallest_fraction(lambda r: meets(r, up=False), lo=hi)
+        return _round_within(analysis, scores, plan_for, counts(hi), steps, goal)
     return _budget(analysis, scores, order, plan_for, target_flops)  # its plans are already give-back checked
+
+
+def smallest_fraction(meets, lo: float = 0.0, hi: float = 1.0) -> float:
+    """The smallest r in [lo, hi] (to 2**-40) with meets(r), for a meets that holds at hi and stays true as r
+    grows: a bisection."""
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _round_within(analysis, scores, plan_for, counts: dict[int, int], steps: dict[int, int],
+                  goal: float) -> PruningPlan:
+    """The uniform plan (`counts`, bisected without rounding) with every rounded group at the multiple below
+    its width, then groups raised to the multiple above while the budget holds, those that rounding down took
+    the largest fraction of their width from first. Every group ends within one step of the uniform width, and
+    the MACs just under the budget; rounding every group the same way and bisecting on that instead moves all
+    groups of one width at once (ResNet-50 at 16: 0.478 of the MACs for a budget of 0.5, 0.646 for 0.7).
+    Groups with step 1 keep the uniform count, so plans without rounding are unchanged."""
+    below, above = plan_for(counts, up=False), plan_for(counts, up=True)
+    kept_below = {g.id: g.size - len(below.removed.get(g.id, [])) for g in analysis.groups}
+    raise_to = {g.id: g.size - len(above.removed.get(g.id, [])) for g in analysis.groups
+                if steps.get(g.id, 1) > 1 and g.size - len(above.removed.get(g.id, [])) > kept_below[g.id]}
+
+    def lost(gid: int) -> float:  # the fraction of the group's width that rounding down took off
+        n = analysis.groups[gid].size
+        return ((n - counts[gid]) - kept_below[gid]) / n
+
+    counts = dict(counts)
+    for gid in sorted(raise_to, key=lambda g: (-lost(g), g)):
+        trial = {**counts, gid: analysis.groups[gid].size - raise_to[gid]}
+        if analysis.macs_after(keep_every_tensor(analysis, plan_for(trial, up=False), scores).roots(analysis)) <= goal:
+            counts = trial
+    return keep_every_tensor(analysis, plan_for(counts, up=False), scores)
 
 
 def _banded(analysis, scores, order, plan_for, goal, r_uniform) -> PruningPlan | None:

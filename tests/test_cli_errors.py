@@ -166,13 +166,17 @@ def test_bad_input_shape(tmp_path, model_file, capsys, shape, fragment):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("opts", [["--min-channels", "0"], ["--round-to", "0"], ["--importance", "l1"],
-                                  ["--aggregation", "max"], ["--normalization", "none"]])
+@pytest.mark.parametrize("opts", [["--min-channels", "0"], ["--round-to", "0"], ["--round-to", "fast"],
+                                  ["--round-to", "auto"], ["--importance", "l1"], ["--aggregation", "max"],
+                                  ["--normalization", "none"]])
 def test_other_options(tmp_path, model_file, capsys, opts):
     out = tmp_path / "out.onnx"
     rc, _, err = cli([model_file, out, "--ratio", "0.5", "-q", *opts], capsys)
     if opts[1] == "0":
         assert_one_line_error(rc, err, "--min-channels and --round-to")
+        assert not out.exists()
+    elif opts[1] == "fast":
+        assert_one_line_error(rc, err, "--round-to", "expected a whole number or 'auto', got 'fast'")
         assert not out.exists()
     else:
         assert rc == 0, err

@@ -30,7 +30,7 @@ def test_round_to_keeps_multiples(resnet18):
 
 
 def test_min_channels_wins_over_ratio(resnet18):
-    rep = driver.prune(resnet18, None, ratio=0.9, min_channels=5, fast=True).report
+    rep = driver.prune(resnet18, None, ratio=0.9, min_channels=5, round_to=1, fast=True).report
     for row in rep["per_group"]:
         if row["frozen_units"] == 0 and row["units"] > 1:
             assert row["kept"] == max(row["units"] - math.floor(0.9 * row["units"] + 0.5), min(5, row["units"]))
@@ -121,14 +121,14 @@ def test_max_ratio_caps_every_group_under_a_budget(resnet18):
 def test_uniform_allocation_removes_one_fraction_everywhere_and_meets_the_budget(resnet18):
     import math
 
-    rep = driver.prune(resnet18, None, target_flops=0.5, allocation="uniform", fast=True).report
+    rep = driver.prune(resnet18, None, target_flops=0.5, allocation="uniform", round_to=1, fast=True).report
     assert rep["macs"]["after"] <= 0.5 * rep["macs"]["before"]
     rows = [r for r in rep["per_group"] if r["frozen_units"] == 0 and r["units"] > 1]
     # one ratio r explains every group's kept count (floor(r*n + 0.5) removed), up to units given back
     lo = max((r["units"] - r["kept"] - 0.5) / r["units"] for r in rows if r["given_back"] == 0)
     hi = min((r["units"] - r["kept"] + 0.5) / r["units"] for r in rows if r["given_back"] == 0)
     assert lo <= hi
-    smaller = driver.prune(resnet18, None, ratio=max(lo - 0.02, 0.0), fast=True).report
+    smaller = driver.prune(resnet18, None, ratio=max(lo - 0.02, 0.0), round_to=1, fast=True).report
     assert smaller["macs"]["after"] > 0.5 * smaller["macs"]["before"] or math.isclose(lo, 0.0)
 
 
@@ -218,3 +218,141 @@ def test_banded_is_uniform_when_every_unit_is_alike(chain):
     uniform = removed_fractions(select(analysis, scores, target_flops=0.5, allocation="uniform"), groups)
     banded = removed_fractions(select(analysis, scores, target_flops=0.5, allocation="banded"), groups)
     assert all(abs(banded[n] - uniform[n]) <= 2 / 16 for n in "abc"), (banded, uniform)
+
+
+# ---- --round-to auto: widths that suit the kernels ---------------------------------------------------------------
+def widths_net():
+    """x -> a (64) -> b (128) -> c (40) -> d (24) -> out (4): groups in each width tier of kernel_steps."""
+    from helpers import Builder
+
+    b = Builder()
+    y = b.input("x", [1, 3, 8, 8])
+    for name, cin, cout in (("a", 3, 64), ("b", 64, 128), ("c", 128, 40), ("d", 40, 24)):
+        y = b.relu(b.conv(name, y, cin, cout))
+    b.output(b.conv("out", y, 24, 4))
+    return b.model()
+
+
+@pytest.fixture(scope="module")
+def widths():
+    from helpers import analyse, group_of
+
+    from spa.importance import score
+
+    _, analysis = analyse(widths_net())
+    return analysis, {n: group_of(analysis, n) for n in "abcd"}, score(analysis, "l2", "sum", "mean")
+
+
+def kept_widths(plan, groups):
+    return {n: g.size - len(plan.removed.get(g.id, [])) for n, g in groups.items()}
+
+
+def test_kernel_steps_by_group_width(widths):
+    """Multiples of 16 from 128 units up, of 4 from 32 up, narrower groups as they are."""
+    from spa.select import kernel_steps
+
+    analysis, groups, _ = widths
+    steps = kernel_steps(analysis)
+    assert {n: steps[g.id] for n, g in groups.items()} == {"a": 4, "b": 16, "c": 4, "d": 1}
+
+
+@pytest.mark.parametrize("budget, auto, unrounded", [
+    (0.7, {"a": 56, "b": 96, "c": 36, "d": 20}, {"a": 53, "b": 107, "c": 33, "d": 20}),
+    (0.5, {"a": 48, "b": 80, "c": 28, "d": 17}, {"a": 45, "b": 90, "c": 28, "d": 17}),
+    (0.3, {"a": 36, "b": 64, "c": 24, "d": 13}, {"a": 34, "b": 69, "c": 22, "d": 13}),
+])
+def test_auto_widths_are_multiples_within_one_step_and_meet_the_budget(widths, budget, auto, unrounded):
+    """round_to='auto' with the uniform allocation: every group a multiple of its step and within one step of
+    the uniform width, the budget met, and no group rounded down can go one step up within it. round_to=1 gives
+    the plan of before the rounding existed (these widths were computed by that code)."""
+    from spa.select import PruningPlan, kernel_steps, select
+
+    analysis, groups, scores = widths
+    steps = kernel_steps(analysis)
+    goal = budget * analysis.total_macs
+    plan = select(analysis, scores, target_flops=budget, allocation="uniform", round_to="auto")
+    assert kept_widths(plan, groups) == auto
+    assert kept_widths(select(analysis, scores, target_flops=budget, allocation="uniform", round_to=1),
+                       groups) == unrounded
+    assert analysis.macs_after(plan.roots(analysis)) <= goal
+    for n, g in groups.items():
+        step = steps[g.id]
+        assert auto[n] % step == 0 and abs(auto[n] - unrounded[n]) < step, (n, auto, unrounded)
+        if auto[n] < unrounded[n]:  # rounded down: one step more would miss the budget
+            bigger = PruningPlan({**plan.removed, g.id: plan.removed[g.id][step:]})
+            assert analysis.macs_after(bigger.roots(analysis)) > goal, n
+
+
+def test_auto_rounding_gives_way_when_it_cannot_meet_the_budget(widths):
+    """At 1 % of the MACs the rounded widths (a and c at least 4, b at least 16) cannot get there: no rounding
+    then, the plan of round_to=1."""
+    from spa.select import select
+
+    analysis, groups, scores = widths
+    plan = select(analysis, scores, target_flops=0.01, allocation="uniform", round_to="auto")
+    assert analysis.macs_after(plan.roots(analysis)) <= 0.01 * analysis.total_macs
+    assert kept_widths(plan, groups) == {"a": 6, "b": 11, "c": 4, "d": 2}
+    assert kept_widths(select(analysis, scores, target_flops=0.01, allocation="uniform", round_to=1), groups) == \
+        {"a": 6, "b": 11, "c": 4, "d": 2}
+
+
+def test_attention_heads_are_not_rounded():
+    """Units that span several channels (a head: 16 channels of each of q, k, v) keep step 1; the MLP's 128
+    channels go by 16, the attention output's 64 by 4."""
+    from helpers import Builder, analyse, group_of
+
+    from spa.select import kernel_steps, select, unit_channels
+
+    T, D, H, F = 5, 64, 4, 128
+    b = Builder()
+    x = b.input("x", [1, T, D])
+    heads = b.i64("heads_shape", [1, T, H, D // H])
+    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), heads], name="q_rs")], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), heads], name="k_rs")], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), heads], name="v_rs")], perm=[0, 2, 1, 3])
+    p = b.op("Softmax", [b.op("MatMul", [q, k], name="qk")], name="softmax", axis=-1)
+    o = b.op("Transpose", [b.op("MatMul", [p, v], name="pv")], perm=[0, 2, 1, 3])
+    o = b.matmul("wo", b.op("Reshape", [o, b.i64("merge_shape", [1, T, D])], name="merge"), D, D)
+    b.output(b.matmul("w2", b.relu(b.matmul("w1", o, D, F)), F, D))
+    _, analysis = analyse(b.model())
+    head, out, mlp = (group_of(analysis, n) for n in ("wq", "wo", "w1"))
+    assert (head.size, unit_channels(analysis)[head.id]) == (H, D // H)
+    steps = kernel_steps(analysis)
+    assert (steps[head.id], steps[out.id], steps[mlp.id]) == (1, 4, 16)
+    scores = {int(u): 1.0 for u in analysis.unit_group}
+    plan = select(analysis, scores, target_flops=0.5, allocation="uniform", round_to="auto")
+    kept = {n: g.size - len(plan.removed.get(g.id, [])) for n, g in (("head", head), ("out", out), ("mlp", mlp))}
+    assert kept == {"head": 2, "out": 40, "mlp": 80}
+    assert analysis.macs_after(plan.roots(analysis)) <= 0.5 * analysis.total_macs
+
+
+def test_round_to_auto_is_the_default_and_one_turns_it_off(resnet18):
+    """The plain --target-flops command rounds (resnet18-small: groups of 16-128 units); --round-to 1 is the
+    unrounded plan; --ratio stays exact."""
+    from spa.options import PruneOptions
+
+    assert PruneOptions().round_to == "auto"
+    auto = driver.prune(resnet18, None, target_flops=0.5, fast=True).report
+    off = driver.prune(resnet18, None, target_flops=0.5, round_to=1, fast=True).report
+    for rep in (auto, off):
+        assert rep["macs"]["after"] <= 0.5 * rep["macs"]["before"]
+    step = {32: 4, 64: 4, 128: 16}
+    rows = [r for r in auto["per_group"] if r["frozen_units"] == 0 and r["units"] in step]
+    assert rows and all(r["kept"] % step[r["units"]] == 0 for r in rows), rows
+    assert any(r["kept"] % 4 for r in off["per_group"] if r["frozen_units"] == 0 and r["units"] > 1)
+    exact = driver.prune(resnet18, None, ratio=0.3, fast=True).report  # a ratio is an exact count per group
+    assert all(r["kept"] == r["units"] - math.floor(0.3 * r["units"] + 0.5)
+               for r in exact["per_group"] if r["frozen_units"] == 0)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.03, 0.02])
+def test_explicit_round_to_with_min_channels_meets_a_tight_budget(widths, budget):
+    """--round-to 4 --min-channels 6 with the uniform allocation: where the minimum (8, the multiple above 6)
+    keeps groups above the multiple below their uniform width, the rounded widths are bisected instead; the
+    budget is still met (the old plan, every group rounded up, met these too)."""
+    from spa.select import select
+
+    analysis, groups, scores = widths
+    plan = select(analysis, scores, target_flops=budget, allocation="uniform", round_to=4, min_channels=6)
+    assert analysis.macs_after(plan.roots(analysis)) <= budget * analysis.total_macs
+    assert all(k % 4 == 0 and k >= 8 for k in kept_widths(plan, groups).values()), kept_widths(plan, groups)

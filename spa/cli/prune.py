@@ -7,7 +7,7 @@ from .. import driver
 from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
 from ..importance import AGGREGATIONS, CRITERIA, NORMALIZATIONS
-from ..options import ALLOCATIONS, PruneOptions, check_counts, check_number
+from ..options import ALLOCATIONS, ROUND_AUTO, PruneOptions, check_counts, check_number
 from .common import (
     add_common,
     clear_progress,
@@ -79,6 +79,16 @@ def _option_value(text: str):
     if low in ("true", "false"):
         return low == "true"
     return None if low == "none" else text
+
+
+def round_to_arg(text: str):
+    """--round-to: a whole number or 'auto'."""
+    if text == ROUND_AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or '{ROUND_AUTO}', got '{text}'")
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
@@ -175,7 +185,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            "(default 80, fewer on large models by a compute budget; 0: plain noise)")
     data.add_argument("--seed", type=int, default=0, help="seed for sampling and synthesized data")
     p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
-    p.add_argument("--round-to", type=int, default=1, metavar="N", help="kept units a multiple of N")
+    p.add_argument("--round-to", type=round_to_arg, default=ROUND_AUTO, metavar="N",
+                   help="kept units a multiple of N; default 'auto' (with --target-flops): widths that suit the "
+                        "kernels (multiples of 16 in groups of 128 or more units, of 4 in groups of 32 to 127, "
+                        "narrower groups and attention heads as they are); 1 turns rounding off")
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")

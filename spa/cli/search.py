@@ -11,7 +11,7 @@ import time
 from .. import driver
 from ..errors import SpaError
 from ..fileio import StagedOutputs, check_outputs
-from ..options import PruneOptions, check_counts, check_data_options, check_number, resolved_defaults
+from ..options import ROUND_AUTO, PruneOptions, check_counts, check_data_options, check_number, resolved_defaults
 from .common import (
     clear_progress,
     driver_kwargs,
@@ -53,6 +53,8 @@ def run_search(args) -> int:
     defaults = resolved_defaults(PruneOptions(importance=args.importance, fast=args.fast,
                                               reconstruct=args.reconstruct))
     args.importance, args.reconstruct = defaults["importance"], defaults["reconstruct"]
+    if args.round_to == ROUND_AUTO:  # the search chooses unit counts itself: no rounding unless asked for
+        args.round_to = 1
     policy = args.policy or "global"
     cls = S.get_policy(policy)
     _check_search_args(args)
