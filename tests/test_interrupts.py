@@ -28,10 +28,20 @@ def conv_stack(size: int, layers: int = 12, width: int = 64) -> onnx.ModelProto:
     return b.model()
 
 
+def as_from_a_terminal() -> None:
+    """The child starts with SIGINT/SIGTERM at their defaults and unblocked, as a command typed in a shell does:
+    a test worker's own dispositions (an ignored SIGINT is inherited, and Python then never installs its
+    Ctrl-C handler) must not decide what the child does with the signal."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def spawn(args, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "spa.cli", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal)
 
 
 @pytest.fixture(scope="module")
