@@ -23,7 +23,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -68,15 +70,21 @@ def import_ray():
     return ray
 
 
-def check_address(address: str) -> None:
-    """A cluster address (`HOST:PORT` or `ray://HOST:PORT`) that accepts no connection is refused at once: Ray's
-    own client would retry for minutes."""
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a cluster address `HOST:PORT` or `ray://HOST:PORT`."""
     host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
     host, sep, port = host_port.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not host or not port.isdigit():
         raise SpaError(f"--ray-address must be HOST:PORT, ray://HOST:PORT or 'auto', got '{address}'")
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str) -> None:
+    """A cluster address that accepts no connection is refused at once: Ray's own client would retry for
+    minutes."""
+    host, port = parse_address(address)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise SpaError(f"no Ray cluster at {address} ({reason.lower()}): start one with 'ray start --head', give "
@@ -89,37 +97,52 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     all), 'auto' joins the cluster this machine belongs to, anything else is a cluster address. Returns True when
     this call connected (the caller then disconnects with `ray.shutdown()`), False when Ray was already
     initialized (that connection is used, whatever `address` says). Errors are one line, before any work."""
+    if address not in (None, "auto"):
+        parse_address(address)
     ray = import_ray()
     if ray.is_initialized():
         return False
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}   # the search's stderr is its progress line
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address is None:
-            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **quiet)
-        elif address == "auto":
-            ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+                     **quiet)
         else:
-            check_address(address)
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            if address != "auto":
+                check_address(address)
+            ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SpaError(f"cannot connect to Ray ({address or 'local instance'}): {str(e).splitlines()[0]}")
+    finally:
+        if on_term is not None:   # ray.init installs its own SIGTERM handler: the caller's (the CLI's clean stop)
+            signal.signal(signal.SIGTERM, on_term)
     return True
 
 
 class EvaluatorWorker:
-    """A Ray actor: the search's evaluator, deserialized once, measuring candidates with `threads` threads."""
+    """A Ray actor: the search's evaluator, deserialized once (at its first candidate, and again after a
+    restart), measuring candidates with `threads` threads."""
 
-    def __init__(self, evaluator: Evaluator, threads: int):
-        if hasattr(evaluator, "threads"):
-            evaluator.threads = threads          # onnxruntime
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.evaluator = None
         try:
             import torch
             torch.set_num_threads(threads)
         except ImportError:  # pragma: no cover - an evaluator without torch
             pass
-        self.evaluator = evaluator
 
-    def measure(self, key: tuple) -> tuple[dict, float]:
+    def measure(self, shipped: list, key: tuple) -> tuple[dict, float]:
+        """`shipped`: [reference to the evaluator] (nested, so only the first call of a worker reads it; a
+        restarted worker gets it again with the retried call)."""
+        if self.evaluator is None:
+            import ray
+
+            self.evaluator = ray.get(shipped[0])
+            if hasattr(self.evaluator, "threads"):
+                self.evaluator.threads = self.threads      # onnxruntime
         t = time.perf_counter()
         metrics = dict(self.evaluator.measure(np.asarray(key, dtype=np.int64)))
         return metrics, time.perf_counter() - t
@@ -142,6 +165,7 @@ class RayExecutor:
         self.ray, self.evaluator, self.address, self.depth = ray, evaluator, address, depth
         self.owns_connection = connect(address)
         self.actors: list = []
+        self._running: dict = {}
         try:
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
@@ -152,7 +176,7 @@ class RayExecutor:
             except Exception as e:  # whatever pickling raises
                 raise SpaError(f"the evaluator cannot be shipped to Ray workers: {e}")
             actor = ray.remote(num_cpus=threads, max_restarts=restarts, max_task_retries=restarts)(EvaluatorWorker)
-            self.actors = [actor.remote(self._ref, threads) for _ in range(workers)]
+            self.actors = [actor.remote(threads) for _ in range(workers)]
             self.threads, self.workers = threads, workers
         except BaseException:
             self.close()
@@ -167,7 +191,7 @@ class RayExecutor:
         source = iter(candidates)
         order: deque = deque()           # (kept, key) in submission order, not yet yielded
         waiting: deque = deque()         # keys to measure, not yet submitted
-        running: dict = {}               # object ref -> (key, worker index)
+        running = self._running = {}     # object ref -> (key, worker index)
         finished: dict = {}              # key -> (metrics, seconds)
         load = [0] * len(self.actors)
         exhausted = False
@@ -192,7 +216,7 @@ class RayExecutor:
                     if not waiting:
                         continue
                     key = waiting.popleft()
-                    running[actor.measure.remote(key)] = (key, i)
+                    running[actor.measure.remote([self._ref], key)] = (key, i)
                     load[i] += 1
 
         while True:
@@ -231,7 +255,13 @@ class RayExecutor:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
     def close(self) -> None:
-        """Stop the workers (and the Ray connection when this executor made it)."""
+        """Stop the workers (and the Ray connection when this executor made it). Candidates still running (an
+        interrupted search) are cancelled first: a killed worker's tasks would be retried, and said so."""
+        for ref in list(self._running):
+            try:
+                self.ray.cancel(ref)
+            except Exception:  # already finished, or the cluster is gone
+                pass
         for a in self.actors:
             try:
                 self.ray.kill(a)
