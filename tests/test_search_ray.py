@@ -1,8 +1,8 @@
 """Candidate evaluation on a Ray cluster (issue 14): a real local Ray instance (127.0.0.1, 2 CPUs, no dashboard),
 started once for the module and stopped after it.
 
-- same results: for a fixed seed the history and the chosen plan of `random` and `dist` are the local executor's
-  (identical numbers: workers and the local run compute with one thread each);
+- same results: for a fixed seed the history and the chosen plan of `random`, `dist` and `ppo-gnn` are the local
+  executor's (identical numbers: workers and the local run compute with one thread each);
 - a worker killed mid-search (SIGKILL from inside an evaluation) is restarted, its candidate retried, and the
   search ends with the same history;
 - from the command line: `--executor ray` searches on the cluster (report and summary say so); a dead
@@ -78,7 +78,8 @@ def fresh(evaluator):
 
 
 # ---- same results ---------------------------------------------------------------------------------------------------
-RUNS = [("random", 10, None), ("dist", 10, {"samples": 4})]
+RUNS = [("random", 10, None), ("dist", 10, {"samples": 4}),
+        ("ppo-gnn", 10, {"hidden": 16, "batch": 4, "epochs": 1, "threads": 1})]
 
 
 def test_same_history_and_plan_as_local(cluster, resnet18, problem):
@@ -162,7 +163,7 @@ def run(argv, capsys) -> tuple[int, str]:
 def test_cli_searches_on_ray(cluster, resnet18, calib_file, tmp_path, capsys):
     out, rep = tmp_path / "out.onnx", tmp_path / "rep.json"
     rc, err = run([resnet18, out, "--policy", "random", "--target-flops", 0.5, "--calib", calib_file, "--evals", 6,
-                   "--executor", "ray", "--report", rep, "--seed", 2], capsys)
+                   "--executor", "ray", "--report", rep, "--seed", 2, "--fast"], capsys)
     assert rc == 0, err
     s = json.loads(rep.read_text())["search"]
     assert s["executor"] == {"kind": "ray", "address": "local", "workers": 2, "threads": 1}

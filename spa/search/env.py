@@ -178,14 +178,36 @@ class PruningEnv(gym.Env):
         rho = self._kept[self.action_groups] / self.sizes[self.action_groups]
         return self._finish(rho)
 
+    def step_many(self, actions) -> list[tuple]:
+        """One single-step episode per one-shot action, every one from the reset state, their candidates
+        evaluated as one batch (in parallel on a Ray cluster): the (observation, reward, terminated, truncated,
+        info) each `reset(); step(action)` would return, in order. The env ends in the last episode's state."""
+        if self.mode != "one-shot" or self.iterative:
+            raise SpaError("step_many plays single-step one-shot episodes: use mode='one-shot', not iterative")
+        projections = []
+        for action in actions:
+            a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+            if a.shape != (self.n_nodes,):
+                raise SpaError(f"one-shot action must have shape ({self.n_nodes},), got {a.shape}")
+            projections.append(self.projector.project((a[self.action_groups] + 1.0) / 2.0))
+        evaluations = self.evaluate_many([proj.kept for proj in projections])
+        out = []
+        for proj, ev in zip(projections, evaluations):
+            self.reset()
+            self._t = 1
+            out.append(self._conclude(proj, ev))
+        return out
+
     def _finish(self, rho):
         return self._conclude(self.projector.project(rho))
 
-    def _conclude(self, proj: Projection):
-        """Evaluate the episode's candidate (every action group decided) and end the episode."""
+    def _conclude(self, proj: Projection, ev: Evaluation | None = None):
+        """Evaluate the episode's candidate (every action group decided; `ev`: evaluated already) and end the
+        episode."""
         self._kept = proj.kept
         self._decided[self.action_groups] = True
-        ev = self.evaluate(proj.kept)
+        if ev is None:
+            ev = self.evaluate(proj.kept)
         self.last_evaluation = ev  # (whether it came from the cache is here, not in info: info is deterministic)
         info = {"kept": proj.kept.copy(), "costs": proj.costs, "feasible": proj.feasible, "shift": proj.shift,
                 "metrics": ev.metrics}
