@@ -235,7 +235,9 @@ class RayExecutor:
                 metrics, seconds = finished.pop(key)
                 yield kept, ev.record(key, metrics, seconds)
             else:
-                ready, _ = ray.wait(list(running), num_returns=1)
+                ready = []
+                while not ready:   # short waits: a signal is handled between them, not inside Ray's call
+                    ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
                 for ref in ready:
                     done_key, i = running.pop(ref)
                     load[i] -= 1
