@@ -173,11 +173,20 @@ def test_cli_searches_on_ray(cluster, resnet18, calib_file, tmp_path, capsys):
     assert ray.is_initialized()    # the CLI used the connection it found and left it up
 
 
-def spa_prune(argv, cwd, **kw) -> subprocess.Popen:
+def as_from_a_terminal() -> None:
+    """The child starts with SIGINT/SIGTERM at their defaults and unblocked, as a command typed in a shell: a
+    test worker's ignored SIGINT would be inherited, and Python then never installs its Ctrl-C handler (the
+    same fix as tests/test_interrupts.py on main)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def spa_prune(argv, cwd) -> subprocess.Popen:
     """The command as a process of its own (no Ray connection inherited from this test process)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "spa.cli", *map(str, argv)],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, preexec_fn=as_from_a_terminal)
 
 
 def test_dead_address_is_one_line_before_any_work(resnet18, tmp_path):
