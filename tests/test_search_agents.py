@@ -118,6 +118,53 @@ def test_agent_is_deterministic(problem, name):
     assert list(other) != runs[0][0]
 
 
+class OneByOne:
+    """An executor that evaluates a batch as a loop of single calls and records the batch sizes it was given."""
+
+    kind = "one-by-one"
+
+    def __init__(self, evaluator):
+        self.evaluator, self.batches = evaluator, []
+
+    def map(self, candidates):
+        batch = list(candidates)
+        self.batches.append(len(batch))
+        for kept in batch:
+            yield kept, self.evaluator(kept)
+
+    def describe(self):
+        return {"kind": self.kind}
+
+
+@pytest.mark.parametrize("name, options, batches", [
+    ("random", None, [20]),
+    ("dist", {"samples": 5}, [5, 5, 5, 5]),
+    ("ppo-gnn", FAST["ppo-gnn"], [8, 1, 8, 1, 1, 1]),   # 8 rollouts + the mean action per update
+])
+def test_batched_policies_equal_their_sequential_loop(problem, monkeypatch, name, options, batches):
+    """random, dist and ppo-gnn hand their independent candidates over in batches (issue 14: in parallel on Ray);
+    the history and plan are those of the one-candidate-at-a-time loop (PPO's rollouts played by `_episode`)."""
+    executor = OneByOne(None)
+    runs = []
+    for batched in (True, False):
+        ev = planted(problem, 2)
+        executor.evaluator = ev
+        with monkeypatch.context() as m:
+            if not batched:   # the loop every batch stands for
+                m.setattr(PruningEnv, "evaluate_many", lambda env, ks, one=PruningEnv.evaluate_many:
+                          [one(env, [k])[0] for k in ks])
+                m.delattr(PruningEnv, "step_many")
+            executor.batches = []
+            plan, hist = search(None, name, evals=20, seed=7, problem=problem, evaluator=ev, executor=executor,
+                                policy_options=options)
+        runs.append((list(hist), hist.meta["kept"], plan.removed, ev.calls, ev.measured))
+        if batched:
+            assert executor.batches == batches
+        else:
+            assert set(executor.batches) == {1}
+    assert runs[0] == runs[1]
+
+
 class CheckedEvaluator(Evaluator):
     """Fails on any candidate that is over budget or not maximal (every candidate, not only the returned one)."""
 

@@ -128,6 +128,12 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--latency-batch", type=int, metavar="B", help="batch size the latency budget is stated at")
     s.add_argument("--threads", type=int, metavar="T",
                    help="threads for scoring candidates in onnxruntime (and for the latency budget)")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where candidates are evaluated: local (this process, default) or ray (Ray workers, one "
+                        "per CPU of the cluster, single-threaded; same results; pip install spa-prune[ray])")
+    s.add_argument("--ray-address", metavar="ADDR",
+                   help="--executor ray: the cluster, HOST:PORT or ray://HOST:PORT, or auto (the one this machine "
+                        "belongs to); default: a local Ray instance on 127.0.0.1, stopped afterwards")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -25,7 +25,8 @@ METRIC_ALIASES = {"top1": "agreement", "l2": "rel_l2"}
 SEARCH_ONLY = (("evals", "--evals"), ("policy_option", "--policy-option"),
                ("search_recalibrate", "--search-recalibrate"), ("search_curve", "--search-curve"),
                ("sparsity_plot", "--sparsity-plot"), ("target_latency", "--target-latency"),
-               ("latency_table", "--latency-table"), ("latency_batch", "--latency-batch"), ("threads", "--threads"))
+               ("latency_table", "--latency-table"), ("latency_batch", "--latency-batch"), ("threads", "--threads"),
+               ("ray_address", "--ray-address"))
 # flags whose spa.search.search() parameters are optional features: wired when search() takes them
 OPTIONAL_SEARCH_ARGS = (("target_latency", "--target-latency"), ("latency_table", "--latency-table"),
                         ("latency_batch", "--latency-batch"), ("threads", "--threads"))
@@ -39,6 +40,8 @@ def reject_search_flags(args) -> None:
         given.append("--metric")
     if args.search_refit != "auto":
         given.append("--search-refit")
+    if args.executor != "local":
+        given.append("--executor")
     if given:
         raise SpaError(f"{given[0]} needs --policy NAME (an allocation search)")
 
@@ -60,6 +63,17 @@ def run_search(args) -> int:
     _check_search_args(args)
     options = _policy_options(cls, policy, args.policy_option)
     optional = _optional_search_kwargs(args, S)
+    # the cluster is reached (a bad address refused) before any work; a connection made here is closed here
+    connected = args.executor == "ray" and S.executor.connect(args.ray_address)
+    try:
+        return _search_and_prune(args, S, policy, options, optional)
+    finally:
+        if connected:
+            S.executor.import_ray().shutdown()
+
+
+def _search_and_prune(args, S, policy: str, options: dict, optional: dict) -> int:
+    """The search, then the best plan through the driver's path (every check has passed)."""
     evals = 300 if args.evals is None else args.evals
     refit = _search_refit(args)
     recalibrate = (args.calib is not None and not refit) if args.search_recalibrate is None \
@@ -74,7 +88,7 @@ def run_search(args) -> int:
     setup_s = time.perf_counter() - t0
     plan, history = S.search(args.input, policy, problem=problem, evals=evals, seed=args.seed, metric=metric,
                              recalibrate=recalibrate, reconstruct=refit, policy_options=options,
-                             progress=progress, **optional)
+                             progress=progress, executor=args.executor, ray_address=args.ray_address, **optional)
     progress.close()
     show = stage_progress(args.quiet)
     outputs = StagedOutputs()  # OUT, --save-plan, the plots and --report are renamed into place together
@@ -121,6 +135,8 @@ def _check_search_args(args) -> None:
         raise SpaError("--policy searches a one-shot allocation; it does not combine with --steps or --finetune-data")
     if args.allocation:
         raise SpaError("--allocation is the selection without --policy; search with --policy global or uniform")
+    if args.ray_address is not None and args.executor != "ray":
+        raise SpaError("--ray-address needs --executor ray")
     if args.target_flops is None and args.target_params is None and args.target_latency is None:
         raise SpaError("--policy needs a budget: --target-flops F, --target-params P and/or --target-latency MS")
     _check_search_numbers(args)

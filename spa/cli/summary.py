@@ -33,8 +33,10 @@ def _search_line(s: dict) -> str:
     measured = s.get("measured")
     new = f" ({measured} measured)" if measured is not None and measured != s["evaluations"] else ""
     at = f" at #{s['best_index'] + 1}" if s.get("best_index") is not None else ""
+    ex = s.get("executor") or {}
+    where = f" on Ray ({ex.get('workers')} workers)" if ex.get("kind") == "ray" else ""
     return (f"search        {s['policy']}: {s['evaluations']} evaluation{'s' * (s['evaluations'] != 1)}{new}, "
-            f"best reward {s['best_reward']:.5f} ({s['metric']}){at}, {s['search_s']:.1f} s "
+            f"best reward {s['best_reward']:.5f} ({s['metric']}){at}, {s['search_s']:.1f} s{where} "
             f"(+ {s['setup_s']:.1f} s setup)")
 
 

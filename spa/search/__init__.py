@@ -27,15 +27,16 @@ from ..latency import fit_latency
 from ..select import PruningPlan
 from . import controls, dist, ppo_gnn, sac  # noqa: F401  (register the controls and the agents)
 from .env import GLOBAL_FEATURES, PruningEnv
+from .executor import EXECUTORS, LocalExecutor, RayExecutor, make_executor
 from .graph import EDGE_FEATURES, NODE_FEATURES, GroupGraph
 from .policy import POLICIES, Policy, SearchResult, get_policy, register_policy
 from .problem import SearchProblem
 from .reward import CalibEvaluator, Evaluation, Evaluator, FunctionEvaluator
 
-__all__ = ["EDGE_FEATURES", "GLOBAL_FEATURES", "NODE_FEATURES", "POLICIES", "BudgetProjector", "CalibEvaluator",
-           "CostModel", "Evaluation", "Evaluator", "FunctionEvaluator", "GroupGraph", "History", "Policy",
-           "Projection", "PruningEnv", "SearchProblem", "SearchResult", "get_policy", "prune_with_plan",
-           "register_policy", "search"]
+__all__ = ["EDGE_FEATURES", "EXECUTORS", "GLOBAL_FEATURES", "NODE_FEATURES", "POLICIES", "BudgetProjector",
+           "CalibEvaluator", "CostModel", "Evaluation", "Evaluator", "FunctionEvaluator", "GroupGraph", "History",
+           "LocalExecutor", "Policy", "Projection", "PruningEnv", "RayExecutor", "SearchProblem", "SearchResult",
+           "get_policy", "prune_with_plan", "register_policy", "search"]
 
 
 class History(list):
@@ -55,7 +56,8 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
            score_split: float | None = None, mode: str | None = None, policy_options: dict | None = None,
            threads: int | None = None, progress=None, problem: SearchProblem | None = None,
            evaluator: Evaluator | None = None, target_latency: float | None = None, latency_table=None,
-           latency_batch: int = 1, loss: str = "auto", samples: int = 64) -> tuple[PruningPlan, History]:
+           latency_batch: int = 1, loss: str = "auto", samples: int = 64, executor="local",
+           ray_address: str | None = None, workers: int | None = None) -> tuple[PruningPlan, History]:
     """Search a per-group allocation for `model_path` under the budget(s) with `policy` (a name in POLICIES)
     within `evals` evaluations. Rewards come from the calibration data (`calib`: .npz, image folder or
     spa.calib.Calib; data-free synthesized inputs without it), optionally re-calibrated (`recalibrate`) or
@@ -69,7 +71,12 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
     `latency_table` (made by `spa-prune profile`; without one this machine is profiled with `threads`, default 1,
     and the table cached). The best candidate is then measured for real and corrected (`latency.fit_latency`);
     the plan returned is the corrected one, and `history.meta["latency"]` holds every probe and the final
-    measured latency."""
+    measured latency.
+
+    `executor`: where candidates are evaluated - "local" (this process) or "ray" (Ray actors, `workers` of them,
+    default one per CPU of the cluster; `ray_address` None starts a local instance, "auto" joins this machine's
+    cluster, else a cluster address; see executor.py), or an executor object. The history and the plan are the
+    local executor's for the same seed."""
     if evals < 1:
         raise SpaError(f"evals must be at least 1, got {evals}")
     cls = get_policy(policy)
@@ -88,11 +95,16 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
     if evaluator is None:
         evaluator = CalibEvaluator(problem, metric=metric, recalibrate=recalibrate, refit=reconstruct,
                                    alpha=alpha, beta=beta, score_split=score_split, threads=threads, seed=seed)
-    t_setup = time.perf_counter() - t0
     agent = cls(**(policy_options or {}))
-    env = PruningEnv(problem, evaluator, mode=mode or cls.mode, progress=progress)
-    t1 = time.perf_counter()
-    result = agent.search(env, evals, seed)
+    runner = make_executor(executor, evaluator, ray_address, workers)
+    t_setup = time.perf_counter() - t0
+    try:
+        env = PruningEnv(problem, evaluator, mode=mode or cls.mode, progress=progress, executor=runner)
+        t1 = time.perf_counter()
+        result = agent.search(env, evals, seed)
+    finally:
+        if runner is not executor:   # made here: stopped here
+            runner.close()
     history = History(result.history)
     history.problem = problem
     history.meta = {"policy": policy, "budgets": dict(problem.budgets), "evaluations": len(result.history),
@@ -100,7 +112,7 @@ def search(model_path, policy: str = "random", *, target_flops: float | None = N
                     "metrics": result.info.get("metrics"), "costs": result.info.get("costs"),
                     "kept": result.kept.tolist(), "seed": seed, "setup_s": round(t_setup, 3),
                     "search_s": round(time.perf_counter() - t1, 3), "measured": evaluator.measured,
-                    "measure_s": round(evaluator.seconds, 3)}
+                    "measure_s": round(evaluator.seconds, 3), "executor": runner.describe()}
     plan = result.plan
     if "latency" in problem.budgets:
         plan = _fit_latency(problem, result, history.meta, target_latency)

@@ -5,7 +5,8 @@
   (`spa.select`, allocation 'global'); its per-group counts are projected onto the budget (1 evaluation);
 * `lamp` - the same with LAMP scores (layer-adaptive magnitude, comparable across groups as they are);
 * `random` - EagleEye-style random search: keep ratios drawn uniformly in [low, high] per group, projected onto
-  the budget, each evaluated (re-calibrated when the evaluator re-calibrates), the best kept (`evals` evaluations).
+  the budget, each evaluated (re-calibrated when the evaluator re-calibrates), the best kept (`evals` evaluations,
+  submitted as one batch: in parallel with `executor="ray"`).
 
 The allocations of `global` and `lamp` decide only how many units each group keeps; which units go is always the
 problem's criterion, as for every other policy, so the comparison is between allocations.
@@ -65,6 +66,8 @@ class RandomPolicy(Policy):
     def search(self, env, evals: int, seed: int = 0) -> SearchResult:
         rng = np.random.default_rng(seed)
         low, high = float(self.options.get("low", 0.0)), float(self.options.get("high", 1.0))
-        while env.evaluations < evals:
-            env.evaluate_ratios(rng.uniform(low, high, len(env.action_groups)))
+        n, pj = len(env.action_groups), env.projector
+        # every draw is independent of the rewards: one batch (in parallel on a Ray cluster), drawn lazily in the
+        # order a loop would draw them
+        env.evaluate_many(pj.project(rng.uniform(low, high, n)).kept for _ in range(evals - env.evaluations))
         return SearchResult.from_env(env, policy="random")

@@ -11,7 +11,8 @@ shift the projection chose, before any rounding). Each iteration draws `samples`
   added to logit(pd), the coordinates the projector shifts in, so groups near 0 or 1 are perturbed in proportion;
   `space="ratio"` adds it to the sparsity itself (clipped to [0, 1]), as the paper states it.
 
-Every action is projected onto the budget and evaluated (one evaluation each); the update learns from the
+Every action is projected onto the budget and evaluated (one evaluation each; an iteration's samples as one
+batch, in parallel with `executor="ray"`); the update learns from the
 projected sparsities (what was evaluated). Q-value-style update: episodes are one step long, so Q(a_i) is the
 reward of a_i (RL-Pruner's discount has no later stage to apply to). With the noise draws' Q standardised into
 advantages A_i (mean 0, std 1),
@@ -82,9 +83,11 @@ class DistributionPolicy(Policy):
         start = env.evaluations
         self.trace = [pd.copy()]
         while env.evaluations - start < evals:
-            actions, rewards, explored, greedy = [], [], [], None
+            # the step's samples depend on the distribution, not on each other's rewards: drawn first (in the
+            # order a loop would draw them), then evaluated as one batch (in parallel on a Ray cluster)
+            samples = []
             for i in range(o["samples"]):
-                done = env.evaluations - start
+                done = env.evaluations - start + i
                 if done >= evals:
                     break
                 if i == 0 and o["eval_mean"]:
@@ -95,10 +98,15 @@ class DistributionPolicy(Policy):
                     s, kind = self._noisy(pd, rng.normal(0.0, self.sigma_at(done, evals), n)), False
                 s = np.clip(s, 0.0, 1.0)
                 proj = pj.project(1.0 - s)
-                ev = env.evaluate(proj.kept)
                 a = self._on_budget(pj, s, proj.shift)   # the sample moved onto the budget (before rounding)
                 if kind is None:
-                    greedy, pd = float(ev.reward), a
+                    pd = a
+                samples.append((a, kind, proj.kept))
+            evaluations = env.evaluate_many([kept for _, _, kept in samples])
+            actions, rewards, explored, greedy = [], [], [], None
+            for (a, kind, _), ev in zip(samples, evaluations):
+                if kind is None:
+                    greedy = float(ev.reward)
                     continue
                 actions.append(a)
                 rewards.append(float(ev.reward))

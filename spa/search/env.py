@@ -22,9 +22,11 @@ Actions are desired keep ratios in [-1, 1] (ratio = (a + 1) / 2):
   (`projector.clip_step`); after the last group the decided ratios are projected like a one-shot action (the
   shift can only grow them: it fills the slack the decisions left). Reward 0 until then.
 
-The reward comes from the pluggable `Evaluator` (`reward.py`). `info` carries the kept counts, their costs and the
-evaluator's metrics. Every evaluation made through the env (`step`, or a policy's `evaluate_ratios`) is logged in
-`env.history` as (evaluation index, reward, best so far) across episodes; `env.best` holds the best candidate.
+The reward comes from the pluggable `Evaluator` (`reward.py`), run by the env's executor (`executor.py`: in
+this process, or on Ray workers; `evaluate_many` hands a batch of candidates over at once). `info` carries the
+kept counts, their costs and the evaluator's metrics. Every evaluation made through the env (`step`, or a policy's
+`evaluate_ratios` / `evaluate_many`) is logged in `env.history` as (evaluation index, reward, best so far) across
+episodes; `env.best` holds the best candidate.
 
 **Iterative episodes** (`iterative=True`, one-shot mode, GNN-RL): the budget is reached in `steps` steps (default 4)
 on a geometric schedule, budget kind by kind: step t of T aims at f^(t/T) of the original for a budget f. At each
@@ -54,6 +56,7 @@ from spa.passes.normalize import infer_shapes
 
 from ..budget import BudgetProjector, Projection
 from ..errors import SpaError
+from .executor import LocalExecutor
 from .graph import (
     EDGE_FEATURES,
     NODE_FEATURES,
@@ -82,10 +85,11 @@ class PruningEnv(gym.Env):
     metadata: ClassVar[dict] = {"render_modes": []}
 
     def __init__(self, problem: SearchProblem, evaluator: Evaluator, mode: str = "one-shot",
-                 iterative: bool = False, progress=None, steps: int = 4):
+                 iterative: bool = False, progress=None, steps: int = 4, executor=None):
         if mode not in MODES:
             raise SpaError(f"unknown env mode '{mode}' (choose from {', '.join(MODES)})")
         self.problem, self.evaluator, self.mode = problem, evaluator, mode
+        self.executor = executor if executor is not None else LocalExecutor(evaluator)
         self.progress = progress
         pj = problem.projector
         self.projector = pj
@@ -174,14 +178,36 @@ class PruningEnv(gym.Env):
         rho = self._kept[self.action_groups] / self.sizes[self.action_groups]
         return self._finish(rho)
 
+    def step_many(self, actions) -> list[tuple]:
+        """One single-step episode per one-shot action, every one from the reset state, their candidates
+        evaluated as one batch (in parallel on a Ray cluster): the (observation, reward, terminated, truncated,
+        info) each `reset(); step(action)` would return, in order. The env ends in the last episode's state."""
+        if self.mode != "one-shot" or self.iterative:
+            raise SpaError("step_many plays single-step one-shot episodes: use mode='one-shot', not iterative")
+        projections = []
+        for action in actions:
+            a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+            if a.shape != (self.n_nodes,):
+                raise SpaError(f"one-shot action must have shape ({self.n_nodes},), got {a.shape}")
+            projections.append(self.projector.project((a[self.action_groups] + 1.0) / 2.0))
+        evaluations = self.evaluate_many([proj.kept for proj in projections])
+        out = []
+        for proj, ev in zip(projections, evaluations):
+            self.reset()
+            self._t = 1
+            out.append(self._conclude(proj, ev))
+        return out
+
     def _finish(self, rho):
         return self._conclude(self.projector.project(rho))
 
-    def _conclude(self, proj: Projection):
-        """Evaluate the episode's candidate (every action group decided) and end the episode."""
+    def _conclude(self, proj: Projection, ev: Evaluation | None = None):
+        """Evaluate the episode's candidate (every action group decided; `ev`: evaluated already) and end the
+        episode."""
         self._kept = proj.kept
         self._decided[self.action_groups] = True
-        ev = self.evaluate(proj.kept)
+        if ev is None:
+            ev = self.evaluate(proj.kept)
         self.last_evaluation = ev  # (whether it came from the cache is here, not in info: info is deterministic)
         info = {"kept": proj.kept.copy(), "costs": proj.costs, "feasible": proj.feasible, "shift": proj.shift,
                 "metrics": ev.metrics}
@@ -219,14 +245,22 @@ class PruningEnv(gym.Env):
     # ---- evaluation log (shared by RL episodes and the controls) -----------------------------------------------
     def evaluate(self, kept: np.ndarray) -> Evaluation:
         """Evaluate a kept-count vector (already feasible) and log it."""
-        ev = self.evaluator(kept)
-        index = len(self.history)
-        if self.best is None or ev.reward > self.best.reward:
-            self.best = Best(ev.reward, np.asarray(kept).copy(), index, ev)
-        self.history.append((index, float(ev.reward), float(self.best.reward)))
-        if self.progress is not None:
-            self.progress(index, float(ev.reward), float(self.best.reward))
-        return ev
+        return self.evaluate_many([kept])[0]
+
+    def evaluate_many(self, candidates) -> list[Evaluation]:
+        """Evaluate kept-count vectors (a list or a generator) through the executor - in parallel on a Ray
+        cluster - and log them in the order given, each as it finishes: the log is the one a loop of
+        `evaluate` calls would write."""
+        out = []
+        for kept, ev in self.executor.map(candidates):
+            index = len(self.history)
+            if self.best is None or ev.reward > self.best.reward:
+                self.best = Best(ev.reward, np.asarray(kept).copy(), index, ev)
+            self.history.append((index, float(ev.reward), float(self.best.reward)))
+            if self.progress is not None:
+                self.progress(index, float(ev.reward), float(self.best.reward))
+            out.append(ev)
+        return out
 
     def evaluate_ratios(self, rho) -> tuple[Evaluation, np.ndarray]:
         """Project desired keep ratios of the action groups onto the budget, evaluate, log; (evaluation, kept)."""

@@ -4,7 +4,8 @@ One-shot episodes: the actor reads the env's observation (node features, edges w
 `gnn.GraphEncoder` and outputs, per action group, the mean of a Gaussian over the *logit* of the group's keep
 ratio (state-independent learnable std). A sample z gives ratios sigmoid(z), which the env's adapter projects onto
 the budget (`BudgetProjector.project`: a common logit shift, so only the relative logits matter - the means are
-centred over the action groups and bounded by `mean_scale`). Each episode is one candidate, one evaluation.
+centred over the action groups and bounded by `mean_scale`). Each episode is one candidate, one evaluation; the
+`batch` rollout episodes of an update are evaluated together (`env.step_many`: in parallel on a Ray cluster).
 
 Episodes are one step long, so GAE reduces to advantage = reward - V(s): the critic (its own encoder,
 mean || max pooling, plus the globals) is the baseline (`advantage="moving"` uses a moving average of the rewards
@@ -196,8 +197,12 @@ class PPOGNNPolicy(Policy):
             # ---- rollouts: episodes from the current policy (one step each unless iterative)
             keys, zs, lengths, rewards, slack = [], [], [], [], []
             room = evals - env.evaluations - (1 if o["eval_mean"] and evals - env.evaluations > 1 else 0)
-            for _ in range(min(o["batch"], max(room, 1))):
-                ep_keys, ep_zs, r, info = self._episode(env, net, graphs, encode, sample=True)
+            episodes = min(o["batch"], max(room, 1))
+            if getattr(env, "iterative", False) or not hasattr(env, "step_many"):
+                played = [self._episode(env, net, graphs, encode, sample=True) for _ in range(episodes)]
+            else:
+                played = self._rollouts(env, net, graphs, encode, episodes)
+            for ep_keys, ep_zs, r, info in played:
                 keys += ep_keys
                 zs += ep_zs
                 lengths.append(len(ep_keys))
@@ -241,6 +246,26 @@ class PPOGNNPolicy(Policy):
             keys.append(key)
             zs.append(z)
         return keys, zs, float(r), info
+
+    def _rollouts(self, env, net, graphs, encode, episodes: int):
+        """`episodes` sampled single-step episodes as one batch (`env.step_many`, in parallel on a Ray cluster):
+        every one starts from the same reset observation and the network does not change within a rollout, so
+        the samples (drawn in the order `_episode` draws them) and the results are those of `episodes` calls of
+        `_episode`."""
+        import torch
+
+        o = self.options
+        obs, _ = env.reset()
+        key = encode(obs)
+        g, glob, mask = graphs[key]
+        zs = []
+        for _ in range(episodes):
+            with torch.no_grad():
+                mean, log_std, _ = net(g, glob, mask)
+                std = log_std.exp().clamp_min(o["min_std"])
+                zs.append(mean + std * torch.randn(mean.shape))
+        results = env.step_many([env.ratios_to_action(torch.sigmoid(z).double().numpy()) for z in zs])
+        return [([key], [z], float(r), info) for z, (_, r, _, _, info) in zip(zs, results)]
 
     def _adapt_alpha(self, alpha: float, quality: np.ndarray, slack: np.ndarray) -> float:
         """Move alpha so that alpha * spread(FLOPs slack) is `alpha_share` of the spread of the quality."""

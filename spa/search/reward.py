@@ -80,17 +80,33 @@ class Evaluator:
         self.seconds = 0.0      # time spent measuring
 
     def __call__(self, kept) -> Evaluation:
-        key = tuple(int(k) for k in np.asarray(kept).reshape(-1))
-        self.calls += 1
-        metrics = self.cache.get(key)
-        if metrics is not None:
-            return Evaluation(self.reward_of(metrics), metrics, metrics.get("seconds", 0.0), cached=True)
+        key = self.key(kept)
+        hit = self.lookup(key)
+        if hit is not None:
+            return hit
         t = time.perf_counter()
         metrics = dict(self.measure(np.asarray(key, dtype=np.int64)))
-        dt = time.perf_counter() - t
-        metrics.setdefault("seconds", dt)
+        return self.record(key, metrics, time.perf_counter() - t)
+
+    # the call split in its bookkeeping halves, for executors that measure elsewhere (executor.py)
+    @staticmethod
+    def key(kept) -> tuple:
+        """The cache key of a kept-count vector."""
+        return tuple(int(k) for k in np.asarray(kept).reshape(-1))
+
+    def lookup(self, key: tuple) -> Evaluation | None:
+        """Count a request; its cached evaluation, or None when it must be measured."""
+        self.calls += 1
+        metrics = self.cache.get(key)
+        if metrics is None:
+            return None
+        return Evaluation(self.reward_of(metrics), metrics, metrics.get("seconds", 0.0), cached=True)
+
+    def record(self, key: tuple, metrics: dict, seconds: float) -> Evaluation:
+        """Cache the metrics `measure` returned for `key` (measured in `seconds`) and evaluate them."""
+        metrics.setdefault("seconds", seconds)
         self.measured += 1
-        self.seconds += dt
+        self.seconds += seconds
         self.cache[key] = metrics
         return Evaluation(self.reward_of(metrics), metrics, metrics["seconds"])
 
