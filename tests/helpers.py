@@ -410,3 +410,13 @@ def assert_one_line_error(rc, err, *fragments) -> None:
     assert err.startswith("spa-prune: error:"), err
     for f in fragments:
         assert f in err, err
+
+
+def labeled_noise_calib(folder) -> str:
+    """A calibration file of 16 random 3x32x32 images with labels (the small zoo ResNet-18's input): enough for
+    a search to score candidates, small enough to be quick."""
+    rng = np.random.default_rng(0)
+    path = folder / "calib.npz"
+    np.savez(path, input=rng.standard_normal((16, 3, 32, 32)).astype(np.float32),
+             labels=rng.integers(0, 10, 16).astype(np.int64))
+    return str(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import labeled_noise_calib
 
 pytest.importorskip("gymnasium")
 models = pytest.importorskip("spa.models")
@@ -36,12 +37,7 @@ def resnet18():
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    """16 random images with labels: enough to score, small enough to be quick."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.npz"
-    np.savez(path, input=rng.standard_normal((16, 3, 32, 32)).astype(np.float32),
-             labels=rng.integers(0, 10, 16).astype(np.int64))
-    return str(path)
+    return labeled_noise_calib(tmp_path_factory.mktemp("calib"))
 
 
 def run(argv, capsys) -> tuple[int, str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import labeled_noise_calib
 
 pytest.importorskip("gymnasium")
 ray = pytest.importorskip("ray")
@@ -51,11 +52,7 @@ def resnet18():
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.npz"
-    np.savez(path, input=rng.standard_normal((16, 3, 32, 32)).astype(np.float32),
-             labels=rng.integers(0, 10, 16).astype(np.int64))
-    return str(path)
+    return labeled_noise_calib(tmp_path_factory.mktemp("calib"))
 
 
 @pytest.fixture(scope="module")
