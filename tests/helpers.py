@@ -13,6 +13,7 @@ Everything random is seeded (per tensor name), so a graph built twice is bit-ide
 from __future__ import annotations
 
 import math
+import signal
 import zlib
 
 import numpy as np
@@ -420,3 +421,12 @@ def labeled_noise_calib(folder) -> str:
     np.savez(path, input=rng.standard_normal((16, 3, 32, 32)).astype(np.float32),
              labels=rng.integers(0, 10, 16).astype(np.int64))
     return str(path)
+
+
+def as_from_a_terminal() -> None:
+    """preexec_fn for a spa-prune child process: SIGINT/SIGTERM at their defaults and unblocked, as a command typed
+    in a shell starts. A test worker's own dispositions (an ignored SIGINT is inherited, and Python then never
+    installs its Ctrl-C handler) must not decide what the child does with the signal."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from helpers import Builder
+from helpers import Builder, as_from_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,15 +26,6 @@ def conv_stack(size: int, layers: int = 12, width: int = 64) -> onnx.ModelProto:
         c = width
     b.output(b.conv("last", y, width, 8))
     return b.model()
-
-
-def as_from_a_terminal() -> None:
-    """The child starts with SIGINT/SIGTERM at their defaults and unblocked, as a command typed in a shell does:
-    a test worker's own dispositions (an ignored SIGINT is inherited, and Python then never installs its
-    Ctrl-C handler) must not decide what the child does with the signal."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def spawn(args, cwd: Path) -> subprocess.Popen:

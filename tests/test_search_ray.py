@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import labeled_noise_calib
+from helpers import as_from_a_terminal, labeled_noise_calib
 
 pytest.importorskip("gymnasium")
 ray = pytest.importorskip("ray")
@@ -168,15 +168,6 @@ def test_cli_searches_on_ray(cluster, resnet18, calib_file, tmp_path, capsys):
     assert s["evaluations"] == 6 and len(s["history"]) == 6
     assert "on Ray (2 workers)" in err and out.exists()
     assert ray.is_initialized()    # the CLI used the connection it found and left it up
-
-
-def as_from_a_terminal() -> None:
-    """The child starts with SIGINT/SIGTERM at their defaults and unblocked, as a command typed in a shell: a
-    test worker's ignored SIGINT would be inherited, and Python then never installs its Ctrl-C handler (the
-    same fix as tests/test_interrupts.py on main)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def spa_prune(argv, cwd) -> subprocess.Popen:
