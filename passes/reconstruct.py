@@ -111,7 +111,7 @@ class Reconstruct(Pass):
 
         g = model.graph
         before = structure(g.to_model())
-        ls = Lockstep(self.original, g, self.feeds, execution.batch_size_for(g, 64, self.feeds))
+        ls = Lockstep(self.original, g, self.feeds, execution.layerwise_batch(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
         stats = {"layers_refit": 0, "targets_from_scoring": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
                   "positions_per_layer": self.positions, "samples": ls.n}

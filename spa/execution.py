@@ -3,6 +3,8 @@ model that cannot run is one line of bad input, not a traceback. Shared by OBS s
 data-free synthesis, reconstruction, fine-tuning and the search's sample sets."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .calib import input_specs
@@ -89,6 +91,23 @@ def _batch_polymorphic(g, feeds) -> bool:
                                                        equal_nan=True):
             return False
     return True
+
+
+MMAP_CAP_BYTES = 32 << 20  # glibc never serves a block above this from its heap (its dynamic mmap threshold's cap)
+
+
+def layerwise_batch(g, default: int, feeds: dict[str, np.ndarray] | None = None) -> tuple[int, bool]:
+    """`batch_size_for`, and for a free batch dim at most as many samples as keep one chunk's widest activation
+    under glibc's 32 MiB mmap cap. Larger blocks are fresh mmaps, zero-filled page by page at every node and
+    returned at every free: ResNet-50 at 224² spent 2.9 s of system time per pass over 64 samples in chunks of
+    64, 0.5-0.7 s in chunks of 7-10 (same user time). For the passes that sum statistics over chunks."""
+    size, fixed = batch_size_for(g, default, feeds)
+    if fixed:
+        return size, fixed
+    widest = max((math.prod(s[1:]) for name, s in g.shapes.items()
+                  if len(s) >= 2 and not g.is_const(name) and all(isinstance(d, int) and d > 0 for d in s)),
+                 default=0) * 4
+    return (max(1, min(size, (MMAP_CAP_BYTES - 1) // widest)) if widest else size), False
 
 
 def chunk_count(n: int, size: tuple[int, bool]) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import SpaError
-from .execution import batch_size_for, chunks, fast_layout, run_layerwise
+from .execution import chunks, fast_layout, layerwise_batch, run_layerwise
 from .importance import Member
 from .ir import attr as get_attr
 from .memory import GB, check_memory, memory_limit_gb
@@ -200,10 +200,16 @@ class Gram:
     def add(self, x, y=None):
         a = np.ascontiguousarray(_numpy(x), np.float64 if x.shape[1] <= 64 else np.float32)
         xx = a.T @ a
-        self.xx = xx if self.xx is None else self.xx + xx
+        if self.xx is None:
+            self.xx = xx
+        else:
+            self.xx += xx        # in place: no third D x D block per chunk
         if y is not None:
             xy = a.T @ np.ascontiguousarray(_numpy(y), a.dtype)
-            self.xy = xy if self.xy is None else self.xy + xy
+            if self.xy is None:
+                self.xy = xy
+            else:
+                self.xy += xy
         self.n += x.shape[0]
 
 
@@ -335,7 +341,7 @@ def obs_members(inputs):
     scored: dict[str, list] = {}
     gen = torch.Generator().manual_seed(inputs.seed)
     hess_t, solve_t = [0.0], [0.0]
-    batches = list(chunks(feeds, n, batch_size_for(g, inputs.batch_size, feeds)))
+    batches = list(chunks(feeds, n, layerwise_batch(g, inputs.batch_size, feeds)))
     last = len(batches) - 1
 
     def hook(node, k, ins, outs):
