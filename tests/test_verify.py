@@ -43,3 +43,40 @@ def test_reference_zeroing_is_what_makes_it_pass(monkeypatch):
     monkeypatch.setattr(verify, "build_reference", lambda original, analysis, removed, idx: real(original, analysis, set(), idx))
     with pytest.raises(VerificationError):
         driver.prune(str(models.zoo_path("resnet18", small=True)), None, ratio=0.5)
+
+
+def _sigmoid_head(bias: np.ndarray):
+    """x (1x4) -> MatMul -> + bias -> 'z' -> Sigmoid -> 'y': with a very negative bias every output is
+    saturated near 0 on random inputs, like a detector's probability map on noise."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.full((4, len(bias)), 0.01, np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
+         helper.make_node("Sigmoid", ["z"], ["y"])], "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, len(bias)])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias.astype(np.float32), "b")])
+    return helper.make_model(g, ir_version=9, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shift, passes", [(1e-3, True), (1.0, False)])
+def test_a_saturated_output_is_compared_before_its_squashing(shift, passes):
+    """A sigmoid output near 0 everywhere: a logit change of 1e-3 (1e-6 of the logits' scale, float rounding
+    in a deep net) moves the output by 0.1 % of its own tiny scale. The check then compares the logits; a real
+    change of the logits (1e-3 of their scale) still fails."""
+    from spa.passes import verify
+
+    bias = np.linspace(-12.0, -1000.0, 64)
+    reference, pruned = _sigmoid_head(bias), _sigmoid_head(bias + shift)
+    assert verify.squashed_outputs(reference, pruned) == {"y": "z"}
+    if passes:
+        result = verify.compare(reference, pruned, {"x": (1, 4)})
+        assert result["max_rel_error"]["y"] > 1e-4                  # the old check would have refused it
+        assert result["checked_before_squashing"]["y"]["tensor"] == "z"
+        assert result["checked_before_squashing"]["y"]["max_rel_error"] < 1e-5
+        assert len(reference.graph.output) == len(pruned.graph.output) == 1   # the models are left as they were
+    else:
+        with pytest.raises(VerificationError, match="'y'"):
+            verify.compare(reference, pruned, {"x": (1, 4)})

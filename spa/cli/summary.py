@@ -68,8 +68,13 @@ def summary(rep: dict) -> str:
         if rep["search"].get("latency"):
             lines.append(_latency_line(rep["search"]["latency"]))
     if v["status"] == "passed":
-        worst = max(v["max_rel_error"].values(), default=0.0)
+        before = v.get("checked_before_squashing", {})
+        worst = max([e for k, e in v["max_rel_error"].items() if k not in before]
+                    + [b["max_rel_error"] for b in before.values()], default=0.0)
         lines.append(f"verification  passed (max rel. error {worst:.2e} <= {v['rtol']:g}, checker full)")
+        for out, b in before.items():
+            lines.append(f"              output '{out}' is saturated on random inputs: compared before its "
+                         f"squashing ops, at '{b['tensor']}'")
     else:
         lines.append(f"verification  {v['status']}  ** the output model was NOT verified **")
     comp = rep.get("compensation")
