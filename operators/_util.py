@@ -39,52 +39,83 @@ def shape_element(ctx, node, input_index: int, pos: int):
     """Find where element `pos` of a shape-vector input is stored, so Apply can rewrite it.
 
     Returns (current value, setter) where setter(ap, value) writes a fresh constant (never editing a shared
-    tensor in place), or (None, None) if the element is computed at run time. Follows Concat of pieces, the
-    pattern exporters emit for shapes with a dynamic batch (Concat(Unsqueeze(Gather(Shape(x))), [h], [d])).
+    tensor in place), or (None, None) if the element is computed at run time. Follows integer Casts, Concat of
+    pieces and constant Gather/Slice picks, nested: the patterns exporters emit for shapes with a dynamic batch
+    (Concat(Unsqueeze(Gather(Shape(x))), [h], [d]); tf2onnx's int32 Concat and Cast; Normalize's split of a Shape
+    read, Concat(Shape(x, 0, 1), [C, H, W]), then sliced by TorchScript's flatten or nested by dynamo).
     """
-    name = node.input[input_index]
+    found = _element_path(ctx, node.input[input_index], pos) if input_index < len(node.input) else None
+    if found is None:
+        return None, None
+    path, at, value = found
+
+    def set_element(ap, new_value, node=node, i=input_index, path=tuple(path), at=at):
+        reader, k = node, i
+        for producer, j in path:  # each node on the way is copied where others read it too
+            reader, k = ap.private_copy(producer, reader, k), j
+        const = np.asarray(ap.g.const(reader.input[k]))
+        new = np.array(const, copy=True).reshape(-1)
+        new[at] = new_value
+        ap.set_input_const(reader, k, new.reshape(const.shape))
+
+    return value, set_element
+
+
+def _element_path(ctx, name: str, pos: int, depth: int = 0):
+    """([(producer, input index)] from the reader out to the constant, position in it, value) or None."""
     c = ctx.const(name)
     if c is not None:
-        flat = np.array(c).reshape(-1)
-        if pos >= flat.size:
-            return None, None
-
-        def set_direct(ap, value, node=node, i=input_index, flat=flat, pos=pos, shape=c.shape):
-            new = flat.copy()
-            new[pos] = value
-            ap.set_input_const(node, i, new.reshape(shape))
-
-        return int(flat[pos]), set_direct
-    prod_node = ctx.g.producer.get(name)
-    casts = []  # integer Casts between the Concat and the reader (tf2onnx: Concat in int32, Cast to int64)
-    while prod_node is not None and prod_node.op_type == "Cast" and _int_cast(ctx, prod_node):
-        casts.append(prod_node)
-        prod_node = ctx.g.producer.get(prod_node.input[0])
-    if prod_node is not None and prod_node.op_type == "Concat" and int(attr(prod_node, "axis", 0)) == 0:
-        offset = 0
-        for j, piece in enumerate(prod_node.input):
+        flat = np.asarray(c).reshape(-1)
+        return ([], pos, int(flat[pos])) if 0 <= pos < flat.size else None
+    p = ctx.g.producer.get(name)
+    if p is None or depth > 16:
+        return None
+    if p.op_type == "Cast" and _int_cast(ctx, p):  # tf2onnx: Concat in int32, Cast to int64
+        j, q = 0, pos
+    elif p.op_type == "Concat" and int(attr(p, "axis", 0)) in (0, -1):
+        j, q = None, pos
+        for jj, piece in enumerate(p.input):
             s = ctx.shape(piece)
             if s is None or len(s) != 1:
-                return None, None
-            if offset <= pos < offset + s[0]:
-                piece = ctx.const(piece_name := prod_node.input[j])
-                if piece is None:
-                    return None, None
-                at = pos - offset
+                return None
+            if q < s[0]:
+                j = jj
+                break
+            q -= s[0]
+        if j is None:
+            return None
+    elif p.op_type in ("Gather", "Slice"):
+        s = ctx.shape(p.input[0])
+        picked = picked_positions(ctx, p, s[0]) if s is not None and len(s) == 1 else None
+        if picked is None or not 0 <= pos < len(picked):
+            return None
+        j, q = 0, int(picked[pos])
+    else:
+        return None
+    inner = _element_path(ctx, p.input[j], q, depth + 1)
+    return None if inner is None else ([(p, j), *inner[0]], inner[1], inner[2])
 
-                def set_via_concat(ap, value, node=node, i=input_index, concat=prod_node, j=j, at=at,
-                                   shape=piece.shape, name=piece_name, casts=tuple(casts)):
-                    reader, k = node, i
-                    for cast in casts:  # each node on the way is copied where others read it too
-                        reader, k = ap.private_copy(cast, reader, k), 0
-                    target = ap.private_copy(concat, reader, k)  # shared by other reshapes: edit a copy
-                    new = np.array(ap.g.const(name), copy=True).reshape(-1)
-                    new[at] = value
-                    ap.set_input_const(target, j, new.reshape(shape))
 
-                return int(np.array(piece).reshape(-1)[at]), set_via_concat
-            offset += s[0]
-    return None, None
+def picked_positions(ctx, node, n: int) -> np.ndarray | None:
+    """The positions of a length-n vector that a Gather/Slice along axis 0 with constant indices or bounds picks."""
+    consts = [ctx.const(x) if x else None for x in node.input[1:]]
+    if any(c is None for c, x in zip(consts, node.input[1:]) if x):
+        return None
+    if node.op_type == "Gather":
+        if int(attr(node, "axis", 0)) != 0 or not consts:
+            return None
+        idx = np.asarray(consts[0]).reshape(-1).astype(np.int64)
+        if ((idx < -n) | (idx >= n)).any():
+            return None
+        return np.where(idx < 0, idx + n, idx)
+    if len(consts) < 2:
+        return None
+    axes = consts[2] if len(consts) > 2 and consts[2] is not None else np.array([0])
+    steps = consts[3] if len(consts) > 3 and consts[3] is not None else np.array([1])
+    if np.asarray(axes).reshape(-1).tolist() not in ([0], [-1]):
+        return None
+    first = lambda a: int(np.asarray(a).reshape(-1)[0])  # noqa: E731
+    return np.arange(n)[slice(first(consts[0]), first(consts[1]), first(steps))]
 
 
 def _int_cast(ctx, node) -> bool:

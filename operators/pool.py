@@ -2,13 +2,12 @@
 in which case they mix channels (freeze) or need a shape rewrite (Resize sizes)."""
 from __future__ import annotations
 
-import numpy as np
-
 from spa.ir import attr
 from spa.labels import Labels, passthrough
 
-from ._util import axes_of, norm_axis
+from ._util import axes_of, norm_axis, shape_element
 from .registry import rule
+from .shape import is_count, target_element
 
 
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
@@ -97,17 +96,17 @@ def resize(ctx, node):
     else:
         scale_idx, sizes_idx = 2, 3
     if sizes_idx is not None and sizes_idx < len(node.input) and node.input[sizes_idx]:
-        sizes = ctx.const(node.input[sizes_idx])
-        if sizes is None:
+        current, setter = shape_element(ctx, node, sizes_idx, pos)
+        if is_count(target_element(ctx, node, sizes_idx, pos)):
+            pass  # the current channel count, read at run time: follow_shape_values unifies the labellings
+        elif setter is None:
             ctx.freeze(x, node, "Resize sizes computed at run time include the channel axis")
             return
-
-        def set_sizes(ap, node=node, sizes=sizes, pos=pos, atoms=x.atoms):
-            new = np.array(sizes, copy=True)
-            new[pos] = ap.kept(atoms)
-            ap.set_input_const(node, sizes_idx, new)
-
-        ctx.edit(set_sizes)
+        elif current != len(x.atoms):
+            ctx.freeze(x, node, "Resize scales the channel axis")
+            return
+        else:
+            ctx.edit(lambda ap, setter=setter, atoms=x.atoms: setter(ap, ap.kept(atoms)))
     elif scale_idx < len(node.input) and node.input[scale_idx]:
         scales = ctx.const(node.input[scale_idx])
         if scales is None or scales.size <= pos or float(scales.reshape(-1)[pos]) != 1.0:

@@ -5,15 +5,23 @@ Reshape maps the labelled axis through the smallest block of input and output ax
 (C,H,W)→C·H·W repeats each channel's atom H·W times; splitting d→(heads, head_dim) makes each outer slice one
 removable unit (its atoms are unified), so whole heads go and the kept layout stays a product set. The target
 shape's element for the labelled axis is rewritten by Apply.
+
+Shape reads are followed as values (`follow_shape_values`): Shape -> Gather/Slice/Concat/Unsqueeze/Squeeze/Cast
+carry each element as a constant, a read of a dim that pruning never changes (batch, sequence), or a read of a
+labelled axis — the current channel count. A count that lands in a Reshape/Expand target or Resize sizes at the
+output axis carrying channels of the same width is consistent after pruning (the read returns the kept count), so
+the two labellings are unified instead of frozen; a count used anywhere else (arithmetic, another position, an
+unlabelled output) freezes its channels. A run-time dim read is never Reshape's 0 (copy the input dim): it is 0
+only for an empty tensor.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from spa.ir import attr
-from spa.labels import Labels, passthrough
+from spa.labels import DimRead, Labels, passthrough
 
-from ._util import axes_of, norm_axis, prod, shape_element
+from ._util import axes_of, norm_axis, picked_positions, prod, shape_element
 from .registry import rule
 
 
@@ -70,14 +78,18 @@ def reshape(ctx, node):
     out = map_reshape(ctx, node, x, s_in, s_out)
     if out is None:
         return
-    if out.axis != x.axis and x.axis < len(s_out) and shape_element(ctx, node, 1, x.axis)[0] in (0, None):
+    allowzero = attr(node, "allowzero", 0)
+    if out.axis != x.axis and x.axis < len(s_out) and not allowzero \
+            and target_element(ctx, node, 1, x.axis) in (0, None):
         ctx.freeze(out, node, "reshape target copies (0) a channel axis into another position")
         return
     current, setter = shape_element(ctx, node, 1, out.axis)
     if current == -1:
         pass  # inferred at run time
-    elif current == 0 and out.axis == x.axis and s_in[x.axis] == s_out[out.axis] and not attr(node, "allowzero", 0):
+    elif current == 0 and out.axis == x.axis and s_in[x.axis] == s_out[out.axis] and not allowzero:
         pass  # copies the (pruned) input dim
+    elif is_count(target_element(ctx, node, 1, out.axis)):
+        pass  # the current channel count, read at run time: follow_shape_values unifies the two labellings
     elif setter is None or current in (0, None):
         ctx.freeze(out, node, "reshape target for the channel axis is computed at run time")
         return
@@ -135,9 +147,11 @@ def squeeze(ctx, node):
 @rule("Expand")
 def expand(ctx, node):
     x = ctx.inp(node, 0)
-    if x is None:
-        return
     s_in, s_out = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    if x is None:
+        if s_in is not None and s_out is not None:
+            broadcast_to_count(ctx, node, s_in, s_out)
+        return
     if s_in is None or s_out is None:
         ctx.freeze(x, node, "Expand with unknown shapes")
         return
@@ -145,12 +159,29 @@ def expand(ctx, node):
     shp = ctx.shape(node.input[1])
     pos = axis - (len(s_out) - shp[0]) if shp else -1
     current, setter = shape_element(ctx, node, 1, pos) if pos >= 0 else (1, None)
-    if current not in (1, -1):  # 1 broadcasts to the input's (pruned) size
+    if is_count(target_element(ctx, node, 1, pos)):
+        pass  # the current channel count: follow_shape_values unifies it with the output's labelling
+    elif current not in (1, -1):  # 1 broadcasts to the input's (pruned) size
         if setter is None:
             ctx.freeze(x, node, "Expand target for the channel axis is computed at run time")
             return
         ctx.edit(lambda ap, setter=setter, atoms=x.atoms: setter(ap, ap.kept(atoms)))
     ctx.out(node, 0, x.moved(axis))
+
+
+def broadcast_to_count(ctx, node, s_in: tuple, s_out: tuple) -> None:
+    """An unlabelled tensor broadcast (size 1) to a channel count read at run time: every channel holds the same
+    values, so the output carries the read axis's labels (DETR/MobileViT expand a learned row to [B, C, ...])."""
+    vals = shape_value(ctx, node.input[1])
+    if vals is None:
+        return
+    offset = len(s_out) - len(vals)
+    hits = [(p + offset, v.atoms) for p, v in enumerate(vals) if is_count(v)]
+    if len(hits) == 1:
+        axis, atoms = hits[0]
+        k = axis - (len(s_out) - len(s_in))
+        if k < 0 or s_in[k] == 1:
+            ctx.out(node, 0, Labels(axis, atoms.copy()))
 
 
 @rule("Tile")
@@ -167,12 +198,109 @@ def tile(ctx, node):
 
 @rule("Shape")
 def shape(ctx, node):
+    """The size of a channel axis read here is followed as a value (follow_shape_values), not frozen here."""
     x = ctx.inp(node, 0)
-    if x is None:
-        return
-    rank = len(ctx.shape(node.input[0]) or ())
-    start = norm_axis(int(attr(node, "start", 0)), rank)
-    end = attr(node, "end")
-    end = rank if end is None else min(norm_axis(int(end), rank), rank)
-    if start <= x.axis < end:
-        ctx.freeze(x, node, "Shape reads the size of a channel axis")
+    if x is not None and ctx.shape(node.input[0]) is None:
+        ctx.freeze(x, node, "Shape reads a tensor of unknown shape")
+
+
+# ---- shape values ---------------------------------------------------------------------------------------------------
+# where a shape operand sits: a channel count there is checked against the output's labelling
+SHAPE_OPERANDS = {"Reshape": 1, "Expand": 1, "Resize": 3}
+SAME_VALUES = ("Unsqueeze", "Squeeze", "Cast", "Identity")  # element values pass unchanged
+
+
+def is_count(v) -> bool:
+    return isinstance(v, DimRead) and v.atoms is not None
+
+
+def shape_value(ctx, name: str) -> list | None:
+    """The elements of a 0-D/1-D integer tensor: followed Shape reads, or a constant's ints; None otherwise."""
+    vals = ctx.shape_values.get(name)
+    if vals is not None:
+        return vals
+    c = ctx.const(name)
+    if c is not None and np.asarray(c).dtype.kind in "iu" and np.ndim(c) <= 1:
+        return [int(v) for v in np.asarray(c).reshape(-1)]
+    return None
+
+
+def target_element(ctx, node, input_index: int, pos: int):
+    """Element `pos` of a shape operand: an int, a DimRead, or None (computed otherwise or out of range)."""
+    vals = shape_value(ctx, node.input[input_index]) if input_index < len(node.input) else None
+    if vals is not None:
+        return vals[pos] if 0 <= pos < len(vals) else None
+    return shape_element(ctx, node, input_index, pos)[0] if pos >= 0 else None
+
+
+def _followed(ctx, node) -> tuple[list | None, set]:
+    """(the output's elements, the inputs they come from) for the ops that move shape elements around."""
+    op, ins = node.op_type, list(node.input)
+    if op == "Shape":
+        dims = ctx.g.shapes.get(ins[0])
+        if dims is None:
+            return None, set()
+        rank = len(dims)
+        start = min(max(norm_axis(int(attr(node, "start", 0)), rank), 0), rank)
+        end = attr(node, "end")
+        end = rank if end is None else min(max(norm_axis(int(end), rank), 0), rank)
+        lab = ctx.labels.get(ins[0])  # (the Shape of a shape vector reads its length, not its values: {0})
+        return [DimRead(lab.atoms if lab is not None and lab.axis == i else None) for i in range(start, end)], {0}
+    if not ins or not any(x in ctx.shape_values for x in ins):
+        return None, set()
+    if op == "Concat" and int(attr(node, "axis", 0)) in (0, -1):
+        parts = []
+        for x in ins:
+            vals = shape_value(ctx, x)
+            if vals is None:
+                s = ctx.shape(x)
+                if s is None or len(s) != 1:
+                    return None, set()
+                vals = [None] * s[0]
+            parts.extend(vals)
+        return parts, set(range(len(ins)))
+    if ins[0] not in ctx.shape_values:
+        return None, set()
+    if op in ("Gather", "Slice"):
+        vals = ctx.shape_values[ins[0]]
+        picked = picked_positions(ctx, node, len(vals))
+        return (None, set()) if picked is None else ([vals[int(i)] for i in picked], {0})
+    if op in SAME_VALUES or (op == "Reshape" and len(ctx.g.shapes.get(node.output[0]) or (0, 0)) <= 1):
+        return list(ctx.shape_values[ins[0]]), {0}
+    return None, set()
+
+
+def follow_shape_values(ctx, node, implicit=()) -> None:
+    """After a node's rule: follow the shape elements it moves, and settle the channel counts it consumes — unified
+    with the output's labelling where a shape operand puts them on the axis of the same width, else frozen."""
+    vals, passed = _followed(ctx, node)
+    if vals is not None and node.output and node.output[0]:
+        ctx.shape_values[node.output[0]] = vals
+    operand = SHAPE_OPERANDS.get(node.op_type)
+    for i, name in [*enumerate(node.input), *((-1, x) for x in implicit)]:
+        if i in passed or not any(is_count(v) for v in ctx.shape_values.get(name, ())):
+            continue
+        if i == operand:
+            _settle_counts(ctx, node, ctx.shape_values[name])
+            continue
+        for v in ctx.shape_values[name]:
+            if is_count(v):
+                ctx.freeze(v.atoms, node, f"{node.op_type} computes with a channel count read at run time (Shape)")
+
+
+def _settle_counts(ctx, node, vals: list) -> None:
+    out = ctx.labels.get(node.output[0])
+    rank = len(ctx.g.shapes.get(node.output[0]) or ())
+    axes = attr(node, "axes") if node.op_type == "Resize" else None
+    for p, v in enumerate(vals):
+        if not is_count(v):
+            continue
+        if node.op_type == "Expand":
+            axis = p + rank - len(vals)
+        else:
+            axis = norm_axis(int(axes[p]), rank) if axes else p
+        if out is not None and out.axis == axis and len(out.atoms) == len(v.atoms):
+            ctx.unify(out.atoms, v.atoms, node, "a channel count read at run time meets unprunable positions")
+        else:
+            ctx.freeze(v.atoms, node, f"{node.op_type} puts a channel count read at run time (Shape) on an axis "
+                                      "that does not carry those channels")

@@ -6,6 +6,7 @@ from spa.errors import SpaError, one_line
 from spa.groups import Analysis, build_groups
 from spa.ir import has_subgraph, subgraph_free_names
 from spa.labels import Context
+from spa.operators.shape import follow_shape_values
 
 from . import Pass
 
@@ -30,12 +31,14 @@ class Analyse(Pass):
             if fn is not None:
                 try:
                     fn(ctx, node)
+                    follow_shape_values(ctx, node)
                 except (IndexError, ValueError, TypeError, ZeroDivisionError, KeyError) as e:
                     # a rule met a node that breaks its operator's contract (a bad perm, a Reshape target that
                     # does not fit, a missing input): the input is malformed, say where
                     raise SpaError(f"the input model is invalid: node '{node.name or node.output[0]}' "
                                    f"({node.op_type}): {type(e).__name__}: {one_line(e, 200)}") from e
                 continue
+            follow_shape_values(ctx, node, implicit)
             touched = [x for x in [*node.input, *implicit] if x in ctx.labels]
             if touched:
                 op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -46,6 +49,9 @@ class Analyse(Pass):
         for name in g.output_names:
             if name in ctx.labels:
                 ctx.freeze(ctx.labels[name], f"graph output '{name}'", "reaches a graph output (its shape is fixed)")
+            for v in ctx.shape_values.get(name, ()):
+                if getattr(v, "atoms", None) is not None:
+                    ctx.freeze(v.atoms, f"graph output '{name}'", "a channel count read at run time is a graph output")
         groups, unit_group, unit_macs = build_groups(ctx)
         total = sum(c.macs for c in ctx.costs.values())
         result = Analysis(ctx, groups, unit_group, unit_macs, total, len(nodes), unruled,

@@ -75,6 +75,15 @@ class UnionFind:
             self.union_arrays(atoms[:-1], atoms[1:])
 
 
+@dataclass(frozen=True, eq=False)
+class DimRead:
+    """One element of a shape vector that a Shape node reads at run time. `atoms`: the channel labels of the axis
+    it reads, when that axis carries them — the value is then the current channel count, which pruning lowers —
+    else None (a batch, sequence or spatial dim, which pruning never changes)."""
+
+    atoms: np.ndarray | None = None
+
+
 @dataclass
 class ParamSlice:
     """A parameter axis whose positions follow an atom labelling: sliced by Apply.
@@ -135,6 +144,9 @@ class Context:
     costs: dict[str, NodeCost] = field(default_factory=dict)
     sources: list[Source] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    # integer vectors computed from Shape reads (Shape -> Gather/Slice/Concat/Unsqueeze -> a Reshape target):
+    # per element an int (constant), a DimRead, or None (computed otherwise); see operators/shape.py
+    shape_values: dict[str, list] = field(default_factory=dict)
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def inp(self, node: onnx.NodeProto, i: int) -> Labels | None:

@@ -1054,7 +1054,8 @@ def runtime_flatten_model(style: str, opset: int = 17):
     """Flatten with a dynamic batch as non-torch exporters emit it: Reshape(y, Concat(batch read by Shape(y),
     [C*H*W])). 'tf2onnx': Shape(y) -> Gather([0,2,3,1]) (NHWC order) -> Cast(int32) -> Slice[0:1] -> Concat in
     int32 -> Cast(int64), reshaping the NHWC Transpose of y; 'paddle': Shape(y) -> Slice[0:1] -> Concat;
-    'channel': the target also takes C from Shape(y) at run time (Slice[0:2] -> (N, C, -1))."""
+    'channel': the target also takes C from Shape(y) at run time (Slice[0:2] -> (N, C, -1)), then a mean over
+    the last axis and a MatMul on the channels."""
     b = Builder(opset=opset)
     b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]))
     y = b.relu(b.conv("c1", "x", 3, 8))
@@ -1073,7 +1074,10 @@ def runtime_flatten_model(style: str, opset: int = 17):
     else:
         s = b.op("Slice", [shape, b.i64("s0", [0]), b.i64("s1", [2]), b.i64("ax", [0])])
         target = b.op("Concat", [s, b.i64("rest", [-1])], axis=0)
-        w = 16
+        y = b.op("ReduceMean", [b.op("Reshape", [y, target], name="flatten")], axes=[-1], keepdims=0)
+        y = b.matmul("fc", y, 8, 5)
+        return make_model(b.nodes, b.inits, b.inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+                          opset=opset)
     y = b.matmul("fc", b.op("Reshape", [y, target], name="flatten"), w, 5)
     return make_model(b.nodes, b.inits, b.inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
                       opset=opset)
@@ -1096,17 +1100,26 @@ def test_runtime_batch_flatten_prunes(style):
             for n in res.pruned.graph.node if n.op_type == "Shape"] == [(0, 1)]
 
 
-def test_runtime_channel_read_still_freezes():
-    """The split keeps a channel count read at run time visible: a target taking C from the shape freezes."""
-    _, analysis = analyse(runtime_flatten_model("channel"))
-    assert_groups(analysis, {"c1": (8, 8, "computed at run time"), "fc": (5, 5, OUT)})
+def test_runtime_channel_read_is_the_current_count():
+    """A target taking C from Shape(y) at run time, on the axis that carries y's channels, reads the pruned count
+    after pruning: nothing to freeze and nothing to rewrite (the opset-14 whole-shape read the same way)."""
+    for opset in (17, 14):
+        m = runtime_flatten_model("channel", opset=opset)
+        _, analysis = analyse(m)
+        assert_groups(analysis, {"c1": (8, 0, None), "fc": (5, 5, OUT)})
+        res = prune_and_check(m, 0.5)
+        assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("fc", 1): (4, 5)})
 
 
-def test_runtime_batch_flatten_before_opset_15_freezes():
-    """Shape has no start/end before opset 15: the whole-shape read of the channel axis freezes, with the reason."""
-    model, analysis = analyse(runtime_flatten_model("paddle", opset=14))
+def test_runtime_batch_flatten_before_opset_15_prunes():
+    """Shape has no start/end before opset 15, so Normalize cannot split the read; the whole-shape read still only
+    feeds the batch into the target, and the channel count it also reads is used nowhere: the group prunes."""
+    m = runtime_flatten_model("paddle", opset=14)
+    model, analysis = analyse(m)
     assert model.normalize_report["shape_reads_split"] == 0
-    assert_groups(analysis, {"c1": (8, 8, "Shape 'shape'"), "fc": (5, 5, OUT)})
+    assert_groups(analysis, {"c1": (8, 0, None), "fc": (5, 5, OUT)})
+    res = prune_and_check(m, 0.5)
+    assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("fc", 1): (64, 5)})
 
 
 # ---- Gemm / MatMul --------------------------------------------------------------------------------------------------
