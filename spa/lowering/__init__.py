@@ -72,7 +72,7 @@ Notes:
     (F.batch_norm in eval mode gives none to the running statistics).
   * Dropout is the inference identity whatever training_mode says.
 """
-from . import concat, conv, elementwise, linear, ml, norm, pool, shape  # noqa: F401  (registers the built-ins)
+from . import concat, conv, elementwise, linear, ml, norm, pool, recurrent, shape  # noqa: F401  (registers the built-ins)
 from .core import (
            DTYPES,
            LATEST_OPSET,
