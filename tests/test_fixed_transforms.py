@@ -64,7 +64,7 @@ def test_learned_like_weights_are_not():
 
 def test_zoo_random_init_is_not():
     torch = pytest.importorskip("torch")
-    import models
+    from spa import models
 
     torch.manual_seed(0)
     for name in ("resnet18", "vit_tiny", "conv1d_net", "bert_layer"):
@@ -116,8 +116,7 @@ def test_pruning_run_warns_on_a_dft_front_end(tmp_path, capsys):
 
 def test_zoo_resnet18_gets_no_warning():
     pytest.importorskip("torch")
-    import models
-    from spa import driver
+    from spa import driver, models
     from spa.fixed_transforms import warnings_for
 
     m = driver.load(str(models.zoo_path("resnet18", small=True)))
