@@ -24,6 +24,7 @@ import onnx
 from spa import execution, obspa
 from spa.errors import SpaError
 from spa.ir import Graph
+from spa.operators.recurrent import GATES as RECURRENT
 
 from . import Pass
 from .compensate import structure
@@ -123,6 +124,8 @@ class Reconstruct(Pass):
             for pos, node in enumerate(nodes):
                 if self.refit and node.name in self.out_rows:
                     self._refit(node, g, ls, gen, stats, timing)
+                elif self.refit and node.op_type in RECURRENT:
+                    stats["skipped"].append(f"{node.name}: a recurrent layer is not refit (pruned by its score only)")
                 if self.recalibrate and node.op_type == "BatchNormalization":
                     self._reestimate_bn(node, g, ls, stats)
                 t = time.perf_counter()

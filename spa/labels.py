@@ -226,8 +226,11 @@ class Context:
         """Register a rewrite that Apply runs once the removed units are known: fn(apply_context)."""
         self.edits.append(fn)
 
-    def cost(self, node: onnx.NodeProto, macs: int, factors: list[np.ndarray]) -> None:
-        self.costs[node.name] = NodeCost(int(macs), [f for f in factors if f is not None])
+    def cost(self, node: onnx.NodeProto, macs: int, factors: list[np.ndarray], term: str = "") -> None:
+        """MACs of a node; a node whose MACs are a sum of products of different factors (a recurrent unit's
+        input and recurrence projections) records each product as its own `term` ("<node>/<term>")."""
+        key = f"{node.name}/{term}" if term else node.name
+        self.costs[key] = NodeCost(int(macs), [f for f in factors if f is not None])
 
 
 def passthrough(ctx: Context, node: onnx.NodeProto, src: int = 0, dst: int = 0) -> None:

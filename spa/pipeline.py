@@ -16,6 +16,7 @@ from .calib import Calib, load_data
 from .errors import SpaError
 from .execution import batch_size_for
 from .fileio import StagedOutputs
+from .fixed_transforms import warnings_for as fixed_transform_warnings
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
 from .ir import needs_external_data, save_model
@@ -114,6 +115,7 @@ class AnalyseModel(Pass):
             check_strict(analysis)
         if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
             raise SpaError("no prunable group: " + explain_nothing(analysis))
+        run.model.warnings.extend(fixed_transform_warnings(analysis, run.options.exclude))
         return PassResult(report={
             "frozen": [{"group": g.name, "units": g.size, "reasons": [{"where": w, "why": r} for w, r in g.reasons]}
                        for g in analysis.groups if g.frozen.any()],

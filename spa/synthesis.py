@@ -56,10 +56,14 @@ SMOOTHNESS = (1.0, 30.0)        # total-variation weights, spread geometrically 
 
 def classifier_logits(g) -> str | None:
     """The tensor holding class scores [N, C] (C >= 2): the first graph output, or the input of the Softmax /
-    LogSoftmax producing it; None for other outputs (dense maps, boxes, embeddings of other shapes, scalars)."""
+    LogSoftmax producing it; None for other outputs (dense maps, boxes, embeddings of other shapes, scalars) and
+    when N is not the inputs' dim 0 (a sequence-first recurrent net: samples are not its rows)."""
     out = g.model.graph.output[0].name
     shape = g.shapes.get(out)
     if shape is None or len(shape) < 2 or shape[1] < 2 or any(d != 1 for d in shape[2:]):
+        return None
+    firsts = {(g.shapes.get(i) or (None,))[0] for i in g.input_names}
+    if firsts != {shape[0]}:
         return None
     node = g.producer.get(out)
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):

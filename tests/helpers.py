@@ -341,7 +341,7 @@ def zeroed(model: onnx.ModelProto, spec: dict) -> onnx.ModelProto:
 
 
 def count_macs(model: onnx.ModelProto) -> int:
-    """MACs of Conv/ConvTranspose/Gemm/MatMul from onnx shape inference (DESIGN.md's definition), computed
+    """MACs of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN from onnx shape inference (DESIGN.md's definition), computed
     independently of the library's cost model."""
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {}
@@ -367,6 +367,9 @@ def count_macs(model: onnx.ModelProto) -> int:
         elif n.op_type == "MatMul":
             a, y = shapes[n.input[0]], shapes[n.output[0]]
             total += int(np.prod(y)) * a[-1]
+        elif n.op_type in ("LSTM", "GRU", "RNN"):  # per step and direction: W·x_t and R·h_t
+            x, w, r = shapes[n.input[0]], shapes[n.input[1]], shapes[n.input[2]]
+            total += x[0] * x[1] * w[0] * w[1] * (w[2] + r[2])
     return total
 
 

@@ -48,7 +48,6 @@ def test_reference_zeroing_is_what_makes_it_pass(monkeypatch):
 def _sigmoid_head(bias: np.ndarray):
     """x (1x4) -> MatMul -> + bias -> 'z' -> Sigmoid -> 'y': with a very negative bias every output is
     saturated near 0 on random inputs, like a detector's probability map on noise."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.full((4, len(bias)), 0.01, np.float32)

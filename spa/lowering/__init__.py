@@ -21,7 +21,7 @@ whatever is differentiable; constant integer inputs (shapes, pads, starts, axes,
 with `.tolist()`.
 
 One module per operator family, mirroring the propagation-rule modules of spa/operators (conv, linear, norm,
-elementwise, pool, shape, concat) plus ml (ai.onnx.ml); _util holds the helpers they share. This module holds the
+elementwise, pool, shape, concat, recurrent) plus ml (ai.onnx.ml); _util holds the helpers they share. This module holds the
 registry and the public helpers (dtypes, attribute decoding, `unsupported`) and imports the family modules, which
 register their lowerings.
 
@@ -55,6 +55,9 @@ Supported operators (default domain):
                OneHot
   concat:      Concat, Split (split attr/input, num_outputs, equal), Slice (negative/INT_MAX ends, negative
                steps, opset < 10 attributes), Gather (negative indices), GatherElements
+  recurrent:   LSTM, GRU, RNN (directions, layout 0/1, sequence_lens, initial states, peepholes, clip,
+               linear_before_reset; activations Sigmoid/Tanh/Relu/Softsign/Softplus/LeakyRelu/HardSigmoid;
+               not input_forget=1)
 
 Not supported (TorchGraph raises SpaError naming the node): MaxRoiPool, Resize antialias=1, GatherND,
 ScatterND/ScatterElements, NonMaxSuppression, RoiAlign, the quantized kernels (QLinearConv, QLinearMatMul,
@@ -72,7 +75,7 @@ Notes:
     (F.batch_norm in eval mode gives none to the running statistics).
   * Dropout is the inference identity whatever training_mode says.
 """
-from . import concat, conv, elementwise, linear, ml, norm, pool, shape  # noqa: F401  (registers the built-ins)
+from . import concat, conv, elementwise, linear, ml, norm, pool, recurrent, shape  # noqa: F401  (registers the built-ins)
 from .core import (
            DTYPES,
            LATEST_OPSET,

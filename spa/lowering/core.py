@@ -81,6 +81,10 @@ _CTMS = {"half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corn
 _NEAREST_MODES = {"round_prefer_floor", "round_prefer_ceil", "floor", "ceil"}
 
 
+# op type -> fn(attrs) -> reason or None: the checks a family module keeps beside its lowering
+ATTRIBUTE_CHECKS: dict[str, Callable] = {}
+
+
 def unsupported(node: onnx.NodeProto, attrs: dict) -> str | None:
     """Why a node that has a lowering still cannot run (an attribute value the lowering does not implement),
     decided from the node alone so that TorchGraph can refuse it at construction; None when it can run."""
@@ -104,4 +108,6 @@ def unsupported(node: onnx.NodeProto, attrs: dict) -> str | None:
         return f"casting to {TensorProto.DataType.Name(int(attrs.get('to', 0)))} is not supported"
     elif op == "Constant" and not ({"value", "value_float", "value_floats", "value_int", "value_ints"} & set(attrs)):
         return "only numeric tensor values are supported"
+    elif op in ATTRIBUTE_CHECKS:
+        return ATTRIBUTE_CHECKS[op](attrs)
     return None
