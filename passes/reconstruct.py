@@ -21,7 +21,7 @@ import time
 import numpy as np
 import onnx
 
-from spa import execution, obspa
+from spa import execution, obspa, patterns
 from spa.errors import SpaError
 from spa.ir import Graph
 
@@ -96,11 +96,14 @@ class Reconstruct(Pass):
     def __init__(self, original: onnx.ModelProto, out_rows: dict[str, np.ndarray], feeds: dict[str, np.ndarray], *,
                  refit: bool = True, recalibrate: bool = False, positions: int = obspa.DEFAULT_POSITIONS,
                  damp: float = obspa.DEFAULT_DAMP, seed: int = 0, progress=None,
-                 targets: dict[str, obspa.LayerTargets] | None = None):
+                 targets: dict[str, obspa.LayerTargets] | None = None, patterns: dict | None = None):
         """out_rows: for each weight-carrying node (by name), the kept output rows of its original weight.
         targets: the original layers' outputs at sampled positions, kept by the OBS scoring pass on the same
-        `feeds` (restricted to the kept output rows): those layers are refit without running the original."""
+        `feeds` (restricted to the kept output rows): those layers are refit without running the original.
+        patterns: node name -> spa.patterns.LayerPattern: those layers are refit on their kept positions only
+        (each output channel on its own support), their zeros stay exact."""
         self.original, self.out_rows, self.feeds = original, out_rows, feeds
+        self.patterns = patterns or {}
         self.targets = targets or {}
         self.refit, self.recalibrate = refit, recalibrate
         self.positions, self.damp, self.seed = positions, damp, seed
@@ -137,6 +140,7 @@ class Reconstruct(Pass):
                     self.progress(f"reconstruct: {pos + 1}/{len(nodes)} nodes")
         timing["forward_s"] += ls.forward_s
         after = structure(g.to_model())
+        patterns.check_patterns(g, self.patterns)
         if before != after:
             raise SpaError("internal: reconstruction changed the model's structure (it may only change values)")
         stats["timings_s"] = {k: round(v, 3) for k, v in timing.items()}
@@ -204,7 +208,11 @@ class Reconstruct(Pass):
             return
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        new, _ = obspa.refit(w_p, gram, self.damp)
+        lp = self.patterns.get(node.name)
+        if lp is not None:
+            new = patterns.refit_masked(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
+        else:
+            new, _ = obspa.refit(w_p, gram, self.damp)
         timing["solve_s"] += time.perf_counter() - t
         if not np.isfinite(new).all():
             stats["skipped"].append(f"{node.name}: non-finite solution")
