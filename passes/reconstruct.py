@@ -148,11 +148,13 @@ class Reconstruct(Pass):
 
     # ---- least-squares refit ---------------------------------------------------------------------------------
     def _refit(self, node, g, ls, gen, stats, timing):
-        view = obspa.layer_view(g, node)
+        lp = self.patterns.get(node.name)
+        grouped = lp is not None and obspa.layer_view(g, node) is None
+        view = obspa.conv_view(g, node) if grouped else obspa.layer_view(g, node)  # a patterned grouped conv
         orig_node = _orig_node(ls, node)
         if view is None or orig_node is None:
             return
-        ov = obspa.layer_view(ls.orig_graph, orig_node)
+        ov = (obspa.conv_view if grouped else obspa.layer_view)(ls.orig_graph, orig_node)
         if ov is None or ov.kind != view.kind or (ov.bias is None) != (view.bias is None):
             stats["skipped"].append(f"{node.name}: original and pruned layers differ in kind")
             return
@@ -174,7 +176,7 @@ class Reconstruct(Pass):
         t = time.perf_counter()
         keep = self.out_rows[node.name]
         kept = ls.torch.from_numpy(np.flatnonzero(keep)) if not keep.all() else None
-        gram = obspa.Gram()
+        gram = patterns.GroupedGram(view.conv["group"], view.bias is not None) if grouped else obspa.Gram()
         start = 0
         for k, x_p in enumerate(xs_p):
             x_p = x_p.float()
@@ -203,13 +205,14 @@ class Reconstruct(Pass):
         w_p = view.matrix(w_p_full).astype(np.float64)
         if view.bias is not None:
             w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
-        if gram.xy.shape != (w_p.shape[1], w_p.shape[0]):
+        if not grouped and gram.xy.shape != (w_p.shape[1], w_p.shape[0]):
             stats["skipped"].append(f"{node.name}: kept output rows do not match the pruned weight")
             return
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        lp = self.patterns.get(node.name)
-        if lp is not None:
+        if grouped:
+            new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
+        elif lp is not None:
             new = patterns.refit_masked(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
         else:
             new, _ = obspa.refit(w_p, gram, self.damp)

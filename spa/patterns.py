@@ -17,7 +17,8 @@ its kernels keep: each output row has its own support S, solved with the input G
 Storage (`sparse_storage`): ONNX's sparse_initializer loads in onnxruntime 1.32 but fails onnx.checker's full
 check (shape inference does not see it) and stores one int64 index per non-zero (12 bytes per kept weight,
 larger than dense at 4 of 9). Instead each patterned weight is written as its kept values (K per kernel,
-float), one pattern id per kernel (uint8/uint16) and the library table, rebuilt at load by Gather +
+float), one pattern id per kernel (uint8/uint16) and the library's table (int32, one per library), rebuilt at
+load by Gather +
 ScatterElements + Reshape (constant inputs only: onnxruntime folds them into the dense weight when the session
 is created, so it runs the same dense kernels).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -259,6 +261,41 @@ def refit_masked(w_p: np.ndarray, gram, damp: float, support: np.ndarray) -> np.
     return new
 
 
+class GroupedGram:
+    """spa.obspa.Gram for a grouped conv: one XᵀX / XᵀY per group, from full rows X (P x C·k [+ 1 for the bias])
+    and outputs Y (P x O): group i's output rows see only its C/G input channels' columns."""
+
+    def __init__(self, groups: int, bias: bool):
+        self.groups, self.bias = groups, bias
+        self.xx = self.xy = None
+        self.n = 0
+
+    def add(self, x, y):
+        a = np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, np.float64)
+        b = np.asarray(y.detach().numpy() if hasattr(y, "detach") else y, np.float64)
+        p, gs = a.shape[0], self.groups
+        xs = (a[:, :-1] if self.bias else a).reshape(p, gs, -1)
+        if self.bias:                                     # the ones column, once per group
+            xs = np.concatenate([xs, np.ones((p, gs, 1))], 2)
+        xs = np.ascontiguousarray(xs.transpose(1, 0, 2))                      # (G, P, i): batched BLAS
+        xx = xs.transpose(0, 2, 1) @ xs
+        xy = xs.transpose(0, 2, 1) @ np.ascontiguousarray(b.reshape(p, gs, -1).transpose(1, 0, 2))
+        self.xx = xx if self.xx is None else self.xx + xx
+        self.xy = xy if self.xy is None else self.xy + xy
+        self.n += p
+
+
+def refit_grouped(w_p: np.ndarray, gram: GroupedGram, damp: float, support: np.ndarray) -> np.ndarray:
+    """`refit_masked` per group of a grouped conv (w_p, support: O' x (C/G·k [+ 1]))."""
+    per = w_p.shape[0] // gram.groups
+    new = np.zeros_like(w_p, dtype=np.float64)
+    for i in range(gram.groups):
+        rows = slice(i * per, (i + 1) * per)
+        part = SimpleNamespace(xx=gram.xx[i], xy=gram.xy[i], n=gram.n)
+        new[rows] = refit_masked(w_p[rows], part, damp, support[rows])
+    return new
+
+
 def refit_support(view, mask: np.ndarray) -> np.ndarray:
     """The refit's support (O' x D, + a bias column when the layer has one) from a weight-shaped keep mask."""
     m = view.matrix(mask)
@@ -267,8 +304,8 @@ def refit_support(view, mask: np.ndarray) -> np.ndarray:
 
 # ---- compact storage ------------------------------------------------------------------------------------------------
 def sparse_storage(model: onnx.ModelProto, layers: dict[str, LayerPattern]) -> tuple[onnx.ModelProto, dict]:
-    """A copy of `model` whose patterned weights are stored as (kept values, pattern id per kernel, library
-    table) and rebuilt at load (module docstring). Returns (model, {"weights": n, "bytes_dense": b,
+    """A copy of `model` whose patterned weights are stored as (kept values, pattern id per kernel, a shared
+    library table) and rebuilt at load (module docstring). Returns (model, {"weights": n, "bytes_dense": b,
     "bytes_compact": b'})."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -280,6 +317,7 @@ def sparse_storage(model: onnx.ModelProto, layers: dict[str, LayerPattern]) -> t
     graph_inputs = {i.name for i in graph.input}
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | graph_inputs
     new_nodes = []
+    tables: dict[tuple, str] = {}   # one table per library, shared by its weights
     stats = {"weights": 0, "bytes_dense": 0, "bytes_compact": 0}
     for lp in layers.values():
         t = inits.get(lp.weight)
@@ -303,11 +341,16 @@ def sparse_storage(model: onnx.ModelProto, layers: dict[str, LayerPattern]) -> t
             names.add(name)
             return name
 
-        v, p, tb, sh, pid, pos, zeros, flat = (fresh(f"{lp.weight}__{s}") for s in (
-            "values", "pattern", "table", "shape", "pattern_i64", "positions", "zeros", "dense"))
+        v, p, sh, pid, pos, zeros, flat = (fresh(f"{lp.weight}__{s}") for s in (
+            "values", "pattern", "shape", "pattern_i64", "positions", "zeros", "dense"))
+        key = (lp.lib.kernel, lp.lib.k)
+        if key not in tables:
+            tables[key] = fresh(f"pattern_table_{'x'.join(map(str, lp.lib.kernel))}_k{lp.lib.k}")
+            graph.initializer.append(numpy_helper.from_array(table.astype(np.int32), tables[key]))
+            stats["bytes_compact"] += table.size * 4
+        tb = tables[key]
         graph.initializer.remove(t)
         graph.initializer.extend([numpy_helper.from_array(values, v), numpy_helper.from_array(ids.astype(ids_dtype), p),
-                                  numpy_helper.from_array(table, tb),
                                   numpy_helper.from_array(np.array(w.shape, np.int64), sh)])
         new_nodes += [
             helper.make_node("Cast", [p], [pid], to=onnx.TensorProto.INT64, name=fresh(f"{lp.weight}__cast")),
@@ -320,7 +363,7 @@ def sparse_storage(model: onnx.ModelProto, layers: dict[str, LayerPattern]) -> t
         graph.initializer.append(numpy_helper.from_array(np.array([o * c, n], np.int64), fresh_shape))
         stats["weights"] += 1
         stats["bytes_dense"] += w.nbytes
-        stats["bytes_compact"] += values.nbytes + ids.size * np.dtype(ids_dtype).itemsize + table.nbytes
+        stats["bytes_compact"] += values.nbytes + ids.size * np.dtype(ids_dtype).itemsize
     if new_nodes:
         rest = list(graph.node)
         del graph.node[:]
