@@ -28,6 +28,8 @@ from spa.ir import Graph
 from . import Pass
 from .compensate import structure
 
+PATTERN_CHOICE = "obs"  # patterned group-1 convs choose their shapes again on their input's Hessian ("magnitude")
+
 
 class Lockstep:
     """The original and the pruned model executed side by side on the same inputs (torch, no gradients), in
@@ -96,7 +98,8 @@ class Reconstruct(Pass):
     def __init__(self, original: onnx.ModelProto, out_rows: dict[str, np.ndarray], feeds: dict[str, np.ndarray], *,
                  refit: bool = True, recalibrate: bool = False, positions: int = obspa.DEFAULT_POSITIONS,
                  damp: float = obspa.DEFAULT_DAMP, seed: int = 0, progress=None,
-                 targets: dict[str, obspa.LayerTargets] | None = None, patterns: dict | None = None):
+                 targets: dict[str, obspa.LayerTargets] | None = None, patterns: dict | None = None,
+                 pattern_choice: str | None = None):
         """out_rows: for each weight-carrying node (by name), the kept output rows of its original weight.
         targets: the original layers' outputs at sampled positions, kept by the OBS scoring pass on the same
         `feeds` (restricted to the kept output rows): those layers are refit without running the original.
@@ -104,6 +107,7 @@ class Reconstruct(Pass):
         (each output channel on its own support), their zeros stay exact."""
         self.original, self.out_rows, self.feeds = original, out_rows, feeds
         self.patterns = patterns or {}
+        self.pattern_choice = pattern_choice or PATTERN_CHOICE
         self.targets = targets or {}
         self.refit, self.recalibrate = refit, recalibrate
         self.positions, self.damp, self.seed = positions, damp, seed
@@ -210,6 +214,9 @@ class Reconstruct(Pass):
             return
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
+        if lp is not None and not grouped and self.pattern_choice == "obs" and lp.dense is not None:
+            mask = patterns.choose_by_obs(lp, gram, self.damp)       # from the dense weight, on this input
+            w_p[:, :mask[0].size] = view.matrix(np.where(mask, lp.dense, 0))
         if grouped:
             new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
         elif lp is not None:

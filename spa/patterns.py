@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import SpaError
-from .obspa import damped
+from .obspa import damped, psd_inverse
 
 LARGEST_PATTERN = 24  # --patterns K: a K beyond a 5×5 kernel's positions keeps everything
 
@@ -153,6 +153,9 @@ class LayerPattern:
     weight: str
     lib: PatternLibrary
     mask: np.ndarray
+    dense: np.ndarray | None = None      # the weight before masking (a refit may choose again, by OBS)
+    allowed: object = None
+    connectivity: float = 0.0
 
 
 def pattern_layers(g, k: int) -> list:
@@ -180,7 +183,8 @@ def apply_patterns(g, k: int, *, connectivity: float = 0.0, allowed: dict | None
                      connectivity=connectivity)
         mask = mask_of(ids, lib, w.shape)
         g.set_const(node.input[1], np.where(mask, w, 0).astype(w.dtype))
-        layers[node.name] = LayerPattern(node.name, node.input[1], lib, mask)
+        layers[node.name] = LayerPattern(node.name, node.input[1], lib, mask, np.array(w),
+                                         (allowed or {}).get(node.name), connectivity)
     return layers
 
 
@@ -294,6 +298,20 @@ def refit_grouped(w_p: np.ndarray, gram: GroupedGram, damp: float, support: np.n
         part = SimpleNamespace(xx=gram.xx[i], xy=gram.xy[i], n=gram.n)
         new[rows] = refit_masked(w_p[rows], part, damp, support[rows])
     return new
+
+
+def choose_by_obs(lp: LayerPattern, gram, damp: float) -> np.ndarray:
+    """The layer's masks chosen again, by OBS error on the Hessian of its actual input (gram: spa.obspa.Gram of
+    a group-1 conv, columns channel-major, a bias column last if any), from its dense weight; updates lp.mask."""
+    h = gram.xx / gram.n
+    hd, _ = damped(h, damp)
+    hinv = psd_inverse(np.asarray(hd, np.float64))
+    c, n = lp.dense.shape[1], math.prod(lp.dense.shape[2:])
+    idx = np.arange(c * n).reshape(c, n)
+    blocks = np.asarray(hinv, np.float64)[idx[:, :, None], idx[:, None, :]]
+    ids = choose(lp.dense, lp.lib, allowed=lp.allowed, hinv=blocks, connectivity=lp.connectivity)
+    lp.mask = mask_of(ids, lp.lib, lp.dense.shape)
+    return lp.mask
 
 
 def refit_support(view, mask: np.ndarray) -> np.ndarray:
