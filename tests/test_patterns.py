@@ -205,3 +205,13 @@ def test_cli_patterns_with_sparse_storage(tmp_path, capsys):
     assert rep["patterns"]["k"] == 4 and rep["storage"]["outputs_equal_dense"]
     assert main([str(src), str(tmp_path / "o2.onnx")]) != 0          # neither a budget nor --patterns
     assert "give one of --ratio, --target-flops, --plan or --patterns" in capsys.readouterr().err
+
+
+def test_refit_rechoice_by_obs_on_a_white_input_is_the_magnitude_choice():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 3, 3, 3))
+    lib = patterns.library((3, 3), 4)
+    lp = patterns.LayerPattern("c", "c.weight", lib, np.zeros(w.shape, bool), w)
+    gram = type("G", (), {"xx": 50.0 * np.eye(27), "n": 50})()
+    mask = patterns.choose_by_obs(lp, gram, 0.0)
+    assert (mask == patterns.mask_of(brute_choice(w, lib), lib, w.shape)).all() and lp.mask is mask
