@@ -21,13 +21,15 @@ import time
 import numpy as np
 import onnx
 
-from spa import execution, obspa
+from spa import execution, obspa, patterns
 from spa.errors import SpaError
 from spa.ir import Graph
 from spa.operators.recurrent import GATES as RECURRENT
 
 from . import Pass
 from .compensate import structure
+
+PATTERN_CHOICE = "obs"  # patterned group-1 convs choose their shapes again on their input's Hessian ("magnitude")
 
 
 class Lockstep:
@@ -97,11 +99,16 @@ class Reconstruct(Pass):
     def __init__(self, original: onnx.ModelProto, out_rows: dict[str, np.ndarray], feeds: dict[str, np.ndarray], *,
                  refit: bool = True, recalibrate: bool = False, positions: int = obspa.DEFAULT_POSITIONS,
                  damp: float = obspa.DEFAULT_DAMP, seed: int = 0, progress=None,
-                 targets: dict[str, obspa.LayerTargets] | None = None):
+                 targets: dict[str, obspa.LayerTargets] | None = None, patterns: dict | None = None,
+                 pattern_choice: str | None = None):
         """out_rows: for each weight-carrying node (by name), the kept output rows of its original weight.
         targets: the original layers' outputs at sampled positions, kept by the OBS scoring pass on the same
-        `feeds` (restricted to the kept output rows): those layers are refit without running the original."""
+        `feeds` (restricted to the kept output rows): those layers are refit without running the original.
+        patterns: node name -> spa.patterns.LayerPattern: those layers are refit on their kept positions only
+        (each output channel on its own support), their zeros stay exact."""
         self.original, self.out_rows, self.feeds = original, out_rows, feeds
+        self.patterns = patterns or {}
+        self.pattern_choice = pattern_choice or PATTERN_CHOICE
         self.targets = targets or {}
         self.refit, self.recalibrate = refit, recalibrate
         self.positions, self.damp, self.seed = positions, damp, seed
@@ -140,6 +147,7 @@ class Reconstruct(Pass):
                     self.progress(f"reconstruct: {pos + 1}/{len(nodes)} nodes")
         timing["forward_s"] += ls.forward_s
         after = structure(g.to_model())
+        patterns.check_patterns(g, self.patterns)
         if before != after:
             raise SpaError("internal: reconstruction changed the model's structure (it may only change values)")
         stats["timings_s"] = {k: round(v, 3) for k, v in timing.items()}
@@ -147,11 +155,13 @@ class Reconstruct(Pass):
 
     # ---- least-squares refit ---------------------------------------------------------------------------------
     def _refit(self, node, g, ls, gen, stats, timing):
-        view = obspa.layer_view(g, node)
+        lp = self.patterns.get(node.name)
+        grouped = lp is not None and obspa.layer_view(g, node) is None
+        view = obspa.conv_view(g, node) if grouped else obspa.layer_view(g, node)  # a patterned grouped conv
         orig_node = _orig_node(ls, node)
         if view is None or orig_node is None:
             return
-        ov = obspa.layer_view(ls.orig_graph, orig_node)
+        ov = (obspa.conv_view if grouped else obspa.layer_view)(ls.orig_graph, orig_node)
         if ov is None or ov.kind != view.kind or (ov.bias is None) != (view.bias is None):
             stats["skipped"].append(f"{node.name}: original and pruned layers differ in kind")
             return
@@ -173,7 +183,7 @@ class Reconstruct(Pass):
         t = time.perf_counter()
         keep = self.out_rows[node.name]
         kept = ls.torch.from_numpy(np.flatnonzero(keep)) if not keep.all() else None
-        gram = obspa.Gram()
+        gram = patterns.GroupedGram(view.conv["group"], view.bias is not None) if grouped else obspa.Gram()
         start = 0
         for k, x_p in enumerate(xs_p):
             x_p = x_p.float()
@@ -202,12 +212,20 @@ class Reconstruct(Pass):
         w_p = view.matrix(w_p_full).astype(np.float64)
         if view.bias is not None:
             w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
-        if gram.xy.shape != (w_p.shape[1], w_p.shape[0]):
+        if not grouped and gram.xy.shape != (w_p.shape[1], w_p.shape[0]):
             stats["skipped"].append(f"{node.name}: kept output rows do not match the pruned weight")
             return
         timing["hessian_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        new, _ = obspa.refit(w_p, gram, self.damp)
+        if lp is not None and not grouped and self.pattern_choice == "obs" and lp.dense is not None:
+            mask = patterns.choose_by_obs(lp, gram, self.damp)       # from the dense weight, on this input
+            w_p[:, :mask[0].size] = view.matrix(np.where(mask, lp.dense, 0))
+        if grouped:
+            new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
+        elif lp is not None:
+            new = patterns.refit_masked(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
+        else:
+            new, _ = obspa.refit(w_p, gram, self.damp)
         timing["solve_s"] += time.perf_counter() - t
         if not np.isfinite(new).all():
             stats["skipped"].append(f"{node.name}: non-finite solution")

@@ -26,10 +26,12 @@ from .passes.analyse import Analyse
 from .pipeline import (
     AnalyseModel,
     ApplyPlan,
+    CompactStorage,
     FidelityNotMet,
     FoldConstants,
     LoadModel,
     MeasureFidelity,
+    PatternPrune,
     PruneRun,
     Reconstruction,
     ScoreAndSelect,
@@ -73,10 +75,14 @@ def passes_for(options: PruneOptions, write: bool = True) -> list:
         passes.append(VerifyStructure())
     if options.fold_constants:
         passes.append(FoldConstants())
+    if options.patterns is not None:
+        passes.append(PatternPrune())
     if options.value_passes:
         passes.append(Reconstruction())
     if options.verify:
         passes.append(MeasureFidelity())
+    if options.sparse_storage:
+        passes.append(CompactStorage())
     if write:
         passes.append(WriteOutputs())
     return passes
@@ -210,6 +216,7 @@ def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
         "warnings": run.model.warnings,
         "input_shapes": {k: list(v) for k, v in run.model.input_shapes.items()},
         "timings_s": timings,
+        **{key: sections[key] for key in ("patterns", "storage") if key in sections},
     }
 
 

@@ -67,20 +67,7 @@ def layer_view(g, node) -> LayerView | None:
     activation x activation MatMul, Gemm with transA or a run-time weight): narrower than
     spa.operators.weights.is_weight_layer on purpose (only layers OBS can write as y = X Wᵀ)."""
     if node.op_type == "Conv":
-        w = g.const(node.input[1])
-        if w is None or w.ndim not in (3, 4):
-            return None
-        group = get_attr(node, "group", 1)
-        if group != 1:
-            return None
-        dims = w.ndim - 2
-        auto_pad = get_attr(node, "auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        conv = {"kernel": list(w.shape[2:]), "strides": list(get_attr(node, "strides", [1] * dims)),
-                "dilations": list(get_attr(node, "dilations", [1] * dims)),
-                "pads": list(get_attr(node, "pads", [0] * (2 * dims))), "auto_pad": auto_pad}
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return LayerView(node, "conv", node.input[1], bias, 0, int(np.prod(w.shape[2:])), conv=conv)
+        return conv_view(g, node) if get_attr(node, "group", 1) == 1 else None
     if node.op_type == "Gemm":
         if get_attr(node, "transA", 0) or g.const(node.input[1]) is None:
             return None
@@ -98,6 +85,23 @@ def layer_view(g, node) -> LayerView | None:
             return None
         return LayerView(node, "matmul", node.input[1], None, 0, 1, trans=True)
     return None
+
+
+def conv_view(g, node) -> LayerView | None:
+    """A 1-D/2-D Conv with a constant weight as y = X Wᵀ, whatever its group count (a grouped conv's rows then
+    see only their group's columns: `layer_view` leaves those out of OBS; spa.patterns refits them per group)."""
+    w = g.const(node.input[1])
+    if w is None or w.ndim not in (3, 4):
+        return None
+    dims = w.ndim - 2
+    auto_pad = get_attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    conv = {"kernel": list(w.shape[2:]), "strides": list(get_attr(node, "strides", [1] * dims)),
+            "dilations": list(get_attr(node, "dilations", [1] * dims)),
+            "pads": list(get_attr(node, "pads", [0] * (2 * dims))), "auto_pad": auto_pad,
+            "group": int(get_attr(node, "group", 1))}
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return LayerView(node, "conv", node.input[1], bias, 0, int(np.prod(w.shape[2:])), conv=conv)
 
 
 def _conv_pads(view: LayerView, spatial: tuple[int, ...]) -> list[int]:

@@ -159,6 +159,10 @@ class PruneOptions:
     input_shapes: dict = field(default_factory=dict)
     save_plan: str | None = None
     max_drop: float | None = None  # fidelity guard: the most the held-out fidelity may drop, in percent
+    # pattern pruning inside the kernels (spa.patterns), after the channel cut when one is asked
+    patterns: int | None = None    # at most K non-zero positions per conv kernel (None: no patterns)
+    connectivity: float = 0.0      # with patterns: the share of each patterned conv's kernels emptied
+    sparse_storage: bool = False   # with patterns: write patterned weights compactly (rebuilt at load)
     memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB  # bounds analysed tensors and the data a run makes
 
     @classmethod
@@ -180,8 +184,10 @@ class PruneOptions:
 
     def validated(self) -> PruneOptions:
         resolved = replace(self, **resolved_defaults(self))
+        if self.patterns is not None:
+            check_patterns(resolved)
         if resolved.plan_file is None:
-            check_selection(ratio=self.ratio, target_flops=self.target_flops, max_ratio=self.max_ratio,
+            check_selection(ratio=resolved.ratio, target_flops=resolved.target_flops, max_ratio=self.max_ratio,
                             allocation=resolved.allocation, min_channels=self.min_channels, round_to=self.round_to)
         check_data_options(positions=self.positions, damp=self.damp, samples=self.samples, dbscan=self.dbscan,
                            seed=self.seed)
@@ -205,6 +211,8 @@ class PruneOptions:
                 " or add --fast (the default reconstructs: magnitude ranking only with --fast)"
             raise SpaError(f"reconstruction and compensation need verification (they report fidelity); drop "
                            f"--no-verify{hint}")
+        if self.patterns is None and (self.sparse_storage or self.connectivity):
+            raise SpaError("--sparse-storage and --connectivity need --patterns K")
         if resolved.fold_constants and not resolved.verify:
             raise SpaError("--fold-constants needs verification (it measures fidelity); drop --no-verify")
         return resolved
@@ -223,7 +231,20 @@ def resolved_defaults(options: PruneOptions) -> dict:
     importance = options.importance or (FAST_IMPORTANCE if options.fast else DEFAULT_IMPORTANCE)
     allocation = options.allocation or (FAST_ALLOCATION if options.fast else DEFAULT_ALLOCATION)
     reconstruct = options.reconstruct if options.reconstruct is not None else not options.fast
-    return {"importance": importance, "allocation": allocation, "reconstruct": reconstruct}
+    cut = {}
+    if options.patterns is not None and options.ratio is None and options.target_flops is None \
+            and options.plan_file is None:
+        cut = {"ratio": 0.0}   # patterns alone: the channel cut removes nothing
+    return {"importance": importance, "allocation": allocation, "reconstruct": reconstruct, **cut}
+
+
+def check_patterns(options: PruneOptions) -> None:
+    """--patterns K (1..24), --connectivity in [0, 1), --sparse-storage only with patterns; no fidelity guard
+    yet (it scales the channel cut only)."""
+    check_number("--patterns", options.patterns, low=1, high=24, whole=True)
+    check_number("--connectivity", options.connectivity, low=0.0, high=1.0, high_open=True)
+    if options.max_drop is not None:
+        raise SpaError("--max-drop does not scale --patterns yet; drop one of them")
 
 
 def needs_torch(options: PruneOptions) -> bool:

@@ -29,6 +29,7 @@ from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
 from .passes.normalize import weights_out_of_reach
 from .passes.reconstruct import output_rows
+from .patterns import apply_patterns, check_patterns, report_section, sparse_storage
 from .select import PruningPlan, read_plan, select
 from .synthesis import model_data
 
@@ -60,6 +61,7 @@ class PruneRun:
     plan_json: dict | None = None
     out_rows: dict | None = None               # per-layer kept output rows, taken before Apply cuts the weights
     pruned: onnx.ModelProto | None = None
+    patterns: dict | None = None               # node name -> spa.patterns.LayerPattern (--patterns)
     outputs: StagedOutputs = field(default_factory=StagedOutputs)   # files written only when the run commits
 
     @property
@@ -225,6 +227,48 @@ class FoldConstants(Pass):
             "fidelity_after": fidelity(run.original, run.pruned, shapes)}})
 
 
+class PatternPrune(Pass):
+    """--patterns K: zero every conv kernel (of the kept channels) outside its best-fitting library shape
+    (spa.patterns), exact zeros; the structure is unchanged, so the model must equal the masked one exactly."""
+    name, requires, provides, rewrites = "patterns", ("pruned",), ("patterns",), True
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("patterns")
+        opts, g = run.options, run.model.graph
+        run.patterns = apply_patterns(g, opts.patterns, connectivity=opts.connectivity)
+        check_patterns(g, run.patterns)
+        run.pruned = g.to_model()
+        if opts.verify:
+            verify.check(run.pruned)
+        section = report_section(g, run.patterns, opts.patterns, opts.connectivity,
+                                 run.analysis.macs_after(run.removed), run.analysis.total_macs)
+        return PassResult(modified=True, report={"patterns": section})
+
+
+class CompactStorage(Pass):
+    """--sparse-storage: the patterned weights as kept values + pattern ids, rebuilt at load; checked (onnx.checker,
+    and onnxruntime gives the dense model's outputs) before it replaces the model that is written."""
+    name, requires = "sparse-storage", ("pruned", "patterns")
+
+    def run(self, run: PruneRun) -> PassResult:
+        run.step("sparse storage")
+        compact, stats = sparse_storage(run.pruned, run.patterns)
+        verify.check(compact)
+        feeds = run.holdout or [verify.random_inputs(run.pruned, run.model.input_shapes, 0)]
+        dense_out = verify.run_many(run.pruned, feeds)
+        compact_out = verify.run_many(compact, feeds)
+        diff = max(float(np.max(np.abs(a - b))) if a.size else 0.0
+                   for da, ca in zip(dense_out, compact_out) for a, b in zip(da, ca))
+        if diff != 0.0:
+            raise SpaError(f"internal: the compactly stored model differs from the dense one (max {diff:g})")
+        dense_bytes, compact_bytes = run.pruned.ByteSize(), compact.ByteSize()
+        run.pruned = compact
+        return PassResult(report={"storage": {"sparse": True, **stats, "file_bytes_dense": dense_bytes,
+                                              "file_bytes": compact_bytes,
+                                              "file_ratio": compact_bytes / max(dense_bytes, 1),
+                                              "outputs_equal_dense": True}})
+
+
 class Reconstruction(Pass):
     """Similarity compensation, least-squares refit and/or re-calibration on the verified structure; each
     changes values only. Fidelity to the original is measured before and after, on the calibration data (or
@@ -232,7 +276,7 @@ class Reconstruction(Pass):
     name, requires, rewrites = "reconstruct", ("pruned", "original", "data"), True
 
     def run(self, run: PruneRun) -> PassResult:
-        if not run.removed:  # nothing was cut: the original's values are already the best ones
+        if not run.removed and not run.patterns:  # nothing was cut: the original's values are the best ones
             return PassResult(report={"reconstruction": None})
         from .reconstruction import reconstruct_values  # deferred: only runs with value passes load them
 

@@ -44,7 +44,8 @@ def reconstruct_values(run, data_label: str) -> dict:
         kw = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp)) if v is not None}
         targets = run.score_inputs.cache.pop("obspa_targets", None)  # the refit consumes (and frees) them
         stats = Reconstruct(original, run.out_rows, feeds, refit=opts.reconstruct, recalibrate=opts.recalibrate,
-                            seed=opts.seed, progress=run.step, targets=targets, **kw).run(model)
+                            seed=opts.seed, progress=run.step, targets=targets, patterns=run.patterns,
+                            **kw).run(model)
         name = "+".join(p for p, used in (("obspa-refit", opts.reconstruct), ("recalibrate", opts.recalibrate))
                         if used)
         report["passes"].append({"pass": name, "data": data_label, **stats})

@@ -407,7 +407,7 @@ LAYERS = [
     ["spa.ir", "spa.validate", "spa.model", "spa.labels", "spa.groups"],
     ["spa.operators", "spa.lowering", "spa.torch_graph", "spa.models"],
     ["spa.calib", "spa.importance", "spa.execution", "spa.synthesis", "spa.obspa", "spa.gradients",
-     "spa.fixed_transforms"],
+     "spa.fixed_transforms", "spa.patterns"],
     ["spa.passes"],
     ["spa.select", "spa.budget", "spa.loading"],
     ["spa.reconstruction", "spa.pipeline", "spa.driver"],

@@ -214,6 +214,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     prog.add_argument("--no-kd", action="store_true",
                       help="between steps, train on the labels only (default: distill from the original too)")
     _search_options(p)
+    pat = p.add_argument_group("pattern pruning (inside the kernels; docs/patterns.md)")
+    pat.add_argument("--patterns", type=int, metavar="K",
+                     help="keep at most K positions of every conv kernel larger than K (3x3, 5x5, 1-D), in one "
+                          "connected shape through the centre chosen per kernel; after the channel cut when "
+                          "--ratio/--target-flops is given (their budget is the channel cut's, dense MACs); the "
+                          "kept weights are refit unless --fast")
+    pat.add_argument("--connectivity", type=float, default=0.0, metavar="F",
+                     help="with --patterns: also empty the share F of each patterned conv's kernels (default 0)")
+    pat.add_argument("--sparse-storage", action="store_true",
+                     help="with --patterns: store patterned weights as kept values + a pattern id per kernel, "
+                          "rebuilt at load (the file shrinks; onnxruntime runs the same dense kernels)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (fnmatch pattern, repeatable)")
     p.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
@@ -230,15 +241,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.policy is not None or args.target_params is not None:
+        if args.patterns is not None:
+            raise SpaError("--patterns does not combine with a search (--policy/--target-params) yet")
         return run_search(args)
     reject_search_flags(args)
-    if args.ratio is None and args.target_flops is None and args.plan is None:
-        raise SpaError("give one of --ratio, --target-flops or --plan")
+    if args.ratio is None and args.target_flops is None and args.plan is None and args.patterns is None:
+        raise SpaError("give one of --ratio, --target-flops, --plan or --patterns")
     check_counts([("--steps", args.steps)])
+    if args.patterns is not None and (args.steps != 1 or args.finetune_data):
+        raise SpaError("--patterns does not combine with --steps/--finetune-data yet")
     check_counts([("--finetune-epochs", args.finetune_epochs)], minimum=0)
     check_number("--finetune-lr", args.finetune_lr, low=0, low_open=True)
     keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation,
-                "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args)}
+                "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args),
+                "patterns": args.patterns, "connectivity": args.connectivity, "sparse_storage": args.sparse_storage}
     options = PruneOptions.from_keywords(**keywords).validated()  # every option's domain, before any work
     check_outputs({"OUT": args.output, "--report": args.report, "--save-plan": args.save_plan},
                   driver.input_paths(args.input, args.plan, args.calib, args.finetune_data))

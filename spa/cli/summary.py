@@ -63,6 +63,18 @@ def summary(rep: dict) -> str:
         (f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
         f"{g['partially_frozen']} partially frozen"),
     ]
+    pat = rep.get("patterns")
+    if pat:
+        pm = pat["macs"]
+        lines.append(f"{'MACs pattern':14}{human(pm['original']):>12}{human(pm['pattern_aware']):>12}"
+                     f"{pm['pattern_aware_ratio']:>9.3f}  (a kernel that skips the zeros; onnxruntime runs dense)")
+        lines.append(f"patterns      <= {pat['k']} positions in {pat['kernels']} kernels of {pat['layers']} convs, "
+                     f"{pat['kernels_emptied']} emptied; libraries " +
+                     ", ".join(f"{k}: {n} shapes" for k, n in pat["libraries"].items()))
+    st = rep.get("storage")
+    if st:
+        lines.append(f"storage       sparse: {human(st['file_bytes'])}B vs {human(st['file_bytes_dense'])}B dense "
+                     f"({st['file_ratio']:.3f}x), outputs equal the dense model's")
     if rep.get("search"):
         lines.append(_search_line(rep["search"]))
         if rep["search"].get("latency"):
