@@ -203,3 +203,49 @@ def zeroed(g, node: onnx.NodeProto, i: int, axis: int, gone: np.ndarray) -> np.n
     qt = reader(g, node, i)
     w[tuple(index)] = zero(g, qt)[tuple(index)] if qt is not None else 0
     return w
+
+
+# ---- shapes of the com.microsoft kernels onnxruntime's quantizer emits (onnx's inference has no schema for them) ----
+def _ms_shape(node: onnx.NodeProto, shapes: dict) -> tuple | None:
+    def s(i):
+        v = shapes.get(node.input[i]) if i < len(node.input) and node.input[i] else None
+        return tuple(v) if v is not None and all(isinstance(d, int) for d in v) else None
+
+    op = node.op_type
+    if op in ("QLinearAdd", "QLinearMul"):
+        a, b = s(0), s(3)
+        return tuple(np.broadcast_shapes(a, b)) if a is not None and b is not None else None
+    if op in ("QLinearSigmoid", "QLinearLeakyRelu"):
+        return s(0)
+    if op == "QLinearGlobalAveragePool" and s(0) is not None and len(s(0)) >= 3:
+        x = s(0)
+        return (x[0], *([1] * (len(x) - 2)), x[-1]) if attr(node, "channels_last", 0) else (*x[:2], *[1] * (len(x) - 2))
+    if op == "QGemm" and s(0) is not None and s(3) is not None and len(s(0)) == len(s(3)) == 2:
+        m = s(0)[1] if attr(node, "transA", 0) else s(0)[0]
+        n = s(3)[0] if attr(node, "transB", 0) else s(3)[1]
+        return (m, n)
+    if op == "QLinearConcat":
+        parts = [s(i) for i in range(2, len(node.input), 3)]
+        if not parts or any(p is None for p in parts):
+            return None
+        axis = int(attr(node, "axis", 0)) % len(parts[0])
+        return (*parts[0][:axis], sum(p[axis] for p in parts), *parts[0][axis + 1:])
+    return None
+
+
+def contrib_value_infos(model: onnx.ModelProto, shapes: dict, dtypes: dict) -> list[onnx.ValueInfoProto]:
+    """Value infos for com.microsoft quantized kernels whose output shape inference left unknown and whose input
+    shapes are known: added to the graph, a second inference carries the shapes past them."""
+    out = []
+    for node in model.graph.node:
+        if node.domain != "com.microsoft" or not node.output or node.output[0] in shapes:
+            continue
+        shape = _ms_shape(node, shapes)
+        if shape is None:
+            continue
+        if node.op_type == "QGemm" and (len(node.input) < 8 or not node.input[7]):
+            elem = onnx.TensorProto.FLOAT   # no y_scale: a float output
+        else:
+            elem = dtypes.get(node.input[0], onnx.TensorProto.UINT8)
+        out.append(onnx.helper.make_tensor_value_info(node.output[0], elem, list(shape)))
+    return out
