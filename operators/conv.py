@@ -16,8 +16,10 @@ from .registry import rule
 
 
 @rule("Conv", "ConvTranspose")
-def conv(ctx, node):
-    w = ctx.const(node.input[1])
+def conv(ctx, node, w_slot: int = 1, b_slot: int | None = 2):
+    """Also the rule of the quantized convolutions (operators/quantized.py): their weight and bias sit at other
+    input slots (`w_slot`, `b_slot`; None: no bias input)."""
+    w = ctx.const(node.input[w_slot])
     x = ctx.inp(node, 0)
     if w is None:
         ctx.freeze_inputs(node, "weight is computed at run time")
@@ -30,13 +32,13 @@ def conv(ctx, node):
     in_axis, out_axis = (0, 1) if transposed else (1, 0)
     c_out = w.shape[out_axis] * (groups if transposed else 1)
     c_in = w.shape[in_axis] * (1 if transposed else groups)
-    out_atoms = ctx.new_atoms(node, c_out, node.input[1])
+    out_atoms = ctx.new_atoms(node, c_out, node.input[w_slot])
     kernel = prod(w.shape[2:])
 
     if groups == 1:
         if x is not None:
-            ctx.slice_param(node, 1, in_axis, x.atoms, "sink")
-        ctx.slice_param(node, 1, out_axis, out_atoms, "source")
+            ctx.slice_param(node, w_slot, in_axis, x.atoms, "sink")
+        ctx.slice_param(node, w_slot, out_axis, out_atoms, "source")
         in_factor = x.atoms if x is not None else None
     else:
         in_atoms = x.atoms if x is not None else none_labels(c_in)
@@ -63,8 +65,8 @@ def conv(ctx, node):
             set_attr(node, "group", int(kept.any(axis=1).sum()))
 
         ctx.edit(set_groups)
-    if len(node.input) > 2 and node.input[2]:
-        ctx.slice_param(node, 2, 0, out_atoms, "member")
+    if b_slot is not None and len(node.input) > b_slot and node.input[b_slot]:
+        ctx.slice_param(node, b_slot, 0, out_atoms, "member")
 
     out_shape = ctx.shape(node.output[0])
     in_shape = ctx.shape(node.input[0])

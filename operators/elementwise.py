@@ -84,7 +84,7 @@ def broadcast(ctx, node):
         ax = k - (ry - len(s))
         if ax < 0 or s[ax] == 1:
             continue
-        if ctx.g.is_const(name):
+        if ctx.is_const(name):
             ctx.slice_param(node, i, ax, out, "member")
         else:
             ctx.freeze(out, node, f"channels meet the runtime tensor '{name}', which carries no channel labels")

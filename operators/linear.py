@@ -16,8 +16,9 @@ from .registry import rule
 
 
 @rule("Gemm")
-def gemm(ctx, node):
-    b = ctx.const(node.input[1])
+def gemm(ctx, node, b_slot: int = 1, c_slot: int = 2):
+    """Also QGemm's rule (operators/quantized.py): its B and C sit at other input slots."""
+    b = ctx.const(node.input[b_slot])
     x = ctx.inp(node, 0)
     trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
     if b is None or ctx.const(node.input[0]) is not None:
@@ -28,16 +29,16 @@ def gemm(ctx, node):
         ctx.freeze(x, node, "channels on the row axis of a Gemm input")
         x = None
     if x is not None:
-        ctx.slice_param(node, 1, 1 if trans_b else 0, x.atoms, "sink")
+        ctx.slice_param(node, b_slot, 1 if trans_b else 0, x.atoms, "sink")
     n = b.shape[0 if trans_b else 1]
-    out = ctx.new_atoms(node, n, node.input[1])
-    ctx.slice_param(node, 1, 0 if trans_b else 1, out, "source")
-    if len(node.input) > 2 and node.input[2]:
-        c = ctx.const(node.input[2])
+    out = ctx.new_atoms(node, n, node.input[b_slot])
+    ctx.slice_param(node, b_slot, 0 if trans_b else 1, out, "source")
+    if len(node.input) > c_slot and node.input[c_slot]:
+        c = ctx.const(node.input[c_slot])
         if c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1:
-            ctx.slice_param(node, 2, c.ndim - 1, out, "member")
+            ctx.slice_param(node, c_slot, c.ndim - 1, out, "member")
         elif c is None:
-            ctx.slice_param(node, 2, 0, out, "member")  # freezes: bias computed at run time
+            ctx.slice_param(node, c_slot, 0, out, "member")  # freezes: bias computed at run time
     y = ctx.shape(node.output[0])
     k = b.shape[1 if trans_b else 0]
     ctx.cost(node, prod(y) * k if y else 0, [out, x.atoms if x is not None else None])
@@ -65,16 +66,16 @@ def matmul(ctx, node):
         ctx.freeze_inputs(node, "MatMul with a batched constant operand")
 
 
-def _weight_right(ctx, node, la, ra, ry, macs):
-    """x(..., K) · W(K, N): K is a sink, N a new source on the last output axis."""
+def _weight_right(ctx, node, la, ra, ry, macs, slot: int = 1):
+    """x(..., K) · W(K, N): K is a sink, N a new source on the last output axis (W at input `slot`)."""
     if la is not None and la.axis != ra - 1:
         ctx.freeze(la, node, "MatMul input labelled on a non-contracted axis (two labelled output axes)")
         la = None
     if la is not None:
-        ctx.slice_param(node, 1, 0, la.atoms, "sink")
-    w = ctx.const(node.input[1])
-    out = ctx.new_atoms(node, w.shape[1], node.input[1])
-    ctx.slice_param(node, 1, 1, out, "source")
+        ctx.slice_param(node, slot, 0, la.atoms, "sink")
+    w = ctx.const(node.input[slot])
+    out = ctx.new_atoms(node, w.shape[1], node.input[slot])
+    ctx.slice_param(node, slot, 1, out, "source")
     ctx.cost(node, macs, [out, la.atoms if la is not None else None])
     ctx.out(node, 0, Labels(ry - 1, out))
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from spa import quant
 from spa.errors import VerificationError
 from spa.groups import Analysis
 from spa.ir import Graph, attr
@@ -86,10 +87,7 @@ class FoldRemovedConstants(Pass):
             if ps.role != "source" or not gone.any():
                 continue
             node = nodes[self.analysis.node_index[id(ps.node)]]
-            w = np.array(pg.const(node.input[ps.input_index]), copy=True)
-            idx = [slice(None)] * w.ndim
-            idx[ps.axis] = gone
-            w[tuple(idx)] = 0
+            w = quant.zeroed(pg, node, ps.input_index, ps.axis, gone)
             node.input[ps.input_index] = pg.add_const(w, node.input[ps.input_index] + "_probe")
         data_inputs = []
         for ps in sinks:

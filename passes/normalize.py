@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, version_converter
 
+from spa import quant
 from spa.errors import SpaError, one_line
 from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, has_subgraph, static_dims
 from spa.model import default_dim
@@ -87,23 +88,19 @@ def _is_float_const(n) -> bool:
     return v is not None and v.dtype.kind == "f"
 
 
-# operators whose weights are integers (QOperator and dynamic quantization): no rule takes them as a source yet
-QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits",
-                 "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM")
+# quantized operators no rule takes as a source yet (QLinearConv, ConvInteger, QDQ weights, ...: operators/quantized.py)
+QUANTIZED_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM")
 
 
 def weights_out_of_reach(model: onnx.ModelProto) -> str:
     """Where the weights are when the main graph has no prunable one, as one clause for the user: quantized
-    operators, DequantizeLinear of constant weights (QDQ), control flow whose bodies hold float weights. '' when
+    operators without a rule (MatMulNBits, ...), control flow whose bodies hold float weights. '' when
     the model holds none of these (then it has no weights to prune at all)."""
     g = model.graph
-    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     found: Counter = Counter()
     for n in g.node:
         if n.op_type in QUANTIZED_OPS:
             found[(n.op_type, "(quantized)")] += 1
-        elif n.op_type == "DequantizeLinear" and n.input and n.input[0] in consts:
-            found[("DequantizeLinear", "of a constant weight (QDQ quantized)")] += 1
         elif has_subgraph(n) and any(_holds_weights(b) for b in _bodies(n)):
             found[(n.op_type, "with weights in its branches" if n.op_type == "If" else "with weights in its body")] += 1
     if not found:
@@ -425,6 +422,17 @@ def check_inference(light: onnx.ModelProto) -> None:
 
 
 def _inferred(model: onnx.ModelProto) -> tuple[dict, dict]:
+    shapes, dtypes = _inferred_once(model)
+    for _ in range(len(model.graph.node)):  # past com.microsoft quantized kernels, one inference each
+        more = quant.contrib_value_infos(model, shapes, dtypes)
+        if not more:
+            break
+        model.graph.value_info.extend(more)
+        shapes, dtypes = _inferred_once(model)
+    return shapes, dtypes
+
+
+def _inferred_once(model: onnx.ModelProto) -> tuple[dict, dict]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import onnx
 
-from spa import execution, obspa, patterns
+from spa import execution, obspa, patterns, quant
 from spa.errors import SpaError
 from spa.ir import Graph
 from spa.operators.recurrent import GATES as RECURRENT
@@ -208,10 +208,10 @@ class Reconstruct(Pass):
         if gram.xy is None:
             stats["skipped"].append(f"{node.name}: no sampled positions")
             return
-        w_p_full = np.asarray(g.const(view.weight))
+        w_p_full = np.asarray(quant.weight(g, view.weight))
         w_p = view.matrix(w_p_full).astype(np.float64)
         if view.bias is not None:
-            w_p = np.concatenate([w_p, np.asarray(g.const(view.bias), np.float64)[:, None]], 1)
+            w_p = np.concatenate([w_p, np.asarray(quant.weight(g, view.bias), np.float64)[:, None]], 1)
         if not grouped and gram.xy.shape != (w_p.shape[1], w_p.shape[0]):
             stats["skipped"].append(f"{node.name}: kept output rows do not match the pruned weight")
             return
@@ -231,6 +231,13 @@ class Reconstruct(Pass):
             stats["skipped"].append(f"{node.name}: non-finite solution")
             return
         dtype = w_p_full.dtype
+        qt = quant.dequantize_linear_of(g, view.weight)
+        if qt is not None:  # a QDQ weight keeps its scales: a refit they cannot represent would be clipped
+            _, clipped = quant.quantize(g, qt, view.unmatrix(new[:, :w_p_full.size // new.shape[0]], w_p_full.shape))
+            if clipped > 0:
+                stats["skipped"].append(f"{node.name}: quantized weight, {clipped:.1%} of the refit values fall "
+                                        f"outside the range of its scales (kept as pruned)")
+                return
         if view.bias is not None:
             self._write(g, ls, view.bias, new[:, -1].astype(dtype))
             new = new[:, :-1]
@@ -262,8 +269,11 @@ class Reconstruct(Pass):
 
     @staticmethod
     def _write(g, ls, name, value):
+        qt = quant.dequantize_linear_of(g, name)
+        if qt is not None:  # a QDQ weight: the refit values requantized with its own (sliced) scales
+            name, value = qt.node.input[qt.q], quant.quantize(g, qt, value)[0]
         g.set_const(name, value)
-        ls.t_pruned.param(name).data.copy_(ls.torch.from_numpy(np.array(value)))
+        ls.t_pruned.static(name).data.copy_(ls.torch.from_numpy(np.array(value)))
 
 
 # ---- re-calibration, shared with the search's one-pass reward (spa.search) ----------------------------------------
@@ -363,13 +373,14 @@ def output_rows(analysis, removed) -> dict[str, np.ndarray]:
     for node in analysis.nodes:
         # not spa.operators.is_weight_layer: OBSPA views read input 1 only and ConvTranspose has its out axis at 1
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            w = analysis.ctx.g.const(node.input[1])
+            w = quant.weight(analysis.ctx.g, node.input[1])
             if w is None:
                 continue
             view = obspa.layer_view(analysis.ctx.g, node)
             out_axis[node.name] = 1 if (view is not None and view.trans) else 0
             out[node.name] = np.ones(w.shape[out_axis[node.name]], bool)
     for ps in analysis.ctx.params:
-        if ps.role == "source" and ps.node.name in out and ps.input_index == 1 and ps.axis == out_axis[ps.node.name]:
-            out[ps.node.name] &= keep(ps.atoms)
+        node, slot = quant.weight_use(analysis.ctx.g, ps.node, ps.input_index)
+        if ps.role == "source" and node.name in out and slot == 1 and ps.axis == out_axis[node.name]:
+            out[node.name] &= keep(ps.atoms)
     return out

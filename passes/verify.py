@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from spa import quant
 from spa.errors import SpaError, VerificationError, one_line
 from spa.groups import Analysis
 from spa.ir import Graph, has_external_data, needs_external_data, static_dims, weightless_copy
@@ -34,10 +35,7 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
         if not gone.any():
             continue
         node = nodes[node_index[id(ps.node)]]
-        w = np.array(g.const(node.input[ps.input_index]), copy=True)
-        index = [slice(None)] * w.ndim
-        index[ps.axis] = gone
-        w[tuple(index)] = 0
+        w = quant.zeroed(g, node, ps.input_index, ps.axis, gone)   # quantized: set to the zero point
         node.input[ps.input_index] = g.add_const(w, node.input[ps.input_index] + "_ref")
     inserts: dict[int, list] = {}
     for ms in analysis.ctx.mask_sinks:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import quant
 from .errors import SpaError
 from .groups import Analysis
 from .labels import ParamSlice
@@ -214,7 +215,7 @@ def weight_members(analysis: Analysis, fn: Callable[[str, np.ndarray, ParamSlice
         if ps.role not in roles:
             continue
         name = ps.node.input[ps.input_index]
-        w = analysis.ctx.g.const(name)
+        w = quant.float_value(analysis.ctx.g, ps.node, ps.input_index)  # quantized weights: dequantized
         if w is None or w.dtype.kind != "f" or w.ndim == 0:
             continue
         if w.ndim >= 3 and ps.axis < 2:
@@ -292,7 +293,7 @@ def fpgm_members(inputs: ScoreInputs) -> list[Member]:
     for ps in analysis.ctx.params:
         if ps.role != "source":
             continue
-        w = analysis.ctx.g.const(ps.node.input[ps.input_index])
+        w = quant.float_value(analysis.ctx.g, ps.node, ps.input_index)
         if w is None or w.dtype.kind != "f" or w.ndim < 2:
             continue
         f = np.moveaxis(w.astype(np.float32), ps.axis, 0).reshape(w.shape[ps.axis], -1)

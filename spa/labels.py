@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from . import quant
 from .errors import SpaError
 from .ir import Graph
 
@@ -91,7 +92,7 @@ class ParamSlice:
     role "sink": the labels end here (Conv input channels, Gemm/MatMul contracted rows); the verification
     reference zeroes these slices ("disconnected at the sink"). role "source": the producing weight's output
     rows (compensation zeroes them to find the constant a removed channel carries). role "member": anything else
-    that travels with the channel (biases, norm affine). role "stat": running statistics, cut but never scored
+    that travels with the channel (biases, norm affine). role "stat": running statistics and quantization scales/zero points, cut but never scored
     (a variance near 1 says nothing about a channel's importance). Apply cuts all roles alike.
     """
 
@@ -147,6 +148,7 @@ class Context:
     # integer vectors computed from Shape reads (Shape -> Gather/Slice/Concat/Unsqueeze -> a Reshape target):
     # per element an int (constant), a DimRead, or None (computed otherwise); see operators/shape.py
     shape_values: dict[str, list] = field(default_factory=dict)
+    dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # QDQ weights' float values, read once
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def inp(self, node: onnx.NodeProto, i: int) -> Labels | None:
@@ -161,7 +163,23 @@ class Context:
         return s
 
     def const(self, name: str) -> np.ndarray | None:
-        return self.g.const(name)
+        """An initializer's value, or the float value of a DequantizeLinear of constants (a QDQ weight), which
+        the rules treat as the constant it is (spa.quant); None for run-time tensors."""
+        c = self.g.const(name)
+        if c is not None or not name:
+            return c
+        if name not in self.dequantized:
+            qt = quant.dequantize_linear_of(self.g, name)
+            if qt is None:
+                return None
+            v = quant.value(self.g, qt)
+            v.setflags(write=False)
+            self.dequantized[name] = v
+        return self.dequantized[name]
+
+    def is_const(self, name: str) -> bool:
+        """An initializer, or a QDQ weight (a DequantizeLinear of constants), which slice_param can cut."""
+        return self.g.is_const(name) or quant.dequantize_linear_of(self.g, name) is not None
 
     def labelled_inputs(self, node: onnx.NodeProto) -> list[tuple[int, Labels]]:
         return [(i, self.labels[x]) for i, x in enumerate(node.input) if x in self.labels]
@@ -209,8 +227,14 @@ class Context:
         if not name:
             return True
         if not self.g.is_const(name):
-            self.freeze(atoms, node, f"per-channel operand '{name}' is computed at run time")
-            return False
+            dq = quant.dequantize_linear_of(self.g, name)
+            if dq is None:
+                self.freeze(atoms, node, f"per-channel operand '{name}' is computed at run time")
+                return False
+            if len(self.g.consumers.get(name, [])) > 1:  # one DequantizeLinear, several cuts: not sliced per use
+                self.freeze(atoms, node, f"quantized weight '{name}' is read by several nodes")
+                return False
+            return self.slice_param(dq.node, dq.q, axis, atoms, role)  # the integers, with their scales
         shape = self.g.const_info(name)[0]
         have = shape[axis] if -len(shape) <= axis < len(shape) else None
         if have != len(atoms):  # a broadcast operand cannot be cut; any other size cannot run at all
@@ -219,7 +243,14 @@ class Context:
                 return False
             raise SpaError(f"the input model is invalid: {node.op_type} node '{node.name}' input '{name}' has "
                            f"{have} entries along axis {axis}, but the tensor it applies to has {len(atoms)}")
+        qt = quant.reader(self.g, node, i)
+        cuts = quant.operand_cuts(self.g, qt, axis % len(shape)) if qt is not None else []
+        if isinstance(cuts, str):
+            self.freeze(atoms, node, cuts)
+            return False
         self.params.append(ParamSlice(node, i, axis, atoms, role))
+        for slot, operand_axis in cuts:  # per-channel scale / zero point: cut with the channels, never scored
+            self.slice_param(node, slot, operand_axis, atoms, "stat")
         return True
 
     def edit(self, fn: Callable) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import quant
 from .errors import SpaError
 from .execution import chunks, fast_layout, layerwise_batch, run_layerwise
 from .importance import Member
@@ -69,18 +70,18 @@ def layer_view(g, node) -> LayerView | None:
     if node.op_type == "Conv":
         return conv_view(g, node) if get_attr(node, "group", 1) == 1 else None
     if node.op_type == "Gemm":
-        if get_attr(node, "transA", 0) or g.const(node.input[1]) is None:
+        if get_attr(node, "transA", 0) or quant.weight(g, node.input[1]) is None:
             return None
         if get_attr(node, "alpha", 1.0) != 1.0 or (len(node.input) > 2 and get_attr(node, "beta", 1.0) != 1.0):
             return None
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None:
-            b = g.const(bias)
+            b = quant.weight(g, bias)
             if b is None or b.ndim != 1:
                 return None
         return LayerView(node, "gemm", node.input[1], bias, 0, 1, trans=not get_attr(node, "transB", 0))
     if node.op_type == "MatMul":
-        w = g.const(node.input[1])
+        w = quant.weight(g, node.input[1])
         if w is None or w.ndim != 2 or g.const(node.input[0]) is not None:
             return None
         return LayerView(node, "matmul", node.input[1], None, 0, 1, trans=True)
@@ -90,7 +91,7 @@ def layer_view(g, node) -> LayerView | None:
 def conv_view(g, node) -> LayerView | None:
     """A 1-D/2-D Conv with a constant weight as y = X Wᵀ, whatever its group count (a grouped conv's rows then
     see only their group's columns: `layer_view` leaves those out of OBS; spa.patterns refits them per group)."""
-    w = g.const(node.input[1])
+    w = quant.weight(g, node.input[1])
     if w is None or w.ndim not in (3, 4):
         return None
     dims = w.ndim - 2
@@ -318,9 +319,10 @@ def obs_members(inputs):
     sinks = {}
     for ps in analysis.ctx.params:
         if ps.role == "sink":
-            view = layer_view(g, ps.node)
-            if view is not None and ps.input_index == 1:
-                sinks.setdefault(ps.node.name, (view, []))[1].append(ps)
+            node, slot = quant.weight_use(g, ps.node, ps.input_index)   # a QDQ weight: the layer reading it
+            view = layer_view(g, node)
+            if view is not None and slot == 1:
+                sinks.setdefault(node.name, (view, []))[1].append(ps)
     if not sinks:
         return []
     n = inputs.calib.n if inputs.calib is not None else inputs.samples
@@ -437,7 +439,7 @@ def _layer_members(analysis, g, view: LayerView, pss: list, gram: Gram, damp: fl
     except np.linalg.LinAlgError:
         return []
     del h
-    w = view.matrix(np.asarray(g.const(view.weight), dtype=np.float64))
+    w = view.matrix(np.asarray(quant.weight(g, view.weight), dtype=np.float64))
     members = []
     for ps in pss:
         roots = analysis.find(ps.atoms)
@@ -468,7 +470,7 @@ def check_hessians(g, sinks: dict, positions: int, samples: int | None = None) -
     need = 0
     widest = 0
     for view, _ in sinks.values():
-        w = g.const(view.weight)
+        w = quant.weight(g, view.weight)
         if w is None or not w.ndim:
             continue
         d = (int(w.shape[0]) if view.trans else math.prod(int(s) for s in w.shape[1:])) + (view.bias is not None)
@@ -484,7 +486,7 @@ def targets_bytes(g, layers: dict, positions: int, samples: int) -> int:
     channels each, float32, with their row indices."""
     need = 0
     for view in layers.values():
-        w = g.const(view.weight)
+        w = quant.weight(g, view.weight)
         out = int(w.shape[1] if view.trans else w.shape[0])
         need += (4 * out + 8) * min(int(positions), _positions_bound(g, view, samples))
     return need

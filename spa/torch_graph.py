@@ -192,6 +192,13 @@ class TorchGraph(nn.Module):
         except KeyError:
             raise KeyError(f"no float initializer named {onnx_name!r}") from None
 
+    def static(self, onnx_name: str) -> torch.Tensor:
+        """The tensor of any initializer by its ONNX name: the Parameter of a float one, the buffer of another
+        (a quantized weight's integers, which a refit rewrites in place)."""
+        if onnx_name in self._param_key:
+            return self._params[self._param_key[onnx_name]]
+        return getattr(self._consts, self._const_key[onnx_name])
+
     @property
     def param_names(self) -> Mapping[str, nn.Parameter]:
         """ONNX initializer name -> Parameter, for every float initializer (a live read-only mapping)."""

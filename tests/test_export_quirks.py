@@ -111,15 +111,19 @@ def io(name, dims, elem=TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def test_quantized_and_branch_weights_are_named_not_a_traceback(tmp_path, capsys):
-    """3 ConvInteger layers, then an If with a Conv in each branch: the main graph has float scales but no prunable
-    weight. (This crashed with an IndexError in build_groups before the no-atom guard.)"""
+def test_conv_integer_layers_are_pruned(tmp_path, capsys):
+    """3 ConvInteger layers as quantize_dynamic writes them: their int8 weights are prunable sources
+    (operators/quantized.py), cut and kept int8; the last layer's channels are the graph output. (Such a main
+    graph crashed with an IndexError in build_groups before the no-atom guard, then was refused as holding no
+    prunable weight.)"""
     nodes, inits, y = conv_integer_layers("x", 3)
-    nodes.append(if_with_weights("flag", y, "out"))
-    m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8]), io("flag", [], TensorProto.BOOL)],
-                                    [io("out", [1, 8, 8, 8])], initializer=inits))
-    refused(tmp_path, capsys, m, "no prunable float weights in the main graph: 3 ConvInteger nodes (quantized) and "
-            "1 If with weights in its branches, which spa-prune does not prune yet")
+    m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8])], [io(y, [1, 8, 8, 8])], initializer=inits))
+    src = save(m, tmp_path / "in.onnx")
+    rc, _, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5", "--fast"], capsys)
+    assert rc == 0, err
+    pruned = {t.name: t for t in onnx.load(tmp_path / "o.onnx").graph.initializer}
+    assert [tuple(pruned[f"w{i}"].dims) for i in range(3)] == [(4, 3, 3, 3), (4, 4, 3, 3), (8, 4, 3, 3)]
+    assert pruned["w0"].data_type == TensorProto.INT8
 
 
 def test_weights_only_inside_an_if_are_not_called_no_weights(tmp_path, capsys):
@@ -132,15 +136,16 @@ def test_weights_only_inside_an_if_are_not_called_no_weights(tmp_path, capsys):
     assert "no floating-point weights" not in err
 
 
-def test_qdq_weights_are_named(tmp_path, capsys):
-    """A QDQ model: the Conv's weight is DequantizeLinear(int8 constant), not a float constant."""
+def test_a_qdq_weight_is_a_source(tmp_path, capsys):
+    """A QDQ model: the Conv's weight is DequantizeLinear(int8 constant), a prunable source (spa/quant.py); its
+    one group is frozen only because it is the graph output."""
     w = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.int8), "w_q")
     scale = numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")
     nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]),
              helper.make_node("Conv", ["x", "w"], ["out"], pads=[1, 1, 1, 1])]
     m = versioned(helper.make_graph(nodes, "g", [io("x", [1, 3, 8, 8])], [io("out", [1, 8, 8, 8])],
                                     initializer=[w, scale]))
-    refused(tmp_path, capsys, m, "1 DequantizeLinear of a constant weight (QDQ quantized)")
+    refused(tmp_path, capsys, m, "every group is frozen", "reaches a graph output")
 
 
 def test_a_model_without_weights_still_says_so(tmp_path, capsys):

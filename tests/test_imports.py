@@ -404,7 +404,7 @@ def test_imports_at_module_top():
 # The layers of docs/architecture.md, bottom-up: a module imports only from its own layer or below.
 LAYERS = [
     ["spa.errors", "spa.memory", "spa.fileio", "spa.options"],
-    ["spa.ir", "spa.validate", "spa.model", "spa.labels", "spa.groups"],
+    ["spa.ir", "spa.validate", "spa.model", "spa.quant", "spa.labels", "spa.groups"],
     ["spa.operators", "spa.lowering", "spa.torch_graph", "spa.models"],
     ["spa.calib", "spa.importance", "spa.execution", "spa.synthesis", "spa.obspa", "spa.gradients",
      "spa.fixed_transforms", "spa.patterns"],

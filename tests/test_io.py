@@ -97,23 +97,30 @@ def test_qdq_activations_between_float_convs_prune():
     assert res.report["verification"]["status"] == "passed"
 
 
-def test_quantized_weights_explain_why_nothing_is_prunable():
+def test_qdq_weights_with_a_zero_point_are_pruned_and_verified(tmp_path):
+    """uint8 QDQ weights (zero point 128, per tensor): a prunable source and sink. The integers stay uint8 and are
+    cut; the verification reference disconnects c2's removed inputs by setting them to the zero point (0 would
+    dequantize to -6.4 and fail the comparison)."""
     m = conv_chain()
     g = m.graph
-    w1 = next(t for t in g.initializer if t.name == "w1")
-    qw = numpy_helper.from_array(np.clip(numpy_helper.to_array(w1) * 20 + 128, 0, 255).astype(np.uint8), "w1_q")
-    g.initializer.remove(w1)
-    g.initializer.extend([qw, helper.make_tensor("ws", TensorProto.FLOAT, [], [0.05]),
-                          helper.make_tensor("wz", TensorProto.UINT8, [], [128])])
-    dq = helper.make_node("DequantizeLinear", ["w1_q", "ws", "wz"], ["w1"], name="dqw")
-    nodes = [dq, *g.node]
-    del g.node[:]
-    g.node.extend(nodes)
+    for name in ("w1", "w2"):
+        w = next(t for t in g.initializer if t.name == name)
+        q = np.clip(np.rint(numpy_helper.to_array(w) * 20) + 128, 0, 255).astype(np.uint8)
+        g.initializer.remove(w)
+        g.initializer.extend([numpy_helper.from_array(q, name + "_q"),
+                              helper.make_tensor(name + "_s", TensorProto.FLOAT, [], [0.05]),
+                              helper.make_tensor(name + "_z", TensorProto.UINT8, [], [128])])
+        g.node.insert(0, helper.make_node("DequantizeLinear", [name + "_q", name + "_s", name + "_z"], [name],
+                                          name="dq_" + name))
     analysis = driver.analyse(driver.load(m))
-    c1 = [g for g in analysis.groups if "c1" in g.sources]
-    assert c1 == []  # a run-time (dequantized) weight is not a prunable source
-    c2 = next(g for g in analysis.groups if "c2" in g.sources)
-    assert c2.frozen.all()  # c2's outputs are the graph output
+    c1 = next(g for g in analysis.groups if "c1" in g.sources)
+    assert c1.size == 8 and c1.prunable == 8
+    res = driver.prune(m, str(tmp_path / "p.onnx"), ratio=0.5, fast=True)
+    assert res.report["verification"]["status"] == "passed"
+    out = {t.name: numpy_helper.to_array(t) for t in load_model(tmp_path / "p.onnx").graph.initializer}
+    assert out["w1_q"].dtype == np.uint8 and out["w1_q"].shape == (4, 3, 3, 3)
+    assert out["w2_q"].dtype == np.uint8 and out["w2_q"].shape == (4, 4, 1, 1)
+    assert out["w1_s"].shape == () and int(out["w2_z"]) == 128   # per-tensor scale and zero point untouched
 
 
 def test_zero_copy_weight_views_equal_protobuf_decoding(tmp_path):

@@ -48,6 +48,9 @@ LOWERING_WITHOUT_RULE = {
 # Keys that are not operators of their domain in onnx.defs.
 NOT_ONNX = {
     ("", "Relu6"),  # not an ONNX op (onnxruntime would not load it); kept as it was, a clip to [0, 6]
+    # onnxruntime's contrib kernels that its quantizer emits (operators/quantized.py): no onnx.defs schema
+    *(("com.microsoft", op) for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+                                       "QLinearSigmoid", "QLinearLeakyRelu")),
 }
 
 

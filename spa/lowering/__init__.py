@@ -59,11 +59,15 @@ Supported operators (default domain):
                linear_before_reset; activations Sigmoid/Tanh/Relu/Softsign/Softplus/LeakyRelu/HardSigmoid;
                not input_forget=1)
 
+  quantized:   QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger, DynamicQuantizeLinear, and com.microsoft
+               QGemm, QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu
+               (integer arithmetic emulated in float: dequantize, the float op, requantize)
+
 Not supported (TorchGraph raises SpaError naming the node): MaxRoiPool, Resize antialias=1, GatherND,
-ScatterND/ScatterElements, NonMaxSuppression, RoiAlign, the quantized kernels (QLinearConv, QLinearMatMul,
-ConvInteger, MatMulInteger, DynamicQuantizeLinear), QuantizeLinear/DequantizeLinear block_size > 0 and float8
-types, random ops, sequence/optional ops, string tensors, control flow with subgraphs (If, Loop, Scan), and
-every other domain (com.microsoft, ...) unless a user registers one.
+ScatterND/ScatterElements, NonMaxSuppression, RoiAlign, QLinearConcat and the other quantized kernels,
+QuantizeLinear/DequantizeLinear block_size > 0 and float8 types, random ops, sequence/optional ops, string
+tensors, control flow with subgraphs (If, Loop, Scan), and every other op of another domain (com.microsoft, ...)
+unless a user registers one.
 
 ai.onnx.ml: ArrayFeatureExtractor only (skl2onnx's classifiers end with it).
 
@@ -75,7 +79,7 @@ Notes:
     (F.batch_norm in eval mode gives none to the running statistics).
   * Dropout is the inference identity whatever training_mode says.
 """
-from . import concat, conv, elementwise, linear, ml, norm, pool, recurrent, shape  # noqa: F401  (registers the built-ins)
+from . import concat, conv, elementwise, linear, ml, norm, pool, quantized, recurrent, shape  # noqa: F401  (registers the built-ins)
 from .core import (
            DTYPES,
            LATEST_OPSET,

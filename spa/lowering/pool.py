@@ -56,6 +56,11 @@ def _torch_pool_ok(k, begin, end):
 @lower("MaxPool")
 def max_pool(node, inputs, attrs):
     x = inputs[0]
+    if not x.is_floating_point() and x.element_size() <= 2:
+        # quantized activations: torch's integer max pooling fails on large batches; 8/16-bit values are exact
+        # in float32
+        outs = max_pool(node, [x.float(), *inputs[1:]], attrs)
+        return [outs[0].to(x.dtype), *outs[1:]]
     n = x.dim() - 2
     in_sp = list(x.shape[2:])
     k, s, d, _, begin, end, right, ceil_mode = _pool_geometry(attrs, in_sp)

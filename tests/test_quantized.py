@@ -1,0 +1,180 @@
+"""Quantized weights as prunable sources, on models onnxruntime's own quantizer wrote: a zoo ResNet-18 (1x3x32x32)
+in QDQ (per channel int8, per tensor uint8 with zero points), QOperator (QLinearConv, com.microsoft QLinearAdd /
+QLinearGlobalAveragePool / QGemm) and dynamic (ConvInteger, MatMulInteger) form, and a dynamically quantized
+BERT-like encoder (MatMulInteger, heads). Each has the float model's groups exactly, prunes and verifies against
+the disconnected-channels reference in onnxruntime, keeps its integers integer with scales cut alongside, and
+agrees with the float model pruned the same way within quantization noise."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from spa import driver, quant
+from spa.ir import Graph
+
+torch = pytest.importorskip("torch")
+qz = pytest.importorskip("onnxruntime.quantization")
+ort = pytest.importorskip("onnxruntime")
+
+SHAPE = (1, 3, 32, 32)
+
+
+class _Reader(qz.CalibrationDataReader):
+    def __init__(self, n=4):
+        self.feeds = iter([{"input": np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32)}
+                           for i in range(n)])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+@pytest.fixture(scope="module")
+def resnets(tmp_path_factory):
+    import logging
+
+    from spa import models
+
+    logging.getLogger().setLevel(logging.ERROR)   # the quantizer's "consider pre-processing" advice
+    d = tmp_path_factory.mktemp("quantized")
+    float_path = models.zoo_path("resnet18", small=True)
+    paths = {"float": str(float_path)}
+    for name, fmt, per_channel, wtype in (("qdq_per_channel", qz.QuantFormat.QDQ, True, qz.QuantType.QInt8),
+                                          ("qdq_per_tensor_uint8", qz.QuantFormat.QDQ, False, qz.QuantType.QUInt8),
+                                          ("qoperator", qz.QuantFormat.QOperator, True, qz.QuantType.QInt8)):
+        paths[name] = str(d / f"{name}.onnx")
+        qz.quantize_static(str(float_path), paths[name], _Reader(), quant_format=fmt, per_channel=per_channel,
+                           weight_type=wtype, activation_type=qz.QuantType.QUInt8)
+    paths["dynamic"] = str(d / "dynamic.onnx")
+    qz.quantize_dynamic(str(float_path), paths["dynamic"], weight_type=qz.QuantType.QInt8)
+    paths["dir"] = d
+    return paths
+
+
+VARIANTS = ["qdq_per_channel", "qdq_per_tensor_uint8", "qoperator", "dynamic"]
+
+
+def _groups(path):
+    a = driver.analyse(driver.load(path))
+    return sorted((g.size, g.prunable) for g in a.groups), a
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(path).graph.node}
+
+
+def _output_range(path) -> tuple[float, float]:
+    """The values a quantized output can take: activation scales stay as calibrated on the unpruned model, so a
+    pruned model's output saturates where it leaves that range (float outputs: unbounded)."""
+    g = Graph(onnx.load(path))
+    node = g.producer[g.output_names[0]]
+    if node.op_type != "DequantizeLinear":
+        return -np.inf, np.inf
+    scale, zp = float(g.const(node.input[1])), g.const(node.input[2])
+    info = np.iinfo(zp.dtype)
+    return scale * (info.min - int(zp)), scale * (info.max - int(zp))
+
+
+def _run(path, x):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_quantized_resnet_has_the_float_models_groups(resnets, variant):
+    assert {"qdq_per_channel": "DequantizeLinear", "qoperator": "QLinearConv",
+            "dynamic": "ConvInteger"}.get(variant, "QuantizeLinear") in _ops(resnets[variant])
+    float_groups, fa = _groups(resnets["float"])
+    groups, a = _groups(resnets[variant])
+    assert groups == float_groups and len(groups) == 13 and sum(p for _, p in groups) == 720
+    assert a.total_macs == fa.total_macs   # quantized kernels cost what their float layers do
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_quantized_resnet_prunes_verifies_and_matches_the_pruned_float_model(resnets, variant):
+    d = resnets["dir"]
+    out, ref = str(d / f"{variant}_pruned.onnx"), str(d / f"{variant}_float_pruned.onnx")
+    # random scores (same seed, same unit order) remove the same channels from both models
+    res = driver.prune(resnets[variant], out, ratio=0.3, importance="random", fast=True)
+    driver.prune(resnets["float"], ref, ratio=0.3, importance="random", fast=True)
+    assert res.report["verification"]["status"] == "passed"
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(resnets[variant]).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    g = Graph(onnx.load(out))
+    cut = 0
+    for node in g.nodes:   # every weight's integers stay integer, its per-channel scale cut to its channels
+        for i in range(len(node.input)):
+            qt = quant.reader(g, node, i)
+            if qt is None:
+                continue
+            q = after[node.input[i]]
+            assert q.dtype.kind in "iu" and q.dtype == before[node.input[i].removesuffix("_pruned")].dtype
+            if qt.axis is not None and qt.scale is not None:
+                assert after[node.input[qt.scale]].shape == (q.shape[qt.axis],)
+            cut += q.size < before[node.input[i].removesuffix("_pruned")].size
+    assert cut >= 19
+    x = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    y, y_ref = _run(out, x), np.clip(_run(ref, x), *_output_range(out))
+    noise = np.linalg.norm(_run(resnets[variant], x) - _run(resnets["float"], x))   # unpruned quantization noise
+    assert np.linalg.norm(y - y_ref) <= 3 * noise + 0.05 * np.linalg.norm(y_ref)
+
+
+def test_blockwise_qdq_weight_freezes_a_cut_inside_its_blocks():
+    """opset 21 blockwise DequantizeLinear (blocks of 4 along the input channels): the output channels cut with
+    their scale rows; the block axis is frozen with a reason."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    q1 = rng.integers(-100, 100, (8, 8)).astype(np.int8)       # x·W: W is (K=8, N=8), blocks along K (axis 0)
+    q2 = rng.integers(-100, 100, (8, 4)).astype(np.int8)
+    inits = [numpy_helper.from_array(q1, "q1"), numpy_helper.from_array(rng.random((2, 8)).astype(np.float32), "s1"),
+             numpy_helper.from_array(q2, "q2"), numpy_helper.from_array(rng.random((2, 4)).astype(np.float32), "s2")]
+    nodes = [helper.make_node("DequantizeLinear", ["q1", "s1"], ["w1"], axis=0, block_size=4),
+             helper.make_node("DequantizeLinear", ["q2", "s2"], ["w2"], axis=0, block_size=4),
+             helper.make_node("MatMul", ["x", "w1"], ["h"], name="m1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="m2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    a = driver.analyse(driver.load(model))
+    m1 = next(g for g in a.groups if "m1" in g.sources)
+    assert m1.frozen.all() and any("blockwise quantization" in why for _, why in m1.reasons)
+
+
+@pytest.fixture(scope="module")
+def bert_dynamic(tmp_path_factory):
+    from spa import models
+
+    d = tmp_path_factory.mktemp("bert")
+    float_path = str(models.zoo_path("bert_layer", small=True))
+    qz.quantize_dynamic(float_path, str(d / "bert_dyn.onnx"), weight_type=qz.QuantType.QInt8)
+    return float_path, str(d / "bert_dyn.onnx"), d
+
+
+def test_dynamically_quantized_encoder_prunes_heads_and_mlp(bert_dynamic):
+    float_path, path, d = bert_dynamic
+    assert "MatMulInteger" in _ops(path) and "DynamicQuantizeLinear" in _ops(path)
+    groups, _ = _groups(path)
+    assert groups == _groups(float_path)[0] and (256, 256) in groups   # the MLP's hidden units
+    res = driver.prune(path, str(d / "out.onnx"), ratio=0.3, fast=True)
+    assert res.report["verification"]["status"] == "passed"
+    assert res.report["macs"]["ratio"] < 0.7
+
+
+def test_default_mode_on_quantized_models(resnets, tmp_path):
+    """OBS scoring reads the dequantized weights (QDQ layers are modelled) and the run verifies; a refit the
+    kept scales cannot represent is skipped with a line, never written as float weights."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32))
+    for variant in ("qdq_per_channel", "qoperator"):
+        out = str(tmp_path / f"{variant}.onnx")
+        res = driver.prune(resnets[variant], out, ratio=0.3, calib=str(calib))
+        assert res.report["verification"]["status"] == "passed"
+        kinds = {numpy_helper.to_array(t).dtype.kind for t in onnx.load(out).graph.initializer
+                 if len(t.dims) == 4}
+        assert kinds == {"i"}   # conv weights stay int8
+        notes = " ".join(res.report["importance"].get("notes", []))
+        if variant == "qdq_per_channel":
+            assert "no member scored" not in notes   # OBS scored the QDQ layers
