@@ -70,7 +70,8 @@ def reshape(ctx, node):
     out = map_reshape(ctx, node, x, s_in, s_out)
     if out is None:
         return
-    if out.axis != x.axis and x.axis < len(s_out) and shape_element(ctx, node, 1, x.axis)[0] in (0, None):
+    if out.axis != x.axis and x.axis < len(s_out) and s_out[x.axis] == s_in[x.axis] \
+            and shape_element(ctx, node, 1, x.axis)[0] in (0, None):  # a 0 there copies s_in[x.axis]
         ctx.freeze(out, node, "reshape target copies (0) a channel axis into another position")
         return
     current, setter = shape_element(ctx, node, 1, out.axis)

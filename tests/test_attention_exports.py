@@ -136,11 +136,49 @@ CASES = [pytest.param(name, dynamo, id=f"{name}-{'dynamo' if dynamo else 'torchs
          for name in BLOCKS for dynamo in (False, True)]
 
 
+def macs(name: str, heads_kept: int, hidden_kept: int) -> int:
+    """The MACs of Net(block) at sequence S, by hand: projections, Q·Kᵀ and A·V, MLP, input and output layers."""
+    hd = D // 4
+    if name.startswith("mha"):  # 4 heads of q, k, v; o; 2-layer MLP of 64
+        attn = 4 * S * D * heads_kept * hd + 2 * heads_kept * S * S * hd
+        mlp = 2 * S * D * hidden_kept
+    else:  # 4 query heads over 2 KV heads (a unit: 1 KV head + its 2 query heads); SwiGLU of 48
+        attn = 2 * S * D * 2 * heads_kept * hd + 2 * S * D * heads_kept * hd + 2 * 2 * heads_kept * S * S * hd
+        mlp = 3 * S * D * hidden_kept
+    return S * IN * D + attn + mlp + S * D * OUT
+
+
+UNITS = {"mha": (4, 64), "gqa": (2, 48)}  # (head units, MLP hidden channels)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache = {}
+
+    def get(name, dynamo):
+        if (name, dynamo) not in cache:
+            path = tmp_path_factory.mktemp("attn") / f"{name}-{int(dynamo)}.onnx"
+            cache[name, dynamo] = export(BLOCKS[name](), path, dynamo)
+        return cache[name, dynamo]
+
+    return get
+
+
 @pytest.mark.parametrize("name, dynamo", CASES)
-def test_attention_exports_verify(name, dynamo, tmp_path):
-    """Q·Kᵀ and A·V pair the head axes of both operands: a head axis frozen on one side freezes the other
-    (before, Q's heads were cut alone and the pruned model did not run: exit 1, nothing written)."""
-    path = export(BLOCKS[name](), tmp_path / "m.onnx", dynamo)
+def test_attention_heads_and_mlp_prune_on_every_export(name, dynamo, exported, tmp_path):
+    """Heads are found through dynamo's [B·H, S, D] reshapes of K (their targets built from Shape() reads, the
+    static head count sliced out of them) and through repeat_kv's Unsqueeze/Expand/Reshape (TorchScript's expand
+    sizes are Where(sizes == -1, 1, sizes)); a grouped-query unit is one KV head with the query heads sharing it.
+    Before, Q's heads were cut alone (exit 1) or, once Q·Kᵀ paired both sides, every head was frozen."""
+    path = exported(name, dynamo)
+    analysis = driver.analyse(driver.load(path, input_shapes=SHAPES))
+    heads, hidden = UNITS[name[:3]]
+    assert sorted(g.size for g in analysis.groups if g.prunable) == sorted([heads, hidden])
+    assert all(g.prunable in (0, g.size) for g in analysis.groups)
     rep = driver.prune(path, str(tmp_path / "out.onnx"), ratio=0.3, fast=True, input_shapes=SHAPES).report
-    assert rep["verification"]["status"] == "passed"
-    assert rep["macs"]["after"] < rep["macs"]["before"]
+    assert rep["verification"]["status"] == "passed" and rep["verification"]["inputs"] == 2  # and a doubled batch
+    gone_heads, gone_hidden = round(0.3 * heads), int(0.3 * hidden + 0.5)
+    assert rep["macs"]["before"] == macs(name, heads, hidden)
+    assert rep["macs"]["after"] == macs(name, heads - gone_heads, hidden - gone_hidden)
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [d.dim_param for d in out.graph.input[0].type.tensor_type.shape.dim][:2] == ["batch", "seq"]

@@ -1096,10 +1096,13 @@ def test_runtime_batch_flatten_prunes(style):
             for n in res.pruned.graph.node if n.op_type == "Shape"] == [(0, 1)]
 
 
-def test_runtime_channel_read_still_freezes():
-    """The split keeps a channel count read at run time visible: a target taking C from the shape freezes."""
+def test_runtime_channel_read_is_a_rewritable_constant():
+    """The split turns the C that the target slices out of Shape(y) into the constant 8, which Apply can rewrite
+    (through the Slice and the Concat); the channels still freeze here, where (N, C, H*W) meets a MatMul over
+    H*W, not at the reshape."""
     _, analysis = analyse(runtime_flatten_model("channel"))
-    assert_groups(analysis, {"c1": (8, 8, "computed at run time"), "fc": (5, 5, OUT)})
+    assert_groups(analysis, {"c1": (8, 8, "MatMul 'fc': MatMul input labelled on a non-contracted axis"),
+                             "fc": (5, 5, OUT)})
 
 
 def test_runtime_batch_flatten_before_opset_15_freezes():
@@ -1271,6 +1274,28 @@ def test_attention_dead_head_matches_original():
                                    "wo.weight": (0, cols)})
     res = prune_and_check(m, 0.5, equal_original=True)
     np.testing.assert_array_equal(param_value(res.pruned, "wo", 1), param_value(m, "wo", 1)[4:])
+
+
+def test_attention_head_axis_frozen_on_one_side_freezes_the_other():
+    """Q·Kᵀ pairs Q's head i with K's head i: K's head axis frozen upstream (here by an op without a rule) must
+    freeze Q's heads too, or the pruned Q has fewer heads than K and the model does not run."""
+    b = Builder()
+    T, D, H = 5, 8, 2
+    x = b.input("x", [1, T, D])
+    heads = b.i64("heads_shape", [1, T, H, D // H])
+    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), heads], name="q_rs")], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), heads], name="k_rs")], perm=[0, 2, 3, 1])
+    k = b.op("Einsum", [k], name="opaque", equation="nhdt->nhdt")
+    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), heads], name="v_rs")], perm=[0, 2, 1, 3])
+    p = b.op("Softmax", [b.op("MatMul", [q, k], name="qk")], axis=-1)
+    o = b.op("Transpose", [b.op("MatMul", [p, v], name="pv")], perm=[0, 2, 1, 3])
+    b.output(b.matmul("wo", b.op("Reshape", [o, b.i64("merge_shape", [1, T, D])], name="merge"), D, D))
+    m = b.model()
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"wq": (2, 2, "batched MatMul"), "wk": (2, 2, "Einsum 'opaque'"),
+                             "wv": (2, 2, "batched MatMul"), "wo": (8, 8, OUT)})  # softmax(Q·Kᵀ) has no heads
+    with pytest.raises(SpaError, match="no prunable group"):
+        prune_and_check(m, 0.5)
 
 
 # ---- no rule, graph outputs -----------------------------------------------------------------------------------------
