@@ -60,9 +60,9 @@ def rotate_half(x):
 class LlamaLayer(nn.Module):
     """Pre-norm Llama-like layer: RMSNorm, rotary q/k, grouped-query attention (repeat_kv), SwiGLU MLP."""
 
-    def __init__(self, heads=4, kv_heads=2, sdpa=True):
+    def __init__(self, heads=4, kv_heads=2, sdpa=True, enable_gqa=False):
         super().__init__()
-        self.h, self.kv, self.hd, self.sdpa = heads, kv_heads, D // heads, sdpa
+        self.h, self.kv, self.hd, self.sdpa, self.enable_gqa = heads, kv_heads, D // heads, sdpa, enable_gqa
         self.q = nn.Linear(D, heads * self.hd, bias=False)
         self.k = nn.Linear(D, kv_heads * self.hd, bias=False)
         self.v = nn.Linear(D, kv_heads * self.hd, bias=False)
@@ -87,10 +87,13 @@ class LlamaLayer(nn.Module):
         v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
         cos, sin = self.cos[:s], self.sin[:s]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = self.repeat_kv(k, b, s), self.repeat_kv(v, b, s)
-        if self.sdpa:
+        if self.enable_gqa:  # the KV heads go to the attention op as they are
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif self.sdpa:
+            k, v = self.repeat_kv(k, b, s), self.repeat_kv(v, b, s)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
+            k, v = self.repeat_kv(k, b, s), self.repeat_kv(v, b, s)
             mask = torch.full((s, s), float("-inf")).triu(1)
             a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd) + mask, -1) @ v
         x = x + self.o(a.transpose(1, 2).reshape(b, s, D))
@@ -107,13 +110,14 @@ class Net(nn.Module):
         return self.head(self.block(self.inp(x)))
 
 
-def export(block, path, dynamo: bool) -> str:
-    """Both exporters with a dynamic batch and sequence, as users export transformers."""
+def export(block, path, dynamo: bool, opset: int | None = None) -> str:
+    """Both exporters with a dynamic batch and sequence, as users export transformers (dynamo at opset 23 emits
+    the Attention and RMSNormalization ops)."""
     torch.manual_seed(0)
     net, x = Net(block).eval(), torch.randn(1, S, IN)
     if dynamo:
         dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", min=2, max=64)},)
-        torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=18, input_names=["x"],
+        torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=opset or 18, input_names=["x"],
                           output_names=["y"], dynamic_shapes=dims)
     else:
         torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
@@ -131,9 +135,12 @@ BLOCKS = {
     "mha-explicit": lambda: MHA(sdpa=False),
     "gqa-sdpa": lambda: LlamaLayer(sdpa=True),
     "gqa-explicit": lambda: LlamaLayer(sdpa=False),
+    "gqa-in-op": lambda: LlamaLayer(enable_gqa=True),  # KV heads not repeated: the attention op groups them
 }
-CASES = [pytest.param(name, dynamo, id=f"{name}-{'dynamo' if dynamo else 'torchscript'}")
-         for name in BLOCKS for dynamo in (False, True)]
+CASES = [pytest.param(name, dynamo, None, id=f"{name}-{'dynamo' if dynamo else 'torchscript'}")
+         for name in BLOCKS if name != "gqa-in-op" for dynamo in (False, True)]
+CASES += [pytest.param(name, True, 23, id=f"{name}-dynamo-opset23") for name in ("mha-sdpa", "gqa-sdpa", "gqa-in-op")]
+CASES += [pytest.param("gqa-in-op", True, None, id="gqa-in-op-dynamo")]
 
 
 def macs(name: str, heads_kept: int, hidden_kept: int) -> int:
@@ -155,22 +162,27 @@ UNITS = {"mha": (4, 64), "gqa": (2, 48)}  # (head units, MLP hidden channels)
 def exported(tmp_path_factory):
     cache = {}
 
-    def get(name, dynamo):
-        if (name, dynamo) not in cache:
-            path = tmp_path_factory.mktemp("attn") / f"{name}-{int(dynamo)}.onnx"
-            cache[name, dynamo] = export(BLOCKS[name](), path, dynamo)
-        return cache[name, dynamo]
+    def get(name, dynamo, opset):
+        if (name, dynamo, opset) not in cache:
+            path = tmp_path_factory.mktemp("attn") / f"{name}-{int(dynamo)}-{opset}.onnx"
+            cache[name, dynamo, opset] = export(BLOCKS[name](), path, dynamo, opset)
+        return cache[name, dynamo, opset]
 
     return get
 
 
-@pytest.mark.parametrize("name, dynamo", CASES)
-def test_attention_heads_and_mlp_prune_on_every_export(name, dynamo, exported, tmp_path):
+@pytest.mark.parametrize("name, dynamo, opset", CASES)
+def test_attention_heads_and_mlp_prune_on_every_export(name, dynamo, opset, exported, tmp_path):
     """Heads are found through dynamo's [B·H, S, D] reshapes of K (their targets built from Shape() reads, the
     static head count sliced out of them) and through repeat_kv's Unsqueeze/Expand/Reshape (TorchScript's expand
     sizes are Where(sizes == -1, 1, sizes)); a grouped-query unit is one KV head with the query heads sharing it.
-    Before, Q's heads were cut alone (exit 1) or, once Q·Kᵀ paired both sides, every head was frozen."""
-    path = exported(name, dynamo)
+    At opset 23 the heads go through the Attention op (grouped-query inside it for gqa-in-op) and RMSNorm
+    through RMSNormalization. Before, Q's heads were cut alone (exit 1) or, once Q·Kᵀ paired both sides, every
+    head was frozen; the opset-23 ops had no rule."""
+    path = exported(name, dynamo, opset)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert ({"Attention", "RMSNormalization"} & ops) == ({"Attention"} | ({"RMSNormalization"} if "gqa" in name
+                                                                          else set()) if opset == 23 else set())
     analysis = driver.analyse(driver.load(path, input_shapes=SHAPES))
     heads, hidden = UNITS[name[:3]]
     assert sorted(g.size for g in analysis.groups if g.prunable) == sorted([heads, hidden])
