@@ -42,7 +42,8 @@ def shape_element(ctx, node, input_index: int, pos: int):
     tensor in place), or (None, None) if the element is computed at run time. Follows integer Casts, Concat of
     pieces and constant Gather/Slice picks, nested: the patterns exporters emit for shapes with a dynamic batch
     (Concat(Unsqueeze(Gather(Shape(x))), [h], [d]); tf2onnx's int32 Concat and Cast; Normalize's split of a Shape
-    read, Concat(Shape(x, 0, 1), [C, H, W]), then sliced by TorchScript's flatten or nested by dynamo).
+    read, Concat(Shape(x, 0, 1), [C, H, W]), then sliced by TorchScript's flatten or nested by dynamo), 1-D
+    Reshapes of such vectors, and TorchScript's expand sizes Where(Equal(sizes, -1), 1, sizes).
     """
     found = _element_path(ctx, node.input[input_index], pos) if input_index < len(node.input) else None
     if found is None:
@@ -61,17 +62,22 @@ def shape_element(ctx, node, input_index: int, pos: int):
     return value, set_element
 
 
-def _element_path(ctx, name: str, pos: int, depth: int = 0):
-    """([(producer, input index)] from the reader out to the constant, position in it, value) or None."""
+def _element_path(ctx, name: str, pos: int, depth: int = 0, unlike: tuple = ()):
+    """([(producer, input index)] from the reader out to the constant, position in it, value) or None. `unlike`:
+    values the element must not have for the path to hold (a Where passes it through only then)."""
     c = ctx.const(name)
     if c is not None:
         flat = np.asarray(c).reshape(-1)
-        return ([], pos, int(flat[pos])) if 0 <= pos < flat.size else None
+        return ([], pos, int(flat[pos])) if 0 <= pos < flat.size and int(flat[pos]) not in unlike else None
     p = ctx.g.producer.get(name)
     if p is None or depth > 16:
         return None
     if p.op_type == "Cast" and _int_cast(ctx, p):  # tf2onnx: Concat in int32, Cast to int64
         j, q = 0, pos
+    elif p.op_type == "Reshape" and len(ctx.shape(p.input[0]) or ()) == 1 and len(ctx.shape(p.output[0]) or ()) == 1:
+        j, q = 0, pos  # a vector reshaped to [-1]
+    elif p.op_type == "Where" and (avoid := _where_keeps_else(ctx, p, pos)) is not None:
+        j, q, unlike = 2, pos, (*unlike, avoid)  # TorchScript's expand(sizes): Where(Equal(sizes, -1), 1, sizes)
     elif p.op_type == "Concat" and int(attr(p, "axis", 0)) in (0, -1):
         j, q = None, pos
         for jj, piece in enumerate(p.input):
@@ -92,7 +98,7 @@ def _element_path(ctx, name: str, pos: int, depth: int = 0):
         j, q = 0, int(picked[pos])
     else:
         return None
-    inner = _element_path(ctx, p.input[j], q, depth + 1)
+    inner = _element_path(ctx, p.input[j], q, depth + 1, unlike)
     return None if inner is None else ([(p, j), *inner[0]], inner[1], inner[2])
 
 
@@ -116,6 +122,19 @@ def picked_positions(ctx, node, n: int) -> np.ndarray | None:
         return None
     first = lambda a: int(np.asarray(a).reshape(-1)[0])  # noqa: E731
     return np.arange(n)[slice(first(consts[0]), first(consts[1]), first(steps))]
+
+
+def _where_keeps_else(ctx, node, pos: int) -> int | None:
+    """For Where(Equal(v, c), a, v): the value c[pos] that element pos of v must differ from for the Where to
+    pass it through, or None when the node is not of that form."""
+    eq = ctx.g.producer.get(node.input[0])
+    if eq is None or eq.op_type != "Equal" or node.input[2] not in eq.input:
+        return None
+    c = ctx.const(eq.input[1] if eq.input[0] == node.input[2] else eq.input[0])
+    if c is None:
+        return None
+    c = np.array(c).reshape(-1)
+    return int(c[pos] if c.size > 1 else c[0]) if c.size > pos or c.size == 1 else None
 
 
 def _int_cast(ctx, node) -> bool:

@@ -105,6 +105,7 @@ def _activations(ctx, node, la, lb, ra, rb, ry, sa, sb, macs):
         b = kb if kb is not None else none_labels(sb[-2])
         contracted = ctx.unify(a, b, node, "contraction of a channel axis with an unlabelled operand")
         ctx.mask_sinks.append(MaskSink(node, 0, ra - 1, contracted))
+    la, lb = _shared_batch_axes(ctx, node, la, lb, sa, sb, ry, ka is not None, kb is not None)
     for lab, r, own_out in ((la, ra, ry - 2), (lb, rb, ry - 1)):
         if lab is None or (lab is la and ka is not None) or (lab is lb and kb is not None):
             continue
@@ -132,3 +133,25 @@ def _activations(ctx, node, la, lb, ra, rb, ry, sa, sb, macs):
                 out_atoms = other if len(other) > 1 else out_atoms
         ctx.out(node, 0, Labels(axis, out_atoms))
     ctx.cost(node, macs, [out_atoms, contracted])
+
+
+def _shared_batch_axes(ctx, node, la, lb, sa, sb, ry, a_contracted, b_contracted):
+    """A batch axis (heads of Q·Kᵀ and A·V) pairs position i of A with position i of B: both sides must carry
+    the same units. Where one side's axis carries no labels (its head axis was frozen upstream: a runtime
+    reshape, an unknown op) and does not broadcast (size 1), the other side's atoms are frozen too; otherwise
+    the pruned operands would disagree on the number of heads. Returns the labellings still usable."""
+    sides = [(la, sa, a_contracted), (lb, sb, b_contracted)]
+    for me, other in ((0, 1), (1, 0)):
+        lab, s, contracted = sides[me]
+        if lab is None or contracted or lab.axis >= len(s) - 2:
+            continue
+        olab, os_, _ = sides[other]
+        out_axis = lab.axis + ry - len(s)
+        o_axis = out_axis - (ry - len(os_))
+        if o_axis < 0 or os_[o_axis] == 1:
+            continue  # the other operand broadcasts over this axis: nothing of it to keep in step
+        if olab is None or olab.axis != o_axis:
+            ctx.freeze(lab, node, "batched MatMul: the other operand's matching axis carries no channel labels "
+                       "(frozen upstream)")
+            sides[me] = (None, s, contracted)
+    return sides[0][0], sides[1][0]

@@ -24,15 +24,16 @@ def batchnorm(ctx, node):
     passthrough(ctx, node)
 
 
-@rule("LayerNormalization")
+@rule("LayerNormalization", "RMSNormalization")
 def layernorm(ctx, node):
+    """Normalizes over the axes from `axis` on (RMSNormalization too: the root mean square of those axes)."""
     x = ctx.inp(node, 0)
     if x is None:
         return
     rank = len(ctx.shape(node.input[0]) or ())
     axis = norm_axis(int(attr(node, "axis", -1)), rank)
     if rank == 0 or x.axis >= axis:
-        ctx.freeze(x, node, "LayerNormalization normalizes over the channel axis (channel-mixing)")
+        ctx.freeze(x, node, f"{node.op_type} normalizes over the channel axis (channel-mixing)")
         return
     passthrough(ctx, node)
 

@@ -79,7 +79,9 @@ def reshape(ctx, node):
     if out is None:
         return
     allowzero = attr(node, "allowzero", 0)
-    if out.axis != x.axis and x.axis < len(s_out) and not allowzero \
+    # a 0 there would copy s_in[x.axis]: impossible with allowzero, with a run-time read (0 only for an empty
+    # tensor) or where the static shapes show that dim changed
+    if out.axis != x.axis and x.axis < len(s_out) and not allowzero and s_out[x.axis] == s_in[x.axis] \
             and target_element(ctx, node, 1, x.axis) in (0, None):
         ctx.freeze(out, node, "reshape target copies (0) a channel axis into another position")
         return

@@ -21,6 +21,7 @@ from helpers import (
     param_shapes,
     param_value,
     prune_and_check,
+    rand,
     reasons_text,
     removed_count,
     zeroed,
@@ -1284,6 +1285,94 @@ def test_attention_dead_head_matches_original():
                                    "wo.weight": (0, cols)})
     res = prune_and_check(m, 0.5, equal_original=True)
     np.testing.assert_array_equal(param_value(res.pruned, "wo", 1), param_value(m, "wo", 1)[4:])
+
+
+def test_attention_head_axis_frozen_on_one_side_freezes_the_other():
+    """Q·Kᵀ pairs Q's head i with K's head i: K's head axis frozen upstream (here by an op without a rule) must
+    freeze Q's heads too, or the pruned Q has fewer heads than K and the model does not run."""
+    b = Builder()
+    T, D, H = 5, 8, 2
+    x = b.input("x", [1, T, D])
+    heads = b.i64("heads_shape", [1, T, H, D // H])
+    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), heads], name="q_rs")], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), heads], name="k_rs")], perm=[0, 2, 3, 1])
+    k = b.op("Einsum", [k], name="opaque", equation="nhdt->nhdt")
+    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), heads], name="v_rs")], perm=[0, 2, 1, 3])
+    p = b.op("Softmax", [b.op("MatMul", [q, k], name="qk")], axis=-1)
+    o = b.op("Transpose", [b.op("MatMul", [p, v], name="pv")], perm=[0, 2, 1, 3])
+    b.output(b.matmul("wo", b.op("Reshape", [o, b.i64("merge_shape", [1, T, D])], name="merge"), D, D))
+    m = b.model()
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"wq": (2, 2, "batched MatMul"), "wk": (2, 2, "Einsum 'opaque'"),
+                             "wv": (2, 2, "batched MatMul"), "wo": (8, 8, OUT)})  # softmax(Q·Kᵀ) has no heads
+    with pytest.raises(SpaError, match="no prunable group"):
+        prune_and_check(m, 0.5)
+
+
+# ---- opset 23: Attention, RotaryEmbedding, RMSNormalization ----------------------------------------------------------
+def gqa_attention_model(T=5, D=16, hq=4, hkv=2, hs=4):
+    """3-D grouped-query attention as an opset-23 graph: q/k/v projections, RotaryEmbedding on q and k (heads
+    from num_heads), Attention(q_num_heads=4, kv_num_heads=2), the output projection."""
+    b = Builder(opset=23)
+    x = b.input("x", [1, T, D])
+    cos = b.const("cos", np.cos(np.outer(np.arange(T), [1.0, 0.1])).astype(np.float32))  # [positions, hs/2]
+    sin = b.const("sin", np.sin(np.outer(np.arange(T), [1.0, 0.1])).astype(np.float32))
+    pos = b.i64("pos", [list(range(T))])
+    q = b.op("RotaryEmbedding", [b.matmul("wq", x, D, hq * hs), cos, sin, pos], name="rope_q", num_heads=hq)
+    k = b.op("RotaryEmbedding", [b.matmul("wk", x, D, hkv * hs), cos, sin, pos], name="rope_k", num_heads=hkv)
+    v = b.matmul("wv", x, D, hkv * hs)
+    y = b.op("Attention", [q, k, v], name="attn", q_num_heads=hq, kv_num_heads=hkv, is_causal=1)
+    b.output(b.matmul("wo", y, hq * hs, D))
+    return b.model()
+
+
+def test_attention_op_grouped_query_3d():
+    """A unit is one KV head with the two query heads sharing it (8 q, 4 k and 4 v channels): half the units
+    go, and Attention's and RotaryEmbedding's head counts are rewritten."""
+    m = gqa_attention_model()
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"wq": (2, 0, None), "wo": (16, 16, OUT)})
+    assert group_of(analysis, "wq").sources == ["wq", "wk", "wv"]
+    res = prune_and_check(m, 0.5, check_macs=False)
+    assert_shapes(res.pruned, {("wq", 1): (16, 8), ("wk", 1): (16, 4), ("wv", 1): (16, 4), ("wo", 1): (8, 16)})
+    assert (node_attr(res.pruned, "attn", "q_num_heads"), node_attr(res.pruned, "attn", "kv_num_heads")) == (2, 1)
+    assert (node_attr(res.pruned, "rope_q", "num_heads"), node_attr(res.pruned, "rope_k", "num_heads")) == (2, 1)
+    T, D = 5, 16
+    attn = 4 * T * T * (4 + 4)  # heads x seq_q x seq_kv x (head_size + v_head_size)
+    assert res.report["macs"]["before"] == T * D * (16 + 8 + 8) + attn + T * 16 * D
+    assert res.report["macs"]["after"] == T * D * (8 + 4 + 4) + attn // 2 + T * 8 * D
+
+
+def test_attention_op_4d_per_head_mask_is_cut():
+    """4-D Attention: heads on axis 1 through the head reshapes; a constant per-head mask loses the removed
+    heads' rows; a head-size axis reaching the op freezes (the default scale is 1/sqrt(head_size))."""
+    T, D, H = 5, 8, 2
+    b = Builder(opset=23)
+    x = b.input("x", [1, T, D])
+    heads = b.i64("heads_shape", [1, T, H, D // H])
+    q, k, v = (b.op("Transpose", [b.op("Reshape", [b.matmul(w, x, D, D), heads])], perm=[0, 2, 1, 3])
+               for w in ("wq", "wk", "wv"))
+    mask = b.const("mask", np.triu(np.full((1, H, T, T), -1e4, np.float32), 1) + rand("m", (1, H, T, T), 0.1))
+    o = b.op("Attention", [q, k, v, mask], name="attn")
+    o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.i64("merge", [1, T, D])])
+    b.output(b.matmul("wo", o, D, D))
+    m = b.model()
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"wq": (2, 0, None), "wo": (8, 8, OUT)})
+    res = prune_and_check(m, 0.5, check_macs=False)
+    assert_shapes(res.pruned, {("wq", 1): (8, 4), ("wo", 1): (4, 8), ("attn", 3): (1, 1, T, T)})
+
+
+def test_rms_normalization_is_channel_mixing_like_layernorm():
+    b = Builder(opset=23)
+    x = b.input("x", [1, 5, 8])
+    y = b.op("RMSNormalization", [b.matmul("w1", x, 8, 12), b.weight("g", (12,), positive=True)], name="rms")
+    b.output(b.matmul("w2", b.relu(b.matmul("w3", y, 12, 6)), 6, 3))
+    m = b.model()
+    _, analysis = analyse(m)
+    assert_groups(analysis, {"w1": (12, 12, "RMSNormalization normalizes over the channel axis (channel-mixing)"),
+                             "w3": (6, 0, None), "w2": (3, 3, OUT)})
+    prune_and_check(m, 0.5)
 
 
 # ---- no rule, graph outputs -----------------------------------------------------------------------------------------

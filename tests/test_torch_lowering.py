@@ -775,3 +775,73 @@ def test_unsupported_attribute_is_refused_up_front():
                         {"mode": "linear", "antialias": 1}, consts={2}, opset=18)
     with pytest.raises(SpaError, match="resize_node.*antialias"):
         TorchGraph(model)
+
+
+# ---- opset 23: Attention, RotaryEmbedding, RMSNormalization --------------------------------------------------------
+ATTENTION = [  # (q, k, v shapes, attrs, mask shape/dtype or None, past length)
+    pytest.param((2, 4, 5, 8), (2, 4, 5, 8), (2, 4, 5, 6), {}, None, 0, id="mha-4d"),
+    pytest.param((2, 4, 5, 8), (2, 2, 5, 8), (2, 2, 5, 8), {"is_causal": 1}, None, 0, id="gqa-4d-causal"),
+    pytest.param((2, 4, 3, 8), (2, 2, 3, 8), (2, 2, 3, 8), {"is_causal": 1}, None, 4, id="gqa-causal-past"),
+    pytest.param((2, 4, 5, 8), (2, 1, 5, 8), (2, 1, 5, 8), {"scale": 0.3, "softcap": 2.0}, ((5, 5), "f"), 0,
+                 id="mqa-scale-softcap-mask"),
+    pytest.param((2, 5, 32), (2, 5, 16), (2, 5, 16), {"q_num_heads": 4, "kv_num_heads": 2}, ((2, 4, 5, 5), "b"), 0,
+                 id="gqa-3d-bool-mask"),
+    pytest.param((1, 3, 16), (1, 3, 16), (1, 3, 16), {"q_num_heads": 2, "kv_num_heads": 2, "is_causal": 1},
+                 ((3, 5), "f"), 2, id="3d-causal-past-mask"),
+]
+
+
+@pytest.mark.parametrize("q, k, v, attrs, mask, past", ATTENTION)
+def test_attention(q, k, v, attrs, mask, past):
+    inputs = [randn(*q, seed=1), randn(*k, seed=2), randn(*v, seed=3)]
+    n_out = 1
+    m = None
+    if mask is not None:
+        shape, kind = mask
+        m = randn(*shape, seed=4) if kind == "f" else rng(4).random(shape) < 0.7
+        if kind == "b":
+            m[..., 0] = True  # every row sees one key
+    if mask is not None or past:
+        inputs.append(m)
+    if past:
+        hkv = k[1] if len(k) == 4 else attrs["kv_num_heads"]
+        hs = k[-1] if len(k) == 4 else k[-1] // hkv
+        vhs = v[-1] if len(v) == 4 else v[-1] // hkv
+        inputs += [randn(k[0], hkv, past, hs, seed=5), randn(v[0], hkv, past, vhs, seed=6)]
+        n_out = 3
+    check("Attention", inputs, attrs, n_out=n_out, opset=23)
+
+
+def test_attention_scores_output_is_refused():
+    model, _ = op_model("Attention", [randn(1, 2, 3, 4), randn(1, 2, 3, 4), randn(1, 2, 3, 4)], opset=23, n_out=4)
+    with pytest.raises(SpaError, match="qk_matmul_output"):
+        TorchGraph(model)
+
+
+ROTARY = [  # (x shape, attrs, with position_ids)
+    pytest.param((2, 3, 5, 8), {}, True, id="4d-positions"),
+    pytest.param((2, 3, 5, 8), {"interleaved": 1}, True, id="4d-interleaved"),
+    pytest.param((2, 5, 24), {"num_heads": 3}, True, id="3d"),
+    pytest.param((2, 3, 5, 8), {"rotary_embedding_dim": 4}, True, id="4d-partial"),
+    pytest.param((2, 5, 24), {"num_heads": 3, "interleaved": 1}, False, id="3d-caches-per-token"),
+]
+
+
+@pytest.mark.parametrize("shape, attrs, positions", ROTARY)
+def test_rotary_embedding(shape, attrs, positions):
+    head = shape[-1] if len(shape) == 4 else shape[-1] // attrs["num_heads"]
+    half = (attrs.get("rotary_embedding_dim") or head) // 2
+    if positions:
+        cos, sin = randn(16, half, seed=2), randn(16, half, seed=3)
+        pos = rng(4).integers(0, 16, size=(shape[0], shape[-2] if len(shape) == 4 else shape[1])).astype(np.int64)
+        check("RotaryEmbedding", [randn(*shape, seed=1), cos, sin, pos], attrs, opset=23)
+    else:
+        seq = shape[1]
+        check("RotaryEmbedding", [randn(*shape, seed=1), randn(shape[0], seq, half, seed=2),
+                                  randn(shape[0], seq, half, seed=3)], attrs, opset=23)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_rms_normalization(axis):
+    check("RMSNormalization", [randn(2, 3, 4, seed=1), randn(*(4,) if axis == -1 else (3, 4), seed=2)],
+          {"axis": axis, "epsilon": 1e-3}, opset=23)

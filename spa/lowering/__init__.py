@@ -20,8 +20,8 @@ without it the newest semantics apply. Every value computation is a torch op, so
 whatever is differentiable; constant integer inputs (shapes, pads, starts, axes, scales of Resize) are read
 with `.tolist()`.
 
-One module per operator family, mirroring the propagation-rule modules of spa/operators (conv, linear, norm,
-elementwise, pool, shape, concat, recurrent) plus ml (ai.onnx.ml); _util holds the helpers they share. This module holds the
+One module per operator family, mirroring the propagation-rule modules of spa/operators (attention, conv, linear,
+norm, elementwise, pool, shape, concat, recurrent, quantized) plus ml (ai.onnx.ml); _util holds the helpers they share. This module holds the
 registry and the public helpers (dtypes, attribute decoding, `unsupported`) and imports the family modules, which
 register their lowerings.
 
@@ -35,7 +35,9 @@ Supported operators (default domain):
   linear:      Gemm (alpha, beta, transA, transB, C broadcast), MatMul (batched/broadcast), Einsum
   norm:        BatchNormalization (inference), InstanceNormalization, LayerNormalization (+Mean/InvStdDev
                outputs), GroupNormalization (opset 18 per-group and opset 21 per-channel scale),
-               LpNormalization, MeanVarianceNormalization, LRN
+               LpNormalization, MeanVarianceNormalization, LRN, RMSNormalization
+  attention:   Attention (opset 23: 3-D and 4-D, grouped-query, bool/float masks, is_causal, past key/value,
+               softcap, qk_matmul_output modes 0-3), RotaryEmbedding (position_ids, interleaved, partial)
   elementwise: Relu, LeakyRelu, PRelu, Sigmoid, HardSigmoid, HardSwish, Gelu, Erf, Tanh, Softplus, Softsign,
                Exp, Log, Sqrt, Abs, Neg, Reciprocal, Floor, Ceil, Round, Sign, Sin, Cos, Tan, Elu, Selu, Celu,
                ThresholdedRelu, Mish, Swish, Relu6, Shrink, Identity, Dropout (inference: identity), Cast,
@@ -79,7 +81,7 @@ Notes:
     (F.batch_norm in eval mode gives none to the running statistics).
   * Dropout is the inference identity whatever training_mode says.
 """
-from . import concat, conv, elementwise, linear, ml, norm, pool, quantized, recurrent, shape  # noqa: F401  (registers the built-ins)
+from . import attention, concat, conv, elementwise, linear, ml, norm, pool, quantized, recurrent, shape  # noqa: F401  (registers the built-ins)
 from .core import (
            DTYPES,
            LATEST_OPSET,

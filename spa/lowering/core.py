@@ -106,6 +106,8 @@ def unsupported(node: onnx.NodeProto, attrs: dict) -> str | None:
         return f"mode={attrs.get('mode')!r} is unknown"
     elif op == "Cast" and int(attrs.get("to", 0)) not in DTYPES:
         return f"casting to {TensorProto.DataType.Name(int(attrs.get('to', 0)))} is not supported"
+    elif op == "Attention" and len(node.output) > 3 and node.output[3]:
+        return "the qk_matmul_output output is not supported"
     elif op == "Constant" and not ({"value", "value_float", "value_floats", "value_int", "value_ints"} & set(attrs)):
         return "only numeric tensor values are supported"
     elif op in ATTRIBUTE_CHECKS:

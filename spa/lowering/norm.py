@@ -47,6 +47,17 @@ def layer_norm(node, inputs, attrs):
     return [y, mean, inv]
 
 
+@lower("RMSNormalization")
+def rms_norm(node, inputs, attrs):
+    """y = x / sqrt(mean(x^2 over the axes from `axis` on) + epsilon) * scale, computed in float32 (stash_type 1)."""
+    x, scale = inputs[:2]
+    axis = _axis(int(attrs.get("axis", -1)), x.dim())
+    dims = tuple(range(axis, x.dim()))
+    xf = x.float()
+    y = xf * torch.rsqrt((xf * xf).mean(dims, keepdim=True) + float(attrs.get("epsilon", 1e-5)))
+    return [(y * scale.float()).to(x.dtype)]
+
+
 @lower("GroupNormalization")
 def group_norm(node, inputs, attrs):
     x, scale, bias = inputs[:3]

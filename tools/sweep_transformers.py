@@ -1,0 +1,133 @@
+"""Hugging Face transformers as users export them, pruned at --ratio 0.3 (issue 15): tiny random-init models
+built from their configs, exported by TorchScript (opset 18: Mistral's mask needs bitwise_and) and dynamo (opset 18 and 23) with dynamic batch
+(and sequence) axes, then analysed and pruned with `--fast` at the analysis shapes below.
+
+Needs `transformers` (not a dependency of spa-prune: `pip install "transformers<4.58"` into the venv running this).
+
+    python tools/sweep_transformers.py [--models bert,llama] [--exporters torchscript,dynamo18,dynamo23]
+
+Prints one markdown row per model and exporter: verification status (or the one-line error), the prunable
+groups' sizes (heads: 4 or, for grouped-query models, 2 units; MLP: 64), and the MACs before/after.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+TEXT = (1, 8)
+VISION = (1, 3, 32, 32)
+AUDIO = (1, 16, 32)  # whisper encoder: (batch, mel bins, frames = 2 x max_source_positions)
+
+
+def configs():
+    import transformers as t
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    llama_like = dict(common, vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "bert": (lambda: t.BertModel(t.BertConfig(vocab_size=100, max_position_embeddings=64, **common)), TEXT),
+        "roberta": (lambda: t.RobertaModel(t.RobertaConfig(vocab_size=100, max_position_embeddings=66, **common)),
+                    TEXT),
+        "distilbert": (lambda: t.DistilBertModel(t.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4,
+                                                                    hidden_dim=64, max_position_embeddings=64)),
+                       TEXT),
+        "vit": (lambda: t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, **common)), VISION),
+        "deit": (lambda: t.DeiTModel(t.DeiTConfig(image_size=32, patch_size=8, **common)), VISION),
+        "whisper-encoder": (lambda: t.WhisperModel(t.WhisperConfig(
+            d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
+            vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+            suppress_tokens=[], begin_suppress_tokens=[])).encoder, AUDIO),
+        "llama": (lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_like)), TEXT),
+        "qwen2": (lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama_like)), TEXT),
+        "mistral": (lambda: t.MistralForCausalLM(t.MistralConfig(**llama_like)), TEXT),
+        "gpt2": (lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2,
+                                                       n_head=4, n_inner=64)), TEXT),
+    }
+
+
+def export(build, shape, exporter: str, path: Path) -> None:
+    import onnx
+    import torch
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            o = self.m(x, use_cache=False) if "use_cache" in self.m.forward.__code__.co_varnames else self.m(x)
+            return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+    torch.manual_seed(0)
+    model = Wrap(build().eval())
+    x = torch.randint(0, 100, shape) if len(shape) == 2 else torch.randn(*shape)
+    if exporter == "torchscript":
+        axes = {"x": {0: "batch", 1: "seq"} if len(shape) == 2 else {0: "batch"}}
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["x"],
+                          output_names=["y"], dynamic_axes=axes)
+    else:
+        dims = {0: torch.export.Dim("batch")}
+        if len(shape) == 2:
+            dims[1] = torch.export.Dim("seq", min=2, max=64)
+        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=int(exporter[len("dynamo"):]),
+                          input_names=["x"], output_names=["y"], dynamic_shapes=(dims,))
+    m = onnx.load(str(path))
+    if m.ir_version > 10:  # onnxruntime 1.32 reads up to IR 11; torch 2.13 writes newer
+        m.ir_version = 10
+        onnx.save(m, str(path))
+
+
+def run(name: str, exporter: str, folder: Path) -> dict:
+    from spa import driver
+    from spa.errors import one_line
+
+    build, shape = configs()[name]
+    path = folder / f"{name}-{exporter}.onnx"
+    row = {"model": name, "exporter": exporter}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            export(build, shape, exporter, path)
+    except Exception as e:  # noqa: BLE001 - a row of the table
+        return {**row, "status": f"export failed: {one_line(e, 120)}"}
+    shapes = {"x": shape}
+    t0 = time.perf_counter()
+    try:
+        analysis = driver.analyse(driver.load(str(path), input_shapes=shapes))
+        row["prunable"] = sorted((g.size for g in analysis.groups if g.prunable), reverse=True)
+        rep = driver.prune(str(path), str(folder / "out.onnx"), ratio=0.3, fast=True, input_shapes=shapes).report
+        row.update(status=rep["verification"]["status"], before=rep["macs"]["before"], after=rep["macs"]["after"])
+    except Exception as e:  # noqa: BLE001
+        row["status"] = f"{type(e).__name__}: {one_line(e, 120)}"
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(configs()))
+    ap.add_argument("--exporters", default="torchscript,dynamo18,dynamo23")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    print("| model | exporter | status | prunable group sizes | MACs before | MACs after | removed |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for exporter in args.exporters.split(","):
+                r = run(name, exporter, Path(tmp))
+                removed = f"{100 * (1 - r['after'] / r['before']):.1f} %" if r.get("before") else ""
+                print(f"| {name} | {exporter} | {r['status']} | {r.get('prunable', '')} | {r.get('before', '')} "
+                      f"| {r.get('after', '')} | {removed} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
