@@ -147,6 +147,7 @@ class Context:
     # integer vectors computed from Shape reads (Shape -> Gather/Slice/Concat/Unsqueeze -> a Reshape target):
     # per element an int (constant), a DimRead, or None (computed otherwise); see operators/shape.py
     shape_values: dict[str, list] = field(default_factory=dict)
+    unruled: dict[str, int] = field(default_factory=dict)  # op type -> nodes without a rule that froze channels
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def inp(self, node: onnx.NodeProto, i: int) -> Labels | None:
