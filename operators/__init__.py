@@ -10,6 +10,6 @@ Registry: RULES[(domain, op_type)] = rule, the default ONNX domain keyed as "" (
 domain: `canonical_domain`). The torch lowerings (spa.lowering) are keyed the same way. A user adds an operator of
 their own with `register` (docs/operators.md). This package never imports torch.
 """
-from . import attention, concat, conv, elementwise, linear, norm, pool, quantized, recurrent, shape  # noqa: F401  (registers the built-in rules)
+from . import attention, concat, control, conv, elementwise, linear, norm, pool, quantized, recurrent, shape  # noqa: F401  (registers the built-in rules)
 from .registry import LOWERINGS, RULES, Registration, canonical_domain, lookup, register, rule, unregister  # noqa: F401,E501
 from .weights import BIAS_INPUT, WEIGHT_INPUT, is_weight_layer, weight_input  # noqa: F401

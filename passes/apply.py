@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa.groups import Analysis
+from spa.ir import walk_graphs, walk_nodes
 
 from . import Pass
 from .normalize import dead_code
@@ -29,10 +30,10 @@ class ApplyContext:
         """A producer node that only `consumer` reads: the node itself if nobody else reads its output, else
         a copy appended to the graph (Apply sorts the graph topologically afterwards)."""
         out = producer.output[0]
-        readers = [n for n in self.g.model.graph.node if out in n.input]
-        if len(readers) <= 1 and out not in self.g.output_names:
+        readers = [n for n, _ in walk_nodes(self.g.model.graph) if out in n.input]
+        if len(readers) <= 1 and out not in self.g.output_names and not self._body_output(out):
             return producer
-        clone = self.g.model.graph.node.add()
+        clone = self.g.owner.get(id(producer), self.g.model.graph).node.add()  # beside it, in its own body
         clone.CopyFrom(producer)
         clone.name = self.g.unique(producer.name or producer.op_type)
         del clone.output[:]
@@ -40,6 +41,9 @@ class ApplyContext:
         consumer.input[input_index] = clone.output[0]
         self.appended = True
         return clone
+
+    def _body_output(self, name: str) -> bool:
+        return any(o.name == name for b in walk_graphs(self.g.model.graph) for o in b.output)
 
     def set_input_const(self, node, i: int, value: np.ndarray) -> None:
         """Point input i of node at a fresh initializer (shared constants are never edited in place)."""
@@ -57,8 +61,14 @@ def cut(array: np.ndarray, slices: list[tuple[int, np.ndarray]]) -> np.ndarray:
 
 
 def toposort(g) -> None:
-    """Reorder nodes so every producer precedes its consumers (after copies were appended)."""
-    nodes = list(g.model.graph.node)
+    """Reorder nodes so every producer precedes its consumers (after copies were appended), in the main graph
+    and in every body."""
+    for graph in reversed(list(walk_graphs(g.model.graph))):  # bodies first: sorting a graph copies its nodes
+        _toposort_graph(graph)
+
+
+def _toposort_graph(graph) -> None:
+    nodes = list(graph.node)
     produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     done, order = set(), []
     for start in range(len(nodes)):
@@ -76,9 +86,11 @@ def toposort(g) -> None:
                 j = produced.get(x)
                 if j is not None and j not in done:
                     stack.append((j, False))
+    if order == list(range(len(nodes))):
+        return
     copies = [nodes[i] for i in order]
-    del g.model.graph.node[:]
-    g.model.graph.node.extend(copies)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def param_cuts(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[tuple]]:
@@ -130,7 +142,8 @@ class Apply(Pass):
         ap = ApplyContext(g, keep)
         for fn in self.analysis.ctx.edits:
             fn(ap)
-        del g.model.graph.value_info[:]
+        for graph in walk_graphs(g.model.graph):  # bodies' too: a kept dim there is stale as well
+            del graph.value_info[:]
         if ap.appended:
             toposort(g)
         g.refresh()

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, version_converter
 
 from spa import quant
 from spa.errors import SpaError, one_line
-from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, has_subgraph, static_dims
+from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims, subgraphs, walk_graphs, walk_nodes
 from spa.model import default_dim
 from spa.validate import MAX_ANALYSIS_ELEMENTS, check_elements, check_parameters, run_checker
 
@@ -55,11 +55,12 @@ class Normalize(Pass):
         if report["versions"]:
             model.graph = Graph(model.graph.model)  # the converter replaced the protobuf's contents
         g: Graph = model.graph
-        if not any(t.data_type in FLOAT_TYPES for t in g.model.graph.initializer) and not any(
-                _is_float_const(n) for n in g.model.graph.node):
+        if not any(t.data_type in FLOAT_TYPES for b in walk_graphs(g.model.graph) for t in b.initializer) and \
+                not any(_is_float_const(n) for n, _ in walk_nodes(g.model.graph)):
             raise SpaError(weights_out_of_reach(g.model) or "model has no floating-point weights (an integer-only "
                            "model, or no weights at all): nothing to prune")
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
+        report["subgraph_names_renamed"] = unique_subgraph_names(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)
         check_parameters(g)  # weights are initializers now: their rank, sizes and group, before any rule reads them
@@ -93,16 +94,14 @@ QUANTIZED_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "QAttention", "DynamicQ
 
 
 def weights_out_of_reach(model: onnx.ModelProto) -> str:
-    """Where the weights are when the main graph has no prunable one, as one clause for the user: quantized
-    operators without a rule (MatMulNBits, ...), control flow whose bodies hold float weights. '' when
-    the model holds none of these (then it has no weights to prune at all)."""
+    """Where the weights are when the model has no prunable one, as one clause for the user: quantized operators
+    without a rule (MatMulNBits, ...; QDQ weights and weights inside If/Loop/Scan bodies are sources). '' when the
+    model holds none of these (then it has no weights to prune at all)."""
     g = model.graph
     found: Counter = Counter()
     for n in g.node:
         if n.op_type in QUANTIZED_OPS:
             found[(n.op_type, "(quantized)")] += 1
-        elif has_subgraph(n) and any(_holds_weights(b) for b in _bodies(n)):
-            found[(n.op_type, "with weights in its branches" if n.op_type == "If" else "with weights in its body")] += 1
     if not found:
         return ""
     parts = [f"{count} {op} {what}" if count == 1 else
@@ -110,20 +109,6 @@ def weights_out_of_reach(model: onnx.ModelProto) -> str:
              for (op, what), count in found.items()]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"no prunable float weights in the main graph: {listed}, which spa-prune does not prune yet"
-
-
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [b for a in node.attribute for b in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
-
-
-def _holds_weights(graph: onnx.GraphProto) -> bool:
-    """A float tensor of rank >= 2 (a Conv/Gemm/MatMul weight, not a scalar threshold) anywhere in the graph."""
-    def weight(t: onnx.TensorProto) -> bool:
-        return t.data_type in FLOAT_TYPES and len(t.dims) >= 2
-
-    return any(weight(t) for t in graph.initializer) or any(
-        any(a.HasField("t") and weight(a.t) for a in n.attribute) or any(_holds_weights(b) for b in _bodies(n))
-        for n in graph.node)
 
 
 def drop_initializer_inputs(g: Graph) -> int:
@@ -140,16 +125,71 @@ def drop_initializer_inputs(g: Graph) -> int:
 
 
 def lift_constants(g: Graph) -> int:
+    """Constant nodes become initializers of the graph that holds them (a branch's Constant weight stays in its
+    branch)."""
     count = 0
-    for n in list(g.model.graph.node):
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            v = constant_node_value(n)
-            if v is None:
-                continue
-            g.model.graph.node.remove(n)
-            g.set_const(n.output[0], v)
-            count += 1
+    for body in list(walk_graphs(g.model.graph)):
+        for n in list(body.node):
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                v = constant_node_value(n)
+                if v is None:
+                    continue
+                body.node.remove(n)
+                g.set_const(n.output[0], v, holder=body)
+                if body is not g.model.graph:  # written now: inference's light copy carries bodies as they are
+                    g.to_model_tensor(n.output[0])
+                count += 1
     g.refresh()
+    return count
+
+
+def unique_subgraph_names(g: Graph) -> int:
+    """Rename what subgraphs define (body inputs, initializers, node outputs, node names) where the name is taken
+    elsewhere in the model, so that every name is unique model-wide and the flat maps of spa.ir.Graph (and the
+    rules, which look tensors up by name) see each body's own tensors. Sibling bodies may reuse names (an If's two
+    branches often do); references in a body and in the bodies nested in it follow. Returns the names changed."""
+    main = g.model.graph
+    seen = {t.name for t in main.initializer} | {i.name for i in main.input}
+    seen |= {o for n in main.node for o in n.output} | {n.name for n in main.node}
+    count = 0
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in seen:
+            name = f"{base}_{k}"
+            k += 1
+        seen.add(name)
+        return name
+
+    def scope(body: onnx.GraphProto, renamed: dict[str, str]) -> None:
+        nonlocal count
+        local = dict(renamed)
+        defined = [i.name for i in body.input] + [t.name for t in body.initializer] + \
+            [o for n in body.node for o in n.output if o]
+        for name in defined:
+            if name in seen:
+                local[name] = fresh(name)
+                count += 1
+            else:
+                seen.add(name)
+        for vi in [*body.input, *body.output, *body.value_info]:
+            vi.name = local.get(vi.name, vi.name)
+        for t in body.initializer:
+            t.name = local.get(t.name, t.name)
+        for n in body.node:
+            n.input[:] = [local.get(x, x) for x in n.input]
+            n.output[:] = [local.get(x, x) for x in n.output]
+            if not n.name or n.name in seen:
+                n.name = fresh(n.name or f"{body.name or 'body'}_{n.op_type}")
+            else:
+                seen.add(n.name)
+            for b in subgraphs(n):
+                scope(b, local)
+
+    for n in main.node:
+        for b in subgraphs(n):
+            scope(b, {})
+    g.__post_init__()  # the maps again, with the new names
     return count
 
 
@@ -402,6 +442,8 @@ def _light_copy(g: Graph, fixed: dict | None) -> onnx.ModelProto:
                 for d in fixed[vi.name]:
                     vi2.type.tensor_type.shape.dim.add().dim_value = int(d)
     for name in g.initializer_names():
+        if g.in_subgraph(name):  # the copied nodes carry their bodies' initializers
+            continue
         shape, dtype = g.const_info(name)
         if int(np.prod(shape)) <= 64:
             lg.initializer.append(onnx.numpy_helper.from_array(np.asarray(g.const(name)), name))
@@ -438,12 +480,13 @@ def _inferred_once(model: onnx.ModelProto) -> tuple[dict, dict]:
     except Exception:
         inferred = model
     shapes, dtypes = {}, {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = static_dims(vi)
-        if dims is not None:
-            shapes[vi.name] = dims
-        dtypes[vi.name] = vi.type.tensor_type.elem_type
-    for t in inferred.graph.initializer:
-        shapes[t.name] = tuple(t.dims)
-        dtypes[t.name] = t.data_type
+    for body in walk_graphs(inferred.graph):  # subgraphs too: names are unique model-wide
+        for vi in [*body.input, *body.value_info, *body.output]:
+            dims = static_dims(vi)
+            if dims is not None:
+                shapes[vi.name] = dims
+            dtypes[vi.name] = vi.type.tensor_type.elem_type
+        for t in body.initializer:
+            shapes[t.name] = tuple(t.dims)
+            dtypes[t.name] = t.data_type
     return shapes, dtypes

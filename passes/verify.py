@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from spa import quant
 from spa.errors import SpaError, VerificationError, one_line
 from spa.groups import Analysis
-from spa.ir import Graph, has_external_data, needs_external_data, static_dims, weightless_copy
+from spa.ir import Graph, has_external_data, needs_external_data, static_dims, walk_graphs, walk_nodes, weightless_copy
 from spa.memory import array_bytes, check_memory
 
 
@@ -26,7 +26,7 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
     m = onnx.ModelProto()
     m.CopyFrom(original)
     g = Graph(m)
-    nodes = list(m.graph.node)
+    nodes = [n for n, _ in walk_nodes(m.graph)]  # bodies' nodes too, in the order node_index counts them
     keep = analysis.keep_mask(removed)
     for ps in analysis.ctx.params:
         if ps.role != "sink":
@@ -53,12 +53,16 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
         inserts.setdefault(i, []).append(helper.make_node("Mul", [node.input[ms.input_index], mask], [out]))
         node.input[ms.input_index] = out
     if inserts:
-        new = []
-        for i, n in enumerate(nodes):
-            new.extend(inserts.get(i, []))
-            new.append(n)
-        del m.graph.node[:]
-        m.graph.node.extend(new)
+        before = {id(nodes[i]): muls for i, muls in inserts.items()}
+        for graph in reversed(list(walk_graphs(m.graph))):  # bodies first: rebuilding a graph copies its nodes
+            if not any(id(n) in before for n in graph.node):
+                continue
+            new = []
+            for n in graph.node:
+                new.extend(before.get(id(n), []))
+                new.append(n)
+            del graph.node[:]
+            graph.node.extend(new)
     return g.to_model()
 
 
@@ -92,12 +96,13 @@ def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int, memory_limit_
         dtype = dtypes[vi.name]
         shape = shapes[vi.name]
         if dtype.kind == "f":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+            value = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
-            feeds[vi.name] = rng.random(shape) < 0.5
+            value = rng.random(shape) < 0.5
         else:
             high = _index_range(g, vi.name)
-            feeds[vi.name] = rng.integers(0, high, size=shape).astype(dtype)
+            value = rng.integers(0, high, size=shape).astype(dtype)
+        feeds[vi.name] = np.asarray(value)  # a 0-d draw is a numpy scalar, which onnxruntime does not take
     return feeds
 
 
@@ -211,6 +216,23 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
     before = squashed_outputs(reference, pruned)
     extra = tuple(dict.fromkeys(before.values()))
     worst_before: dict[str, float] = {}
+
+    def measure(ref_out, new_out) -> None:
+        n_out = len(reference.graph.output)
+        for name, a, b in zip(extra, ref_out[n_out:], new_out[n_out:]):
+            worst_before[name] = max(worst_before.get(name, 0.0), _relative_error(a, b))
+        for o, a, b in zip(reference.graph.output, ref_out[:n_out], new_out[:n_out]):
+            a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            if a64.shape != b64.shape:
+                raise VerificationError(f"output '{o.name}' changed shape {a64.shape} -> {b64.shape}")
+            if np.asarray(a).dtype == np.float16:
+                tol[o.name] = max(rtol, 2e-3)  # half precision: removing zero terms reorders fp16 sums
+            if not np.array_equal(np.isnan(a64), np.isnan(b64)):
+                raise VerificationError(f"output '{o.name}' has NaNs where the reference has none (or vice versa)")
+            err = _relative_error(a64, b64)
+            if not err <= worst.get(o.name, 0.0):  # also takes a NaN error (inf - inf)
+                worst[o.name] = err
+
     for seed in seeds:
         draw = shapes if seed == seeds[0] else other_batch(reference, shapes, pinned)
         feeds = random_inputs(reference, draw, seed)
@@ -226,21 +248,21 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
             feeds = random_inputs(reference, draw, seed)
             ref_out = run(reference, feeds, "reference", extra)
         used.append({k: list(v) for k, v in draw.items()})
-        new_out = run(pruned, feeds, "pruned", extra)
-        n_out = len(reference.graph.output)
-        for name, a, b in zip(extra, ref_out[n_out:], new_out[n_out:]):
-            worst_before[name] = max(worst_before.get(name, 0.0), _relative_error(a, b))
-        for o, a, b in zip(reference.graph.output, ref_out[:n_out], new_out[:n_out]):
-            a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-            if a64.shape != b64.shape:
-                raise VerificationError(f"output '{o.name}' changed shape {a64.shape} -> {b64.shape}")
-            if np.asarray(a).dtype == np.float16:
-                tol[o.name] = max(rtol, 2e-3)  # half precision: removing zero terms reorders fp16 sums
-            if not np.array_equal(np.isnan(a64), np.isnan(b64)):
-                raise VerificationError(f"output '{o.name}' has NaNs where the reference has none (or vice versa)")
-            err = _relative_error(a64, b64)
-            if not err <= worst.get(o.name, 0.0):  # also takes a NaN error (inf - inf)
-                worst[o.name] = err
+        measure(ref_out, run(pruned, feeds, "pruned", extra))
+    branches = []
+    for value in (True, False):  # every If branch is checked, whatever the random inputs make the conditions
+        forced_ref = force_branches(reference, value)
+        if forced_ref is None:
+            break
+        feeds = random_inputs(reference, shapes, seeds[0])
+        try:
+            ref_out = run(forced_ref, feeds, "reference", extra)
+        except SpaError as e:
+            warnings.append(f"verification: with every If condition {value} the input model does not run "
+                            f"({one_line(e, 200)}); those branches were checked only where the inputs reach them")
+            continue
+        measure(ref_out, run(force_branches(pruned, value), feeds, "pruned", extra))
+        branches.append(value)
     bad = {k: v for k, v in worst.items() if not v <= tol.get(k, rtol)}
     # a saturated output (a sigmoid map near 0 on random inputs): its error relative to its own tiny scale
     # measures the float rounding of the logits, not the structure; the tensor before the weight-free squashing
@@ -252,12 +274,30 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
         raise VerificationError(f"pruned model differs from its reference: output '{name}' relative error "
                                 f"{err:.3g} > {tol.get(name, rtol):g}")
     result = {"max_rel_error": worst, "rtol": rtol, "inputs": len(seeds), "input_shapes": used}
+    if branches:
+        result["if_conditions_forced"] = branches
     if checked_before:
         result["checked_before_squashing"] = {k: {"tensor": t, "max_rel_error": worst_before[t]}
                                               for k, t in checked_before.items()}
     if warnings:
         result["warnings"] = warnings
     return result
+
+
+def force_branches(model: onnx.ModelProto, value: bool) -> onnx.ModelProto | None:
+    """A copy of the model in which every If (in bodies too) takes the branch `value` selects, or None when the
+    model has no If: random inputs rarely reach both branches (a sample-rate switch is one value, a flag drawn
+    twice may come out the same), and a pruned branch must equal its reference too."""
+    if not any(n.op_type == "If" for n, _ in walk_nodes(model.graph)):
+        return None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = Graph(m)
+    name = g.add_const(np.array(value), f"spa_forced_cond_{str(value).lower()}")
+    for n, _ in walk_nodes(m.graph):
+        if n.op_type == "If" and n.input:
+            n.input[0] = name
+    return g.to_model()
 
 
 SQUASHING = {"Sigmoid", "HardSigmoid", "Tanh", "Softmax", "LogSoftmax", "Exp", "Softplus", "Softsign", "Relu",

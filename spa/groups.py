@@ -48,7 +48,8 @@ class Analysis:
     node_count: int
     unruled_ops: dict[str, int]     # op type -> count of nodes with no rule that froze channels
     nodes: list = field(default_factory=list)          # the swept nodes (kept alive: node_index uses id())
-    node_index: dict[int, int] = field(default_factory=dict)
+    node_index: dict[int, int] = field(default_factory=dict)  # id(node) -> position in walk_nodes order
+    walked: list = field(default_factory=list)         # every node, bodies' too, in walk_nodes order (kept alive)
 
     @cached_property
     def _root_table(self) -> np.ndarray:

@@ -58,12 +58,37 @@ def subgraph_free_names(node: onnx.NodeProto) -> set[str]:
     return free
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies a node carries (If's two branches, Loop/Scan's body), in attribute order."""
+    return [b for a in node.attribute for b in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
+def walk_graphs(graph: onnx.GraphProto):
+    """A graph and every subgraph inside it, depth first (a graph before the bodies its nodes carry)."""
+    yield graph
+    for n in graph.node:
+        for b in subgraphs(n):
+            yield from walk_graphs(b)
+
+
+def walk_nodes(graph: onnx.GraphProto):
+    """(node, the graph that holds it) for every node of a graph and of its subgraphs, depth first: a node
+    before the nodes of its bodies. Two copies of one model walk in the same order (verification relies on it)."""
+    for n in graph.node:
+        yield n, graph
+        for b in subgraphs(n):
+            yield from walk_nodes(b)
+
+
 @dataclass
 class Graph:
     """The main graph of a model plus the maps every pass needs.
 
     Nodes are the protobuf NodeProtos (edited in place); initializers are held as numpy arrays in `arrays`
-    (decoded on first use) and written back to the protobuf only by `to_model`.
+    (decoded on first use) and written back to the protobuf only by `to_model`. The maps are flat over the main
+    graph and every subgraph (If branches, Loop/Scan bodies): normalization makes names unique model-wide
+    (`passes.normalize.unique_subgraph_names`), so a body's weights, producers and shapes are found by name like
+    the main graph's. `nodes` stays the main graph's; `owner` says which graph holds a node.
     """
 
     model: onnx.ModelProto
@@ -77,11 +102,17 @@ class Graph:
 
     def __post_init__(self):
         self._tensors = {t.name: t for t in self.model.graph.initializer}
+        self._holder: dict[str, onnx.GraphProto] = {}  # initializers of subgraphs -> the body that holds them
+        for body in list(walk_graphs(self.model.graph))[1:]:
+            for t in body.initializer:
+                self._tensors.setdefault(t.name, t)
+                self._holder.setdefault(t.name, body)
         self._names = set(self._tensors)
-        for n in self.model.graph.node:
-            self._names.update(n.output)
-            self._names.add(n.name)
-        self._names.update(i.name for i in self.model.graph.input)
+        for body in walk_graphs(self.model.graph):
+            for n in body.node:
+                self._names.update(n.output)
+                self._names.add(n.name)
+            self._names.update(i.name for i in body.input)
         self.refresh()
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -101,7 +132,9 @@ class Graph:
         """Rebuild the use-def maps after nodes were added or removed."""
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for n in self.model.graph.node:
+        self.owner: dict[int, onnx.GraphProto] = {}  # id(node) -> the graph that holds it
+        for n, holder in walk_nodes(self.model.graph):
+            self.owner[id(n)] = holder
             for o in n.output:
                 if o:
                     self.producer[o] = n
@@ -130,13 +163,16 @@ class Graph:
             self.arrays[name] = arr
         return arr
 
-    def set_const(self, name: str, value: np.ndarray) -> None:
-        """Replace (or create) an initializer's value. Shapes of the value are updated with it."""
+    def set_const(self, name: str, value: np.ndarray, holder: onnx.GraphProto | None = None) -> None:
+        """Replace (or create) an initializer's value. Shapes of the value are updated with it. A new one goes
+        into `holder` (a subgraph) when given, else into the main graph (visible in every body)."""
         value = np.asarray(value)
         value.setflags(write=False)
         self.arrays[name] = value
         if name not in self._tensors:
-            t = self.model.graph.initializer.add()  # add(), not append(): append stores a copy
+            if holder is not None and holder is not self.model.graph:
+                self._holder[name] = holder
+            t = (holder or self.model.graph).initializer.add()  # add(), not append(): append stores a copy
             t.name = name
             self._tensors[name] = t
         self._tensors[name].ClearField("raw_data")  # marks it dirty; rewritten in to_model
@@ -160,7 +196,7 @@ class Graph:
     def remove_initializer(self, name: str) -> None:
         t = self._tensors.pop(name, None)
         if t is not None:
-            self.model.graph.initializer.remove(t)
+            self._holder.pop(name, self.model.graph).initializer.remove(t)
         self.arrays.pop(name, None)
         self._dirty.discard(name)
 
@@ -173,7 +209,12 @@ class Graph:
         return tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
 
     def initializer_names(self) -> list[str]:
+        """Every initializer's name, those of subgraphs included."""
         return list(self._tensors)
+
+    def in_subgraph(self, name: str) -> bool:
+        """Whether an initializer is held by a subgraph (a branch's or a loop body's own weight)."""
+        return name in self._holder
 
     def rank(self, name: str) -> int | None:
         s = self.shapes.get(name)
@@ -183,11 +224,15 @@ class Graph:
     def to_model(self) -> onnx.ModelProto:
         """Write changed initializers back into the protobuf and return the model."""
         for name in list(self._dirty):
-            old = self._tensors[name]
-            new = numpy_helper.from_array(np.array(self.arrays[name], order="C"), name)  # keeps 0-d (ascontiguousarray would not)
-            old.CopyFrom(new)
-        self._dirty.clear()
+            self.to_model_tensor(name)
         return self.model
+
+    def to_model_tensor(self, name: str) -> None:
+        """Write one changed initializer back into the protobuf."""
+        if name in self._dirty:
+            new = numpy_helper.from_array(np.array(self.arrays[name], order="C"), name)  # keeps 0-d (ascontiguousarray would not)
+            self._tensors[name].CopyFrom(new)
+            self._dirty.discard(name)
 
 
 _RAW_OK = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,

@@ -149,6 +149,7 @@ class Context:
     # per element an int (constant), a DimRead, or None (computed otherwise); see operators/shape.py
     shape_values: dict[str, list] = field(default_factory=dict)
     dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # QDQ weights' float values, read once
+    unruled: dict[str, int] = field(default_factory=dict)  # op type -> nodes without a rule that froze channels
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def inp(self, node: onnx.NodeProto, i: int) -> Labels | None:

@@ -19,7 +19,7 @@ from .fileio import StagedOutputs
 from .fixed_transforms import warnings_for as fixed_transform_warnings
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
-from .ir import needs_external_data, save_model
+from .ir import has_subgraph, needs_external_data, save_model
 from .loading import load, param_count
 from .model import Model
 from .options import PruneOptions
@@ -130,7 +130,8 @@ class ScoreAndSelect(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         opts, analysis = run.options, run.analysis
-        if uses_data(opts.importance) or opts.reconstruct:
+        if uses_data(opts.importance) or opts.reconstruct or opts.recalibrate:
+            check_no_control_flow(run.model.graph)
             check_finite_weights(analysis)
         run.data, held = split_holdout(load_data(opts.calib, run.model.graph.model, opts.calib_limit))
         if run.data is not None and not uses_data(opts.importance) and not (opts.reconstruct or opts.recalibrate):
@@ -316,6 +317,16 @@ class MeasureFidelity(Pass):
             if drop > run.options.max_drop:
                 raise FidelityNotMet(section)
         return PassResult(report={"fidelity": section})
+
+
+def check_no_control_flow(g) -> None:
+    """Scoring on data and the value passes run the model in torch, which does not run If/Loop/Scan bodies yet:
+    say so before any work, with the way that prunes such a model (the rules do reach into the bodies)."""
+    flow = next((n for n in g.model.graph.node if has_subgraph(n)), None)
+    if flow is not None:
+        raise SpaError(f"{flow.op_type} node '{flow.name}' has a subgraph, which the data passes (OBS scoring, "
+                       f"reconstruction) cannot run in torch yet: add --fast (magnitude ranking, branches and loop "
+                       f"bodies pruned, no reconstruction)")
 
 
 def check_finite_weights(analysis: Analysis) -> None:

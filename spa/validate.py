@@ -314,8 +314,9 @@ def check_input(model: onnx.ModelProto, folder: str | os.PathLike | None = None,
 # ---- parameters of the prunable operators --------------------------------------------------------------------------
 def check_parameters(g) -> None:
     """Weights and biases of Conv/ConvTranspose/Gemm/MatMul/BatchNormalization that are constants: the rank,
-    sizes and `group` the rules rely on. `g` is a spa.ir.Graph (after Constant weights were lifted)."""
-    for n in g.model.graph.node:
+    sizes and `group` the rules rely on. `g` is a spa.ir.Graph (after Constant weights were lifted); nodes of
+    subgraphs too (the rules run inside If/Loop/Scan bodies)."""
+    for n in _all_nodes(g.model.graph):
         if n.domain not in ("", "ai.onnx"):
             continue
         label = f"node '{n.name or n.output[0]}' ({n.op_type})"
@@ -336,6 +337,14 @@ def check_parameters(g) -> None:
             if any(len(s) != 1 for s in shapes) or len({s for s in shapes}) > 1:
                 raise SpaError(f"{label}: scale/bias/mean/var must be vectors of one length, got "
                                f"{[list(s) for s in shapes]}")
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for b in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_nodes(b)
 
 
 def _check_conv(g, n, label: str) -> None:

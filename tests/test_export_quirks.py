@@ -127,13 +127,39 @@ def test_conv_integer_layers_are_pruned(tmp_path, capsys):
 
 
 def test_weights_only_inside_an_if_are_not_called_no_weights(tmp_path, capsys):
-    """No float tensor at all in the main graph: the early check used to say 'no floating-point weights'."""
+    """No float tensor at all in the main graph: the early check used to say 'no floating-point weights'; the
+    branches' convs are found (their output is the graph's, so frozen)."""
     m = versioned(helper.make_graph([if_with_weights("flag", "x", "out")], "g",
                                     [io("x", [1, 8, 8, 8]), io("flag", [], TensorProto.BOOL)],
                                     [io("out", [1, 8, 8, 8])]))
-    err = refused(tmp_path, capsys, m, "no prunable float weights in the main graph: 1 If with weights in its "
-                  "branches, which spa-prune does not prune yet")
+    err = refused(tmp_path, capsys, m, "no prunable group: every group is frozen", "graph output 'out'")
     assert "no floating-point weights" not in err
+
+
+def test_weights_only_inside_an_if_prune(tmp_path, capsys):
+    """Two convs in each branch (weights only there): the hidden width of each branch prunes, both branches are
+    verified (each If condition forced true and false), and the result runs either way."""
+    def branch(tag):
+        rng = np.random.default_rng(len(tag))
+        w1 = numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), f"{tag}_w1")
+        w2 = numpy_helper.from_array(rng.standard_normal((8, 16, 3, 3)).astype(np.float32), f"{tag}_w2")
+        nodes = [helper.make_node("Conv", ["x", f"{tag}_w1"], [f"{tag}_h"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", [f"{tag}_h"], [f"{tag}_r"]),
+                 helper.make_node("Conv", [f"{tag}_r", f"{tag}_w2"], [f"{tag}_y"], pads=[1, 1, 1, 1])]
+        return helper.make_graph(nodes, tag, [], [io(f"{tag}_y", [1, 8, 8, 8])], initializer=[w1, w2])
+    m = versioned(helper.make_graph(
+        [helper.make_node("If", ["flag"], ["out"], then_branch=branch("then"), else_branch=branch("else"))], "g",
+        [io("x", [1, 8, 8, 8]), io("flag", [], TensorProto.BOOL)], [io("out", [1, 8, 8, 8])]))
+    src, out = save(m, tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    rc, _, err = run_cli([src, out, "--fast", "--ratio", "0.5", "--report", tmp_path / "r.json"], capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["groups"]["pruned"] == 2 and rep["verification"]["if_conditions_forced"] == [True, False]
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    for flag in (True, False):
+        assert run_model(pruned, {"x": x, "flag": np.array(flag)})[0].shape == (1, 8, 8, 8)
 
 
 def test_a_qdq_weight_is_a_source(tmp_path, capsys):

@@ -35,6 +35,7 @@ from spa.torch_graph import TorchGraph  # noqa: E402
 # Ops with a propagation rule but no torch lowering. TorchGraph refuses a model that has one, naming it.
 RULE_WITHOUT_LOWERING = {
     ("", "MaxRoiPool"),  # region pooling over an ROI list: never met in a model we run in torch
+    ("", "If"), ("", "Loop"), ("", "Scan"),  # control flow: TorchGraph does not run bodies yet (the data passes refuse)
 }
 # Ops with a torch lowering but no propagation rule: the analysis freezes channels that reach them, which is
 # right for all of them (they make constants or shapes, or move channels in ways no rule expresses).
