@@ -139,9 +139,7 @@ def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict
     gu = UnionFind()
     gu.add(n_atoms)
     for arr in [lab.atoms for lab in ctx.labels.values()] + [p.atoms for p in ctx.params]:
-        r = np.unique(find(arr[arr >= 0]))
-        if len(r) > 1:
-            gu.union_arrays(r[:-1], r[1:])
+        gu.union_all(np.unique(find(arr[arr >= 0])))
     group_of_root = gu.find(roots)
 
     frozen_set = np.unique(find(np.concatenate([a for a, _, _ in ctx.frozen]))) if ctx.frozen else \
