@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import SpaError
 from .groups import Analysis
+from .ir import release
 from .labels import ParamSlice
 
 AGGREGATIONS = ("sum", "mean", "max", "prod", "median", "first")
@@ -231,6 +232,7 @@ def weight_members(analysis: Analysis, fn: Callable[[str, np.ndarray, ParamSlice
             other = tuple(a for a in range(w.ndim) if a != ps.axis)
             per_pos = e.sum(axis=other, dtype=np.float64) if other else e.astype(np.float64)
         members.append(Member(ps, per_pos))
+        release(w)  # a mapped weight's pages: one at a time in memory
     return members
 
 
