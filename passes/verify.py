@@ -2,7 +2,8 @@
 at their sinks, within a tolerance relative to each output's scale, on random inputs; and pass the full checker.
 
 The reference is the normalized original in which only sink weight slices are zeroed (Conv input channels,
-Gemm/MatMul contracted rows) and weightless contractions get a 0/1 mask: it never reuses the pruned graph's
+Gemm contracted rows; a MatMul's contracted rows by a 0/1 mask on its input instead, which shares the weight)
+and weightless contractions get a 0/1 mask: it never reuses the pruned graph's
 index bookkeeping, so it checks concat offsets, reshape blocks, head maps and shape constants independently.
 """
 from __future__ import annotations
@@ -39,19 +40,29 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
     g = Graph(m)
     nodes = list(m.graph.node)
     keep = analysis.keep_mask(removed)
+    inserts: dict[int, list] = {}
     for ps in analysis.ctx.params:
         if ps.role != "sink":
             continue
         gone = ~keep(ps.atoms)
         if not gone.any():
             continue
-        node = nodes[node_index[id(ps.node)]]
+        i = node_index[id(ps.node)]
+        node = nodes[i]
+        shape, dtype = g.const_info(node.input[ps.input_index])
+        if node.op_type == "MatMul" and ps.input_index == 1 and len(shape) == 2 and ps.axis == 0 and node.input[0]:
+            # x @ W with rows of W zeroed is x with those columns masked, @ W: the weight is shared, not copied
+            # (a 4 GB model's reference would copy every contracted weight)
+            mask = g.add_const((~gone).astype(dtype), "spa_ref_mask")
+            out = g.unique(node.input[0] + "_masked")
+            inserts.setdefault(i, []).append(helper.make_node("Mul", [node.input[0], mask], [out]))
+            node.input[0] = out
+            continue
         w = np.array(g.const(node.input[ps.input_index]), copy=True)
         index = [slice(None)] * w.ndim
         index[ps.axis] = gone
         w[tuple(index)] = 0
         node.input[ps.input_index] = g.add_const(w, node.input[ps.input_index] + "_ref")
-    inserts: dict[int, list] = {}
     for ms in analysis.ctx.mask_sinks:
         gone = ~keep(ms.atoms)
         if not gone.any():
@@ -254,27 +265,34 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
     (`other_batch`; `pinned`: the inputs --input-shape fixed), so that a pruned model must still serve other batch
     sizes. When the original itself cannot run at the doubled batch (an exporter baked batch 1 into a Reshape),
     that draw falls back to `shapes` and the result carries a warning instead of refusing the run."""
-    worst, tol, used, warnings = {}, {}, [], []
+    worst, tol, warnings = {}, {}, []
     before = squashed_outputs(reference, pruned)
     extra = tuple(dict.fromkeys(before.values()))
     worst_before: dict[str, float] = {}
-    for seed in seeds:
-        draw = shapes if seed == seeds[0] else other_batch(reference, shapes, pinned)
-        feeds = random_inputs(reference, draw, seed)
-        try:
-            ref_out = run(reference, feeds, "reference", extra)
-        except SpaError as e:
-            if draw == shapes:
-                raise
-            warnings.append(f"verification: the input model does not run at a doubled batch "
-                            f"({_shapes_text(draw)}): {one_line(e, 200)}; that check used the given shapes "
-                            f"instead (the batch size is fixed inside the graph)")
-            draw = shapes
-            feeds = random_inputs(reference, draw, seed)
-            ref_out = run(reference, feeds, "reference", extra)
-        used.append({k: list(v) for k, v in draw.items()})
-        new_out = run(pruned, feeds, "pruned", extra)
-        n_out = len(reference.graph.output)
+    draws = [shapes if seed == seeds[0] else other_batch(reference, shapes, pinned) for seed in seeds]
+    feeds = [random_inputs(reference, draw, seed) for draw, seed in zip(draws, seeds)]
+    try:  # one session per model for every draw: a session of a large model maps all of its weights
+        ref_outs = run_many(reference, feeds, "reference", extra)
+    except SpaError:
+        if all(draw == shapes for draw in draws):
+            raise
+        ref_outs = []
+        for i, seed in enumerate(seeds):
+            try:
+                ref_outs.append(run(reference, feeds[i], "reference", extra))
+            except SpaError as e:
+                if draws[i] == shapes:
+                    raise
+                warnings.append(f"verification: the input model does not run at a doubled batch "
+                                f"({_shapes_text(draws[i])}): {one_line(e, 200)}; that check used the given shapes "
+                                f"instead (the batch size is fixed inside the graph)")
+                draws[i] = shapes
+                feeds[i] = random_inputs(reference, shapes, seed)
+                ref_outs.append(run(reference, feeds[i], "reference", extra))
+    used = [{k: list(v) for k, v in draw.items()} for draw in draws]
+    new_outs = run_many(pruned, feeds, "pruned", extra)
+    n_out = len(reference.graph.output)
+    for ref_out, new_out in zip(ref_outs, new_outs):
         for name, a, b in zip(extra, ref_out[n_out:], new_out[n_out:]):
             worst_before[name] = max(worst_before.get(name, 0.0), _relative_error(a, b))
         for o, a, b in zip(reference.graph.output, ref_out[:n_out], new_out[:n_out]):

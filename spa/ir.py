@@ -512,6 +512,8 @@ def write_external(model: onnx.ModelProto, f, location: str, min_bytes: int = EX
         if t.data_type in PACKED_4BIT or (not is_mapped(t) and t.data_type not in _RAW_OK):
             f.write(t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(_decode(t)).raw_data)
             continue
+        if is_mapped(t) and _copy_mapped(t, f):
+            continue
         value = _decode(t)
         flat = np.ascontiguousarray(value).reshape(-1)
         if flat.dtype.byteorder == ">":
@@ -521,6 +523,29 @@ def write_external(model: onnx.ModelProto, f, location: str, min_bytes: int = EX
             f.write(memoryview(flat[i:i + step]).cast("B"))
         release(value)
     return skeleton
+
+
+def _copy_mapped(t: onnx.TensorProto, f) -> bool:
+    """Copy a mapped tensor's bytes file to file in the kernel (copy_file_range): they never enter this process.
+    False where the system cannot (the caller writes the mapped view instead)."""
+    info = {e.key: e.value for e in t.external_data}
+    offset, length = int(info.get("offset", "0")), int(info["length"])
+    f.flush()
+    start = f.tell()
+    try:
+        with open(info["location"], "rb") as src:
+            done = 0
+            while done < length:
+                n = os.copy_file_range(src.fileno(), f.fileno(), length - done, offset + done, start + done)
+                if n <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += n
+    except (OSError, AttributeError):
+        f.seek(start)
+        f.truncate()
+        return False
+    f.seek(start + length)
+    return True
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
