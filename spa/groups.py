@@ -89,11 +89,10 @@ class Analysis:
 
     def keep_mask(self, removed: set[int] | np.ndarray):
         """A function atoms -> bool mask of kept positions, for a set of removed roots."""
-        removed = np.asarray(sorted(removed), dtype=np.int64)
+        mask = self.removed_mask(removed)   # a table lookup: np.isin sorted the removed set on every call
 
         def keep(atoms: np.ndarray) -> np.ndarray:
-            roots = self.find(atoms)
-            return (roots < 0) | ~np.isin(roots, removed)
+            return ~mask[self.find(atoms)]   # "no atom" (-1) reads the table's last entry, never removed
 
         return keep
 
