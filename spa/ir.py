@@ -259,6 +259,7 @@ class MappedWeights:
         self.spill_path = ""
         self.spill_end = 0
         self.links: dict[str, str | None] = {}
+        self.known: set[str] = set()   # every file mapped so far (validated inputs, the spill file)
 
     def session_folder(self) -> str:
         if self.folder is None:
@@ -312,6 +313,7 @@ class MappedWeights:
             if self.spill_fd is None:
                 self.spill_path = os.path.join(self.session_folder(), "spill.data")
                 self.spill_fd = os.open(self.spill_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                self.known.add(self.spill_path)
                 self.spill_end = 0
             offset = self.spill_end + (-self.spill_end % mmap.ALLOCATIONGRANULARITY)
             _write_all(self.spill_fd, memoryview(data.reshape(-1)).cast("B"), offset)
@@ -388,6 +390,8 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, RawWeights | N
         raw = None  # an unusual encoding: decode through protobuf instead
     sizes = {name: end - start for name, (start, end) in raw.spans.items()} if raw is not None else None
     external = check_input(model, p.parent, sizes)
+    MAPPED.known.update(location for t in model.graph.initializer if is_mapped(t)
+                        for location in [next(e.value for e in t.external_data if e.key == "location")])
     return model, (None if external else raw)
 
 

@@ -117,6 +117,10 @@ def load_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> boo
     return found
 
 
+def _location(t: TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
 def _read_bytes(path: str, offset: int, length: int, where: str) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
@@ -316,15 +320,17 @@ def run_checker(model: onnx.ModelProto | bytes) -> None:
 
 
 def check_input(model: onnx.ModelProto, folder: str | os.PathLike | None = None,
-                raw_sizes: dict | None = None) -> bool:
-    """Everything above, in order; external data (from `folder` only) is loaded into the model. onnx.checker
+                raw_sizes: dict | None = None, mapped: frozenset = frozenset()) -> bool:
+    """Everything above, in order; external data (from `folder` only) is loaded into the model. `mapped`: the
+    files this process already maps weights from (spa.ir.MappedWeights), which a ModelProto this process made
+    (a progressive step's model) may name; any other external data in a ModelProto is refused. onnx.checker
     runs later, on normalization's light copy (no weight bytes: `passes.normalize.infer_shapes`), which costs a
     fraction of checking the whole model (0.3 s on ResNet-50). Returns whether external data was loaded."""
     try:
         check_utf8(model)
         check_structure(model)
         external = load_external_data(model, folder) if folder is not None else any(
-            t.data_location == TensorProto.EXTERNAL for _, t in all_tensors(model))
+            t.data_location == TensorProto.EXTERNAL and _location(t) not in mapped for _, t in all_tensors(model))
         if external and folder is None:
             raise SpaError("the model refers to external data, which is only read for a model loaded from a file")
         check_tensors(model, raw_sizes)

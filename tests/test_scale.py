@@ -110,3 +110,24 @@ def test_union_all_of_a_wide_axis_is_flat_and_fast():
     roots = uf.find(atoms)
     assert time.perf_counter() - t < 2.0
     assert (roots == 0).all() and (uf.parent[uf.parent] == uf.parent).all()
+
+
+def test_a_mapped_model_proto_loads_again(llama, tmp_path, monkeypatch):
+    """A pruned mapped model handed back as a ModelProto (what a progressive step does) loads; a ModelProto
+    naming any other file as external data is still refused."""
+    from spa.errors import SpaError
+
+    external, _ = llama
+    monkeypatch.setattr(ir, "SPILL_MIN_BYTES", 1024)
+    res = driver.prune(str(external), None, ratio=0.3, input_shapes={"input_ids": (1, 8)}, exclude=["*attn*"],
+                       importance="l2", allocation="uniform", reconstruct=False)
+    proto = res.model.graph.to_model()
+    assert ir.has_mapped(proto)
+    again = load(proto, {"input_ids": (1, 8)})
+    assert again.graph.const("blocks.0.mlp.up").shape == res.model.graph.const("blocks.0.mlp.up").shape
+    stranger = onnx.ModelProto()
+    stranger.CopyFrom(proto)
+    t = next(t for t in stranger.graph.initializer if ir.is_mapped(t))
+    next(e for e in t.external_data if e.key == "location").value = str(tmp_path / "elsewhere.data")
+    with pytest.raises(SpaError, match="external data"):
+        load(stranger, {"input_ids": (1, 8)})
