@@ -265,34 +265,27 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
     (`other_batch`; `pinned`: the inputs --input-shape fixed), so that a pruned model must still serve other batch
     sizes. When the original itself cannot run at the doubled batch (an exporter baked batch 1 into a Reshape),
     that draw falls back to `shapes` and the result carries a warning instead of refusing the run."""
-    worst, tol, warnings = {}, {}, []
+    worst, tol, used, warnings = {}, {}, [], []
     before = squashed_outputs(reference, pruned)
     extra = tuple(dict.fromkeys(before.values()))
     worst_before: dict[str, float] = {}
-    draws = [shapes if seed == seeds[0] else other_batch(reference, shapes, pinned) for seed in seeds]
-    feeds = [random_inputs(reference, draw, seed) for draw, seed in zip(draws, seeds)]
-    try:  # one session per model for every draw: a session of a large model maps all of its weights
-        ref_outs = run_many(reference, feeds, "reference", extra)
-    except SpaError:
-        if all(draw == shapes for draw in draws):
-            raise
-        ref_outs = []
-        for i, seed in enumerate(seeds):
-            try:
-                ref_outs.append(run(reference, feeds[i], "reference", extra))
-            except SpaError as e:
-                if draws[i] == shapes:
-                    raise
-                warnings.append(f"verification: the input model does not run at a doubled batch "
-                                f"({_shapes_text(draws[i])}): {one_line(e, 200)}; that check used the given shapes "
-                                f"instead (the batch size is fixed inside the graph)")
-                draws[i] = shapes
-                feeds[i] = random_inputs(reference, shapes, seed)
-                ref_outs.append(run(reference, feeds[i], "reference", extra))
-    used = [{k: list(v) for k, v in draw.items()} for draw in draws]
-    new_outs = run_many(pruned, feeds, "pruned", extra)
-    n_out = len(reference.graph.output)
-    for ref_out, new_out in zip(ref_outs, new_outs):
+    for seed in seeds:
+        draw = shapes if seed == seeds[0] else other_batch(reference, shapes, pinned)
+        feeds = random_inputs(reference, draw, seed)
+        try:
+            ref_out = run(reference, feeds, "reference", extra)
+        except SpaError as e:
+            if draw == shapes:
+                raise
+            warnings.append(f"verification: the input model does not run at a doubled batch "
+                            f"({_shapes_text(draw)}): {one_line(e, 200)}; that check used the given shapes "
+                            f"instead (the batch size is fixed inside the graph)")
+            draw = shapes
+            feeds = random_inputs(reference, draw, seed)
+            ref_out = run(reference, feeds, "reference", extra)
+        used.append({k: list(v) for k, v in draw.items()})
+        new_out = run(pruned, feeds, "pruned", extra)
+        n_out = len(reference.graph.output)
         for name, a, b in zip(extra, ref_out[n_out:], new_out[n_out:]):
             worst_before[name] = max(worst_before.get(name, 0.0), _relative_error(a, b))
         for o, a, b in zip(reference.graph.output, ref_out[:n_out], new_out[:n_out]):
