@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa.groups import Analysis
-from spa.ir import walk_graphs, walk_nodes
+from spa.ir import release, walk_graphs, walk_nodes
 
 from . import Pass
 from .normalize import dead_code
@@ -133,12 +133,14 @@ class Apply(Pass):
             if len(signatures) == 1 and all_uses:
                 g.set_const(name, cut(original, entries[0][2]))
                 cut_count += 1
+                release(original)  # a mapped weight's pages, read once (its cut is in the spill file)
                 continue
             for node, idx, sl in entries:  # shared by uses that cut differently: one copy per use
                 if all(m.all() for _, m in sl):
                     continue
                 node.input[idx] = g.add_const(cut(original, sl), f"{name}_pruned")
                 cut_count += 1
+            release(original)
         ap = ApplyContext(g, keep)
         for fn in self.analysis.ctx.edits:
             fn(ap)

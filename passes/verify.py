@@ -2,22 +2,37 @@
 at their sinks, within a tolerance relative to each output's scale, on random inputs; and pass the full checker.
 
 The reference is the normalized original in which only sink weight slices are zeroed (Conv input channels,
-Gemm/MatMul contracted rows) and weightless contractions get a 0/1 mask: it never reuses the pruned graph's
+Gemm contracted rows; a MatMul's contracted rows by a 0/1 mask on its input instead, which shares the weight)
+and weightless contractions get a 0/1 mask: it never reuses the pruned graph's
 index bookkeeping, so it checks concat offsets, reshape blocks, head maps and shape constants independently.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from spa import quant
 from spa.errors import SpaError, VerificationError, one_line
 from spa.groups import Analysis
-from spa.ir import Graph, has_external_data, needs_external_data, static_dims, walk_graphs, walk_nodes, weightless_copy
+from spa.ir import (
+    MAPPED,
+    Graph,
+    has_external_data,
+    has_mapped,
+    is_mapped,
+    needs_external_data,
+    release,
+    static_dims,
+    tensor_value,
+    walk_graphs,
+    walk_nodes,
+    weightless_copy,
+)
 from spa.memory import array_bytes, check_memory
 
 
@@ -28,16 +43,27 @@ def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[
     g = Graph(m)
     nodes = [n for n, _ in walk_nodes(m.graph)]  # bodies' nodes too, in the order node_index counts them
     keep = analysis.keep_mask(removed)
+    inserts: dict[int, list] = {}
     for ps in analysis.ctx.params:
         if ps.role != "sink":
             continue
         gone = ~keep(ps.atoms)
         if not gone.any():
             continue
-        node = nodes[node_index[id(ps.node)]]
+        i = node_index[id(ps.node)]
+        node = nodes[i]
+        name = node.input[ps.input_index]
+        if node.op_type == "MatMul" and ps.input_index == 1 and ps.axis == 0 and node.input[0] \
+                and g.is_const(name) and len(g.const_info(name)[0]) == 2:
+            # x @ W with rows of W zeroed is x with those columns masked, @ W: the weight is shared, not copied
+            # (a 4 GB model's reference would copy every contracted weight)
+            mask = g.add_const((~gone).astype(g.const_info(name)[1]), "spa_ref_mask")
+            out = g.unique(node.input[0] + "_masked")
+            inserts.setdefault(i, []).append(helper.make_node("Mul", [node.input[0], mask], [out]))
+            node.input[0] = out
+            continue
         w = quant.zeroed(g, node, ps.input_index, ps.axis, gone)   # quantized: set to the zero point
         node.input[ps.input_index] = g.add_const(w, node.input[ps.input_index] + "_ref")
-    inserts: dict[int, list] = {}
     for ms in analysis.ctx.mask_sinks:
         gone = ~keep(ms.atoms)
         if not gone.any():
@@ -169,13 +195,20 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned",
         for name in extra:   # exposed for the session only: the caller's model is left as it was
             outputs.append(helper.make_empty_tensor_value_info(name))
         try:
-            serialized, weights = session_bytes(model, opts)  # `weights` must outlive the session: no copy
+            source, weights = session_source(model, opts)  # `weights` must outlive the session
         finally:
             for _ in extra:
                 outputs.pop()
-        sess = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        finally:
+            if isinstance(source, str):
+                os.unlink(source)
         outputs = [sess.run(None, feeds) for feeds in draws]
-        del sess, weights
+        del sess
+        for w in weights:
+            release(w)   # what the session read of mapped weights leaves the resident set
+        del weights
         return outputs
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -186,24 +219,50 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned",
         raise VerificationError(f"the pruned model does not run in onnxruntime: {msg}")
 
 
-def session_bytes(model: onnx.ModelProto, opts) -> tuple[bytes, list]:
-    """The serialized model for an onnxruntime session, and the values the session borrows. Past protobuf's 2 GB
-    a model cannot be serialized whole: the session gets its weightless copy, and the large weights as external
-    initializers added to `opts` (OrtValues over numpy arrays, which must stay alive as long as the session)."""
-    if not needs_external_data(model):
+def session_source(model: onnx.ModelProto, opts) -> tuple[bytes | str, list]:
+    """What an onnxruntime session is made from, and the values it borrows (they must outlive the session).
+    A small model: its serialized bytes. Past protobuf's 2 GB a model cannot be serialized whole, and a mapped
+    model (weights in files, spa.ir.MappedWeights) should not be: the session reads a weightless copy whose
+    mapped weights name their files in `MAPPED.session_folder()` (a model file written there, which the caller
+    deletes once the session exists): onnxruntime maps page-aligned external data read-only, no copy. Other
+    large weights go in as external initializers added to `opts` (onnxruntime copies those). Pre-packing is off
+    for both: it would hold a second copy of every MatMul weight."""
+    if not needs_external_data(model) and not has_mapped(model):
         return model.SerializeToString(), []
     import onnxruntime as ort
 
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = False
     skeleton, _ = weightless_copy(model, "spa-weights-in-memory.data")
     g = Graph(skeleton)
     large = {t.name for t in skeleton.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     for name in large - set(g.consumers) - set(g.output_names):  # unused (a reference's replaced weight): the
         g.remove_initializer(name)                                 # session drops it before taking the values
     large &= set(g.initializer_names())
-    tensors = [t for t in model.graph.initializer if t.name in large]
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(t))) for t in tensors]
-    opts.add_external_initializers([t.name for t in tensors], values)
-    return skeleton.SerializeToString(), values
+    linked = {}
+    for t in model.graph.initializer:
+        if t.name in large and is_mapped(t):
+            info = {e.key: e.value for e in t.external_data}
+            name = MAPPED.linked_name(info["location"])
+            if name is not None:
+                linked[t.name] = (name, info["offset"], info["length"])
+    for t in skeleton.graph.initializer:
+        if t.name in linked:
+            del t.external_data[:]
+            for key, value in zip(("location", "offset", "length"), linked[t.name]):
+                e = t.external_data.add()
+                e.key, e.value = key, value
+    tensors = [t for t in model.graph.initializer if t.name in large and t.name not in linked]
+    arrays = [np.ascontiguousarray(tensor_value(t)) for t in tensors]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if tensors:
+        opts.add_external_initializers([t.name for t in tensors], values)
+    if not linked:
+        return skeleton.SerializeToString(), [*values, *arrays]
+    fd, path = tempfile.mkstemp(prefix="session-", suffix=".onnx", dir=MAPPED.session_folder())
+    with os.fdopen(fd, "wb") as f:
+        f.write(skeleton.SerializeToString())
+    return path, [*values, *arrays]
 
 
 def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, rtol: float = 1e-4,

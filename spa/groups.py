@@ -90,11 +90,10 @@ class Analysis:
 
     def keep_mask(self, removed: set[int] | np.ndarray):
         """A function atoms -> bool mask of kept positions, for a set of removed roots."""
-        removed = np.asarray(sorted(removed), dtype=np.int64)
+        mask = self.removed_mask(removed)   # a table lookup: np.isin sorted the removed set on every call
 
         def keep(atoms: np.ndarray) -> np.ndarray:
-            roots = self.find(atoms)
-            return (roots < 0) | ~np.isin(roots, removed)
+            return ~mask[self.find(atoms)]   # "no atom" (-1) reads the table's last entry, never removed
 
         return keep
 
@@ -140,9 +139,7 @@ def build_groups(ctx: Context) -> tuple[list[CoupledGroup], dict[int, int], dict
     gu = UnionFind()
     gu.add(n_atoms)
     for arr in [lab.atoms for lab in ctx.labels.values()] + [p.atoms for p in ctx.params]:
-        r = np.unique(find(arr[arr >= 0]))
-        if len(r) > 1:
-            gu.union_arrays(r[:-1], r[1:])
+        gu.union_all(np.unique(find(arr[arr >= 0])))
     group_of_root = gu.find(roots)
 
     frozen_set = np.unique(find(np.concatenate([a for a, _, _ in ctx.frozen]))) if ctx.frozen else \

@@ -22,6 +22,7 @@ import numpy as np
 from . import quant
 from .errors import SpaError
 from .groups import Analysis
+from .ir import release
 from .labels import ParamSlice
 
 AGGREGATIONS = ("sum", "mean", "max", "prod", "median", "first")
@@ -207,9 +208,11 @@ def normalize_scores(analysis: Analysis, scores: dict, normalization: str) -> di
 
 # ---- weight-only criteria ---------------------------------------------------------------------------------------
 def weight_members(analysis: Analysis, fn: Callable[[str, np.ndarray, ParamSlice], np.ndarray | None],
-                   roles=("sink", "source", "member")) -> list[Member]:
+                   roles=("sink", "source", "member"), elementwise: bool = False) -> list[Member]:
     """Members from a per-element function of each float parameter (values summed over the non-sliced axes).
-    Conv weights are reduced over the kernel once per function and weight (both channel axes read it)."""
+    Conv weights are reduced over the kernel once per function and weight (both channel axes read it).
+    `elementwise`: fn maps each element on its own (l1, l2), so a matrix is reduced in blocks of rows and no
+    temporary as large as the weight is made (a 2 GB Llama MLP weight would be allocated, faulted in, dropped)."""
     members, reduced = [], {}
     for ps in analysis.ctx.params:
         if ps.role not in roles:
@@ -225,6 +228,8 @@ def weight_members(analysis: Analysis, fn: Callable[[str, np.ndarray, ParamSlice
             if reduced[name] is None:
                 continue
             per_pos = reduced[name].sum(axis=1 - ps.axis)
+        elif elementwise and w.ndim == 2:
+            per_pos = _blockwise_sums(fn, name, w, ps)
         else:
             e = fn(name, w, ps)
             if e is None:
@@ -232,15 +237,26 @@ def weight_members(analysis: Analysis, fn: Callable[[str, np.ndarray, ParamSlice
             other = tuple(a for a in range(w.ndim) if a != ps.axis)
             per_pos = e.sum(axis=other, dtype=np.float64) if other else e.astype(np.float64)
         members.append(Member(ps, per_pos))
+        release(w)  # a mapped weight's pages: one at a time in memory
     return members
 
 
+BLOCK_BYTES = 4 << 20  # rows per block of an elementwise reduction: reused heap memory, not a fresh mapping
+
+
+def _blockwise_sums(fn, name: str, w: np.ndarray, ps: ParamSlice) -> np.ndarray:
+    """fn(w) summed over the axis that is not ps.axis, in blocks of rows."""
+    rows = max(1, BLOCK_BYTES // max(w.shape[1] * w.itemsize, 1))
+    parts = [fn(name, w[i:i + rows], ps).sum(axis=1 - ps.axis, dtype=np.float64) for i in range(0, w.shape[0], rows)]
+    return np.concatenate(parts) if ps.axis == 0 else np.sum(parts, axis=0)
+
+
 def l1_members(inputs: ScoreInputs) -> list[Member]:
-    return weight_members(inputs.analysis, lambda n, w, ps: np.abs(w))
+    return weight_members(inputs.analysis, lambda n, w, ps: np.abs(w), elementwise=True)
 
 
 def l2_members(inputs: ScoreInputs) -> list[Member]:
-    members = weight_members(inputs.analysis, lambda n, w, ps: np.square(w))
+    members = weight_members(inputs.analysis, lambda n, w, ps: np.square(w), elementwise=True)
     for m in members:
         m.root = 2
     return members
@@ -273,7 +289,8 @@ def lamp_scores(inputs: ScoreInputs) -> dict[int, float]:
     units of its group that are not smaller (so the weakest unit of every group scores lowest relative to what
     remains, making groups comparable)."""
     analysis = inputs.analysis
-    sq = aggregate(analysis, weight_members(analysis, lambda n, w, ps: np.square(w, dtype=np.float64)), "sum", inputs, "lamp")
+    sq = aggregate(analysis, weight_members(analysis, lambda n, w, ps: np.square(w, dtype=np.float64),
+                                                   elementwise=True), "sum", inputs, "lamp")
     out = {}
     for g in analysis.groups:
         v = np.array([sq[int(u)] for u in g.units])

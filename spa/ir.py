@@ -7,8 +7,13 @@ never edited in place), unique naming and static shapes from shape inference.
 """
 from __future__ import annotations
 
+import atexit
+import mmap
 import os
+import shutil
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +30,8 @@ MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is what current expor
 MAX_OPSET = 26
 EXTERNAL_DATA_BYTES = 1_800_000_000  # weights past this go to an external-data file (protobuf's limit is 2 GB)
 EXTERNAL_TENSOR_MIN_BYTES = 1024     # smaller tensors (shape constants, which inference reads) stay in the model file
+EXTERNAL_ALIGN_BYTES = 4096         # offsets of larger external tensors are multiples of this (a page)
+SPILL_MIN_BYTES = 65536              # a mapped model's new values from this size on are written to its spill file
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -107,6 +114,7 @@ class Graph:
             for t in body.initializer:
                 self._tensors.setdefault(t.name, t)
                 self._holder.setdefault(t.name, body)
+        self.mapped = any(is_mapped(t) for t in self._tensors.values())  # weights live in files: see MappedWeights
         self._names = set(self._tensors)
         for body in walk_graphs(self.model.graph):
             for n in body.node:
@@ -167,16 +175,24 @@ class Graph:
         """Replace (or create) an initializer's value. Shapes of the value are updated with it. A new one goes
         into `holder` (a subgraph) when given, else into the main graph (visible in every body)."""
         value = np.asarray(value)
-        value.setflags(write=False)
-        self.arrays[name] = value
         if name not in self._tensors:
             if holder is not None and holder is not self.model.graph:
                 self._holder[name] = holder
             t = (holder or self.model.graph).initializer.add()  # add(), not append(): append stores a copy
             t.name = name
             self._tensors[name] = t
-        self._tensors[name].ClearField("raw_data")  # marks it dirty; rewritten in to_model
-        self._dirty.add(name)
+        if self.mapped and value.nbytes >= SPILL_MIN_BYTES and value.dtype.kind in "fiub":
+            value = MAPPED.spill(self._tensors[name], value)  # the model's weights stay out of memory
+            self._dirty.discard(name)
+        else:
+            t = self._tensors[name]
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+            t.ClearField("raw_data")  # marks it dirty; rewritten in to_model
+            self._dirty.add(name)
+        value.setflags(write=False)
+        self.arrays[name] = value
         self.shapes[name] = tuple(value.shape)
         self._names.add(name)
 
@@ -244,12 +260,142 @@ def _decode(t: onnx.TensorProto) -> np.ndarray:
     """A tensor's value; plain little-endian raw data is viewed without a conversion pass. The header is checked
     against the data first (spa.validate), so a malformed tensor is a one-line SpaError naming it."""
     check_tensor(t, f"tensor '{t.name}'")
+    if is_mapped(t):
+        return MAPPED.view(t)
     if t.data_type in _RAW_OK and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
         raw = t.raw_data
         if raw:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
             return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
     return numpy_helper.to_array(t)
+
+
+def tensor_value(t: onnx.TensorProto) -> np.ndarray:
+    """A TensorProto's value (read-only; a view where its bytes allow), mapped external data included."""
+    return _decode(t)
+
+
+# ---- mapped weights --------------------------------------------------------------------------------------------
+def is_mapped(t: onnx.TensorProto) -> bool:
+    """An initializer whose bytes stay in a file (spa.validate resolved the input's external data to an absolute
+    path; the spill file of new values): its value is a read-only memory map, never a copy."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    location = next((e.value for e in t.external_data if e.key == "location"), "")
+    return os.path.isabs(location)
+
+
+def has_mapped(model: onnx.ModelProto) -> bool:
+    return any(is_mapped(t) for t in model.graph.initializer)
+
+
+class MappedWeights:
+    """The files a process maps weights from: the input's external-data files, read-only, and a spill file that
+    takes the values a mapped model's passes make (pruned slices, the reference's zeroed sinks), page-aligned,
+    in a private temp folder removed at exit. Pages of a map count in the process's resident set once read;
+    `release` gives them back (the page cache keeps them: reading them again costs no I/O). onnxruntime maps
+    external data itself when it loads a model by path (and copies it when given values): `session_folder`
+    holds hard links to the input's data files beside the spill file, so a session's model file can name them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.folder: str | None = None
+        self.spill_fd: int | None = None
+        self.spill_path = ""
+        self.spill_end = 0
+        self.links: dict[str, str | None] = {}
+        self.known: set[str] = set()   # every file mapped so far (validated inputs, the spill file)
+
+    def session_folder(self) -> str:
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="spa-weights-")
+            atexit.register(shutil.rmtree, self.folder, True)
+        return self.folder
+
+    def linked_name(self, path: str) -> str | None:
+        """The name under which `session_folder` holds the file `path` (the spill file, or a hard link to an
+        input data file); None where no hard link can be made (another file system)."""
+        if path == self.spill_path:
+            return os.path.basename(path)
+        with self.lock:
+            if path not in self.links:
+                name = f"input-{len(self.links)}.data"
+                try:
+                    os.link(path, os.path.join(self.session_folder(), name))
+                except OSError:
+                    name = None
+                self.links[path] = name
+            return self.links[path]
+
+    def view(self, t: onnx.TensorProto) -> np.ndarray:
+        info = {e.key: e.value for e in t.external_data}
+        offset, length = int(info.get("offset", "0")), int(info["length"])
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if count * dtype.itemsize != length:
+            raise SpaError(f"tensor '{t.name}': {length} bytes of external data, but its dims {list(t.dims)} need "
+                           f"{count * dtype.itemsize}")
+        if length == 0:
+            return np.zeros(tuple(t.dims), dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        if info["location"] == self.spill_path:
+            fd, close = self.spill_fd, False
+        else:
+            fd, close = os.open(info["location"], os.O_RDONLY), True
+        try:
+            mm = mmap.mmap(fd, length + offset - start, offset=start, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise SpaError(f"tensor '{t.name}': cannot map its external data: {e}")
+        finally:
+            if close:
+                os.close(fd)
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=offset - start).reshape(tuple(t.dims))
+
+    def spill(self, t: onnx.TensorProto, value: np.ndarray) -> np.ndarray:
+        """Write `value` to the spill file, point `t` at it, and return its mapped (read-only) view."""
+        data = np.ascontiguousarray(value)
+        with self.lock:
+            if self.spill_fd is None:
+                self.spill_path = os.path.join(self.session_folder(), "spill.data")
+                self.spill_fd = os.open(self.spill_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                self.known.add(self.spill_path)
+                self.spill_end = 0
+            offset = self.spill_end + (-self.spill_end % mmap.ALLOCATIONGRANULARITY)
+            _write_all(self.spill_fd, memoryview(data.reshape(-1)).cast("B"), offset)
+            self.spill_end = offset + data.nbytes
+        t.ClearField("raw_data")
+        for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            t.ClearField(field_name)
+        del t.dims[:]
+        t.dims.extend(data.shape)
+        t.data_type = onnx.helper.np_dtype_to_tensor_dtype(data.dtype)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        for key, v in (("location", self.spill_path), ("offset", str(offset)), ("length", str(data.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = key, v
+        return self.view(t)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data[:1 << 28], offset)
+        data, offset = data[n:], offset + n
+
+
+MAPPED = MappedWeights()
+
+
+def release(array) -> None:
+    """Give back the resident pages of a mapped array (no-op for others): the memory a pass has read through."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is not None and not base.closed:
+        try:
+            base.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def has_subgraph(n: onnx.NodeProto) -> bool:
@@ -289,6 +435,8 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, RawWeights | N
         raw = None  # an unusual encoding: decode through protobuf instead
     sizes = {name: end - start for name, (start, end) in raw.spans.items()} if raw is not None else None
     external = check_input(model, p.parent, sizes)
+    MAPPED.known.update(location for t in model.graph.initializer if is_mapped(t)
+                        for location in [next(e.value for e in t.external_data if e.key == "location")])
     return model, (None if external else raw)
 
 
@@ -365,36 +513,88 @@ def _fields(buf: bytes, i: int, end: int):
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace (also for the external-data file).
-    Models over ~1.8 GB (protobuf's 2 GB limit) get their weights in OUT.data beside OUT."""
+    """Write atomically: temp files in the same folder, then os.replace (the external-data file first). Models
+    over ~1.8 GB (protobuf's 2 GB limit) and models whose weights are mapped from files get their weights in
+    OUT.data beside OUT, streamed tensor by tensor (`write_external`): no copy of the whole model is made."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(p)
-    big = needs_external_data(model) if external is None else external
-    data_name = p.name + ".data"
-    try:
-        if big:
-            tmp_data = tmp.name + ".data"
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=0 if external else EXTERNAL_TENSOR_MIN_BYTES)
-            # the model refers to the data file by name: rewrite the location to the final name
-            m2 = onnx.load(str(tmp), load_external_data=False)
-            for t in m2.graph.initializer:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(m2.SerializeToString())
-            if (p.parent / tmp_data).exists():
-                os.replace(p.parent / tmp_data, p.parent / data_name)
-        else:
+    big = (needs_external_data(model) or has_mapped(model)) if external is None else external
+    if not big:
+        tmp = temp_path_beside(p)
+        try:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+            os.replace(tmp, p)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return
+    data = p.parent / (p.name + ".data")
+    tmp, tmp_data = temp_path_beside(p), temp_path_beside(data)
+    try:
+        with open(tmp_data, "wb") as f:
+            skeleton = write_external(model, f, data.name, min_bytes=0 if external else EXTERNAL_TENSOR_MIN_BYTES)
+        with open(tmp, "wb") as f:
+            f.write(skeleton.SerializeToString())
+        os.replace(tmp_data, data)
         os.replace(tmp, p)
     finally:
-        for leftover in (tmp, p.parent / (tmp.name + ".data")):
+        for leftover in (tmp, tmp_data):
             if leftover.exists():
                 leftover.unlink()
+
+
+def write_external(model: onnx.ModelProto, f, location: str, min_bytes: int = EXTERNAL_TENSOR_MIN_BYTES
+                   ) -> onnx.ModelProto:
+    """Stream the model's weights into the open file `f` (the external-data file named `location` beside the
+    model) and return the model file's proto: `weightless_copy`'s layout, each tensor written from its value
+    (mapped pages given back as they are written) so that at most one tensor's bytes are in memory."""
+    skeleton, _ = weightless_copy(model, location, min_bytes)
+    offsets = {t.name: int(next(e.value for e in t.external_data if e.key == "offset"))
+               for t in skeleton.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    written = 0
+    for t in model.graph.initializer:
+        if t.name not in offsets:
+            continue
+        f.write(b"\0" * (offsets[t.name] - written))
+        written = offsets[t.name] + _tensor_bytes(t)
+        if t.data_type in PACKED_4BIT or (not is_mapped(t) and t.data_type not in _RAW_OK):
+            f.write(t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(_decode(t)).raw_data)
+            continue
+        if is_mapped(t) and _copy_mapped(t, f):
+            continue
+        value = _decode(t)
+        flat = np.ascontiguousarray(value).reshape(-1)
+        if flat.dtype.byteorder == ">":
+            flat = flat.astype(flat.dtype.newbyteorder("<"))
+        step = max(1, (64 << 20) // max(flat.itemsize, 1))
+        for i in range(0, flat.size, step):
+            f.write(memoryview(flat[i:i + step]).cast("B"))
+        release(value)
+    return skeleton
+
+
+def _copy_mapped(t: onnx.TensorProto, f) -> bool:
+    """Copy a mapped tensor's bytes file to file in the kernel (copy_file_range): they never enter this process.
+    False where the system cannot (the caller writes the mapped view instead)."""
+    info = {e.key: e.value for e in t.external_data}
+    offset, length = int(info.get("offset", "0")), int(info["length"])
+    f.flush()
+    start = f.tell()
+    try:
+        with open(info["location"], "rb") as src:
+            done = 0
+            while done < length:
+                n = os.copy_file_range(src.fileno(), f.fileno(), length - done, offset + done, start + done)
+                if n <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += n
+    except (OSError, AttributeError):
+        f.seek(start)
+        f.truncate()
+        return False
+    f.seek(start + length)
+    return True
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -407,7 +607,8 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def weightless_copy(model: onnx.ModelProto, location: str) -> tuple[onnx.ModelProto, int]:
+def weightless_copy(model: onnx.ModelProto, location: str, min_bytes: int = EXTERNAL_TENSOR_MIN_BYTES
+                    ) -> tuple[onnx.ModelProto, int]:
     """The model as `save_model` writes it past 2 GB, without copying a weight byte: initializers of at least
     EXTERNAL_TENSOR_MIN_BYTES (and those already external) refer to `location`, one after another; smaller ones
     are copied. Returns the copy and the length its data file must have."""
@@ -417,9 +618,11 @@ def weightless_copy(model: onnx.ModelProto, location: str) -> tuple[onnx.ModelPr
     offset = 0
     for t in model.graph.initializer:
         n = _tensor_bytes(t)
-        if n is None or (n < EXTERNAL_TENSOR_MIN_BYTES and t.data_location != onnx.TensorProto.EXTERNAL):
+        if n is None or (n < min_bytes and t.data_location != onnx.TensorProto.EXTERNAL):
             copy.graph.initializer.add().CopyFrom(t)
             continue
+        if n >= EXTERNAL_ALIGN_BYTES:
+            offset += -offset % EXTERNAL_ALIGN_BYTES  # onnxruntime maps page-aligned data instead of copying it
         h = copy.graph.initializer.add()
         h.name, h.data_type, h.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
         h.dims.extend(t.dims)

@@ -71,9 +71,12 @@ class UnionFind:
             self.parent[hi] = lo  # several writes to one hi keep one of them; the loop finishes the rest
 
     def union_all(self, atoms: np.ndarray) -> None:
+        """One class of all the atoms: every root hooked straight under the smallest (a chain a[i]-a[i+1] made
+        a path as long as the tensor, which `find` walks in time quadratic in it: 6.5 s for a 32000-way vocab)."""
         atoms = atoms[atoms >= 0]
         if len(atoms) > 1:
-            self.union_arrays(atoms[:-1], atoms[1:])
+            roots = self.find(atoms)
+            self.parent[roots] = roots.min()
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError
-from .ir import Graph, read_model
+from .ir import MAPPED, Graph, read_model
 from .memory import DEFAULT_MEMORY_LIMIT_GB
 from .model import Model
 from .passes import PassManager
@@ -21,7 +21,8 @@ def load(source, input_shapes: dict | None = None, memory_limit_gb: float = DEFA
     if isinstance(source, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(source)
-        check_input(proto)  # what read_model checks of a file (a ModelProto has no folder: no external data)
+        check_input(proto, mapped=frozenset(MAPPED.known))  # as read_model checks a file; no folder: no external
+        # data, except the files this process maps weights from (a model it made: a progressive step's)
     else:
         proto, raw = read_model(resolve_input(str(source)))
     model = Model(Graph(proto, raw=raw), source=name)

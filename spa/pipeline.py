@@ -19,7 +19,7 @@ from .fileio import StagedOutputs
 from .fixed_transforms import warnings_for as fixed_transform_warnings
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
-from .ir import has_subgraph, needs_external_data, save_model
+from .ir import has_mapped, has_subgraph, needs_external_data, release, save_model
 from .loading import load, param_count
 from .model import Model
 from .options import PruneOptions
@@ -76,6 +76,10 @@ class PruneRun:
         return self.holdout_reference
 
     def step(self, stage: str) -> None:
+        """A new stage: the pages of mapped weights the last one read leave the resident set, then progress."""
+        if self.model is not None:
+            for value in self.model.graph.arrays.values():
+                release(value)
         if self.progress:
             self.progress(stage)
 
@@ -407,7 +411,7 @@ class WriteOutputs(Pass):
                               binary=False)
         if run.output is not None:
             run.step("save")
-            if needs_external_data(run.pruned):  # weights in OUT.data: written (atomically) on its own
+            if needs_external_data(run.pruned) or has_mapped(run.pruned):  # weights in OUT.data, on its own
                 try:
                     save_model(run.pruned, run.output)
                 except OSError as e:

@@ -94,20 +94,44 @@ def all_tensors(model: onnx.ModelProto, main_initializers: bool = True) -> Itera
 
 # ---- external data -------------------------------------------------------------------------------------------------
 def load_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> bool:
-    """Read every tensor's external data from inside `folder` into its raw_data (the tensor then no longer refers
-    to a file). Returns whether any tensor had external data."""
+    """Check every tensor's external data (inside `folder`, as long as its dims declare). The main graph's
+    initializers keep their bytes in the file: their location becomes the resolved absolute path, which
+    `spa.ir` maps read-only (a 4 GB model is never copied into memory); other tensors (attributes, subgraphs)
+    are read into their raw_data. Returns whether any tensor had external data."""
     root = os.path.realpath(folder)
     found = False
-    for where, t in all_tensors(model):
+    main = [(f"initializer '{t.name}'", t, True) for t in model.graph.initializer]
+    others = [(where, t, False) for where, t in all_tensors(model, main_initializers=False)]
+    for where, t, mappable in main + others:
         if t.data_location == TensorProto.EXTERNAL:
             found = True
-            t.raw_data = _read_external(t, where, root)
-            t.data_location = TensorProto.DEFAULT
+            path, offset, length = _locate_external(t, where, root)
             del t.external_data[:]
+            if mappable and t.data_type != TensorProto.STRING and t.data_type not in _SUB_BYTE_BITS:
+                for key, value in (("location", path), ("offset", str(offset)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = key, value
+                continue
+            t.raw_data = _read_bytes(path, offset, length, where)
+            t.data_location = TensorProto.DEFAULT
     return found
 
 
-def _read_external(t: TensorProto, where: str, root: str) -> bytes:
+def _location(t: TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
+def _read_bytes(path: str, offset: int, length: int, where: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise SpaError(f"{where}: external data '{path}' is shorter than the tensor")
+    return data
+
+
+def _locate_external(t: TensorProto, where: str, root: str) -> tuple[str, int, int]:
+    """The resolved file, offset and length of a tensor's external data, every check passed."""
     info = {e.key: e.value for e in t.external_data}
     location = info.get("location", "")
     if not location:
@@ -142,12 +166,7 @@ def _read_external(t: TensorProto, where: str, root: str) -> bytes:
     if offset + length > size:
         raise SpaError(f"{where}: external data '{location}' is shorter than the tensor ({size} bytes, the tensor "
                        f"needs {length} from offset {offset})")
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise SpaError(f"{where}: external data '{location}' is shorter than the tensor")
-    return data
+    return path, offset, length
 
 
 # ---- tensors -------------------------------------------------------------------------------------------------------
@@ -177,9 +196,16 @@ def expected_bytes(t: TensorProto, where: str) -> int | None:
 def check_tensor(t: TensorProto, where: str, raw_size: int | None = None) -> None:
     """A tensor's header agrees with its data (external data must have been loaded already). `raw_size`: the
     length of its raw data read off the file's wire format (reading `t.raw_data` copies the bytes)."""
-    if t.data_location == TensorProto.EXTERNAL:
-        raise SpaError(f"{where}: external data that was not loaded")
     expected = expected_bytes(t, where)
+    if t.data_location == TensorProto.EXTERNAL:
+        length = next((e.value for e in t.external_data if e.key == "length"), None)
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        if not os.path.isabs(location) or length is None:   # mapped (load_external_data checked it) or unread
+            raise SpaError(f"{where}: external data that was not loaded")
+        if int(length) != expected:
+            raise SpaError(f"{where}: external data length {length} does not match the {expected} bytes its dims "
+                           f"{list(t.dims)} declare")
+        return
     n = element_count(t, where)
     if t.data_type == TensorProto.STRING:
         if len(t.string_data) != n:
@@ -294,15 +320,17 @@ def run_checker(model: onnx.ModelProto | bytes) -> None:
 
 
 def check_input(model: onnx.ModelProto, folder: str | os.PathLike | None = None,
-                raw_sizes: dict | None = None) -> bool:
-    """Everything above, in order; external data (from `folder` only) is loaded into the model. onnx.checker
+                raw_sizes: dict | None = None, mapped: frozenset = frozenset()) -> bool:
+    """Everything above, in order; external data (from `folder` only) is loaded into the model. `mapped`: the
+    files this process already maps weights from (spa.ir.MappedWeights), which a ModelProto this process made
+    (a progressive step's model) may name; any other external data in a ModelProto is refused. onnx.checker
     runs later, on normalization's light copy (no weight bytes: `passes.normalize.infer_shapes`), which costs a
     fraction of checking the whole model (0.3 s on ResNet-50). Returns whether external data was loaded."""
     try:
         check_utf8(model)
         check_structure(model)
         external = load_external_data(model, folder) if folder is not None else any(
-            t.data_location == TensorProto.EXTERNAL for _, t in all_tensors(model))
+            t.data_location == TensorProto.EXTERNAL and _location(t) not in mapped for _, t in all_tensors(model))
         if external and folder is None:
             raise SpaError("the model refers to external data, which is only read for a model loaded from a file")
         check_tensors(model, raw_sizes)

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from spa.ir import tensor_value
 from spa.operators.registry import LOWERINGS, USER_LOWERINGS, canonical_domain
 
 from ._util import LATEST_OPSET  # noqa: F401  (re-exported by the package)
@@ -54,7 +55,7 @@ def torch_dtype(onnx_type: int) -> torch.dtype:
 def tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
     """A TensorProto (initializer or attribute) as a fresh torch tensor."""
     torch_dtype(t.data_type)  # clear error for unsupported element types
-    arr = np.array(numpy_helper.to_array(t))  # writable copy (0-d stays 0-d)
+    arr = np.array(tensor_value(t))  # writable copy (0-d stays 0-d); mapped external data too
     return torch.from_numpy(arr)
 
 
