@@ -312,6 +312,11 @@ class MappedWeights:
             atexit.register(shutil.rmtree, self.folder, True)
         return self.folder
 
+    def remove_folder(self) -> None:
+        """Remove the temp folder now: an interrupted CLI run ends with os._exit, which runs no atexit hook."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, True)
+
     def linked_name(self, path: str) -> str | None:
         """The name under which `session_folder` holds the file `path` (the spill file, or a hard link to an
         input data file); None where no hard link can be made (another file system)."""

@@ -131,3 +131,16 @@ def test_a_mapped_model_proto_loads_again(llama, tmp_path, monkeypatch):
     next(e for e in t.external_data if e.key == "location").value = str(tmp_path / "elsewhere.data")
     with pytest.raises(SpaError, match="external data"):
         load(stranger, {"input_ids": (1, 8)})
+
+
+def test_the_spill_folder_is_removed_on_demand():
+    """An interrupted CLI run ends with os._exit (no atexit hook): spa.cli removes the folder itself first."""
+    import os
+
+    from spa.ir import MappedWeights
+
+    weights = MappedWeights()
+    folder = weights.session_folder()
+    open(os.path.join(folder, "spill.data"), "wb").close()
+    weights.remove_folder()
+    assert not os.path.exists(folder)

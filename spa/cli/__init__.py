@@ -11,6 +11,7 @@ import threading
 import warnings
 
 from ..errors import FidelityError, SpaError, VerificationError, one_line
+from ..ir import MAPPED
 from ..memory import memory_limit
 from ..options import check_number
 from .common import Parser
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
             else:
                 signal.signal(signal.SIGTERM, old_term)
     if as_program and rc in (130, 143):
+        MAPPED.remove_folder()   # the spill file and the hard links of a mapped model: os._exit runs no atexit
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
