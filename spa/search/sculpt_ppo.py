@@ -151,7 +151,7 @@ class SculptPPO:
                 dist = torch.distributions.Categorical(logits=logits())
                 ratio = torch.exp(dist.log_prob(acts_t).sum(1) - old)
                 surrogate = torch.min(ratio * adv, ratio.clamp(1 - o["clip"], 1 + o["clip"]) * adv)
-                loss = -surrogate.mean() - o["entropy_coef"] * dist.entropy().sum(1).mean()
+                loss = -surrogate.mean() - o["entropy_coef"] * dist.entropy().sum()
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, o["max_grad_norm"])
