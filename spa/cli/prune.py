@@ -15,7 +15,7 @@ from .common import (
     finish,
     stage_progress,
 )
-from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_search
+from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_pattern_search, run_search
 
 USAGE = """spa-prune: structured pruning of ONNX models.
 
@@ -245,8 +245,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.patterns_search is not None:
-        from .search import run_pattern_search
-
         return run_pattern_search(args)
     if args.policy is not None or args.target_params is not None:
         if args.patterns is not None:

@@ -326,8 +326,7 @@ def run_pattern_search(args) -> int:
     evals = 64 if args.evals is None else args.evals
     check_counts([("--evals", evals)])
     S = _search_module()
-    from ..search import sculpt
-
+    sculpt = S.sculpt
     if args.patterns_search not in sculpt.PATTERN_POLICIES:
         raise SpaError(f"unknown pattern-search policy '{args.patterns_search}' (choose from "
                        f"{', '.join(sorted(sculpt.PATTERN_POLICIES))})")

@@ -18,9 +18,10 @@ policies is at equal pattern-aware MACs. `spa.patterns.apply_patterns(per_layer=
 these counts (the tests compare the report's pattern-aware MACs).
 
 **Scoring**: the candidate's patterns (magnitude choice per kernel, the library at its K) on a copy of the
-normalized model, then `CalibEvaluator`'s one torch pass with refit="fast" whose per-layer solve is restricted to
-each output row's kept positions (`PatternRefit`, as `spa.patterns.refit_masked`), scored on the calibration
-samples (held out from the refit's statistics with `score_split`). The chosen assignment then goes through the
+normalized model, then `CalibEvaluator`'s one torch pass with refit="fast" whose per-layer solve does what the
+pattern path's reconstruction does (`PatternRefit`: shapes chosen again by OBS on the layer's actual input,
+then each output row refit on its kept positions, `spa.patterns.refit_masked`), scored on the calibration
+samples held out from the refit's statistics (`score_split`). The chosen assignment then goes through the
 driver's pattern path (`prune_with_patterns`: masks, checks, OBS re-choice, full masked refit, report).
 """
 from __future__ import annotations
@@ -36,7 +37,15 @@ from spa.passes.fidelity import compare
 
 from .. import driver
 from ..errors import SpaError
-from ..patterns import LARGEST_PATTERN, apply_patterns, library, pattern_layers, refit_masked, refit_support
+from ..patterns import (
+    LARGEST_PATTERN,
+    apply_patterns,
+    choose_by_obs,
+    library,
+    pattern_layers,
+    refit_masked,
+    refit_support,
+)
 from .onepass import candidate_pass
 from .problem import SearchProblem
 from .refit import LayerRefit
@@ -150,16 +159,23 @@ class PatternSpace:
 
 # ---- scoring ---------------------------------------------------------------------------------------------------------
 class PatternRefit(LayerRefit):
-    """LayerRefit whose per-layer solve keeps each output row on its kept pattern positions (`masks`: node name ->
-    weight-shaped keep mask of the candidate being scored)."""
+    """LayerRefit whose per-layer solve does what the pattern path's reconstruction does (passes/reconstruct.py):
+    the conv's shapes chosen again by OBS error on its actual input's Gram, from its dense weight (same K, same
+    count of kernels emptied), then each output row refit on its kept positions. `patterns`: node name ->
+    spa.patterns.LayerPattern of the candidate being scored."""
 
-    masks: dict
+    patterns: dict
 
     def solve(self, name, view, h, xy, w_p, damp):
-        mask = self.masks.get(name)
-        if mask is None:
+        lp = self.patterns.get(name)
+        if lp is None:
             return super().solve(name, view, h, xy, w_p, damp)
-        return refit_masked(w_p, SimpleNamespace(xx=h, xy=xy, n=1), damp, refit_support(view, mask))
+        gram = SimpleNamespace(xx=h, xy=xy, n=1)
+        if self.obs_choice and lp.dense is not None:
+            mask = choose_by_obs(lp, gram, damp)
+            w_p = w_p.copy()
+            w_p[:, :mask[0].size] = view.matrix(np.where(mask, lp.dense, 0))
+        return refit_masked(w_p, gram, damp, refit_support(view, lp.mask))
 
 
 class PatternEvaluator(CalibEvaluator):
@@ -167,7 +183,8 @@ class PatternEvaluator(CalibEvaluator):
     MACs kept. refit: "fast" (masked, default) or False (masks only). metric "auto": kl for class logits (top-1
     accuracy on a quarter of 128 samples is 100 % for most candidates), else rel_l2."""
 
-    def __init__(self, problem: SearchProblem, space: PatternSpace, *, refit="fast", **options):
+    def __init__(self, problem: SearchProblem, space: PatternSpace, *, refit="fast", obs_choice: bool = True,
+                 **options):
         if refit not in ("fast", False):
             raise SpaError(f"the pattern search scores with refit 'fast' or none, got {refit!r}")
         super().__init__(problem, refit=refit, **options)
@@ -177,7 +194,8 @@ class PatternEvaluator(CalibEvaluator):
         old = self._layer_refit
         self._layer_refit = PatternRefit(old.mode, old.positions, old.max_columns, old.damp)
         self._layer_refit.layers, self._layer_refit.skipped = old.layers, old.skipped
-        self._layer_refit.masks = {}
+        self._layer_refit.patterns = {}
+        self._layer_refit.obs_choice = obs_choice
 
     def measure(self, key) -> dict:
         teacher = self.teacher()
@@ -188,7 +206,7 @@ class PatternEvaluator(CalibEvaluator):
         layers = apply_patterns(model.graph, LARGEST_PATTERN, per_layer=per_layer)
         t1 = time.perf_counter()
         if self.fast_refit:
-            self._layer_refit.masks = {name: lp.mask for name, lp in layers.items()}
+            self._layer_refit.patterns = layers
             info: dict = {}
             outputs = candidate_pass(model, {}, self.samples, self._moments, self._layer_refit, recalibrate=False,
                                      refit_info=info)
@@ -277,8 +295,8 @@ def random_search(run: PatternSearch, problem, evals: int, seed: int = 0) -> dic
 def search_patterns(model_path, *, target_flops: float, policy: str = "ppo-gnn", calib=None, evals: int = 64,
                     seed: int = 0, metric: str = "auto", refit="fast", score_split: float | None = 0.25,
                     input_shapes: dict | None = None, calib_samples: int | None = None, threads: int | None = 1,
-                    policy_options: dict | None = None, progress=None, problem: SearchProblem | None = None
-                    ) -> tuple[dict, PatternHistory]:
+                    policy_options: dict | None = None, progress=None, problem: SearchProblem | None = None,
+                    obs_choice: bool = True) -> tuple[dict, PatternHistory]:
     """Search K per patterned conv under `target_flops` (pattern-aware MACs kept) with `policy` in `evals`
     evaluations. Returns the best assignment (node name -> (K, connectivity)) and the history."""
     if policy not in PATTERN_POLICIES:
@@ -291,7 +309,7 @@ def search_patterns(model_path, *, target_flops: float, policy: str = "ppo-gnn",
                                       input_shapes=input_shapes, seed=seed, threads=threads)
     space = PatternSpace(problem, target_flops)
     evaluator = PatternEvaluator(problem, space, refit=refit, metric=metric, score_split=score_split,
-                                 threads=threads, seed=seed)
+                                 threads=threads, seed=seed, obs_choice=obs_choice)
     run = PatternSearch(space, evaluator, progress)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
