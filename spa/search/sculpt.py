@@ -229,6 +229,7 @@ class PatternHistory:
     assignments: list = field(default_factory=list)
     best: int | None = None
     meta: dict = field(default_factory=dict)
+    problem: SearchProblem | None = None
 
 
 class PatternSearch:
