@@ -163,6 +163,7 @@ class PruneOptions:
     patterns: int | None = None    # at most K non-zero positions per conv kernel (None: no patterns)
     connectivity: float = 0.0      # with patterns: the share of each patterned conv's kernels emptied
     sparse_storage: bool = False   # with patterns: write patterned weights compactly (rebuilt at load)
+    pattern_assignment: dict | None = None   # with patterns: conv node name -> (K, connectivity), a searched one
     memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB  # bounds analysed tensors and the data a run makes
 
     @classmethod
@@ -243,6 +244,9 @@ def check_patterns(options: PruneOptions) -> None:
     yet (it scales the channel cut only)."""
     check_number("--patterns", options.patterns, low=1, high=24, whole=True)
     check_number("--connectivity", options.connectivity, low=0.0, high=1.0, high_open=True)
+    for name, (k, connectivity) in (options.pattern_assignment or {}).items():
+        check_number(f"K of '{name}'", k, low=1, high=24, whole=True)
+        check_number(f"connectivity of '{name}'", connectivity, low=0.0, high=1.0, high_open=True)
     if options.max_drop is not None:
         raise SpaError("--max-drop does not scale --patterns yet; drop one of them")
 

@@ -173,18 +173,26 @@ def pattern_layers(g, k: int) -> list:
 
 
 def apply_patterns(g, k: int, *, connectivity: float = 0.0, allowed: dict | None = None,
-                   hinvs: dict | None = None) -> dict[str, LayerPattern]:
+                   hinvs: dict | None = None, per_layer: dict | None = None) -> dict[str, LayerPattern]:
     """Choose and apply a pattern for every kernel of every patterned conv (weights zeroed outside the chosen
-    shapes, in place in `g`). allowed / hinvs: per node name, as `choose`. Returns node name -> LayerPattern."""
+    shapes, in place in `g`). allowed / hinvs: per node name, as `choose`. per_layer: node name -> (K,
+    connectivity) replacing `k` / `connectivity` for that conv (a searched assignment, spa.search.sculpt; a K
+    of at least the kernel's positions keeps its kernels whole, emptying only the connectivity share). Returns
+    node name -> LayerPattern."""
     layers = {}
-    for node, w in pattern_layers(g, k):
-        lib = library(w.shape[2:], k)
+    per_layer = per_layer or {}
+    for node, w in pattern_layers(g, 1 if per_layer else k):
+        k_l, conn = per_layer.get(node.name, (k, connectivity))
+        k_l, conn = int(k_l), float(conn)
+        if not patterned(w, k_l) and not (node.name in per_layer and conn > 0):
+            continue
+        lib = library(w.shape[2:], k_l)
         ids = choose(w, lib, allowed=(allowed or {}).get(node.name), hinv=(hinvs or {}).get(node.name),
-                     connectivity=connectivity)
+                     connectivity=conn)
         mask = mask_of(ids, lib, w.shape)
         g.set_const(node.input[1], np.where(mask, w, 0).astype(w.dtype))
         layers[node.name] = LayerPattern(node.name, node.input[1], lib, mask, np.array(w),
-                                         (allowed or {}).get(node.name), connectivity)
+                                         (allowed or {}).get(node.name), conn)
     return layers
 
 

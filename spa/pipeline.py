@@ -240,13 +240,17 @@ class PatternPrune(Pass):
     def run(self, run: PruneRun) -> PassResult:
         run.step("patterns")
         opts, g = run.options, run.model.graph
-        run.patterns = apply_patterns(g, opts.patterns, connectivity=opts.connectivity)
+        run.patterns = apply_patterns(g, opts.patterns, connectivity=opts.connectivity,
+                                      per_layer=opts.pattern_assignment)
         check_patterns(g, run.patterns)
         run.pruned = g.to_model()
         if opts.verify:
             verify.check(run.pruned)
         section = report_section(g, run.patterns, opts.patterns, opts.connectivity,
                                  run.analysis.macs_after(run.removed), run.analysis.total_macs)
+        if opts.pattern_assignment:
+            section["assignment"] = {name: {"k": lp.lib.k, "connectivity": lp.connectivity}
+                                     for name, lp in run.patterns.items()}
         return PassResult(modified=True, report={"patterns": section})
 
 

@@ -15,7 +15,7 @@ from .common import (
     finish,
     stage_progress,
 )
-from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_search
+from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_pattern_search, run_search
 
 USAGE = """spa-prune: structured pruning of ONNX models.
 
@@ -222,6 +222,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "kept weights are refit unless --fast")
     pat.add_argument("--connectivity", type=float, default=0.0, metavar="F",
                      help="with --patterns: also empty the share F of each patterned conv's kernels (default 0)")
+    pat.add_argument("--patterns-search", nargs="?", const="ppo-gnn", metavar="POLICY",
+                     help="search K per conv under --target-flops F of pattern-aware MACs (docs/patterns.md): "
+                          "POLICY ppo-gnn (default: PPO over a GATv2 encoder), uniform or random; with --evals N "
+                          "(64), --metric, --policy-option, --calib; the best then goes through the pattern path")
     pat.add_argument("--sparse-storage", action="store_true",
                      help="with --patterns: store patterned weights as kept values + a pattern id per kernel, "
                           "rebuilt at load (the file shrinks; onnxruntime runs the same dense kernels)")
@@ -240,6 +244,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    if args.patterns_search is not None:
+        return run_pattern_search(args)
     if args.policy is not None or args.target_params is not None:
         if args.patterns is not None:
             raise SpaError("--patterns does not combine with a search (--policy/--target-params) yet")

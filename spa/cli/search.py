@@ -305,3 +305,56 @@ class SearchProgress:
             self.stream.flush()
         elif self.count and self.printed != self.count:
             self._print()
+
+
+def run_pattern_search(args) -> int:
+    """--patterns-search POLICY: K per patterned conv searched under --target-flops (pattern-aware MACs kept),
+    then the best assignment through the driver's pattern path; the report gains `pattern_search`."""
+    for value, flag in ((args.policy, "--policy"), (args.ratio, "--ratio"), (args.plan, "--plan"),
+                        (args.patterns, "--patterns"), (args.target_params, "--target-params"),
+                        (args.target_latency, "--target-latency"), (args.finetune_data, "--finetune-data"),
+                        (args.max_drop, "--max-drop"), (args.search_curve, "--search-curve"),
+                        (args.sparsity_plot, "--sparsity-plot")):
+        if value is not None:
+            raise SpaError(f"--patterns-search does not combine with {flag}")
+    if args.connectivity or args.steps != 1:
+        raise SpaError("--patterns-search chooses the connectivity itself and runs in one step: drop "
+                       "--connectivity/--steps")
+    if args.target_flops is None:
+        raise SpaError("--patterns-search needs --target-flops F (the fraction of pattern-aware MACs kept)")
+    check_number("--target-flops", args.target_flops, low=0.0, high=1.0, low_open=True)
+    evals = 64 if args.evals is None else args.evals
+    check_counts([("--evals", evals)])
+    S = _search_module()
+    sculpt = S.sculpt
+    if args.patterns_search not in sculpt.PATTERN_POLICIES:
+        raise SpaError(f"unknown pattern-search policy '{args.patterns_search}' (choose from "
+                       f"{', '.join(sorted(sculpt.PATTERN_POLICIES))})")
+    options = dict(args.policy_option)
+    if args.patterns_search == "ppo-gnn":
+        options = _policy_options(S.sculpt_ppo.SculptPPO, "ppo-gnn", args.policy_option)
+    elif options:
+        raise SpaError(f"pattern-search policy '{args.patterns_search}' has no options")
+    defaults = resolved_defaults(PruneOptions(importance=args.importance, fast=args.fast, reconstruct=args.reconstruct))
+    if not defaults["reconstruct"]:
+        raise SpaError("--patterns-search scores candidates after a refit: drop --fast/--no-reconstruct")
+    check_outputs({"OUT": args.output, "--report": args.report, "--save-plan": args.save_plan},
+                  driver.input_paths(args.input, None, args.calib, None))
+    metric = METRIC_ALIASES.get(args.metric, args.metric)
+    progress = SearchProgress(f"patterns {args.patterns_search}", evals, args.quiet)
+    progress.setup()
+    assignment, history = sculpt.search_patterns(
+        args.input, target_flops=args.target_flops, policy=args.patterns_search, calib=args.calib,
+        calib_samples=args.calib_samples, evals=evals,
+        seed=args.seed, metric=metric, input_shapes=dict(args.input_shape), threads=args.threads or 1,
+        policy_options=options, progress=progress)
+    progress.close()
+    show = stage_progress(args.quiet)
+    with StagedOutputs() as outputs:
+        kw = driver_kwargs(args)
+        res = sculpt.prune_with_patterns(args.input, args.output, assignment, progress=show, outputs=outputs,
+                                         sparse_storage=args.sparse_storage, input_shapes=dict(args.input_shape),
+                                         **{k: v for k, v in kw.items() if k != "input_shapes"})
+        clear_progress(show)
+        res.report["pattern_search"] = history.meta
+        return finish(args, res.report, outputs)

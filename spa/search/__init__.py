@@ -25,7 +25,7 @@ from ..budget import BudgetProjector, CostModel, Projection
 from ..errors import SpaError
 from ..latency import fit_latency
 from ..select import PruningPlan
-from . import controls, dist, ppo_gnn, sac  # noqa: F401  (register the controls and the agents)
+from . import controls, dist, ppo_gnn, sac, sculpt_ppo  # noqa: F401  (register the controls and the agents)
 from .env import GLOBAL_FEATURES, PruningEnv
 from .executor import EXECUTORS, LocalExecutor, RayExecutor, make_executor
 from .graph import EDGE_FEATURES, NODE_FEATURES, GroupGraph

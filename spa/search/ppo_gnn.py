@@ -73,6 +73,18 @@ def torch_session(seed: int, threads: int | None):
             torch.set_num_threads(old)
 
 
+def adapt_alpha(alpha: float, quality: np.ndarray, slack: np.ndarray, share: float, lr: float) -> float:
+    """AutoSculpt's learnable alpha, one update: move log alpha by the step `lr` towards the value at which
+    alpha * spread(FLOPs term over the batch) is `share` of the spread of the quality term (geometric
+    interpolation; alpha stays put when either spread is zero; from 0 it starts at 1e-3 of the goal)."""
+    sq, ss = float(np.std(quality)), float(np.std(slack))
+    if ss < 1e-12 or sq < 1e-12:
+        return alpha
+    goal = share * sq / ss
+    base = alpha if alpha > 0 else goal * 1e-3
+    return float(math.exp((1 - lr) * math.log(base) + lr * math.log(goal)))
+
+
 class RunningStats:
     """Running mean / std (Welford) of scalar rewards."""
 
@@ -268,14 +280,7 @@ class PPOGNNPolicy(Policy):
         return [([key], [z], float(r), info) for z, (_, r, _, _, info) in zip(zs, results)]
 
     def _adapt_alpha(self, alpha: float, quality: np.ndarray, slack: np.ndarray) -> float:
-        """Move alpha so that alpha * spread(FLOPs slack) is `alpha_share` of the spread of the quality."""
-        o = self.options
-        sq, ss = float(np.std(quality)), float(np.std(slack))
-        if ss < 1e-12 or sq < 1e-12:
-            return alpha
-        goal = o["alpha_share"] * sq / ss
-        base = alpha if alpha > 0 else goal * 1e-3
-        return float(math.exp((1 - o["alpha_lr"]) * math.log(base) + o["alpha_lr"] * math.log(goal)))
+        return adapt_alpha(alpha, quality, slack, self.options["alpha_share"], self.options["alpha_lr"])
 
     def _returns(self, target, values, lengths):
         """Per step: the lambda-return (value target) and its Monte Carlo counterpart, with the episode's reward

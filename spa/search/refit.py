@@ -158,9 +158,14 @@ class LayerRefit:
         if xx is None or xy.shape != (w_p.shape[1], w_p.shape[0]):
             return
         damp = obspa.DEFAULT_DAMP if self.damp is None else self.damp
-        hd, lam = obspa.damped(xx.numpy() / count, damp)
-        new = obspa._solve_psd(hd, xy.numpy() / count + lam * w_p.T).T
+        new = self.solve(node.name, view, xx.numpy() / count, xy.numpy() / count, w_p, damp)
         write_refit(g, tg, view, w_full, new, info, t)
+
+    def solve(self, name: str, view, h: np.ndarray, xy: np.ndarray, w_p: np.ndarray, damp: float) -> np.ndarray:
+        """The refit [W | b] of layer `name` from its input Gram h = XᵀX/n and XᵀY/n (ridge towards w_p);
+        a subclass may restrict it (spa.search.sculpt: to each output row's kept pattern positions)."""
+        hd, lam = obspa.damped(h, damp)
+        return obspa._solve_psd(hd, xy + lam * w_p.T).T
 
 
 def write_refit(g, tg, view, w_full, new, info, t0) -> None:
