@@ -164,33 +164,34 @@ def train(model_name: str, seed: int, *, force: bool = False) -> tuple[nn.Module
 
 
 def export_onnx(model: nn.Module, path, keep_bn: bool = False, *, input_shape, check_x: np.ndarray | None = None,
-                atol: float = 1e-4) -> Path:
+                atol: float = 1e-4, input_name: str = "input") -> Path:
     """Export with the TorchScript exporter (opset 17, dynamic batch) and check it against torch in onnxruntime.
 
     keep_bn=False (default): the exporter folds every BatchNormalization into the preceding Conv.
     keep_bn=True: `training=TrainingMode.PRESERVE` with the model in eval mode keeps the BatchNormalization
     nodes (inference form, training_mode=0); `do_constant_folding=False` would keep them too. Raises
     AssertionError when onnxruntime and torch differ by more than `atol` (absolute, on logits) on
-    `check_x` (default: 8 standard-normal samples).
+    `check_x` (default: 8 standard-normal samples; its first sample is the traced example, so token ids stay
+    integers). `input_name`: the graph input's name (the output is `logits`).
     """
     import onnxruntime as ort
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    example = torch.zeros(1, *input_shape)
-    kwargs = {"dynamo": False, "opset_version": 17, "input_names": ["input"], "output_names": ["logits"],
-              "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+    if check_x is None:
+        check_x = np.random.default_rng(0).standard_normal((8, *input_shape)).astype(np.float32)
+    example = torch.from_numpy(np.ascontiguousarray(check_x[:1]))
+    kwargs = {"dynamo": False, "opset_version": 17, "input_names": [input_name], "output_names": ["logits"],
+              "dynamic_axes": {input_name: {0: "batch"}, "logits": {0: "batch"}}}
     if keep_bn:
         kwargs["training"] = torch.onnx.TrainingMode.PRESERVE
     tmp = path.with_suffix(".tmp.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(tmp), **kwargs)
-    if check_x is None:
-        check_x = np.random.default_rng(0).standard_normal((8, *input_shape)).astype(np.float32)
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input": check_x})[0]
+    got = sess.run(None, {input_name: check_x})[0]
     with torch.no_grad():
         want = model(torch.from_numpy(check_x)).numpy()
     err = float(np.abs(got - want).max())

@@ -20,15 +20,12 @@ Weights and a JSON (config, metric, seconds) go to .bench/transformers/{model}-s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
 import sys
 import sysconfig
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -427,27 +424,12 @@ def config_from(model_name: str, d: dict):
 # export
 # ---------------------------------------------------------------------------------------------------------------
 def export_onnx(model: nn.Module, path, example: np.ndarray, input_name: str, atol: float = 1e-4) -> Path:
-    """TorchScript export (dynamo=False, opset 17, dynamic batch), checked against torch in onnxruntime."""
-    import onnxruntime as ort
+    """TorchScript export (dynamo=False, opset 17, dynamic batch), checked against torch in onnxruntime on
+    `example` (train_bench's export, with this model's input name)."""
+    from tools import train_bench
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    axes = {input_name: {0: "batch"}, "logits": {0: "batch"}}
-    tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.from_numpy(example[:1]),), str(tmp), dynamo=False, opset_version=17,
-                          input_names=[input_name], output_names=["logits"], dynamic_axes=axes)
-    got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {input_name: example})[0]
-    with torch.no_grad():
-        want = model(torch.from_numpy(example)).numpy()
-    err = float(np.abs(got - want).max())
-    if err > atol:
-        tmp.unlink()
-        raise AssertionError(f"ONNX export of {path.name} differs from torch by {err:.2e} > {atol}")
-    tmp.replace(path)
-    return path
+    return train_bench.export_onnx(model, path, input_shape=example.shape[1:], check_x=example,
+                                   input_name=input_name, atol=atol)
 
 
 def main(argv=None) -> int:
