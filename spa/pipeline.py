@@ -30,7 +30,7 @@ from .passes.compensate import FoldRemovedConstants, fidelity
 from .passes.normalize import weights_out_of_reach
 from .passes.reconstruct import output_rows
 from .patterns import apply_patterns, check_patterns, report_section, sparse_storage
-from .select import PruningPlan, read_plan, select
+from .select import PruningPlan, coarse_groups, read_plan, select
 from .synthesis import model_data
 
 HOLDOUT_SHARE = 8        # 1/8 of the calibration samples (at least HOLDOUT_MIN) are kept out of every fit
@@ -175,11 +175,15 @@ class ScoreAndSelect(Pass):
                 f"--min-channels/--round-to/--max-ratio/--exclude and the frozen groups allow keeps "
                 f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow")
         plan = run.plan
+        spared = [g.name for g in analysis.groups if g.id in coarse_groups(analysis) and g.prunable > 0
+                  and not plan.removed.get(g.id)] if plan.removed and opts.target_flops is not None \
+            and opts.allocation == "uniform" and not opts.plan_file else []
         return PassResult(report={
             "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / max(macs_before, 1)},
             "groups": {"total": len(analysis.groups), "pruned": len([g for g in plan.removed.values() if g]),
                        "frozen": len([g for g in analysis.groups if g.prunable == 0]),
-                       "partially_frozen": len([g for g in analysis.groups if g.frozen.any() and g.prunable > 0])},
+                       "partially_frozen": len([g for g in analysis.groups if g.frozen.any() and g.prunable > 0]),
+                       "coarse_spared": spared},
             "per_group": [{"id": g.id, "name": g.name, "units": g.size,
                            "kept": g.size - len(plan.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
                            "given_back": plan.given_back.get(g.id, 0)} for g in analysis.groups]})

@@ -288,34 +288,73 @@ def _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude,
         return plan_from_counts(analysis, fixed, order, counts, min_channels=min_channels, round_to=round_to,
                                 max_ratio=max_ratio, up=up)
 
-    def counts(r: float) -> dict[int, int]:
+    def exact(r: float) -> dict[int, int]:  # --ratio: the same fraction of every group, to the nearest unit
         return {g.id: math.floor(r * g.size + 0.5) for g in analysis.groups}
+
+    if ratio is not None:
+        return keep_every_tensor(analysis, plan_for(exact(ratio)), scores)
+    counts, lo, t_max = exact, 0.0, 1.0
 
     def uniform(r: float, up: bool = True, round_to: dict[int, int] = steps) -> PruningPlan:
         return keep_every_tensor(analysis, plan_for(counts(r), up, round_to), scores)
 
-    if ratio is not None:
-        return uniform(ratio)
     if allocation in ("uniform", "banded"):
         goal = target_flops * analysis.total_macs
 
         def meets(r: float, up: bool = True, round_to: dict[int, int] = steps) -> bool:
             return analysis.macs_after(uniform(r, up, round_to).roots(analysis)) <= goal
 
-        if allocation == "banded":
+        if allocation == "banded":  # the trust band is centred on the plain uniform fraction
             if not meets(1.0):
                 return uniform(1.0)  # the budget cannot be met: prune as far as the constraints allow
             hi = smallest_fraction(meets)
             return _banded(analysis, scores, order, plan_for, goal, hi) or uniform(hi)
-        # 'uniform': the fraction bisected without rounding; _round_within rounds each group down or up. Where
-        # the minimum width or --min-channels keep a group above the multiple below, bisect the rounded widths
-        if not meets(1.0, up=False):
-            return uniform(1.0, up=False)
-        hi = smallest_fraction(lambda r: meets(r, round_to=unrounded))
+        # 'uniform': coarse groups spared first (uniform_family); the fraction bisected without rounding;
+        # _round_within rounds each group down or up. Where the minimum width or --min-channels keep a group above
+        # the multiple below, bisect the rounded widths
+        counts, lo, t_max = uniform_family(analysis, lambda c: analysis.macs_after(keep_every_tensor(
+            analysis, plan_for(c, round_to=unrounded), scores).roots(analysis)) <= goal)
+        if not meets(t_max, up=False):
+            return uniform(t_max, up=False)
+        hi = smallest_fraction(lambda r: meets(r, round_to=unrounded), lo=lo, hi=t_max)
         if not meets(hi, up=False):
-            hi = smallest_fraction(lambda r: meets(r, up=False), lo=hi)
+            hi = smallest_fraction(lambda r: meets(r, up=False), lo=hi, hi=t_max)
         return _round_within(analysis, scores, plan_for, counts(hi), steps, goal)
     return _budget(analysis, scores, order, plan_for, target_flops)  # its plans are already give-back checked
+
+
+def coarse_groups(analysis: Analysis) -> set[int]:
+    """Groups of fewer than STEPS_PER_GROUP units (the heads of a layer, its KV-head units): one unit is more
+    than an eighth of the group, so a uniform fraction lands on them in large steps (0.3 of 2 KV heads is 1)."""
+    return {g.id for g in analysis.groups if g.size < STEPS_PER_GROUP}
+
+
+SPARED_FINE_LIMIT = 0.8  # the share of every finer group a budget may take while the coarse groups are spared
+
+
+def uniform_family(analysis: Analysis, feasible) -> tuple:
+    """The uniform allocation under a budget as (counts(r): units removed per group, lo, hi): the bisection finds
+    the smallest r in [lo, hi] that meets the budget. Coarse groups are spared while the finer groups meet it
+    taking at most SPARED_FINE_LIMIT of their units each; otherwise the coarse groups lose the fewest units that
+    make the budget reachable at that limit, and the finer groups' share is bisected again (so they get back
+    what a coarse unit's large step over-delivered); past that, coarse groups at their minimum, the finer ones
+    go on. Measured on the trained ViT and char LM (BENCHMARKS.md, "Coarse groups"): one of a layer's 4 heads
+    or 2 KV-head units costs far more than the same MACs taken from the MLP, up to three quarters of it; the
+    limit keeps any layer from being thinned to near nothing first. `feasible(counts)` says whether the
+    unrounded plan of those counts meets the budget. Without coarse groups this is the plain uniform fraction."""
+    def at(fine: float, coarse_share: float) -> dict[int, int]:
+        return {g.id: math.floor((coarse_share if g.id in coarse else fine) * g.size + 0.5) for g in analysis.groups}
+
+    coarse = coarse_groups(analysis)
+    if not coarse or len(coarse) == len(analysis.groups):
+        return (lambda r: at(r, r)), 0.0, 1.0
+    limit = SPARED_FINE_LIMIT
+    if feasible(at(limit, 0.0)):
+        return (lambda r: at(r, 0.0)), 0.0, limit
+    if feasible(at(limit, 1.0)):
+        needed = smallest_fraction(lambda c: feasible(at(limit, c)))
+        return (lambda r: at(r, needed)), 0.0, limit
+    return (lambda r: at(r, 1.0)), limit, 1.0
 
 
 def smallest_fraction(meets, lo: float = 0.0, hi: float = 1.0) -> float:

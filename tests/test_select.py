@@ -320,10 +320,62 @@ def test_attention_heads_are_not_rounded():
     steps = kernel_steps(analysis)
     assert (steps[head.id], steps[out.id], steps[mlp.id]) == (1, 4, 16)
     scores = {int(u): 1.0 for u in analysis.unit_group}
-    plan = select(analysis, scores, target_flops=0.5, allocation="uniform", round_to="auto")
-    kept = {n: g.size - len(plan.removed.get(g.id, [])) for n, g in (("head", head), ("out", out), ("mlp", mlp))}
-    assert kept == {"head": 2, "out": 40, "mlp": 80}
-    assert analysis.macs_after(plan.roots(analysis)) <= 0.5 * analysis.total_macs
+    kept = {}
+    for target in (0.5, 0.2):
+        plan = select(analysis, scores, target_flops=target, allocation="uniform", round_to="auto")
+        kept[target] = {n: g.size - len(plan.removed.get(g.id, [])) for n, g in (("head", head), ("out", out),
+                                                                                   ("mlp", mlp))}
+        assert analysis.macs_after(plan.roots(analysis)) <= target * analysis.total_macs
+    # 0.5: the 4 heads are a coarse group, spared while the finer groups meet the budget (a multiple of 4 and 16);
+    # 0.2: the finer groups at their limit do not meet it: the heads go (3 of 4), and the rest is given back
+    assert kept == {0.5: {"head": 4, "out": 16, "mlp": 32}, 0.2: {"head": 1, "out": 20, "mlp": 32}}
+
+
+def _kv_heads_and_mlp(kv: int = 2, n_rep: int = 2, hd: int = 8, F: int = 64):
+    """q/k/v/o with grouped-query attention written as dynamo writes repeat_kv is not needed here: a coarse
+    group of `kv` units (each a head of hd channels in q, k, v) and an MLP of F channels."""
+    from helpers import Builder, analyse
+
+    T, D = 5, kv * n_rep * hd
+    b = Builder()
+    x = b.input("x", [1, T, D])
+    heads = b.i64("heads_shape", [1, T, kv, D // kv])
+    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), heads], name="q_rs")], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), heads], name="k_rs")], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), heads], name="v_rs")], perm=[0, 2, 1, 3])
+    p = b.op("Softmax", [b.op("MatMul", [q, k], name="qk")], name="softmax", axis=-1)
+    o = b.op("Transpose", [b.op("MatMul", [p, v], name="pv")], perm=[0, 2, 1, 3])
+    o = b.op("Add", [x, b.matmul("wo", b.op("Reshape", [o, b.i64("merge_shape", [1, T, D])], name="merge"), D, D)])
+    b.output(b.op("Add", [o, b.matmul("w2", b.relu(b.matmul("w1", o, D, F)), F, D)]))
+    return analyse(b.model())[1]
+
+
+def test_coarse_groups_are_spared_while_finer_groups_meet_the_budget():
+    """A group of 2 units loses half its width to the first unit removed: the uniform allocation takes the budget
+    from the MLP first (up to SPARED_FINE_LIMIT of it); then the coarse group loses a unit and the MLP gets back
+    what that large step over-delivered; past that the MLP goes on. Every budget is met, the MACs fall as the
+    budget tightens; --ratio still cuts every group alike."""
+    from helpers import group_of
+
+    from spa.select import SPARED_FINE_LIMIT, coarse_groups, select
+
+    analysis = _kv_heads_and_mlp()
+    heads, mlp = group_of(analysis, "wq"), group_of(analysis, "w1")
+    assert (heads.size, mlp.size) == (2, 64) and coarse_groups(analysis) == {heads.id}
+    scores = {int(u): float(u) for u in analysis.unit_group}
+    kept, macs = {}, []
+    for target in (0.9, 0.7, 0.6, 0.5, 0.4, 0.3):
+        plan = select(analysis, scores, target_flops=target, allocation="uniform", round_to=1)
+        kept[target] = (heads.size - len(plan.removed.get(heads.id, [])), mlp.size - len(plan.removed.get(mlp.id, [])))
+        macs.append(analysis.macs_after(plan.roots(analysis)))
+        assert target * analysis.total_macs - 0.02 * analysis.total_macs < macs[-1] <= target * analysis.total_macs
+    assert macs == sorted(macs, reverse=True)
+    limit_kept = 64 - round(SPARED_FINE_LIMIT * 64)
+    assert [h for h, _ in kept.values()] == [2, 2, 1, 1, 1, 1]               # the MLP pays first
+    assert kept[0.7][1] >= limit_kept and kept[0.6][1] > kept[0.7][1]       # and gets back the over-delivery
+    assert kept[0.3][1] < limit_kept                                        # heads at their minimum: MLP goes on
+    plan = select(analysis, scores, ratio=0.5)
+    assert len(plan.removed[heads.id]) == 1 and len(plan.removed[mlp.id]) == 32
 
 
 def test_round_to_auto_is_the_default_and_one_turns_it_off(resnet18):
@@ -356,3 +408,20 @@ def test_explicit_round_to_with_min_channels_meets_a_tight_budget(widths, budget
     plan = select(analysis, scores, target_flops=budget, allocation="uniform", round_to=4, min_channels=6)
     assert analysis.macs_after(plan.roots(analysis)) <= budget * analysis.total_macs
     assert all(k % 4 == 0 and k >= 8 for k in kept_widths(plan, groups).values()), kept_widths(plan, groups)
+
+
+def test_the_report_names_the_coarse_groups_it_spared(tmp_path):
+    """The run says why the heads were not cut: the JSON report lists the spared groups, the summary says so."""
+    import onnx
+
+    from spa import driver
+    from spa.cli.summary import summary
+
+    analysis = _kv_heads_and_mlp()
+    src = tmp_path / "kv.onnx"
+    onnx.save(analysis.ctx.g.model, str(src))
+    rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.8, fast=True).report
+    assert rep["groups"]["coarse_spared"] == ["wq (+2)"] and rep["groups"]["pruned"] == 1
+    assert "1 groups of fewer than 8 units (e.g. attention heads) kept whole" in summary(rep)
+    rep = driver.prune(str(src), str(tmp_path / "out.onnx"), ratio=0.5, fast=True).report
+    assert rep["groups"]["coarse_spared"] == [] and rep["groups"]["pruned"] == 2

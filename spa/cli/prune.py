@@ -200,7 +200,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
     p.add_argument("--allocation", choices=list(ALLOCATIONS),
                    help="with --target-flops: 'uniform' (default) removes the same fraction of every group "
-                        "(bisected to the budget), ranking only inside groups; 'global' ranks units across groups "
+                        "(bisected to the budget), ranking only inside groups, and spares groups of fewer than 8 units (attention "
+                        "heads) while the others meet the budget with at most 0.8 of theirs; 'global' ranks units across groups "
                         "by importance per MAC (thins some layers to almost nothing: worse without fine-tuning) "
                         "(with --policy: use --policy global|uniform)")
     prog = p.add_argument_group("progressive pruning")

@@ -63,6 +63,9 @@ def summary(rep: dict) -> str:
         (f"groups        {g['total']} total, {g['pruned']} pruned, {g['frozen']} frozen, "
         f"{g['partially_frozen']} partially frozen"),
     ]
+    if g.get("coarse_spared"):
+        lines.append(f"{'':14}{len(g['coarse_spared'])} groups of fewer than 8 units (e.g. attention heads) kept whole: "
+                     f"the other groups met the budget")
     pat = rep.get("patterns")
     if pat:
         pm = pat["macs"]
