@@ -60,7 +60,7 @@ class Normalize(Pass):
             raise SpaError(weights_out_of_reach(g.model) or "model has no floating-point weights (an integer-only "
                            "model, or no weights at all): nothing to prune")
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
-        report["subgraph_names_renamed"] = unique_subgraph_names(g)
+        report["names_renamed"] = unique_names(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)
         check_parameters(g)  # weights are initializers now: their rank, sizes and group, before any rule reads them
@@ -143,11 +143,13 @@ def lift_constants(g: Graph) -> int:
     return count
 
 
-def unique_subgraph_names(g: Graph) -> int:
+def unique_names(g: Graph) -> int:
     """Rename what subgraphs define (body inputs, initializers, node outputs, node names) where the name is taken
     elsewhere in the model, so that every name is unique model-wide and the flat maps of spa.ir.Graph (and the
     rules, which look tensors up by name) see each body's own tensors. Sibling bodies may reuse names (an If's two
-    branches often do); references in a body and in the bodies nested in it follow. Returns the names changed."""
+    branches often do); references in a body and in the bodies nested in it follow. A main-graph node name used
+    twice (legal: node names are only diagnostic; silero-vad's OpenVINO export has 15 nodes 'F0::anon') gets a
+    fresh one, since --exclude, plans and the search key nodes by name. Returns the names changed."""
     main = g.model.graph
     seen = {t.name for t in main.initializer} | {i.name for i in main.input}
     seen |= {o for n in main.node for o in n.output} | {n.name for n in main.node}
@@ -186,6 +188,12 @@ def unique_subgraph_names(g: Graph) -> int:
             for b in subgraphs(n):
                 scope(b, local)
 
+    node_names: set[str] = set()
+    for n in main.node:
+        if n.name and n.name in node_names:
+            n.name = fresh(n.name)
+            count += 1
+        node_names.add(n.name)
     for n in main.node:
         for b in subgraphs(n):
             scope(b, {})

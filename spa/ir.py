@@ -94,7 +94,7 @@ class Graph:
     Nodes are the protobuf NodeProtos (edited in place); initializers are held as numpy arrays in `arrays`
     (decoded on first use) and written back to the protobuf only by `to_model`. The maps are flat over the main
     graph and every subgraph (If branches, Loop/Scan bodies): normalization makes names unique model-wide
-    (`passes.normalize.unique_subgraph_names`), so a body's weights, producers and shapes are found by name like
+    (`passes.normalize.unique_names`), so a body's weights, producers and shapes are found by name like
     the main graph's. `nodes` stays the main graph's; `owner` says which graph holds a node.
     """
 

@@ -283,14 +283,8 @@ def check_structure(model: onnx.ModelProto) -> None:
             continue
         define(vi.name, "a graph input")
         inputs.add(vi.name)
-    node_names: set[str] = set()
-    for n in g.node:
+    for n in g.node:  # a node name used twice is legal (normalization renames it): only tensor names must differ
         label = f"node '{n.name}' ({n.op_type})" if n.name else f"a {n.op_type} node"
-        if n.name:
-            if n.name in node_names:
-                raise SpaError(f"the input model is invalid: duplicate node name '{n.name}'; two models "
-                               f"concatenated into one file?")
-            node_names.add(n.name)
         for o in n.output:
             if o:
                 define(o, f"an output of {label}")

@@ -352,3 +352,27 @@ def test_a_model_that_refers_to_external_data_is_checked_by_path(tmp_path, check
     (tmp_path / "m.data").unlink()  # the check does not need it
     verify.check(m)
     assert [c for c in checker_calls if isinstance(c, str)]
+
+
+# ---- a node name used twice (silero-vad's OpenVINO export: 15 nodes named 'F0::anon') -----------------------------
+def test_a_node_name_used_twice_is_renamed_not_refused(tmp_path, capsys):
+    """Node names are diagnostic only (onnx.checker takes duplicates, onnxruntime among Constant nodes, which it
+    turns into initializers first); normalization gives the later ones fresh names, since --exclude, plans and
+    the search key nodes by name. The pruned model matches the original at ratio 0 and prunes at 0.5."""
+    m = cnn()
+    consts = [helper.make_node("Constant", [], [t.name], value=t, name="F0::anon") for t in m.graph.initializer]
+    del m.graph.initializer[:]   # every weight a Constant node of that one name, as in the OpenVINO export
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.checker.check_model(m, full_check=True)
+    src = save(m, tmp_path / "in.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    same = tmp_path / "same.onnx"
+    driver.prune(src, str(same), ratio=0.0, fast=True)
+    np.testing.assert_allclose(run_model(onnx.load(str(same)), {"x": x})[0], run_model(m, {"x": x})[0],
+                               rtol=1e-5, atol=1e-6)
+    rep, _ = prune_report(tmp_path, capsys, m)
+    assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 2
+    assert rep["normalize"]["names_renamed"] == len(consts) - 1 > 0
+    assert rep["macs"]["after"] < rep["macs"]["before"]

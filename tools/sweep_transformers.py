@@ -1,20 +1,26 @@
 """Hugging Face transformers as users export them, pruned at --ratio 0.3 (issue 15): tiny random-init models
-built from their configs, exported by TorchScript (opset 18: Mistral's mask needs bitwise_and) and dynamo (opset 18 and 23) with dynamic batch
-(and sequence) axes, then analysed and pruned with `--fast` at the analysis shapes below.
+built from their configs, exported by TorchScript (opset 18: Mistral's mask needs bitwise_and), dynamo (opset 18
+and 23) with dynamic batch (and sequence) axes, and optimum (its default opset 18, from the model saved with
+save_pretrained: no hub access), then analysed and pruned with `--fast` at the analysis shapes below.
 
-Needs `transformers` (not a dependency of spa-prune: `pip install "transformers<4.58"` into the venv running this).
+Needs `transformers` (not a dependency of spa-prune: `pip install "transformers<4.58"` into the venv running this);
+the optimum rows need `pip install optimum-onnx` (optimum 2.1, leaves torch as it is) and read "not installed"
+without it.
 
-    python tools/sweep_transformers.py [--models bert,llama] [--exporters torchscript,dynamo18,dynamo23]
+    python tools/sweep_transformers.py [--models bert,llama] [--exporters torchscript,dynamo18,dynamo23,optimum]
 
-Prints one markdown row per model and exporter: verification status (or the one-line error), the prunable
-groups' sizes (heads: 4 or, for grouped-query models, 2 units; MLP: 64), and the MACs before/after.
+Prints one markdown row per model and exporter: verification status (or the exit code the command line would
+give and the one-line error; any other exception is a bug and says so), the prunable groups' sizes (heads: 4 or,
+for grouped-query models, 2 units; MLP: 64), and the MACs before/after.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +50,7 @@ def configs():
             d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
             vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-            suppress_tokens=[], begin_suppress_tokens=[])).encoder, AUDIO),
+            suppress_tokens=[], begin_suppress_tokens=[])), AUDIO),
         "llama": (lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_like)), TEXT),
         "qwen2": (lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama_like)), TEXT),
         "mistral": (lambda: t.MistralForCausalLM(t.MistralConfig(**llama_like)), TEXT),
@@ -53,9 +59,25 @@ def configs():
     }
 
 
-def export(build, shape, exporter: str, path: Path) -> None:
+ENCODER_ONLY = {"whisper-encoder"}   # built whole (optimum needs the whole model), exported as its encoder
+# optimum: the task (no past KV cache) and the file it writes for the part swept; otherwise feature-extraction's
+# model.onnx, or text-generation's for a causal LM
+OPTIMUM = {"whisper-encoder": ("automatic-speech-recognition", "encoder_model.onnx",
+                               {"nb_max_frames": AUDIO[2]})}   # else its dummy input has 3000 frames
+
+
+class NotInstalled(Exception):
+    pass
+
+
+def export(name: str, exporter: str, path: Path) -> None:
     import onnx
     import torch
+
+    build, shape = configs()[name]
+    if exporter == "optimum":
+        export_optimum(name, build, path)
+        return
 
     class Wrap(torch.nn.Module):
         def __init__(self, m):
@@ -67,7 +89,8 @@ def export(build, shape, exporter: str, path: Path) -> None:
             return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
     torch.manual_seed(0)
-    model = Wrap(build().eval())
+    built = build().eval()
+    model = Wrap(built.get_encoder() if name in ENCODER_ONLY else built)
     x = torch.randint(0, 100, shape) if len(shape) == 2 else torch.randn(*shape)
     if exporter == "torchscript":
         axes = {"x": {0: "batch", 1: "seq"} if len(shape) == 2 else {0: "batch"}}
@@ -85,19 +108,50 @@ def export(build, shape, exporter: str, path: Path) -> None:
         onnx.save(m, str(path))
 
 
+def export_optimum(name: str, build, path: Path) -> None:
+    """optimum's own export (`main_export`, validation off: it would need the hub's preprocessors) of the model
+    saved with save_pretrained, its default opset, no past KV cache."""
+    import torch
+
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters.onnx") is None:
+        raise NotInstalled
+    from optimum.exporters.onnx import main_export
+
+    torch.manual_seed(0)
+    model = build().eval()
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    task, filename, shape_args = OPTIMUM.get(
+        name, ("text-generation" if causal else "feature-extraction", "model.onnx", {}))
+    folder = path.parent / f"{name}-optimum"
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder / "hf")
+    main_export(str(folder / "hf"), str(folder / "onnx"), task=task, do_validation=False, local_files_only=True,
+                **shape_args)
+    shutil.copyfile(folder / "onnx" / filename, path)
+
+
 def run(name: str, exporter: str, folder: Path) -> dict:
+    import onnx
+
     from spa import driver
     from spa.errors import one_line
 
-    build, shape = configs()[name]
+    shape = configs()[name][1]
     path = folder / f"{name}-{exporter}.onnx"
     row = {"model": name, "exporter": exporter}
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            export(build, shape, exporter, path)
+            export(name, exporter, path)
+    except NotInstalled:
+        return {**row, "status": "not installed"}
     except Exception as e:  # noqa: BLE001 - a row of the table
         return {**row, "status": f"export failed: {one_line(e, 120)}"}
-    shapes = {"x": shape}
+    # every input at the sweep's shape: optimum's text models take attention_mask, token_type_ids or
+    # position_ids beside the ids, all (batch, sequence)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    shapes = {i.name: shape for i in graph.input
+              if i.name not in inits and len(i.type.tensor_type.shape.dim) == len(shape)}
     t0 = time.perf_counter()
     try:
         analysis = driver.analyse(driver.load(str(path), input_shapes=shapes))
@@ -105,7 +159,8 @@ def run(name: str, exporter: str, folder: Path) -> dict:
         rep = driver.prune(str(path), str(folder / "out.onnx"), ratio=0.3, fast=True, input_shapes=shapes).report
         row.update(status=rep["verification"]["status"], before=rep["macs"]["before"], after=rep["macs"]["after"])
     except Exception as e:  # noqa: BLE001
-        row["status"] = f"{type(e).__name__}: {one_line(e, 120)}"
+        code = getattr(e, "exit_code", None)   # SpaError 2, VerificationError 1; anything else: a traceback
+        row["status"] = f"exit {code}: {one_line(e, 160)}" if code else f"BUG {type(e).__name__}: {one_line(e, 160)}"
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -113,7 +168,7 @@ def run(name: str, exporter: str, folder: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(configs()))
-    ap.add_argument("--exporters", default="torchscript,dynamo18,dynamo23")
+    ap.add_argument("--exporters", default="torchscript,dynamo18,dynamo23,optimum")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
