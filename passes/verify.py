@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from spa import quant
 from spa.errors import SpaError, VerificationError, one_line
@@ -125,6 +125,8 @@ def random_inputs(model: onnx.ModelProto, shapes: dict, seed: int, memory_limit_
             value = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
             value = rng.random(shape) < 0.5
+        elif tested := tested_values(g, vi.name):
+            value = rng.choice(np.array(tested, dtype=dtype), size=shape)
         else:
             high = _index_range(g, vi.name)
             value = rng.integers(0, high, size=shape).astype(dtype)
@@ -163,6 +165,39 @@ def activation_bytes(model: onnx.ModelProto, shapes: dict) -> tuple[int, int]:
         size = itemsize * int(np.prod([max(d.dim_value, 0) for d in tt.shape.dim], dtype=object))
         total, largest = total + size, max(largest, size)
     return total, largest
+
+
+PASS_VALUES = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def tested_values(g: Graph, name: str) -> list:
+    """The constants an integer input is compared with for equality (through value-preserving ops): a sample
+    rate or a mode switch that the model checks (silero-vad's `sr == 16000` picks an If branch; other values
+    make the original itself fail). Random feeds draw from these; [] when the input is not tested so."""
+    values, frontier, seen = [], [name], set()
+    while frontier:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for node, idx in g.consumers.get(t, []):
+            if node.op_type in PASS_VALUES and idx == 0:
+                frontier.extend(node.output)
+            elif node.op_type == "Equal" and len(node.input) == 2:
+                const = _constant_value(g, node.input[1 - idx])
+                if const is not None and const.size <= 16 and const.dtype.kind in "iu":
+                    values.extend(int(v) for v in np.ravel(const))
+    return sorted(set(values))
+
+
+def _constant_value(g: Graph, name: str) -> np.ndarray | None:
+    """An initializer's value, or a Constant node's (the input model is read before normalization lifts them)."""
+    value = g.const(name)
+    node = g.producer.get(name)
+    if value is None and node is not None and node.op_type == "Constant":
+        attr = next((a for a in node.attribute if a.name == "value"), None)
+        value = numpy_helper.to_array(attr.t) if attr is not None else None
+    return value
 
 
 def _index_range(g: Graph, name: str) -> int:

@@ -79,3 +79,50 @@ def test_a_saturated_output_is_compared_before_its_squashing(shift, passes):
     else:
         with pytest.raises(VerificationError, match="'y'"):
             verify.compare(reference, pruned, {"x": (1, 4)})
+
+
+def _mode_switched_model():
+    """y = relu(x W1) W2 in the main graph; an If on `mode == 3` passes y on, its else branch gathers column
+    mode + 5 of y's 4, which fails at run time for any mode that reaches it: the model only runs with mode 3
+    (like silero-vad's sample-rate input)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array(5, np.int64), "five"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    then = helper.make_graph([helper.make_node("Identity", ["y"], ["out_t"])], "then", [],
+                             [helper.make_tensor_value_info("out_t", TensorProto.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Add", ["mode64", "five"], ["col"]),
+                               helper.make_node("Unsqueeze", ["col", "axis0"], ["cols"]),
+                               helper.make_node("Gather", ["y", "cols"], ["out_e"], axis=1)], "else", [],
+                              [helper.make_tensor_value_info("out_e", TensorProto.FLOAT, [None, None])])
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="mm1"), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2"),
+             helper.make_node("Constant", [], ["three"], value=numpy_helper.from_array(np.array(3, np.int64))),
+             helper.make_node("Cast", ["mode"], ["mode64"], to=TensorProto.INT64),
+             helper.make_node("Equal", ["mode64", "three"], ["is3"]),
+             helper.make_node("If", ["is3"], ["out"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "switch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                                helper.make_tensor_value_info("mode", TensorProto.INT32, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, None])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_an_integer_input_the_model_tests_is_drawn_from_the_tested_values(tmp_path):
+    """Random integer feeds take the values the model compares the input with (through a Cast), so a model that
+    only runs for those values verifies instead of being refused as not runnable."""
+    import onnx
+
+    from passes.verify import random_inputs, tested_values
+    from spa.ir import Graph
+
+    model = _mode_switched_model()
+    assert tested_values(Graph(model), "mode") == [3] and tested_values(Graph(model), "x") == []
+    feeds = random_inputs(model, {"x": (1, 4), "mode": ()}, seed=0)
+    assert feeds["mode"].dtype == np.int32 and int(feeds["mode"]) == 3
+    src = tmp_path / "switch.onnx"
+    onnx.save(model, str(src))
+    rep = driver.prune(str(src), str(tmp_path / "out.onnx"), ratio=0.5, fast=True).report
+    assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 1
