@@ -137,6 +137,8 @@ class ScoreAndSelect(Pass):
         if uses_data(opts.importance) or opts.reconstruct or opts.recalibrate:
             check_no_control_flow(run.model.graph)
             check_finite_weights(analysis)
+        if opts.target_flops is not None and not opts.plan_file:
+            check_countable(analysis, run.model.warnings)
         run.data, held = split_holdout(load_data(opts.calib, run.model.graph.model, opts.calib_limit))
         if run.data is not None and not uses_data(opts.importance) and not (opts.reconstruct or opts.recalibrate):
             run.model.warnings.append(
@@ -187,6 +189,22 @@ class ScoreAndSelect(Pass):
             "per_group": [{"id": g.id, "name": g.name, "units": g.size,
                            "kept": g.size - len(plan.removed.get(g.id, [])), "frozen_units": int(g.frozen.sum()),
                            "given_back": plan.given_back.get(g.id, 0)} for g in analysis.groups]})
+
+
+def check_countable(analysis, warnings: list) -> None:
+    """--target-flops needs the MACs: a node whose shapes are unknown (inside an If/Loop body that shape inference
+    does not reach, or data-dependent) counts 0. None counted at all: refuse (a budget of nothing would prune
+    nothing and say 0.000); some: warn that the budget covers the rest."""
+    uncounted = [name for name, cost in analysis.ctx.costs.items() if cost.macs <= 0]
+    if not uncounted:
+        return
+    example = ", ".join(f"'{n}'" for n in uncounted[:2])
+    if analysis.total_macs <= 0:
+        raise SpaError(f"--target-flops: no MACs can be counted in this model: the shapes of all {len(uncounted)} "
+                       f"MAC-carrying nodes are unknown ({example}, ...: inside If/Loop bodies or data-dependent); "
+                       f"prune a share of every group with --ratio R instead")
+    warnings.append(f"the MACs of {len(uncounted)} of {len(analysis.ctx.costs)} MAC-carrying nodes are unknown "
+                    f"(their shapes are not inferred: {example}, ...): --target-flops counts only the others")
 
 
 class ApplyPlan(Pass):

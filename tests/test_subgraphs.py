@@ -222,3 +222,28 @@ def test_torch_cond_export_prunes_both_branches(tmp_path):
     assert res.report["verification"]["status"] == "passed"
     assert res.report["verification"].get("if_conditions_forced") == [True, False]
     assert res.report["groups"]["pruned"] >= 3
+
+
+def test_a_budget_on_uncountable_macs_is_refused_or_warned():
+    """--target-flops on a model whose MAC-carrying nodes all have unknown shapes (silero-vad: every conv inside
+    If bodies) would prune nothing and print a ratio of 0.000: refused with a pointer to --ratio; with some
+    counted, a warning names the others."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from spa.errors import SpaError
+    from spa.labels import NodeCost
+    from spa.pipeline import check_countable
+
+    costs = {"body/Conv": NodeCost(0, []), "body/Conv_1": NodeCost(0, [])}
+    analysis = SimpleNamespace(ctx=SimpleNamespace(costs=costs), total_macs=0)
+    with pytest.raises(SpaError, match="no MACs can be counted.*--ratio R"):
+        check_countable(analysis, [])
+    costs["main/Conv"] = NodeCost(1000, [])
+    warnings: list[str] = []
+    check_countable(SimpleNamespace(ctx=SimpleNamespace(costs=costs), total_macs=1000), warnings)
+    assert len(warnings) == 1 and "MACs of 2 of 3" in warnings[0] and "'body/Conv'" in warnings[0]
+    costs.pop("body/Conv"), costs.pop("body/Conv_1")
+    check_countable(SimpleNamespace(ctx=SimpleNamespace(costs=costs), total_macs=1000), warnings)
+    assert len(warnings) == 1
