@@ -73,7 +73,7 @@ def test_conv_chain():
     assert_groups(analysis, {"c1": (8, 0, None), "c2": (4, 4, OUT)})
     res = prune_and_check(m, 0.5)
     assert_shapes(res.pruned, {("c1", 1): (4, 3, 3, 3), ("c1", 2): (4,), ("c2", 1): (4, 4, 3, 3), ("c2", 2): (4,)})
-    assert res.report["groups"] == {"total": 2, "pruned": 1, "frozen": 1, "partially_frozen": 0}
+    assert res.report["groups"] == {"total": 2, "pruned": 1, "frozen": 1, "partially_frozen": 0, "coarse_spared": []}
     # MACs: c1 8*3*9*64 + c2 4*8*9*64 -> c1 halves, c2 input halves
     assert res.report["macs"]["before"] == 8 * 3 * 9 * 64 + 4 * 8 * 9 * 64
     assert res.report["macs"]["after"] == 4 * 3 * 9 * 64 + 4 * 4 * 9 * 64

@@ -115,7 +115,7 @@ def test_an_integer_input_the_model_tests_is_drawn_from_the_tested_values(tmp_pa
     only runs for those values verifies instead of being refused as not runnable."""
     import onnx
 
-    from passes.verify import random_inputs, tested_values
+    from spa.passes.verify import random_inputs, tested_values
     from spa.ir import Graph
 
     model = _mode_switched_model()
