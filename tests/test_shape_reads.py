@@ -12,6 +12,8 @@ import pytest
 from helpers import Builder, analyse, group_of, make_model, param_shapes, prune_and_check, reasons_text, zeroed
 from onnx import TensorProto, helper
 
+from spa import driver
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
@@ -290,3 +292,39 @@ def test_kv_heads_counted_by_shape_arithmetic_prune():
     proj = lambda heads, kv: SEQ * 16 * HD * (heads + 2 * kv) + SEQ * heads * HD * 16  # noqa: E731
     assert res.report["macs"]["before"] == proj(4, 2) + 2 * 4 * SEQ * SEQ * HD
     assert res.report["macs"]["after"] == proj(2, 1) + 2 * 2 * SEQ * SEQ * HD
+
+
+# ---- Slice bounds read at run time on other axes (TorchScript's chunk / rotate_half of a fused projection) ------
+def half_slice_model(axes: bool) -> onnx.ModelProto:
+    """conv c1 (8 channels) -> the first half of the width (dynamic), its end (Shape(y)[3] + 1) // 2 -> conv c2.
+    With `axes` the Slice names axis 3; without, its two starts/ends cut the leading axes (N, and the channels
+    to the first 4)."""
+    b = Builder()
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]))
+    y = b.relu(b.conv("c1", "x", 3, 8))
+    width = b.op("Gather", [b.op("Shape", [y]), b.const("three", np.array(3, np.int64))])
+    width = b.op("Add", [width, b.const("one", np.array(1, np.int64))])
+    half = b.op("Unsqueeze", [b.op("Div", [width, b.const("two", np.array(2, np.int64))]), b.i64("ax0", [0])])
+    if axes:
+        y = b.op("Slice", [y, b.i64("start", [0]), half, b.i64("axes", [3])], name="half")
+    else:
+        ends = b.op("Concat", [b.i64("big", [2 ** 62]), half], axis=0)
+        y = b.op("Slice", [y, b.i64("starts", [0, 0]), ends], name="half")
+    y = b.matmul("fc", b.op("Flatten", [b.op("GlobalAveragePool", [b.relu(b.conv("c2", y, 8 if axes else 4, 6))])]),
+                 6, 5)
+    return make_model(b.nodes, b.inits, b.inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)])
+
+
+def test_slice_bounds_read_at_run_time_on_another_axis_pass_channels():
+    """GPT-NeoX's and Phi-3's fused QKV exported by TorchScript: chunk/rotate_half slice the head_dim axis with
+    bounds computed from Shape() at run time. Before, every such Slice froze the heads ("Slice bounds computed
+    at run time"); bounds on other axes never touch the channels. A Slice whose bounds may cut the channel axis
+    (no axes: the leading ones) still freezes."""
+    shapes = {"x": (1, 3, 8, 8)}
+    analysis = driver.analyse(driver.load(half_slice_model(axes=True), input_shapes=shapes))
+    assert sizes(analysis) == [(5, 0), (6, 6), (8, 8)]
+    res = prune_and_check(half_slice_model(axes=True), 0.5, check_macs=False, input_shapes=shapes)
+    assert weight_shapes(res.pruned) == [(3, 4, 3, 3), (3, 5), (4, 3, 3, 3)]
+    analysis = driver.analyse(driver.load(half_slice_model(axes=False), input_shapes=shapes))
+    g = group_of(analysis, "c1")
+    assert g.prunable == 0 and "Slice bounds computed at run time" in reasons_text(g), reasons_text(g)
