@@ -85,6 +85,17 @@ def split(ctx, node):
     ctx.edit(set_sizes)
 
 
+def sliced_axes(ctx, node, axes, rank: int) -> list[int] | None:
+    """The axes a Slice (opset >= 10) cuts when they are known without its bounds: the constant `axes`, or the
+    leading axes, as many as `starts` has entries; None otherwise."""
+    if axes is not None:
+        return [norm_axis(int(a), rank) for a in np.asarray(axes).reshape(-1)]
+    if len(node.input) > 3 and node.input[3]:
+        return None
+    s = ctx.shape(node.input[1])
+    return list(range(s[0])) if s is not None and len(s) == 1 else None
+
+
 @rule("Slice")
 def slice_(ctx, node):
     x = ctx.inp(node, 0)
@@ -103,6 +114,9 @@ def slice_(ctx, node):
         consts = [ctx.const(n) if i < len(node.input) and (n := node.input[i]) else None for i in range(1, 5)]
         if consts[0] is None or consts[1] is None or (len(node.input) > 3 and node.input[3] and consts[2] is None) \
                 or (len(node.input) > 4 and node.input[4] and consts[3] is None):
+            if x.axis not in (sliced_axes(ctx, node, consts[2], rank) or (x.axis,)):
+                ctx.out(node, 0, x)  # bounds read at run time on other axes (TorchScript's chunk, rotate_half)
+                return
             ctx.freeze(x, node, "Slice bounds computed at run time")
             return
         starts, ends = [int(v) for v in consts[0]], [int(v) for v in consts[1]]

@@ -8,13 +8,19 @@ shape's element for the labelled axis is rewritten by Apply.
 
 Shape reads are followed as values (`follow_shape_values`): Shape -> Gather/Slice/Concat/Unsqueeze/Squeeze/Cast
 carry each element as a constant, a read of a dim that pruning never changes (batch, sequence), or a read of a
-labelled axis — the current channel count. A count that lands in a Reshape/Expand target or Resize sizes at the
-output axis carrying channels of the same width is consistent after pruning (the read returns the kept count), so
-the two labellings are unified instead of frozen; a count used anywhere else (arithmetic, another position, an
-unlabelled output) freezes its channels. A run-time dim read is never Reshape's 0 (copy the input dim): it is 0
-only for an empty tensor.
+labelled axis — the current channel count. Mul/Div by a positive integer constant keep a count a count, scaled
+(Hugging Face's repeat_kv: `num_key_value_heads * n_rep`; `width // head_dim`), and Equal/Where with a decided
+condition pass elements through (TorchScript's expand sizes: Where(sizes == -1, 1, sizes)). A count that lands
+in a Reshape/Expand target or Resize sizes at the output axis whose size it is after every pruning (per unit,
+the axis holds `scale` times the positions the read counts; divisions exact) is consistent, as is one on an axis
+of the same width whose labelling is then unified with the read's; a count used anywhere else (other arithmetic,
+another position, an unlabelled output, an axis it is not proven to size) freezes its channels — and the axis
+it lands on. A run-time dim read is never Reshape's 0 (copy the input dim): it is 0 only for an empty tensor.
 """
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -178,7 +184,7 @@ def broadcast_to_count(ctx, node, s_in: tuple, s_out: tuple) -> None:
     if vals is None:
         return
     offset = len(s_out) - len(vals)
-    hits = [(p + offset, v.atoms) for p, v in enumerate(vals) if is_count(v)]
+    hits = [(p + offset, v.atoms) for p, v in enumerate(vals) if is_plain_count(v)]
     if len(hits) == 1:
         axis, atoms = hits[0]
         k = axis - (len(s_out) - len(s_in))
@@ -216,14 +222,20 @@ def is_count(v) -> bool:
     return isinstance(v, DimRead) and v.atoms is not None
 
 
+def is_plain_count(v) -> bool:
+    """A count as read: one position per position of its atoms, no arithmetic on the way."""
+    return is_count(v) and v.scale == 1 and v.divisor == 1
+
+
 def shape_value(ctx, name: str) -> list | None:
     """The elements of a 0-D/1-D integer tensor: followed Shape reads, or a constant's ints; None otherwise."""
     vals = ctx.shape_values.get(name)
     if vals is not None:
         return vals
     c = ctx.const(name)
-    if c is not None and np.asarray(c).dtype.kind in "iu" and np.ndim(c) <= 1:
-        return [int(v) for v in np.asarray(c).reshape(-1)]
+    if c is not None and np.asarray(c).dtype.kind in "iub" and np.ndim(c) <= 1:
+        kind = bool if np.asarray(c).dtype.kind == "b" else int
+        return [kind(v) for v in np.asarray(c).reshape(-1)]
     return None
 
 
@@ -250,6 +262,9 @@ def _followed(ctx, node) -> tuple[list | None, set]:
         return [DimRead(lab.atoms if lab is not None and lab.axis == i else None) for i in range(start, end)], {0}
     if not ins or not any(x in ctx.shape_values for x in ins):
         return None, set()
+    if op in ELEMENTWISE:
+        vals = ELEMENTWISE[op](ctx, node)
+        return (None, set()) if vals is None else (vals, set(range(len(ins))))
     if op == "Concat" and int(attr(node, "axis", 0)) in (0, -1):
         parts = []
         for x in ins:
@@ -270,6 +285,87 @@ def _followed(ctx, node) -> tuple[list | None, set]:
     if op in SAME_VALUES or (op == "Reshape" and len(ctx.g.shapes.get(node.output[0]) or (0, 0)) <= 1):
         return list(ctx.shape_values[ins[0]]), {0}
     return None, set()
+
+
+def _operands(ctx, node) -> list[list] | None:
+    """The inputs' elements broadcast to one length (shape vectors are 0-D or 1-D), or None."""
+    vals = [shape_value(ctx, x) if x else None for x in node.input]
+    if any(v is None for v in vals):
+        return None
+    n = max(len(v) for v in vals)
+    if any(len(v) not in (1, n) for v in vals):
+        return None
+    return [v * n if len(v) == 1 else v for v in vals]
+
+
+def _scaled(v, factor: Fraction):
+    """A dim read times a positive constant factor: a count stays a count (its scale changes, and a division
+    must come out exact for every pruned count); a read that pruning never changes stays one if it cannot
+    become 0 (Reshape reads a 0 as "copy the input dim"); None where nothing is proven."""
+    if not isinstance(v, DimRead) or factor <= 0:
+        return None
+    if v.atoms is None:
+        return v if factor.denominator == 1 else None
+    scale = v.scale * factor
+    return DimRead(v.atoms, scale, math.lcm(v.divisor, scale.denominator))
+
+
+def _mul_div(ctx, node) -> list | None:
+    """Mul/Div of shape elements by integer constants, element by element; None (not followed, the channel
+    counts in it freeze) where a count meets anything else."""
+    ops = _operands(ctx, node)
+    if ops is None:
+        return None
+    out = []
+    for a, b in zip(*ops):
+        if isinstance(a, int) and isinstance(b, int):
+            if node.op_type == "Mul":
+                out.append(a * b)
+            elif b == 0:
+                return None
+            else:
+                q = abs(a) // abs(b)  # integer Div truncates toward zero
+                out.append(q if (a >= 0) == (b > 0) else -q)
+        elif node.op_type == "Mul" and isinstance(a, int) != isinstance(b, int):
+            v, k = (b, a) if isinstance(a, int) else (a, b)
+            out.append(_scaled(v, Fraction(k)))
+        elif node.op_type == "Div" and isinstance(b, int) and b != 0:
+            out.append(_scaled(a, Fraction(1, b)))
+        else:
+            out.append(None)
+        if out[-1] is None and (is_count(a) or is_count(b)):
+            return None
+    return out
+
+
+def _equal(ctx, node) -> list | None:
+    """Equal of shape elements whose every element is decided: a dim read never equals a negative constant
+    (TorchScript's expand sizes test for -1). The booleans feed a Where."""
+    ops = _operands(ctx, node)
+    if ops is None:
+        return None
+    out = []
+    for a, b in zip(*ops):
+        if isinstance(a, int) and isinstance(b, int):
+            out.append(a == b)
+        elif isinstance(a, DimRead) and isinstance(b, int) and b < 0 or \
+                isinstance(b, DimRead) and isinstance(a, int) and a < 0:
+            out.append(False)
+        else:
+            return None
+    return out
+
+
+def _where(ctx, node) -> list | None:
+    """Where with a decided condition picks its elements from either branch."""
+    ops = _operands(ctx, node)
+    if ops is None or not all(isinstance(c, bool) for c in ops[0]):
+        return None
+    return [x if c else y for c, x, y in zip(*ops)]
+
+
+# integer elementwise ops on shape vectors: the output's elements, or None (not followed)
+ELEMENTWISE = {"Mul": _mul_div, "Div": _mul_div, "Equal": _equal, "Where": _where}
 
 
 def follow_shape_values(ctx, node, implicit=()) -> None:
@@ -301,8 +397,25 @@ def _settle_counts(ctx, node, vals: list) -> None:
             axis = p + rank - len(vals)
         else:
             axis = norm_axis(int(axes[p]), rank) if axes else p
-        if out is not None and out.axis == axis and len(out.atoms) == len(v.atoms):
-            ctx.unify(out.atoms, v.atoms, node, "a channel count read at run time meets unprunable positions")
-        else:
+        if out is None or out.axis != axis:
             ctx.freeze(v.atoms, node, f"{node.op_type} puts a channel count read at run time (Shape) on an axis "
                                       "that does not carry those channels")
+        elif counts_agree(ctx, v, out.atoms):
+            pass  # every pruning keeps the two equal
+        elif is_plain_count(v) and len(out.atoms) == len(v.atoms):
+            ctx.unify(out.atoms, v.atoms, node, "a channel count read at run time meets unprunable positions")
+        else:
+            why = "a channel count read at run time (Shape) is not proven to size the axis it lands on after " \
+                  "pruning" + ("" if is_plain_count(v) else f" (computed: {v.scale} x the count)")
+            ctx.freeze(v.atoms, node, why)
+            ctx.freeze(out.atoms, node, why)
+
+
+def counts_agree(ctx, v: DimRead, atoms: np.ndarray) -> bool:
+    """Whether `v` (scale × the kept positions of its atoms) equals the kept positions of `atoms` for every
+    pruning: per unit (union-find root; -1 = positions never removed), the axis holds `scale` times the read's
+    positions, and the read's positions of each unit are a multiple of its divisor (exact divisions)."""
+    mine, theirs = (dict(zip(*np.unique(ctx.uf.find(a), return_counts=True))) for a in (v.atoms, atoms))
+    if mine.keys() != theirs.keys():
+        return False
+    return all(n % v.divisor == 0 and v.scale * int(n) == int(theirs[r]) for r, n in mine.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import onnx
@@ -83,9 +84,14 @@ class UnionFind:
 class DimRead:
     """One element of a shape vector that a Shape node reads at run time. `atoms`: the channel labels of the axis
     it reads, when that axis carries them — the value is then the current channel count, which pruning lowers —
-    else None (a batch, sequence or spatial dim, which pruning never changes)."""
+    else None (a batch, sequence or spatial dim, which pruning never changes). Integer arithmetic with constants
+    on the way (Hugging Face's `num_key_value_heads * n_rep`) keeps a count a count: the value is `scale` times
+    the number of kept positions of `atoms`, and every kept number must be a multiple of `divisor` for the
+    integer divisions on the way to have been exact."""
 
     atoms: np.ndarray | None = None
+    scale: Fraction = Fraction(1)
+    divisor: int = 1
 
 
 @dataclass

@@ -60,9 +60,10 @@ def rotate_half(x):
 class LlamaLayer(nn.Module):
     """Pre-norm Llama-like layer: RMSNorm, rotary q/k, grouped-query attention (repeat_kv), SwiGLU MLP."""
 
-    def __init__(self, heads=4, kv_heads=2, sdpa=True, enable_gqa=False):
+    def __init__(self, heads=4, kv_heads=2, sdpa=True, enable_gqa=False, hf_repeat=False):
         super().__init__()
         self.h, self.kv, self.hd, self.sdpa, self.enable_gqa = heads, kv_heads, D // heads, sdpa, enable_gqa
+        self.hf_repeat = hf_repeat
         self.q = nn.Linear(D, heads * self.hd, bias=False)
         self.k = nn.Linear(D, kv_heads * self.hd, bias=False)
         self.v = nn.Linear(D, kv_heads * self.hd, bias=False)
@@ -77,14 +78,18 @@ class LlamaLayer(nn.Module):
 
     def repeat_kv(self, t, b, s):
         n = self.h // self.kv
+        if self.hf_repeat:  # Hugging Face's: every size read from t, the head count num_key_value_heads * n_rep
+            batch, kv, slen, hd = t.shape
+            return t[:, :, None, :, :].expand(batch, kv, n, slen, hd).reshape(batch, kv * n, slen, hd)
         return t[:, :, None].expand(b, self.kv, n, s, self.hd).reshape(b, self.h, s, self.hd)
 
     def forward(self, x):
         b, s, _ = x.shape
         y = self.n1(x)
-        q = self.q(y).view(b, s, self.h, self.hd).transpose(1, 2)
-        k = self.k(y).view(b, s, self.kv, self.hd).transpose(1, 2)
-        v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
+        heads = (-1, -1) if self.hf_repeat else (self.h, self.kv)  # Hugging Face: view(*input_shape, -1, hd)
+        q = self.q(y).view(b, s, heads[0], self.hd).transpose(1, 2)
+        k = self.k(y).view(b, s, heads[1], self.hd).transpose(1, 2)
+        v = self.v(y).view(b, s, heads[1], self.hd).transpose(1, 2)
         cos, sin = self.cos[:s], self.sin[:s]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if self.enable_gqa:  # the KV heads go to the attention op as they are
@@ -135,6 +140,7 @@ BLOCKS = {
     "mha-explicit": lambda: MHA(sdpa=False),
     "gqa-sdpa": lambda: LlamaLayer(sdpa=True),
     "gqa-explicit": lambda: LlamaLayer(sdpa=False),
+    "gqa-hf-repeat": lambda: LlamaLayer(hf_repeat=True),  # TorchScript: Mul(Gather(Shape(k), 1), n_rep)
     "gqa-in-op": lambda: LlamaLayer(enable_gqa=True),  # KV heads not repeated: the attention op groups them
 }
 CASES = [pytest.param(name, dynamo, None, id=f"{name}-{'dynamo' if dynamo else 'torchscript'}")
@@ -175,7 +181,8 @@ def exported(tmp_path_factory):
 def test_attention_heads_and_mlp_prune_on_every_export(name, dynamo, opset, exported, tmp_path):
     """Heads are found through dynamo's [B·H, S, D] reshapes of K (their targets built from Shape() reads, the
     static head count sliced out of them) and through repeat_kv's Unsqueeze/Expand/Reshape (TorchScript's expand
-    sizes are Where(sizes == -1, 1, sizes)); a grouped-query unit is one KV head with the query heads sharing it.
+    sizes are Where(sizes == -1, 1, sizes); with Hugging Face's repeat_kv the repeated head count is the KV count
+    read at run time times n_rep); a grouped-query unit is one KV head with the query heads sharing it.
     At opset 23 the heads go through the Attention op (grouped-query inside it for gqa-in-op) and RMSNorm
     through RMSNormalization. Before, Q's heads were cut alone (exit 1) or, once Q·Kᵀ paired both sides, every
     head was frozen; the opset-23 ops had no rule."""
