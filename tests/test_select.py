@@ -296,27 +296,37 @@ def test_auto_rounding_gives_way_when_it_cannot_meet_the_budget(widths):
         {"a": 6, "b": 11, "c": 4, "d": 2}
 
 
-def test_attention_heads_are_not_rounded():
-    """Units that span several channels (a head: 16 channels of each of q, k, v) keep step 1; the MLP's 128
-    channels go by 16, the attention output's 64 by 4."""
-    from helpers import Builder, analyse, group_of
+def _attention_block(heads: int, head_dim: int, F: int, residual: bool):
+    """q/k/v/o over `heads` heads of head_dim channels (one coarse unit each: fewer than 8 heads) and a ReLU MLP
+    of F channels, with residual Adds when asked (then the model width is frozen by the input)."""
+    from helpers import Builder, analyse
 
-    from spa.select import kernel_steps, select, unit_channels
-
-    T, D, H, F = 5, 64, 4, 128
+    T, D = 5, heads * head_dim
     b = Builder()
     x = b.input("x", [1, T, D])
-    heads = b.i64("heads_shape", [1, T, H, D // H])
-    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), heads], name="q_rs")], perm=[0, 2, 1, 3])
-    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), heads], name="k_rs")], perm=[0, 2, 3, 1])
-    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), heads], name="v_rs")], perm=[0, 2, 1, 3])
+    shape = b.i64("heads_shape", [1, T, heads, head_dim])
+    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), shape], name="q_rs")], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), shape], name="k_rs")], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), shape], name="v_rs")], perm=[0, 2, 1, 3])
     p = b.op("Softmax", [b.op("MatMul", [q, k], name="qk")], name="softmax", axis=-1)
     o = b.op("Transpose", [b.op("MatMul", [p, v], name="pv")], perm=[0, 2, 1, 3])
     o = b.matmul("wo", b.op("Reshape", [o, b.i64("merge_shape", [1, T, D])], name="merge"), D, D)
-    b.output(b.matmul("w2", b.relu(b.matmul("w1", o, D, F)), F, D))
-    _, analysis = analyse(b.model())
+    o = b.op("Add", [x, o]) if residual else o
+    y = b.matmul("w2", b.relu(b.matmul("w1", o, D, F)), F, D)
+    b.output(b.op("Add", [o, y]) if residual else y)
+    return analyse(b.model())[1]
+
+
+def test_attention_heads_are_not_rounded():
+    """Units that span several channels (a head: 16 channels of each of q, k, v) keep step 1; the MLP's 128
+    channels go by 16, the attention output's 64 by 4."""
+    from helpers import group_of
+
+    from spa.select import kernel_steps, select, unit_channels
+
+    analysis = _attention_block(heads=4, head_dim=16, F=128, residual=False)
     head, out, mlp = (group_of(analysis, n) for n in ("wq", "wo", "w1"))
-    assert (head.size, unit_channels(analysis)[head.id]) == (H, D // H)
+    assert (head.size, unit_channels(analysis)[head.id]) == (4, 16)
     steps = kernel_steps(analysis)
     assert (steps[head.id], steps[out.id], steps[mlp.id]) == (1, 4, 16)
     scores = {int(u): 1.0 for u in analysis.unit_group}
@@ -331,23 +341,9 @@ def test_attention_heads_are_not_rounded():
     assert kept == {0.5: {"head": 4, "out": 16, "mlp": 32}, 0.2: {"head": 1, "out": 20, "mlp": 32}}
 
 
-def _kv_heads_and_mlp(kv: int = 2, n_rep: int = 2, hd: int = 8, F: int = 64):
-    """q/k/v/o with grouped-query attention written as dynamo writes repeat_kv is not needed here: a coarse
-    group of `kv` units (each a head of hd channels in q, k, v) and an MLP of F channels."""
-    from helpers import Builder, analyse
-
-    T, D = 5, kv * n_rep * hd
-    b = Builder()
-    x = b.input("x", [1, T, D])
-    heads = b.i64("heads_shape", [1, T, kv, D // kv])
-    q = b.op("Transpose", [b.op("Reshape", [b.matmul("wq", x, D, D), heads], name="q_rs")], perm=[0, 2, 1, 3])
-    k = b.op("Transpose", [b.op("Reshape", [b.matmul("wk", x, D, D), heads], name="k_rs")], perm=[0, 2, 3, 1])
-    v = b.op("Transpose", [b.op("Reshape", [b.matmul("wv", x, D, D), heads], name="v_rs")], perm=[0, 2, 1, 3])
-    p = b.op("Softmax", [b.op("MatMul", [q, k], name="qk")], name="softmax", axis=-1)
-    o = b.op("Transpose", [b.op("MatMul", [p, v], name="pv")], perm=[0, 2, 1, 3])
-    o = b.op("Add", [x, b.matmul("wo", b.op("Reshape", [o, b.i64("merge_shape", [1, T, D])], name="merge"), D, D)])
-    b.output(b.op("Add", [o, b.matmul("w2", b.relu(b.matmul("w1", o, D, F)), F, D)]))
-    return analyse(b.model())[1]
+def _kv_heads_and_mlp():
+    """A coarse group of 2 units (2 heads of 16 channels: like a layer's 2 KV-head units) and an MLP of 64."""
+    return _attention_block(heads=2, head_dim=16, F=64, residual=True)
 
 
 def test_coarse_groups_are_spared_while_finer_groups_meet_the_budget():
