@@ -1,8 +1,8 @@
 """Real trained ONNX models that ship inside PyPI wheels, pruned as a user would (issue 15): every .onnx file in
 the pinned wheels below, through the `spa-prune` command line with `--ratio 0.3 --fast` (plus `--input-shape` at a
-realistic size where the file declares a dynamic dim).
+realistic size where the file declares a dynamic dim), or with `--cli-args` instead of `--ratio 0.3 --fast`.
 
-    python tools/sweep_wheels.py [--packages silero-vad,ddddocr] [--cache DIR]
+    python tools/sweep_wheels.py [--packages silero-vad,ddddocr] [--cache DIR] [--cli-args "--target-flops 0.5"]
 
 Wheels are fetched once with `pip download PKG==V --no-deps` into the cache (default ~/.cache/spa-prune/wheels;
 nothing is installed, no binary enters the repository) and their .onnx files extracted beside them. Prints one
@@ -73,11 +73,14 @@ def fetch(spec: str, cache: Path) -> list[Path]:
     return [folder / n for n in names]
 
 
-def prune(path: Path, shapes: dict, folder: Path) -> dict:
-    """`spa-prune PATH OUT --ratio 0.3 --fast` in a fresh process: exit code, last stderr line, report."""
+DEFAULT_ARGS = "--ratio 0.3 --fast"
+
+
+def prune(path: Path, shapes: dict, folder: Path, cli_args: str = DEFAULT_ARGS) -> dict:
+    """`spa-prune PATH OUT <cli_args>` in a fresh process: exit code, last stderr line, report."""
     report = folder / "report.json"
     report.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "spa.cli", str(path), str(folder / "out.onnx"), "--ratio", "0.3", "--fast",
+    cmd = [sys.executable, "-m", "spa.cli", str(path), str(folder / "out.onnx"), *cli_args.split(),
            "--report", str(report), "--quiet"]
     for name, shape in shapes.items():
         cmd += ["--input-shape", f"{name}={','.join(map(str, shape))}"]
@@ -101,6 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--packages", default=",".join(s.split("==")[0] for s in WHEELS),
                     help="comma-separated package names from the pinned list")
     ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--cli-args", default=DEFAULT_ARGS,
+                    help=f"what follows IN OUT (default '{DEFAULT_ARGS}'; e.g. '--target-flops 0.5' for the plain "
+                         f"default mode: OBS scoring and reconstruction on synthesized inputs)")
     args = ap.parse_args(argv)
     wanted = set(args.packages.split(","))
     print("| package | file | input shapes | exit | status | groups pruned | MACs before | MACs after | removed "
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
                 continue
             for path in fetch(spec, args.cache):
                 shapes = known.get(path.name, {})
-                r = prune(path, shapes, Path(tmp))
+                r = prune(path, shapes, Path(tmp), args.cli_args)
                 removed = f"{100 * (1 - r['after'] / r['before']):.1f} %" if r.get("before") else ""
                 given = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()) or "declared"
                 status = r["status"].replace("|", "\\|")
