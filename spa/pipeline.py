@@ -75,6 +75,25 @@ class PruneRun:
             self.holdout_reference = verify.run_many(self.original, self.holdout, "reference")
         return self.holdout_reference
 
+    def settle_holdout(self) -> None:
+        """Run the original on the held-out batches now; an export that declares a dynamic batch but runs only at
+        the analysis batch size (torch 2.13's opset-23 RotaryEmbedding with a batch-1 cache) gets its held-out
+        samples in batches of that size instead, with a warning, rather than a refusal."""
+        try:
+            self.reference_on_holdout()
+            return
+        except SpaError:
+            size = min((shape[0] for shape in self.model.input_shapes.values() if shape and shape[0] > 0), default=1)
+            smaller = [{k: v[s:s + size] for k, v in feeds.items()} for feeds in self.holdout
+                       for s in range(0, len(next(iter(feeds.values()))), size)]
+            if len(smaller) == len(self.holdout):
+                raise
+        self.holdout_reference = verify.run_many(self.original, smaller, "reference")
+        n = len(next(iter(self.holdout[0].values())))
+        self.holdout = smaller
+        self.model.warnings.append(f"the input model declares a dynamic batch but does not run in onnxruntime at "
+                                   f"batch {n}: its held-out samples run {size} at a time")
+
     def step(self, stage: str) -> None:
         """A new stage: the pages of mapped weights the last one read leave the resident set, then progress."""
         if self.model is not None:
@@ -157,6 +176,8 @@ class ScoreAndSelect(Pass):
             run.holdout = batches_for(run.model.graph, held.inputs)
         elif run.data is None and (uses_data(opts.importance) or opts.reconstruct):
             run.holdout = synthesize_holdout(run, inputs)
+        if run.holdout:
+            run.settle_holdout()
         run.step("score")
         if opts.plan_file:
             run.plan = read_plan(opts.plan_file, analysis)

@@ -444,6 +444,16 @@ def test_gather_negative_indices():
     check("GatherElements", [X4, rng(3).integers(-7, 7, size=(2, 3, 4, 9))], {"axis": 2}, consts={1})
 
 
+def test_gather_nd():
+    """Index rows of 1-3 coordinates (negative ones too), with batch_dims 0-2, against onnxruntime."""
+    x = randn(3, 4, 5, 6)
+    check("GatherND", [x, np.array([[0, 1], [2, -1], [-3, 0]], np.int64)], consts={1})
+    check("GatherND", [x, np.array([[[1]], [[-1]]], np.int64)], consts={1})
+    check("GatherND", [x, rng(4).integers(0, 4, size=(3, 2, 3))], {"batch_dims": 1}, consts={1})
+    check("GatherND", [x, rng(5).integers(-5, 5, size=(3, 4, 1))], {"batch_dims": 2}, consts={1})
+    check("GatherND", [x, np.array([[1, 2, 3], [0, 0, 0]], np.int64)], consts={1})
+
+
 REDUCE_OPS = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSumExp", "ReduceSumSquare"]
 

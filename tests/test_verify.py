@@ -115,8 +115,8 @@ def test_an_integer_input_the_model_tests_is_drawn_from_the_tested_values(tmp_pa
     only runs for those values verifies instead of being refused as not runnable."""
     import onnx
 
-    from spa.passes.verify import random_inputs, tested_values
     from spa.ir import Graph
+    from spa.passes.verify import random_inputs, tested_values
 
     model = _mode_switched_model()
     assert tested_values(Graph(model), "mode") == [3] and tested_values(Graph(model), "x") == []
@@ -126,3 +126,39 @@ def test_an_integer_input_the_model_tests_is_drawn_from_the_tested_values(tmp_pa
     onnx.save(model, str(src))
     rep = driver.prune(str(src), str(tmp_path / "out.onnx"), ratio=0.5, fast=True).report
     assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 1
+
+
+def test_held_out_samples_fall_back_to_the_analysis_batch():
+    """An export that declares a dynamic batch but bakes batch 1 into a Reshape cannot run the 16 held-out samples
+    as one batch in onnxruntime: they run one at a time, with a warning; a model that fails at batch 1 too is
+    still refused."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spa.errors import SpaError
+    from spa.pipeline import PruneRun
+
+    def model(target):
+        w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+        shape = numpy_helper.from_array(np.array(target, np.int64), "target")
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "target"], ["y"])]
+        graph = helper.make_graph(nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, shape])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    def run_of(m):
+        run = SimpleNamespace(original=m, holdout=[{"x": np.arange(48, dtype=np.float32).reshape(16, 3)}],
+                              holdout_reference=None, model=SimpleNamespace(input_shapes={"x": (1, 3)}, warnings=[]))
+        run.reference_on_holdout = lambda: PruneRun.reference_on_holdout(run)
+        return run
+
+    run = run_of(model([1, 4]))
+    PruneRun.settle_holdout(run)
+    assert len(run.holdout) == 16 and all(f["x"].shape == (1, 3) for f in run.holdout)
+    assert len(run.holdout_reference) == 16 and run.holdout_reference[5][0].shape == (1, 4)
+    np.testing.assert_allclose(run.holdout_reference[5][0], np.full((1, 4), 15 + 16 + 17, np.float32))
+    assert "does not run in onnxruntime at batch 16: its held-out samples run 1 at a time" in run.model.warnings[0]
+    run = run_of(model([1, 5]))  # cannot run at any batch
+    with pytest.raises(SpaError, match="does not run in onnxruntime"):
+        PruneRun.settle_holdout(run)

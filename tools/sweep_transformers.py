@@ -8,6 +8,7 @@ the optimum rows need `pip install optimum-onnx` (optimum 2.1, leaves torch as i
 without it.
 
     python tools/sweep_transformers.py [--models bert,llama] [--exporters torchscript,dynamo18,dynamo23,optimum]
+    python tools/sweep_transformers.py --default-mode    # the plain command instead: --target-flops 0.7
 
 Prints one markdown row per model and exporter: verification status (or the exit code the command line would
 give and the one-line error; any other exception is a bug and says so), the prunable groups' sizes (heads: 4 or,
@@ -130,7 +131,7 @@ def export_optimum(name: str, build, path: Path) -> None:
     shutil.copyfile(folder / "onnx" / filename, path)
 
 
-def run(name: str, exporter: str, folder: Path) -> dict:
+def run(name: str, exporter: str, folder: Path, default_mode: bool = False) -> dict:
     import onnx
 
     from spa import driver
@@ -156,7 +157,8 @@ def run(name: str, exporter: str, folder: Path) -> dict:
     try:
         analysis = driver.analyse(driver.load(str(path), input_shapes=shapes))
         row["prunable"] = sorted((g.size for g in analysis.groups if g.prunable), reverse=True)
-        rep = driver.prune(str(path), str(folder / "out.onnx"), ratio=0.3, fast=True, input_shapes=shapes).report
+        cut = {"target_flops": 0.7} if default_mode else {"ratio": 0.3, "fast": True}
+        rep = driver.prune(str(path), str(folder / "out.onnx"), input_shapes=shapes, **cut).report
         row.update(status=rep["verification"]["status"], before=rep["macs"]["before"], after=rep["macs"]["after"])
     except Exception as e:  # noqa: BLE001
         code = getattr(e, "exit_code", None)   # SpaError 2, VerificationError 1; anything else: a traceback
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(configs()))
     ap.add_argument("--exporters", default="torchscript,dynamo18,dynamo23,optimum")
+    ap.add_argument("--default-mode", action="store_true",
+                    help="prune with the plain command's defaults at --target-flops 0.7 (OBS scoring on synthesized "
+                         "inputs, reconstruction) instead of --ratio 0.3 --fast")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             for exporter in args.exporters.split(","):
-                r = run(name, exporter, Path(tmp))
+                r = run(name, exporter, Path(tmp), args.default_mode)
                 removed = f"{100 * (1 - r['after'] / r['before']):.1f} %" if r.get("before") else ""
                 print(f"| {name} | {exporter} | {r['status']} | {r.get('prunable', '')} | {r.get('before', '')} "
                       f"| {r.get('after', '')} | {removed} |", flush=True)

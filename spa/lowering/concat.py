@@ -1,5 +1,7 @@
-"""Concat, Split, Slice, Gather, GatherElements: the lowerings of the rules in spa/operators/concat.py."""
+"""Concat, Split, Slice, Gather, GatherElements, GatherND: the lowerings of the rules in spa/operators/concat.py."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -65,6 +67,24 @@ def gather(node, inputs, attrs):
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     picked = x.index_select(axis, idx.reshape(-1))
     return [picked.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))]
+
+
+@lower("GatherND")
+def gather_nd(node, inputs, attrs):
+    """Each index row of the last axis (k coordinates) picks a slice of data[b..., :k dims]; batch_dims leading
+    dims pair data with indices one to one (GPT-2's dynamo export picks the last token's logits this way)."""
+    x, idx = inputs[0], inputs[1].to(torch.int64)
+    b, k = int(attrs.get("batch_dims", 0)), idx.shape[-1]
+    dims = torch.tensor(x.shape[b:b + k], dtype=torch.int64, device=x.device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    strides = torch.ones(k, dtype=torch.int64, device=x.device)
+    for j in range(k - 2, -1, -1):
+        strides[j] = strides[j + 1] * dims[j + 1]
+    batch = math.prod(x.shape[:b])
+    lin = (idx.reshape(batch, -1, k) * strides).sum(-1)                       # [batch, picks]
+    table = x.reshape(batch, math.prod(x.shape[b:b + k]), *x.shape[b + k:])  # [batch, rows, rest...]
+    picked = table[torch.arange(batch, device=x.device)[:, None], lin]
+    return [picked.reshape(*idx.shape[:-1], *x.shape[b + k:])]
 
 
 @lower("GatherElements")
