@@ -83,10 +83,12 @@ class PruneRun:
             self.reference_on_holdout()
             return
         except SpaError:
+            # only where every input carries the samples on dim 0 (a recurrent state may carry them on dim 1)
             size = min((shape[0] for shape in self.model.input_shapes.values() if shape and shape[0] > 0), default=1)
+            counts = {len(v) if np.ndim(v) else -1 for feeds in self.holdout for v in feeds.values()}
             smaller = [{k: v[s:s + size] for k, v in feeds.items()} for feeds in self.holdout
                        for s in range(0, len(next(iter(feeds.values()))), size)]
-            if len(smaller) == len(self.holdout):
+            if len(counts) != 1 or len(smaller) == len(self.holdout):
                 raise
         self.holdout_reference = verify.run_many(self.original, smaller, "reference")
         n = len(next(iter(self.holdout[0].values())))
