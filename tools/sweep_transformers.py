@@ -9,6 +9,7 @@ without it.
 
     python tools/sweep_transformers.py [--models bert,llama] [--exporters torchscript,dynamo18,dynamo23,optimum]
     python tools/sweep_transformers.py --default-mode    # the plain command instead: --target-flops 0.7
+    python tools/sweep_transformers.py --models more --exporters torchscript,dynamo18   # other architectures
 
 Prints one markdown row per model and exporter: verification status (or the exit code the command line would
 give and the one-line error; any other exception is a bug and says so), the prunable groups' sizes (heads: 4 or,
@@ -60,6 +61,33 @@ def configs():
     }
 
 
+def more_configs():
+    """Architectures beyond the issue's list (`--more`): other decoder families, shared weights, vision."""
+    import transformers as t
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    text = dict(common, vocab_size=100, max_position_embeddings=64)
+    gqa = dict(text, num_key_value_heads=2)
+    return {
+        "gemma": (lambda: t.GemmaForCausalLM(t.GemmaConfig(head_dim=8, **gqa)), TEXT),
+        "qwen3": (lambda: t.Qwen3ForCausalLM(t.Qwen3Config(head_dim=8, **gqa)), TEXT),
+        "phi3": (lambda: t.Phi3ForCausalLM(t.Phi3Config(pad_token_id=0, **gqa)), TEXT),
+        "stablelm": (lambda: t.StableLmForCausalLM(t.StableLmConfig(**gqa)), TEXT),
+        "granite": (lambda: t.GraniteForCausalLM(t.GraniteConfig(**gqa)), TEXT),
+        "olmo": (lambda: t.OlmoForCausalLM(t.OlmoConfig(pad_token_id=0, **gqa)), TEXT),
+        "gpt_neox": (lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**text)), TEXT),
+        "opt": (lambda: t.OPTForCausalLM(t.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    ffn_dim=64, vocab_size=100, max_position_embeddings=64,
+                                                    word_embed_proj_dim=32)), TEXT),
+        "albert": (lambda: t.AlbertModel(t.AlbertConfig(embedding_size=16, **text)), TEXT),
+        "electra": (lambda: t.ElectraModel(t.ElectraConfig(embedding_size=16, **text)), TEXT),
+        "swin": (lambda: t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                  num_heads=[2, 4], window_size=4)), VISION),
+        "convnext": (lambda: t.ConvNextModel(t.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32],
+                                                              depths=[1, 1], image_size=32)), VISION),
+    }
+
+
 ENCODER_ONLY = {"whisper-encoder"}   # built whole (optimum needs the whole model), exported as its encoder
 # optimum: the task (no past KV cache) and the file it writes for the part swept; otherwise feature-extraction's
 # model.onnx, or text-generation's for a causal LM
@@ -75,7 +103,7 @@ def export(name: str, exporter: str, path: Path) -> None:
     import onnx
     import torch
 
-    build, shape = configs()[name]
+    build, shape = {**configs(), **more_configs()}[name]
     if exporter == "optimum":
         export_optimum(name, build, path)
         return
@@ -137,7 +165,7 @@ def run(name: str, exporter: str, folder: Path, default_mode: bool = False) -> d
     from spa import driver
     from spa.errors import one_line
 
-    shape = configs()[name][1]
+    shape = {**configs(), **more_configs()}[name][1]
     path = folder / f"{name}-{exporter}.onnx"
     row = {"model": name, "exporter": exporter}
     try:
@@ -169,7 +197,8 @@ def run(name: str, exporter: str, folder: Path, default_mode: bool = False) -> d
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(configs()))
+    ap.add_argument("--models", default=",".join(configs()),
+                    help="comma-separated; 'more' for the architectures beyond the issue's list (more_configs)")
     ap.add_argument("--exporters", default="torchscript,dynamo18,dynamo23,optimum")
     ap.add_argument("--default-mode", action="store_true",
                     help="prune with the plain command's defaults at --target-flops 0.7 (OBS scoring on synthesized "
@@ -180,7 +209,8 @@ def main(argv=None) -> int:
     print("| model | exporter | status | prunable group sizes | MACs before | MACs after | removed |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        names = ",".join(more_configs()) if args.models == "more" else args.models
+        for name in names.split(","):
             for exporter in args.exporters.split(","):
                 r = run(name, exporter, Path(tmp), args.default_mode)
                 removed = f"{100 * (1 - r['after'] / r['before']):.1f} %" if r.get("before") else ""
