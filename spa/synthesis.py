@@ -94,9 +94,10 @@ def inversion_steps(macs_per_sample: float, n: int, steps: int | None = None, bu
 
 
 def inversion_bytes_per_sample(g) -> int:
-    """The graph's tensors at one sample, kept for the backward pass, with their gradients (x3 in the check)."""
+    """The graph's tensors at one sample, kept for the backward pass, with their gradients (x3 in the check);
+    a tensor whose dims inference left symbolic (Swin's window reshapes) is not counted."""
     return sum(array_bytes(g.shapes[o][1:], np.float32) for node in g.model.graph.node for o in node.output
-               if g.shapes.get(o))
+               if g.shapes.get(o) and all(isinstance(d, int) for d in g.shapes[o][1:]))
 
 
 def invert_in_parts(g, feeds: dict[str, np.ndarray], inputs, steps: int):

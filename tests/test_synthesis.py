@@ -114,3 +114,18 @@ def test_the_inversion_runs_in_parts_under_the_memory_limit_and_refuses_below_on
 def model_graph(model):
     _, analysis = analyse(model)
     return analysis.ctx.g
+
+
+def test_memory_estimate_skips_symbolic_dims():
+    """A tensor whose dims inference left symbolic ('unk__1': Swin's window reshapes) is not counted, instead of
+    stopping the run with a ValueError traceback."""
+    from types import SimpleNamespace
+
+    from onnx import helper
+
+    from spa.synthesis import inversion_bytes_per_sample
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Reshape", ["a", "s"], ["b"])]
+    g = SimpleNamespace(model=SimpleNamespace(graph=SimpleNamespace(node=nodes)),
+                        shapes={"x": (1, 4, 8), "a": (1, 4, 8), "b": (1, "unk__1", 8)})
+    assert inversion_bytes_per_sample(g) == 4 * 8 * 4

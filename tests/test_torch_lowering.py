@@ -454,6 +454,20 @@ def test_gather_nd():
     check("GatherND", [x, np.array([[1, 2, 3], [0, 0, 0]], np.int64)], consts={1})
 
 
+@pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
+def test_scatter(reduction):
+    """ScatterND (rows of 1-2 coordinates, negative ones too) and ScatterElements, against onnxruntime."""
+    x = randn(4, 5, 3)
+    opset = 16 if reduction in ("none", "add", "mul") else 18
+    check("ScatterND", [x, np.array([[1], [-1]], np.int64), randn(2, 5, 3)], {"reduction": reduction},
+          consts={1}, opset=opset)
+    check("ScatterND", [x, np.array([[0, 1], [3, -2], [2, 0]], np.int64), randn(3, 3)], {"reduction": reduction},
+          consts={1}, opset=opset)
+    idx = np.array([[[0, 1, 2]], [[4, -1, 3]]], np.int64)            # distinct targets per (row, channel)
+    check("ScatterElements", [x, idx, randn(2, 1, 3)], {"axis": 1, "reduction": reduction}, consts={1},
+          opset=opset)
+
+
 REDUCE_OPS = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSumExp", "ReduceSumSquare"]
 

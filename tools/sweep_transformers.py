@@ -83,8 +83,9 @@ def more_configs():
         "electra": (lambda: t.ElectraModel(t.ElectraConfig(embedding_size=16, **text)), TEXT),
         "swin": (lambda: t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                                   num_heads=[2, 4], window_size=4)), VISION),
-        "convnext": (lambda: t.ConvNextModel(t.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32],
-                                                              depths=[1, 1], image_size=32)), VISION),
+        "convnext": (lambda: t.ConvNextModel(t.ConvNextConfig(num_channels=3, num_stages=2,
+                                                              hidden_sizes=[16, 32], depths=[1, 1],
+                                                              image_size=32)), VISION),
     }
 
 

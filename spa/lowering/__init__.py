@@ -56,7 +56,8 @@ Supported operators (default domain):
                (start/end), Size, ConstantOfShape, Constant, Range, DepthToSpace, SpaceToDepth, Trilu, NonZero,
                OneHot
   concat:      Concat, Split (split attr/input, num_outputs, equal), Slice (negative/INT_MAX ends, negative
-               steps, opset < 10 attributes), Gather (negative indices), GatherElements, GatherND (batch_dims)
+               steps, opset < 10 attributes), Gather (negative indices), GatherElements, GatherND (batch_dims),
+               ScatterND, ScatterElements (reduction none/add/mul/max/min)
   recurrent:   LSTM, GRU, RNN (directions, layout 0/1, sequence_lens, initial states, peepholes, clip,
                linear_before_reset; activations Sigmoid/Tanh/Relu/Softsign/Softplus/LeakyRelu/HardSigmoid;
                not input_forget=1)
@@ -66,7 +67,7 @@ Supported operators (default domain):
                (integer arithmetic emulated in float: dequantize, the float op, requantize)
 
 Not supported (TorchGraph raises SpaError naming the node): MaxRoiPool, Resize antialias=1,
-ScatterND/ScatterElements, NonMaxSuppression, RoiAlign, QLinearConcat and the other quantized kernels,
+NonMaxSuppression, RoiAlign, QLinearConcat and the other quantized kernels,
 QuantizeLinear/DequantizeLinear block_size > 0 and float8 types, random ops, sequence/optional ops, string
 tensors, control flow with subgraphs (If, Loop, Scan), and every other op of another domain (com.microsoft, ...)
 unless a user registers one.

@@ -1,10 +1,12 @@
-"""Concat, Split, Slice, Gather, GatherElements, GatherND: the lowerings of the rules in spa/operators/concat.py."""
+"""Concat, Split, Slice, Gather, GatherElements, GatherND, ScatterND, ScatterElements: the lowerings of the rules in spa/operators/concat.py."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from ..errors import SpaError
 from ._util import _axis, _ints, _opt
 from .core import lower
 
@@ -85,6 +87,54 @@ def gather_nd(node, inputs, attrs):
     table = x.reshape(batch, math.prod(x.shape[b:b + k]), *x.shape[b + k:])  # [batch, rows, rest...]
     picked = table[torch.arange(batch, device=x.device)[:, None], lin]
     return [picked.reshape(*idx.shape[:-1], *x.shape[b + k:])]
+
+
+REDUCTIONS = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}   # ONNX reduction -> torch's
+
+
+def _reduction(node, attrs) -> str | None:
+    value = attrs.get("reduction", "none")
+    value = value.decode() if isinstance(value, bytes) else value
+    if value != "none" and value not in REDUCTIONS:
+        raise SpaError(f"TorchGraph: {node.op_type} reduction '{value}' has no torch lowering (node '{node.name}')")
+    return REDUCTIONS.get(value)
+
+
+@lower("ScatterND")
+def scatter_nd(node, inputs, attrs):
+    """A copy of data with the slices each index row names replaced by (or reduced with) updates (OPT's
+    TorchScript export writes its causal mask this way)."""
+    x, idx, updates = inputs[0], inputs[1].to(torch.int64), inputs[2]
+    k = idx.shape[-1]
+    dims = torch.tensor(x.shape[:k], dtype=torch.int64, device=x.device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    strides = torch.ones(k, dtype=torch.int64, device=x.device)
+    for j in range(k - 2, -1, -1):
+        strides[j] = strides[j + 1] * dims[j + 1]
+    lin = (idx.reshape(-1, k) * strides).sum(-1)
+    table = x.reshape(math.prod(x.shape[:k]), *x.shape[k:]).clone()
+    rows = updates.reshape(-1, *x.shape[k:]).to(x.dtype)
+    reduce = _reduction(node, attrs)
+    if reduce is None:
+        table = table.index_copy(0, lin, rows)
+    elif reduce == "sum":
+        table = table.index_add(0, lin, rows)
+    else:
+        with warnings.catch_warnings():  # "index_reduce() is in beta": the values are checked against onnxruntime
+            warnings.simplefilter("ignore", UserWarning)
+            table = table.index_reduce(0, lin, rows, reduce, include_self=True)
+    return [table.reshape(x.shape)]
+
+
+@lower("ScatterElements")
+def scatter_elements(node, inputs, attrs):
+    x, idx, updates = inputs[0], inputs[1].to(torch.int64), inputs[2].to(inputs[0].dtype)
+    axis = _axis(int(attrs.get("axis", 0)), x.dim())
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    reduce = _reduction(node, attrs)
+    if reduce is None:
+        return [x.scatter(axis, idx, updates)]
+    return [x.scatter_reduce(axis, idx, updates, reduce, include_self=True)]
 
 
 @lower("GatherElements")
