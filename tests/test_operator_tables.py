@@ -42,6 +42,7 @@ RULE_WITHOUT_LOWERING = {
 LOWERING_WITHOUT_RULE = {
     ("", "Constant"), ("", "ConstantOfShape"), ("", "Range"), ("", "Size"), ("", "NonZero"),  # constants/shapes
     ("", "OneHot"), ("", "Trilu"), ("", "GatherElements"), ("", "Einsum"),  # index / contraction patterns
+    ("", "GatherND"), ("", "ScatterND"), ("", "ScatterElements"),  # masks, last-token picks: they freeze channels
     ("", "DepthToSpace"), ("", "SpaceToDepth"),  # channels <-> space: a channel becomes a block of pixels
     ("", "Tan"), ("", "BitwiseNot"),  # element-wise ops no exporter of ours emits on channels (yet)
     ("ai.onnx.ml", "ArrayFeatureExtractor"),  # label lookup after a classifier (skl2onnx), no channels
