@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .calib import Calib, load_data
+from .calib import Calib, input_specs, load_data
 from .errors import SpaError
 from .execution import batch_size_for
 from .fileio import StagedOutputs
@@ -157,6 +157,7 @@ class ScoreAndSelect(Pass):
         opts, analysis = run.options, run.analysis
         if uses_data(opts.importance) or opts.reconstruct or opts.recalibrate:
             check_no_control_flow(run.model.graph)
+            check_sample_axis(run.model.graph)
             check_finite_weights(analysis)
         if opts.target_flops is not None and not opts.plan_file:
             check_countable(analysis, run.model.warnings)
@@ -380,6 +381,19 @@ def check_no_control_flow(g) -> None:
         raise SpaError(f"{flow.op_type} node '{flow.name}' has a subgraph, which the data passes (OBS scoring, "
                        f"reconstruction) cannot run in torch yet: add --fast (magnitude ranking, branches and loop "
                        f"bodies pruned, no reconstruction)")
+
+
+def check_sample_axis(g) -> None:
+    """The data passes stack samples on dim 0 of every input. Inputs whose declared dim 0 cannot be one shared
+    batch (two different fixed sizes, or a fixed size above 1 beside a dynamic batch: a recurrent state laid out
+    [layers, batch, hidden]) would be cut along the wrong axis: one line before any work, naming --fast."""
+    firsts = {name: shape[0] for name, (shape, _) in input_specs(g.model).items() if shape}
+    fixed = {d for d in firsts.values() if d is not None}
+    if len(fixed) > 1 or (fixed and max(fixed) > 1 and None in firsts.values()):
+        dims = ", ".join(f"{name}: {d if d is not None else 'dynamic'}" for name, d in firsts.items())
+        raise SpaError(f"the inputs do not share a batch on dim 0 ({dims}), which the data passes (OBS scoring, "
+                       f"reconstruction) stack samples on (a recurrent state laid out [layers, batch, hidden] does "
+                       f"not): add --fast (magnitude ranking, no data pass)")
 
 
 def check_finite_weights(analysis: Analysis) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 import spa.passes.apply as apply_mod
 from spa import driver
-from spa.errors import VerificationError
+from spa.errors import SpaError, VerificationError
 
 models = pytest.importorskip("spa.models")
 
@@ -162,3 +162,27 @@ def test_held_out_samples_fall_back_to_the_analysis_batch():
     run = run_of(model([1, 5]))  # cannot run at any batch
     with pytest.raises(SpaError, match="does not run in onnxruntime"):
         PruneRun.settle_holdout(run)
+
+
+def test_inputs_without_a_shared_batch_axis_point_to_fast(tmp_path):
+    """A recurrent state laid out [layers, batch, hidden] beside x [batch, features]: the data passes would cut
+    it along dim 0, so the plain command refuses in one line naming --fast, and --fast prunes and verifies."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"]), helper.make_node("Identity", ["state"], ["state_out"])]
+    graph = helper.make_graph(nodes, "stateful", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                                  helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, 1, 8])], inits)
+    src = tmp_path / "stateful.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    with pytest.raises(SpaError, match=r"do not share a batch on dim 0 \(x: 1, state: 2\).*add --fast"):
+        driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5)
+    assert not (tmp_path / "out.onnx").exists()
+    rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5, fast=True).report
+    assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 1
