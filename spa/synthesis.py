@@ -18,8 +18,9 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
     """Data-free inputs: for float inputs, half white Gaussian noise and half smooth noise (white noise blurred
     over the spatial axes and rescaled to unit variance), both in the model's own (normalized) input space;
     integer inputs (token ids) are drawn uniformly below the size of the first table they index, else 0."""
-    # the float arrays live three times over while they are made (noise, smooth noise, the cast)
-    need = sum(array_bytes((n, *shapes[name][1:]), np.float32) * (3 if np.dtype(dtype).kind == "f" else 1)
+    # made one sample at a time into the array kept (the same draws, in the same order, as drawing the whole
+    # batch at once): a float input costs its float32 array once, plus its cast for another float type
+    need = sum(array_bytes((n, *shapes[name][1:]), np.float32) * (1 if np.dtype(dtype) == np.float32 else 2)
                for name, (_, dtype) in specs.items())
     check_memory(need, f"{n} synthesized samples (--synth-samples) at " + ", ".join(
         f"{name}={'x'.join(map(str, shapes[name][1:]))}" for name in specs))
@@ -28,13 +29,14 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
     for name, (_, dtype) in specs.items():
         shape = (n, *shapes[name][1:])
         if np.dtype(dtype).kind == "f":
-            x = rng.standard_normal(shape).astype(np.float32)
-            if len(shape) >= 3:
-                half = n // 2
-                smooth = _blur(rng.standard_normal((n - half, *shape[1:])).astype(np.float32), 3)
-                smooth /= smooth.std(axis=tuple(range(1, len(shape))), keepdims=True) + 1e-6
-                x[half:] = smooth
-            out[name] = x.astype(dtype)
+            x = np.empty(shape, np.float32)
+            for i in range(n):
+                x[i] = rng.standard_normal(shape[1:])
+            if len(shape) >= 3:  # the second half: smooth noise at unit variance, drawn after the first
+                for i in range(n // 2, n):
+                    smooth = _blur(rng.standard_normal((1, *shape[1:])).astype(np.float32), 3)
+                    x[i] = smooth[0] / (smooth.std() + 1e-6)
+            out[name] = x if np.dtype(dtype) == np.float32 else x.astype(dtype)
         else:
             high = _table_rows(g, name) if g is not None else 1
             out[name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)

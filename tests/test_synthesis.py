@@ -129,3 +129,21 @@ def test_memory_estimate_skips_symbolic_dims():
     g = SimpleNamespace(model=SimpleNamespace(graph=SimpleNamespace(node=nodes)),
                         shapes={"x": (1, 4, 8), "a": (1, 4, 8), "b": (1, "unk__1", 8)})
     assert inversion_bytes_per_sample(g) == 4 * 8 * 4
+
+
+def test_noise_is_made_in_place_with_the_whole_batch_draws():
+    """The synthesized noise is made one sample at a time into the array kept: the same values as drawing the
+    whole batch at once (white half; the smooth half drawn after it), at 1x its size, so 10 samples of 3x224x224
+    (6 MB) fit a 10 MB limit that the three copies made before did not."""
+    from spa.memory import memory_limit
+    from spa.synthesis import _blur, synthesize
+
+    shape, n = (1, 3, 224, 224), 10
+    with memory_limit(0.01):
+        x = synthesize({"x": (shape, np.float32)}, {"x": shape}, n, seed=4)["x"]
+    rng = np.random.default_rng(4)
+    white = rng.standard_normal((n, *shape[1:])).astype(np.float32)
+    smooth = _blur(rng.standard_normal((n - n // 2, *shape[1:])).astype(np.float32), 3)
+    smooth /= smooth.std(axis=(1, 2, 3), keepdims=True) + 1e-6
+    np.testing.assert_array_equal(x[: n // 2], white[: n // 2])
+    np.testing.assert_allclose(x[n // 2:], smooth, rtol=1e-6, atol=1e-7)
