@@ -149,7 +149,8 @@ def unique_names(g: Graph) -> int:
     rules, which look tensors up by name) see each body's own tensors. Sibling bodies may reuse names (an If's two
     branches often do); references in a body and in the bodies nested in it follow. A main-graph node name used
     twice (legal: node names are only diagnostic; silero-vad's OpenVINO export has 15 nodes 'F0::anon') gets a
-    fresh one, since --exclude, plans and the search key nodes by name. Returns the names changed."""
+    fresh one, and an unnamed node one after its op type, since --exclude, plans, the search and the data passes
+    key nodes by name. Returns the names changed (not counting the unnamed nodes named)."""
     main = g.model.graph
     seen = {t.name for t in main.initializer} | {i.name for i in main.input}
     seen |= {o for n in main.node for o in n.output} | {n.name for n in main.node}
@@ -190,7 +191,9 @@ def unique_names(g: Graph) -> int:
 
     node_names: set[str] = set()
     for n in main.node:
-        if n.name and n.name in node_names:
+        if not n.name:  # unnamed (legal): the data passes key layers by node name, so two unnamed MatMuls collided
+            n.name = fresh(n.op_type)
+        elif n.name in node_names:
             n.name = fresh(n.name)
             count += 1
         node_names.add(n.name)

@@ -148,7 +148,8 @@ def image_input(specs: dict[str, Spec], layout: str | None = None):
 
 
 # ---- loading and validation ---------------------------------------------------------------------------------------
-def load_calib(path, specs, limit: int | None = None, mean=None, std=None, layout: str | None = None) -> Calib:
+def load_calib(path, specs, limit: int | None = None, mean=None, std=None, layout: str | None = None,
+               pinned: dict | None = None) -> Calib:
     """Load calibration data for a model whose inputs are ``specs`` (from ``input_specs``, or a ModelProto).
 
     ``path`` is an ``.npz`` archive (arrays keyed by input name, optional ``labels``) or a folder of images
@@ -165,10 +166,15 @@ def load_calib(path, specs, limit: int | None = None, mean=None, std=None, layou
     if not p.exists():
         raise SpaError(f"calibration data {p}: not found")
     if p.is_dir():
+        if pinned:  # the dims --input-shape fixed, where the model declares them dynamic
+            specs = {k: (tuple(d if d is not None else (pinned[k][i] if k in pinned and i < len(pinned[k]) else None)
+                               for i, d in enumerate(shape)) if shape is not None else None, dtype)
+                     for k, (shape, dtype) in specs.items()}
         name, _, layout, channels, (h, w) = image_input(specs, layout)
         if h is None or w is None:
             raise SpaError(f"calibration data {p}: model input '{name}' {format_shape(specs[name][0])} has dynamic "
-                           f"spatial dims; fix them or make an .npz with `spa-prune make-calib --size H,W`")
+                           f"spatial dims; fix them with --input-shape, or make an .npz with `spa-prune make-calib "
+                           f"--size H,W`")
         calib = images_to_calib(p, (h, w), mean, std, layout=layout, channels=channels or 3, limit=limit,
                                 name=name)
         arrays = dict(calib.inputs)
@@ -511,11 +517,12 @@ def save_calib(calib: Calib, path) -> None:
 
 
 
-def load_data(calib, model: onnx.ModelProto, limit: int | None = None) -> Calib | None:
+def load_data(calib, model: onnx.ModelProto, limit: int | None = None, pinned: dict | None = None) -> Calib | None:
     """Calibration data for a run: None (data-free), a Calib (a seeded subset of `limit` samples), or a path
-    (.npz / image folder) checked against the model's inputs (its first `limit` samples)."""
+    (.npz / image folder) checked against the model's inputs (its first `limit` samples). `pinned`: the
+    shapes --input-shape gave, which size an image folder's pictures where the model leaves H, W dynamic."""
     if calib is None:
         return None
     if isinstance(calib, Calib):
         return calib if limit is None else calib.subset(limit)
-    return load_calib(str(calib), input_specs(model), limit=limit)
+    return load_calib(str(calib), input_specs(model), limit=limit, pinned=pinned)

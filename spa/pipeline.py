@@ -161,7 +161,8 @@ class ScoreAndSelect(Pass):
             check_finite_weights(analysis)
         if opts.target_flops is not None and not opts.plan_file:
             check_countable(analysis, run.model.warnings)
-        run.data, held = split_holdout(load_data(opts.calib, run.model.graph.model, opts.calib_limit))
+        run.data, held = split_holdout(load_data(opts.calib, run.model.graph.model, opts.calib_limit,
+                                                     pinned=opts.input_shapes))
         if run.data is not None and not uses_data(opts.importance) and not (opts.reconstruct or opts.recalibrate):
             run.model.warnings.append(
                 f"--calib is not used for pruning: --importance {opts.importance} ranks by weights only and nothing "

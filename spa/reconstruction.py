@@ -21,9 +21,9 @@ def fidelity_feeds(run) -> tuple[list[dict], str]:
     if data is None:
         return [verify.random_inputs(run.original, model.input_shapes, seed) for seed in (0, 1)], \
             "random inputs (data-free)"
-    bs, _ = batch_size_for(model.graph, 64)
+    bs, fixed = batch_size_for(model.graph, 64)
     feeds = [b for b, _ in data.subset(min(data.n, 256 if bs >= 16 else 64)).batches(bs)
-             if next(iter(b.values())).shape[0] == bs]
+             if next(iter(b.values())).shape[0] == bs or not fixed]  # a free batch dim takes a short last batch
     return feeds, "calibration data"
 
 

@@ -352,8 +352,22 @@ def test_load_calib_from_a_folder_uses_the_model_input(tmp_path):
     assert list(c.inputs) == ["x"] and c.inputs["x"].shape == (2, 3, 8, 8) and c.labels.tolist() == [0, 1]
     nhwc = input_specs(conv_model(("N", 8, 6, 3)))
     assert load_calib(root, nhwc, limit=1).inputs["x"].shape == (1, 8, 6, 3)
-    fails(root, input_specs(conv_model(("N", 3, "H", "W"))), "dynamic spatial dims", "make-calib")
+    fails(root, input_specs(conv_model(("N", 3, "H", "W"))), "dynamic spatial dims", "--input-shape", "make-calib")
     fails(root, SPECS2, "single image input", "2 inputs")
+
+
+def test_an_image_folder_takes_the_size_input_shape_pinned(tmp_path):
+    """A detector declared [N, 3, H, W] run with --input-shape x=1,3,6,10: its image folder is sized 6x10, the
+    pinned dims filling only the dynamic ones (a declared dim wins)."""
+    from spa.calib import load_data
+
+    root = tmp_path / "d"
+    write_image(root / "1.png", random_pixels(1))
+    write_image(root / "2.png", random_pixels(2))
+    c = load_data(str(root), conv_model(("N", 3, "H", "W")), pinned={"x": (1, 3, 6, 10)})
+    assert c.inputs["x"].shape == (2, 3, 6, 10)
+    c = load_data(str(root), conv_model(("N", 3, 8, "W")), pinned={"x": (1, 3, 6, 10)})
+    assert c.inputs["x"].shape == (2, 3, 8, 10)
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------------

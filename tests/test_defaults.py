@@ -178,3 +178,26 @@ def test_nan_weights_are_one_line_in_the_default_mode(tmp_path, capsys):
     rc, _, err = run_cli([p, tmp_path / "o.onnx", "--ratio", "0.5"], capsys)
     assert_one_line_error(rc, err, "c1.weight", "NaN/inf", "--fast")
 
+
+
+def test_reconstruction_fidelity_with_fewer_samples_than_a_batch(tmp_path):
+    """10 calibration samples on a model with a free batch dim: too few to hold any out, and fewer than one batch
+    of 64; the refit's before/after fidelity is still measured on them (a short batch), not left empty."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spa import driver
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    src, calib = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    np.savez(calib, x=rng.standard_normal((10, 6)).astype(np.float32))
+    rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.6, calib=str(calib)).report
+    rec = rep["reconstruction"]
+    assert rec["fidelity_on"] == "calibration data" and rec["fidelity_before"] and rec["fidelity_after"]

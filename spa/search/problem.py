@@ -70,7 +70,7 @@ class SearchProblem:
         analysis = driver.analyse(model)
         if not any(g.prunable >= 1 and g.size >= 2 for g in analysis.groups):
             raise SpaError("no prunable group: " + driver.explain_nothing(analysis))
-        data = load_data(calib, model.graph.model, calib_samples)
+        data = load_data(calib, model.graph.model, calib_samples, pinned=input_shapes)
         if scores is None:
             inputs = ScoreInputs(analysis, calib=data, loss=loss, samples=samples, seed=seed)
             scores = score(analysis, importance, aggregation, normalization, inputs)
