@@ -221,10 +221,17 @@ def remove_identities(g: Graph) -> int:
     return count
 
 
+BODY_FOLD_MAX_ELEMENTS = 64  # in If/Loop/Scan bodies only shape arithmetic is folded (pads, sizes): small values
+
+
 def fold_constants(g: Graph) -> int:
-    outputs = set(g.output_names)
+    """Evaluate nodes whose inputs are all constants (and Shape reads of static dims) into initializers: in the
+    main graph, and in If/Loop/Scan bodies where the value is small (a body's constant shape arithmetic, e.g.
+    silero-vad's STFT padding, must fold for inference to see the body's shapes and the cost model its MACs).
+    A body's value becomes that body's initializer, written at once (inference reads bodies as they are)."""
+    outputs = set(g.output_names) | {o.name for b in walk_graphs(g.model.graph) for o in b.output}
     folded = 0
-    for n in list(g.model.graph.node):
+    for n, owner in list(walk_nodes(g.model.graph)):
         if any(o in outputs for o in n.output) or any(a.type == onnx.AttributeProto.GRAPH for a in n.attribute):
             continue
         if n.op_type == "Shape":
@@ -241,9 +248,14 @@ def fold_constants(g: Graph) -> int:
             values = evaluate(n, ins)
             if values is None:
                 continue
-        g.model.graph.node.remove(n)
+        in_body = owner is not g.model.graph
+        if in_body and any(np.size(v) > BODY_FOLD_MAX_ELEMENTS for v in values):
+            continue
+        owner.node.remove(n)
         for name, v in zip(n.output, values):
-            g.set_const(name, v)
+            g.set_const(name, v, holder=owner if in_body else None)
+            if in_body:
+                g.to_model_tensor(name)
         folded += 1
     g.refresh()
     return folded

@@ -247,3 +247,61 @@ def test_a_budget_on_uncountable_macs_is_refused_or_warned():
     costs.pop("body/Conv"), costs.pop("body/Conv_1")
     check_countable(SimpleNamespace(ctx=SimpleNamespace(costs=costs), total_macs=1000), warnings)
     assert len(warnings) == 1
+
+
+def test_constant_shape_arithmetic_in_a_branch_folds_so_its_macs_count(tmp_path):
+    """A branch pads the outer input by pads computed from constants (ConstantOfShape, Concat, Reshape, a reversing
+    Slice, Transpose, Cast: silero-vad's STFT padding) of an input declared [N, L] and
+    fixed by --input-shape, then convolves: the small constant chain folds into the branch's own initializers,
+    inference sees the padded length, and the conv's MACs count (8 x 514 x 3) instead of 0."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spa import driver
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64)))
+
+    then = helper.make_graph(
+        [const("two", [2]), helper.make_node("ConstantOfShape", ["two"], ["zeros"],
+                                              value=numpy_helper.from_array(np.zeros(1, np.int64))),
+         const("p1", [0, 4]), helper.make_node("Concat", ["p1", "zeros"], ["flat"], axis=0),
+         const("square", [2, 2]), helper.make_node("Reshape", ["flat", "square"], ["pairs"]),
+         const("s0", [-1]), const("s1", [-(2 ** 62)]), const("s2", [0]), const("s3", [-1]),
+         helper.make_node("Slice", ["pairs", "s0", "s1", "s2", "s3"], ["reversed"]),   # torch's pad order
+         helper.make_node("Transpose", ["reversed"], ["pairs_t"], perm=[1, 0]), const("four", [4]),
+         helper.make_node("Reshape", ["pairs_t", "four"], ["flat_t"]),
+         helper.make_node("Cast", ["flat_t"], ["pads"], to=TensorProto.INT64),
+         helper.make_node("Pad", ["x", "pads"], ["xp"]), const("ax", [1]),
+         helper.make_node("Unsqueeze", ["xp", "ax"], ["xu"]), helper.make_node("Conv", ["xu", "w"], ["y"], name="conv")],
+        "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 514])],
+        [numpy_helper.from_array(np.ones((8, 1, 3), np.float32), "w")])
+    other = helper.make_graph([const("ax2", [1]), helper.make_node("Unsqueeze", ["x", "ax2"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 1, 512])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["out"], then_branch=then, else_branch=other)], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"]),
+                               helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, None, None])])
+    src = tmp_path / "branch.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    analysis = driver.analyse(driver.load(str(src), input_shapes={"x": (1, 512)}))
+    assert analysis.total_macs == 8 * 514 * 3
+
+
+def test_silero_vad_counts_the_macs_inside_its_branches():
+    """silero-vad's convs all sit in If branches behind a constant padding chain that onnx's inference did not
+    follow there: 0 MACs, and --target-flops refused. With the chain folded in the branches, both branches' convs
+    count (the real file, where the cache has it: tools/sweep_wheels.py fetches it)."""
+    from pathlib import Path
+
+    import pytest
+
+    from spa import driver
+
+    path = Path.home() / ".cache" / "spa-prune" / "wheels" / "silero_vad-6.2.3" / "silero_vad" / "data" / "silero_vad.onnx"
+    if not path.exists():
+        pytest.skip("silero-vad 6.2.3 not in the cache (python tools/sweep_wheels.py --packages silero-vad)")
+    analysis = driver.analyse(driver.load(str(path), input_shapes={"input": (1, 512), "state": (2, 1, 128)}))
+    assert analysis.total_macs == 896_000                     # the STFT and encoder convs of both branches
+    uncounted = sorted(name.split("/")[-3] for name, cost in analysis.ctx.costs.items() if cost.macs <= 0)
+    assert uncounted == ["decoder", "decoder"]                 # after the LSTM: its output shape stays unknown
