@@ -363,7 +363,7 @@ class MeasureFidelity(Pass):
                 feeds, label, reference = run.holdout, run.holdout_label, run.reference_on_holdout()
             else:
                 feeds = [verify.random_inputs(run.original, run.model.input_shapes, seed) for seed in (2, 3)]
-                label, reference = "random inputs (data-free)", None
+                label, reference = random_inputs_label(run.data), None
             outputs = fidelity(run.original, run.pruned, run.model.input_shapes, feeds=feeds, reference=reference)
         drop, metric = fidelity_drop(outputs)
         section = {"on": label, "metric": metric, "drop_pct": drop, "outputs": outputs}
@@ -422,6 +422,14 @@ def fidelity_drop(outputs: dict) -> tuple[float, str]:
             return round(100.0 * (1.0 - values["top1"]), 4), "top-1 predictions changed"
     errors = [v["rel_l2"] for v in outputs.values()]
     return round(100.0 * (sum(errors) / max(len(errors), 1)), 4), "relative L2 error of the outputs"
+
+
+def random_inputs_label(data: Calib | None) -> str:
+    """Where the fidelity falls back to random inputs: data-free, or too few calibration samples to hold any out."""
+    if data is None:
+        return "random inputs (data-free)"
+    return (f"random inputs ({data.n} calibration samples are too few to hold some out; "
+            f"{4 * HOLDOUT_MIN} or more are)")
 
 
 def split_holdout(data: Calib | None) -> tuple[Calib | None, Calib | None]:

@@ -201,3 +201,4 @@ def test_reconstruction_fidelity_with_fewer_samples_than_a_batch(tmp_path):
     rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.6, calib=str(calib)).report
     rec = rep["reconstruction"]
     assert rec["fidelity_on"] == "calibration data" and rec["fidelity_before"] and rec["fidelity_after"]
+    assert rep["fidelity"]["on"].startswith("random inputs (10 calibration samples are too few to hold some out")
