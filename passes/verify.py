@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from spa import quant
 from spa.errors import SpaError, VerificationError, one_line
@@ -34,6 +34,8 @@ from spa.ir import (
     weightless_copy,
 )
 from spa.memory import array_bytes, check_memory
+
+from .fold import constant_node_value
 
 
 def build_reference(original: onnx.ModelProto, analysis: Analysis, removed: set[int],
@@ -195,8 +197,7 @@ def _constant_value(g: Graph, name: str) -> np.ndarray | None:
     value = g.const(name)
     node = g.producer.get(name)
     if value is None and node is not None and node.op_type == "Constant":
-        attr = next((a for a in node.attribute if a.name == "value"), None)
-        value = numpy_helper.to_array(attr.t) if attr is not None else None
+        value = constant_node_value(node)
     return value
 
 
