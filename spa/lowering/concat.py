@@ -71,19 +71,25 @@ def gather(node, inputs, attrs):
     return [picked.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))]
 
 
+def _row_index(idx, dims, device):
+    """GatherND/ScatterND index rows (last axis: k coordinates into `dims`, negative ones from the end) as row
+    numbers of those k dims flattened, C order: idx.shape[:-1]."""
+    dims = torch.tensor(tuple(dims), dtype=torch.int64, device=device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    strides = torch.ones(len(dims), dtype=torch.int64, device=device)
+    for j in range(len(dims) - 2, -1, -1):
+        strides[j] = strides[j + 1] * dims[j + 1]
+    return (idx * strides).sum(-1)
+
+
 @lower("GatherND")
 def gather_nd(node, inputs, attrs):
     """Each index row of the last axis (k coordinates) picks a slice of data[b..., :k dims]; batch_dims leading
     dims pair data with indices one to one (GPT-2's dynamo export picks the last token's logits this way)."""
     x, idx = inputs[0], inputs[1].to(torch.int64)
     b, k = int(attrs.get("batch_dims", 0)), idx.shape[-1]
-    dims = torch.tensor(x.shape[b:b + k], dtype=torch.int64, device=x.device)
-    idx = torch.where(idx < 0, idx + dims, idx)
-    strides = torch.ones(k, dtype=torch.int64, device=x.device)
-    for j in range(k - 2, -1, -1):
-        strides[j] = strides[j + 1] * dims[j + 1]
     batch = math.prod(x.shape[:b])
-    lin = (idx.reshape(batch, -1, k) * strides).sum(-1)                       # [batch, picks]
+    lin = _row_index(idx, x.shape[b:b + k], x.device).reshape(batch, -1)      # [batch, picks]
     table = x.reshape(batch, math.prod(x.shape[b:b + k]), *x.shape[b + k:])  # [batch, rows, rest...]
     picked = table[torch.arange(batch, device=x.device)[:, None], lin]
     return [picked.reshape(*idx.shape[:-1], *x.shape[b + k:])]
@@ -106,12 +112,7 @@ def scatter_nd(node, inputs, attrs):
     TorchScript export writes its causal mask this way)."""
     x, idx, updates = inputs[0], inputs[1].to(torch.int64), inputs[2]
     k = idx.shape[-1]
-    dims = torch.tensor(x.shape[:k], dtype=torch.int64, device=x.device)
-    idx = torch.where(idx < 0, idx + dims, idx)
-    strides = torch.ones(k, dtype=torch.int64, device=x.device)
-    for j in range(k - 2, -1, -1):
-        strides[j] = strides[j + 1] * dims[j + 1]
-    lin = (idx.reshape(-1, k) * strides).sum(-1)
+    lin = _row_index(idx, x.shape[:k], x.device).reshape(-1)
     table = x.reshape(math.prod(x.shape[:k]), *x.shape[k:]).clone()
     rows = updates.reshape(-1, *x.shape[k:]).to(x.dtype)
     reduce = _reduction(node, attrs)
