@@ -148,6 +148,13 @@ def image_input(specs: dict[str, Spec], layout: str | None = None):
 
 
 # ---- loading and validation ---------------------------------------------------------------------------------------
+def _pinned_dims(shape: tuple | None, pinned: tuple | None) -> tuple | None:
+    """A declared shape with its dynamic dims (None) taken from the pinned one where it has them."""
+    if shape is None or not pinned:
+        return shape
+    return tuple(pinned[i] if d is None and i < len(pinned) else d for i, d in enumerate(shape))
+
+
 def load_calib(path, specs, limit: int | None = None, mean=None, std=None, layout: str | None = None,
                pinned: dict | None = None) -> Calib:
     """Load calibration data for a model whose inputs are ``specs`` (from ``input_specs``, or a ModelProto).
@@ -167,9 +174,7 @@ def load_calib(path, specs, limit: int | None = None, mean=None, std=None, layou
         raise SpaError(f"calibration data {p}: not found")
     if p.is_dir():
         if pinned:  # the dims --input-shape fixed, where the model declares them dynamic
-            specs = {k: (tuple(d if d is not None else (pinned[k][i] if k in pinned and i < len(pinned[k]) else None)
-                               for i, d in enumerate(shape)) if shape is not None else None, dtype)
-                     for k, (shape, dtype) in specs.items()}
+            specs = {k: (_pinned_dims(shape, pinned.get(k)), dtype) for k, (shape, dtype) in specs.items()}
         name, _, layout, channels, (h, w) = image_input(specs, layout)
         if h is None or w is None:
             raise SpaError(f"calibration data {p}: model input '{name}' {format_shape(specs[name][0])} has dynamic "

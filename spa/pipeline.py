@@ -202,9 +202,10 @@ class ScoreAndSelect(Pass):
                 f"--min-channels/--round-to/--max-ratio/--exclude and the frozen groups allow keeps "
                 f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow")
         plan = run.plan
-        spared = [g.name for g in analysis.groups if g.id in coarse_groups(analysis) and g.prunable > 0
-                  and not plan.removed.get(g.id)] if plan.removed and opts.target_flops is not None \
-            and opts.allocation == "uniform" and not opts.plan_file else []
+        spared = []
+        if plan.removed and opts.target_flops is not None and opts.allocation == "uniform" and not opts.plan_file:
+            coarse = coarse_groups(analysis)
+            spared = [g.name for g in analysis.groups if g.id in coarse and g.prunable > 0 and not plan.removed.get(g.id)]
         return PassResult(report={
             "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / max(macs_before, 1)},
             "groups": {"total": len(analysis.groups), "pruned": len([g for g in plan.removed.values() if g]),
