@@ -68,6 +68,8 @@ def test_conv_patches_match_unfold(stride, pad, dil):
     rows = obspa.sample_rows(view, xt, torch.arange(total))
     ref = torch.nn.functional.unfold(xt, 3, dilation=dil, padding=pad, stride=stride)  # (N, C*9, L)
     torch.testing.assert_close(rows, ref.permute(0, 2, 1).reshape(total, -1))
+    by_position = obspa.sample_rows(view, xt, torch.arange(total), by_position=True)   # P x 9 x C
+    torch.testing.assert_close(by_position.permute(0, 2, 1).reshape(total, -1), rows)
     w = torch.from_numpy(np.array(m.graph.const("w")))
     y = torch.nn.functional.conv2d(xt, w, stride=stride, padding=pad, dilation=dil)
     torch.testing.assert_close(rows @ w.reshape(4, -1).T, y.permute(0, 2, 3, 1).reshape(total, -1),
@@ -230,3 +232,51 @@ def test_refit_from_the_scoring_pass_outputs_equals_rerunning_the_original(sampl
     out = model.graph.output[0].name
     assert shared.report["fidelity"]["outputs"][out]["rel_l2"] == pytest.approx(
         rerun.report["fidelity"]["outputs"][out]["rel_l2"], rel=1e-3)
+
+
+def _exact_saliency(rows, w, units, k, damp, ones=False):
+    g = obspa.Gram()
+    g.add(obspa.with_ones(torch.from_numpy(rows)) if ones else torch.from_numpy(rows))
+    return obspa.exact_scorer(g, damp, k)(w, units)
+
+
+def _kron_saliency(rows, w, units, k, damp, centered=False):
+    kg = obspa.KroneckerGram(k, centered)
+    half = len(rows) // 2
+    patches = torch.from_numpy(rows.reshape(len(rows), -1, k).transpose(0, 2, 1).copy())   # P x k x C
+    kg.add(patches[:half])   # two chunks: the sums must add up
+    kg.add(patches[half:])
+    return kg.scorer(damp)(w, units)
+
+
+def test_kronecker_score_is_exact_when_the_hessian_is_a_kronecker_product():
+    """Rows u_i ⊗ v_j over every pair (i, j) have H = (Σ u uᵀ) ⊗ (Σ v vᵀ) / n exactly: the factored score then
+    equals the exact OBS saliency, for one channel and for a unit of two channels."""
+    rng = np.random.default_rng(2)
+    c, k, o = 5, 9, 3
+    u = rng.standard_normal((40, c)) @ rng.standard_normal((c, c))
+    v = rng.standard_normal((30, k)) @ rng.standard_normal((k, k)) + 0.3
+    rows = np.einsum("ic,jt->ijct", u, v).reshape(-1, c * k)
+    w = rng.standard_normal((o, c * k))
+    units = [np.array([ch]) for ch in range(c)]
+    exact = _exact_saliency(rows, w, units, k, 1e-9)
+    np.testing.assert_allclose(_kron_saliency(rows, w, units, k, 1e-9), exact, rtol=2e-4)
+    pair = [np.array([1, 3])]
+    np.testing.assert_allclose(_kron_saliency(rows, w, pair, k, 1e-9), _exact_saliency(rows, w, pair, k, 1e-9),
+                               rtol=2e-4)
+
+
+def test_kronecker_centering_is_the_bias_column():
+    """With one column per channel (k = 1) the factors are the Hessian itself; centering (a layer with a bias)
+    gives the exact score of the Hessian augmented with a constant column."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((600, 6)) @ rng.standard_normal((6, 6)) + 2.0
+    w = rng.standard_normal((4, 6))
+    w_bias = np.concatenate([w, rng.standard_normal((4, 1))], 1)
+    units = [np.array([ch]) for ch in range(6)]
+    np.testing.assert_allclose(_kron_saliency(rows, w, units, 1, 1e-9),
+                               _exact_saliency(rows, w, units, 1, 1e-9), rtol=1e-5)
+    np.testing.assert_allclose(_kron_saliency(rows, w, units, 1, 1e-9, centered=True),
+                               _exact_saliency(rows, w_bias, units, 1, 1e-9, ones=True), rtol=1e-4)
+    assert not np.allclose(_kron_saliency(rows, w, units, 1, 1e-9, centered=True),
+                           _kron_saliency(rows, w, units, 1, 1e-9))
