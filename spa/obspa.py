@@ -256,7 +256,8 @@ class KroneckerGram:
 
     def scorer(self, damp: float):
         """The OBS saliency of removing input channel sets under H ≈ A ⊗ B dampened factor by factor:
-        [H⁻¹]_SS = (A⁻¹)_SS ⊗ B⁻¹, so a unit's cost is ½ Σ_rows tr(((A⁻¹)_SS)⁻¹ W_S B W_Sᵀ)."""
+        [H⁻¹]_SS = (A⁻¹)_SS ⊗ B⁻¹, so a unit's cost is ½ Σ_rows tr(((A⁻¹)_SS)⁻¹ W_S B W_Sᵀ). None when A is not
+        positive definite (as `exact_scorer`)."""
         a, b, k = self.a, self.b, self.k
         if self.centered:
             sums = self.s.reshape(-1, k)
@@ -264,7 +265,10 @@ class KroneckerGram:
             b = b - sums.T @ sums / self.n
         a = a / (self.n * k)
         b = b / (self.n * max(float(np.trace(a)), 1e-12))
-        a_inv = psd_inverse(damped(a, damp)[0]).astype(np.float64)
+        try:
+            a_inv = psd_inverse(damped(a, damp)[0]).astype(np.float64)
+        except np.linalg.LinAlgError:
+            return None
         b = damped(b, damp)[0]
 
         def saliency(w: np.ndarray, units: list[np.ndarray]) -> np.ndarray:

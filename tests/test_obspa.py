@@ -296,3 +296,9 @@ def test_kronecker_scored_convs_prune_and_refit_end_to_end(monkeypatch):
     assert used == [9]                                           # c2 (c1 reads the image: no prunable group)
     assert rep["verification"]["status"] == "passed"
     assert rec["fidelity_after"][out]["rel_l2"] < rec["fidelity_before"][out]["rel_l2"]
+
+
+def test_kronecker_score_gives_up_like_the_exact_one_on_non_finite_inputs():
+    kg = obspa.KroneckerGram(9, centered=False)
+    kg.add(torch.full((4, 9, 3), float("nan")))
+    assert kg.scorer(0.01) is None
