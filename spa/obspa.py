@@ -227,15 +227,16 @@ class Gram:
 
 
 class KroneckerGram:
-    """The Kronecker factors of a conv's Hessian, H ≈ A ⊗ B, from the same sampled patches as `Gram` (rows P x D,
-    columns (channel, kernel position)): A (C x C) is the input channels' second moment averaged over the kernel
-    positions, B (k x k) the kernel positions' summed over the channels, scaled so that diag(A ⊗ B) = diag(H) on
-    average. Centered when the layer has a bias: the exact score's constant column makes its Schur complement the
+    """A wide conv's Hessian in factored form, from the same sampled patches as `Gram` (columns (channel, kernel
+    position)): A (C x C), the input channels' second moment averaged over the kernel positions, and each
+    channel's own k x k block H_cc. Scores read H ≈ A ⊗ B (B: the blocks summed over channels, scaled so that
+    diag(A ⊗ B) = diag(H) on average) for the cross-channel part and the channel's own block for the rest.
+    Centered when the layer has a bias: the exact score's constant column makes its Schur complement the
     covariance, so the bias absorbs a removed channel's mean in both."""
 
     def __init__(self, k: int, centered: bool):
         self.k, self.centered = k, centered
-        self.a = self.b = self.s = None
+        self.a = self.blocks = self.s = None
         self.n = 0
 
     def add(self, x) -> None:
@@ -244,39 +245,46 @@ class KroneckerGram:
         p, k = patches.shape[0], self.k
         flat = patches.reshape(p * k, -1)
         a = flat.T @ flat                                            # Σ over positions and kernel positions
-        b = np.tensordot(patches, patches, axes=([0, 2], [0, 2])).astype(np.float64)   # Σ over channels
+        by_channel = np.ascontiguousarray(patches.transpose(2, 0, 1))  # C x P x k
+        blocks = np.matmul(by_channel.transpose(0, 2, 1), by_channel).astype(np.float64)   # C x k x k
         s = patches.sum(0, dtype=np.float64).T.reshape(-1)            # (channel, kernel position) order
         if self.a is None:
-            self.a, self.b, self.s = a.astype(np.float64), b, s
+            self.a, self.blocks, self.s = a.astype(np.float64), blocks, s
         else:
             self.a += a
-            self.b += b
+            self.blocks += blocks
             self.s += s
         self.n += p
 
     def scorer(self, damp: float):
-        """The OBS saliency of removing input channel sets under H ≈ A ⊗ B dampened factor by factor:
-        [H⁻¹]_SS = (A⁻¹)_SS ⊗ B⁻¹, so a unit's cost is ½ Σ_rows tr(((A⁻¹)_SS)⁻¹ W_S B W_Sᵀ). None when A is not
-        positive definite (as `exact_scorer`)."""
-        a, b, k = self.a, self.b, self.k
+        """The OBS saliency of removing input channel sets, the Hessian dampened as the exact score's (λ =
+        damp x mean diag H). One channel c: ½ r_c Σ_rows w_c (H_cc + λI) w_cᵀ, where r_c = 1 / ((A⁻¹)_cc A_cc) is
+        the share of the channel's second moment the other channels cannot explain — exact when the channels are
+        uncorrelated (r = 1) and when H = A ⊗ B. Several channels S: the Kronecker form [H⁻¹]_SS = (A⁻¹)_SS ⊗ B⁻¹,
+        ½ Σ_rows tr(((A⁻¹)_SS)⁻¹ W_S B W_Sᵀ). None when A is not positive definite (as `exact_scorer`)."""
+        a, blocks, k = self.a, self.blocks, self.k
         if self.centered:
             sums = self.s.reshape(-1, k)
             a = a - sums @ sums.T / self.n
-            b = b - sums.T @ sums / self.n
+            blocks = blocks - sums[:, :, None] * sums[:, None, :] / self.n
         a = a / (self.n * k)
-        b = b / (self.n * max(float(np.trace(a)), 1e-12))
+        blocks = blocks / self.n
+        lam = damp * max(float(np.diag(a).mean()), 1e-12)            # mean diag a = mean diag H
+        eye = lam * np.eye(k)
+        b = blocks.sum(0) / max(float(np.trace(a)), 1e-12) + eye
+        a.flat[::len(a) + 1] += lam
         try:
-            a_inv = psd_inverse(damped(a, damp)[0]).astype(np.float64)
+            a_inv = psd_inverse(a).astype(np.float64)
         except np.linalg.LinAlgError:
             return None
-        b = damped(b, damp)[0]
+        share = 1.0 / (np.diag(a_inv) * np.diag(a))
 
         def saliency(w: np.ndarray, units: list[np.ndarray]) -> np.ndarray:
             w3 = w[:, :a.shape[0] * k].reshape(w.shape[0], -1, k)
             if all(len(u) == 1 for u in units):
                 ch = np.array([u[0] for u in units], dtype=np.int64)
-                energy = np.einsum("oct,tu,ocu->c", w3[:, ch], b, w3[:, ch])
-                return 0.5 * energy / np.diag(a_inv)[ch]
+                energy = np.einsum("oct,ctu,ocu->c", w3[:, ch], blocks[ch] + eye, w3[:, ch])
+                return 0.5 * share[ch] * energy
             out = np.zeros(len(units))
             for i, u in enumerate(units):
                 ws = w3[:, u]                                            # O x |S| x k
@@ -306,10 +314,10 @@ def exact_scorer(gram: Gram, damp: float, k: int):
     return saliency
 
 
-def kronecker_scored(view: LayerView, columns: int) -> bool:
+def kronecker_scored(view: LayerView, columns: int, limit: int | None = KRONECKER_COLUMNS) -> bool:
     """Whether the layer is scored on Kronecker factors: a conv whose kernel has several positions and whose
-    exact Hessian would have more than KRONECKER_COLUMNS columns."""
-    return view.kind == "conv" and view.k > 1 and columns > KRONECKER_COLUMNS
+    exact Hessian would have more than `limit` columns (None: never, --exact-hessians)."""
+    return limit is not None and view.kind == "conv" and view.k > 1 and columns > limit
 
 
 def _numpy(t) -> np.ndarray:
@@ -410,6 +418,7 @@ def obs_members(inputs):
     opts = inputs.cache.setdefault("obspa_options", {})
     positions = opts.get("positions", DEFAULT_POSITIONS)
     damp = opts.get("damp", DEFAULT_DAMP)
+    limit = opts.get("kronecker_columns", KRONECKER_COLUMNS)
     sinks = {}
     for ps in analysis.ctx.params:
         if ps.role == "sink":
@@ -420,7 +429,7 @@ def obs_members(inputs):
     if not sinks:
         return []
     n = inputs.calib.n if inputs.calib is not None else inputs.samples
-    need = check_hessians(g, sinks, positions, n)
+    need = check_hessians(g, sinks, positions, n, limit)
     feeds, n = model_data(inputs)
     layers = {name: view for name, (view, _) in sinks.items()}    # the layers whose inputs/outputs are read
     targets: dict[str, LayerTargets] | None = None
@@ -438,7 +447,8 @@ def obs_members(inputs):
     t0 = time.perf_counter()
     tg = fast_layout(TorchGraph(g))
     grams: dict[str, Gram | KroneckerGram] = {
-        name: KroneckerGram(view.k, view.bias is not None) if kronecker_scored(view, _columns(g, view)) else Gram()
+        name: KroneckerGram(view.k, view.bias is not None) if kronecker_scored(view, _columns(g, view), limit)
+        else Gram()
         for name, (view, _) in sinks.items()}
     scored: dict[str, list] = {}
     gen = torch.Generator().manual_seed(inputs.seed)
@@ -562,7 +572,8 @@ def factor_bytes(d: int) -> int:
     return (8 if d <= 64 else 4) * d * d + 2 * 8 * d * d
 
 
-def check_hessians(g, sinks: dict, positions: int, samples: int | None = None) -> int:
+def check_hessians(g, sinks: dict, positions: int, samples: int | None = None,
+                   kronecker_columns: int | None = KRONECKER_COLUMNS) -> int:
     """The scoring pass's statistics against the memory limit, before the forward pass: the widest layer's
     Hessian and its solve (`factor_bytes`; one layer's at a time) and its sampled rows (positions x D, float32
     beside a float64 copy up to 64 columns). Returns the bytes."""
@@ -573,7 +584,7 @@ def check_hessians(g, sinks: dict, positions: int, samples: int | None = None) -
         if not d:
             continue
         rows = min(int(positions), _positions_bound(g, view, samples))
-        if kronecker_scored(view, d):   # C x C factors; the rows beside their by-position copy
+        if kronecker_scored(view, d, kronecker_columns):   # C x C factors; the rows beside their copy
             need = max(need, 3 * 8 * (d // view.k) ** 2 + 2 * rows * d * 4)
         else:
             need = max(need, factor_bytes(d) + rows * d * (12 if d <= 64 else 4))

@@ -146,6 +146,7 @@ class PruneOptions:
     seed: int = 0
     positions: int | None = None
     damp: float | None = None
+    exact_hessians: bool = False  # OBS scores wide convs on their exact Hessian too (no Kronecker factors)
     # value passes after the structural cut (each reports fidelity)
     reconstruct: bool | None = None   # None: on unless fast
     recalibrate: bool = False

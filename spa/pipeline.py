@@ -171,6 +171,8 @@ class ScoreAndSelect(Pass):
                                                 seed=opts.seed, progress=run.step)
         inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))
                                          if v is not None}
+        if opts.exact_hessians:
+            inputs.cache["obspa_options"]["kronecker_columns"] = None
         if opts.reconstruct:  # the refit reads the original's layer outputs the scoring pass keeps
             inputs.cache["obspa_options"]["keep_targets"] = True
         if opts.synth_steps is not None:

@@ -266,6 +266,21 @@ def test_kronecker_score_is_exact_when_the_hessian_is_a_kronecker_product():
                                rtol=2e-4)
 
 
+def test_factored_score_is_exact_for_uncorrelated_channels():
+    """Each row reads one channel only, so H is block-diagonal over channels with a different spatial block per
+    channel (not a Kronecker product): the channel's own block makes the score exact, dampening included."""
+    rng = np.random.default_rng(4)
+    c, k = 4, 9
+    rows = np.zeros((c * 300, c * k))
+    for ch in range(c):
+        rows[ch * 300:(ch + 1) * 300, ch * k:(ch + 1) * k] = (
+            rng.standard_normal((300, k)) @ rng.standard_normal((k, k)) * (ch + 1))
+    w = rng.standard_normal((3, c * k))
+    units = [np.array([ch]) for ch in range(c)]
+    np.testing.assert_allclose(_kron_saliency(rows, w, units, k, 0.01), _exact_saliency(rows, w, units, k, 0.01),
+                               rtol=2e-4)
+
+
 def test_kronecker_centering_is_the_bias_column():
     """With one column per channel (k = 1) the factors are the Hessian itself; centering (a layer with a bias)
     gives the exact score of the Hessian augmented with a constant column."""
@@ -296,6 +311,8 @@ def test_kronecker_scored_convs_prune_and_refit_end_to_end(monkeypatch):
     assert used == [9]                                           # c2 (c1 reads the image: no prunable group)
     assert rep["verification"]["status"] == "passed"
     assert rec["fidelity_after"][out]["rel_l2"] < rec["fidelity_before"][out]["rel_l2"]
+    driver.prune(model, None, target_flops=0.5, importance="obspa", calib=calib_for(model, 64), exact_hessians=True)
+    assert used == [9]                                           # --exact-hessians: no factored score
 
 
 def test_kronecker_score_gives_up_like_the_exact_one_on_non_finite_inputs():
