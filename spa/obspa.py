@@ -8,10 +8,10 @@ then also move the bias: the mean the channel carried is compensated).
 
 Score: removing the columns Q of one unit costs ½ Σ_rows w_Qᵀ([H⁻¹]_QQ)⁻¹ w_Q (the OBS saliency, summed over the
 output rows and then over every consumer of the group by the aggregation). A wide conv (more than
-KRONECKER_COLUMNS columns and a kernel of several positions) is scored on the Kronecker factors of its Hessian,
-H ≈ A ⊗ B (A over its input channels, B over its kernel positions; `KroneckerGram`): the exact D x D sum and
-inverse cost P·D² and D³, the factors P·D·C and C³ — on ResNet-50 the 3x3 convs of its last two stages were about
-a quarter of the whole run.
+KRONECKER_COLUMNS columns and a kernel of several positions) is scored on factors of its Hessian (`KroneckerGram`:
+A over its input channels, each channel's own k x k block, H ≈ A ⊗ B across channels): the exact D x D sum and
+inverse cost P·D² and D³, the factors P·D·C and C³ — on ResNet-50 the 3x3 convs of its last three stages were about
+a quarter of the whole run. `--exact-hessians` turns this off.
 
 Reconstruction: after selection, the pruned model runs beside the original, node by node in topological order, on
 the calibration inputs (or synthesized ones). Each consumer's kept weights are refit to reproduce the original

@@ -29,8 +29,9 @@ HELD_OUT = ["page.png", "text.png", "clock_motion.png", "moon.png", "retina.jpg"
             "motorcycle_right.png", "cell.png", "gravel.png", "ihc.png"]
 
 
-def crops(folder: Path, names: list[str], n: int, size: int, seed: int) -> np.ndarray:
-    """n square crops (half to all of the shorter side) resized to size², RGB, ImageNet-normalized, NCHW."""
+def crops(folder: Path, names: list[str], n: int, size: int, seed: int, mean=MEAN, std=STD) -> np.ndarray:
+    """n square crops (half to all of the shorter side) resized to size², RGB in [0, 1] normalized by mean and std
+    (ImageNet's by default), NCHW."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -42,15 +43,16 @@ def crops(folder: Path, names: list[str], n: int, size: int, seed: int) -> np.nd
         side = int(rng.uniform(0.5, 1.0) * min(h, w))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         crop = Image.fromarray(im[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
-        out.append(((np.asarray(crop, np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1))
+        out.append(((np.asarray(crop, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
 
 
-def outputs(path: Path, x: np.ndarray, name: str) -> np.ndarray:
+def outputs(path: Path, x: np.ndarray, name: str, batch: int = 4) -> np.ndarray:
+    """The model's first output over x, `batch` samples per run."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {name: x[i:i + 4]})[0] for i in range(0, len(x), 4)])
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def main() -> None:
