@@ -450,6 +450,7 @@ def obs_members(inputs):
         name: KroneckerGram(view.k, view.bias is not None) if kronecker_scored(view, _columns(g, view), limit)
         else Gram()
         for name, (view, _) in sinks.items()}
+    factored = sum(isinstance(gram, KroneckerGram) for gram in grams.values())
     scored: dict[str, list] = {}
     gen = torch.Generator().manual_seed(inputs.seed)
     hess_t, solve_t = [0.0], [0.0]
@@ -492,7 +493,8 @@ def obs_members(inputs):
     timing["hessian_s"] += hess_t[0]
     timing["solve_s"] += solve_t[0]
     members = [m for name in sinks for m in scored.get(name, [])]  # in the sinks' order, as before
-    inputs.cache["obspa_data"] = {"samples": n, "positions_per_layer": positions,
+    inputs.cache["obspa_data"] = {"samples": n, "positions_per_layer": positions, "layers_scored": len(sinks),
+                                  "layers_on_factored_hessians": factored,
                                   "mode": "calibration" if inputs.calib is not None else "data-free (synthesized)"}
     if targets is not None:
         inputs.cache["obspa_targets"] = {name: t.done() for name, t in targets.items()}
@@ -584,8 +586,8 @@ def check_hessians(g, sinks: dict, positions: int, samples: int | None = None,
         if not d:
             continue
         rows = min(int(positions), _positions_bound(g, view, samples))
-        if kronecker_scored(view, d, kronecker_columns):   # C x C factors; the rows beside their copy
-            need = max(need, 3 * 8 * (d // view.k) ** 2 + 2 * rows * d * 4)
+        if kronecker_scored(view, d, kronecker_columns):   # C x C factors, C x k x k blocks; rows and a copy
+            need = max(need, 3 * 8 * (d // view.k) ** 2 + 8 * d * view.k + 2 * rows * d * 4)
         else:
             need = max(need, factor_bytes(d) + rows * d * (12 if d <= 64 else 4))
         widest = max(widest, d)

@@ -309,6 +309,7 @@ def test_kronecker_scored_convs_prune_and_refit_end_to_end(monkeypatch):
     rec = rep["reconstruction"]
     out = model.graph.output[0].name
     assert used == [9]                                           # c2 (c1 reads the image: no prunable group)
+    assert rep["importance"]["hessian_data"]["layers_on_factored_hessians"] == 1
     assert rep["verification"]["status"] == "passed"
     assert rec["fidelity_after"][out]["rel_l2"] < rec["fidelity_before"][out]["rel_l2"]
     driver.prune(model, None, target_flops=0.5, importance="obspa", calib=calib_for(model, 64), exact_hessians=True)

@@ -113,7 +113,11 @@ def summary(rep: dict) -> str:
                          st["verification"] == "passed" for st in prog["per_step"]))
     imp = rep.get("importance") or {}
     if imp.get("data") and imp["data"] != "weights only":
-        lines.append(f"importance    {imp['criterion']} on {imp['data']}")
+        hess = imp.get("hessian_data") or {}
+        factored = hess.get("layers_on_factored_hessians")
+        lines.append(f"importance    {imp['criterion']} on {imp['data']}"
+                     + (f"; {factored} of {hess['layers_scored']} layers scored on factored Hessians (wide convs; "
+                        f"--exact-hessians for exact ones)" if factored else ""))
     for note in imp.get("notes", [])[:3]:
         lines.append(f"note          {note}")
     if rep["unruled_ops"]:
