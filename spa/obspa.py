@@ -241,12 +241,15 @@ class KroneckerGram:
 
     def add(self, x) -> None:
         """x: patches P x k x C (`sample_rows(..., by_position=True)`)."""
-        patches = np.ascontiguousarray(_numpy(x), np.float32)
+        import torch
+
+        x = x.float()
+        patches = np.ascontiguousarray(_numpy(x))
         p, k = patches.shape[0], self.k
         flat = patches.reshape(p * k, -1)
         a = flat.T @ flat                                            # Σ over positions and kernel positions
-        by_channel = np.ascontiguousarray(patches.transpose(2, 0, 1))  # C x P x k
-        blocks = np.matmul(by_channel.transpose(0, 2, 1), by_channel).astype(np.float64)   # C x k x k
+        by_channel = x.permute(2, 1, 0).contiguous()                 # C x k x P: torch's batched product is
+        blocks = torch.bmm(by_channel, by_channel.transpose(1, 2)).double().numpy()   # 2x numpy's; C x k x k
         s = patches.sum(0, dtype=np.float64).T.reshape(-1)            # (channel, kernel position) order
         if self.a is None:
             self.a, self.blocks, self.s = a.astype(np.float64), blocks, s
