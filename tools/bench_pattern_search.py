@@ -6,10 +6,10 @@ and equal evaluations, test accuracy after the driver's pattern path (full maske
 
 A benchmark, not a test. For each trained net (tools/train_bench.py, cached under .bench/quality/), seed, budget
 F (pattern-aware MACs kept) and policy: `spa.search.sculpt.search_patterns` (same evaluator, same `--evals`,
-held-out scoring split 0.25 of the 128 calibration samples), then `prune_with_patterns` with the calibration
-set (the normal pattern path: OBS re-choice, masked refit), then onnxruntime test accuracy. Wall and CPU time
-(process time, all threads) of the search are recorded: the machine is shared. Rows go to --out/results.json
-(appended, `--resume` skips measured rows) and a table (mean over seeds) to --out/results.md.
+the reward measured on --score-split of the 128 calibration samples, 0.25 by default), then `prune_with_patterns`
+with the calibration set (the normal pattern path: OBS re-choice, masked refit), then onnxruntime test accuracy.
+Wall and CPU time (process time, all threads) of the search are recorded: the machine is shared. Rows go to
+--out/results.json (appended, `--resume` skips measured rows) and a table (mean over seeds) to --out/results.md.
 """
 from __future__ import annotations
 
@@ -26,14 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import bench_quality as bq  # noqa: E402
 
 
-def run_one(model: str, seed: int, keep: float, policy: str, evals: int, metric: str, out: Path) -> dict:
+def run_one(model: str, seed: int, keep: float, policy: str, evals: int, metric: str, out: Path,
+            score_split: float = 0.25) -> dict:
     from spa.search.sculpt import prune_with_patterns, search_patterns
 
     s = bq.prepare(model, seed, out / "nets", keep_bn=False)
     shapes = {"input": (1, *s.input_shape)}
     t, c = time.perf_counter(), time.process_time()
     assignment, h = search_patterns(str(s.onnx_path), target_flops=keep, policy=policy, calib=str(s.calib_path),
-                                    evals=evals, seed=seed, metric=metric, input_shapes=shapes)
+                                    evals=evals, seed=seed, metric=metric, input_shapes=shapes,
+                                    score_split=score_split)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     path = out / f"{model}-s{seed}-{keep}-{policy}.onnx"
     rep = prune_with_patterns(str(s.onnx_path), str(path), assignment, calib=str(s.calib_path),
@@ -42,7 +44,7 @@ def run_one(model: str, seed: int, keep: float, policy: str, evals: int, metric:
     macs = rep["patterns"]["macs"]
     return {"model": model, "seed": seed, "keep": keep, "policy": policy, "evals": evals, "metric": metric,
             "test_acc": 100 * acc, "unpruned_acc": 100 * s.onnx_acc, "pattern_aware_ratio": macs["pattern_aware_ratio"],
-            "search_wall_s": round(wall, 1), "search_cpu_s": round(cpu, 1), "best_reward": h.meta["best_reward"],
+            "score_split": score_split, "search_wall_s": round(wall, 1), "search_cpu_s": round(cpu, 1), "best_reward": h.meta["best_reward"],
             "best_index": h.meta["best_index"], "alpha": h.meta.get("alpha"),
             "ks": [v["k"] for v in h.meta["assignment"].values()],
             "emptied": [v["kernels_emptied"] for v in h.meta["assignment"].values()],
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--policies", nargs="+", default=["ppo-gnn", "uniform", "random"])
     p.add_argument("--evals", type=int, default=32)
     p.add_argument("--metric", default="kl")
+    p.add_argument("--score-split", type=float, default=0.25,
+                   help="share of the calibration samples the reward is measured on (the rest fit the refit)")
     p.add_argument("--out", default=".bench/pattern_search")
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
                 for pol in a.policies:
                     if a.resume and (m, s, k, pol, a.evals, a.metric) in done:
                         continue
-                    r = run_one(m, s, k, pol, a.evals, a.metric, out)
+                    r = run_one(m, s, k, pol, a.evals, a.metric, out, a.score_split)
                     print(json.dumps(r), flush=True)
                     rows.append(r)
                     res.write_text(json.dumps(rows, indent=1))
