@@ -250,7 +250,7 @@ class KroneckerGram:
         a = flat.T @ flat                                            # Σ over positions and kernel positions
         by_channel = x.permute(2, 1, 0).contiguous()                 # C x k x P: torch's batched product is
         blocks = torch.bmm(by_channel, by_channel.transpose(1, 2)).double().numpy()   # 2x numpy's; C x k x k
-        s = patches.sum(0, dtype=np.float64).T.reshape(-1)            # (channel, kernel position) order
+        s = patches.sum(0, dtype=np.float64).T                        # C x k, for centering
         if self.a is None:
             self.a, self.blocks, self.s = a.astype(np.float64), blocks, s
         else:
@@ -265,22 +265,20 @@ class KroneckerGram:
         the share of the channel's second moment the other channels cannot explain — exact when the channels are
         uncorrelated (r = 1) and when H = A ⊗ B. Several channels S: the Kronecker form [H⁻¹]_SS = (A⁻¹)_SS ⊗ B⁻¹,
         ½ Σ_rows tr(((A⁻¹)_SS)⁻¹ W_S B W_Sᵀ). None when A is not positive definite (as `exact_scorer`)."""
-        a, blocks, k = self.a, self.blocks, self.k
+        a, blocks, sums, k = self.a, self.blocks, self.s, self.k
         if self.centered:
-            sums = self.s.reshape(-1, k)
             a = a - sums @ sums.T / self.n
             blocks = blocks - sums[:, :, None] * sums[:, None, :] / self.n
         a = a / (self.n * k)
         blocks = blocks / self.n
-        lam = damp * max(float(np.diag(a).mean()), 1e-12)            # mean diag a = mean diag H
+        a_damped, lam = damped(a, damp)                              # mean diag a = mean diag H: the same λ
         eye = lam * np.eye(k)
         b = blocks.sum(0) / max(float(np.trace(a)), 1e-12) + eye
-        a.flat[::len(a) + 1] += lam
         try:
-            a_inv = psd_inverse(a).astype(np.float64)
+            a_inv = psd_inverse(a_damped).astype(np.float64)
         except np.linalg.LinAlgError:
             return None
-        share = 1.0 / (np.diag(a_inv) * np.diag(a))
+        share = 1.0 / (np.diag(a_inv) * np.diag(a_damped))
 
         def saliency(w: np.ndarray, units: list[np.ndarray]) -> np.ndarray:
             w3 = w[:, :a.shape[0] * k].reshape(w.shape[0], -1, k)

@@ -75,7 +75,8 @@ def driver_kwargs(args) -> dict:
             "strict": args.strict, "fold_constants": args.fold_constants, "calib": args.calib,
             "calib_limit": args.calib_samples, "loss": args.loss, "reconstruct": args.reconstruct,
             "recalibrate": args.recalibrate, "compensate": args.compensate, "dbscan": parse_dbscan(args.dbscan),
-            "positions": args.positions, "damp": args.damp, "exact_hessians": getattr(args, "exact_hessians", False), "samples": args.synth_samples,
+            "positions": args.positions, "damp": args.damp, "exact_hessians": args.exact_hessians,
+            "samples": args.synth_samples,
             "synth_steps": getattr(args, "synth_steps", None), "seed": args.seed,
             "memory_limit_gb": args.memory_limit}
 
