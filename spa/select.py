@@ -49,7 +49,7 @@ class PruningPlan:
     def roots(self, analysis: Analysis) -> set[int]:
         out = set()
         for gid, idx in self.removed.items():
-            out.update(int(analysis.groups[gid].units[i]) for i in idx)
+            out.update(np.asarray(analysis.groups[gid].units)[np.asarray(idx, dtype=np.int64)].tolist())
         return out
 
     def to_json(self, analysis: Analysis, tensors: bool = True) -> dict:
@@ -466,8 +466,9 @@ def keep_every_tensor(analysis: Analysis, plan: PruningPlan, scores: dict) -> Pr
         gid = analysis.unit_group[best]
         given_back[gid] = given_back.get(gid, 0) + 1
     out: dict[int, list[int]] = {}
+    mask = analysis.removed_mask(removed)
     for g in analysis.groups:
-        idx = [i for i, u in enumerate(g.units) if int(u) in removed]
+        idx = np.flatnonzero(mask[g.units]).tolist()
         if idx:
             out[g.id] = idx
     return PruningPlan(out, given_back)
