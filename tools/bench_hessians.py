@@ -11,6 +11,10 @@ scored on Kronecker factors, spa/obspa.py) and once with --exact-hessians, at ea
 each --seeds sampling seed. Each pruned model is compared with the original on 20 crops of ten OTHER pictures
 (relative L2 error of the first output, which is what a detector's boxes and scores come from); time and peak RSS
 are the whole process. Prints a markdown table, also written to OUT/results.md and OUT/results.json.
+
+`--variant LABEL=ARGS` (repeatable) replaces the two variants with others, e.g. the sampled positions:
+
+    python tools/bench_hessians.py MODEL:images:320 --variant "8192=" --variant "4096=--positions 4096"
 """
 from __future__ import annotations
 
@@ -39,7 +43,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--images", type=Path, default=IMAGES, help="scikit-image's bundled pictures")
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "hessians")
+    ap.add_argument("--variant", action="append", metavar="LABEL=ARGS",
+                    help="a variant to run (extra CLI arguments after '='); default: factored and --exact-hessians")
     args = ap.parse_args(argv)
+    variants = VARIANTS
+    if args.variant:
+        variants = {label: extra.split() for label, extra in (v.split("=", 1) for v in args.variant)}
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in args.models:
@@ -51,8 +60,8 @@ def main(argv=None) -> int:
         reference = outputs(Path(path), held_out, name, batch=1)
         for keep in args.keeps:
             for seed in args.seeds:
-                for label, extra in VARIANTS.items():
-                    stem = args.out / f"{Path(path).stem}-{keep:g}-s{seed}-{'exact' if extra else 'factored'}"
+                for i, (label, extra) in enumerate(variants.items()):
+                    stem = args.out / f"{Path(path).stem}-{keep:g}-s{seed}-v{i}"
                     argv_ = [sys.executable, "-m", "spa.cli", path, f"{stem}.onnx", "--target-flops", f"{keep:g}",
                              "--calib", str(calib), "--input-shape", f"{name}=1,3,{size},{size}", "--seed",
                              str(seed), *extra]
