@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # top-level names of optional dependencies (the extras, not [project] dependencies): importing them inside a
 # function is how the core stays importable without them
 OPTIONAL_HEAVY = {"torch", "gymnasium", "ray", "matplotlib", "sklearn", "onnxscript", "skl2onnx", "tensorflow",
-                  "tf2onnx", "jax", "flax", "jax2onnx", "torch_pruning", "mnist1d", "onnxsim"}
+                  "tf2onnx", "jax", "flax", "jax2onnx", "torch_pruning", "mnist1d", "onnxsim", "scipy"}
 REPO_FOLDERS = {"passes", "operators", "models", "tools"}
 STRING_IMPORTERS = {"importorskip", "import_module", "__import__"}
 

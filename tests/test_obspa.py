@@ -320,3 +320,51 @@ def test_kronecker_score_gives_up_like_the_exact_one_on_non_finite_inputs():
     kg = obspa.KroneckerGram(9, centered=False)
     kg.add(torch.full((4, 9, 3), float("nan")))
     assert kg.scorer(0.01) is None
+
+
+@pytest.mark.parametrize("dtype,d", [(np.float64, 40), (np.float32, 1100)])
+@pytest.mark.parametrize("scipy_present", [True, False])
+def test_inverse_rows_give_the_blocks_of_the_inverse(dtype, d, scipy_present, monkeypatch):
+    """The scores read [H⁻¹]_QQ = R_Q R_Qᵀ from one triangular inverse (scipy's trtri, or torch's triangular
+    solve without scipy): the same saliencies as the whole inverse, for single channels and channel sets."""
+    import sys
+
+    if not scipy_present:
+        monkeypatch.setitem(sys.modules, "scipy", None)
+        monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3 * d, d)) + 0.3
+    h = (x.T @ x / d + 0.01 * np.eye(d)).astype(dtype)
+    rows = obspa.inverse_rows(h.copy())
+    full = np.linalg.inv(h.astype(np.float64))
+    np.testing.assert_allclose(rows @ rows.T, full, rtol=0, atol=2e-5 * np.abs(full).max())
+    w = rng.standard_normal((5, d))
+    for columns in ([np.array([i]) for i in range(d)], [np.array([0, 1, 2]), np.array([7]), np.array([3, 9])]):
+        np.testing.assert_allclose(obspa.obs_saliency(w, None, columns, rows=rows),
+                                   obspa.obs_saliency(w, full, columns), rtol=2e-4)
+    with pytest.raises(np.linalg.LinAlgError):
+        obspa.inverse_rows(-np.eye(4, dtype=dtype))
+
+
+def test_scores_read_half_the_sampled_positions_and_the_refit_all(monkeypatch):
+    """SCORE_SHARE: a layer with more positions than --positions gets `positions` sampled rows; its score's
+    Hessian sums SCORE_SHARE of them, the refit every one."""
+    rows: dict[tuple, int] = {}
+    add = obspa.Gram.add
+
+    def counting(self, x, y=None):
+        key = (id(self), y is None, x.shape[1])     # y is None: a score's Hessian; else a refit's sums
+        rows[key] = rows.get(key, 0) + x.shape[0]
+        return add(self, x, y)
+
+    monkeypatch.setattr(obspa.Gram, "add", counting)
+    model = conv_net(False)
+    positions = 128                                   # c2 sees 64 samples x 12 x 12 positions: far more
+    rep = driver.prune(model, None, target_flops=0.5, importance="obspa", calib=calib_for(model, 64),
+                       positions=positions).report
+    conv_columns = {d for (_, _, d) in rows if d > 64}   # c2's patches: >= 8 channels x 9 positions (+ bias)
+    scored = [n for (_, score, d), n in rows.items() if score and d in conv_columns]
+    refit = [n for (_, score, d), n in rows.items() if not score and d > 64]
+    assert scored == [round(positions * obspa.SCORE_SHARE)]
+    assert refit == [positions]
+    assert rep["importance"]["hessian_data"]["positions_scored_per_layer"] == round(positions * obspa.SCORE_SHARE)

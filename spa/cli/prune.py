@@ -182,7 +182,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--dbscan", metavar="EPS,MIN_SAMPLES",
                       help="with --compensate similarity: merge only within DBSCAN clusters of channel features")
     data.add_argument("--positions", type=int, metavar="P",
-                      help="positions sampled per layer for Hessians and refits (default 8192)")
+                      help="positions sampled per layer for the refits (default 8192); the OBS scores sum half of them")
     data.add_argument("--damp", type=float, help="Hessian dampening, fraction of its mean diagonal (0.01)")
     data.add_argument("--exact-hessians", action="store_true",
                       help="OBS scores every layer on its exact Hessian; by default a conv with more than 1024 "
