@@ -186,3 +186,22 @@ def test_inputs_without_a_shared_batch_axis_point_to_fast(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
     rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5, fast=True).report
     assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_small_draws_share_one_session_per_model_and_large_ones_do_not(shared, monkeypatch):
+    """Both draws (the given batch, a doubled one) run in one onnxruntime session per model when their
+    activations are small (a session costs a serialization of the model), one session per draw otherwise; the
+    checks are the same either way."""
+    from spa.passes import verify
+
+    if not shared:
+        monkeypatch.setattr(verify, "SHARED_SESSION_BYTES", 0)
+    sessions = []
+    real = verify.run_many
+    monkeypatch.setattr(verify, "run_many", lambda model, draws, *a, **k: sessions.append(len(draws))
+                        or real(model, draws, *a, **k))
+    rep = driver.prune(str(models.zoo_path("resnet18", small=True)), None, ratio=0.5, fast=True).report
+    assert rep["verification"]["status"] == "passed" and rep["verification"]["inputs"] == 2
+    verification = sessions[:-2]                              # the fidelity pass's two sessions come last
+    assert verification == ([2, 2] if shared else [1, 1, 1, 1])
