@@ -51,6 +51,11 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
 INVERSION_STEPS = 80            # Adam steps at most; 40 lost 3-4 points at 50 % removed on mobilenetv2_digits
 INVERSION_MIN_STEPS = 8         # fewer steps than this would not shape the inputs: they stay noise
 INVERSION_BUDGET_MACS = 6e11    # forward-equivalent MACs for the whole optimization (a step costs ~3 forwards)
+INVERSION_BUDGET_ELEMENTS = 3.2e10  # and activation elements: a step's time follows the tensors it writes as much
+                                    # as its MACs (~5 us per element, sample and step here): PaddleOCR's 16 M-MAC
+                                    # direction classifier, 3.3 M elements per sample, ran 80 steps in 60-72 s where
+                                    # MobileNetV2-digits' 0.9 M took 26 s. Set so that the benchmark nets and the
+                                    # MAC-capped models keep their steps (~45 s of inversion here at most)
 INVERSION_LR = 0.1              # at INVERSION_STEPS; fewer steps take proportionally larger ones (up to 0.25)
 SMOOTHNESS = (1.0, 30.0)        # total-variation weights, spread geometrically over the batch: the smoothness
                                 # of the data is unknown (1-D signals preferred 1, images 30)
@@ -86,10 +91,15 @@ def _bn_targets(g) -> dict:
     return targets
 
 
-def inversion_steps(macs_per_sample: float, n: int, steps: int | None = None, budget: float | None = None) -> int:
-    """Adam steps the compute budget allows for n samples (0: below INVERSION_MIN_STEPS, not worth running);
-    `steps` / `budget` replace INVERSION_STEPS / INVERSION_BUDGET_MACS (a caller's options; 0 steps: noise)."""
+def inversion_steps(macs_per_sample: float, n: int, steps: int | None = None, budget: float | None = None,
+                    elements_per_sample: float = 0.0) -> int:
+    """Adam steps the compute budget allows for n samples (0: below INVERSION_MIN_STEPS, not worth running): within
+    INVERSION_BUDGET_MACS and INVERSION_BUDGET_ELEMENTS (the activation elements a sample's forward writes).
+    `steps` / `budget` replace INVERSION_STEPS / the budgets (a caller's options; 0 steps: noise; a budget given
+    in MACs lifts the elements' cap too)."""
     most = INVERSION_STEPS if steps is None else int(steps)
+    if budget is None:
+        most = min(most, int(INVERSION_BUDGET_ELEMENTS // max(3.0 * elements_per_sample * n, 1.0)))
     budget = INVERSION_BUDGET_MACS if budget is None else float(budget)
     steps = min(most, int(budget // max(3.0 * macs_per_sample * n, 1.0)))
     return steps if steps >= INVERSION_MIN_STEPS else 0
@@ -261,7 +271,8 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         cached = synthesize(specs, shapes, inputs.samples, inputs.seed, g)
         macs = float(getattr(inputs.analysis, "total_macs", 0) or 0)
         opts = inputs.cache.get("synthesis_options", {})  # {"steps": N, "budget": MACs}, from the caller's options
-        steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"))
+        elements = inversion_bytes_per_sample(g) / 4
+        steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"), elements)
         if steps:
             cached = invert_in_parts(g, cached, inputs, steps)
         elif opts.get("steps") == 0:
@@ -269,7 +280,8 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         else:
             budget = opts.get("budget", INVERSION_BUDGET_MACS)
             inputs.notes.append(f"data-free: noise inputs, not inverted (the inversion budget of {budget:.3g} "
-                                f"MACs allows fewer than {INVERSION_MIN_STEPS} steps over {inputs.samples} "
-                                f"samples of {macs:.3g} MACs)")
+                                f"MACs and {INVERSION_BUDGET_ELEMENTS:.3g} activation elements allows fewer than "
+                                f"{INVERSION_MIN_STEPS} steps over {inputs.samples} samples of {macs:.3g} MACs, "
+                                f"{elements:.3g} elements)")
         inputs.cache["synthesized"] = cached
     return cached, inputs.samples

