@@ -44,6 +44,7 @@ from .synthesis import model_data
 
 DEFAULT_POSITIONS = 8192
 DEFAULT_DAMP = 0.01
+GATHER_ELEMENTS = 1 << 22  # rows of R = U⁻¹ gathered at once by obs_saliency (16 MB in float32)
 SCORE_SHARE = 0.5          # the share of a layer's sampled positions its score's Hessian sums (the refit: all)
 KRONECKER_COLUMNS = 1024   # a conv with more columns (channels x kernel positions) is scored on A ⊗ B
 
@@ -356,10 +357,12 @@ def obs_saliency(w: np.ndarray, hinv: np.ndarray | None, columns: list[np.ndarra
         idx = np.stack(columns)                                   # (U, q)
         if rows is None:
             blocks = hinv[idx[:, :, None], idx[:, None, :]]       # (U, q, q)
-        else:
-            r = rows[idx]                                         # (U, q, D')
-            blocks = np.matmul(r, np.swapaxes(r, 1, 2))
-            del r
+        else:   # R_Q R_Qᵀ per unit, the rows gathered a chunk of units at a time (all at once: a second R)
+            blocks = np.empty((len(idx), idx.shape[1], idx.shape[1]), rows.dtype)
+            step = max(1, GATHER_ELEMENTS // (idx.shape[1] * rows.shape[1]))
+            for start in range(0, len(idx), step):
+                r = rows[idx[start:start + step]]                 # (chunk, q, D')
+                blocks[start:start + step] = np.matmul(r, np.swapaxes(r, 1, 2))
         wq = np.moveaxis(w[:, idx], 0, 1)                         # (U, O, q)
         sol = np.linalg.solve(blocks, np.swapaxes(wq, 1, 2))      # (U, q, O)
         return 0.5 * np.einsum("uoq,uqo->u", wq, sol)
