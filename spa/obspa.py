@@ -23,8 +23,9 @@ With X_p = X_o (nothing upstream changed) this is exactly the OBS update W + δW
 of the dampened Hessian. X_o W_oᵀ is the original layer's output, read at the sampled positions (the original's
 input patches are never unfolded). Positions are subsampled per layer (`positions`, default 8192 output positions);
 the scores read every other one of them (SCORE_SHARE: a ranking needs fewer rows than a refit — measured on trained
-detectors, the halved score Hessians gave the same output error, the halved refit a worse one). The scoring pass keeps X_o W_oᵀ at its sampled positions (`LayerTargets`): the refit reads it there instead of
-running the original model a second time.
+detectors, the halved score Hessians gave the same output error, the halved refit a worse one). The scoring pass
+keeps X_o W_oᵀ at its sampled positions (`LayerTargets`): the refit reads it there instead of running the original
+model a second time.
 """
 from __future__ import annotations
 
