@@ -145,8 +145,11 @@ def test_killed_worker_is_restarted_and_the_search_finishes_the_same(cluster, re
         after = set(executor.worker_pids())
     finally:
         executor.close()
-    assert marker.exists() and int(marker.read_text()) in before     # a worker did die mid-search
-    assert len(after) == 2 and len(after & before) == 1               # ... and was replaced
+    killed = int(marker.read_text()) if marker.exists() else None
+    assert killed in before                                           # a worker did die mid-search
+    # ... and was replaced: two workers again, the killed one not among them (its pair may be restarted too when
+    # the kill closes a socket they share, as seen once under load in CI; the search must not care)
+    assert len(after) == 2 and killed not in after
     assert list(h) == list(local) and h.meta["kept"] == local.meta["kept"]
     assert sorted(plan.removed.items()) == sorted(local_plan.removed.items())
     assert executor.evaluator.measured == 12
