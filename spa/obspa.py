@@ -314,8 +314,7 @@ def exact_scorer(gram: Gram, damp: float, k: int):
     del h
 
     def saliency(w: np.ndarray, units: list[np.ndarray]) -> np.ndarray:
-        return obs_saliency(w, None, [np.concatenate([np.arange(c * k, (c + 1) * k) for c in u]) for u in units],
-                            rows=rows)
+        return obs_saliency(w, rows, [np.concatenate([np.arange(c * k, (c + 1) * k) for c in u]) for u in units])
 
     return saliency
 
@@ -343,33 +342,23 @@ def damped(h: np.ndarray, damp: float) -> np.ndarray:
     return out, lam
 
 
-def obs_saliency(w: np.ndarray, hinv: np.ndarray | None, columns: list[np.ndarray], rows=None) -> np.ndarray:
-    """½ Σ_rows w_Qᵀ([H⁻¹]_QQ)⁻¹ w_Q for each column set Q (w: O x D, hinv: D' x D' with D' >= D; or, instead of
-    hinv, `rows` = R with H⁻¹ = R Rᵀ, from `inverse_rows`: [H⁻¹]_QQ = R_Q R_Qᵀ)."""
-    def block(q):
-        if rows is None:
-            return hinv[np.ix_(q, q)]
-        r = rows[q]
-        return r @ r.T
-
-    out = np.zeros(len(columns))
-    sizes = {len(q) for q in columns}
-    if len(sizes) == 1 and columns:
+def obs_saliency(w: np.ndarray, rows: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
+    """½ Σ_rows w_Qᵀ([H⁻¹]_QQ)⁻¹ w_Q for each column set Q (w: O x D; rows: R with H⁻¹ = R Rᵀ, D' x D' with
+    D' >= D, from `inverse_rows`: [H⁻¹]_QQ = R_Q R_Qᵀ)."""
+    if columns and len({len(q) for q in columns}) == 1:
         idx = np.stack(columns)                                   # (U, q)
-        if rows is None:
-            blocks = hinv[idx[:, :, None], idx[:, None, :]]       # (U, q, q)
-        else:   # R_Q R_Qᵀ per unit, the rows gathered a chunk of units at a time (all at once: a second R)
-            blocks = np.empty((len(idx), idx.shape[1], idx.shape[1]), rows.dtype)
-            step = max(1, GATHER_ELEMENTS // (idx.shape[1] * rows.shape[1]))
-            for start in range(0, len(idx), step):
-                r = rows[idx[start:start + step]]                 # (chunk, q, D')
-                blocks[start:start + step] = np.matmul(r, np.swapaxes(r, 1, 2))
+        blocks = np.empty((len(idx), idx.shape[1], idx.shape[1]), rows.dtype)
+        step = max(1, GATHER_ELEMENTS // (idx.shape[1] * rows.shape[1]))   # all units' rows at once: a second R
+        for start in range(0, len(idx), step):
+            r = rows[idx[start:start + step]]                     # (chunk, q, D')
+            blocks[start:start + step] = np.matmul(r, np.swapaxes(r, 1, 2))
         wq = np.moveaxis(w[:, idx], 0, 1)                         # (U, O, q)
         sol = np.linalg.solve(blocks, np.swapaxes(wq, 1, 2))      # (U, q, O)
         return 0.5 * np.einsum("uoq,uqo->u", wq, sol)
+    out = np.zeros(len(columns))
     for k, q in enumerate(columns):
-        wq = w[:, q]
-        out[k] = 0.5 * np.einsum("oq,qo->", wq, np.linalg.solve(block(q), wq.T))
+        wq, r = w[:, q], rows[q]
+        out[k] = 0.5 * np.einsum("oq,qo->", wq, np.linalg.solve(r @ r.T, wq.T))
     return out
 
 
