@@ -183,7 +183,8 @@ class Reconstruct(Pass):
         t = time.perf_counter()
         keep = self.out_rows[node.name]
         kept = ls.torch.from_numpy(np.flatnonzero(keep)) if not keep.all() else None
-        gram = patterns.GroupedGram(view.conv["group"], view.bias is not None) if grouped else obspa.Gram()
+        gram = patterns.GroupedGram(view.conv["group"], view.bias is not None) if grouped \
+            else obspa.Gram(ones=view.bias is not None)
         start = 0
         for k, x_p in enumerate(xs_p):
             x_p = x_p.float()
@@ -202,7 +203,7 @@ class Reconstruct(Pass):
             if not len(rows):
                 continue
             a = obspa.sample_rows(view, x_p, rows)
-            if view.bias is not None:
+            if grouped and view.bias is not None:
                 a = obspa.with_ones(a)
             gram.add(a, y_rows)
         if gram.xy is None:

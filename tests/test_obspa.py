@@ -368,3 +368,26 @@ def test_scores_read_half_the_sampled_positions_and_the_refit_all(monkeypatch):
     assert scored == [round(positions * obspa.SCORE_SHARE)]
     assert refit == [positions]
     assert rep["importance"]["hessian_data"]["positions_scored_per_layer"] == round(positions * obspa.SCORE_SHARE)
+
+
+@pytest.mark.parametrize("d, ones", [(5, True), (5, False), (80, True)])
+def test_gram_over_chunks_is_one_product_with_the_ones_column(d, ones):
+    """Row blocks added chunk by chunk (torch or numpy) give XᵀX and XᵀY of all rows at once, X with a ones
+    column when `ones`; float64 up to 64 columns, float32 above; the sums can be read twice and taken over."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, d)).astype(np.float32)
+    y = rng.standard_normal((300, 7)).astype(np.float32)
+    g = obspa.Gram(ones=ones)
+    for part in (slice(0, 100), slice(100, 250), slice(250, 300)):
+        g.add(torch.from_numpy(x[part]), y[part])
+    a = np.concatenate([x, np.ones((300, 1), np.float32)], 1) if ones else x
+    tol = 1e-10 if a.shape[1] <= 64 else 2e-4
+    assert g.n == 300 and g.xx.dtype == (np.float64 if a.shape[1] <= 64 else np.float32)
+    np.testing.assert_allclose(g.xx, a.T.astype(np.float64) @ a, rtol=tol, atol=tol * 300)
+    np.testing.assert_allclose(g.xy, a.T.astype(np.float64) @ y, rtol=tol, atol=tol * 300)
+    np.testing.assert_allclose(g.xx, a.T.astype(np.float64) @ a, rtol=tol, atol=tol * 300)   # read again: same
+    g.add(x[:10])                      # more rows after a read: added to the sums already formed
+    more = a[:10].astype(np.float64)
+    np.testing.assert_allclose(g.xx, a.T.astype(np.float64) @ a + more.T @ more, rtol=tol, atol=tol * 300)
+    h, g.xx = g.xx, None               # exact_scorer takes the Hessian over
+    assert g.xx is None and h.shape == (a.shape[1], a.shape[1])
