@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from .errors import FidelityError
+from .errors import DataPassesUnavailable, FidelityError
 from .fileio import StagedOutputs, check_outputs
 from .groups import Analysis
 from .importance import score
@@ -99,17 +99,22 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
     `dbscan=(eps, min_samples)` restricts merges to DBSCAN clusters).
     outputs: stage OUT and --save-plan into the caller's StagedOutputs, which the caller commits with its own
     files (the CLI's report); by default they are committed here, at the end of a successful run."""
-    options = (options or PruneOptions.from_keywords(**keywords)).validated()
+    requested = options or PruneOptions.from_keywords(**keywords)
+    options = requested.validated()
     check_paths(source, output, options)
     t0 = time.perf_counter()
     staged = outputs if outputs is not None else StagedOutputs()
     with staged, memory_limit(options.memory_limit_gb):  # a failure discards what was staged: nothing is written
-        if options.max_drop is None:
-            run = PruneRun(source, output, options, progress, outputs=staged)
-            manager = PassManager(passes_for(options))
-            results, guard = manager.run(run), None
-        else:
-            run, manager, results, guard = guarded(source, output, options, progress, staged)
+        try:
+            run, manager, results, guard = run_passes(source, output, options, progress, staged)
+        except DataPassesUnavailable as e:
+            if not default_mode(requested):
+                raise   # data were asked for by name: say why they cannot be used
+            options = replace(requested, fast=True).validated()
+            run, manager, results, guard = run_passes(source, output, options, progress, staged)
+            run.model.warnings.insert(0, f"the default mode's data passes cannot run on this model ({e.reason}): "
+                                         f"pruned as --fast does (magnitude ranking, no reconstruction); the "
+                                         f"fidelity line says what that kept")
         timings = {name: round(seconds, 4) for name, seconds in manager.timings.items()}
         timings["total"] = round(time.perf_counter() - t0, 4)
         report = assemble_report(run, results, timings)
@@ -118,6 +123,23 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
         if outputs is None:
             staged.commit()
     return Result(run.model, report)
+
+
+def run_passes(source, output, options: PruneOptions, progress, staged: StagedOutputs):
+    """(run, manager, results, fidelity guard section or None) of one pipeline, guarded when --max-drop asks."""
+    if options.max_drop is not None:
+        return guarded(source, output, options, progress, staged)
+    run = PruneRun(source, output, options, progress, outputs=staged)
+    manager = PassManager(passes_for(options))
+    return run, manager, manager.run(run), None
+
+
+def default_mode(options: PruneOptions) -> bool:
+    """Whether the options leave the data passes to the defaults: no data criterion, calibration data or value
+    pass was asked for by name (then a model they cannot run falls back to what --fast does)."""
+    return not (options.fast or options.importance or options.reconstruct or options.calib is not None
+                or options.recalibrate or options.compensate or options.synth_steps is not None
+                or options.positions is not None or options.damp is not None or options.exact_hessians)
 
 
 def guarded(source, output, options: PruneOptions, progress, staged: StagedOutputs):

@@ -7,6 +7,15 @@ class SpaError(Exception):
     exit_code = 2
 
 
+class DataPassesUnavailable(SpaError):
+    """The data passes (scoring on data, reconstruction) cannot run this model (`reason`); the default mode then
+    prunes as --fast does, an explicit data option is refused with this line."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}: add --fast (magnitude ranking, no data pass, no reconstruction)")
+        self.reason = reason
+
+
 class VerificationError(Exception):
     """The pruned model does not match its reference: exit code 1, nothing written."""
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .calib import Calib, input_specs, load_data
-from .errors import SpaError
+from .errors import DataPassesUnavailable, SpaError
 from .execution import batch_size_for
 from .fileio import StagedOutputs
 from .fixed_transforms import warnings_for as fixed_transform_warnings
@@ -379,25 +379,24 @@ class MeasureFidelity(Pass):
 
 def check_no_control_flow(g) -> None:
     """Scoring on data and the value passes run the model in torch, which does not run If/Loop/Scan bodies yet:
-    say so before any work, with the way that prunes such a model (the rules do reach into the bodies)."""
+    say so before any work (the rules do reach into the bodies: --fast prunes them)."""
     flow = next((n for n in g.model.graph.node if has_subgraph(n)), None)
     if flow is not None:
-        raise SpaError(f"{flow.op_type} node '{flow.name}' has a subgraph, which the data passes (OBS scoring, "
-                       f"reconstruction) cannot run in torch yet: add --fast (magnitude ranking, branches and loop "
-                       f"bodies pruned, no reconstruction)")
+        raise DataPassesUnavailable(f"{flow.op_type} node '{flow.name}' has a subgraph, which the data passes (OBS "
+                                    f"scoring, reconstruction) cannot run in torch yet")
 
 
 def check_sample_axis(g) -> None:
     """The data passes stack samples on dim 0 of every input. Inputs whose declared dim 0 cannot be one shared
     batch (two different fixed sizes, or a fixed size above 1 beside a dynamic batch: a recurrent state laid out
-    [layers, batch, hidden]) would be cut along the wrong axis: one line before any work, naming --fast."""
+    [layers, batch, hidden]) would be cut along the wrong axis: say so before any work."""
     firsts = {name: shape[0] for name, (shape, _) in input_specs(g.model).items() if shape}
     fixed = {d for d in firsts.values() if d is not None}
     if len(fixed) > 1 or (fixed and max(fixed) > 1 and None in firsts.values()):
         dims = ", ".join(f"{name}: {d if d is not None else 'dynamic'}" for name, d in firsts.items())
-        raise SpaError(f"the inputs do not share a batch on dim 0 ({dims}), which the data passes (OBS scoring, "
-                       f"reconstruction) stack samples on (a recurrent state laid out [layers, batch, hidden] does "
-                       f"not): add --fast (magnitude ranking, no data pass)")
+        raise DataPassesUnavailable(f"the inputs do not share a batch on dim 0 ({dims}), which the data passes (OBS "
+                                    f"scoring, reconstruction) stack samples on (a recurrent state laid out "
+                                    f"[layers, batch, hidden] does not)")
 
 
 def check_finite_weights(analysis: Analysis) -> None:

@@ -183,11 +183,21 @@ def test_loop_body_mlp_prunes_its_hidden_width_and_carried_values_are_frozen():
     assert shapes["w1"] == (8, 8) and shapes["w2"] == (8, 8)
 
 
-def test_torch_passes_name_the_control_flow_and_the_way_out(tmp_path):
+def test_torch_passes_name_the_control_flow_and_the_default_falls_back(tmp_path):
+    """Data asked for by name: one line naming the If and --fast. The default mode: pruned as --fast prunes,
+    verified, with a warning that says why (the plain command works on such a model)."""
     path = tmp_path / "if.onnx"
     onnx.save(if_model(), str(path))
-    with pytest.raises(SpaError, match="If node 'if' has a subgraph.*--fast"):
-        driver.prune(str(path), None, ratio=0.5)
+    for asked in ({"importance": "obspa"}, {"reconstruct": True}, {"synth_steps": 0}):
+        with pytest.raises(SpaError, match="If node 'if' has a subgraph.*--fast"):
+            driver.prune(str(path), None, ratio=0.5, **asked)
+    default = driver.prune(str(path), str(tmp_path / "out.onnx"), ratio=0.5).report
+    fast = driver.prune(str(path), str(tmp_path / "fast.onnx"), ratio=0.5, fast=True).report
+    assert default["verification"]["status"] == "passed"
+    assert default["importance"]["criterion"] == "l2" and default["reconstruction"] is None
+    assert "If node 'if' has a subgraph" in default["warnings"][0] and "as --fast does" in default["warnings"][0]
+    assert default["per_group"] == fast["per_group"] and default["macs"] == fast["macs"]
+    assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "fast.onnx").read_bytes()
 
 
 def test_torch_cond_export_prunes_both_branches(tmp_path):

@@ -182,10 +182,13 @@ def test_inputs_without_a_shared_batch_axis_point_to_fast(tmp_path):
     src = tmp_path / "stateful.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
     with pytest.raises(SpaError, match=r"do not share a batch on dim 0 \(x: 1, state: 2\).*add --fast"):
-        driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5)
+        driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5, importance="obspa")
     assert not (tmp_path / "out.onnx").exists()
     rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5, fast=True).report
     assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 1
+    rep = driver.prune(str(src), str(tmp_path / "out.onnx"), target_flops=0.5).report   # the default falls back
+    assert rep["importance"]["criterion"] == "l2" and rep["groups"]["pruned"] == 1
+    assert "do not share a batch on dim 0" in rep["warnings"][0]
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -266,7 +266,8 @@ def run(args) -> int:
     keywords = {"ratio": args.ratio, "target_flops": args.target_flops, "allocation": args.allocation,
                 "plan_file": args.plan, "input_shapes": dict(args.input_shape), **driver_kwargs(args),
                 "patterns": args.patterns, "connectivity": args.connectivity, "sparse_storage": args.sparse_storage}
-    options = PruneOptions.from_keywords(**keywords).validated()  # every option's domain, before any work
+    options = PruneOptions.from_keywords(**keywords)   # as asked: the driver resolves the defaults (a fallback
+    options.validated()                                # among them); every option's domain checked before any work
     check_outputs({"OUT": args.output, "--report": args.report, "--save-plan": args.save_plan},
                   driver.input_paths(args.input, args.plan, args.calib, args.finetune_data))
     show = stage_progress(args.quiet)
