@@ -6,7 +6,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import Builder, analyse, conv, group_of, prune_and_check, rand, reasons_text, run_model, tensor
+from helpers import (
+    Builder,
+    analyse,
+    assert_one_line_error,
+    conv,
+    group_of,
+    prune_and_check,
+    rand,
+    reasons_text,
+    run_cli,
+    run_model,
+    tensor,
+)
 from onnx import TensorProto, helper
 
 from spa import driver
@@ -198,6 +210,17 @@ def test_torch_passes_name_the_control_flow_and_the_default_falls_back(tmp_path)
     assert "If node 'if' has a subgraph" in default["warnings"][0] and "as --fast does" in default["warnings"][0]
     assert default["per_group"] == fast["per_group"] and default["macs"] == fast["macs"]
     assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "fast.onnx").read_bytes()
+
+
+def test_the_plain_command_prunes_a_control_flow_model_and_says_how(tmp_path, capsys):
+    path, out = tmp_path / "if.onnx", tmp_path / "out.onnx"
+    onnx.save(if_model(), str(path))
+    rc, stdout, stderr = run_cli([path, out, "--ratio", "0.5"], capsys)
+    summary = stdout + stderr
+    assert rc == 0 and out.exists() and "as --fast does" in summary and "If node 'if'" in summary
+    rc, _, err = run_cli([path, tmp_path / "asked.onnx", "--ratio", "0.5", "--importance", "obspa"], capsys)
+    assert_one_line_error(rc, err, "If node 'if' has a subgraph", "add --fast")
+    assert not (tmp_path / "asked.onnx").exists()
 
 
 def test_torch_cond_export_prunes_both_branches(tmp_path):
