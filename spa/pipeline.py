@@ -202,7 +202,9 @@ class ScoreAndSelect(Pass):
             run.model.warnings.append(
                 f"the budget cannot be met: --target-flops {opts.target_flops:g}, but the smallest model that "
                 f"--min-channels/--round-to/--max-ratio/--exclude and the frozen groups allow keeps "
-                f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow")
+                f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow" + (
+                    "; the MACs of some nodes are not counted (see above): --ratio R prunes a share of every group "
+                    "instead" if any(cost.macs <= 0 for cost in analysis.ctx.costs.values()) else ""))
         plan = run.plan
         spared = []
         if plan.removed and opts.target_flops is not None and opts.allocation == "uniform" and not opts.plan_file:

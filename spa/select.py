@@ -304,9 +304,18 @@ def _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude,
         def meets(r: float, up: bool = True, round_to: dict[int, int] = steps) -> bool:
             return analysis.macs_after(uniform(r, up, round_to).roots(analysis)) <= goal
 
+        def fewest(up: bool = True) -> PruningPlan:
+            # the budget cannot be met: the smallest uniform fraction that reaches the fewest MACs the constraints
+            # allow; a group whose units count no MACs (in an If/Loop body that shape inference does not reach)
+            # is not emptied for nothing
+            def plain(r: float) -> PruningPlan:
+                return keep_every_tensor(analysis, plan_for(exact(r), up), scores)
+            floor = analysis.macs_after(plain(1.0).roots(analysis))
+            return plain(smallest_fraction(lambda r: analysis.macs_after(plain(r).roots(analysis)) <= floor))
+
         if allocation == "banded":  # the trust band is centred on the plain uniform fraction
             if not meets(1.0):
-                return uniform(1.0)  # the budget cannot be met: prune as far as the constraints allow
+                return fewest()
             hi = smallest_fraction(meets)
             return _banded(analysis, scores, order, plan_for, goal, hi) or uniform(hi)
         # 'uniform': coarse groups spared first (uniform_family); the fraction bisected without rounding;
@@ -315,7 +324,7 @@ def _select(analysis, scores, ratio, target_flops, min_channels, steps, exclude,
         counts, lo, t_max = uniform_family(analysis, lambda c: analysis.macs_after(keep_every_tensor(
             analysis, plan_for(c, round_to=unrounded), scores).roots(analysis)) <= goal)
         if not meets(t_max, up=False):
-            return uniform(t_max, up=False)
+            return fewest(up=False)
         hi = smallest_fraction(lambda r: meets(r, round_to=unrounded), lo=lo, hi=t_max)
         if not meets(hi, up=False):
             hi = smallest_fraction(lambda r: meets(r, up=False), lo=hi, hi=t_max)
@@ -435,8 +444,9 @@ def _budget(analysis, scores, order, plan_for, target) -> PruningPlan:
             counts[gid] = counts.get(gid, 0) + 1
         return keep_every_tensor(analysis, plan_for(counts), scores)  # measured as it will be applied
 
-    if analysis.macs_after(plan_at(len(ranked)).roots(analysis)) > goal:
-        return plan_at(len(ranked))  # the budget cannot be met: prune as far as the constraints allow
+    floor = analysis.macs_after(plan_at(len(ranked)).roots(analysis))
+    if floor > goal:  # the budget cannot be met: the shortest prefix that reaches the fewest MACs possible (units
+        goal = floor  # that count no MACs rank last and stay)
     return plan_at(first_within(analysis, plan_at, len(ranked), goal))
 
 

@@ -421,3 +421,21 @@ def test_the_report_names_the_coarse_groups_it_spared(tmp_path):
     assert "1 groups of fewer than 8 units (e.g. attention heads) kept whole" in summary(rep)
     rep = driver.prune(str(src), str(tmp_path / "out.onnx"), ratio=0.5, fast=True).report
     assert rep["groups"]["coarse_spared"] == [] and rep["groups"]["pruned"] == 2
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "banded", "global"])
+def test_an_unreachable_budget_leaves_groups_that_count_no_macs(chain, allocation, monkeypatch):
+    """A budget that cannot be met prunes as far as it lowers the MACs, not further: groups whose units count no
+    MACs (convs inside If bodies whose shapes inference does not reach) are not emptied for nothing (they were:
+    silero-vad's op18 export kept 1 of 128 channels with no MAC saved)."""
+    from spa.select import select
+
+    analysis, groups = chain
+    uncounted = {int(u) for g in groups.values() for u in g.units}
+    counted = analysis.macs_after
+    monkeypatch.setattr(analysis, "macs_after", lambda removed: counted({u for u in removed if u not in uncounted}))
+    scores = chain_scores(analysis, groups, cheap="b")
+    assert not select(analysis, scores, target_flops=0.01, allocation=allocation).removed
+    monkeypatch.setattr(analysis, "macs_after", counted)     # counted: as far as the constraints allow
+    plan = select(analysis, scores, target_flops=0.01, allocation=allocation)
+    assert all(g.size - len(plan.removed.get(g.id, [])) == 1 for g in groups.values())
