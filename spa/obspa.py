@@ -317,7 +317,8 @@ class KroneckerGram:
             w3 = w[:, :a.shape[0] * k].reshape(w.shape[0], -1, k)
             if all(len(u) == 1 for u in units):
                 ch = np.array([u[0] for u in units], dtype=np.int64)
-                energy = np.einsum("oct,ctu,ocu->c", w3[:, ch], blocks[ch] + eye, w3[:, ch])
+                wc = np.ascontiguousarray(w3[:, ch].transpose(1, 2, 0))            # C x k x O
+                energy = np.einsum("ctu,ctu->c", np.matmul(wc, wc.transpose(0, 2, 1)), blocks[ch] + eye)
                 return 0.5 * share[ch] * energy
             out = np.zeros(len(units))
             for i, u in enumerate(units):
@@ -382,8 +383,9 @@ def obs_saliency(w: np.ndarray, rows: np.ndarray, columns: list[np.ndarray]) -> 
             r = rows[idx[start:start + step]]                     # (chunk, q, D')
             blocks[start:start + step] = np.matmul(r, np.swapaxes(r, 1, 2))
         wq = np.moveaxis(w[:, idx], 0, 1)                         # (U, O, q)
-        sol = np.linalg.solve(blocks, np.swapaxes(wq, 1, 2))      # (U, q, O)
-        return 0.5 * np.einsum("uoq,uqo->u", wq, sol)
+        # Σ_o w_oQᵀ B⁻¹ w_oQ = <B⁻¹, W_QᵀW_Q>: q x q products per unit instead of a solve for every output row
+        gram = np.matmul(np.swapaxes(wq, 1, 2), wq)               # (U, q, q)
+        return 0.5 * np.einsum("uqp,uqp->u", np.linalg.inv(blocks.astype(np.float64)), gram)
     out = np.zeros(len(columns))
     for k, q in enumerate(columns):
         wq, r = w[:, q], rows[q]
