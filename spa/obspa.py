@@ -642,8 +642,9 @@ def factor_bytes(d: int) -> int:
 def check_hessians(g, sinks: dict, positions: int, samples: int | None = None,
                    kronecker_columns: int | None = KRONECKER_COLUMNS) -> int:
     """The scoring pass's statistics against the memory limit, before the forward pass: the widest layer's
-    Hessian and its solve (`factor_bytes`; one layer's at a time) and its sampled rows (positions x D, float32
-    beside a float64 copy up to 64 columns). Returns the bytes."""
+    Hessian and its solve (`factor_bytes`; one layer's at a time) and its sampled rows (positions x D: the
+    blocks `Gram` holds, float32, and the buffer it multiplies them in, float64 up to 64 columns). Returns the
+    bytes."""
     need = 0
     widest = 0
     for view, _ in sinks.values():
@@ -654,7 +655,7 @@ def check_hessians(g, sinks: dict, positions: int, samples: int | None = None,
         if kronecker_scored(view, d, kronecker_columns):   # C x C factors, C x k x k blocks; rows and a copy
             need = max(need, 3 * 8 * (d // view.k) ** 2 + 8 * d * view.k + 2 * rows * d * 4)
         else:
-            need = max(need, factor_bytes(d) + rows * d * (12 if d <= 64 else 4))
+            need = max(need, factor_bytes(d) + rows * d * (12 if d <= 64 else 8))
         widest = max(widest, d)
     check_memory(need, f"the Hessians of {len(sinks)} layers (up to {widest} columns, --positions {positions})")
     return need

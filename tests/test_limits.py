@@ -98,8 +98,9 @@ def test_hessians_checked():
             return np.zeros((4, 5000), np.float32)
 
     view = LayerView(node=None, kind="gemm", weight="w", bias=None, data_index=0, k=1)
-    check_hessians(G(), {"a": (view, [])}, 8192)   # 5000^2 x 4 x 3 + 8192 x 5000 x 4: 0.46 GB
-    with memory_limit(0.4), pytest.raises(SpaError, match="Hessians.*--memory-limit"):
+    need = check_hessians(G(), {"a": (view, [])}, 8192)   # 5000^2 x 4 x 3 + 8192 x 5000 x (4 + 4): 0.63 GB
+    assert need == 5000 ** 2 * 4 * 3 + 8192 * 5000 * 8
+    with memory_limit(0.6), pytest.raises(SpaError, match="Hessians.*--memory-limit"):
         check_hessians(G(), {"a": (view, [])}, 8192)
 
 
