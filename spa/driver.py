@@ -20,7 +20,7 @@ from .importance import score
 from .loading import load, param_count, resolve_input
 from .memory import memory_limit
 from .model import Model
-from .options import PruneOptions
+from .options import DATA_CRITERIA, PruneOptions
 from .passes import PassManager
 from .passes.analyse import Analyse
 from .pipeline import (
@@ -136,8 +136,10 @@ def run_passes(source, output, options: PruneOptions, progress, staged: StagedOu
 
 def default_mode(options: PruneOptions) -> bool:
     """Whether the options leave the data passes to the defaults: no data criterion, calibration data or value
-    pass was asked for by name (then a model they cannot run falls back to what --fast does)."""
-    return not (options.fast or options.importance or options.reconstruct or options.calib is not None
+    pass was asked for by name (then a model they cannot run falls back to what --fast does, keeping a weight
+    criterion that was named)."""
+    return not (options.fast or options.importance in DATA_CRITERIA or options.reconstruct
+                or options.calib is not None
                 or options.recalibrate or options.compensate or options.synth_steps is not None
                 or options.positions is not None or options.damp is not None or options.exact_hessians)
 

@@ -210,6 +210,8 @@ def test_torch_passes_name_the_control_flow_and_the_default_falls_back(tmp_path)
     assert "If node 'if' has a subgraph" in default["warnings"][0] and "as --fast does" in default["warnings"][0]
     assert default["per_group"] == fast["per_group"] and default["macs"] == fast["macs"]
     assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "fast.onnx").read_bytes()
+    named = driver.prune(str(path), None, ratio=0.5, importance="l1").report   # a weight criterion named: kept
+    assert named["importance"]["criterion"] == "l1" and named["reconstruction"] is None
 
 
 def test_the_plain_command_prunes_a_control_flow_model_and_says_how(tmp_path, capsys):
