@@ -150,7 +150,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="the instant path: magnitude (l2) ranking, uniform allocation, no data pass and no "
                         "reconstruction. Accuracy drops far more without fine-tuning; for models you fine-tune "
-                        "afterwards")
+                        "afterwards. The default takes this path by itself, with a warning, for a model the data "
+                        "passes cannot run (If/Loop bodies, inputs without a shared batch on dim 0)")
     p.add_argument("--max-drop", type=float, metavar="PCT",
                    help="fidelity guard: the pruned model may change at most PCT %% of the held-out top-1 "
                         "predictions of the original (classifiers; relative L2 error in %% otherwise). Prunes as "
