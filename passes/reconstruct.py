@@ -202,10 +202,7 @@ class Reconstruct(Pass):
                 y_rows = obspa.sample_outputs(view, y_o.float(), rows, kept)
             if not len(rows):
                 continue
-            a = obspa.sample_rows(view, x_p, rows)
-            if grouped and view.bias is not None:
-                a = obspa.with_ones(a)
-            gram.add(a, y_rows)
+            gram.add(obspa.sample_rows(view, x_p, rows), y_rows)   # both Grams add the bias's ones column
         if gram.xy is None:
             stats["skipped"].append(f"{node.name}: no sampled positions")
             return

@@ -274,8 +274,9 @@ def refit_masked(w_p: np.ndarray, gram, damp: float, support: np.ndarray) -> np.
 
 
 class GroupedGram:
-    """spa.obspa.Gram for a grouped conv: one XᵀX / XᵀY per group, from full rows X (P x C·k [+ 1 for the bias])
-    and outputs Y (P x O): group i's output rows see only its C/G input channels' columns."""
+    """spa.obspa.Gram for a grouped conv: one XᵀX / XᵀY per group, from full rows X (P x C·k) and outputs Y
+    (P x O): group i's output rows see only its C/G input channels' columns (and a ones column per group for the
+    bias)."""
 
     def __init__(self, groups: int, bias: bool):
         self.groups, self.bias = groups, bias
@@ -286,7 +287,7 @@ class GroupedGram:
         a = np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, np.float64)
         b = np.asarray(y.detach().numpy() if hasattr(y, "detach") else y, np.float64)
         p, gs = a.shape[0], self.groups
-        xs = (a[:, :-1] if self.bias else a).reshape(p, gs, -1)
+        xs = a.reshape(p, gs, -1)
         if self.bias:                                     # the ones column, once per group
             xs = np.concatenate([xs, np.ones((p, gs, 1))], 2)
         xs = np.ascontiguousarray(xs.transpose(1, 0, 2))                      # (G, P, i): batched BLAS
