@@ -204,7 +204,7 @@ class ScoreAndSelect(Pass):
                 f"--min-channels/--round-to/--max-ratio/--exclude and the frozen groups allow keeps "
                 f"{macs_after / max(macs_before, 1):.4f} of the MACs; pruned as far as they allow" + (
                     "; the MACs of some nodes are not counted (see above): --ratio R prunes a share of every group "
-                    "instead" if any(cost.macs <= 0 for cost in analysis.ctx.costs.values()) else ""))
+                    "instead" if uncounted_nodes(analysis) else ""))
         plan = run.plan
         spared = []
         if plan.removed and opts.target_flops is not None and opts.allocation == "uniform" and not opts.plan_file:
@@ -221,11 +221,16 @@ class ScoreAndSelect(Pass):
                            "given_back": plan.given_back.get(g.id, 0)} for g in analysis.groups]})
 
 
+def uncounted_nodes(analysis) -> list[str]:
+    """The MAC-carrying nodes whose MACs are unknown (their shapes are not inferred): they count 0."""
+    return [name for name, cost in analysis.ctx.costs.items() if cost.macs <= 0]
+
+
 def check_countable(analysis, warnings: list) -> None:
     """--target-flops needs the MACs: a node whose shapes are unknown (inside an If/Loop body that shape inference
     does not reach, or data-dependent) counts 0. None counted at all: refuse (a budget of nothing would prune
     nothing and say 0.000); some: warn that the budget covers the rest."""
-    uncounted = [name for name, cost in analysis.ctx.costs.items() if cost.macs <= 0]
+    uncounted = uncounted_nodes(analysis)
     if not uncounted:
         return
     example = ", ".join(f"'{n}'" for n in uncounted[:2])
