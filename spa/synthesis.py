@@ -1,7 +1,8 @@
 """The inputs the data-driven passes run on: the calibration data, or, data-free, inputs synthesized from the
-model alone: noise shaped to the input, then optimized (model inversion, within a compute budget) until a
-classifier answers it confidently with every class and surviving BatchNormalization nodes see their running
-statistics; other models, and models too big for the budget, keep the noise."""
+model alone: noise shaped to the input at the range its first layer reads (see `input_range`), then optimized
+(model inversion, within a compute budget) until a classifier answers it confidently with every class and
+surviving BatchNormalization nodes see their running statistics; other models, and models too big for the
+budget, keep the noise."""
 from __future__ import annotations
 
 import time
@@ -9,8 +10,9 @@ import time
 import numpy as np
 
 from .calib import input_specs
-from .errors import SpaError
+from .errors import SpaError, one_line
 from .execution import batch_size_for, run_model
+from .ir import attr
 from .memory import GB, array_bytes, check_memory, memory_limit_gb
 
 
@@ -112,7 +114,7 @@ def inversion_bytes_per_sample(g) -> int:
                if g.shapes.get(o) and all(isinstance(d, int) for d in g.shapes[o][1:]))
 
 
-def invert_in_parts(g, feeds: dict[str, np.ndarray], inputs, steps: int):
+def invert_in_parts(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | None = None):
     """`invert` on as many samples at once as the memory limit allows: more samples than fit are inverted in
     parts, each its own optimization (the objectives are per sample, except BN statistics, matched per part)."""
     n = int(next(iter(feeds.values())).shape[0])
@@ -121,24 +123,26 @@ def invert_in_parts(g, feeds: dict[str, np.ndarray], inputs, steps: int):
     if fixed:
         fit = fit // size * size
     if fit >= n or fit < 1:
-        return invert(g, feeds, inputs, steps)   # all at once, or refused by invert's own memory check
-    parts = [invert(g, {k: v[start:start + fit] for k, v in feeds.items()}, inputs, steps)
+        return invert(g, feeds, inputs, steps, ranges)  # all at once, or refused by invert's own memory check
+    parts = [invert(g, {k: v[start:start + fit] for k, v in feeds.items()}, inputs, steps, ranges)
              for start in range(0, n, fit)]
     inputs.notes.append(f"data-free: inverted in {len(parts)} parts of at most {fit} samples (--memory-limit)")
     return {k: np.concatenate([p[k] for p in parts]) for k in feeds}
 
 
-def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
+def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | None = None):
     """Optimize the float inputs (Adam, through TorchGraph) so that the model treats them like data:
     * a classifier (see `classifier_logits`) answers each sample confidently with an assigned class, the classes
       spread evenly over the batch (model inversion, as in DeepInversion);
     * BatchNormalization nodes that survived the export see their running mean and variance per channel
       (ZeroQ-style; each node's loss normalized by its variance);
-    * priors: each sample keeps unit standard deviation (the model's input space is taken to be standardized,
-      as the noise it starts from), is smooth (total variation over its spatial axes, a weight per sample from
-      SMOOTHNESS) and is shifted by a random jitter at every step so that no pixel pattern is fitted.
+    * priors: each sample keeps unit standard deviation in standardized units (the model sees mean + std x of
+      `ranges`, see `input_range`; unmapped inputs are taken to be standardized, as the noise they start from),
+      is smooth (total variation over its spatial axes, a weight per sample from SMOOTHNESS) and is shifted by a
+      random jitter at every step so that no pixel pattern is fitted.
     Without a classifier output and BN nodes there is nothing to aim at: the inputs are returned unchanged.
-    Integer inputs (token ids) are never changed. Deterministic for a given seed."""
+    Integer inputs (token ids) are never changed. Deterministic for a given seed. Feeds and result are in
+    standardized units (`to_model_range` maps them)."""
     import torch
     import torch.nn.functional as F
 
@@ -171,7 +175,7 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
         shaped = {}
         for k, x in xs.items():
             if x.requires_grad:
-                x = _unit_std(x)
+                x = to_model_range(_unit_std(x), (ranges or {}).get(k))
                 if x.dim() >= 3:
                     reach = [max(1, d // 16) for d in x.shape[2:]]
                     shift = [int(rng.integers(-r, r + 1)) for r in reach]
@@ -212,10 +216,12 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
                 scale = var.clamp_min(1e-6)
                 parts.append(((m - mean) ** 2 / scale).mean() + ((v - var) ** 2 / scale ** 2).mean())
             losses.append(torch.stack(parts).mean())
-        for x in shaped.values():
+        for k, x in shaped.items():
             if x.requires_grad and x.dim() >= 3:
                 weight = torch.from_numpy(np.geomspace(*SMOOTHNESS, n).astype(np.float32))
                 tv = sum((x.diff(dim=d) ** 2).flatten(1).mean(1) for d in range(2, x.dim()))
+                if (ranges or {}).get(k):  # in standardized units: the same weights whatever the input's range
+                    tv = tv / ranges[k][1] ** 2
                 losses.append((weight * tv).mean())
         loss = torch.stack(losses).sum()
         loss.backward()
@@ -233,6 +239,141 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int):
                         f"(noise start, unit std, smoothness and jitter priors; loss {first:.3g} -> {last:.3g}, "
                         f"{steps} Adam steps, {time.perf_counter() - t0:.1f} s)")
     return out
+
+
+# ---- the input's range, read from the first layer ---------------------------------------------------------------
+# Exporters fold a BatchNormalization into the Conv before it: over the training data that layer's outputs then have
+# per-channel mean beta and std gamma, which start at 0 and 1. beta stays near 0 (mean |channel mean| 0.02-0.13 on
+# the seven trained nets measured), so the first layer's bias tells the inputs' mean (a channel summing its weights
+# to S reads mean*S + bias, near 0) well; gamma varies more (median 0.54-1.0), so its weights tell the inputs' scale
+# within ~2x (outputs of unit std); a surviving BatchNormalization tells both from its running statistics.
+# Measured against the data (per-sample mean/std): nets taking [0, 1] pixels (0.31/0.32) read 0.31-0.32/0.29-0.39,
+# standardized ones (0.00/0.95-1.28) read -0.07..0.04/0.91-1.9. The standardized prior is kept unless the reading
+# departs from it clearly (STANDARDIZED): noise at unit std fed to a [0, 1]-pixel net cost 45-60 points at 50 % MACs
+# removed, but a reading 2x off would cost the standardized nets what it gains.
+AFFINE_OPS = {"Identity", "Cast", "Sub", "Add", "Mul", "Div", "Transpose", "Reshape", "Flatten", "Squeeze",
+              "Unsqueeze"}
+FIRST_LAYERS = {"Conv": 1, "Gemm": 1, "MatMul": -1}  # op -> the axis of its output's channels
+RANGE_SAMPLES = 16           # stand-in samples the first layer reads (plus an all-zeros and an all-ones one)
+STANDARDIZED = (0.5, 2.5)    # a reading whose mean is within half its std of 0, and whose std is within 2.5x of 1,
+                             # keeps the standardized prior
+
+
+def first_layer(g, name: str):
+    """The first Conv / Gemm / MatMul with constant weights that graph input `name` reaches through affine
+    one-tensor operators only (a normalization the export kept, reshapes, casts), else None."""
+    reached = {name}
+    for node in g.nodes:
+        live = [i for i in node.input if i and not g.is_const(i)]
+        if not live or not all(i in reached for i in live):
+            continue
+        if node.op_type in FIRST_LAYERS and node.input[0] in reached and len(live) == 1:
+            return None if node.op_type == "Gemm" and attr(node, "transA", 0) else node
+        if node.op_type in AFFINE_OPS and len(live) == 1:
+            reached.update(o for o in node.output if o)
+    return None
+
+
+def pink_noise(rng, n: int, shape: tuple) -> np.ndarray:
+    """n samples of `shape` (channels first) with a 1/f amplitude spectrum over the axes after the channels (white
+    without such axes), each at zero mean and unit std: the spectrum of natural images and signals, which decides how
+    strongly a first layer's edge-like filters answer (white noise read scales 0.7-2x off on the nets measured)."""
+    x = rng.standard_normal((n, *shape))
+    axes = tuple(range(2, x.ndim))
+    if axes:
+        freq = np.meshgrid(*[np.fft.fftfreq(x.shape[a]) for a in axes], indexing="ij")
+        radius = np.sqrt(sum(f * f for f in freq))
+        radius[(0,) * len(axes)] = 1.0
+        x = np.real(np.fft.ifftn(np.fft.fftn(x, axes=axes) / radius, axes=axes))
+    dims = tuple(range(1, x.ndim))
+    x = (x - x.mean(dims, keepdims=True)) / (x.std(dims, keepdims=True) + 1e-12)
+    return x.astype(np.float32)
+
+
+def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[float, float, str] | None:
+    """(mean, std, how it was read) of graph input `name` per sample, read from the first layer it reaches (see
+    above); None where no such layer is found or the reading is degenerate. `feeds` (standardized noise) supplies
+    the other inputs; the layer runs on RANGE_SAMPLES pink-noise samples, an all-zeros and an all-ones one."""
+    import torch
+
+    from .torch_graph import TorchGraph  # torch: this module must import without it
+
+    node = first_layer(g, name)
+    if node is None or np.dtype(feeds[name].dtype).kind != "f":
+        return None
+    z = pink_noise(np.random.default_rng([seed, 2]), RANGE_SAMPLES, feeds[name].shape[1:])
+    batch = np.concatenate([np.zeros_like(z[:1]), np.ones_like(z[:1]), z]).astype(feeds[name].dtype)
+    size, fixed = batch_size_for(g, len(batch), feeds)
+    tg = TorchGraph(g)
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(batch), size):
+            part = {k: v[:1].repeat(min(size, len(batch) - start), 0) for k, v in feeds.items()}
+            part[name] = batch[start:start + size]
+            if fixed and len(part[name]) < size:  # a fixed batch: pad with zeros, cut after
+                part = {k: np.concatenate([v, np.zeros((size - len(v), *v.shape[1:]), v.dtype)])
+                        for k, v in part.items()}
+            env = tg.initial_env(part)
+            for i, n in enumerate(tg.nodes):
+                tg.step(i, env)
+                if n.output[0] == node.output[0]:
+                    break
+            outs.append(env[node.output[0]].float().numpy()[:min(size, len(batch) - start)])
+    y = np.moveaxis(np.concatenate(outs), FIRST_LAYERS[node.op_type], 1)
+    y = y.reshape(len(y), y.shape[1], -1).astype(np.float64)
+    base = y[0].mean(1)
+    gain = y[1].mean(1) - base                               # the response to a constant 1 per channel
+    spread = (y[2:] - y[:1]).transpose(1, 0, 2).reshape(y.shape[1], -1).std(1)  # to unit-std noise
+    bn = [c for c, _ in g.consumers.get(node.output[0], [])]
+    if len(bn) == 1 and bn[0].op_type == "BatchNormalization" and g.const(bn[0].input[3]) is not None \
+            and g.const(bn[0].input[4]) is not None:
+        mean = np.asarray(g.const(bn[0].input[3]), np.float64).ravel()
+        std = np.sqrt(np.maximum(np.asarray(g.const(bn[0].input[4]), np.float64).ravel(), 0))
+        how = f"the running statistics of the BatchNormalization after the first {node.op_type}"
+    else:
+        mean, std = np.zeros_like(base), np.ones_like(base)
+        how = f"the first {node.op_type}'s bias and weights, taken to hold a folded BatchNormalization"
+    if mean.shape != base.shape:
+        return None
+    live = spread > 1e-9 * max(float(spread.max()), 1e-30)
+    if not live.any():
+        return None
+    scale = float(np.median(std[live] / spread[live]))
+    denom = float((gain * gain).sum())
+    shift = float(((mean - base) * gain).sum() / denom) if denom > 1e-12 * max(float(np.abs(base).max()), 1.0) else 0.0
+    if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
+        return None
+    return shift, scale, how
+
+
+def input_ranges(g, feeds: dict[str, np.ndarray], seed: int, notes: list) -> dict[str, tuple[float, float]]:
+    """input name -> (mean, std) for the float inputs whose first layer reads as other than standardized; a note
+    for each input read, mapped or not."""
+    ranges = {}
+    for name in feeds:
+        try:
+            found = input_range(g, feeds, name, seed)
+        except (SpaError, RuntimeError, ValueError, IndexError, TypeError) as e:  # a first layer torch cannot
+            # run: the data passes will say so
+            notes.append(f"data-free: input '{name}' taken as standardized (its first layer did not run: "
+                         f"{one_line(e, 200)})")
+            continue
+        if found is None:
+            continue
+        shift, scale, how = found
+        if abs(shift) <= STANDARDIZED[0] * scale and 1 / STANDARDIZED[1] <= scale <= STANDARDIZED[1]:
+            notes.append(f"data-free: input '{name}' taken as standardized (mean 0, std 1): read from {how} as "
+                         f"mean {shift:.3g}, std {scale:.3g}, close enough")
+            continue
+        ranges[name] = (shift, scale)
+        notes.append(f"data-free: input '{name}' synthesized at mean {shift:.3g}, std {scale:.3g} per sample, "
+                     f"read from {how}")
+    return ranges
+
+
+def to_model_range(x, found: tuple[float, float] | None):
+    """Standardized samples (numpy or torch) at an input's (mean, std); unchanged without one."""
+    return x if found is None else found[0] + found[1] * x
 
 
 def _unit_std(x):
@@ -269,12 +410,13 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         if any(s is None for s in shapes.values()):
             raise SpaError("data-free mode needs static input shapes; pass --input-shape")
         cached = synthesize(specs, shapes, inputs.samples, inputs.seed, g)
+        ranges = input_ranges(g, cached, inputs.seed, inputs.notes)
         macs = float(getattr(inputs.analysis, "total_macs", 0) or 0)
         opts = inputs.cache.get("synthesis_options", {})  # {"steps": N, "budget": MACs}, from the caller's options
         elements = inversion_bytes_per_sample(g) / 4
         steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"), elements)
         if steps:
-            cached = invert_in_parts(g, cached, inputs, steps)
+            cached = invert_in_parts(g, cached, inputs, steps, ranges)
         elif opts.get("steps") == 0:
             inputs.notes.append("data-free: noise inputs (the inversion is switched off)")
         else:
@@ -283,5 +425,6 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
                                 f"MACs and {INVERSION_BUDGET_ELEMENTS:.3g} activation elements allows fewer than "
                                 f"{INVERSION_MIN_STEPS} steps over {inputs.samples} samples of {macs:.3g} MACs, "
                                 f"{elements:.3g} elements)")
+        cached = {k: to_model_range(v, ranges.get(k)) for k, v in cached.items()}
         inputs.cache["synthesized"] = cached
     return cached, inputs.samples

@@ -8,12 +8,19 @@ seed, method and fraction F of MACs kept: `spa.driver.prune(onnx, out, target_fl
 allocation="uniform", calib=None, seed=seed)` with spa.synthesis configured by the method, test accuracy in
 onnxruntime. The synthesis time is timed on its own (spa.synthesis.model_data, once per net/seed/method).
 Methods: "noise" (no inversion: white + smooth noise), "inversion" (the default), "calib" (128 train samples,
-the reference). Prints a markdown table (mean over seeds, per-seed values in the JSON written to --out).
+the reference), "inversion-standardized" (the inputs' range not read: taken as standardized). Prints a markdown
+table (mean over seeds, per-seed values in the JSON written to --out).
+
+`--pixels`: each net takes raw [0, 1] pixels instead of standardized ones, as a net trained without a
+normalization step would: the train-set standardization is folded into the first Conv (weights / std, bias -
+mean / std x their sum; zero padding then pads raw 0, the background the training's shifts padded with), and the
+test and calibration data are un-standardized. The unpruned accuracy is that of the folded net.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -31,7 +38,9 @@ import numpy as np  # noqa: E402
 NETS = ("resnet1d_mnist1d", "resnet20_digits", "mobilenetv2_digits", "resnet56_digits")
 METHODS = {"noise": {"INVERSION_STEPS": 0}, "inversion": {}, "calib": None,  # spa.synthesis constants per method
            "inversion-40": {"INVERSION_STEPS": 40, "INVERSION_BUDGET_MACS": 3e11},
-           "inversion-smooth100": {"SMOOTHNESS": (1.0, 100.0)}}
+           "inversion-smooth100": {"SMOOTHNESS": (1.0, 100.0)},
+           # the inputs taken as standardized whatever the first layer says (before the range was read)
+           "inversion-standardized": {"STANDARDIZED": (float("inf"), float("inf"))}}
 
 
 @contextlib.contextmanager
@@ -44,13 +53,14 @@ def remembered_inversions():
 
     original, memory = synthesis.invert, {}
 
-    def invert(g, feeds, inputs, steps):
+    def invert(g, feeds, inputs, steps, ranges=None):
         digest = hashlib.sha1(g.model.SerializeToString())
         for k in sorted(feeds):
             digest.update(feeds[k].tobytes())
-        key = (digest.hexdigest(), inputs.seed, steps, synthesis.SMOOTHNESS, synthesis.INVERSION_LR)
+        key = (digest.hexdigest(), inputs.seed, steps, synthesis.SMOOTHNESS, synthesis.INVERSION_LR,
+               tuple(sorted((ranges or {}).items())))
         if key not in memory:
-            memory[key] = original(g, feeds, inputs, steps)
+            memory[key] = original(g, feeds, inputs, steps, ranges)
         return {k: v.copy() for k, v in memory[key].items()}
 
     synthesis.invert = invert
@@ -105,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "datafree")
+    ap.add_argument("--pixels", action="store_true", help="nets taking [0, 1] pixels (see the module's doc)")
     args = ap.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +138,8 @@ def measure(args, rows: list) -> None:
                 continue
             with contextlib.redirect_stdout(io.StringIO()):
                 s = bq.prepare(net, seed, args.out, keep_bn=False)
+            if args.pixels:
+                s = on_pixels(s, args.out)
             for method in args.methods:
                 with configured(method):
                     synth, forward = (0.0, 0.0) if method == "calib" else synthesis_seconds(s, seed, args.samples)
@@ -143,6 +156,35 @@ def measure(args, rows: list) -> None:
                        "acc": dict(zip(map(str, args.targets), accs)), "synthesis_s": synth, "forward_s": forward}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def on_pixels(s, out: Path):
+    """The prepared net `s` taking raw pixels: the data's standardization folded into the first Conv (see the
+    module's doc); test and calibration data un-standardized; the unpruned accuracy measured again."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tools import bench_quality as bq
+
+    model = onnx.load(str(s.onnx_path))
+    weights = {t.name: t for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[0] == model.graph.input[0].name)
+    w = numpy_helper.to_array(weights[conv.input[1]])
+    b = numpy_helper.to_array(weights[conv.input[2]])
+    mean, std = s.data.mean, s.data.std
+    weights[conv.input[1]].CopyFrom(numpy_helper.from_array((w / std).astype(np.float32), conv.input[1]))
+    weights[conv.input[2]].CopyFrom(numpy_helper.from_array(
+        (b - mean / std * w.sum(axis=tuple(range(1, w.ndim)))).astype(np.float32), conv.input[2]))
+    path = out / f"{s.onnx_path.stem}-pixels.onnx"
+    onnx.save(model, str(path))
+    calib = dict(np.load(s.calib_path))
+    calib["input"] = (calib["input"] * std + mean).astype(np.float32)
+    calib_path = out / f"{s.calib_path.stem}-pixels.npz"
+    np.savez(calib_path, **calib)
+    data = s.data._replace(x_train=(s.data.x_train * std + mean).astype(np.float32),
+                           x_test=(s.data.x_test * std + mean).astype(np.float32))
+    acc = bq.onnx_accuracy(path, data.x_test, data.y_test)
+    return dataclasses.replace(s, onnx_path=path, calib_path=calib_path, data=data, onnx_acc=acc)
 
 
 def report(args, rows: list) -> None:
