@@ -15,10 +15,22 @@ from .execution import batch_size_for, run_model
 from .ir import attr
 from .memory import GB, array_bytes, check_memory, memory_limit_gb
 
+NOISE = ("white", "smooth")
+
+
+def _noise(rng, kind: str, shape: tuple, axes: tuple) -> np.ndarray:
+    """One sample of `shape`: white noise, or noise smooth / 1/f over `axes` (of the sample with a batch axis)."""
+    if kind == "white":
+        return rng.standard_normal(shape)
+    if kind == "pink":
+        return pink_noise(rng, 1, shape, axes)[0]
+    smooth = _blur(rng.standard_normal((1, *shape)).astype(np.float32), 3, axes)
+    return smooth[0] / (smooth.std() + 1e-6)
+
 
 def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str, np.ndarray]:
     """Data-free inputs: for float inputs, half white Gaussian noise and half smooth noise (white noise blurred
-    over the spatial axes and rescaled to unit variance), both in the model's own (normalized) input space;
+    over the spatial axes, see `spatial_axes`, and rescaled to unit variance), both standardized;
     integer inputs (token ids) are drawn uniformly below the size of the first table they index, else 0."""
     # made one sample at a time into the array kept (the same draws, in the same order, as drawing the whole
     # batch at once): a float input costs its float32 array once, plus its cast for another float type
@@ -31,13 +43,13 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
     for name, (_, dtype) in specs.items():
         shape = (n, *shapes[name][1:])
         if np.dtype(dtype).kind == "f":
+            axes = spatial_axes(g, name, len(shape))
             x = np.empty(shape, np.float32)
             for i in range(n):
-                x[i] = rng.standard_normal(shape[1:])
-            if len(shape) >= 3:  # the second half: smooth noise at unit variance, drawn after the first
+                x[i] = _noise(rng, NOISE[0] if axes else "white", shape[1:], axes)
+            if axes:  # the second half: smooth noise at unit variance, drawn after the first
                 for i in range(n // 2, n):
-                    smooth = _blur(rng.standard_normal((1, *shape[1:])).astype(np.float32), 3)
-                    x[i] = smooth[0] / (smooth.std() + 1e-6)
+                    x[i] = _noise(rng, NOISE[1], shape[1:], axes)
             out[name] = x if np.dtype(dtype) == np.float32 else x.astype(dtype)
         else:
             high = _table_rows(g, name) if g is not None else 1
@@ -164,6 +176,7 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     for p in tg.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng([inputs.seed, 1])
+    axes = {k: spatial_axes(g, k, v.ndim) for k, v in feeds.items()}
     xs = {k: torch.tensor(v, requires_grad=np.dtype(v.dtype).kind == "f") for k, v in feeds.items()}
     lr = min(0.25, INVERSION_LR * INVERSION_STEPS / steps)
     opt = torch.optim.Adam([x for x in xs.values() if x.requires_grad], lr=lr)
@@ -176,10 +189,10 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
         for k, x in xs.items():
             if x.requires_grad:
                 x = to_model_range(_unit_std(x), (ranges or {}).get(k))
-                if x.dim() >= 3:
-                    reach = [max(1, d // 16) for d in x.shape[2:]]
+                if axes[k]:
+                    reach = [max(1, x.shape[d] // 16) for d in axes[k]]
                     shift = [int(rng.integers(-r, r + 1)) for r in reach]
-                    x = torch.roll(x, shift, dims=list(range(2, x.dim())))
+                    x = torch.roll(x, shift, dims=list(axes[k]))
             shaped[k] = x
         found: dict = {}
         sums: dict[str, list] = {}  # BN node -> [sum x, sum x^2, count] over the chunks
@@ -217,13 +230,18 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
                 parts.append(((m - mean) ** 2 / scale).mean() + ((v - var) ** 2 / scale ** 2).mean())
             losses.append(torch.stack(parts).mean())
         for k, x in shaped.items():
-            if x.requires_grad and x.dim() >= 3:
+            smooth = [d for d in axes[k] if x.shape[d] > 1]  # a length-1 axis has no neighbours (its mean: NaN)
+            if x.requires_grad and smooth:
                 weight = torch.from_numpy(np.geomspace(*SMOOTHNESS, n).astype(np.float32))
-                tv = sum((x.diff(dim=d) ** 2).flatten(1).mean(1) for d in range(2, x.dim()))
+                tv = sum((x.diff(dim=d) ** 2).flatten(1).mean(1) for d in smooth)
                 if (ranges or {}).get(k):  # in standardized units: the same weights whatever the input's range
                     tv = tv / ranges[k][1] ** 2
                 losses.append((weight * tv).mean())
         loss = torch.stack(losses).sum()
+        if not torch.isfinite(loss):  # overflowing logits or statistics: the noise is kept rather than NaNs
+            inputs.notes.append(f"data-free: noise inputs, the inversion stopped at step {it + 1} of {steps} "
+                                f"(its loss was not finite)")
+            return feeds
         loss.backward()
         opt.step()
         last = float(loss.detach())
@@ -274,16 +292,40 @@ def first_layer(g, name: str):
     return None
 
 
-def pink_noise(rng, n: int, shape: tuple) -> np.ndarray:
-    """n samples of `shape` (channels first) with a 1/f amplitude spectrum over the axes after the channels (white
-    without such axes), each at zero mean and unit std: the spectrum of natural images and signals, which decides how
+def spatial_axes(g, name: str, rank: int) -> tuple[int, ...]:
+    """The axes of input `name` (of `rank`, batch first) its first layer convolves over: 2.. for a channels-first
+    input; through the Transposes in front of the first Conv for another layout (a Keras export's NHWC input:
+    1..rank-2); 2.. where no Conv is found or a reshape hides the layout (without g: 2..)."""
+    default = tuple(range(2, rank))
+    if g is None:
+        return default
+    perms = {name: list(range(rank))}  # tensor -> which input axis each of its axes is
+    for node in g.nodes:
+        live = [i for i in node.input if i and not g.is_const(i)]
+        if len(live) != 1 or live[0] not in perms:
+            continue
+        perm = perms[live[0]]
+        if node.op_type == "Conv" and node.input[0] == live[0]:
+            return tuple(perm[2:]) if len(perm) == rank else default
+        if node.op_type == "Transpose":
+            order = attr(node, "perm", list(range(len(perm)))[::-1])
+            perms[node.output[0]] = [perm[p] for p in order]
+        elif node.op_type in ("Identity", "Cast", "Sub", "Add", "Mul", "Div"):
+            perms[node.output[0]] = perm
+    return default
+
+
+def pink_noise(rng, n: int, shape: tuple, axes: tuple) -> np.ndarray:
+    """n samples of `shape` with a 1/f amplitude spectrum over `axes` (of the batch; white without any), each at
+    zero mean and unit std: the spectrum of natural images and signals, which decides how
     strongly a first layer's edge-like filters answer (white noise read scales 0.7-2x off on the nets measured)."""
     x = rng.standard_normal((n, *shape))
-    axes = tuple(range(2, x.ndim))
     if axes:
-        freq = np.meshgrid(*[np.fft.fftfreq(x.shape[a]) for a in axes], indexing="ij")
-        radius = np.sqrt(sum(f * f for f in freq))
-        radius[(0,) * len(axes)] = 1.0
+        radius = np.zeros([x.shape[a] if a in axes else 1 for a in range(x.ndim)])
+        for a in axes:
+            radius = radius + np.fft.fftfreq(x.shape[a]).reshape([-1 if b == a else 1 for b in range(x.ndim)]) ** 2
+        radius = np.sqrt(radius)
+        radius[(0,) * x.ndim] = 1.0
         x = np.real(np.fft.ifftn(np.fft.fftn(x, axes=axes) / radius, axes=axes))
     dims = tuple(range(1, x.ndim))
     x = (x - x.mean(dims, keepdims=True)) / (x.std(dims, keepdims=True) + 1e-12)
@@ -301,7 +343,8 @@ def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[
     node = first_layer(g, name)
     if node is None or np.dtype(feeds[name].dtype).kind != "f":
         return None
-    z = pink_noise(np.random.default_rng([seed, 2]), RANGE_SAMPLES, feeds[name].shape[1:])
+    z = pink_noise(np.random.default_rng([seed, 2]), RANGE_SAMPLES, feeds[name].shape[1:],
+                   spatial_axes(g, name, feeds[name].ndim))
     batch = np.concatenate([np.zeros_like(z[:1]), np.ones_like(z[:1]), z]).astype(feeds[name].dtype)
     size, fixed = batch_size_for(g, len(batch), feeds)
     tg = TorchGraph(g)
@@ -382,9 +425,9 @@ def _unit_std(x):
     return (x - mean) / (x.std(dims, keepdim=True) + 1e-6) + mean
 
 
-def _blur(x: np.ndarray, passes: int) -> np.ndarray:
+def _blur(x: np.ndarray, passes: int, axes: tuple) -> np.ndarray:
     for _ in range(passes):
-        for ax in range(2, x.ndim):
+        for ax in axes:
             x = (np.roll(x, 1, ax) + 2 * x + np.roll(x, -1, ax)) / 4
     return x
 

@@ -156,7 +156,48 @@ def test_noise_is_made_in_place_with_the_whole_batch_draws():
         x = synthesize({"x": (shape, np.float32)}, {"x": shape}, n, seed=4)["x"]
     rng = np.random.default_rng(4)
     white = rng.standard_normal((n, *shape[1:])).astype(np.float32)
-    smooth = _blur(rng.standard_normal((n - n // 2, *shape[1:])).astype(np.float32), 3)
+    smooth = _blur(rng.standard_normal((n - n // 2, *shape[1:])).astype(np.float32), 3, tuple(range(2, len(shape))))
     smooth /= smooth.std(axis=(1, 2, 3), keepdims=True) + 1e-6
     np.testing.assert_array_equal(x[: n // 2], white[: n // 2])
     np.testing.assert_allclose(x[n // 2:], smooth, rtol=1e-6, atol=1e-7)
+
+
+def channels_last(model):
+    """The model taking its image input channels-last (NHWC, as a Keras export does), a Transpose in front."""
+    import onnx
+
+    g = model.graph
+    n, c, h, w = [d.dim_value for d in g.input[0].type.tensor_type.shape.dim]
+    for node in g.node:
+        for i, x in enumerate(node.input):
+            if x == "x":
+                node.input[i] = "x_nchw"
+    g.node.insert(0, onnx.helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2]))
+    del g.input[0]
+    g.input.insert(0, onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [n, h, w, c]))
+    return model
+
+
+def test_channels_last_inputs_are_smoothed_over_height_and_width():
+    """An NHWC input with one channel: the noise, the jitter and the smoothness prior act on H and W (before, the
+    prior differenced the length-1 channel axis: a NaN loss, NaN gradients, and samples the refit could not use)."""
+    model = channels_last(classifier([1, 1, 12, 12]))
+    m, _ = analyse(model)
+    assert synthesis.spatial_axes(m.graph, "x", 4) == (1, 2)
+    assert synthesis.spatial_axes(None, "x", 4) == (2, 3)
+    notes = []
+    x = data(model, notes=notes)
+    assert x.shape == (24, 12, 12, 1) and np.isfinite(x).all()
+    note = next(n for n in notes if "optimized towards" in n)
+    assert "nan" not in note
+    # the second half starts smooth over H and W: neighbours along them correlate, as they do not across samples
+    neighbours = np.corrcoef(x[12:, :-1, :, 0].ravel(), x[12:, 1:, :, 0].ravel())[0, 1]
+    assert neighbours > 0.5
+
+
+def test_a_diverging_inversion_keeps_the_noise():
+    model = classifier([1, 3, 12, 12], gain=1e37)  # logits overflow float32: the loss is not finite
+    notes = []
+    x = data(model, notes=notes)
+    assert np.isfinite(x).all()
+    assert any("the inversion stopped at step 1 of" in n for n in notes)

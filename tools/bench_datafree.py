@@ -40,7 +40,8 @@ METHODS = {"noise": {"INVERSION_STEPS": 0}, "inversion": {}, "calib": None,  # s
            "inversion-40": {"INVERSION_STEPS": 40, "INVERSION_BUDGET_MACS": 3e11},
            "inversion-smooth100": {"SMOOTHNESS": (1.0, 100.0)},
            # the inputs taken as standardized whatever the first layer says (before the range was read)
-           "inversion-standardized": {"STANDARDIZED": (float("inf"), float("inf"))}}
+           "inversion-standardized": {"STANDARDIZED": (float("inf"), float("inf"))},
+           "inversion-pink": {"NOISE": ("pink", "pink")}}  # every sample starts from 1/f noise
 
 
 @contextlib.contextmanager
