@@ -31,7 +31,8 @@ def _noise(rng, kind: str, shape: tuple, axes: tuple) -> np.ndarray:
 def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str, np.ndarray]:
     """Data-free inputs: for float inputs, half white Gaussian noise and half smooth noise (white noise blurred
     over the spatial axes, see `spatial_axes`, and rescaled to unit variance), both standardized;
-    integer inputs (token ids) are drawn uniformly below the size of the first table they index, else 0."""
+    integer inputs are drawn uniformly below the size of the first table they index (token ids), over their whole
+    range when they are bytes cast to float (uint8 pixels), else 0."""
     # made one sample at a time into the array kept (the same draws, in the same order, as drawing the whole
     # batch at once): a float input costs its float32 array once, plus its cast for another float type
     need = sum(array_bytes((n, *shapes[name][1:]), np.float32) * (1 if np.dtype(dtype) == np.float32 else 2)
@@ -52,8 +53,8 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
                     x[i] = _noise(rng, NOISE[1], shape[1:], axes)
             out[name] = x if np.dtype(dtype) == np.float32 else x.astype(dtype)
         else:
-            high = _table_rows(g, name) if g is not None else 1
-            out[name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+            low, high = _integer_range(g, name, dtype) if g is not None else (0, 1)
+            out[name] = rng.integers(low, max(high, low + 1), size=shape).astype(dtype)
     return out
 
 
@@ -432,13 +433,20 @@ def _blur(x: np.ndarray, passes: int, axes: tuple) -> np.ndarray:
     return x
 
 
-def _table_rows(g, name: str) -> int:
+def _integer_range(g, name: str, dtype) -> tuple[int, int]:
+    """[low, high) to draw integer input `name` from: below the rows of the first table it indexes (token ids);
+    a byte input cast to float (an image pipeline taking uint8 pixels) over its whole range; else 0."""
     for node, i in g.consumers.get(name, []):
         if node.op_type == "Gather" and i == 1:
             t = g.const(node.input[0])
             if t is not None:
-                return t.shape[0]
-    return 1
+                return 0, t.shape[0]
+    if np.dtype(dtype).kind not in "iu":  # bool
+        return 0, 1
+    info = np.iinfo(dtype)
+    if info.bits == 8 and any(node.op_type == "Cast" for node, _ in g.consumers.get(name, [])):
+        return int(info.min), int(info.max) + 1
+    return 0, 1
 
 
 def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:

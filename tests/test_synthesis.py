@@ -201,3 +201,16 @@ def test_a_diverging_inversion_keeps_the_noise():
     x = data(model, notes=notes)
     assert np.isfinite(x).all()
     assert any("the inversion stopped at step 1 of" in n for n in notes)
+
+
+def test_byte_pixels_cast_to_float_cover_their_range():
+    """A uint8 image input cast to float in the graph was synthesized as all zeros (integers were token ids or 0)."""
+    import onnx
+
+    b = Builder()
+    x = b.op("Cast", [b.input("x", [1, 1, 8, 8], onnx.TensorProto.UINT8)], to=onnx.TensorProto.FLOAT)
+    b.output(b.op("Flatten", [b.op("GlobalAveragePool", [b.relu(b.conv("c1", x, 1, 4))])], axis=1))
+    _, analysis = analyse(b.model())
+    feeds, _ = synthesis.model_data(ScoreInputs(analysis, None, samples=8, seed=0))
+    x = feeds["x"]
+    assert x.dtype == np.uint8 and x.min() < 16 and x.max() > 240
