@@ -144,13 +144,14 @@ def test_memory_estimate_skips_symbolic_dims():
     assert inversion_bytes_per_sample(g) == 4 * 8 * 4
 
 
-def test_noise_is_made_in_place_with_the_whole_batch_draws():
+def test_noise_is_made_in_place_with_the_whole_batch_draws(monkeypatch):
     """The synthesized noise is made one sample at a time into the array kept: the same values as drawing the
     whole batch at once (white half; the smooth half drawn after it), at 1x its size, so 10 samples of 3x224x224
     (6 MB) fit a 10 MB limit that the three copies made before did not."""
     from spa.memory import memory_limit
     from spa.synthesis import _blur, synthesize
 
+    monkeypatch.setattr(synthesis, "IMAGE_NOISE", ("white", "smooth"))  # images start from 1/f noise by default
     shape, n = (1, 3, 224, 224), 10
     with memory_limit(0.01):
         x = synthesize({"x": (shape, np.float32)}, {"x": shape}, n, seed=4)["x"]
@@ -214,3 +215,23 @@ def test_byte_pixels_cast_to_float_cover_their_range():
     feeds, _ = synthesis.model_data(ScoreInputs(analysis, None, samples=8, seed=0))
     x = feeds["x"]
     assert x.dtype == np.uint8 and x.min() < 16 and x.max() > 240
+
+
+def radial_power(x: np.ndarray, low: tuple, high: tuple) -> float:
+    """Mean power of the images' spectrum in the `low` frequency band over that in the `high` band."""
+    power = np.abs(np.fft.fft2(x)) ** 2
+    f = np.sqrt(np.fft.fftfreq(x.shape[-2])[:, None] ** 2 + np.fft.fftfreq(x.shape[-1])[None, :] ** 2)
+    band = lambda lo, hi: power[..., (f >= lo) & (f < hi)].mean()  # noqa: E731
+    return float(band(*low) / band(*high))
+
+
+def test_images_start_from_1_over_f_noise_and_signals_from_white_and_smooth():
+    from spa.synthesis import synthesize
+
+    images = synthesize({"x": ((1, 3, 32, 32), np.float32)}, {"x": (1, 3, 32, 32)}, 8, seed=0)["x"]
+    # amplitude ~ 1/f: the power falls as 1/f^2, (0.3 / 0.075)^2 = 16 between these bands; white noise gives 1
+    assert 10 < radial_power(images, (0.05, 0.1), (0.2, 0.4)) < 25
+    np.testing.assert_allclose(images.reshape(8, -1).std(1), 1.0, rtol=1e-5)
+    signals = synthesize({"x": ((1, 2, 64), np.float32)}, {"x": (1, 2, 64)}, 8, seed=0)["x"]
+    white = np.random.default_rng(0).standard_normal((4, 2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(signals[:4], white)
