@@ -355,7 +355,7 @@ def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[
                    spatial_axes(g, name, feeds[name].ndim))
     batch = np.concatenate([np.zeros_like(z[:1]), np.ones_like(z[:1]), z]).astype(feeds[name].dtype)
     size, fixed = batch_size_for(g, len(batch), feeds)
-    tg = TorchGraph(g)
+    tg = TorchGraph(_prefix_model(g, node.output[0]))
     outs = []
     with torch.no_grad():
         for start in range(0, len(batch), size):
@@ -395,6 +395,29 @@ def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[
     if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
         return None
     return shift, scale, how
+
+
+def _prefix_model(g, output: str):
+    """The nodes `output` depends on, with their weights and graph inputs, as a model of their own: the first
+    layer runs without copying (or supporting) the rest of the network."""
+    import onnx
+    from onnx import numpy_helper
+
+    needed, stack = set(), [output]
+    while stack:
+        name = stack.pop()
+        node = g.producer.get(name)
+        if name in needed or node is None:
+            continue
+        needed.add(name)
+        stack.extend(i for i in node.input if i)
+    nodes = [n for n in g.nodes if any(o in needed for o in n.output)]
+    used = {i for n in nodes for i in n.input if i}
+    weights = [numpy_helper.from_array(np.asarray(g.const(i)), i) for i in sorted(used) if g.is_const(i)]
+    inputs = [i for i in g.model.graph.input if i.name in used and not g.is_const(i.name)]
+    graph = onnx.helper.make_graph(nodes, "first_layer", inputs,
+                                   [onnx.helper.make_value_info(output, onnx.TypeProto())], weights)
+    return onnx.helper.make_model(graph, opset_imports=g.model.opset_import, ir_version=g.model.ir_version)
 
 
 def input_ranges(g, feeds: dict[str, np.ndarray], seed: int, notes: list) -> dict[str, tuple[float, float]]:
