@@ -130,11 +130,11 @@ def test_guard_met_is_reported(files, tmp_path, capsys):
     guard = json.loads(report.read_text())["fidelity"]["guard"]
     assert guard["met_at_requested_budget"] and len(guard["tried"]) == 1
     assert "--max-drop 100 %: the requested budget is within the guard" in err
-    # data-free: the summary says the held-out synthesized samples judge generously; with data it does not
-    assert "without data this is optimistic: --calib measures it on your inputs" in err
+    # data-free: the summary says the held-out synthesized samples only estimate it; with data it does not
+    assert "without data this is only an estimate: --calib measures it on your inputs" in err
     _, _, calib = files
     rc, _, err = run_cli([cls, tmp_path / "c.onnx", "--target-flops", "0.5", "--calib", calib], capsys)
-    assert rc == 0 and "fidelity " in err and "optimistic" not in err, err
+    assert rc == 0 and "fidelity " in err and "only an estimate" not in err, err
 
 
 def test_guard_that_no_cut_meets_exits_1_and_writes_nothing(files, tmp_path, capsys):

@@ -22,8 +22,8 @@ def _fidelity_lines(prefix: str, part: dict) -> list[str]:
 def _fidelity_line(fid: dict) -> str:
     """The held-out fidelity and, with --max-drop, what the guard decided."""
     line = f"fidelity      {fid['drop_pct']:.2f} % {fid['metric']}, on {fid['on']}"
-    if "data-free" in fid["on"]:   # synthesized or random inputs: the model's real inputs may fare worse
-        line += "; without data this is optimistic: --calib measures it on your inputs"
+    if "data-free" in fid["on"]:   # synthesized or random inputs: the model's real inputs may fare otherwise
+        line += "; without data this is only an estimate: --calib measures it on your inputs"
     guard = fid.get("guard")
     if guard:
         line += f"\nguard         --max-drop {guard['max_drop_pct']:g} %: {guard['outcome']}"
