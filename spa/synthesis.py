@@ -54,7 +54,10 @@ def synthesize(specs: dict, shapes: dict, n: int, seed: int, g=None) -> dict[str
             kinds = IMAGE_NOISE if len(axes) >= 2 else NOISE
             x = np.empty(shape, np.float32)
             for i in range(n):
-                x[i] = _noise(rng, kinds[0] if axes else "white", shape[1:], axes)
+                if axes and i >= n // 2:  # replaced by the second half below: its draws only, not its transform
+                    rng.standard_normal(shape[1:])
+                else:
+                    x[i] = _noise(rng, kinds[0] if axes else "white", shape[1:], axes)
             if axes:  # the second half: smooth noise at unit variance, drawn after the first
                 for i in range(n // 2, n):
                     x[i] = _noise(rng, kinds[1], shape[1:], axes)
@@ -328,13 +331,16 @@ def pink_noise(rng, n: int, shape: tuple, axes: tuple) -> np.ndarray:
     zero mean and unit std: the spectrum of natural images and signals, which decides how
     strongly a first layer's edge-like filters answer (white noise read scales 0.7-2x off on the nets measured)."""
     x = rng.standard_normal((n, *shape))
-    if axes:
-        radius = np.zeros([x.shape[a] if a in axes else 1 for a in range(x.ndim)])
+    if axes:  # real transforms: the spectrum of real noise is symmetric, half of it is enough (2x faster)
+        last = axes[-1]
+        radius = np.zeros([(x.shape[a] // 2 + 1 if a == last else x.shape[a]) if a in axes else 1
+                           for a in range(x.ndim)])
         for a in axes:
-            radius = radius + np.fft.fftfreq(x.shape[a]).reshape([-1 if b == a else 1 for b in range(x.ndim)]) ** 2
+            freq = np.fft.rfftfreq(x.shape[a]) if a == last else np.fft.fftfreq(x.shape[a])
+            radius = radius + freq.reshape([-1 if b == a else 1 for b in range(x.ndim)]) ** 2
         radius = np.sqrt(radius)
         radius[(0,) * x.ndim] = 1.0
-        x = np.real(np.fft.ifftn(np.fft.fftn(x, axes=axes) / radius, axes=axes))
+        x = np.fft.irfftn(np.fft.rfftn(x, axes=axes) / radius, s=[x.shape[a] for a in axes], axes=axes)
     dims = tuple(range(1, x.ndim))
     x = (x - x.mean(dims, keepdims=True)) / (x.std(dims, keepdims=True) + 1e-12)
     return x.astype(np.float32)
