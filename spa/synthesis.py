@@ -283,7 +283,8 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
 AFFINE_OPS = {"Identity", "Cast", "Sub", "Add", "Mul", "Div", "Transpose", "Reshape", "Flatten", "Squeeze",
               "Unsqueeze"}
 FIRST_LAYERS = {"Conv": 1, "Gemm": 1, "MatMul": -1}  # op -> the axis of its output's channels
-RANGE_SAMPLES = 16           # stand-in samples the first layer reads (plus an all-zeros and an all-ones one)
+RANGE_SAMPLES = 16           # stand-in samples the first layer reads (plus an all-zeros and an all-ones one), fewer
+RANGE_ELEMENTS = 2 ** 19     # for large inputs: about this many input elements in all (ResNet-50 at 224^2: 3)
 STANDARDIZED = (0.5, 2.5)    # a reading whose mean is within half its std of 0, and whose std is within 2.5x of 1,
                              # keeps the standardized prior
 
@@ -349,7 +350,8 @@ def pink_noise(rng, n: int, shape: tuple, axes: tuple) -> np.ndarray:
 def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[float, float, str] | None:
     """(mean, std, how it was read) of graph input `name` per sample, read from the first layer it reaches (see
     above); None where no such layer is found or the reading is degenerate. `feeds` (standardized noise) supplies
-    the other inputs; the layer runs on RANGE_SAMPLES pink-noise samples, an all-zeros and an all-ones one."""
+    the other inputs; the layer runs on RANGE_SAMPLES 1/f-noise samples (fewer for large inputs), an all-zeros and
+    an all-ones one."""
     import torch
 
     from .torch_graph import TorchGraph  # torch: this module must import without it
@@ -357,7 +359,9 @@ def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[
     node = first_layer(g, name)
     if node is None or np.dtype(feeds[name].dtype).kind != "f":
         return None
-    z = pink_noise(np.random.default_rng([seed, 2]), RANGE_SAMPLES, feeds[name].shape[1:],
+    elements = int(np.prod(feeds[name].shape[1:]))
+    samples = int(np.clip(RANGE_ELEMENTS // max(elements, 1), 2, RANGE_SAMPLES))
+    z = pink_noise(np.random.default_rng([seed, 2]), samples, feeds[name].shape[1:],
                    spatial_axes(g, name, feeds[name].ndim))
     batch = np.concatenate([np.zeros_like(z[:1]), np.ones_like(z[:1]), z]).astype(feeds[name].dtype)
     size, fixed = batch_size_for(g, len(batch), feeds)
