@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from .calib import input_specs
 from .errors import SpaError, one_line
@@ -410,9 +412,6 @@ def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[
 def _prefix_model(g, output: str):
     """The nodes `output` depends on, with their weights and graph inputs, as a model of their own: the first
     layer runs without copying (or supporting) the rest of the network."""
-    import onnx
-    from onnx import numpy_helper
-
     needed, stack = set(), [output]
     while stack:
         name = stack.pop()
