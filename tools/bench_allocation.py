@@ -60,10 +60,10 @@ def memoized_inversion():
     original = synthesis.invert_in_parts
     memo: dict = {}
 
-    def invert(g, start, inputs, steps):
-        key = (memoized_scores.key, inputs.samples, steps)
+    def invert(g, start, inputs, steps, ranges=None):
+        key = (memoized_scores.key, inputs.samples, steps, tuple(sorted((ranges or {}).items())))
         if key not in memo:
-            memo[key] = original(g, start, inputs, steps)
+            memo[key] = original(g, start, inputs, steps, ranges)
         return {k: v.copy() for k, v in memo[key].items()}
 
     synthesis.invert_in_parts = invert
