@@ -275,10 +275,10 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
 # ---- the input's range, read from the first layer ---------------------------------------------------------------
 # Exporters fold a BatchNormalization into the Conv before it: over the training data that layer's outputs then have
 # per-channel mean beta and std gamma, which start at 0 and 1. beta stays near 0 (mean |channel mean| 0.02-0.13 on
-# the seven trained nets measured), so the first layer's bias tells the inputs' mean (a channel summing its weights
+# the nine trained nets measured), so the first layer's bias tells the inputs' mean (a channel summing its weights
 # to S reads mean*S + bias, near 0) well; gamma varies more (median 0.54-1.0), so its weights tell the inputs' scale
 # within ~2x (outputs of unit std); a surviving BatchNormalization tells both from its running statistics.
-# Measured against the data (per-sample mean/std): nets taking [0, 1] pixels (0.31/0.32) read 0.31-0.32/0.29-0.39,
+# Measured against the data (per-sample mean/std): nets taking [0, 1] pixels (0.31/0.32) read 0.30-0.32/0.29-0.39,
 # standardized ones (0.00/0.95-1.28) read -0.07..0.04/0.91-1.9. The standardized prior is kept unless the reading
 # departs from it clearly (STANDARDIZED): noise at unit std fed to a [0, 1]-pixel net cost 45-60 points at 50 % MACs
 # removed, but a reading 2x off would cost the standardized nets what it gains.
@@ -331,8 +331,8 @@ def spatial_axes(g, name: str, rank: int) -> tuple[int, ...]:
 
 def pink_noise(rng, n: int, shape: tuple, axes: tuple) -> np.ndarray:
     """n samples of `shape` with a 1/f amplitude spectrum over `axes` (of the batch; white without any), each at
-    zero mean and unit std: the spectrum of natural images and signals, which decides how
-    strongly a first layer's edge-like filters answer (white noise read scales 0.7-2x off on the nets measured)."""
+    zero mean and unit std: the spectrum of natural images, which decides how strongly a first layer's edge-like
+    filters answer (white noise made the range readings 0.7-2x off on the nets measured)."""
     x = rng.standard_normal((n, *shape))
     if axes:  # real transforms: the spectrum of real noise is symmetric, half of it is enough (2x faster)
         last = axes[-1]
