@@ -189,6 +189,7 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     for p in tg.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng([inputs.seed, 1])
+    ranges = ranges or {}
     axes = {k: spatial_axes(g, k, v.ndim) for k, v in feeds.items()}
     xs = {k: torch.tensor(v, requires_grad=np.dtype(v.dtype).kind == "f") for k, v in feeds.items()}
     lr = min(0.25, INVERSION_LR * INVERSION_STEPS / steps)
@@ -201,7 +202,7 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
         shaped = {}
         for k, x in xs.items():
             if x.requires_grad:
-                x = to_model_range(_unit_std(x), (ranges or {}).get(k))
+                x = to_model_range(_unit_std(x), ranges.get(k))
                 if axes[k]:
                     reach = [max(1, x.shape[d] // 16) for d in axes[k]]
                     shift = [int(rng.integers(-r, r + 1)) for r in reach]
@@ -247,7 +248,7 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
             if x.requires_grad and smooth:
                 weight = torch.from_numpy(np.geomspace(*SMOOTHNESS, n).astype(np.float32))
                 tv = sum((x.diff(dim=d) ** 2).flatten(1).mean(1) for d in smooth)
-                if (ranges or {}).get(k):  # in standardized units: the same weights whatever the input's range
+                if k in ranges:  # in standardized units: the same weights whatever the input's range
                     tv = tv / ranges[k][1] ** 2
                 losses.append((weight * tv).mean())
         loss = torch.stack(losses).sum()
@@ -282,8 +283,8 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
 # standardized ones (0.00/0.95-1.28) read -0.07..0.04/0.91-1.9. The standardized prior is kept unless the reading
 # departs from it clearly (STANDARDIZED): noise at unit std fed to a [0, 1]-pixel net cost 45-60 points at 50 % MACs
 # removed, but a reading 2x off would cost the standardized nets what it gains.
-AFFINE_OPS = {"Identity", "Cast", "Sub", "Add", "Mul", "Div", "Transpose", "Reshape", "Flatten", "Squeeze",
-              "Unsqueeze"}
+ELEMENTWISE_OPS = {"Identity", "Cast", "Sub", "Add", "Mul", "Div"}
+AFFINE_OPS = ELEMENTWISE_OPS | {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 FIRST_LAYERS = {"Conv": 1, "Gemm": 1, "MatMul": -1}  # op -> the axis of its output's channels
 RANGE_SAMPLES = 16           # stand-in samples the first layer reads (plus an all-zeros and an all-ones one), fewer
 RANGE_ELEMENTS = 2 ** 19     # for large inputs: about this many input elements in all (ResNet-50 at 224^2: 3)
@@ -294,39 +295,45 @@ STANDARDIZED = (0.5, 2.5)    # a reading whose mean is within half its std of 0,
 def first_layer(g, name: str):
     """The first Conv / Gemm / MatMul with constant weights that graph input `name` reaches through affine
     one-tensor operators only (a normalization the export kept, reshapes, casts), else None."""
-    reached = {name}
-    for node in g.nodes:
-        live = [i for i in node.input if i and not g.is_const(i)]
-        if not live or not all(i in reached for i in live):
-            continue
-        if node.op_type in FIRST_LAYERS and node.input[0] in reached and len(live) == 1:
-            return None if node.op_type == "Gemm" and attr(node, "transA", 0) else node
-        if node.op_type in AFFINE_OPS and len(live) == 1:
-            reached.update(o for o in node.output if o)
-    return None
+    return _first_layer_reached(g, name, g.rank(name) or 0)[0]
 
 
 def spatial_axes(g, name: str, rank: int) -> tuple[int, ...]:
     """The axes of input `name` (of `rank`, batch first) its first layer convolves over: 2.. for a channels-first
     input; through the Transposes in front of the first Conv for another layout (a Keras export's NHWC input:
     1..rank-2); 2.. where no Conv is found or a reshape hides the layout (without g: 2..)."""
-    default = tuple(range(2, rank))
     if g is None:
-        return default
-    perms = {name: list(range(rank))}  # tensor -> which input axis each of its axes is
+        return tuple(range(2, rank))
+    return _convolved_axes(*_first_layer_reached(g, name, rank), rank)
+
+
+def _first_layer_reached(g, name: str, rank: int) -> tuple:
+    """(`first_layer`, and which axis of the input each axis of that layer's input is: None where a reshape hides
+    it). One walk in graph order from the input through the one-tensor affine operators."""
+    axes_of = {name: list(range(rank))}  # tensor reached -> input axis of each of its axes, or None
     for node in g.nodes:
         live = [i for i in node.input if i and not g.is_const(i)]
-        if len(live) != 1 or live[0] not in perms:
+        if len(live) != 1 or live[0] not in axes_of:
             continue
-        perm = perms[live[0]]
-        if node.op_type == "Conv" and node.input[0] == live[0]:
-            return tuple(perm[2:]) if len(perm) == rank else default
-        if node.op_type == "Transpose":
-            order = attr(node, "perm", list(range(len(perm)))[::-1])
-            perms[node.output[0]] = [perm[p] for p in order]
-        elif node.op_type in ("Identity", "Cast", "Sub", "Add", "Mul", "Div"):
-            perms[node.output[0]] = perm
-    return default
+        axes = axes_of[live[0]]
+        if node.op_type in FIRST_LAYERS and node.input[0] == live[0]:
+            return (None, None) if node.op_type == "Gemm" and attr(node, "transA", 0) else (node, axes)
+        if node.op_type not in AFFINE_OPS:
+            continue
+        if node.op_type == "Transpose" and axes is not None:
+            order = attr(node, "perm", list(range(len(axes)))[::-1])
+            axes = [axes[p] for p in order] if len(order) == len(axes) else None
+        elif node.op_type not in ELEMENTWISE_OPS:   # a reshape: which axis is which is not followed
+            axes = None
+        axes_of.update((o, axes) for o in node.output if o)
+    return None, None
+
+
+def _convolved_axes(node, axes, rank: int) -> tuple[int, ...]:
+    """The input axes a first Conv convolves over (see spatial_axes)."""
+    if node is not None and node.op_type == "Conv" and axes is not None and len(axes) == rank:
+        return tuple(axes[2:])
+    return tuple(range(2, rank))
 
 
 def pink_noise(rng, n: int, shape: tuple, axes: tuple) -> np.ndarray:
@@ -358,13 +365,14 @@ def input_range(g, feeds: dict[str, np.ndarray], name: str, seed: int) -> tuple[
 
     from .torch_graph import TorchGraph  # torch: this module must import without it
 
-    node = first_layer(g, name)
+    rank = feeds[name].ndim
+    node, axes = _first_layer_reached(g, name, rank)
     if node is None or np.dtype(feeds[name].dtype).kind != "f":
         return None
     elements = int(np.prod(feeds[name].shape[1:]))
     samples = int(np.clip(RANGE_ELEMENTS // max(elements, 1), 2, RANGE_SAMPLES))
     z = pink_noise(np.random.default_rng([seed, 2]), samples, feeds[name].shape[1:],
-                   spatial_axes(g, name, feeds[name].ndim))
+                   _convolved_axes(node, axes, rank))
     batch = np.concatenate([np.zeros_like(z[:1]), np.ones_like(z[:1]), z]).astype(feeds[name].dtype)
     size, fixed = batch_size_for(g, len(batch), feeds)
     tg = TorchGraph(_prefix_model(g, node.output[0]))
