@@ -170,10 +170,21 @@ def removed_fractions(plan, groups):
     return {n: len(plan.removed.get(g.id, [])) / g.size for n, g in groups.items()}
 
 
-@pytest.mark.parametrize("budget", [0.7, 0.5, 0.3])
-def test_banded_meets_the_budget_inside_the_band_and_thins_the_cheap_group_most(chain, budget):
-    from spa.select import BAND, select
+@pytest.fixture
+def fixed_band(monkeypatch):
+    """The band's mechanics at every budget: a fixed ±0.1 (the default opens only past BAND_OPENS)."""
+    from spa import select as select_module
 
+    monkeypatch.setattr(select_module, "BAND", 0.1)
+    monkeypatch.setattr(select_module, "BAND_OPENS", 0.0)
+    return 0.1
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.5, 0.3])
+def test_banded_meets_the_budget_inside_the_band_and_thins_the_cheap_group_most(chain, budget, fixed_band):
+    from spa.select import select
+
+    BAND = fixed_band
     analysis, groups = chain
     scores = chain_scores(analysis, groups, cheap="b")
     uniform = select(analysis, scores, target_flops=budget, allocation="uniform")
@@ -187,14 +198,33 @@ def test_banded_meets_the_budget_inside_the_band_and_thins_the_cheap_group_most(
     r_u = removed_fractions(uniform, groups)
     r_b = removed_fractions(banded, groups)
     r = max(r_u.values())  # the uniform fraction (rounded per group; all groups are 16 wide)
-    for name in "abc":
-        assert r - BAND - 1 / 16 <= r_b[name] <= r + BAND + 1 / 16, (name, r_b, r)
+    for name in "abc":  # no group thinned past the band (filling the budget may leave one wider than it)
+        assert r_b[name] <= r + BAND + 1 / 16, (name, r_b, r)
     assert r_b["b"] > r_b["c"] and r_b["b"] > r_b["a"]  # the near-zero group goes first ...
     assert r_b["b"] <= r + BAND + 1 / 32          # ... but only to the band's edge
     assert removed_fractions(glob, groups)["b"] > r_b["b"] or budget == 0.7  # where global thins it further
 
 
-def test_banded_honours_min_channels_round_to_and_exclude(chain):
+@pytest.mark.parametrize("budget", [0.7, 0.5, 0.3])
+def test_banded_fills_the_budget(chain, budget, fixed_band):
+    """Steps of 4 units: the threshold's last step overshoots, and units are given back until one step more
+    of any group would break the budget (a plan that stops short is compared at fewer MACs than it may use)."""
+    from spa.select import select
+
+    analysis, groups = chain
+    scores = chain_scores(analysis, groups, cheap="b")
+    plan = select(analysis, scores, target_flops=budget, allocation="banded", round_to=4)
+    goal = budget * analysis.total_macs
+    removed = {g.id: [int(g.units[i]) for i in plan.removed.get(g.id, [])] for g in groups.values()}
+    assert analysis.macs_after(set().union(*removed.values())) <= goal
+    for gid, units in removed.items():
+        if units:
+            back = sorted(units, key=lambda u: scores[u])[:-4]   # the 4 most important of its removed units
+            others = set().union(*(v for k, v in removed.items() if k != gid))
+            assert analysis.macs_after(others | set(back)) > goal, (gid, len(units))
+
+
+def test_banded_honours_min_channels_round_to_and_exclude(chain, fixed_band):
     from spa.select import select
 
     analysis, groups = chain
@@ -208,7 +238,7 @@ def test_banded_honours_min_channels_round_to_and_exclude(chain):
     assert kept == {"a": 12, "b": 12, "c": 16}
 
 
-def test_banded_is_uniform_when_every_unit_is_alike(chain):
+def test_banded_is_uniform_when_every_unit_is_alike(chain, fixed_band):
     """Equal importance per MAC everywhere: the band has nothing to trade; the plan keeps the uniform fraction
     up to the per-group rounding."""
     from spa.select import select
@@ -218,6 +248,37 @@ def test_banded_is_uniform_when_every_unit_is_alike(chain):
     uniform = removed_fractions(select(analysis, scores, target_flops=0.5, allocation="uniform"), groups)
     banded = removed_fractions(select(analysis, scores, target_flops=0.5, allocation="banded"), groups)
     assert all(abs(banded[n] - uniform[n]) <= 2 / 16 for n in "abc"), (banded, uniform)
+
+
+def test_band_width_opens_with_the_uniform_fraction():
+    from spa.select import BAND, BAND_OPENS, band_width
+
+    assert band_width(0.0) == band_width(BAND_OPENS) == 0.0
+    assert band_width(BAND_OPENS + BAND / 2) == pytest.approx(BAND / 2)
+    assert band_width(0.99) == BAND
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.5, 0.3, 0.2])
+def test_banded_is_uniform_while_the_band_is_closed(chain, budget, monkeypatch):
+    """While the uniform fraction is at most BAND_OPENS the plan is the uniform one itself; past it the cheap
+    group is thinned to the band's edge and the others keep more than uniform (plus a unit's rounding). A wider band
+    than the default, to be visible on 16-unit groups."""
+    from spa import select as select_module
+
+    monkeypatch.setattr(select_module, "BAND", 0.15)
+    monkeypatch.setattr(select_module, "BAND_OPENS", 0.3)
+    analysis, groups = chain
+    scores = chain_scores(analysis, groups, cheap="b")
+    uniform = select_module.select(analysis, scores, target_flops=budget, allocation="uniform")
+    banded = select_module.select(analysis, scores, target_flops=budget, allocation="banded")
+    r = max(removed_fractions(uniform, groups).values())
+    assert analysis.macs_after(banded.roots(analysis)) <= budget * analysis.total_macs
+    if r <= 0.3:
+        assert banded.removed == uniform.removed
+    else:
+        r_b = removed_fractions(banded, groups)  # the cheap group thinned at least as far, the others kept wider
+        assert r <= r_b["b"] <= r + select_module.band_width(r) + 1 / 16, (r, r_b)
+        assert min(r_b["a"], r_b["c"]) < r, (r, r_b)
 
 
 # ---- --round-to auto: widths that suit the kernels ---------------------------------------------------------------

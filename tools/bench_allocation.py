@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # allow `python tools/bench_allocation.py`
 from spa import driver, pipeline, select, synthesis  # noqa: E402
 from tools import bench_quality as bq  # noqa: E402
 
-DEFAULT_BAND = select.BAND
+DEFAULT_BAND, DEFAULT_OPENS = select.BAND, select.BAND_OPENS
 MODELS = ("resnet1d_mnist1d", "resnet20_digits", "mobilenetv2_digits", "resnet56_digits")
 
 
@@ -74,7 +74,8 @@ def run_one(s: bq.Subject, mode: str, keep: float, allocation: str, out: Path) -
     """allocation: a name spa-prune accepts, or 'banded@W' (banded with a band of ±W)."""
     memoized_scores.key = (str(s.onnx_path), mode)
     name, _, band = allocation.partition("@")
-    select.BAND = float(band) if band else DEFAULT_BAND
+    select.BAND = float(band) if band else DEFAULT_BAND   # banded@W: a fixed band of ±W at every budget
+    select.BAND_OPENS = 0.0 if band else DEFAULT_OPENS
     dest = out / f"{s.model_name}-s{s.seed}-{mode}-{keep}-{allocation}.onnx"
     t = time.perf_counter()
     rep = driver.prune(str(s.onnx_path), str(dest), target_flops=keep, importance="obspa", allocation=name,
