@@ -141,6 +141,7 @@ def default_mode(options: PruneOptions) -> bool:
     return not (options.fast or options.importance in DATA_CRITERIA or options.reconstruct
                 or options.calib is not None
                 or options.recalibrate or options.compensate or options.synth_steps is not None
+                or options.input_range is not None
                 or options.positions is not None or options.damp is not None or options.exact_hessians)
 
 

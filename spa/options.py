@@ -101,6 +101,24 @@ def check_selection(*, ratio, target_flops, max_ratio, allocation, min_channels,
     check_count("--round-to", round_to)
 
 
+def check_input_range(ranges, *, calib, fast) -> None:
+    """--input-range: name -> (mean, std), a finite mean and a positive finite std; it sets the range of the
+    data-free mode's synthesized inputs, so with calibration data or --fast (no data pass) it would be ignored."""
+    if not isinstance(ranges, dict) or not ranges:
+        raise SpaError("--input-range takes [NAME=]MEAN,STD (a dict of input name -> (mean, std) in the API)")
+    for name, value in ranges.items():
+        try:
+            mean, std = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise SpaError(f"--input-range {name}: expected (mean, std), got {value!r}") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise SpaError(f"--input-range {name}: the mean must be finite and the std positive, got {mean:g}, {std:g}")
+    if calib is not None:
+        raise SpaError("--input-range sets the range of synthesized inputs; with --calib your samples are used: drop one")
+    if fast:
+        raise SpaError("--input-range sets the range of synthesized inputs; --fast runs no data pass: drop one")
+
+
 def check_data_options(*, positions, damp, samples, dbscan, seed=0) -> None:
     """Bad numbers for the data-driven passes are one-line errors before any work (sklearn and torch would
     otherwise raise deep inside, or silently accept a negative dampening)."""
@@ -143,6 +161,8 @@ class PruneOptions:
     loss: str = "auto"
     samples: int = 64             # synthesized inputs in data-free mode
     synth_steps: int | None = None  # data-free: most model-inversion steps (0: noise); None: spa.synthesis's default
+    input_range: dict | None = None  # data-free: input name ("*": every float input) -> (mean, std) per sample;
+    #                                  None: read from each input's first layer (spa.synthesis.input_range)
     seed: int = 0
     positions: int | None = None
     damp: float | None = None
@@ -199,6 +219,8 @@ class PruneOptions:
             check_count("--calib-samples", self.calib_limit)
         if self.synth_steps is not None:
             check_count("--synth-steps", self.synth_steps, minimum=0)
+        if self.input_range is not None:
+            check_input_range(self.input_range, calib=resolved.calib, fast=resolved.fast)
         if self.max_drop is not None:
             check_number("--max-drop", self.max_drop, low=0.0, high=100.0)
             if not resolved.verify:

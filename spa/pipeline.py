@@ -176,7 +176,9 @@ class ScoreAndSelect(Pass):
         if opts.reconstruct:  # the refit reads the original's layer outputs the scoring pass keeps
             inputs.cache["obspa_options"]["keep_targets"] = True
         if opts.synth_steps is not None:
-            inputs.cache["synthesis_options"] = {"steps": opts.synth_steps}
+            inputs.cache.setdefault("synthesis_options", {})["steps"] = opts.synth_steps
+        if opts.input_range is not None:
+            inputs.cache.setdefault("synthesis_options", {})["ranges"] = dict(opts.input_range)
         if held is not None:
             run.holdout_label = f"{held.n} held-out calibration samples"
             run.holdout = batches_for(run.model.graph, held.inputs)

@@ -462,6 +462,24 @@ def input_ranges(g, feeds: dict[str, np.ndarray], seed: int, notes: list) -> dic
     return ranges
 
 
+def given_ranges(feeds: dict[str, np.ndarray], given: dict, notes: list) -> dict[str, tuple[float, float]]:
+    """--input-range: the (mean, std) the caller gave for each float input ('*': every one), with a note each;
+    a name that is not a float input of the model is an error (a typo would otherwise be ignored)."""
+    floats = [k for k, v in feeds.items() if v.dtype.kind == "f"]
+    unknown = sorted(set(given) - {"*", *floats})
+    if unknown:
+        raise SpaError(f"--input-range names '{unknown[0]}', which is not a float input of the model (float inputs: "
+                       f"{', '.join(floats) or 'none'})")
+    ranges = {}
+    for name in floats:
+        value = given.get(name, given.get("*"))
+        if value is not None:
+            ranges[name] = (float(value[0]), float(value[1]))
+            notes.append(f"data-free: input '{name}' synthesized at mean {ranges[name][0]:.3g}, std "
+                         f"{ranges[name][1]:.3g} per sample (--input-range)")
+    return ranges
+
+
 def to_model_range(x, found: tuple[float, float] | None):
     """Standardized samples (numpy or torch) at an input's (mean, std); unchanged without one."""
     return x if found is None else found[0] + found[1] * x
@@ -508,9 +526,12 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         if any(s is None for s in shapes.values()):
             raise SpaError("data-free mode needs static input shapes; pass --input-shape")
         cached = synthesize(specs, shapes, inputs.samples, inputs.seed, g)
-        ranges = input_ranges(g, cached, inputs.seed, inputs.notes)
+        # {"steps": N, "budget": MACs, "ranges": {name: (mean, std)}}, from the caller's options
+        opts = inputs.cache.get("synthesis_options", {})
+        ranges = given_ranges(cached, opts.get("ranges") or {}, inputs.notes)
+        ranges.update(input_ranges(g, {k: v for k, v in cached.items() if k not in ranges}, inputs.seed,
+                                   inputs.notes))
         macs = float(getattr(inputs.analysis, "total_macs", 0) or 0)
-        opts = inputs.cache.get("synthesis_options", {})  # {"steps": N, "budget": MACs}, from the caller's options
         elements = inversion_bytes_per_sample(g) / 4
         steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"), elements)
         if steps:

@@ -4,9 +4,12 @@ a normalization the export kept in front of it), and the synthesized samples are
 close to standardized keeps the standardized prior."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import onnx
 import pytest
-from helpers import Builder, analyse, run_model
+from helpers import Builder, analyse, assert_one_line_error, run_cli, run_model
 
 pytest.importorskip("torch")
 
@@ -93,9 +96,11 @@ def test_no_first_layer_behind_a_nonlinearity():
     assert synthesis.input_range(m.graph, {"x": np.zeros((2, *SHAPE[1:]), np.float32)}, "x", 0) is None
 
 
-def synthesized(model, samples=24):
+def synthesized(model, samples=24, given=None):
     _, analysis = analyse(model)
     inputs = ScoreInputs(analysis, None, samples=samples, seed=0)
+    if given is not None:
+        inputs.cache["synthesis_options"] = {"ranges": given}
     feeds, _ = synthesis.model_data(inputs)
     return feeds["x"], inputs.notes
 
@@ -121,3 +126,61 @@ def test_a_standardized_reading_keeps_the_prior_and_the_samples():
     finally:
         synthesis.input_ranges = original
     np.testing.assert_array_equal(x, y)
+
+
+# ---- --input-range: the caller says the range -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["x", "*"])
+def test_a_given_range_replaces_the_reading(name):
+    # the first layer reads 0.3 / 0.3; the caller says 0.6 / 0.1 (for one input by name, or for every float input)
+    x, notes = synthesized(trained_like(0.3, 0.3), given={name: (0.6, 0.1)})
+    assert any("input 'x' synthesized at mean 0.6, std 0.1 per sample (--input-range)" in n for n in notes)
+    assert not any("read from" in n for n in notes)
+    per_sample = x.reshape(len(x), -1)
+    assert abs(float(per_sample.mean()) - 0.6) < 0.05   # half a std: the inversion moves the samples a little
+    assert 0.1 / 1.6 < float(np.median(per_sample.std(1))) < 0.1 * 1.6
+
+
+def test_a_given_range_for_an_unknown_input_is_an_error():
+    from spa.errors import SpaError
+
+    with pytest.raises(SpaError, match="names 'image', which is not a float input of the model .float inputs: x"):
+        synthesized(trained_like(0.3, 0.3), given={"image": (0.5, 0.2)})
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(trained_like(0.3, 0.3), str(path))
+    return path
+
+
+def test_input_range_on_the_command_line(model_file, tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    rc, _, err = run_cli([model_file, out, "--ratio", "0.5", "--input-range", "x=0.6,0.1", "--synth-samples", "8",
+                          "--synth-steps", "2", "--report", report], capsys)
+    assert rc == 0, err
+    notes = json.loads(report.read_text())["importance"]["notes"]
+    assert any("mean 0.6, std 0.1 per sample (--input-range)" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--input-range", "0.5"], "expected [NAME=]MEAN,STD"),
+    (["--input-range", "x=0.5,0"], "the std positive"),
+    (["--input-range", "x=nan,1"], "the mean must be finite"),
+    (["--input-range", "image=0.5,0.2"], "not a float input of the model"),
+    (["--input-range", "0.5,0.2", "--fast"], "--fast runs no data pass"),
+])
+def test_input_range_errors_are_one_line(model_file, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "out.onnx"
+    rc, _, err = run_cli([model_file, out, "--ratio", "0.5", "--synth-samples", "8", "--synth-steps", "2", *extra],
+                         capsys)
+    assert_one_line_error(rc, err, fragment)
+    assert not out.exists()
+
+
+def test_input_range_with_calibration_data_is_refused(model_file, tmp_path, capsys):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=blocky(8, 0.3, 0.3))
+    rc, _, err = run_cli([model_file, tmp_path / "out.onnx", "--ratio", "0.5", "--calib", calib,
+                          "--input-range", "0.5,0.2"], capsys)
+    assert_one_line_error(rc, err, "with --calib your samples are used")

@@ -29,6 +29,16 @@ def input_shape(text: str):
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got '{text}'")
 
 
+def input_range(text: str):
+    """[NAME=]MEAN,STD for --input-range: (name, (mean, std)); no name: every float input ('*')."""
+    name, _, values = text.rpartition("=")
+    try:
+        mean, std = (float(v) for v in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected [NAME=]MEAN,STD (e.g. 0.45,0.25), got '{text}'")
+    return name or "*", (mean, std)
+
+
 def add_memory_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_LIMIT_GB, metavar="GB",
                    help=f"refuse, before allocating, verification inputs, synthesized samples, calibration arrays "
@@ -78,6 +88,7 @@ def driver_kwargs(args) -> dict:
             "positions": args.positions, "damp": args.damp, "exact_hessians": args.exact_hessians,
             "samples": args.synth_samples,
             "synth_steps": getattr(args, "synth_steps", None), "seed": args.seed,
+            "input_range": dict(args.input_range) if getattr(args, "input_range", None) else None,
             "memory_limit_gb": args.memory_limit}
 
 

@@ -13,6 +13,7 @@ from .common import (
     clear_progress,
     driver_kwargs,
     finish,
+    input_range,
     stage_progress,
 )
 from .search import METRIC_ALIASES, REWARD_METRICS, reject_search_flags, run_pattern_search, run_search
@@ -194,6 +195,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--synth-steps", type=int, metavar="N",
                       help="data-free mode: at most N model-inversion steps shaping the synthesized inputs "
                            "(default 80, fewer on large models by a compute budget; 0: plain noise)")
+    data.add_argument("--input-range", action="append", type=input_range, metavar="[NAME=]MEAN,STD",
+                      help="data-free mode: synthesize the input NAME (without NAME: every float input) at this "
+                           "per-sample mean and std, in the units the model reads (e.g. 0.45,0.25 for [0, 1] "
+                           "pixels, 0,1 for standardized ones); default: read from the input's first layer, "
+                           "which assumes a folded BatchNormalization there (the report's notes say what was read)")
     data.add_argument("--seed", type=int, default=0, help="seed for sampling and synthesized data")
     p.add_argument("--min-channels", type=int, default=1, metavar="K", help="keep at least K units per group")
     p.add_argument("--round-to", type=round_to_arg, default=ROUND_AUTO, metavar="N",
