@@ -136,8 +136,9 @@ class Reconstruct(Pass):
                 if self.recalibrate and node.op_type == "BatchNormalization":
                     self._reestimate_bn(node, g, ls, stats)
                 t = time.perf_counter()
+                dying = set(ls.t_pruned.free_after(pos)) - outputs   # a Relu/Add may write into these
                 for env in ls.env_p:
-                    ls.t_pruned.step(node, env)
+                    ls.t_pruned.step(node, env, reuse=dying)
                 timing["forward_s"] += time.perf_counter() - t
                 if self.recalibrate and node.name in self.out_rows and node.output[0] not in followed_by_bn:
                     self._affine(node, g, ls, stats)

@@ -28,10 +28,12 @@ def run_layerwise(tg, batches: list[dict], hook, progress=None) -> None:
     batches' live activations (as one large batch). Errors as in `run_model`."""
     envs = [tg.initial_env(b) for b in batches]
     nodes = list(tg.nodes)
+    outputs = set(tg.output_names)
     try:
         for i, node in enumerate(nodes):
+            dying = set(tg.free_after(i)) - outputs   # a Relu/Add may write into these (the hooks copy what they keep)
             for k, env in enumerate(envs):
-                outs = tg.step(i, env)
+                outs = tg.step(i, env, reuse=dying)
                 hook(node, k, [env.get(x) if x else None for x in node.input], outs)
                 for name in tg.free_after(i):
                     env.pop(name, None)

@@ -869,3 +869,50 @@ def test_rotary_embedding(shape, attrs, positions):
 def test_rms_normalization(axis):
     check("RMSNormalization", [randn(2, 3, 4, seed=1), randn(*(4,) if axis == -1 else (3, 4), seed=2)],
           {"axis": axis, "epsilon": 1e-3}, opset=23)
+
+
+# ---- Relu/Add written into a dying input (TorchGraph.step's `reuse`) ------------------------------------------------
+def _inplace_net():
+    """x -> Relu (a feed: never in place); c1 -> Relu (dies there: in place); c1b -> Identity and Relu (an alias
+    outlives the Relu: not in place); the residual Add of two fresh tensors (in place)."""
+    from helpers import Builder
+
+    b = Builder()
+    x = b.relu(b.input("x", [2, 3, 8, 8]))
+    a = b.relu(b.conv("c1", x, 3, 4))
+    c = b.conv("c1b", x, 3, 4)
+    alias = b.op("Identity", [c])
+    r = b.relu(c)
+    y = b.op("Add", [b.conv("c2", a, 4, 4), r])
+    b.output(b.op("Add", [y, alias]))
+    return b.model()
+
+
+def test_relu_and_add_in_place_only_where_the_input_dies_unshared():
+    import torch
+
+    from spa import execution
+    from spa.torch_graph import TorchGraph
+
+    tg = TorchGraph(_inplace_net())
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    kept = x.copy()
+    want = tg.run({"x": x})[tg.output_names[0]]
+    seen = {}
+
+    def hook(node, k, ins, outs):
+        seen[node.output[0]] = (node.op_type, [t.untyped_storage().data_ptr() if t is not None else None for t in ins],
+                                outs[0].untyped_storage().data_ptr())
+
+    with torch.no_grad():
+        got = {}
+        execution.run_layerwise(tg, [{"x": x}], lambda n, k, i, o: (hook(n, k, i, o), got.update(zip(n.output, o))))
+    np.testing.assert_array_equal(x, kept)                        # the feed was not written
+    torch.testing.assert_close(got[tg.output_names[0]], want, rtol=0, atol=0)
+    in_place = {name for name, (op, ins, out) in seen.items() if op in ("Relu", "Add") and out in ins}
+    relus = [name for name, (op, _, _) in seen.items() if op == "Relu"]
+    adds = [name for name, (op, _, _) in seen.items() if op == "Add"]
+    assert relus[0] not in in_place          # Relu(x): x is a feed
+    assert relus[1] in in_place              # Relu(c1): dies there, nothing shares it
+    assert relus[2] not in in_place          # Relu(c1b): the Identity's alias is still alive
+    assert adds[0] in in_place and adds[1] in in_place
