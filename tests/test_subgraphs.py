@@ -200,7 +200,7 @@ def test_torch_passes_name_the_control_flow_and_the_default_falls_back(tmp_path)
     verified, with a warning that says why (the plain command works on such a model)."""
     path = tmp_path / "if.onnx"
     onnx.save(if_model(), str(path))
-    for asked in ({"importance": "obspa"}, {"reconstruct": True}, {"synth_steps": 0}):
+    for asked in ({"importance": "obspa"}, {"reconstruct": True}, {"synth_steps": 0}, {"input_range": {"*": (0, 1)}}):
         with pytest.raises(SpaError, match="If node 'if' has a subgraph.*--fast"):
             driver.prune(str(path), None, ratio=0.5, **asked)
     default = driver.prune(str(path), str(tmp_path / "out.onnx"), ratio=0.5).report
