@@ -14,13 +14,14 @@ import onnx
 
 from .calib import Calib, input_specs, load_data
 from .errors import DataPassesUnavailable, SpaError
-from .execution import batch_size_for
+from .execution import activation_bytes_per_sample, batch_size_for, input_bytes_per_sample
 from .fileio import StagedOutputs
 from .fixed_transforms import warnings_for as fixed_transform_warnings
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
 from .ir import has_mapped, has_subgraph, needs_external_data, release, save_model
 from .loading import load, param_count
+from .memory import GB, memory_limit_gb
 from .model import Model
 from .options import PruneOptions
 from .passes import Pass, PassResult, verify
@@ -105,6 +106,27 @@ class PruneRun:
             self.progress(stage)
 
 
+MIN_SYNTHESIZED = 8   # fewer synthesized samples than this are not taken to save memory (--memory-limit refuses)
+
+
+def synthesized_count(g, wanted: int) -> tuple[int, str | None]:
+    """Data-free: how many samples to synthesize, and a note when it is fewer than asked. The layer-wise passes
+    (scoring, refit) hold every sample's activations at each node; PP-OCRv4's detector at 640² keeps ~34 MB a
+    sample alive, so 64 samples peaked above 4 GB. When `wanted` samples would pass --memory-limit, as many as
+    fit (at least MIN_SYNTHESIZED): each layer still samples its positions (8192) from all of them, and a large
+    input gives thousands of positions per sample."""
+    per = activation_bytes_per_sample(g)
+    limit = memory_limit_gb() * GB
+    if per <= 0 or wanted * per <= limit or wanted * input_bytes_per_sample(g) > limit:
+        return wanted, None   # fits; or the samples themselves do not, which the synthesis refuses in one line
+    n = max(MIN_SYNTHESIZED, int(limit // per))
+    if n >= wanted:
+        return wanted, None
+    return n, (f"data-free: {n} synthesized samples instead of {wanted}: the layer-wise passes hold every sample's "
+               f"activations at each layer ({per / 1e6:.3g} MB a sample at these input shapes), and {wanted} would "
+               f"pass --memory-limit {limit / GB:g} GB (raise it to use more)")
+
+
 def uses_data(importance: str) -> bool:
     """Whether the criterion reads activations or gradients (calibration data, or synthesized inputs)."""
     crit = CRITERIA.get(importance)
@@ -167,8 +189,13 @@ class ScoreAndSelect(Pass):
             run.model.warnings.append(
                 f"--calib is not used for pruning: --importance {opts.importance} ranks by weights only and nothing "
                 f"reconstructs (it only measures fidelity); without --fast the default puts the data to work")
-        inputs = run.score_inputs = ScoreInputs(analysis, calib=run.data, loss=opts.loss, samples=opts.samples,
+        samples, capped = opts.samples, None
+        if run.data is None and (uses_data(opts.importance) or opts.reconstruct):
+            samples, capped = synthesized_count(analysis.ctx.g, opts.samples)
+        inputs = run.score_inputs = ScoreInputs(analysis, calib=run.data, loss=opts.loss, samples=samples,
                                                 seed=opts.seed, progress=run.step)
+        if capped:
+            inputs.notes.append(capped)
         inputs.cache["obspa_options"] = {k: v for k, v in (("positions", opts.positions), ("damp", opts.damp))
                                          if v is not None}
         if opts.exact_hessians:

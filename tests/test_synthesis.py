@@ -4,6 +4,7 @@ scores to noise, stays within the compute budget and the memory limit."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from helpers import Builder, analyse, run_model
 
@@ -235,3 +236,35 @@ def test_images_start_from_1_over_f_noise_and_signals_from_white_and_smooth():
     signals = synthesize({"x": ((1, 2, 64), np.float32)}, {"x": (1, 2, 64)}, 8, seed=0)["x"]
     white = np.random.default_rng(0).standard_normal((4, 2, 64)).astype(np.float32)
     np.testing.assert_array_equal(signals[:4], white)
+
+
+# ---- data-free sample count under --memory-limit -----------------------------------------------------------------
+def wide_input_net():
+    """Activations of ~8 MB a sample (256x256 maps): 64 samples are ~0.5 GB for the layer-wise passes."""
+    from helpers import Builder
+
+    b = Builder()
+    y = b.relu(b.conv("c1", b.input("x", [1, 3, 256, 256]), 3, 16))
+    y = b.relu(b.conv("c2", y, 16, 16))
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    b.output(b.op("Gemm", [y, b.const("fc.w", np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)),
+                           b.const("fc.b", np.zeros(10, np.float32))], transB=1))
+    return b.model()
+
+
+def test_synthesized_samples_fit_the_memory_limit(tmp_path):
+    from spa import driver
+    from spa.execution import activation_bytes_per_sample
+    from spa.loading import load
+
+    path = tmp_path / "m.onnx"
+    onnx.save(wide_input_net(), str(path))
+    per = activation_bytes_per_sample(load(str(path)).graph)
+    assert per == 4 * 256 * 256 * (16 + 16)        # a conv's input and output alive at once
+    limit_gb = 12 * per / 1e9                      # room for 12 samples
+    rep = driver.prune(str(path), None, target_flops=0.5, synth_steps=2, memory_limit_gb=limit_gb).report
+    assert rep["importance"]["hessian_data"]["samples"] == 12
+    assert any("12 synthesized samples instead of 64" in n for n in rep["importance"]["notes"])
+    full = driver.prune(str(path), None, target_flops=0.5, synth_steps=2).report     # the default limit: all 64
+    assert full["importance"]["hessian_data"]["samples"] == 64
+    assert not any("synthesized samples instead" in n for n in full["importance"]["notes"])
