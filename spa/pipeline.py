@@ -111,7 +111,7 @@ MIN_SYNTHESIZED = 8   # fewer synthesized samples than this are not taken to sav
 
 def synthesized_count(g, wanted: int) -> tuple[int, str | None]:
     """Data-free: how many samples to synthesize, and a note when it is fewer than asked. The layer-wise passes
-    (scoring, refit) hold every sample's activations at each node; PP-OCRv4's detector at 640² keeps ~34 MB a
+    (scoring, refit) hold every sample's activations at each node; PP-OCRv4's detector at 640² keeps ~39 MB a
     sample alive, so 64 samples peaked above 4 GB. When `wanted` samples would pass --memory-limit, as many as
     fit (at least MIN_SYNTHESIZED): each layer still samples its positions (8192) from all of them, and a large
     input gives thousands of positions per sample."""

@@ -276,7 +276,7 @@ class TorchGraph(nn.Module):
         input the caller listed in `reuse`, made by an operator that writes new memory (FRESH_OUTPUTS: never a
         view of a feed or a weight), read once by this node, of the result's shape and dtype, whose memory no
         other live tensor shares; otherwise None (the lowering runs)."""
-        if node.op_type not in IN_PLACE or torch.is_grad_enabled():
+        if node.op_type not in IN_PLACE or node.domain not in ("", "ai.onnx") or torch.is_grad_enabled():
             return None
         for k, name in enumerate(node.input):
             x = inputs[k]
