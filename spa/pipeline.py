@@ -114,7 +114,8 @@ def synthesized_count(g, wanted: int) -> tuple[int, str | None]:
     (scoring, refit) hold every sample's activations at each node; PP-OCRv4's detector at 640² keeps ~39 MB a
     sample alive, so 64 samples peaked above 4 GB. When `wanted` samples would pass --memory-limit, as many as
     fit (at least MIN_SYNTHESIZED): each layer still samples its positions (8192) from all of them, and a large
-    input gives thousands of positions per sample."""
+    input gives thousands of positions per sample. Calibration samples are not thinned so: fitting the
+    detector to 30 of its 56 natural-image crops instead of all cost 0.07 of text IoU (BENCHMARKS.md)."""
     per = activation_bytes_per_sample(g)
     limit = memory_limit_gb() * GB
     if per <= 0 or wanted * per <= limit or wanted * input_bytes_per_sample(g) > limit:
