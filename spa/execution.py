@@ -3,13 +3,13 @@ model that cannot run is one line of bad input, not a traceback. Shared by OBS s
 data-free synthesis, reconstruction, fine-tuning and the search's sample sets."""
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
 from .calib import input_specs
 from .errors import SpaError, one_line
+from .memory import array_bytes
 
 
 def run_model(tg, feeds, hook=None):
@@ -113,36 +113,36 @@ def layerwise_batch(g, default: int, feeds: dict[str, np.ndarray] | None = None)
     return (max(1, min(size, (MMAP_CAP_BYTES - 1) // widest)) if widest else size), False
 
 
+def sample_bytes(g, name: str) -> int:
+    """Bytes of one sample of tensor `name` at its inferred shape (float32, batch dim dropped); 0 where the
+    shape is unknown or a dim after the batch is symbolic (Swin's window reshapes)."""
+    shape = g.shapes.get(name)
+    if not shape or not all(isinstance(d, int) for d in shape[1:]):
+        return 0
+    return array_bytes(shape[1:], np.float32)
+
+
 def activation_bytes_per_sample(g) -> int:
     """The most bytes of activations alive at once when the model runs node by node at its inferred shapes,
-    per sample (the shapes' batch dim divided out; tensors of unknown shape count 0). The layer-wise passes
-    (scoring, refit) hold every sample's activations at each node, so their memory is this times the samples."""
+    per sample (`sample_bytes`). The layer-wise passes (scoring, refit) hold every sample's activations at each
+    node, so their memory is this times the samples."""
     nodes = list(g.model.graph.node)
     last: dict[str, int] = {}
     for i, node in enumerate(nodes):
         for name in [*node.input, *node.output]:
             if name and not g.is_const(name):
                 last[name] = i
-
-    live = peak = sum(_sample_bytes(g, name) for name in g.input_names if name in last)
-    size = functools.partial(_sample_bytes, g)
+    live = peak = sum(sample_bytes(g, name) for name in g.input_names if name in last)
     for i, node in enumerate(nodes):
-        live += sum(size(o) for o in node.output if o)
+        live += sum(sample_bytes(g, o) for o in node.output if o)
         peak = max(peak, live)
-        live -= sum(size(x) for x in set(node.input) | set(node.output) if x and last.get(x) == i)
+        live -= sum(sample_bytes(g, x) for x in set(node.input) | set(node.output) if x and last.get(x) == i)
     return peak
 
 
 def input_bytes_per_sample(g) -> int:
-    """Bytes of one sample of the graph's inputs at their inferred shapes (float32; unknown shapes count 0)."""
-    return sum(_sample_bytes(g, name) for name in g.input_names)
-
-
-def _sample_bytes(g, name: str) -> int:
-    shape = g.shapes.get(name)
-    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        return 0
-    return 4 * math.prod(shape[1:]) if len(shape) > 1 else 4 * shape[0]
+    """Bytes of one sample of the graph's inputs (`sample_bytes`)."""
+    return sum(sample_bytes(g, name) for name in g.input_names)
 
 
 def chunk_count(n: int, size: tuple[int, bool]) -> int:

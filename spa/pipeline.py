@@ -190,9 +190,8 @@ class ScoreAndSelect(Pass):
             run.model.warnings.append(
                 f"--calib is not used for pruning: --importance {opts.importance} ranks by weights only and nothing "
                 f"reconstructs (it only measures fidelity); without --fast the default puts the data to work")
-        samples, capped = opts.samples, None
-        if run.data is None and (uses_data(opts.importance) or opts.reconstruct):
-            samples, capped = synthesized_count(analysis.ctx.g, opts.samples)
+        synthesizes = run.data is None and (uses_data(opts.importance) or opts.reconstruct)
+        samples, capped = synthesized_count(analysis.ctx.g, opts.samples) if synthesizes else (opts.samples, None)
         inputs = run.score_inputs = ScoreInputs(analysis, calib=run.data, loss=opts.loss, samples=samples,
                                                 seed=opts.seed, progress=run.step)
         if capped:
@@ -210,7 +209,7 @@ class ScoreAndSelect(Pass):
         if held is not None:
             run.holdout_label = f"{held.n} held-out calibration samples"
             run.holdout = batches_for(run.model.graph, held.inputs)
-        elif run.data is None and (uses_data(opts.importance) or opts.reconstruct):
+        elif synthesizes:
             run.holdout = synthesize_holdout(run, inputs)
         if run.holdout:
             run.settle_holdout()

@@ -462,14 +462,13 @@ def fill_budget(analysis, scores, plan_for, counts: dict[int, int], per_mac: dic
     units in per_mac's order, ascending); a group that one step no longer fits is not tried again (its next
     step costs as much)."""
     counts = dict(counts)
-    size = {g.id: g.size for g in analysis.groups}
 
     def step_of(gid: int) -> int:
         return min(steps.get(gid, 1), counts[gid])
 
     def key(gid: int) -> tuple:  # the mean importance per MAC of the units one step gives back
         value = float(np.mean(per_mac[gid][counts[gid] - step_of(gid):counts[gid]]))
-        return -value, -counts[gid] / size[gid], gid
+        return -value, -counts[gid] / analysis.groups[gid].size, gid
 
     heap = [key(g) for g in counts if step_of(g) > 0]
     heapq.heapify(heap)

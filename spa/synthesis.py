@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from .calib import input_specs
 from .errors import SpaError, one_line
-from .execution import batch_size_for, run_model
+from .execution import batch_size_for, run_model, sample_bytes
 from .ir import attr
 from .memory import GB, array_bytes, check_memory, memory_limit_gb
 
@@ -135,8 +135,7 @@ def inversion_steps(macs_per_sample: float, n: int, steps: int | None = None, bu
 def inversion_bytes_per_sample(g) -> int:
     """The graph's tensors at one sample, kept for the backward pass, with their gradients (x3 in the check);
     a tensor whose dims inference left symbolic (Swin's window reshapes) is not counted."""
-    return sum(array_bytes(g.shapes[o][1:], np.float32) for node in g.model.graph.node for o in node.output
-               if g.shapes.get(o) and all(isinstance(d, int) for d in g.shapes[o][1:]))
+    return sum(sample_bytes(g, o) for node in g.model.graph.node for o in node.output if o)
 
 
 def invert_in_parts(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | None = None):
@@ -437,11 +436,13 @@ def _prefix_model(g, output: str):
     return onnx.helper.make_model(graph, opset_imports=g.model.opset_import, ir_version=g.model.ir_version)
 
 
-def input_ranges(g, feeds: dict[str, np.ndarray], seed: int, notes: list) -> dict[str, tuple[float, float]]:
+def input_ranges(g, feeds: dict[str, np.ndarray], seed: int, notes: list,
+                 given: tuple = ()) -> dict[str, tuple[float, float]]:
     """input name -> (mean, std) for the float inputs whose first layer reads as other than standardized; a note
-    for each input read, mapped or not."""
+    for each input read, mapped or not. The inputs in `given` (--input-range) are not read, but still feed the
+    others' first layers."""
     ranges = {}
-    for name in feeds:
+    for name in (k for k in feeds if k not in given):
         try:
             found = input_range(g, feeds, name, seed)
         except (SpaError, RuntimeError, ValueError, IndexError, TypeError) as e:  # a first layer torch cannot
@@ -529,8 +530,7 @@ def model_data(inputs) -> tuple[dict[str, np.ndarray], int]:
         # {"steps": N, "budget": MACs, "ranges": {name: (mean, std)}}, from the caller's options
         opts = inputs.cache.get("synthesis_options", {})
         ranges = given_ranges(cached, opts.get("ranges") or {}, inputs.notes)
-        ranges.update(input_ranges(g, {k: v for k, v in cached.items() if k not in ranges}, inputs.seed,
-                                   inputs.notes))
+        ranges.update(input_ranges(g, cached, inputs.seed, inputs.notes, given=tuple(ranges)))
         macs = float(getattr(inputs.analysis, "total_macs", 0) or 0)
         elements = inversion_bytes_per_sample(g) / 4
         steps = inversion_steps(macs, inputs.samples, opts.get("steps"), opts.get("budget"), elements)

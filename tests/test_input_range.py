@@ -121,7 +121,7 @@ def test_a_standardized_reading_keeps_the_prior_and_the_samples():
     # the same samples as with the reading switched off
     original = synthesis.input_ranges
     try:
-        synthesis.input_ranges = lambda g, feeds, seed, notes: {}
+        synthesis.input_ranges = lambda g, feeds, seed, notes, given=(): {}
         y, _ = synthesized(model)
     finally:
         synthesis.input_ranges = original
