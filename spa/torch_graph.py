@@ -285,7 +285,7 @@ class TorchGraph(nn.Module):
                 continue
             if node.op_type == "Add":
                 other = inputs[1 - k]
-                if torch.broadcast_shapes(x.shape, other.shape) != x.shape or torch.result_type(x, other) != x.dtype:
+                if not broadcasts_into(other.shape, x.shape) or torch.result_type(x, other) != x.dtype:
                     continue
             storage = x.untyped_storage().data_ptr()
             if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage
@@ -364,3 +364,11 @@ class _ParamView(Mapping):
 
 
 __all__ = ["TorchGraph"]
+
+
+def broadcasts_into(shape, target) -> bool:
+    """Whether `shape` broadcasts to exactly `target` (numpy rules). torch.broadcast_shapes goes through its
+    symbolic-shape reference code: 0.4 s of imports on first use and ~1 ms a call, 0.65 s of a ResNet-50 run."""
+    if len(shape) > len(target):
+        return False
+    return all(a == b or a == 1 for a, b in zip(reversed(tuple(shape)), reversed(tuple(target))))

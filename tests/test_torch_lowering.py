@@ -916,3 +916,16 @@ def test_relu_and_add_in_place_only_where_the_input_dies_unshared():
     assert relus[1] in in_place              # Relu(c1): dies there, nothing shares it
     assert relus[2] not in in_place          # Relu(c1b): the Identity's alias is still alive
     assert adds[0] in in_place and adds[1] in in_place
+
+
+def test_broadcasts_into_follows_numpy():
+    from spa.torch_graph import broadcasts_into
+
+    shapes = [(), (1,), (4,), (3, 1), (1, 4), (3, 4), (2, 3, 4), (2, 1, 4), (5, 4), (1, 1, 1, 4)]
+    for a in shapes:
+        for target in shapes:
+            try:
+                fits = np.broadcast_shapes(a, target) == tuple(target)
+            except ValueError:
+                fits = False
+            assert broadcasts_into(a, target) == fits, (a, target)
