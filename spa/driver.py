@@ -20,8 +20,8 @@ from .importance import score
 from .loading import load, param_count, resolve_input
 from .memory import memory_limit
 from .model import Model
-from .options import DATA_CRITERIA, PruneOptions
-from .passes import PassManager
+from .options import DATA_CRITERIA, MEASURED_ALLOCATION, PruneOptions
+from .passes import PassManager, PassResult
 from .passes.analyse import Analyse
 from .pipeline import (
     AnalyseModel,
@@ -39,6 +39,7 @@ from .pipeline import (
     WriteOutputs,
     data_label,
     explain_nothing,
+    selection_error,
 )
 from .select import PruningPlan, select
 
@@ -129,9 +130,69 @@ def run_passes(source, output, options: PruneOptions, progress, staged: StagedOu
     """(run, manager, results, fidelity guard section or None) of one pipeline, guarded when --max-drop asks."""
     if options.max_drop is not None:
         return guarded(source, output, options, progress, staged)
+    return (*pipeline(source, output, options, progress, staged), None)
+
+
+def pipeline(source, output, options: PruneOptions, progress, staged: StagedOutputs, write: bool = True):
+    """(run, manager, results) of one cut: the passes in order; with --allocation auto, measured_allocation."""
     run = PruneRun(source, output, options, progress, outputs=staged)
-    manager = PassManager(passes_for(options))
-    return run, manager, manager.run(run), None
+    measured = options.allocation == MEASURED_ALLOCATION
+    manager = PassManager(passes_for(options, write=write and not measured))
+    if not measured:
+        return run, manager, manager.run(run)
+    run, manager, results = measured_allocation(run, manager)
+    if write:
+        results["save"] = manager.run_one(WriteOutputs(), run)
+    return run, manager, results
+
+
+def measured_allocation(run: PruneRun, manager: PassManager):
+    """--allocation auto: the uniform plan; where the banded plan differs (a deep cut opens its band), that one
+    too, on the same data, refit the same way and measured on the same held-out samples; the plan whose
+    outputs stay closer to the original's (selection_error) is kept, uniform on a tie. The banded trade gained
+    1-2 points on some nets at 70 % of the MACs removed and lost 1.2 on another (BENCHMARKS.md): measuring
+    both keeps the gains where the held-out samples confirm them. Costs a second refit at deep cuts only."""
+    first = run
+    try:
+        results, failed = manager.run(run), None
+    except FidelityNotMet as e:   # the guard may still accept the other plan
+        if run.alternative is None:
+            raise
+        results, failed = None, e
+    if run.alternative is None:
+        why = ("the banded plan is the uniform one at this cut" if run.options.target_flops is not None
+               else "--ratio removes the same share of every group")
+        results["allocation"] = PassResult(report={"allocation": {"requested": MEASURED_ALLOCATION,
+                                                                  "chosen": "uniform", "why": why}})
+        return run, manager, results
+    t = time.perf_counter()
+    second = PruneRun(run.source, run.output, replace(run.options, allocation="banded"), run.progress,
+                      outputs=run.outputs, inherited=run)
+    second_manager = PassManager(passes_for(second.options, write=False))
+    try:
+        second_results, second_failed = second_manager.run(second), None
+    except FidelityNotMet as e:
+        second_results, second_failed = None, e
+    seconds = time.perf_counter() - t
+    if failed is not None and second_failed is not None:  # neither within the guard: the smaller drop speaks
+        raise min((failed, second_failed), key=lambda e: e.section["drop_pct"])
+    errors = {}
+    for name, res, fail in (("uniform", results, failed), ("banded", second_results, second_failed)):
+        outputs = fail.section["outputs"] if fail is not None else res["fidelity"].report["fidelity"]["outputs"]
+        errors[name] = selection_error(outputs)
+    metric = errors["uniform"][1]
+    banded = second_failed is None and (failed is not None or errors["banded"][0] < errors["uniform"][0])
+    # the report times the first run's passes and, as one stage, the second candidate's
+    second_manager.timings = {**manager.timings, "allocation check": seconds}
+    run, manager, results = (second, second_manager, second_results) if banded else (run, manager, results)
+    manager.timings = second_manager.timings
+    section = {"requested": MEASURED_ALLOCATION, "chosen": "banded" if banded else "uniform", "metric": metric,
+               "on": first.holdout_label or "random inputs",
+               "candidates": {name: {"error": err, **({"within_guard": False} if fail else {})}
+                              for (name, (err, _)), fail in zip(errors.items(), (failed, second_failed))},
+               "seconds_second_candidate": round(seconds, 3)}
+    results["allocation"] = PassResult(report={"allocation": section})
+    return run, manager, results
 
 
 def default_mode(options: PruneOptions) -> bool:
@@ -153,10 +214,8 @@ def guarded(source, output, options: PruneOptions, progress, staged: StagedOutpu
     lo, hi, share = 0.0, 1.0, 1.0
     for _ in range(GUARD_PROBES + 1):
         probe = scaled_cut(options, share)
-        run = PruneRun(source, output, probe, progress, outputs=staged)
-        manager = PassManager(passes_for(probe, write=False))
         try:
-            results = manager.run(run)
+            run, manager, results = pipeline(source, output, probe, progress, staged, write=False)
         except FidelityNotMet as e:
             tried.append({"share_of_cut": share, **cut_of(probe), "drop_pct": e.section["drop_pct"],
                           "metric": e.section["metric"], "met": False})
@@ -230,6 +289,7 @@ def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
         "compensation": sections.get("compensation"),
         "reconstruction": sections.get("reconstruction"),
         "fidelity": sections.get("fidelity"),
+        "allocation": sections.get("allocation", {"requested": opts.allocation, "chosen": opts.allocation}),
         "importance": {"criterion": opts.importance, "aggregation": opts.aggregation,
                        "normalization": opts.normalization, "data": data_label(run.data, opts.importance),
                        "notes": inputs.notes,

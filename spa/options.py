@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, fields, replace
 from .errors import SpaError
 from .memory import DEFAULT_MEMORY_LIMIT_GB
 
-ALLOCATIONS = ("global", "uniform", "banded")
+ALLOCATIONS = ("auto", "uniform", "banded", "global")
+MEASURED_ALLOCATION = "auto"      # uniform, or banded where its plan differs and measures better (spa.driver)
 DEFAULT_IMPORTANCE = "obspa"      # OBS saliencies on data (or synthesized inputs), then least-squares refit
-DEFAULT_ALLOCATION = "uniform"
+DEFAULT_ALLOCATION = MEASURED_ALLOCATION
 FAST_IMPORTANCE = "l2"            # --fast: magnitude ranking, no data pass, no reconstruction
 FAST_ALLOCATION = "uniform"
 DATA_CRITERIA = ("taylor", "snip", "grasp", "crop", "obs", "obspa")  # read activations or gradients (need torch)

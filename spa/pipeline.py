@@ -23,7 +23,7 @@ from .ir import has_mapped, has_subgraph, needs_external_data, release, save_mod
 from .loading import load, param_count
 from .memory import GB, memory_limit_gb
 from .model import Model
-from .options import PruneOptions
+from .options import MEASURED_ALLOCATION, PruneOptions
 from .passes import Pass, PassResult, verify
 from .passes.analyse import Analyse
 from .passes.apply import Apply
@@ -64,6 +64,9 @@ class PruneRun:
     pruned: onnx.ModelProto | None = None
     patterns: dict | None = None               # node name -> spa.patterns.LayerPattern (--patterns)
     outputs: StagedOutputs = field(default_factory=StagedOutputs)   # files written only when the run commits
+    alternative: PruningPlan | None = None     # --allocation auto: the banded plan, where it differs from uniform's
+    inherited: PruneRun | None = None          # the run whose data, held-out samples and alternative plan this
+    #                                            one refits and measures instead of scoring (spa.driver)
 
     @property
     def analyses(self) -> dict:
@@ -178,6 +181,8 @@ class ScoreAndSelect(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         opts, analysis = run.options, run.analysis
+        if run.inherited is not None:
+            return self.inherit(run)
         if uses_data(opts.importance) or opts.reconstruct or opts.recalibrate:
             check_no_control_flow(run.model.graph)
             check_sample_axis(run.model.graph)
@@ -219,9 +224,35 @@ class ScoreAndSelect(Pass):
         else:
             scores = score(analysis, opts.importance, opts.aggregation, opts.normalization, inputs)
             run.step("select")
-            run.plan = select(analysis, scores, ratio=opts.ratio, target_flops=opts.target_flops,
+            def plan(allocation: str) -> PruningPlan:
+                return select(analysis, scores, ratio=opts.ratio, target_flops=opts.target_flops,
                               min_channels=opts.min_channels, round_to=opts.round_to, exclude=list(opts.exclude),
-                              max_ratio=opts.max_ratio, allocation=opts.allocation)
+                              max_ratio=opts.max_ratio, allocation=allocation)
+            run.plan = plan(opts.allocation)
+            if opts.allocation == MEASURED_ALLOCATION and opts.target_flops is not None:
+                banded = plan("banded")
+                run.alternative = None if banded.same_cut(run.plan) else banded
+        return self.planned(run)
+
+    def inherit(self, run: PruneRun) -> PassResult:
+        """The second candidate of --allocation auto: the first run's data, held-out samples (and the original's
+        outputs on them) and synthesized inputs, its alternative plan; no scoring (the refit computes the
+        original's layer outputs it needs itself)."""
+        first, opts = run.inherited, run.options
+        run.data, run.holdout, run.holdout_label = first.data, first.holdout, first.holdout_label
+        run.holdout_reference = first.holdout_reference
+        inputs = run.score_inputs = ScoreInputs(run.analysis, calib=run.data, loss=opts.loss,
+                                                samples=first.score_inputs.samples, seed=opts.seed,
+                                                progress=run.step)
+        inputs.notes.extend(first.score_inputs.notes)
+        if "synthesized" in first.score_inputs.cache:
+            inputs.cache["synthesized"] = first.score_inputs.cache["synthesized"]
+        run.plan = PruningPlan.from_json(first.alternative.to_json(first.analysis, tensors=False), run.analysis)
+        return self.planned(run)
+
+    def planned(self, run: PruneRun) -> PassResult:
+        """What the chosen plan removes, and its part of the report."""
+        opts, analysis = run.options, run.analysis
         run.removed = run.plan.roots(analysis)
         run.plan_json = run.plan.to_json(analysis) if opts.save_plan else None  # before Apply rewrites weights
         macs_before, macs_after = analysis.total_macs, analysis.macs_after(run.removed)
@@ -236,7 +267,8 @@ class ScoreAndSelect(Pass):
                     "instead" if uncounted_nodes(analysis) else ""))
         plan = run.plan
         spared = []
-        if plan.removed and opts.target_flops is not None and opts.allocation == "uniform" and not opts.plan_file:
+        if plan.removed and opts.target_flops is not None and opts.allocation in ("uniform", MEASURED_ALLOCATION) \
+                and not opts.plan_file and run.inherited is None:
             coarse = coarse_groups(analysis)
             spared = [g.name for g in analysis.groups if g.id in coarse and g.prunable > 0 and not plan.removed.get(g.id)]
         return PassResult(report={
@@ -550,3 +582,13 @@ def explain_nothing(analysis: Analysis) -> str:
             reasons.setdefault(why, where)
     top = "; ".join(f"{why} (at {where})" for why, where in list(reasons.items())[:3])
     return f"every group is frozen or has a single unit: {top or 'all groups have one unit'}"
+
+
+def selection_error(outputs: dict) -> tuple[float, str]:
+    """How far a candidate's outputs are from the original's, for choosing between plans (--allocation auto):
+    the mean KL divergence of the class probabilities on outputs that look like class logits (continuous,
+    where the top-1 agreement on a few held-out samples ties), else the mean relative L2 error."""
+    kl = [v["kl"] for v in outputs.values() if "kl" in v]
+    if kl:
+        return float(np.mean(kl)), "KL divergence of the class probabilities"
+    return float(np.mean([v["rel_l2"] for v in outputs.values()])), "relative L2 error of the outputs"

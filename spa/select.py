@@ -19,7 +19,7 @@ from spa.passes.apply import param_cuts
 from .errors import SpaError
 from .fileio import atomic_write_text
 from .groups import Analysis
-from .options import ROUND_AUTO, check_selection
+from .options import MEASURED_ALLOCATION, ROUND_AUTO, check_selection
 
 # ---- the plan --------------------------------------------------------------------------------------------------
 PLAN_FORMAT = "spa-prune-plan/1"
@@ -52,6 +52,12 @@ class PruningPlan:
         for gid, idx in self.removed.items():
             out.update(np.asarray(analysis.groups[gid].units)[np.asarray(idx, dtype=np.int64)].tolist())
         return out
+
+    def same_cut(self, other: PruningPlan) -> bool:
+        """Whether both plans remove exactly the same units."""
+        def cut(plan):
+            return {gid: sorted(idx) for gid, idx in plan.removed.items() if len(idx)}
+        return cut(self) == cut(other)
 
     def to_json(self, analysis: Analysis, tensors: bool = True) -> dict:
         """The plan as JSON data. With `tensors`, call it before Apply runs (Apply rewrites the initializers)."""
@@ -275,12 +281,15 @@ def select(analysis: Analysis, scores: dict, *, ratio: float | None = None, targ
     'uniform' removes the same fraction of every group (the smallest fraction that meets the budget, found by
     bisection) and uses the importance only inside each group; 'banded' ranks by importance per MAC like
     'global', but every group stays within a band around the uniform fraction (band_width, _banded), and is the
-    uniform allocation where the band is closed.
+    uniform allocation where the band is closed. 'auto' (the measured choice between those two, made by
+    spa.driver after refitting both) gives its first candidate here, the uniform plan.
     round_to: kept units a multiple of N, or ROUND_AUTO: kernel_steps per group where a budget sets the widths
     (target_flops; a ratio is an exact count per group); when the kernel-friendly widths cannot meet the
     budget, the widths are not rounded."""
     check_selection(ratio=ratio, target_flops=target_flops, max_ratio=max_ratio, allocation=allocation,
                     min_channels=min_channels, round_to=round_to)
+    if allocation == MEASURED_ALLOCATION:
+        allocation = "uniform"
     if round_to == ROUND_AUTO and target_flops is None:
         round_to = 1
     steps = group_steps(analysis, round_to)

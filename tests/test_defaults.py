@@ -1,6 +1,7 @@
 """Quality by default (issue 16): what the command a user types first does, --fast, and the fidelity guard.
 
-The defaults: OBS scoring, uniform allocation and least-squares reconstruction, data-free without --calib;
+The defaults: OBS scoring, the measured allocation (uniform, or banded where both were refit and banded measured
+closer) and least-squares reconstruction, data-free without --calib;
 every verified run reports its fidelity on inputs no pass fitted to; --max-drop guards it."""
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ def files(tmp_path):
 
 
 # ---- the options ---------------------------------------------------------------------------------------------
-def test_default_mode_is_obs_uniform_with_reconstruction():
+def test_default_mode_is_obs_measured_allocation_with_reconstruction():
     o = PruneOptions(target_flops=0.5).validated()
-    assert (o.importance, o.allocation, o.reconstruct) == ("obspa", "uniform", True)
+    assert (o.importance, o.allocation, o.reconstruct) == ("obspa", "auto", True)
 
 
 def test_fast_is_magnitude_without_reconstruction():
@@ -119,6 +120,68 @@ def test_non_classifier_fidelity_is_relative_l2(files, tmp_path):
     assert rep["fidelity"]["metric"] == "relative L2 error of the outputs"
     (out,) = rep["fidelity"]["outputs"].values()
     assert rep["fidelity"]["drop_pct"] == pytest.approx(100 * out["rel_l2"], abs=1e-3)
+
+
+# ---- the measured allocation (--allocation auto, the default) --------------------------------------------------
+def kept(report) -> list[int]:
+    return [g["kept"] for g in report["per_group"]]
+
+
+def test_auto_at_a_mild_cut_is_the_uniform_plan_itself(files, tmp_path):
+    cls, _, _ = files
+    auto = driver.prune(str(cls), str(tmp_path / "a.onnx"), target_flops=0.5).report
+    uniform = driver.prune(str(cls), str(tmp_path / "u.onnx"), target_flops=0.5, allocation="uniform").report
+    assert auto["allocation"] == {"requested": "auto", "chosen": "uniform",
+                                  "why": "the banded plan is the uniform one at this cut"}
+    assert uniform["allocation"] == {"requested": "uniform", "chosen": "uniform"}
+    assert "allocation check" not in auto["timings_s"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "u.onnx").read_bytes()
+
+
+def test_auto_refits_both_plans_at_a_deep_cut_and_keeps_the_closer(files, tmp_path):
+    cls, _, calib = files
+    rep = driver.prune(str(cls), str(tmp_path / "a.onnx"), target_flops=0.2, calib=str(calib)).report
+    alloc = rep["allocation"]
+    errors = {name: c["error"] for name, c in alloc["candidates"].items()}
+    assert set(errors) == {"uniform", "banded"} and alloc["metric"] == "KL divergence of the class probabilities"
+    assert alloc["on"] == rep["fidelity"]["on"] == "8 held-out calibration samples"
+    closer = "banded" if errors["banded"] < errors["uniform"] else "uniform"
+    assert alloc["chosen"] == closer
+    assert rep["fidelity"]["outputs"]["fc_out"]["kl"] == pytest.approx(errors[closer])
+    assert rep["verification"]["status"] == "passed" and "allocation check" in rep["timings_s"]
+    plans = {name: kept(driver.prune(str(cls), None, target_flops=0.2, calib=str(calib), allocation=name).report)
+             for name in errors}
+    assert plans["uniform"] != plans["banded"]
+    assert kept(rep) == plans[closer]
+    onnx.checker.check_model(onnx.load(tmp_path / "a.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("prefer", ["uniform", "banded"])
+def test_auto_writes_the_candidate_that_measures_closer(files, tmp_path, monkeypatch, prefer):
+    cls, _, _ = files
+    calls = []
+
+    def rigged(outputs):   # the first call measures the uniform candidate, the second the banded one
+        calls.append(outputs)
+        return (0.0 if (len(calls) == 1) == (prefer == "uniform") else 1.0), "rigged"
+
+    monkeypatch.setattr(driver, "selection_error", rigged)
+    out = tmp_path / "o.onnx"
+    rep = driver.prune(str(cls), str(out), target_flops=0.2).report
+    assert rep["allocation"]["chosen"] == prefer and len(calls) == 2
+    assert kept(rep) == kept(driver.prune(str(cls), None, target_flops=0.2, allocation=prefer).report)
+    assert rep["verification"]["status"] == "passed" and rep["macs"]["ratio"] <= 0.2
+    written = {t.name: tuple(t.dims) for t in onnx.load(out).graph.initializer}
+    alone = tmp_path / "alone.onnx"
+    driver.prune(str(cls), str(alone), target_flops=0.2, allocation=prefer)
+    assert written == {t.name: tuple(t.dims) for t in onnx.load(alone).graph.initializer}
+
+
+def test_auto_under_the_guard_reports_both(files, tmp_path):
+    cls, _, _ = files
+    rep = driver.prune(str(cls), str(tmp_path / "o.onnx"), target_flops=0.2, max_drop=100).report
+    assert rep["fidelity"]["guard"]["met_at_requested_budget"]
+    assert set(rep["allocation"]["candidates"]) == {"uniform", "banded"}
 
 
 # ---- the fidelity guard --------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ OUR_METHODS: dict[str, list[str]] = {
     "default-datafree": [],  # exactly what a user types first
     "default-calib": ["--calib", CALIB],
     "uniform+obspa": ["--importance", "obspa", "--allocation", "uniform", "--calib", CALIB],
-    "global+obspa": ["--importance", "obspa", "--calib", CALIB],
+    "global+obspa": ["--importance", "obspa", "--allocation", "global", "--calib", CALIB],
     "uniform+obspa-datafree": ["--importance", "obspa", "--allocation", "uniform"],
-    "global+obspa-datafree": ["--importance", "obspa"],
+    "global+obspa-datafree": ["--importance", "obspa", "--allocation", "global"],
     "fast": ["--fast"],                                          # the instant path (magnitude, no reconstruction)
     "fast-global (old default)": ["--fast", "--allocation", "global"],  # what the plain command did before issue 16
 }

@@ -113,6 +113,12 @@ def summary(rep: dict) -> str:
                      + (f"; fine-tuned {tuned} epoch(s) between steps" if tuned else "")
                      + "; every step verified against its input" * all(
                          st["verification"] == "passed" for st in prog["per_step"]))
+    alloc = rep.get("allocation") or {}
+    if alloc.get("candidates"):
+        errs = ", ".join(f"{name} {c['error']:.3g}" + (" (outside --max-drop)" if c.get("within_guard") is False
+                                                       else "") for name, c in alloc["candidates"].items())
+        lines.append(f"allocation    auto: {alloc['chosen']} kept, the closer of two refit plans ({alloc['metric']} "
+                     f"on {alloc['on']}: {errs})")
     imp = rep.get("importance") or {}
     if imp.get("data") and imp["data"] != "weights only":
         hess = imp.get("hessian_data") or {}
