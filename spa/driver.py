@@ -160,10 +160,12 @@ def measured_allocation(run: PruneRun, manager: PassManager):
             raise
         results, failed = None, e
     if run.alternative is None:
-        why = ("the banded plan is the uniform one at this cut" if run.options.target_flops is not None
-               else "--ratio removes the same share of every group")
+        opts = run.options
+        chosen, why = (("plan", "--plan gives the cut") if opts.plan_file else
+                       ("uniform", "--ratio removes the same share of every group") if opts.target_flops is None else
+                       ("uniform", "the banded plan is the uniform one at this cut"))
         results["allocation"] = PassResult(report={"allocation": {"requested": MEASURED_ALLOCATION,
-                                                                  "chosen": "uniform", "why": why}})
+                                                                  "chosen": chosen, "why": why}})
         return run, manager, results
     t = time.perf_counter()
     second = PruneRun(run.source, run.output, replace(run.options, allocation="banded"), run.progress,
@@ -289,7 +291,8 @@ def assemble_report(run: PruneRun, results: dict, timings: dict) -> dict:
         "compensation": sections.get("compensation"),
         "reconstruction": sections.get("reconstruction"),
         "fidelity": sections.get("fidelity"),
-        "allocation": sections.get("allocation", {"requested": opts.allocation, "chosen": opts.allocation}),
+        "allocation": sections.get("allocation", {"requested": opts.allocation,
+                                                  "chosen": "plan" if opts.plan_file else opts.allocation}),
         "importance": {"criterion": opts.importance, "aggregation": opts.aggregation,
                        "normalization": opts.normalization, "data": data_label(run.data, opts.importance),
                        "notes": inputs.notes,

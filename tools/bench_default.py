@@ -283,6 +283,10 @@ GOALS = [  # (method, target, max drop below unpruned, text) from the issue's "D
 ]
 
 
+ALLOCATION_PAIRS = [("default-calib", "uniform+obspa", "128 calib"),
+                    ("default-datafree", "uniform+obspa-datafree", "data-free")]
+
+
 def goal_lines(summ: dict, models: list[str]) -> list[str]:
     lines = ["| model | goal | default | reference | margin | met |", "|---|---|---:|---:|---:|:---:|"]
     for model in models:
@@ -294,19 +298,20 @@ def goal_lines(summ: dict, models: list[str]) -> list[str]:
             margin = e["acc"] - (base["acc"] - drop)
             lines.append(f"| {model} | {text} | {e['acc']:.2f} | {base['acc']:.2f} - {drop:g} | {margin:+.2f} | "
                          f"{'yes' if margin >= 0 else 'NO'} |")
-        for t in sorted({k[2] for k in summ if k[0] == model and k[1] == "uniform+obspa"}, reverse=True):
-            d, u = summ.get((model, "default-calib", t)), summ.get((model, "uniform+obspa", t))
+        for default, uniform, mode in ALLOCATION_PAIRS:
+            for t in sorted({k[2] for k in summ if k[0] == model and k[1] == uniform}, reverse=True):
+                d, u = summ.get((model, default, t)), summ.get((model, uniform, t))
+                if d and u and d["n"] and u["n"]:
+                    margin = d["acc"] - u["acc"] + 0.3
+                    lines.append(f"| {model} | default allocation never > 0.3 pt below uniform+obspa, {mode} (keep "
+                                 f"{t:g}) | {d['acc']:.2f} | {u['acc']:.2f} - 0.3 | {margin:+.2f} | "
+                                 f"{'yes' if margin >= 0 else 'NO'} |")
+            d, u = summ.get((model, default, 0.3)), summ.get((model, uniform, 0.3))
             if d and u and d["n"] and u["n"]:
-                margin = d["acc"] - u["acc"] + 0.3
-                lines.append(f"| {model} | default allocation never > 0.3 pt below uniform+obspa (keep {t:g}) | "
-                             f"{d['acc']:.2f} | {u['acc']:.2f} - 0.3 | {margin:+.2f} | "
-                             f"{'yes' if margin >= 0 else 'NO'} |")
-        d, u = summ.get((model, "default-calib", 0.3)), summ.get((model, "uniform+obspa", 0.3))
-        if d and u and d["n"] and u["n"]:
-            margin = d["acc"] - (u["acc"] + 1.0)
-            lines.append(f"| {model} | default allocation ≥ 1 pt above uniform+obspa at 70 % removed (needed on 2 "
-                         f"nets) | {d['acc']:.2f} | {u['acc']:.2f} + 1 | {margin:+.2f} | "
-                         f"{'yes' if margin >= 0 else 'NO'} |")
+                margin = d["acc"] - (u["acc"] + 1.0)
+                lines.append(f"| {model} | default allocation ≥ 1 pt above uniform+obspa at 70 % removed, {mode} "
+                             f"(needed on 2 nets) | {d['acc']:.2f} | {u['acc']:.2f} + 1 | {margin:+.2f} | "
+                             f"{'yes' if margin >= 0 else 'no'} |")
     return lines
 
 

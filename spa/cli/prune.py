@@ -210,14 +210,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --target-flops: remove at most the fraction R of any group (default 1: no cap; "
                         "the global per-MAC ranking otherwise thins early, high-resolution layers first)")
     p.add_argument("--allocation", choices=list(ALLOCATIONS),
-                   help="with --target-flops: 'uniform' (default) removes the same fraction of every group "
-                        "(bisected to the budget), ranking only inside groups, and spares groups of fewer than 8 units (attention "
-                        "heads) while the others meet the budget with at most 0.8 of theirs; 'global' ranks units across groups "
-                        "by importance per MAC (thins some layers to almost nothing: worse without fine-tuning); "
-                        "'banded' is uniform until the uniform cut passes 40 %% of every group, then ranks by "
-                        "importance per MAC within +-5 %% of the uniform fraction (gains at 70 %% of the MACs removed "
-                        "without data on some nets, loses on others: BENCHMARKS.md) "
-                        "(with --policy: use --policy global|uniform)")
+                   help="with --target-flops: 'auto' (default) is 'uniform' where 'banded' gives the same plan; at "
+                        "deep cuts, where they differ, both are refit and measured on the same held-out samples and "
+                        "the one closer to the original is written (the summary says which); 'uniform' removes the "
+                        "same fraction of every group (bisected to the budget), ranking only inside groups, and "
+                        "spares groups of fewer than 8 units (attention heads) while the others meet the budget with "
+                        "at most 0.8 of theirs; 'banded' is uniform until the uniform cut passes 40 %% of every "
+                        "group, then ranks by importance per MAC within +-5 %% of the uniform fraction; 'global' "
+                        "ranks units across groups by importance per MAC (thins some layers to almost nothing: worse "
+                        "without fine-tuning) (with --policy: use --policy global|uniform)")
     prog = p.add_argument_group("progressive pruning")
     prog.add_argument("--steps", type=int, default=1, metavar="K",
                       help="reach the budget in K verified steps (geometric schedule: each step removes the same "
