@@ -10,7 +10,7 @@ A benchmark, not a test. In ONE process, interleaved (floor, ours, floor, ours, 
   batches of --floor-batch (session creation included): the data-free mode's N = --samples random normal inputs
   (spa-prune synthesizes its own; only their number matters for timing), the calibration mode's N = the
   calibration set (--calib FILE, or --calib-samples N smooth random images written to OUT).
-* ours: `python -m spa.cli MODEL OUT.onnx --target-flops F --importance obspa --allocation uniform
+* ours: `python -m spa.cli MODEL OUT.onnx --target-flops F
   --input-shape ... [--calib C.npz] --report R.json` (--cli-args replaces the arguments after --target-flops),
   in a subprocess; wall time and peak RSS of the whole process through the small intermediary of
   tools/bench_default (`run_subprocess`).
@@ -42,7 +42,7 @@ import numpy as np
 from tools.bench_default import run_subprocess
 
 DEFAULT_OUT = ROOT / ".bench" / "speed"
-DEFAULT_CLI = ["--importance", "obspa", "--allocation", "uniform"]
+DEFAULT_CLI: list[str] = []   # the default command, as a user types it
 
 
 def parse_shape(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--target-flops", type=float, default=0.5)
     ap.add_argument("--cli-args", nargs=argparse.REMAINDER,
-                    help=f"spa-prune arguments after --target-flops (default: {' '.join(DEFAULT_CLI)})")
+                    help="spa-prune arguments after --target-flops (default: none, the default command)")
     ap.add_argument("--floor-batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
