@@ -168,7 +168,8 @@ def measured_allocation(run: PruneRun, manager: PassManager):
                                                                   "chosen": chosen, "why": why}})
         return run, manager, results
     t = time.perf_counter()
-    second = PruneRun(run.source, run.output, replace(run.options, allocation="banded"), run.progress,
+    progress = (lambda stage: run.progress(f"allocation check, banded plan: {stage}")) if run.progress else None
+    second = PruneRun(run.source, run.output, replace(run.options, allocation="banded"), progress,
                       outputs=run.outputs, inherited=run)
     second_manager = PassManager(passes_for(second.options, write=False))
     try:

@@ -224,6 +224,7 @@ class ScoreAndSelect(Pass):
         else:
             scores = score(analysis, opts.importance, opts.aggregation, opts.normalization, inputs)
             run.step("select")
+
             def plan(allocation: str) -> PruningPlan:
                 return select(analysis, scores, ratio=opts.ratio, target_flops=opts.target_flops,
                               min_channels=opts.min_channels, round_to=opts.round_to, exclude=list(opts.exclude),
