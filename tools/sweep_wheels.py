@@ -101,7 +101,9 @@ def prune(path: Path, shapes: dict, folder: Path, cli_args: str = DEFAULT_ARGS) 
     elif p.returncode == 0:
         rep = json.loads(report.read_text())
         row.update(status=rep["verification"]["status"], before=rep["macs"]["before"], after=rep["macs"]["after"],
-                   groups=f"{rep['groups']['pruned']} of {rep['groups']['total']}", warnings=len(rep["warnings"]))
+                   groups=f"{rep['groups']['pruned']} of {rep['groups']['total']}", warnings=len(rep["warnings"]),
+                   allocation=rep["allocation"]["chosen"] + (" (of two)" if rep["allocation"].get("candidates")
+                                                             else ""))
     else:
         row["status"] = lines[-1].removeprefix("spa-prune: error: ")[:300] if lines else ""
     return row
@@ -118,8 +120,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     wanted = set(args.packages.split(","))
     print("| package | file | input shapes | exit | status | groups pruned | MACs before | MACs after | removed "
-          "| warnings | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| allocation | warnings | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for spec, known in WHEELS.items():
             if spec.split("==")[0] not in wanted:
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
                 given = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()) or "declared"
                 status = r["status"].replace("|", "\\|")
                 print(f"| {spec} | {path.name} | {given} | {r['exit']} | {status} | {r.get('groups', '')} "
-                      f"| {r.get('before', '')} | {r.get('after', '')} | {removed} | {r.get('warnings', '')} "
+                      f"| {r.get('before', '')} | {r.get('after', '')} | {removed} | {r.get('allocation', '')} "
+                      f"| {r.get('warnings', '')} "
                       f"| {r['seconds']} |", flush=True)
     return 0
 
