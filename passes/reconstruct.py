@@ -157,8 +157,10 @@ class Reconstruct(Pass):
     # ---- least-squares refit ---------------------------------------------------------------------------------
     def _refit(self, node, g, ls, gen, stats, timing):
         lp = self.patterns.get(node.name)
-        grouped = lp is not None and obspa.layer_view(g, node) is None
-        view = obspa.conv_view(g, node) if grouped else obspa.layer_view(g, node)  # a patterned grouped conv
+        # a grouped conv (depthwise: one kernel per channel) is refit per group, each group on its own input
+        # channels: OBS does not score it (layer_view), but its input changed when the layers before it were cut
+        grouped = node.op_type == "Conv" and obspa.layer_view(g, node) is None
+        view = obspa.conv_view(g, node) if grouped else obspa.layer_view(g, node)
         orig_node = _orig_node(ls, node)
         if view is None or orig_node is None:
             return
@@ -220,7 +222,8 @@ class Reconstruct(Pass):
             mask = patterns.choose_by_obs(lp, gram, self.damp)       # from the dense weight, on this input
             w_p[:, :mask[0].size] = view.matrix(np.where(mask, lp.dense, 0))
         if grouped:
-            new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
+            mask = lp.mask if lp is not None else np.ones(w_p_full.shape, bool)
+            new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, mask))
         elif lp is not None:
             new = patterns.refit_masked(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
         else:

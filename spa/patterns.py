@@ -283,30 +283,58 @@ class GroupedGram:
         self.xx = self.xy = None
         self.n = 0
 
+    BLOCK_BYTES = 32 << 20   # the float64 copies of one block of groups (a depthwise conv has hundreds)
+
     def add(self, x, y):
-        a = np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, np.float64)
-        b = np.asarray(y.detach().numpy() if hasattr(y, "detach") else y, np.float64)
+        a = x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
+        b = y.detach().numpy() if hasattr(y, "detach") else np.asarray(y)
         p, gs = a.shape[0], self.groups
-        xs = a.reshape(p, gs, -1)
-        if self.bias:                                     # the ones column, once per group
-            xs = np.concatenate([xs, np.ones((p, gs, 1))], 2)
-        xs = np.ascontiguousarray(xs.transpose(1, 0, 2))                      # (G, P, i): batched BLAS
-        xx = xs.transpose(0, 2, 1) @ xs
-        xy = xs.transpose(0, 2, 1) @ np.ascontiguousarray(b.reshape(p, gs, -1).transpose(1, 0, 2))
-        self.xx = xx if self.xx is None else self.xx + xx
-        self.xy = xy if self.xy is None else self.xy + xy
+        xs, ys = a.reshape(p, gs, -1), b.reshape(p, gs, -1)
+        i = xs.shape[2] + self.bias
+        if self.xx is None:
+            self.xx = np.zeros((gs, i, i))
+            self.xy = np.zeros((gs, i, ys.shape[2]))
+        step = max(1, self.BLOCK_BYTES // (8 * p * i))
+        for g0 in range(0, gs, step):                     # (groups, P, i) per block: batched BLAS
+            block = np.empty((min(step, gs - g0), p, i))
+            block[:, :, :xs.shape[2]] = xs[:, g0:g0 + step].transpose(1, 0, 2)
+            if self.bias:                                 # the ones column, once per group
+                block[:, :, -1] = 1.0
+            self.xx[g0:g0 + step] += block.transpose(0, 2, 1) @ block
+            self.xy[g0:g0 + step] += block.transpose(0, 2, 1) @ ys[:, g0:g0 + step].transpose(1, 0, 2)
         self.n += p
 
 
 def refit_grouped(w_p: np.ndarray, gram: GroupedGram, damp: float, support: np.ndarray) -> np.ndarray:
     """`refit_masked` per group of a grouped conv (w_p, support: O' x (C/G·k [+ 1]))."""
     per = w_p.shape[0] // gram.groups
+    if support.all():
+        return refit_groups_dense(w_p, gram, damp)
     new = np.zeros_like(w_p, dtype=np.float64)
     for i in range(gram.groups):
         rows = slice(i * per, (i + 1) * per)
         part = SimpleNamespace(xx=gram.xx[i], xy=gram.xy[i], n=gram.n)
         new[rows] = refit_masked(w_p[rows], part, damp, support[rows])
     return new
+
+
+def refit_groups_dense(w_p: np.ndarray, gram: GroupedGram, damp: float) -> np.ndarray:
+    """`refit_grouped` where every weight is free (no pattern): all groups' dampened systems in one batched
+    Cholesky solve instead of one factorization per group (a depthwise conv has one group per channel)."""
+    import torch
+
+    groups, i = gram.xx.shape[:2]
+    h = np.asarray(gram.xx, np.float64) / gram.n                        # (G, i, i)
+    lam = damp * np.maximum(np.einsum("gjj->gj", h).mean(1), 1e-12)     # spa.obspa.damped, per group
+    diag = np.arange(i)
+    h[:, diag, diag] += lam[:, None]
+    w = np.asarray(w_p, np.float64).reshape(groups, -1, i)             # (G, rows per group, i)
+    rhs = np.asarray(gram.xy, np.float64) / gram.n + lam[:, None, None] * w.transpose(0, 2, 1)
+    chol, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
+    sol = torch.cholesky_solve(torch.from_numpy(np.ascontiguousarray(rhs)), chol).numpy()
+    for g in np.flatnonzero(info.numpy()):                               # not positive definite: least squares
+        sol[g] = np.linalg.lstsq(h[g], rhs[g], rcond=None)[0]
+    return sol.transpose(0, 2, 1).reshape(w_p.shape)
 
 
 def choose_by_obs(lp: LayerPattern, gram, damp: float) -> np.ndarray:

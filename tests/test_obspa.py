@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import Builder
+from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 
 from spa import driver, obspa
+from spa.ir import attr as get_attr
 from spa.calib import Calib
 
 
@@ -139,6 +141,46 @@ def conv_net(bn: bool):
     y = b.op("Flatten", [y], axis=1)
     b.output(b.gemm("fc", y, 16, 10, trans_b=1))
     return b.model()
+
+
+def depthwise_net():
+    """c0 -> relu -> c1 (1x1) -> relu -> depthwise 3x3 (16 groups) -> relu -> c3 (1x1) -> relu -> global pool
+    -> fc: the MobileNet block (c1's channels, the depthwise conv's and c3's inputs one group) after a layer whose
+    cut changes what the block reads."""
+    b = Builder()
+    x = b.input("x", [1, 3, 12, 12])
+    y = b.relu(b.conv("c0", x, 3, 16))
+    y = b.relu(b.conv("c1", y, 16, 16, k=1))
+    y = b.relu(b.conv("dw", y, 16, 16, group=16))
+    y = b.relu(b.conv("c3", y, 16, 24, k=1))
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    b.output(b.gemm("fc", y, 24, 10, trans_b=1))
+    return b.model()
+
+
+def test_depthwise_convs_are_refit_per_channel(monkeypatch):
+    """A depthwise conv is refit on its own, changed input (one kernel per kept channel): counted, and the
+    output closer to the original's than with the depthwise conv left as cut."""
+    model = depthwise_net()
+    calib = calib_for(model, n=128)
+    out = model.graph.output[0].name
+
+    def run():
+        rep = driver.prune(model, None, ratio=0.5, calib=calib, allocation="uniform")
+        return rep.report, {t.name: numpy_helper.to_array(t) for t in rep.model.graph.to_model().graph.initializer}
+
+    rep, weights = run()
+    assert rep["verification"]["status"] == "passed"
+    assert rep["reconstruction"]["passes"][0]["layers_refit"] == 5            # c0, c1, dw, c3 and fc
+    with monkeypatch.context() as m:   # the depthwise conv left as cut: the refit before this change
+        real = obspa.conv_view
+        m.setattr(obspa, "conv_view", lambda g, node: None if get_attr(node, "group", 1) > 1 else real(g, node))
+        rep_cut, weights_cut = run()
+    assert rep_cut["reconstruction"]["passes"][0]["layers_refit"] == 4
+    assert weights["dw.weight"].shape == weights_cut["dw.weight"].shape == (8, 1, 3, 3)
+    assert not np.allclose(weights["dw.weight"], weights_cut["dw.weight"])
+    err, err_cut = (r["reconstruction"]["fidelity_after"][out]["rel_l2"] for r in (rep, rep_cut))
+    assert err < err_cut, (err, err_cut)
 
 
 @pytest.mark.parametrize("bn", [False, True])

@@ -215,3 +215,30 @@ def test_refit_rechoice_by_obs_on_a_white_input_is_the_magnitude_choice():
     gram = type("G", (), {"xx": 50.0 * np.eye(27), "n": 50})()
     mask = patterns.choose_by_obs(lp, gram, 0.0)
     assert (mask == patterns.mask_of(brute_choice(w, lib), lib, w.shape)).all() and lp.mask is mask
+
+
+@pytest.mark.parametrize("bias,per", [(True, 1), (False, 2)])
+def test_grouped_gram_and_batched_refit_match_the_per_group_solves(monkeypatch, bias, per):
+    """GroupedGram (float64 sums in blocks of groups) equals each group's XᵀX / XᵀY; the batched solve of a
+    grouped conv without a pattern equals refit_masked group by group."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    groups, k, p = 12, 9, 300
+    x = rng.standard_normal((p, groups * k)).astype(np.float32)
+    y = rng.standard_normal((p, groups * per)).astype(np.float32)
+    monkeypatch.setattr(patterns.GroupedGram, "BLOCK_BYTES", 8 * p * (k + 1) * 5)   # blocks of 5 groups
+    gram = patterns.GroupedGram(groups, bias)
+    gram.add(x[:100], y[:100])
+    gram.add(x[100:], y[100:])
+    for g in range(groups):
+        xg = x[:, g * k:(g + 1) * k].astype(np.float64)
+        if bias:
+            xg = np.concatenate([xg, np.ones((p, 1))], 1)
+        np.testing.assert_allclose(gram.xx[g], xg.T @ xg, rtol=1e-10)
+        np.testing.assert_allclose(gram.xy[g], xg.T @ y[:, g * per:(g + 1) * per], rtol=1e-10)
+    w = rng.standard_normal((groups * per, k + bias))
+    full = np.ones(w.shape, bool)
+    batched = patterns.refit_grouped(w, gram, 0.01, full)
+    looped = np.concatenate([patterns.refit_masked(w[g * per:(g + 1) * per], type("G", (), {
+        "xx": gram.xx[g], "xy": gram.xy[g], "n": gram.n})(), 0.01, full[g * per:(g + 1) * per]) for g in range(groups)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-8, atol=1e-10)
