@@ -158,13 +158,13 @@ class Reconstruct(Pass):
     def _refit(self, node, g, ls, gen, stats, timing):
         lp = self.patterns.get(node.name)
         # a grouped conv (depthwise: one kernel per channel) is refit per group, each group on its own input
-        # channels: OBS does not score it (layer_view), but its input changed when the layers before it were cut
-        grouped = node.op_type == "Conv" and obspa.layer_view(g, node) is None
-        view = obspa.conv_view(g, node) if grouped else obspa.layer_view(g, node)
+        # channels: OBS does not score it, but its input changed when the layers before it were cut
+        view = obspa.refit_view(g, node)
         orig_node = _orig_node(ls, node)
         if view is None or orig_node is None:
             return
-        ov = (obspa.conv_view if grouped else obspa.layer_view)(ls.orig_graph, orig_node)
+        grouped = view.kind == "conv" and view.conv["group"] > 1
+        ov = obspa.refit_view(ls.orig_graph, orig_node)
         if ov is None or ov.kind != view.kind or (ov.bias is None) != (view.bias is None):
             stats["skipped"].append(f"{node.name}: original and pruned layers differ in kind")
             return

@@ -97,6 +97,13 @@ def layer_view(g, node) -> LayerView | None:
     return None
 
 
+def refit_view(g, node) -> LayerView | None:
+    """The view the least-squares refit solves for: `layer_view`'s layers, and grouped/depthwise convs (refit
+    per group, spa.patterns.refit_grouped), which OBS does not score."""
+    view = layer_view(g, node)
+    return view if view is not None or node.op_type != "Conv" else conv_view(g, node)
+
+
 def conv_view(g, node) -> LayerView | None:
     """A 1-D/2-D Conv with a constant weight as y = X Wᵀ, whatever its group count (a grouped conv's rows then
     see only their group's columns: `layer_view` leaves those out of OBS; spa.patterns refits them per group)."""
@@ -497,7 +504,7 @@ def obs_members(inputs):
     layers = {name: view for name, (view, _) in sinks.items()}    # the layers whose inputs/outputs are read
     targets: dict[str, LayerTargets] | None = None
     if opts.get("keep_targets"):
-        wanted = {node.name: layers.get(node.name) or layer_view(g, node) for node in g.model.graph.node}
+        wanted = {node.name: layers.get(node.name) or refit_view(g, node) for node in g.model.graph.node}
         wanted = {name: view for name, view in wanted.items() if view is not None}
         extra = targets_bytes(g, wanted, positions, n)
         if need + extra <= memory_limit_gb() * GB:

@@ -171,7 +171,9 @@ def test_depthwise_convs_are_refit_per_channel(monkeypatch):
 
     rep, weights = run()
     assert rep["verification"]["status"] == "passed"
-    assert rep["reconstruction"]["passes"][0]["layers_refit"] == 5            # c0, c1, dw, c3 and fc
+    refit = rep["reconstruction"]["passes"][0]
+    assert refit["layers_refit"] == refit["targets_from_scoring"] == 5  # c0, c1, dw, c3, fc: the scoring pass kept
+    #                                                                     the original's outputs for all of them
     with monkeypatch.context() as m:   # the depthwise conv left as cut: the refit before this change
         real = obspa.conv_view
         m.setattr(obspa, "conv_view", lambda g, node: None if get_attr(node, "group", 1) > 1 else real(g, node))
