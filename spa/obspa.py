@@ -98,8 +98,8 @@ def layer_view(g, node) -> LayerView | None:
 
 
 def refit_view(g, node) -> LayerView | None:
-    """The view the least-squares refit solves for: `layer_view`'s layers, and grouped/depthwise convs (refit
-    per group, spa.patterns.refit_grouped), which OBS does not score."""
+    """The view the least-squares refit solves for with patterns: `layer_view`'s layers, and grouped/depthwise
+    convs (refit per group on their kept positions, spa.patterns.refit_grouped), which OBS does not score."""
     view = layer_view(g, node)
     return view if view is not None or node.op_type != "Conv" else conv_view(g, node)
 
@@ -504,7 +504,8 @@ def obs_members(inputs):
     layers = {name: view for name, (view, _) in sinks.items()}    # the layers whose inputs/outputs are read
     targets: dict[str, LayerTargets] | None = None
     if opts.get("keep_targets"):
-        wanted = {node.name: layers.get(node.name) or refit_view(g, node) for node in g.model.graph.node}
+        view_of = refit_view if opts.get("grouped_targets") else layer_view   # patterns: grouped convs too
+        wanted = {node.name: layers.get(node.name) or view_of(g, node) for node in g.model.graph.node}
         wanted = {name: view for name, view in wanted.items() if view is not None}
         extra = targets_bytes(g, wanted, positions, n)
         if need + extra <= memory_limit_gb() * GB:

@@ -207,6 +207,8 @@ class ScoreAndSelect(Pass):
             inputs.cache["obspa_options"]["kronecker_columns"] = None
         if opts.reconstruct:  # the refit reads the original's layer outputs the scoring pass keeps
             inputs.cache["obspa_options"]["keep_targets"] = True
+            if opts.patterns is not None:   # ... of the grouped convs too, which only the pattern path refits
+                inputs.cache["obspa_options"]["grouped_targets"] = True
         if opts.synth_steps is not None:
             inputs.cache.setdefault("synthesis_options", {})["steps"] = opts.synth_steps
         if opts.input_range is not None:
