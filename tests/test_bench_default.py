@@ -79,7 +79,7 @@ def test_summary_and_markdown(tmp_path):
     goals = md.split("accuracy goals")[1]
     assert "| resnet20_digits | default + 128 calib within 1 pt of unpruned at 50 % removed | 11.00 | 99.00 - 1 |" \
         " -87.00 | NO |" in goals
-    assert "never > 0.3 pt below uniform+obspa (keep 0.5) | 11.00 | 99.00 - 0.3 | -87.70 | NO |" in goals
+    assert "never > 0.3 pt below uniform+obspa, 128 calib (keep 0.5) | 11.00 | 99.00 - 0.3 | -87.70 | NO |" in goals
     json.loads((tmp_path / "results.json").read_text())
 
 
