@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import Builder
-from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 
@@ -140,38 +139,6 @@ def conv_net(bn: bool):
     y = b.op("Flatten", [y], axis=1)
     b.output(b.gemm("fc", y, 16, 10, trans_b=1))
     return b.model()
-
-
-def depthwise_net():
-    """c0 -> relu -> c1 (1x1) -> relu -> depthwise 3x3 (16 groups) -> relu -> c3 (1x1) -> relu -> global pool
-    -> fc: the MobileNet block (c1's channels, the depthwise conv's and c3's inputs one group) after a layer whose
-    cut changes what the block reads."""
-    b = Builder()
-    x = b.input("x", [1, 3, 12, 12])
-    y = b.relu(b.conv("c0", x, 3, 16))
-    y = b.relu(b.conv("c1", y, 16, 16, k=1))
-    y = b.relu(b.conv("dw", y, 16, 16, group=16))
-    y = b.relu(b.conv("c3", y, 16, 24, k=1))
-    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
-    b.output(b.gemm("fc", y, 24, 10, trans_b=1))
-    return b.model()
-
-
-def test_grouped_convs_keep_their_cut_weights_unless_patterned():
-    """The channel refit leaves a depthwise conv as cut (refit per group it helped MobileNetV2 and hurt PP-OCRv4's
-    detector: BENCHMARKS.md); the pattern path refits it per group, on targets the scoring pass kept."""
-    model = depthwise_net()
-    calib = calib_for(model, n=128)
-    rep = driver.prune(model, None, ratio=0.5, calib=calib, allocation="uniform")
-    refit = rep.report["reconstruction"]["passes"][0]
-    assert refit["layers_refit"] == refit["targets_from_scoring"] == 4            # c0, c1, c3 and fc
-    kept = {t.name: numpy_helper.to_array(t) for t in rep.model.graph.to_model().graph.initializer}
-    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert kept["dw.weight"].shape == (8, 1, 3, 3)                                # each kernel as it was
-    assert all(any(np.array_equal(k, o) for o in original["dw.weight"]) for k in kept["dw.weight"])
-    patterned = driver.prune(model, None, ratio=0.5, calib=calib, allocation="uniform", patterns=4).report
-    refit = patterned["reconstruction"]["passes"][0]
-    assert refit["layers_refit"] == refit["targets_from_scoring"] == 5            # and dw, per group
 
 
 @pytest.mark.parametrize("bn", [False, True])

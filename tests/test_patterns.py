@@ -131,6 +131,22 @@ def test_masked_model_equals_the_independently_masked_reference(tmp_path):
     assert p["macs"]["pattern_aware"] == p["macs"]["dense"] - skipped == rep["macs"]["before"] - skipped
 
 
+def test_grouped_convs_keep_their_cut_weights_unless_patterned():
+    """The channel refit leaves the depthwise conv as cut (refit per group it helped MobileNetV2 and hurt
+    PP-OCRv4's detector: BENCHMARKS.md); the pattern path refits it per group, on targets the scoring pass kept."""
+    model = pattern_net()
+    data = calib(model, n=128)
+    rep = driver.prune(model, None, ratio=0.5, calib=data, allocation="uniform")
+    refit = rep.report["reconstruction"]["passes"][0]
+    assert refit["layers_refit"] == refit["targets_from_scoring"] == 4            # c1, pw, c5 and fc
+    kept, original = weights(rep.model.graph.to_model())["dw.weight"], weights(model)["dw.weight"]
+    assert kept.shape == (4, 1, 3, 3)                                             # each kernel as it was
+    assert all(any(np.array_equal(k, o) for o in original) for k in kept)
+    refit = driver.prune(model, None, ratio=0.5, calib=data, allocation="uniform",
+                         patterns=4).report["reconstruction"]["passes"][0]
+    assert refit["layers_refit"] == refit["targets_from_scoring"] == 5            # and dw, per group
+
+
 def test_refit_keeps_the_zeros_and_improves_fidelity_grouped_convs_too():
     model = pattern_net()
     rep = driver.prune(model, None, patterns=3, calib=calib(model), damp=1e-4).report
