@@ -223,9 +223,8 @@ class Reconstruct(Pass):
         if lp is not None and not grouped and self.pattern_choice == "obs" and lp.dense is not None:
             mask = patterns.choose_by_obs(lp, gram, self.damp)       # from the dense weight, on this input
             w_p[:, :mask[0].size] = view.matrix(np.where(mask, lp.dense, 0))
-        if grouped:
-            mask = lp.mask if lp is not None else np.ones(w_p_full.shape, bool)
-            new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, mask))
+        if grouped:   # only a patterned one (refit_view)
+            new = patterns.refit_grouped(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
         elif lp is not None:
             new = patterns.refit_masked(w_p, gram, self.damp, patterns.refit_support(view, lp.mask))
         else:

@@ -278,12 +278,12 @@ class GroupedGram:
     (P x O): group i's output rows see only its C/G input channels' columns (and a ones column per group for the
     bias)."""
 
+    BLOCK_BYTES = 32 << 20   # the float64 copies of one block of groups (a depthwise conv has hundreds)
+
     def __init__(self, groups: int, bias: bool):
         self.groups, self.bias = groups, bias
         self.xx = self.xy = None
         self.n = 0
-
-    BLOCK_BYTES = 32 << 20   # the float64 copies of one block of groups (a depthwise conv has hundreds)
 
     def add(self, x, y):
         a = x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
