@@ -24,6 +24,7 @@ from .options import DATA_CRITERIA, MEASURED_ALLOCATION, PruneOptions
 from .passes import PassManager, PassResult
 from .passes.analyse import Analyse
 from .pipeline import (
+    HOLDOUT_MIN,
     AnalyseModel,
     ApplyPlan,
     CompactStorage,
@@ -163,7 +164,9 @@ def measured_allocation(run: PruneRun, manager: PassManager):
         opts = run.options
         chosen, why = (("plan", "--plan gives the cut") if opts.plan_file else
                        ("uniform", "--ratio removes the same share of every group") if opts.target_flops is None else
-                       ("uniform", "the banded plan is the uniform one at this cut"))
+                       ("uniform", f"no held-out samples to compare plans on (--calib with fewer than "
+                                   f"{4 * HOLDOUT_MIN} samples)")
+                       if not run.holdout else ("uniform", "the banded plan is the uniform one at this cut"))
         results["allocation"] = PassResult(report={"allocation": {"requested": MEASURED_ALLOCATION,
                                                                   "chosen": chosen, "why": why}})
         return run, manager, results

@@ -232,8 +232,8 @@ class ScoreAndSelect(Pass):
                               min_channels=opts.min_channels, round_to=opts.round_to, exclude=list(opts.exclude),
                               max_ratio=opts.max_ratio, allocation=allocation)
             run.plan = plan(opts.allocation)
-            if opts.allocation == MEASURED_ALLOCATION and opts.target_flops is not None:
-                banded = plan("banded")
+            if opts.allocation == MEASURED_ALLOCATION and opts.target_flops is not None and run.holdout:
+                banded = plan("banded")   # compared on held-out samples only: random inputs say nothing of it
                 run.alternative = None if banded.same_cut(run.plan) else banded
         return self.planned(run)
 

@@ -156,6 +156,17 @@ def test_auto_refits_both_plans_at_a_deep_cut_and_keeps_the_closer(files, tmp_pa
     onnx.checker.check_model(onnx.load(tmp_path / "a.onnx"), full_check=True)
 
 
+def test_auto_without_held_out_samples_keeps_uniform(files, tmp_path):
+    cls, _, _ = files
+    few = tmp_path / "few.npz"   # 16 samples: too few to hold some out, fidelity falls back to random inputs
+    np.savez(few, x=np.random.default_rng(1).standard_normal((16, 3, 12, 12)).astype(np.float32))
+    rep = driver.prune(str(cls), None, target_flops=0.2, calib=str(few)).report
+    assert rep["allocation"] == {"requested": "auto", "chosen": "uniform", "why": "no held-out samples to compare "
+                                 "plans on (--calib with fewer than 32 samples)"}
+    assert kept(rep) == kept(driver.prune(str(cls), None, target_flops=0.2, calib=str(few),
+                                          allocation="uniform").report)
+
+
 @pytest.mark.parametrize("prefer", ["uniform", "banded"])
 def test_auto_writes_the_candidate_that_measures_closer(files, tmp_path, monkeypatch, prefer):
     cls, _, _ = files
