@@ -162,7 +162,7 @@ def measured_allocation(run: PruneRun, manager: PassManager):
         results, failed = None, e
     if run.alternative is None:
         opts = run.options
-        chosen, why = (("plan", "--plan gives the cut") if opts.plan_file else
+        chosen, why = (("plan", "the cut came as a plan (--plan, or the --policy search)") if opts.plan_file else
                        ("uniform", "--ratio removes the same share of every group") if opts.target_flops is None else
                        ("uniform", f"no held-out samples to compare plans on (--calib with fewer than "
                                    f"{4 * HOLDOUT_MIN} samples)")
