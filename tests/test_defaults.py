@@ -188,6 +188,36 @@ def test_auto_writes_the_candidate_that_measures_closer(files, tmp_path, monkeyp
     assert written == {t.name: tuple(t.dims) for t in onnx.load(alone).graph.initializer}
 
 
+@pytest.mark.parametrize("fails", [("uniform",), ("banded",), ("uniform", "banded")])
+def test_auto_under_the_guard_takes_the_candidate_within_it(files, tmp_path, monkeypatch, fails):
+    """--max-drop with two candidates at the requested cut: one outside the guard, the other is written; both
+    outside: the guard tries a smaller cut (where the band closes: one plan)."""
+    from spa import pipeline
+
+    cls, _, _ = files
+    calls = []
+    real = pipeline.fidelity_drop
+
+    def rigged(outputs):   # the first two measurements are the two candidates at the requested cut
+        calls.append(outputs)
+        drop, metric = real(outputs)
+        if len(calls) <= 2 and ("uniform", "banded")[len(calls) - 1] in fails:
+            return 50.0, metric
+        return 0.0, metric
+
+    monkeypatch.setattr(pipeline, "fidelity_drop", rigged)
+    rep = driver.prune(str(cls), str(tmp_path / "o.onnx"), target_flops=0.2, max_drop=10).report
+    guard = rep["fidelity"]["guard"]
+    if len(fails) == 1:
+        kept_plan = "banded" if fails == ("uniform",) else "uniform"
+        assert guard["met_at_requested_budget"] and rep["allocation"]["chosen"] == kept_plan
+        assert rep["allocation"]["candidates"][fails[0]]["within_guard"] is False
+        assert "within_guard" not in rep["allocation"]["candidates"][kept_plan]
+    else:
+        assert not guard["met_at_requested_budget"] and guard["tried"][0]["drop_pct"] == 50.0
+        assert rep["macs"]["ratio"] > 0.2 and (tmp_path / "o.onnx").exists()
+
+
 def test_auto_under_the_guard_reports_both(files, tmp_path):
     cls, _, _ = files
     rep = driver.prune(str(cls), str(tmp_path / "o.onnx"), target_flops=0.2, max_drop=100).report
