@@ -164,8 +164,8 @@ def measured_allocation(run: PruneRun, manager: PassManager):
         opts = run.options
         chosen, why = (("plan", "the cut came as a plan (--plan, or the --policy search)") if opts.plan_file else
                        ("uniform", "--ratio removes the same share of every group") if opts.target_flops is None else
-                       ("uniform", f"no held-out samples to compare plans on (--calib with fewer than "
-                                   f"{4 * HOLDOUT_MIN} samples)")
+                       ("uniform", "no held-out samples to compare plans on" + (
+                           f" (--calib with fewer than {4 * HOLDOUT_MIN} samples)" if opts.calib is not None else ""))
                        if not run.holdout else ("uniform", "the banded plan is the uniform one at this cut"))
         results["allocation"] = PassResult(report={"allocation": {"requested": MEASURED_ALLOCATION,
                                                                   "chosen": chosen, "why": why}})
