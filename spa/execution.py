@@ -72,12 +72,25 @@ def batch_size_for(g, default: int, feeds: dict[str, np.ndarray] | None = None) 
     return (default, False) if cached else (fixed, True)
 
 
-def _batch_polymorphic(g, feeds) -> bool:
+def batch_free_polymorphic(g, feeds) -> bool:
+    """Whether a model exported at batch 1 that `batch_size_for` keeps at batch 1 (a Reshape bakes the batch:
+    torch.onnx's dynamo exports) runs several samples at once as TorchGraph(g, batch_free=True), each sample's
+    result its own (the same probe as batch_size_for's)."""
+    size, fixed = batch_size_for(g, 2, feeds)
+    if not fixed or size != 1 or feeds is None or min(v.shape[0] for v in feeds.values()) < 2:
+        return False
+    cached = getattr(g, "_batch_free_probe", None)
+    if cached is None:
+        cached = g._batch_free_probe = _batch_polymorphic(g, feeds, batch_free=True)
+    return cached
+
+
+def _batch_polymorphic(g, feeds, batch_free: bool = False) -> bool:
     import torch
 
     from .torch_graph import TorchGraph  # torch: this module must import without it
 
-    tg = TorchGraph(g)
+    tg = TorchGraph(g, batch_free=batch_free)
     try:
         with torch.no_grad():
             pair = tg.run({k: torch.from_numpy(np.ascontiguousarray(v[:2])) for k, v in feeds.items()})

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from .calib import input_specs
 from .errors import SpaError, one_line
-from .execution import batch_size_for, run_model, sample_bytes
+from .execution import batch_free_polymorphic, batch_size_for, run_model, sample_bytes
 from .ir import attr
 from .memory import GB, array_bytes, check_memory, memory_limit_gb
 
@@ -184,7 +184,11 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     n = int(next(iter(feeds.values())).shape[0])
     check_memory(3 * n * inversion_bytes_per_sample(g), f"the data-free inversion ({n} synthesized samples, "
                                                         f"activations kept for the gradient; fewer with --synth-samples)")
-    tg = TorchGraph(g)
+    size, fixed = batch_size_for(g, n, feeds)
+    batch_free = fixed and size == 1 and batch_free_polymorphic(g, feeds)
+    if batch_free:   # one Reshape baked batch 1 into the export: all samples at once, not one run per sample
+        size, fixed = n, False
+    tg = TorchGraph(g, batch_free=batch_free)
     for p in tg.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng([inputs.seed, 1])
@@ -193,7 +197,6 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     xs = {k: torch.tensor(v, requires_grad=np.dtype(v.dtype).kind == "f") for k, v in feeds.items()}
     lr = min(0.25, INVERSION_LR * INVERSION_STEPS / steps)
     opt = torch.optim.Adam([x for x in xs.values() if x.requires_grad], lr=lr)
-    size, fixed = batch_size_for(g, n, feeds)
     classes = None
     first = last = None
     shown = time.perf_counter()

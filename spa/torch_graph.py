@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from spa.lowering import lowering, node_attrs, tensor_from_proto, unsupported
+from spa.lowering.shape import BATCH_FREE
 
 from .errors import SpaError
 from .ir import has_subgraph
@@ -73,11 +74,16 @@ def _key(name: str, taken: set[str], prefix: str) -> str:
 class TorchGraph(nn.Module):
     """An onnx.ModelProto (or spa.ir.Graph, or spa.model.Model) as a torch module; see the module docstring."""
 
-    def __init__(self, model, *, upcast_half: bool = True):
+    def __init__(self, model, *, upcast_half: bool = True, batch_free: bool = False):
+        """batch_free (a spa.ir.Graph exported at batch 1): a Reshape whose input had 1 in dim 0 keeps the batch
+        its input carries where its target says 1, so that a model whose export baked the batch into a Reshape
+        runs several samples at once (spa.execution.batch_free_polymorphic checks that it then gives each
+        sample's own result). Not ONNX's semantics beyond batch 1: for the data passes' speed only."""
         super().__init__()
         graph = getattr(model, "graph", None)
         if hasattr(graph, "model") and hasattr(graph, "const"):  # spa.model.Model -> its spa.ir.Graph
             model = graph
+        shapes = getattr(model, "shapes", {}) if batch_free else {}
         if isinstance(model, onnx.ModelProto):
             proto, const = model, None
         elif hasattr(model, "model") and hasattr(model, "const"):  # spa.ir.Graph
@@ -127,6 +133,9 @@ class TorchGraph(nn.Module):
                 self._add_static(node.output[0], value, taken, constant=True)
                 self._constant_nodes[node.output[0]] = list(node.output)
                 continue
+            if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and \
+                    (shapes.get(node.input[0]) or (None,))[0] == 1:
+                attrs[BATCH_FREE] = True
             self._index[node.output[0] if node.output else f"#{len(self.nodes)}"] = len(self.nodes)
             self.nodes.append(node)
             self._prep.append((fn, attrs))

@@ -268,3 +268,48 @@ def test_synthesized_samples_fit_the_memory_limit(tmp_path):
     full = driver.prune(str(path), None, target_flops=0.5, synth_steps=2).report     # the default limit: all 64
     assert full["importance"]["hessian_data"]["samples"] == 64
     assert not any("synthesized samples instead" in n for n in full["importance"]["notes"])
+
+
+def baked_batch_classifier():
+    """`classifier` as torch.onnx's dynamo exports it: the flatten is a Reshape to the constant [1, 16], so the
+    model runs one sample at a time as written; a Reshape of a constant [4, 4] to [1, 16] carries no batch."""
+    b = Builder()
+    x = b.input("x", [1, 3, 12, 12])
+    y = b.relu(b.conv("c1", x, 3, 16))
+    y = b.op("Reshape", [b.op("GlobalAveragePool", [y]), b.i64("flat", [1, 16])])
+    table = b.op("Reshape", [b.const("table", np.eye(4, dtype=np.float32)), b.i64("row", [1, 16])])
+    y = b.op("Add", [y, table])
+    fc = np.random.default_rng(0).standard_normal((CLASSES, 16)).astype(np.float32) * 30
+    b.output(b.op("Gemm", [y, b.const("fc.weight", fc), b.const("fc.bias", np.zeros(CLASSES, np.float32))],
+                  transB=1))
+    return b.model()
+
+
+def test_a_baked_batch_of_one_is_inverted_all_samples_at_once(monkeypatch):
+    from spa import execution
+    from spa.torch_graph import TorchGraph
+
+    model = baked_batch_classifier()
+    _, analysis = analyse(model)
+    g = analysis.ctx.g
+    x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    assert execution.batch_size_for(g, 64, {"x": x}) == (1, True)       # as written: one sample per run
+    assert execution.batch_free_polymorphic(g, {"x": x})
+    free = TorchGraph(g, batch_free=True)
+    marked = [n.name for n, (_, attrs) in zip(free.nodes, free._prep) if attrs.get("_batch_free")]
+    assert len(marked) == 1                                             # the flatten, not the table's Reshape
+    with torch.no_grad():
+        together = free.run({"x": torch.from_numpy(x)})[free.output_names[0]]
+        single = [TorchGraph(g).run({"x": torch.from_numpy(x[i:i + 1])})[free.output_names[0]] for i in range(3)]
+    torch.testing.assert_close(together, torch.cat(single), rtol=1e-5, atol=1e-5)
+    runs = []
+    real = synthesis.run_model
+    monkeypatch.setattr(synthesis, "run_model", lambda tg, feeds, **kw: (runs.append(len(feeds["x"])),
+                                                                          real(tg, feeds, **kw))[1])
+    fast = data(model, samples=8)
+    assert set(runs) == {8}                                             # one run of all 8 samples per step
+    runs.clear()
+    monkeypatch.setattr(synthesis, "batch_free_polymorphic", lambda g, feeds: False)
+    slow = data(model, samples=8)
+    assert set(runs) == {1}
+    np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-3)

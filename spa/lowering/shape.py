@@ -14,7 +14,12 @@ def reshape(node, inputs, attrs):
     shape = _ints(inputs[1]) if len(inputs) > 1 else list(attrs["shape"])
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    if attrs.get(BATCH_FREE) and shape and shape[0] == 1 and x.dim():
+        shape[0] = x.shape[0]   # a batch of 1 baked into the target: keep the batch the input carries
     return [x.reshape(shape)]
+
+
+BATCH_FREE = "_batch_free"   # TorchGraph(batch_free=True) marks the Reshapes whose target bakes a batch of 1
 
 
 @lower("Flatten")
