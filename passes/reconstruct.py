@@ -45,8 +45,10 @@ class Lockstep:
         self.torch = torch
         self.original_proto = original
         self.orig_graph = Graph(original)
+        self.shapes = pruned.shapes   # dim 0 at batch 1, what batch_free reads, is the original's too
         self.orig_nodes = list(self.orig_graph.model.graph.node)
-        self.t_pruned = execution.fast_layout(TorchGraph(pruned))
+        self.batch_free = execution.batch_free_polymorphic(pruned, feeds)   # as layerwise_batch chunked them
+        self.t_pruned = execution.fast_layout(TorchGraph(pruned, batch_free=self.batch_free))
         n = int(next(iter(feeds.values())).shape[0])
         self.parts = list(execution.chunks(feeds, n, chunk))
         if not self.parts:
@@ -64,7 +66,8 @@ class Lockstep:
         if self.t_orig is None:
             from spa.torch_graph import TorchGraph
 
-            self.t_orig = execution.fast_layout(TorchGraph(self.original_proto))
+            self.t_orig = execution.fast_layout(TorchGraph(self.original_proto, batch_free=self.batch_free,
+                                                           shapes=self.shapes))
             self.orig_nodes = list(self.t_orig.nodes)
             self.env_o = [self.t_orig.initial_env(c) for c in self.parts]
         while name not in self.env_o[0] and self.orig_pos < len(self.orig_nodes):

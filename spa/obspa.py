@@ -37,7 +37,7 @@ import numpy as np
 
 from . import quant
 from .errors import SpaError
-from .execution import chunks, fast_layout, layerwise_batch, run_layerwise
+from .execution import batch_free_polymorphic, chunks, fast_layout, layerwise_batch, run_layerwise
 from .importance import Member
 from .ir import attr as get_attr
 from .memory import GB, check_memory, memory_limit_gb
@@ -516,7 +516,7 @@ def obs_members(inputs):
                                 f"(~{extra / GB:.2g} GB) would not fit beside the Hessians in --memory-limit")
     timing = inputs.cache.setdefault("obspa_timing", {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0})
     t0 = time.perf_counter()
-    tg = fast_layout(TorchGraph(g))
+    tg = fast_layout(TorchGraph(g, batch_free=batch_free_polymorphic(g, feeds)))   # as layerwise_batch chunks
     grams: dict[str, Gram | KroneckerGram] = {
         name: KroneckerGram(view.k, view.bias is not None) if kronecker_scored(view, _columns(g, view), limit)
         else Gram(ones=view.bias is not None)

@@ -185,7 +185,7 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     check_memory(3 * n * inversion_bytes_per_sample(g), f"the data-free inversion ({n} synthesized samples, "
                                                         f"activations kept for the gradient; fewer with --synth-samples)")
     size, fixed = batch_size_for(g, n, feeds)
-    batch_free = fixed and size == 1 and batch_free_polymorphic(g, feeds)
+    batch_free = fixed and batch_free_polymorphic(g, feeds)
     if batch_free:   # one Reshape baked batch 1 into the export: all samples at once, not one run per sample
         size, fixed = n, False
     tg = TorchGraph(g, batch_free=batch_free)

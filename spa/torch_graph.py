@@ -74,16 +74,17 @@ def _key(name: str, taken: set[str], prefix: str) -> str:
 class TorchGraph(nn.Module):
     """An onnx.ModelProto (or spa.ir.Graph, or spa.model.Model) as a torch module; see the module docstring."""
 
-    def __init__(self, model, *, upcast_half: bool = True, batch_free: bool = False):
-        """batch_free (a spa.ir.Graph exported at batch 1): a Reshape whose input had 1 in dim 0 keeps the batch
-        its input carries where its target says 1, so that a model whose export baked the batch into a Reshape
-        runs several samples at once (spa.execution.batch_free_polymorphic checks that it then gives each
-        sample's own result). Not ONNX's semantics beyond batch 1: for the data passes' speed only."""
+    def __init__(self, model, *, upcast_half: bool = True, batch_free: bool = False, shapes: dict | None = None):
+        """batch_free (a model exported at batch 1; its inferred shapes from `shapes` or the spa.ir.Graph): a
+        Reshape whose input had 1 in dim 0 keeps the batch its input carries where its target says 1, so that a
+        model whose export baked the batch into a Reshape runs several samples at once
+        (spa.execution.batch_free_polymorphic checks that it then gives each sample's own result). Not ONNX's
+        semantics beyond batch 1: for the data passes' speed only."""
         super().__init__()
         graph = getattr(model, "graph", None)
         if hasattr(graph, "model") and hasattr(graph, "const"):  # spa.model.Model -> its spa.ir.Graph
             model = graph
-        shapes = getattr(model, "shapes", {}) if batch_free else {}
+        shapes = (shapes or getattr(model, "shapes", None) or {}) if batch_free else {}
         if isinstance(model, onnx.ModelProto):
             proto, const = model, None
         elif hasattr(model, "model") and hasattr(model, "const"):  # spa.ir.Graph

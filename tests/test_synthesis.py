@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import Builder, analyse, run_model
+from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 
@@ -313,3 +314,34 @@ def test_a_baked_batch_of_one_is_inverted_all_samples_at_once(monkeypatch):
     slow = data(model, samples=8)
     assert set(runs) == {1}
     np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-3)
+
+
+def test_a_baked_batch_of_one_is_scored_and_refit_in_chunks_with_the_same_result(monkeypatch):
+    """The OBS scoring pass and the refit chunk such a model like one with a free batch: the same plan and,
+    up to rounding, the same weights as one sample per run."""
+    from spa import driver, execution, obspa
+    from spa.calib import Calib
+
+    model = baked_batch_classifier()
+    calib = Calib({"x": np.random.default_rng(0).standard_normal((64, 3, 12, 12)).astype(np.float32)}, None, "t")
+    chunks = []
+    real = execution.chunks
+    for module, what in ((obspa, "score"), (execution, "refit")):
+        monkeypatch.setattr(module, "chunks", lambda feeds, n, size, what=what: (chunks.append((what, size)),
+                                                                                 real(feeds, n, size))[1])
+
+    def run():
+        chunks.clear()
+        rep = driver.prune(model, None, ratio=0.5, calib=calib, allocation="uniform")
+        return rep.report, {t.name: t for t in rep.model.graph.to_model().graph.initializer}, list(chunks)
+
+    rep, weights, sizes = run()
+    assert rep["verification"]["status"] == "passed" and rep["reconstruction"]["passes"][0]["layers_refit"] == 2
+    assert sizes == [("score", (32, False)), ("refit", (64, False))]   # as a free batch: 32 and 64 at once
+    monkeypatch.setattr(execution, "batch_free_polymorphic", lambda g, feeds: False)
+    rep_one, weights_one, sizes_one = run()
+    assert sizes_one == [("score", (1, True)), ("refit", (1, True))]
+    assert [g["kept"] for g in rep["per_group"]] == [g["kept"] for g in rep_one["per_group"]]
+    for name in ("c1.weight", "fc.weight"):
+        np.testing.assert_allclose(numpy_helper.to_array(weights[name]), numpy_helper.to_array(weights_one[name]),
+                                   rtol=1e-3, atol=1e-4)
