@@ -153,7 +153,6 @@ def measured_allocation(run: PruneRun, manager: PassManager):
     outputs stay closer to the original's (selection_error) is kept, uniform on a tie. The banded trade gained
     1-2 points on some nets at 70 % of the MACs removed and lost 1.2 on another (BENCHMARKS.md): measuring
     both keeps the gains where the held-out samples confirm them. Costs a second refit at deep cuts only."""
-    first = run
     try:
         results, failed = manager.run(run), None
     except FidelityNotMet as e:   # the guard may still accept the other plan
@@ -161,12 +160,7 @@ def measured_allocation(run: PruneRun, manager: PassManager):
             raise
         results, failed = None, e
     if run.alternative is None:
-        opts = run.options
-        chosen, why = (("plan", "the cut came as a plan (--plan, or the --policy search)") if opts.plan_file else
-                       ("uniform", "--ratio removes the same share of every group") if opts.target_flops is None else
-                       ("uniform", "no held-out samples to compare plans on" + (
-                           f" (--calib with fewer than {4 * HOLDOUT_MIN} samples)" if opts.calib is not None else ""))
-                       if not run.holdout else ("uniform", "the banded plan is the uniform one at this cut"))
+        chosen, why = one_plan(run)
         results["allocation"] = PassResult(report={"allocation": {"requested": MEASURED_ALLOCATION,
                                                                   "chosen": chosen, "why": why}})
         return run, manager, results
@@ -188,17 +182,30 @@ def measured_allocation(run: PruneRun, manager: PassManager):
         errors[name] = selection_error(outputs)
     metric = errors["uniform"][1]
     banded = second_failed is None and (failed is not None or errors["banded"][0] < errors["uniform"][0])
-    # the report times the first run's passes and, as one stage, the second candidate's
-    second_manager.timings = {**manager.timings, "allocation check": seconds}
-    run, manager, results = (second, second_manager, second_results) if banded else (run, manager, results)
-    manager.timings = second_manager.timings
+    timings = {**manager.timings, "allocation check": seconds}   # the first run's passes, the second as one stage
+    if banded:
+        run, manager, results = second, second_manager, second_results
+    manager.timings = timings
     section = {"requested": MEASURED_ALLOCATION, "chosen": "banded" if banded else "uniform", "metric": metric,
-               "on": first.holdout_label or "random inputs",
+               "on": run.holdout_label or "random inputs",
                "candidates": {name: {"error": err, **({"within_guard": False} if fail else {})}
                               for (name, (err, _)), fail in zip(errors.items(), (failed, second_failed))},
                "seconds_second_candidate": round(seconds, 3)}
     results["allocation"] = PassResult(report={"allocation": section})
     return run, manager, results
+
+
+def one_plan(run: PruneRun) -> tuple[str, str]:
+    """(the plan kept, why) where --allocation auto had no second plan to measure."""
+    opts = run.options
+    if opts.plan_file:
+        return "plan", "the cut came as a plan (--plan, or the --policy search)"
+    if opts.target_flops is None:
+        return "uniform", "--ratio removes the same share of every group"
+    if not run.holdout:
+        return "uniform", "no held-out samples to compare plans on" + (
+            f" (--calib with fewer than {4 * HOLDOUT_MIN} samples)" if opts.calib is not None else "")
+    return "uniform", "the banded plan is the uniform one at this cut"
 
 
 def default_mode(options: PruneOptions) -> bool:

@@ -319,8 +319,9 @@ def refit_grouped(w_p: np.ndarray, gram: GroupedGram, damp: float, support: np.n
 
 
 def refit_groups_dense(w_p: np.ndarray, gram: GroupedGram, damp: float) -> np.ndarray:
-    """`refit_grouped` where every weight is free (no pattern): all groups' dampened systems in one batched
-    Cholesky solve instead of one factorization per group (a depthwise conv has one group per channel)."""
+    """`refit_grouped` where every weight is free (a searched K that keeps whole kernels and empties none): all
+    groups' dampened systems in one batched Cholesky solve instead of one factorization per group (a depthwise
+    conv has one group per channel)."""
     import torch
 
     groups, i = gram.xx.shape[:2]

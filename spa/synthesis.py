@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from .calib import input_specs
 from .errors import SpaError, one_line
-from .execution import batch_free_polymorphic, batch_size_for, run_model, sample_bytes
+from .execution import batch_free_polymorphic, batch_size_for, data_pass_batch, run_model, sample_bytes
 from .ir import attr
 from .memory import GB, array_bytes, check_memory, memory_limit_gb
 
@@ -184,11 +184,8 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     n = int(next(iter(feeds.values())).shape[0])
     check_memory(3 * n * inversion_bytes_per_sample(g), f"the data-free inversion ({n} synthesized samples, "
                                                         f"activations kept for the gradient; fewer with --synth-samples)")
-    size, fixed = batch_size_for(g, n, feeds)
-    batch_free = fixed and batch_free_polymorphic(g, feeds)
-    if batch_free:   # one Reshape baked batch 1 into the export: all samples at once, not one run per sample
-        size, fixed = n, False
-    tg = TorchGraph(g, batch_free=batch_free)
+    size, fixed = data_pass_batch(g, n, feeds)   # a Reshape baking batch 1 does not make it one run per sample
+    tg = TorchGraph(g, batch_free=batch_free_polymorphic(g, feeds))
     for p in tg.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng([inputs.seed, 1])
