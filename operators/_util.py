@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from spa.ir import attr
+from spa.ir import attr, slice_params
 
 
 def norm_axis(axis: int, rank: int) -> int:
@@ -114,14 +114,13 @@ def picked_positions(ctx, node, n: int) -> np.ndarray | None:
         if ((idx < -n) | (idx >= n)).any():
             return None
         return np.where(idx < 0, idx + n, idx)
-    if len(consts) < 2:
+    params = slice_params(node, consts)
+    if params is None:
         return None
-    axes = consts[2] if len(consts) > 2 and consts[2] is not None else np.array([0])
-    steps = consts[3] if len(consts) > 3 and consts[3] is not None else np.array([1])
-    if np.asarray(axes).reshape(-1).tolist() not in ([0], [-1]):
+    starts, ends, axes, steps = params
+    if (axes or [0]) not in ([0], [-1]) or len(starts) != 1:
         return None
-    first = lambda a: int(np.asarray(a).reshape(-1)[0])  # noqa: E731
-    return np.arange(n)[slice(first(consts[0]), first(consts[1]), first(steps))]
+    return np.arange(n)[slice(starts[0], ends[0], (steps or [1])[0])]
 
 
 def _where_keeps_else(ctx, node, pos: int) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.ir import attr, set_attr
+from spa.ir import attr, set_attr, slice_params
 from spa.labels import Labels
 
 from ._util import none_labels, norm_axis
@@ -106,23 +106,17 @@ def slice_(ctx, node):
         ctx.freeze(x, node, "Slice of unknown shape")
         return
     rank = len(s_in)
-    if len(node.input) == 1:  # opset < 10: attributes
-        starts, ends = attr(node, "starts"), attr(node, "ends")
-        axes, steps = attr(node, "axes", list(range(len(starts)))), [1] * len(starts)
-        consts = [starts, ends, axes, steps]
-    else:
-        consts = [ctx.const(n) if i < len(node.input) and (n := node.input[i]) else None for i in range(1, 5)]
-        if consts[0] is None or consts[1] is None or (len(node.input) > 3 and node.input[3] and consts[2] is None) \
-                or (len(node.input) > 4 and node.input[4] and consts[3] is None):
-            if x.axis not in (sliced_axes(ctx, node, consts[2], rank) or (x.axis,)):
-                ctx.out(node, 0, x)  # bounds read at run time on other axes (TorchScript's chunk, rotate_half)
-                return
-            ctx.freeze(x, node, "Slice bounds computed at run time")
+    consts = [ctx.const(n) if i < len(node.input) and (n := node.input[i]) else None for i in range(1, 5)]
+    params = slice_params(node, consts)
+    if params is None:
+        if x.axis not in (sliced_axes(ctx, node, consts[2], rank) or (x.axis,)):
+            ctx.out(node, 0, x)  # bounds read at run time on other axes (TorchScript's chunk, rotate_half)
             return
-        starts, ends = [int(v) for v in consts[0]], [int(v) for v in consts[1]]
-        axes = [int(v) for v in consts[2]] if consts[2] is not None else list(range(len(starts)))
-        steps = [int(v) for v in consts[3]] if consts[3] is not None else [1] * len(starts)
-    axes = [norm_axis(a, rank) for a in axes]
+        ctx.freeze(x, node, "Slice bounds computed at run time")
+        return
+    starts, ends, axes, steps = params
+    steps = steps or [1] * len(starts)
+    axes = [norm_axis(a, rank) for a in (axes if axes is not None else range(len(starts)))]
     if x.axis not in axes:
         ctx.out(node, 0, x)
         return

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from onnx import helper, numpy_helper
 
-from spa.ir import attr
+from spa.ir import attr, slice_params
 
 
 def _axes(node, inputs, idx=1):
@@ -31,12 +31,10 @@ def _int_div(a, b):
 
 def _slice(node, ins):
     x = ins[0]
-    starts, ends = ins[1], ins[2]
-    axes = ins[3] if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
-    steps = ins[4] if len(ins) > 4 and ins[4] is not None else np.ones(len(starts), dtype=np.int64)
+    starts, ends, axes, steps = slice_params(node, ins[1:])
     sl = [slice(None)] * x.ndim
-    for s, e, a, st in zip(starts, ends, axes, steps):
-        sl[int(a)] = slice(int(s), int(e), int(st))
+    for s, e, a, st in zip(starts, ends, axes or range(len(starts)), steps or [1] * len(starts)):
+        sl[a] = slice(s, e, st)
     return x[tuple(sl)]
 
 

@@ -41,6 +41,21 @@ def attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def slice_params(node: onnx.NodeProto, consts: list) -> tuple[list, list, list | None, list | None] | None:
+    """(starts, ends, axes, steps) of a Slice: attributes before opset 10 (`consts` unused), else its constant
+    inputs 1-4 (`consts`, None where an input is absent); None where a given bound is not constant. axes / steps
+    None: absent (all leading axes / 1)."""
+    if len(node.input) == 1:  # opset < 10: attributes
+        starts, ends = attr(node, "starts"), attr(node, "ends")
+        return None if starts is None or ends is None else (list(starts), list(ends), attr(node, "axes"), None)
+    consts = list(consts) + [None] * (4 - len(consts))
+    given = [i < len(node.input) - 1 and bool(node.input[i + 1]) for i in range(4)]
+    if any(g and c is None for g, c in zip(given, consts)) or not (given[0] and given[1]):
+        return None
+    ints = lambda v: None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]  # noqa: E731
+    return ints(consts[0]), ints(consts[1]), ints(consts[2]), ints(consts[3])
+
+
 def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     for i, a in enumerate(node.attribute):
         if a.name == name:

@@ -376,3 +376,29 @@ def test_a_node_name_used_twice_is_renamed_not_refused(tmp_path, capsys):
     assert rep["verification"]["status"] == "passed" and rep["groups"]["pruned"] == 2
     assert rep["normalize"]["names_renamed"] == len(consts) - 1 > 0
     assert rep["macs"]["after"] < rep["macs"]["before"]
+
+
+def test_an_opset_9_flatten_of_a_shape_slice_is_read(tmp_path, capsys):
+    """TorchScript at opset 9 writes `x.flatten(2)` as Shape -> Slice with starts/ends attributes (inputs only
+    from opset 10) -> Concat [.., -1] -> Reshape. Its picked dims are read like the input form: the conv before
+    it prunes and verifies (the Slice's attributes were not read: the Reshape froze every channel with 'reshape
+    with unknown static shapes', exit 2)."""
+    b = Builder(opset=9)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv("c1", x, 3, 8))
+    dims = b.op("Slice", [b.op("Shape", [y])], starts=[0], ends=[2], axes=[0])
+    flat = b.op("Reshape", [y, b.op("Concat", [dims, b.i64("rest", [-1])], axis=0)])    # [1, 8, 64]
+    tokens = b.op("Transpose", [flat], perm=[0, 2, 1])                                   # [1, 64, 8]
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    b.output(b.op("MatMul", [tokens, b.const("proj", w)]))
+    m = b.model()
+    m.ir_version = 4
+    src = tmp_path / "op9.onnx"
+    onnx.save(m, str(src))
+    rc, out, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5", "--fast", "--report", tmp_path / "r.json"],
+                           capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["verification"]["status"] == "passed"
+    pruned = {t.name: t for t in onnx.load(tmp_path / "o.onnx").graph.initializer}
+    assert tuple(pruned["c1.weight"].dims) == (4, 3, 3, 3) and tuple(pruned["proj"].dims) == (4, 4)
