@@ -317,6 +317,45 @@ def test_a_baked_batch_of_one_is_inverted_all_samples_at_once(monkeypatch):
     np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-3)
 
 
+def baked_batch_tokens():
+    """A ViT's front as exporters bake batch 1: patch tokens (a Reshape to [1, 8, 16]) after a class token (a
+    constant [1, 1, 8], the Expand to the batch folded away), joined by a Concat along the tokens, then mixed;
+    the class token's row is the result."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Reshape", [b.conv("patch", x, 3, 8, k=1, stride=2), b.i64("flat", [1, 8, 16])])
+    y = b.op("Transpose", [y], perm=[0, 2, 1])
+    cls = b.const("cls", np.random.default_rng(1).standard_normal((1, 1, 8)).astype(np.float32))
+    y = b.op("Concat", [cls, y], axis=1)
+    attn = b.op("Softmax", [b.op("MatMul", [y, b.op("Transpose", [y], perm=[0, 2, 1])])], axis=-1)
+    b.output(b.op("Gather", [b.op("MatMul", [attn, y]), b.i64("first", [0])], axis=1))
+    return b.model()
+
+
+def test_a_baked_class_token_joins_the_batch():
+    """A Concat of a batch-1 class token with the tokens of several samples: batch-free, each sample gets the
+    token, and the result is each sample's own."""
+    from spa import execution
+    from spa.torch_graph import TorchGraph
+
+    model = baked_batch_tokens()
+    _, analysis = analyse(model)
+    g = analysis.ctx.g
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert execution.batch_size_for(g, 64, {"x": x}) == (1, True)
+    with pytest.raises(RuntimeError, match="Reshape"):   # as written, the baked batch refuses a batch of 3
+        TorchGraph(g).run({"x": torch.from_numpy(x)})
+    assert execution.batch_free_polymorphic(g, {"x": x})
+    free = TorchGraph(g, batch_free=True)
+    assert [n.op_type for n, (_, attrs) in zip(free.nodes, free._prep) if attrs.get("_batch_free")] == \
+        ["Reshape", "Concat"]
+    with torch.no_grad():
+        together = free.run({"x": torch.from_numpy(x)})[free.output_names[0]]
+        single = [TorchGraph(g).run({"x": torch.from_numpy(x[i:i + 1])})[free.output_names[0]] for i in range(3)]
+    assert together.shape[0] == 3
+    torch.testing.assert_close(together, torch.cat(single), rtol=1e-5, atol=1e-5)
+
+
 def test_a_baked_batch_of_one_is_scored_and_refit_in_chunks_with_the_same_result(monkeypatch):
     """The OBS scoring pass and the refit chunk such a model like one with a free batch: the same plan and,
     up to rounding, the same weights as one sample per run."""

@@ -9,12 +9,17 @@ import torch
 from ..errors import SpaError
 from ._util import _axis, _ints, _opt
 from .core import lower
+from .shape import BATCH_FREE
 
 
 @lower("Concat")
 def concat(node, inputs, attrs):
     xs = [t for t in inputs if t is not None]
-    return [torch.cat(xs, _axis(int(attrs["axis"]), xs[0].dim()))]
+    axis = _axis(int(attrs["axis"]), xs[0].dim())
+    if attrs.get(BATCH_FREE) and axis != 0 and len({t.shape[0] for t in xs if t.dim()} - {1}) == 1:
+        batch = max(t.shape[0] for t in xs)  # a batch-1 operand (a class token expanded to the baked batch)
+        xs = [t.expand(batch, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t for t in xs]  # joins the batch
+    return [torch.cat(xs, axis)]
 
 
 @lower("Split")
