@@ -22,6 +22,7 @@ class ApplyContext:
         self.g = g
         self.keep = keep
         self.appended = False
+        self.copies: dict[tuple, str] = {}   # (original name, dtype, shape, bytes) -> its copy holding them
 
     def kept(self, atoms: np.ndarray) -> int:
         return int(self.keep(atoms).sum())
@@ -46,10 +47,25 @@ class ApplyContext:
         return any(o.name == name for b in walk_graphs(self.g.model.graph) for o in b.output)
 
     def set_input_const(self, node, i: int, value: np.ndarray) -> None:
-        """Point input i of node at a fresh initializer (shared constants are never edited in place)."""
+        """Point input i of node at an initializer holding `value`: the one it reads where that already holds
+        it, else a fresh one (shared constants are never edited in place), one per distinct value of each
+        original, so that uses which still agree keep sharing a constant as the original model did
+        (onnxruntime's MatMulAddFusion failed to load a BERT whose shared shape constants had been copied
+        apart, one copy per Reshape, every copy holding the same value)."""
+        value = np.asarray(value)
         base = node.input[i] or f"{node.name}_input{i}"
-        name = self.g.add_const(np.asarray(value), base + "_pruned")
+        current = self.g.const(node.input[i]) if node.input[i] else None
+        if current is not None and _same_value(np.asarray(current), value):
+            return
+        key = (base, value.dtype.str, value.shape, value.tobytes())
+        name = self.copies.get(key)
+        if name is None:
+            name = self.copies[key] = self.g.add_const(value, base + "_pruned")
         node.input[i] = name
+
+
+def _same_value(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def cut(array: np.ndarray, slices: list[tuple[int, np.ndarray]]) -> np.ndarray:

@@ -402,3 +402,36 @@ def test_an_opset_9_flatten_of_a_shape_slice_is_read(tmp_path, capsys):
     assert rep["verification"]["status"] == "passed"
     pruned = {t.name: t for t in onnx.load(tmp_path / "o.onnx").graph.initializer}
     assert tuple(pruned["c1.weight"].dims) == (4, 3, 3, 3) and tuple(pruned["proj"].dims) == (4, 4)
+
+
+def shared_targets_net() -> onnx.ModelProto:
+    """Three conv branches, each flattened to [1, 8, 16] and back to [1, 8, 4, 4] by Reshapes that all read the
+    same two shape constants (onnxruntime's offline optimizer shares equal constants like this), then summed."""
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    flat, back = b.i64("flat", [1, 8, 16]), b.i64("back", [1, 8, 4, 4])
+    outs = []
+    for k in range(3):
+        y = b.relu(b.conv(f"c{k}", x, 3, 8))
+        y = b.op("Reshape", [b.op("Reshape", [y, flat]), back])
+        outs.append(b.conv(f"d{k}", y, 8, 2))
+    b.output(b.op("Sum", outs))
+    return b.model()
+
+
+def test_uses_of_a_shared_shape_constant_that_still_agree_keep_sharing(tmp_path):
+    """Each Reshape's target is rewritten for its branch's kept channels: the two pruned branches (8 -> 4) get one
+    new constant per original, read by both, and the branch left whole keeps reading the originals (one copy per
+    Reshape made onnxruntime's MatMulAddFusion fail to load an optimized BERT: 'Attempt to replace the existing
+    tensor')."""
+    res = driver.prune(shared_targets_net(), str(tmp_path / "o.onnx"), ratio=0.5, fast=True, exclude=("c2",))
+    assert res.report["verification"]["status"] == "passed"
+    m = onnx.load(tmp_path / "o.onnx")
+    values = {t.name: numpy_helper.to_array(t).tolist() for t in m.graph.initializer if t.data_type == TensorProto.INT64}
+    readers = {}
+    for n in m.graph.node:
+        if n.op_type == "Reshape":
+            readers.setdefault(n.input[1], []).append(n.input[0])
+    assert sorted(values.values()) == [[1, 4, 4, 4], [1, 4, 16], [1, 8, 4, 4], [1, 8, 16]]
+    assert sorted(len(r) for r in readers.values()) == [1, 1, 2, 2]
+    assert values.get("flat") == [1, 8, 16] and len(readers["flat"]) == 1     # the whole branch: the original
