@@ -23,6 +23,7 @@ from .ir import has_mapped, has_subgraph, needs_external_data, release, save_mod
 from .loading import load, param_count
 from .memory import GB, memory_limit_gb
 from .model import Model
+from .operators.registry import RULES, canonical_domain
 from .options import MEASURED_ALLOCATION, PruneOptions
 from .passes import Pass, PassResult, verify
 from .passes.analyse import Analyse
@@ -186,6 +187,7 @@ class ScoreAndSelect(Pass):
         if uses_data(opts.importance) or opts.reconstruct or opts.recalibrate:
             check_no_control_flow(run.model.graph)
             check_sample_axis(run.model.graph)
+            check_lowerable(run.model.graph)
             check_finite_weights(analysis)
         if opts.target_flops is not None and not opts.plan_file:
             check_countable(analysis, run.model.warnings)
@@ -457,6 +459,17 @@ def check_no_control_flow(g) -> None:
                                     f"scoring, reconstruction) cannot run in torch yet")
 
 
+def check_lowerable(g) -> None:
+    """The data passes run every node in torch: an operator without a torch lowering (onnxruntime's fused
+    contrib ops in a model its offline optimizer saved) stops them; say so before any work (the rules freeze
+    what such an operator touches, and --fast prunes the rest)."""
+    from .torch_graph import why_not_lowerable  # torch: this module must import without it
+
+    why = why_not_lowerable(g.model.graph.node)
+    if why:
+        raise DataPassesUnavailable(f"{why}, which the data passes (OBS scoring, reconstruction) need")
+
+
 def check_sample_axis(g) -> None:
     """The data passes stack samples on dim 0 of every input. Inputs whose declared dim 0 cannot be one shared
     batch (two different fixed sizes, or a fixed size above 1 beside a dynamic batch: a recurrent state laid out
@@ -584,7 +597,21 @@ def explain_nothing(analysis: Analysis) -> str:
         for where, why in g.reasons:
             reasons.setdefault(why, where)
     top = "; ".join(f"{why} (at {where})" for why, where in list(reasons.items())[:3])
-    return f"every group is frozen or has a single unit: {top or 'all groups have one unit'}"
+    return f"every group is frozen or has a single unit: {top or 'all groups have one unit'}" + \
+        optimized_model_hint(analysis.ctx.g.model)
+
+
+def optimized_model_hint(model: onnx.ModelProto) -> str:
+    """What to do with a model onnxruntime's offline optimizer saved: its fused contrib ops (FusedConv,
+    SkipLayerNormalization, ...: com.microsoft, no ONNX shape inference, no rule here) freeze everything
+    around them, so the plain export is the one to prune."""
+    fused = sorted({n.op_type for n in model.graph.node if n.domain.startswith("com.microsoft")
+                    and (canonical_domain(n.domain), n.op_type) not in RULES})
+    if not fused:
+        return ""
+    return (f"; it holds onnxruntime contrib ops ({', '.join(fused[:4])}{', ...' if len(fused) > 4 else ''}) that "
+            f"its offline optimizer writes: prune the model as exported, then optimize it (or save it at "
+            f"ORT_ENABLE_BASIC, which keeps standard ops)")
 
 
 def selection_error(outputs: dict) -> tuple[float, str]:

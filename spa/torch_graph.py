@@ -71,6 +71,23 @@ def _key(name: str, taken: set[str], prefix: str) -> str:
     return key
 
 
+def why_not_lowerable(nodes) -> str | None:
+    """Why TorchGraph cannot run these nodes (control flow; an operator without a torch lowering, such as
+    onnxruntime's fused contrib ops), or None."""
+    missing: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.op_type in ("If", "Loop", "Scan", "SequenceMap") or has_subgraph(n):
+            return f"node '{n.name}' ({n.op_type}) has a subgraph; control flow is not supported"
+        if lowering(n.op_type, n.domain) is None:
+            op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+            missing.setdefault(op, []).append(n.name or n.output[0])
+    if not missing:
+        return None
+    parts = [f"{op} (node{'s' if len(v) > 1 else ''} {', '.join(repr(x) for x in v[:3])}"
+             f"{', ...' if len(v) > 3 else ''})" for op, v in missing.items()]
+    return f"no torch lowering for op {'; '.join(parts)}"
+
+
 class TorchGraph(nn.Module):
     """An onnx.ModelProto (or spa.ir.Graph, or spa.model.Model) as a torch module; see the module docstring."""
 
@@ -165,18 +182,9 @@ class TorchGraph(nn.Module):
 
     # ---- construction helpers --------------------------------------------------------------------------------------
     def _check_supported(self, nodes) -> None:
-        missing: dict[str, list[str]] = {}
-        for n in nodes:
-            if n.op_type in ("If", "Loop", "Scan", "SequenceMap") or has_subgraph(n):
-                raise SpaError(f"TorchGraph: node '{n.name}' ({n.op_type}) has a subgraph; control flow is not "
-                               "supported")
-            if lowering(n.op_type, n.domain) is None:
-                op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-                missing.setdefault(op, []).append(n.name or n.output[0])
-        if missing:
-            parts = [f"{op} (node{'s' if len(v) > 1 else ''} {', '.join(repr(x) for x in v[:3])}"
-                     f"{', ...' if len(v) > 3 else ''})" for op, v in missing.items()]
-            raise SpaError(f"TorchGraph: no torch lowering for op {'; '.join(parts)}")
+        why = why_not_lowerable(nodes)
+        if why:
+            raise SpaError(f"TorchGraph: {why}")
 
     def _attrs(self, node: onnx.NodeProto) -> dict:
         try:

@@ -435,3 +435,48 @@ def test_uses_of_a_shared_shape_constant_that_still_agree_keep_sharing(tmp_path)
     assert sorted(values.values()) == [[1, 4, 4, 4], [1, 4, 16], [1, 8, 4, 4], [1, 8, 16]]
     assert sorted(len(r) for r in readers.values()) == [1, 1, 2, 2]
     assert values.get("flat") == [1, 8, 16] and len(readers["flat"]) == 1     # the whole branch: the original
+
+
+def contrib_tail_net(fused_conv: bool = False) -> onnx.ModelProto:
+    """Conv -> ReLU -> Conv -> com.microsoft QuickGelu (onnxruntime runs it; torch has no lowering, ONNX no shape
+    inference): the first conv's channels prune, the contrib op only ends the graph. With `fused_conv` the
+    first layer is onnxruntime's FusedConv (Conv + Relu), as its offline optimizer saves it."""
+    b = Builder()
+    b.extra_opsets["com.microsoft"] = 1
+    x = b.input("x", [1, 3, 8, 8])
+    if fused_conv:
+        b.weight("f1.weight", (8, 3, 3, 3))
+        y = b.op("FusedConv", [x, "f1.weight", b.weight("f1.bias", (8,), 0.1)], domain="com.microsoft",
+                 activation="Relu", pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    else:
+        y = b.relu(b.conv("c1", x, 3, 8))
+    y = b.conv("c2", y, 8, 4)
+    b.output(b.op("QuickGelu", [y], domain="com.microsoft", alpha=1.702))
+    return b.model()
+
+
+def test_an_operator_without_a_torch_lowering_makes_the_default_prune_as_fast(tmp_path, capsys):
+    """The data passes cannot run a node torch has no lowering for: the plain command prunes as --fast does and
+    says why in its first warning (it stopped with 'no torch lowering' in the middle of the synthesis)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(contrib_tail_net(), str(src))
+    rc, out, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5", "--report", tmp_path / "r.json"], capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["verification"]["status"] == "passed" and rep["importance"]["criterion"] == "l2"
+    assert "no torch lowering for op com.microsoft::QuickGelu" in rep["warnings"][0]
+    assert "as --fast does" in rep["warnings"][0]
+    assert tuple({t.name: t for t in onnx.load(tmp_path / "o.onnx").graph.initializer}["c1.weight"].dims) == \
+        (4, 3, 3, 3)
+    rc, _, err = run_cli([src, tmp_path / "asked.onnx", "--ratio", "0.5", "--importance", "obspa"], capsys)
+    assert_one_line_error(rc, err, "no torch lowering for op com.microsoft::QuickGelu", "add --fast")
+
+
+def test_a_model_saved_by_onnxruntimes_optimizer_is_refused_with_what_to_do(tmp_path, capsys):
+    """FusedConv has no rule here (nor ONNX shape inference): nothing prunes, and the one line says to prune the
+    model as exported."""
+    src = tmp_path / "m.onnx"
+    onnx.save(contrib_tail_net(fused_conv=True), str(src))
+    rc, _, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5", "--fast"], capsys)
+    assert_one_line_error(rc, err, "no prunable group", "onnxruntime contrib ops (FusedConv, QuickGelu)",
+                          "prune the model as exported")
