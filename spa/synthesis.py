@@ -191,7 +191,10 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
     rng = np.random.default_rng([inputs.seed, 1])
     ranges = ranges or {}
     axes = {k: spatial_axes(g, k, v.ndim) for k, v in feeds.items()}
-    xs = {k: torch.tensor(v, requires_grad=np.dtype(v.dtype).kind == "f") for k, v in feeds.items()}
+    # float inputs are optimized in float32 whatever their dtype (Adam's steps and state underflow in half
+    # precision: a float16 model's inversion stopped at its second step on a non-finite loss)
+    xs = {k: torch.tensor(v.astype(np.float32), requires_grad=True) if np.dtype(v.dtype).kind == "f"
+          else torch.tensor(v) for k, v in feeds.items()}
     lr = min(0.25, INVERSION_LR * INVERSION_STEPS / steps)
     opt = torch.optim.Adam([x for x in xs.values() if x.requires_grad], lr=lr)
     classes = None
@@ -263,7 +266,8 @@ def invert(g, feeds: dict[str, np.ndarray], inputs, steps: int, ranges: dict | N
             inputs.progress(f"data-free: inverting the model {it + 1}/{steps}")
             shown = time.perf_counter()
     with torch.no_grad():
-        out = {k: (_unit_std(x) if x.requires_grad else x).detach().numpy() for k, x in xs.items()}
+        out = {k: (_unit_std(x) if x.requires_grad else x).detach().numpy().astype(feeds[k].dtype)
+               for k, x in xs.items()}
     aims = (["confident, evenly assigned classes"] if logits is not None else []) + \
         ([f"{len(bn)} BatchNormalization nodes' running statistics"] if bn else [])
     inputs.notes.append(f"data-free: {n} inputs optimized towards {' and '.join(aims)} "

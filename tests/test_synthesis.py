@@ -69,6 +69,23 @@ def test_inverted_inputs_get_confident_diverse_answers_where_noise_does_not(shap
     assert len(set(cls.tolist())) >= max(3, min(CLASSES, len(set(noise_cls.tolist())) + 2)) and conf.mean() > 0.8
 
 
+def test_a_float16_model_is_inverted_in_float32():
+    """Half-precision inputs are optimized in float32 and handed back as float16: Adam's steps in float16 made
+    the loss non-finite at the second step and left noise."""
+    model = classifier([1, 3, 12, 12])
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    notes = []
+    inverted = data(model, notes=notes)
+    assert inverted.dtype == np.float16
+    assert any("optimized towards confident, evenly assigned classes" in n for n in notes), notes
+    assert not any("stopped" in n for n in notes)
+    cls, conf = answers(model, inverted)
+    assert len(set(cls.tolist())) >= 3 and conf.mean() > 0.8
+
+
 def test_synthesis_is_deterministic_per_seed():
     model = classifier([1, 3, 12, 12])
     a, b, c = data(model, seed=3), data(model, seed=3), data(model, seed=4)
