@@ -88,7 +88,9 @@ def summary(rep: dict) -> str:
         before = v.get("checked_before_squashing", {})
         worst = max([e for k, e in v["max_rel_error"].items() if k not in before]
                     + [b["max_rel_error"] for b in before.values()], default=0.0)
-        lines.append(f"verification  passed (max rel. error {worst:.2e} <= {v['rtol']:g}, checker full)")
+        half = v.get("rtol_half_precision") or {}
+        bound = f"{v['rtol']:g}" if not half else f"{max(half.values()):g} for float16 outputs"
+        lines.append(f"verification  passed (max rel. error {worst:.2e} <= {bound}, checker full)")
         for out, b in before.items():
             lines.append(f"              output '{out}' is saturated on random inputs: compared before its "
                          f"squashing ops, at '{b['tensor']}'")
