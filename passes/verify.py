@@ -307,6 +307,14 @@ def session_source(model: onnx.ModelProto, opts) -> tuple[bytes | str, list]:
     return path, [*values, *arrays]
 
 
+HALF_RTOL = 2e-3   # float16 outputs: removing zero terms (or computing in float32) reorders fp16 sums
+
+
+def output_rtol(dtype, rtol: float) -> float:
+    """The tolerance an output of `dtype` is checked against: `rtol`, at least HALF_RTOL for float16."""
+    return max(rtol, HALF_RTOL) if np.dtype(dtype) == np.float16 else rtol
+
+
 def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, rtol: float = 1e-4,
             seeds=(0, 1), pinned=()) -> dict:
     """Both models on random inputs, one draw per seed: the first at `shapes`, the others at a doubled batch
@@ -327,7 +335,7 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, r
             if a64.shape != b64.shape:
                 raise VerificationError(f"output '{o.name}' changed shape {a64.shape} -> {b64.shape}")
             if np.asarray(a).dtype == np.float16:
-                tol[o.name] = max(rtol, 2e-3)  # half precision: removing zero terms reorders fp16 sums
+                tol[o.name] = output_rtol(np.float16, rtol)
             if not np.array_equal(np.isnan(a64), np.isnan(b64)):
                 raise VerificationError(f"output '{o.name}' has NaNs where the reference has none (or vice versa)")
             err = _relative_error(a64, b64)
