@@ -300,12 +300,13 @@ def check_countable(analysis, warnings: list) -> None:
     if not uncounted:
         return
     example = ", ".join(f"'{n}'" for n in uncounted[:2])
+    hint = optimized_model_hint(analysis.ctx.g.model)
     if analysis.total_macs <= 0:
         raise SpaError(f"--target-flops: no MACs can be counted in this model: the shapes of all {len(uncounted)} "
                        f"MAC-carrying nodes are unknown ({example}, ...: inside If/Loop bodies or data-dependent); "
-                       f"prune a share of every group with --ratio R instead")
+                       f"prune a share of every group with --ratio R instead{hint}")
     warnings.append(f"the MACs of {len(uncounted)} of {len(analysis.ctx.costs)} MAC-carrying nodes are unknown "
-                    f"(their shapes are not inferred: {example}, ...): --target-flops counts only the others")
+                    f"(their shapes are not inferred: {example}, ...): --target-flops counts only the others{hint}")
 
 
 class ApplyPlan(Pass):

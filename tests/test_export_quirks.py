@@ -480,3 +480,13 @@ def test_a_model_saved_by_onnxruntimes_optimizer_is_refused_with_what_to_do(tmp_
     rc, _, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5", "--fast"], capsys)
     assert_one_line_error(rc, err, "no prunable group", "onnxruntime contrib ops (FusedConv, QuickGelu)",
                           "prune the model as exported")
+    b = Builder()   # a FusedConv in front of prunable convs: their shapes, so their MACs, are unknown
+    b.extra_opsets["com.microsoft"] = 1
+    b.weight("f1.weight", (8, 3, 3, 3))
+    y = b.op("FusedConv", [b.input("x", [1, 3, 8, 8]), "f1.weight"], domain="com.microsoft", activation="Relu",
+             pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    b.output(b.conv("c3", b.relu(b.conv("c2", y, 8, 8)), 8, 4))
+    onnx.save(b.model(), str(src))
+    rc, out, err = run_cli([src, tmp_path / "o.onnx", "--target-flops", "0.5", "--fast"], capsys)
+    assert rc == 0, err
+    assert "MAC-carrying nodes are unknown" in err and "contrib ops (FusedConv)" in err, err
