@@ -20,6 +20,7 @@ from spa.validate import MAX_ANALYSIS_ELEMENTS, check_elements, check_parameters
 
 from . import Pass
 from .fold import FOLDERS, constant_node_value, evaluate
+from .unfuse import unfuse_contrib
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -60,6 +61,7 @@ class Normalize(Pass):
             raise SpaError(weights_out_of_reach(g.model) or "model has no floating-point weights (an integer-only "
                            "model, or no weights at all): nothing to prune")
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
+        report["contrib_fusions_unfused"] = unfuse_contrib(g)   # onnxruntime's saved fusions: standard ops again
         report["names_renamed"] = unique_names(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)

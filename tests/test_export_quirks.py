@@ -437,21 +437,20 @@ def test_uses_of_a_shared_shape_constant_that_still_agree_keep_sharing(tmp_path)
     assert values.get("flat") == [1, 8, 16] and len(readers["flat"]) == 1     # the whole branch: the original
 
 
-def contrib_tail_net(fused_conv: bool = False) -> onnx.ModelProto:
-    """Conv -> ReLU -> Conv -> com.microsoft QuickGelu (onnxruntime runs it; torch has no lowering, ONNX no shape
-    inference): the first conv's channels prune, the contrib op only ends the graph. With `fused_conv` the
-    first layer is onnxruntime's FusedConv (Conv + Relu), as its offline optimizer saves it."""
-    b = Builder()
+def transposed_matmul(b, x, rows: int, cols: int, name: str) -> str:
+    """com.microsoft FusedMatMul with transB=1: onnxruntime runs it; normalization does not write this form back
+    as standard ops (tests/test_unfuse.py), torch has no lowering of it, ONNX no shape inference."""
     b.extra_opsets["com.microsoft"] = 1
+    w = np.random.default_rng(4).standard_normal((rows, cols)).astype(np.float32)
+    return b.op("FusedMatMul", [x, b.const(name, w)], domain="com.microsoft", transB=1)
+
+
+def contrib_tail_net() -> onnx.ModelProto:
+    """Conv -> ReLU -> Conv -> a contrib op that ends the graph: the first conv's channels prune."""
+    b = Builder()
     x = b.input("x", [1, 3, 8, 8])
-    if fused_conv:
-        b.weight("f1.weight", (8, 3, 3, 3))
-        y = b.op("FusedConv", [x, "f1.weight", b.weight("f1.bias", (8,), 0.1)], domain="com.microsoft",
-                 activation="Relu", pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    else:
-        y = b.relu(b.conv("c1", x, 3, 8))
-    y = b.conv("c2", y, 8, 4)
-    b.output(b.op("QuickGelu", [y], domain="com.microsoft", alpha=1.702))
+    y = b.conv("c2", b.relu(b.conv("c1", x, 3, 8)), 8, 4)
+    b.output(transposed_matmul(b, y, 8, 8, "tail"))
     return b.model()
 
 
@@ -464,29 +463,30 @@ def test_an_operator_without_a_torch_lowering_makes_the_default_prune_as_fast(tm
     assert rc == 0, err
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["verification"]["status"] == "passed" and rep["importance"]["criterion"] == "l2"
-    assert "no torch lowering for op com.microsoft::QuickGelu" in rep["warnings"][0]
+    assert "no torch lowering for op com.microsoft::FusedMatMul" in rep["warnings"][0]
     assert "as --fast does" in rep["warnings"][0]
     assert tuple({t.name: t for t in onnx.load(tmp_path / "o.onnx").graph.initializer}["c1.weight"].dims) == \
         (4, 3, 3, 3)
     rc, _, err = run_cli([src, tmp_path / "asked.onnx", "--ratio", "0.5", "--importance", "obspa"], capsys)
-    assert_one_line_error(rc, err, "no torch lowering for op com.microsoft::QuickGelu", "add --fast")
+    assert_one_line_error(rc, err, "no torch lowering for op com.microsoft::FusedMatMul", "add --fast")
 
 
-def test_a_model_saved_by_onnxruntimes_optimizer_is_refused_with_what_to_do(tmp_path, capsys):
-    """FusedConv has no rule here (nor ONNX shape inference): nothing prunes, and the one line says to prune the
-    model as exported."""
+def test_contrib_ops_left_fused_get_the_advice_to_prune_the_export(tmp_path, capsys):
+    """A contrib op normalization does not write back (no rule here, no ONNX shape inference) freezes what it
+    touches: with nothing prunable the one line says to prune the model as exported; with MACs it cannot count,
+    the warning says so too."""
     src = tmp_path / "m.onnx"
-    onnx.save(contrib_tail_net(fused_conv=True), str(src))
+    b = Builder()
+    y = b.relu(transposed_matmul(b, b.input("x", [1, 8]), 16, 8, "head"))
+    b.output(b.gemm("fc", y, 16, 4))
+    onnx.save(b.model(), str(src))
     rc, _, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5", "--fast"], capsys)
-    assert_one_line_error(rc, err, "no prunable group", "onnxruntime contrib ops (FusedConv, QuickGelu)",
+    assert_one_line_error(rc, err, "no prunable group", "onnxruntime contrib ops (FusedMatMul)",
                           "prune the model as exported")
-    b = Builder()   # a FusedConv in front of prunable convs: their shapes, so their MACs, are unknown
-    b.extra_opsets["com.microsoft"] = 1
-    b.weight("f1.weight", (8, 3, 3, 3))
-    y = b.op("FusedConv", [b.input("x", [1, 3, 8, 8]), "f1.weight"], domain="com.microsoft", activation="Relu",
-             pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    b = Builder()   # a contrib op in front of prunable convs: their shapes, so their MACs, are unknown
+    y = transposed_matmul(b, b.relu(b.conv("c1", b.input("x", [1, 3, 8, 8]), 3, 8)), 8, 8, "mix")
     b.output(b.conv("c3", b.relu(b.conv("c2", y, 8, 8)), 8, 4))
     onnx.save(b.model(), str(src))
     rc, out, err = run_cli([src, tmp_path / "o.onnx", "--target-flops", "0.5", "--fast"], capsys)
     assert rc == 0, err
-    assert "MAC-carrying nodes are unknown" in err and "contrib ops (FusedConv)" in err, err
+    assert "MAC-carrying nodes are unknown" in err and "contrib ops (FusedMatMul)" in err, err

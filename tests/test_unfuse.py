@@ -1,0 +1,156 @@
+"""onnxruntime's saved fusions written back as standard ops (passes/unfuse.py): each covered contrib op gives the
+same outputs in onnxruntime as the standard ops that replace it; uncovered forms stay as they are; a model
+onnxruntime saved at ORT_ENABLE_EXTENDED prunes like its export."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import Builder
+from onnx import TensorProto, helper
+
+from spa import driver
+from spa.ir import Graph
+from spa.passes.unfuse import unfuse_contrib
+
+MS = "com.microsoft"
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def unfused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    g = Graph(copy)
+    n = unfuse_contrib(g)
+    return g.to_model(), n
+
+
+def contrib_model(op: str, inputs: list, shapes: dict, out_shape, n_out: int = 1, **attrs) -> onnx.ModelProto:
+    """One contrib node on the graph inputs named in `shapes`; other inputs are constants (name -> array)."""
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    names = []
+    for x in inputs:
+        if isinstance(x, str) and x in shapes:
+            names.append(b.input(x, shapes[x]))
+        elif isinstance(x, tuple):
+            names.append(b.const(x[0], x[1]))
+        else:
+            names.append(x)
+    outs = b.op(op, names, domain=MS, n_out=n_out, **attrs)
+    b.output(outs if n_out == 1 else outs[0])
+    return b.model()
+
+
+RNG = np.random.default_rng(0)
+W = (RNG.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32)
+B6 = RNG.standard_normal(6).astype(np.float32)
+X = {"x": RNG.standard_normal((2, 4, 5, 5)).astype(np.float32)}
+CONV = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+CASES = {
+    "FusedConv-Relu": (lambda: contrib_model("FusedConv", ["x", ("w", W), ("b", B6)], {"x": [2, 4, 5, 5]}, None,
+                                             activation="Relu", **CONV), X, ["Conv", "Relu"]),
+    "FusedConv-LeakyRelu": (lambda: contrib_model("FusedConv", ["x", ("w", W), ("b", B6)], {"x": [2, 4, 5, 5]}, None,
+                                                  activation="LeakyRelu", activation_params=[0.2], **CONV),
+                            X, ["Conv", "LeakyRelu"]),
+    "FusedConv-HardSigmoid": (lambda: contrib_model("FusedConv", ["x", ("w", W)], {"x": [2, 4, 5, 5]}, None,
+                                                    activation="HardSigmoid", activation_params=[0.2, 0.5], **CONV),
+                              X, ["Conv", "HardSigmoid"]),
+    "FusedConv-Clip": (lambda: contrib_model("FusedConv", ["x", ("w", W), ("b", B6)], {"x": [2, 4, 5, 5]}, None,
+                                             activation="Clip", activation_params=[0.0, 6.0], **CONV),
+                       X, ["Conv", "Clip"]),
+    "FusedConv-Z": (lambda: contrib_model("FusedConv", ["x", ("w", W), ("b", B6), "z"],
+                                          {"x": [2, 4, 5, 5], "z": [2, 6, 5, 5]}, None, activation="Sigmoid", **CONV),
+                    {**X, "z": RNG.standard_normal((2, 6, 5, 5)).astype(np.float32)}, ["Conv", "Add", "Sigmoid"]),
+    "FusedGemm-Tanh": (lambda: contrib_model("FusedGemm", ["a", ("w", RNG.standard_normal((3, 8)).astype(np.float32)),
+                                                           ("c", B6[:3])], {"a": [2, 8]}, None, activation="Tanh",
+                                             transB=1, alpha=0.5),
+                       {"a": RNG.standard_normal((2, 8)).astype(np.float32)}, ["Gemm", "Tanh"]),
+    "FusedMatMul-alpha": (lambda: contrib_model("FusedMatMul", ["a", ("w", RNG.standard_normal((8, 3)).astype(
+        np.float32))], {"a": [2, 5, 8]}, None, alpha=0.25), {"a": RNG.standard_normal((2, 5, 8)).astype(np.float32)},
+        ["MatMul", "Mul"]),
+    "Gelu": (lambda: contrib_model("Gelu", ["a"], {"a": [2, 7]}, None),
+             {"a": RNG.standard_normal((2, 7)).astype(np.float32) * 3}, ["Div", "Erf", "Add", "Mul", "Mul"]),
+    "BiasGelu": (lambda: contrib_model("BiasGelu", ["a", ("bias", B6[:4])], {"a": [3, 4]}, None),
+                 {"a": RNG.standard_normal((3, 4)).astype(np.float32)}, ["Add", "Div", "Erf", "Add", "Mul", "Mul"]),
+    "FastGelu": (lambda: contrib_model("FastGelu", ["a", ("bias", B6[:4])], {"a": [3, 4]}, None),
+                 {"a": RNG.standard_normal((3, 4)).astype(np.float32) * 2},
+                 ["Add", "Pow", "Mul", "Add", "Mul", "Tanh", "Add", "Mul", "Mul"]),
+    "QuickGelu": (lambda: contrib_model("QuickGelu", ["a"], {"a": [3, 4]}, None, alpha=1.702),
+                  {"a": RNG.standard_normal((3, 4)).astype(np.float32) * 2}, ["Mul", "Sigmoid", "Mul"]),
+    "SkipLayerNormalization": (lambda: contrib_model(
+        "SkipLayerNormalization", ["a", "s", ("gamma", B6[:4] + 1), ("beta", B6[2:6])],
+        {"a": [2, 3, 4], "s": [2, 3, 4]}, None, epsilon=1e-5),
+        {"a": RNG.standard_normal((2, 3, 4)).astype(np.float32), "s": RNG.standard_normal((2, 3, 4)).astype(np.float32)},
+        ["Add", "LayerNormalization"]),
+    "SkipLayerNormalization-bias": (lambda: contrib_model(
+        "SkipLayerNormalization", ["a", "s", ("gamma", B6[:4] + 1), ("beta", B6[2:6]), ("bias", B6[1:5])],
+        {"a": [2, 3, 4], "s": [2, 3, 4]}, None, epsilon=1e-5),
+        {"a": RNG.standard_normal((2, 3, 4)).astype(np.float32), "s": RNG.standard_normal((2, 3, 4)).astype(np.float32)},
+        ["Add", "Add", "LayerNormalization"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_covered_fusion_gives_the_same_outputs_as_standard_ops(case):
+    build, feeds, ops = CASES[case]
+    model = build()
+    plain, n = unfused(model)
+    assert n == 1 and [node.op_type for node in plain.graph.node] == ops
+    assert all(node.domain in ("", "ai.onnx") for node in plain.graph.node)
+    onnx.checker.check_model(plain, full_check=True)
+    np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_sum_output_of_a_skip_layer_norm_is_kept_and_its_statistics_block_the_rewrite():
+    """Its 4th output (input + skip) feeds the next residual: the Add writes it. A graph that reads the mean
+    keeps the fused node."""
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    a, s = b.input("a", [2, 3, 4]), b.input("s", [2, 3, 4])
+    g_, be = b.const("gamma", np.ones(4, np.float32) * 1.5), b.const("beta", np.full(4, 0.1, np.float32))
+    b.nodes.append(helper.make_node("SkipLayerNormalization", [a, s, g_, be], ["ln", "", "", "sum"], domain=MS,
+                                    name="sln", epsilon=1e-5))
+    b.output(b.op("Add", ["ln", "sum"]))
+    model = b.model()
+    feeds = {"a": RNG.standard_normal((2, 3, 4)).astype(np.float32), "s": RNG.standard_normal((2, 3, 4)).astype(np.float32)}
+    plain, n = unfused(model)
+    assert n == 1 and plain.graph.node[0].output[0] == "sum"
+    np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    model.graph.node[0].output[1] = "mean"   # the mean is read: not a LayerNormalization's output
+    model.graph.output.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
+    assert unfused(model)[1] == 0
+
+
+def test_uncovered_forms_stay_fused():
+    transposed = contrib_model("FusedMatMul", ["a", ("w", RNG.standard_normal((3, 8)).astype(np.float32))],
+                               {"a": [2, 8]}, None, transB=1)
+    unknown = contrib_model("FusedConv", ["x", ("w", W)], {"x": [2, 4, 5, 5]}, None, activation="Softsign", **CONV)
+    for model in (transposed, unknown):
+        plain, n = unfused(model)
+        assert n == 0 and plain.graph.node[0].domain == MS
+
+
+def test_a_model_onnxruntime_saved_with_its_fusions_prunes_like_the_export(tmp_path):
+    """The zoo's small ResNet-18 as onnxruntime saves it at ORT_ENABLE_EXTENDED (FusedConv = Conv + Relu): the
+    same groups and MACs as the export, verified against the saved model (refused with exit 2 before)."""
+    from spa.models import zoo_path
+
+    src = zoo_path("resnet18", small=True)
+    saved = tmp_path / "ext.onnx"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(saved)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "FusedConv" for n in onnx.load(saved).graph.node)
+    ours = driver.prune(str(saved), str(tmp_path / "o.onnx"), ratio=0.5, fast=True).report
+    export = driver.prune(str(src), None, ratio=0.5, fast=True).report
+    assert ours["verification"]["status"] == "passed"
+    assert ours["macs"] == export["macs"] and [g["kept"] for g in ours["per_group"]] == \
+        [g["kept"] for g in export["per_group"]]
+    assert ours["normalize"]["contrib_fusions_unfused"] == 9
