@@ -55,7 +55,12 @@ def unfuse_contrib(g: Graph) -> int:
     dtype = FLOATS[max(set(kinds), key=kinds.count)] if kinds else np.float32   # the weights' float type
     nodes, count = [], 0
     for node in g.model.graph.node:
-        chain = _unfused(g, node, opset, dtype) if node.domain == MS and node.output and node.output[0] else None
+        chain = None
+        if node.domain == MS and node.output and node.output[0] and node.input and node.input[0]:
+            try:
+                chain = _unfused(g, node, opset, dtype)
+            except (ValueError, TypeError, IndexError):   # malformed attributes: left as the file has it
+                chain = None
         nodes.extend(chain.nodes if chain is not None else [node])
         count += chain is not None
     if count:

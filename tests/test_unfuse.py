@@ -154,3 +154,28 @@ def test_a_model_onnxruntime_saved_with_its_fusions_prunes_like_the_export(tmp_p
     assert ours["macs"] == export["macs"] and [g["kept"] for g in ours["per_group"]] == \
         [g["kept"] for g in export["per_group"]]
     assert ours["normalize"]["contrib_fusions_unfused"] == 9
+
+
+@pytest.mark.parametrize("op, inputs, attrs", [
+    ("Gelu", [], {}),                                     # no input
+    ("QuickGelu", ["x"], {"alpha": "abc"}),               # a string where a float belongs
+    ("FusedConv", ["x", "w"], {"activation": "HardSigmoid", "activation_params": [0.1]}),   # one of two params
+])
+def test_a_malformed_contrib_node_stays_fused_and_the_run_ends_in_one_line(tmp_path, capsys, op, inputs, attrs):
+    """Bad input: the rewrite leaves the node as the file has it (it raised IndexError / ValueError into a
+    traceback), and the run ends in one line."""
+    from helpers import assert_one_line_error, run_cli
+
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    x = b.relu(b.conv("c0", b.input("x", [1, 3, 8, 8]), 3, 3))
+    b.weight("w", (3, 3, 3, 3))
+    y = b.op(op, [{"x": x, "w": "w"}[i] for i in inputs], domain=MS, **attrs)
+    b.output(b.conv("c9", b.relu(y), 3, 2))
+    src = tmp_path / "m.onnx"
+    onnx.save(b.model(), str(src))
+    copy, n = unfused(b.model())
+    assert n == 0
+    rc, _, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5"], capsys)
+    assert_one_line_error(rc, err)
+    assert not (tmp_path / "o.onnx").exists()
