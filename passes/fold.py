@@ -11,6 +11,7 @@ import math
 import numpy as np
 from onnx import helper, numpy_helper
 
+from spa.errors import SpaError, one_line
 from spa.ir import attr, slice_params
 
 
@@ -124,10 +125,15 @@ MAX_FOLD_ELEMENTS = 1 << 26  # never materialise a huge Expand/ConstantOfShape
 
 
 def constant_node_value(node) -> np.ndarray | None:
-    """The value of a Constant node, whatever attribute carries it."""
+    """The value of a Constant node, whatever attribute carries it; a tensor that cannot be decoded (an undefined
+    element type, data of the wrong length) is bad input, said in one line."""
     for a in node.attribute:
         if a.name == "value":
-            return numpy_helper.to_array(a.t)
+            try:
+                return numpy_helper.to_array(a.t)
+            except (TypeError, ValueError) as e:
+                raise SpaError(f"Constant node '{node.name or node.output[0]}': its value cannot be read "
+                               f"({one_line(e, 120)})") from e
         if a.name in ("value_float", "value_int", "value_floats", "value_ints"):
             v = helper.get_attribute_value(a)
             dtype = np.float32 if "float" in a.name else np.int64

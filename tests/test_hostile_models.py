@@ -99,6 +99,19 @@ def test_constant_external_data_is_not_read_from_the_current_directory(tmp_path,
             assert SECRET[:16] not in p.read_bytes(), p
 
 
+def test_a_constant_node_whose_tensor_cannot_be_decoded_is_one_line(tmp_path, capsys):
+    """A Constant node whose 'value' attribute is declared a float, so that its tensor reads empty, of an
+    undefined element type (found by the fuzz campaign, seed 31): numpy's decoding raised TypeError into a
+    traceback; now the node is named in one line."""
+    m = base_model()
+    with_constant_weight(m, "c2.bias")
+    value = m.graph.node[0].attribute[0]
+    value.ClearField("t")
+    value.type = onnx.AttributeProto.FLOAT   # 'value' declared a float: its tensor field is read empty (undefined)
+    value.f = 1.5
+    refused(tmp_path, capsys, m, "Constant node 'const_c2.bias': its value cannot be read")
+
+
 @pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink", "symlinked_dir"])
 @pytest.mark.parametrize("holder", ["initializer", "constant", "if_body", "sparse"])
 def test_external_data_outside_the_folder_refused(tmp_path, capsys, where, holder):
