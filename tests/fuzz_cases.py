@@ -97,7 +97,25 @@ def attention_net() -> onnx.ModelProto:
     return b.model()
 
 
-SEED_MODELS = {"residual": residual_net, "concat": concat_net, "mlp": reshape_mlp, "attention": attention_net}
+def ort_saved_net() -> onnx.ModelProto:
+    """As onnxruntime's offline optimizer saves a small CNN: FusedConv (Conv + Relu), QuickGelu, a Conv, global
+    pooling and a FusedGemm (Gemm + Tanh) head, all com.microsoft (written back as standard ops by normalize)."""
+    b = Builder()
+    b.extra_opsets["com.microsoft"] = 1
+    x = b.input("x", [1, 3, 8, 8])
+    b.weight("f1.weight", (8, 3, 3, 3))
+    y = b.op("FusedConv", [x, "f1.weight", b.weight("f1.bias", (8,), 0.1)], name="f1", domain="com.microsoft",
+             activation="Relu", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.op("QuickGelu", [b.conv("c2", y, 8, 8)], name="qg", domain="com.microsoft", alpha=1.702)
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [y], name="gap")], name="flat", axis=1)
+    b.weight("fc.weight", (5, 8))
+    b.output(b.op("FusedGemm", [f, "fc.weight", b.weight("fc.bias", (5,), 0.1)], name="fc", domain="com.microsoft",
+                  activation="Tanh", transB=1))
+    return b.model()
+
+
+SEED_MODELS = {"residual": residual_net, "concat": concat_net, "mlp": reshape_mlp, "attention": attention_net,
+               "ort_saved": ort_saved_net}
 _CACHE: dict = {}
 
 
@@ -198,6 +216,12 @@ def mutate_bytes(rng: random.Random, data: bytes) -> tuple[str, bytes]:
 # ---- structure-level mutations -----------------------------------------------------------------------------------
 def _inits(m):
     return list(m.graph.initializer)
+
+
+def _inline_inits(m):
+    """Initializers whose data is in the model (an earlier mutation may have pointed one at external data that
+    does not exist: decoding it would fail in the generator, not in spa-prune)."""
+    return [t for t in m.graph.initializer if t.data_location != TensorProto.EXTERNAL] or [None]
 
 
 def _pick_node(rng, m, op=None):
@@ -435,16 +459,16 @@ def _s_weight_rank(rng, m):
 
 
 def _s_float_data(rng, m):
-    t = rng.choice(_inits(m))
-    if t.data_type == TensorProto.FLOAT:
+    t = rng.choice(_inline_inits(m))
+    if t is not None and t.data_type == TensorProto.FLOAT:
         arr = numpy_helper.to_array(t)
         t.ClearField("raw_data")
         t.float_data.extend(arr.ravel().tolist()[: max(0, arr.size - rng.randint(0, 2))])
 
 
 def _s_nan_weights(rng, m):
-    t = rng.choice(_inits(m))
-    arr = numpy_helper.to_array(t).copy()
+    t = rng.choice(_inline_inits(m))
+    arr = numpy_helper.to_array(t).copy() if t is not None else np.zeros(0)
     if arr.dtype.kind == "f" and arr.size:
         arr.ravel()[rng.randrange(arr.size)] = rng.choice([np.nan, np.inf, -np.inf, 3e38])
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
