@@ -11,6 +11,7 @@ from helpers import Builder
 from onnx import TensorProto, helper
 
 from spa import driver
+from spa.cli.summary import summary
 from spa.ir import Graph
 from spa.passes.unfuse import unfuse_contrib
 
@@ -154,6 +155,7 @@ def test_a_model_onnxruntime_saved_with_its_fusions_prunes_like_the_export(tmp_p
     assert ours["macs"] == export["macs"] and [g["kept"] for g in ours["per_group"]] == \
         [g["kept"] for g in export["per_group"]]
     assert ours["normalize"]["contrib_fusions_unfused"] == 9
+    assert "9 onnxruntime contrib fusions (FusedConv, Gelu, ...) written as the standard ops" in summary(ours)
 
 
 @pytest.mark.parametrize("op, inputs, attrs", [

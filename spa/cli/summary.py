@@ -130,6 +130,10 @@ def summary(rep: dict) -> str:
                         f"--exact-hessians for exact ones)" if factored else ""))
     for note in imp.get("notes", [])[:3]:
         lines.append(f"note          {note}")
+    unfused = (rep.get("normalize") or {}).get("contrib_fusions_unfused")
+    if unfused:
+        lines.append(f"note          {unfused} onnxruntime contrib fusions (FusedConv, Gelu, ...) written as the "
+                     f"standard ops they fuse; onnxruntime fuses them again when it loads OUT")
     if rep["unruled_ops"]:
         lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
     for w in rep["warnings"][:5]:
