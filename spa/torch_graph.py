@@ -154,7 +154,7 @@ class TorchGraph(nn.Module):
                 self._add_static(node.output[0], value, taken, constant=True)
                 self._constant_nodes[node.output[0]] = list(node.output)
                 continue
-            exported = shapes.get(node.input[0])
+            exported = shapes.get(node.input[0]) if node.input else None   # a source op (a custom one) has none
             if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and exported and \
                     isinstance(exported[0], int) and exported[0] > 0:
                 attrs[BATCH_FREE] = exported[0]

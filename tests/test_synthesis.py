@@ -426,3 +426,20 @@ def test_a_baked_batch_of_one_is_scored_and_refit_in_chunks_with_the_same_result
     for name in ("c1.weight", "fc.weight"):
         np.testing.assert_allclose(numpy_helper.to_array(weights[name]), numpy_helper.to_array(weights_one[name]),
                                    rtol=1e-3, atol=1e-4)
+
+
+def test_a_source_op_without_inputs_runs_batch_free():
+    """A node with no inputs (a registered custom source op) in a batch-free TorchGraph: the batch-1 marking
+    reads no input of it (it indexed input 0 of every node: IndexError)."""
+    from spa import operators
+    from spa.torch_graph import TorchGraph
+
+    b = Builder()
+    b.extra_opsets["com.example"] = 1
+    x = b.input("x", [1, 4])
+    bias = b.op("Ones", [], domain="com.example")
+    b.output(b.op("Add", [b.op("Reshape", [x, b.i64("flat", [1, 4])]), bias]))
+    with operators.register("Ones", domain="com.example", lowering=lambda node, inputs, attrs: [torch.ones(1, 4)]):
+        free = TorchGraph(b.model(), batch_free=True, shapes={"x": (1, 4), "flat": (2,)})
+        out = free.run({"x": torch.zeros(3, 4)})[free.output_names[0]]
+    torch.testing.assert_close(out, torch.ones(3, 4))
