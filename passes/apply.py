@@ -55,17 +55,18 @@ class ApplyContext:
         value = np.asarray(value)
         base = node.input[i] or f"{node.name}_input{i}"
         current = self.g.const(node.input[i]) if node.input[i] else None
-        if current is not None and _same_value(np.asarray(current), value):
+        if current is not None and _value_key(np.asarray(current)) == _value_key(value):
             return
-        key = (base, value.dtype.str, value.shape, value.tobytes())
+        key = (base, *_value_key(value))
         name = self.copies.get(key)
         if name is None:
             name = self.copies[key] = self.g.add_const(value, base + "_pruned")
         node.input[i] = name
 
 
-def _same_value(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+def _value_key(a: np.ndarray) -> tuple:
+    """What makes two constants the same value: dtype, shape and bytes."""
+    return a.dtype.str, a.shape, a.tobytes()
 
 
 def cut(array: np.ndarray, slices: list[tuple[int, np.ndarray]]) -> np.ndarray:
