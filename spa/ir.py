@@ -266,9 +266,10 @@ class Graph:
             self._dirty.discard(name)
 
 
-_RAW_OK = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
-           onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
-           onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+# Element types whose raw little-endian bytes numpy views as they are (no conversion pass)
+RAW_VIEW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
+                  onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                  onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 
 def _decode(t: onnx.TensorProto) -> np.ndarray:
@@ -277,7 +278,7 @@ def _decode(t: onnx.TensorProto) -> np.ndarray:
     check_tensor(t, f"tensor '{t.name}'")
     if is_mapped(t):
         return MAPPED.view(t)
-    if t.data_type in _RAW_OK and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
+    if t.data_type in RAW_VIEW_TYPES and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
         raw = t.raw_data
         if raw:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
@@ -493,7 +494,7 @@ class RawWeights:
 
     def view(self, t: onnx.TensorProto) -> np.ndarray | None:
         span = self.spans.get(t.name)
-        if span is None or t.data_type not in _RAW_OK or sys.byteorder != "little":
+        if span is None or t.data_type not in RAW_VIEW_TYPES or sys.byteorder != "little":
             return None
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
         count = int(np.prod(t.dims)) if len(t.dims) else 1
@@ -578,7 +579,7 @@ def write_external(model: onnx.ModelProto, f, location: str, min_bytes: int = EX
             continue
         f.write(b"\0" * (offsets[t.name] - written))
         written = offsets[t.name] + _tensor_bytes(t)
-        if t.data_type in PACKED_4BIT or (not is_mapped(t) and t.data_type not in _RAW_OK):
+        if t.data_type in PACKED_4BIT or (not is_mapped(t) and t.data_type not in RAW_VIEW_TYPES):
             f.write(t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(_decode(t)).raw_data)
             continue
         if is_mapped(t) and _copy_mapped(t, f):

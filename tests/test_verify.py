@@ -208,3 +208,33 @@ def test_small_draws_share_one_session_per_model_and_large_ones_do_not(shared, m
     assert rep["verification"]["status"] == "passed" and rep["verification"]["inputs"] == 2
     verification = sessions[:-2]                              # the fidelity pass's two sessions come last
     assert verification == ([2, 2] if shared else [1, 1, 1, 1])
+
+
+def test_sessions_take_weights_as_views_not_through_protobuf():
+    """run_many's session reads numeric weights as numpy views (only the weightless graph is serialized); a
+    weight of a type numpy cannot view (bfloat16) stays in the serialized graph. Outputs equal a session made
+    from the whole serialized model."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spa.passes import verify
+
+    rng = np.random.default_rng(0)
+    bias = helper.make_tensor("b", TensorProto.BFLOAT16, [256], vals=rng.integers(0, 2 ** 14, 256).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["y", "bf"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 256])],
+        [numpy_helper.from_array(rng.standard_normal((64, 256)).astype(np.float32), "w"), bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    source, borrowed = verify.session_source(model, ort.SessionOptions())
+    assert len(source) < 2048 < 64 * 256 * 4 < model.ByteSize()   # the weight did not go through protobuf
+    assert len(borrowed) == 2                                       # its OrtValue and the array it views
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = verify.run(model, {"x": x})[0]
+    whole = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(got, whole.run(None, {"x": x})[0])
