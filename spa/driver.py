@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .errors import DataPassesUnavailable, FidelityError
+from .execution import import_torch_in_background
 from .fileio import StagedOutputs, check_outputs
 from .groups import Analysis
 from .importance import score
@@ -41,6 +42,7 @@ from .pipeline import (
     data_label,
     explain_nothing,
     selection_error,
+    uses_data,
 )
 from .select import PruningPlan, select
 
@@ -104,6 +106,8 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
     requested = options or PruneOptions.from_keywords(**keywords)
     options = requested.validated()
     check_paths(source, output, options)
+    if uses_data(options.importance) or options.reconstruct or options.recalibrate:
+        import_torch_in_background()
     t0 = time.perf_counter()
     staged = outputs if outputs is not None else StagedOutputs()
     with staged, memory_limit(options.memory_limit_gb):  # a failure discards what was staged: nothing is written

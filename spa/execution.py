@@ -3,13 +3,32 @@ model that cannot run is one line of bad input, not a traceback. Shared by OBS s
 data-free synthesis, reconstruction, fine-tuning and the search's sample sets."""
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+import threading
 
 import numpy as np
 
 from .calib import input_specs
 from .errors import SpaError, one_line
 from .memory import array_bytes
+
+
+def import_torch_in_background() -> None:
+    """Start importing torch in a daemon thread: the data passes need it once the model is loaded, normalized and
+    analysed, and its 1.2-1.5 s of mostly single-threaded start-up (ResNet-50's default run: a tenth of it)
+    then overlaps that work. A failure is left to the passes' own import, which says what is wrong."""
+    if "torch" in sys.modules:
+        return
+
+    def work() -> None:
+        try:
+            importlib.import_module("torch")
+        except BaseException:  # noqa: BLE001 - the passes' own import raises it again, where it is handled
+            pass
+
+    threading.Thread(target=work, name="spa-import-torch", daemon=True).start()
 
 
 def run_model(tg, feeds, hook=None):
