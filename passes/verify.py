@@ -238,16 +238,12 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned",
         for name in extra:   # exposed for the session only: the caller's model is left as it was
             outputs.append(helper.make_empty_tensor_value_info(name))
         try:
-            source, weights = session_source(model, opts)  # `weights` must outlive the session
+            sess = open_session(model, opts)
         finally:
             for _ in extra:
                 outputs.pop()
-        try:
-            sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        finally:
-            if isinstance(source, str):
-                os.unlink(source)
         outputs = [sess.run(None, feeds) for feeds in draws]
+        weights = sess.borrowed
         del sess
         for w in weights:
             release(w)   # what the session read of mapped weights leaves the resident set
@@ -260,6 +256,21 @@ def run_many(model: onnx.ModelProto, draws: list[dict], what: str = "pruned",
             raise SpaError(f"the input model does not run in onnxruntime with inputs {shapes} (dynamic dims: fix "
                            f"them with --input-shape): {msg}")
         raise VerificationError(f"the pruned model does not run in onnxruntime: {msg}")
+
+
+def open_session(model: onnx.ModelProto, opts):
+    """A CPU onnxruntime session of `model` made as `session_source` says; the values it borrows are kept as
+    its `borrowed` attribute, so they live as long as it."""
+    import onnxruntime as ort
+
+    source, borrowed = session_source(model, opts)
+    try:
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    finally:
+        if isinstance(source, str):
+            os.unlink(source)
+    sess.borrowed = borrowed
+    return sess
 
 
 def session_source(model: onnx.ModelProto, opts) -> tuple[bytes | str, list]:

@@ -14,6 +14,7 @@ from ..calib import input_specs
 from ..errors import SpaError, one_line
 from ..ir import read_model
 from ..model import default_dim
+from ..passes.verify import open_session
 
 MIN_RUNS = 30
 
@@ -48,7 +49,7 @@ def session(proto: onnx.ModelProto, threads: int = 1):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 4
     try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return open_session(proto, opts)
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise SpaError(f"onnxruntime cannot load the model: {one_line(e, 300)}")
 

@@ -9,6 +9,7 @@ from ..errors import SpaError
 from ..execution import batch_size_for, chunks
 from ..importance import ScoreInputs
 from ..latency import free_batch_dim
+from ..passes.verify import open_session
 from ..synthesis import model_data
 
 
@@ -84,4 +85,4 @@ def _session(proto, threads: int | None):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return open_session(proto, opts)
