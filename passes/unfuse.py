@@ -1,10 +1,12 @@
 """onnxruntime's offline optimizer (`optimized_model_filepath` at ORT_ENABLE_EXTENDED) saves its fusions as
 com.microsoft contrib ops: FusedConv, FusedGemm, FusedMatMul, Gelu, BiasGelu, FastGelu, QuickGelu,
-SkipLayerNormalization. They have no ONNX shape inference and no rule here, so they froze everything around
+SkipLayerNormalization; its transformer optimizer (and onnxsim's simplifier) write a BERT layer's self-attention
+as one Attention node with packed Q/K/V weights. They have no ONNX shape inference and no rule here, so they froze everything around
 them. Normalization writes each back as the standard ops it fuses (the same computation, as onnxruntime defines
 it); onnxruntime fuses them again when it loads the pruned model. A node whose form is not covered (a FusedMatMul
 with transposed operands, a SkipLayerNormalization whose statistics outputs are read, an activation not listed,
-LayerNormalization before opset 17) stays as it is, and what it touches freezes with its reason.
+LayerNormalization before opset 17, an Attention with a past state, a causal flag, rotary embeddings or a mask
+other than a 2-D 0/1 one) stays as it is, and what it touches freezes with its reason.
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def _unfused(g: Graph, node: onnx.NodeProto, opset: int, dtype) -> Chain | None:
     c = Chain(g, node, dtype)
     if op == "SkipLayerNormalization":
         return _skip_layer_norm(g, node, opset, c)
+    if op == "Attention":
+        return _attention(g, node, c)
     if any(node.output[1:]):
         return None
     if op in KEPT_ATTRS:
@@ -148,3 +152,78 @@ def _skip_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Ch
     c.add("LayerNormalization", [summed, ins[2]] + ([ins[3]] if len(ins) > 3 and ins[3] else []), "main", c.out,
           axis=-1, epsilon=float(attr(node, "epsilon", 1e-12)))
     return c
+
+
+def _attention(g: Graph, node: onnx.NodeProto, c: Chain) -> Chain | None:
+    """com.microsoft::Attention as onnxruntime computes it: Q, K, V = input @ W (+ bias), split by
+    qkv_hidden_sizes (equal thirds without it) into num_heads heads each; softmax(scale Q Kᵀ + mask) V, heads
+    concatenated. The mask, where given, is 2-D [batch, total sequence]: 0 masks a key position (it adds
+    mask_filter_value). Q, K and V become three MatMul + Add on slices of the packed weights, the heads
+    Reshape + Transpose, as exporters write them (the head rules then see each projection)."""
+    ins = list(node.input) + [""] * (7 - len(node.input))
+    outs = list(node.output)
+    w = g.const(ins[1]) if ins[1] else None
+    b = g.const(ins[2]) if ins[2] else None
+    heads = int(attr(node, "num_heads", 0))
+    if (w is None or w.ndim != 2 or w.dtype.kind != "f" or (b is not None and b.dtype != w.dtype) or (ins[2] and (b is None or b.ndim != 1)) or heads <= 0 or any(ins[4:7])
+            or attr(node, "unidirectional", 0) or attr(node, "do_rotary", 0)
+            or any(o and (g.consumers.get(o) or o in g.output_names) for o in outs[1:])):
+        return None
+    sizes = [int(v) for v in attr(node, "qkv_hidden_sizes", [])] or [w.shape[1] // 3] * 3
+    if len(sizes) != 3 or sum(sizes) != w.shape[1] or (b is not None and b.shape[0] != w.shape[1]) \
+            or sizes[0] != sizes[1] or any(s <= 0 or s % heads for s in sizes):
+        return None
+    mask = ins[3]
+    if mask and (_rank(g, mask) != 2 or g.is_const(mask)):
+        return None
+    c.dtype = w.dtype   # the scale and mask constants: the weights' (and so the scores') float type
+    head_q, head_v = sizes[0] // heads, sizes[2] // heads
+    scale = float(attr(node, "scale", 0.0)) or 1.0 / math.sqrt(head_q)
+    x, starts = ins[0], np.cumsum([0, *sizes])
+
+    def projection(i: int, tag: str, perm: list[int]) -> str:
+        cols = slice(int(starts[i]), int(starts[i + 1]))
+        y = c.add("MatMul", [x, g.add_const(np.ascontiguousarray(w[:, cols]), f"{c.name}_{tag}_weight")], tag)
+        if b is not None:
+            y = c.add("Add", [y, g.add_const(np.ascontiguousarray(b[cols]), f"{c.name}_{tag}_bias")], f"{tag}_bias")
+        shape = g.add_const(np.array([0, 0, heads, sizes[i] // heads], np.int64), f"{c.name}_{tag}_heads")
+        return c.add("Transpose", [c.add("Reshape", [y, shape], f"{tag}_split")], f"{tag}_heads",
+                     perm=perm)
+
+    q = projection(0, "query", [0, 2, 1, 3])
+    k = projection(1, "key", [0, 2, 3, 1])          # Kᵀ per head
+    v = projection(2, "value", [0, 2, 1, 3])
+    scores = c.add("Mul", [c.add("MatMul", [q, k], "scores"), c.const(scale)], "scaled")
+    if mask:   # 0 in the mask: mask_filter_value added to that key's scores
+        keep = c.add("Greater", [mask, g.add_const(np.zeros((), _np_type(g, mask)), f"{c.name}_zero")], "keep")
+        bias = c.add("Where", [keep, c.const(0.0), c.const(float(attr(node, "mask_filter_value", -10000.0)))],
+                     "mask")
+        shape = g.add_const(np.array([0, 1, 1, -1], np.int64), f"{c.name}_mask_shape")
+        scores = c.add("Add", [scores, c.add("Reshape", [bias, shape], "mask_heads")], "masked")
+    probs = c.add("Softmax", [scores], "probs", axis=3)
+    merged = c.add("Transpose", [c.add("MatMul", [probs, v], "context")], "merge", perm=[0, 2, 1, 3])
+    shape = g.add_const(np.array([0, 0, heads * head_v], np.int64), f"{c.name}_merged")
+    c.add("Reshape", [merged, shape], "main", c.out)
+    return c
+
+
+def _declared(g: Graph, name: str):
+    """The graph's declaration of a tensor (an input, output or value_info), or None."""
+    graph = g.model.graph
+    return next((info for info in (*graph.input, *graph.value_info, *graph.output) if info.name == name), None)
+
+
+def _rank(g: Graph, name: str) -> int | None:
+    """A tensor's rank: inferred, else declared."""
+    rank = g.rank(name)
+    info = _declared(g, name)
+    if rank is None and info is not None and info.type.tensor_type.HasField("shape"):
+        rank = len(info.type.tensor_type.shape.dim)
+    return rank
+
+
+def _np_type(g: Graph, name: str):
+    """The numpy type of a graph tensor as declared (int32, onnxruntime's mask_index type, where undeclared)."""
+    info = _declared(g, name)
+    elem = info.type.tensor_type.elem_type if info is not None else 0
+    return helper.tensor_dtype_to_np_dtype(elem) if elem else np.int32

@@ -37,7 +37,7 @@ def contrib_model(op: str, inputs: list, shapes: dict, out_shape, n_out: int = 1
     names = []
     for x in inputs:
         if isinstance(x, str) and x in shapes:
-            names.append(b.input(x, shapes[x]))
+            names.append(b.input(x, shapes[x], TensorProto.INT32 if x == "m" else TensorProto.FLOAT))
         elif isinstance(x, tuple):
             names.append(b.const(x[0], x[1]))
         else:
@@ -95,6 +95,23 @@ CASES = {
         {"a": RNG.standard_normal((2, 3, 4)).astype(np.float32), "s": RNG.standard_normal((2, 3, 4)).astype(np.float32)},
         ["Add", "Add", "LayerNormalization"]),
 }
+
+QKV = (RNG.standard_normal((16, 48)) * 0.4).astype(np.float32)
+QKV_BIAS = RNG.standard_normal(48).astype(np.float32)
+TOKENS = {"t": RNG.standard_normal((2, 5, 16)).astype(np.float32)}
+ATTENTION = ["MatMul", "Add", "Reshape", "Transpose"] * 3 + ["MatMul", "Mul", "Softmax", "MatMul", "Transpose",
+                                                              "Reshape"]
+CASES.update({
+    "Attention": (lambda: contrib_model("Attention", ["t", ("qkv", QKV), ("qkv_bias", QKV_BIAS)], {"t": [2, 5, 16]},
+                                        None, num_heads=2), TOKENS, ATTENTION),
+    # V narrower than Q/K, no bias, an explicit scale, and a 0/1 mask over the keys (row 0 pads its last two)
+    "Attention-mask": (lambda: contrib_model(
+        "Attention", ["t", ("qkv", QKV[:, :40]), "", "m"], {"t": [2, 5, 16], "m": [2, 5]}, None, num_heads=4,
+        qkv_hidden_sizes=[16, 16, 8], scale=0.3),
+        {**TOKENS, "m": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)},
+        [op for op in ATTENTION if op != "Add"][:-4] + ["Greater", "Where", "Reshape", "Add", "Softmax", "MatMul",
+                                                        "Transpose", "Reshape"]),
+})
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -181,3 +198,40 @@ def test_a_malformed_contrib_node_stays_fused_and_the_run_ends_in_one_line(tmp_p
     rc, _, err = run_cli([src, tmp_path / "o.onnx", "--ratio", "0.5"], capsys)
     assert_one_line_error(rc, err)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def attention_block(heads: int = 4, d: int = 32, seq: int = 6) -> onnx.ModelProto:
+    """A transformer block as onnxruntime's optimizer or onnxsim's simplifier saves it: self-attention as one
+    com.microsoft::Attention node (packed Q/K/V weights), an output projection, residual, LayerNorm, MLP."""
+    rng = np.random.default_rng(0)
+
+    def w(name, rows, cols):
+        return b.const(name, (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32))
+
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    x = b.input("x", [2, seq, d])
+    att = b.op("Attention", [x, w("qkv", d, 3 * d), b.const("qkv_bias", rng.standard_normal(3 * d).astype(
+        np.float32) * 0.1)], domain=MS, num_heads=heads)
+    h = b.op("Add", [x, b.op("MatMul", [att, w("wo", d, d)])])
+    ln = b.op("LayerNormalization", [h, b.const("g", np.ones(d, np.float32)), b.const("be", np.zeros(d, np.float32))],
+              axis=-1)
+    up = b.op("Relu", [b.op("MatMul", [ln, w("w1", d, 2 * d)])])
+    b.output(b.op("Add", [ln, b.op("MatMul", [up, w("w2", 2 * d, d)])]))
+    return b.model()
+
+
+def test_an_attention_node_prunes_by_heads(tmp_path):
+    """The packed Attention froze the block's heads and stopped the data passes (no torch lowering: the default
+    fell back to --fast). Written back as standard ops, its heads form one group of 4 units; half of them go
+    with --ratio 0.5, and the default command runs its data passes; both verified against the fused file."""
+    src = tmp_path / "att.onnx"
+    onnx.save(attention_block(), str(src))
+    fast = driver.prune(str(src), str(tmp_path / "fast.onnx"), ratio=0.5, fast=True).report
+    heads = [g for g in fast["per_group"] if g["units"] == 4]
+    assert fast["normalize"]["contrib_fusions_unfused"] == 1
+    assert fast["verification"]["status"] == "passed" and [g["kept"] for g in heads] == [2]
+    default = driver.prune(str(src), str(tmp_path / "default.onnx"), target_flops=0.6).report
+    assert default["verification"]["status"] == "passed"
+    assert not any("cannot run" in w for w in default["warnings"])
+    assert default["importance"]["criterion"] == "obspa" and default["macs"]["ratio"] <= 0.6
