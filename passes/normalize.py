@@ -61,7 +61,9 @@ class Normalize(Pass):
             raise SpaError(weights_out_of_reach(g.model) or "model has no floating-point weights (an integer-only "
                            "model, or no weights at all): nothing to prune")
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
-        report["contrib_fusions_unfused"] = unfuse_contrib(g)   # onnxruntime's saved fusions: standard ops again
+        unfused = unfuse_contrib(g)   # onnxruntime's saved fusions: standard ops again
+        report["contrib_fusions_unfused"] = sum(unfused.values())
+        report["contrib_fusions_by_op"] = unfused
         report["names_renamed"] = unique_names(g)
         report["lifted_constants"] = lift_constants(g)
         report["identities_removed"] = remove_identities(g)

@@ -48,14 +48,14 @@ class Chain:
         return output
 
 
-def unfuse_contrib(g: Graph) -> int:
-    """Rewrite the main graph's covered contrib fusions as standard ops; the number rewritten."""
+def unfuse_contrib(g: Graph) -> dict[str, int]:
+    """Rewrite the main graph's covered contrib fusions as standard ops; how many of each op type."""
     if not any(n.domain == MS for n in g.model.graph.node):
-        return 0
+        return {}
     opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 0)
     kinds = [t.data_type for t in g.model.graph.initializer if t.data_type in FLOATS]
     dtype = FLOATS[max(set(kinds), key=kinds.count)] if kinds else np.float32   # the weights' float type
-    nodes, count = [], 0
+    nodes, count = [], {}
     for node in g.model.graph.node:
         chain = None
         if node.domain == MS and node.output and node.output[0] and node.input and node.input[0]:
@@ -64,7 +64,8 @@ def unfuse_contrib(g: Graph) -> int:
             except (ValueError, TypeError, IndexError):   # malformed attributes: left as the file has it
                 chain = None
         nodes.extend(chain.nodes if chain is not None else [node])
-        count += chain is not None
+        if chain is not None:
+            count[node.op_type] = count.get(node.op_type, 0) + 1
     if count:
         del g.model.graph.node[:]
         g.model.graph.node.extend(nodes)
@@ -78,7 +79,9 @@ def _unfused(g: Graph, node: onnx.NodeProto, opset: int, dtype) -> Chain | None:
     if op == "SkipLayerNormalization":
         return _skip_layer_norm(g, node, opset, c)
     if op == "Attention":
-        return _attention(g, node, c)
+        return _attention(g, node, opset, c)
+    if op == "EmbedLayerNormalization":
+        return _embed_layer_norm(g, node, opset, c)
     if any(node.output[1:]):
         return None
     if op in KEPT_ATTRS:
@@ -154,11 +157,11 @@ def _skip_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Ch
     return c
 
 
-def _attention(g: Graph, node: onnx.NodeProto, c: Chain) -> Chain | None:
+def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | None:
     """com.microsoft::Attention as onnxruntime computes it: Q, K, V = input @ W (+ bias), split by
     qkv_hidden_sizes (equal thirds without it) into num_heads heads each; softmax(scale Q Kᵀ + mask) V, heads
-    concatenated. The mask, where given, is 2-D [batch, total sequence]: 0 masks a key position (it adds
-    mask_filter_value). Q, K and V become three MatMul + Add on slices of the packed weights, the heads
+    concatenated. The mask, where given, is 2-D [batch, total sequence] (0 masks a key position: it adds
+    mask_filter_value), or the row lengths an EmbedLayerNormalization counted (keys past them are masked). Q, K and V become three MatMul + Add on slices of the packed weights, the heads
     Reshape + Transpose, as exporters write them (the head rules then see each projection)."""
     ins = list(node.input) + [""] * (7 - len(node.input))
     outs = list(node.output)
@@ -174,7 +177,10 @@ def _attention(g: Graph, node: onnx.NodeProto, c: Chain) -> Chain | None:
             or sizes[0] != sizes[1] or any(s <= 0 or s % heads for s in sizes):
         return None
     mask = ins[3]
-    if mask and (_rank(g, mask) != 2 or g.is_const(mask)):
+    producer = g.producer.get(mask) if mask else None
+    lengths = producer is not None and producer.op_type == "EmbedLayerNormalization" and producer.domain == MS \
+        and len(producer.output) > 1 and producer.output[1] == mask   # [batch]: keys from here on are padding
+    if mask and (opset < 11 if lengths else (_rank(g, mask) != 2 or g.is_const(mask))):
         return None
     c.dtype = w.dtype   # the scale and mask constants: the weights' (and so the scores') float type
     head_q, head_v = sizes[0] // heads, sizes[2] // heads
@@ -194,8 +200,17 @@ def _attention(g: Graph, node: onnx.NodeProto, c: Chain) -> Chain | None:
     k = projection(1, "key", [0, 2, 3, 1])          # Kᵀ per head
     v = projection(2, "value", [0, 2, 1, 3])
     scores = c.add("Mul", [c.add("MatMul", [q, k], "scores"), c.const(scale)], "scaled")
-    if mask:   # 0 in the mask: mask_filter_value added to that key's scores
+    if lengths:   # each row's length: key positions at or past it are masked
+        length = c.add("Gather", [c.add("Shape", [x], "shape"), g.add_const(np.array(1, np.int64), f"{c.name}_one")],
+                       "length", axis=0)
+        keys = c.add("Range", [g.add_const(np.array(0, np.int64), f"{c.name}_zero"), length,
+                               g.add_const(np.array(1, np.int64), f"{c.name}_step")], "keys")
+        ends = c.add("Reshape", [c.add("Cast", [mask], "ends", to=TensorProto.INT64),
+                                 g.add_const(np.array([-1, 1], np.int64), f"{c.name}_column")], "end_column")
+        keep = c.add("Less", [keys, ends], "keep")
+    elif mask:    # 0 in the mask: mask_filter_value added to that key's scores
         keep = c.add("Greater", [mask, g.add_const(np.zeros((), _np_type(g, mask)), f"{c.name}_zero")], "keep")
+    if mask:
         bias = c.add("Where", [keep, c.const(0.0), c.const(float(attr(node, "mask_filter_value", -10000.0)))],
                      "mask")
         shape = g.add_const(np.array([0, 1, 1, -1], np.int64), f"{c.name}_mask_shape")
@@ -227,3 +242,41 @@ def _np_type(g: Graph, name: str):
     info = _declared(g, name)
     elem = info.type.tensor_type.elem_type if info is not None else 0
     return helper.tensor_dtype_to_np_dtype(elem) if elem else np.int32
+
+
+def _embed_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | None:
+    """com.microsoft::EmbedLayerNormalization: LayerNormalization(word[ids] + position[position_ids, or 0..S-1]
+    (+ segment[segment_ids])) over the last axis; its 3rd output is that sum, its 2nd (mask_index) the number of
+    ones in each row of the mask (zeros without one), as onnxruntime computes them."""
+    ins = list(node.input) + [""] * (9 - len(node.input))
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    ids, segments, word, position, segment, gamma, beta, mask, position_ids = ins[:9]
+    tables = [g.const(t) if t else None for t in (word, position, segment)]
+    if opset < 17 or tables[0] is None or tables[1] is None or not gamma or not beta \
+            or bool(segments) != bool(segment) or (segment and tables[2] is None):
+        return None   # no LayerNormalization op, or run-time tables
+    index_read = outs[1] and (g.consumers.get(outs[1]) or outs[1] in g.output_names)
+    if index_read and not mask:
+        return None   # zeros: not worth an op chain of its own
+    total = c.add("Gather", [word, ids], "word", axis=0)
+    if position_ids:
+        placed = c.add("Gather", [position, position_ids], "position", axis=0)
+    else:         # rows 0..S-1 of the table, S read from the ids at run time
+        seq = c.add("Slice", [c.add("Shape", [ids], "shape"), _ints(g, c, "one", [1]), _ints(g, c, "two", [2]),
+                              _ints(g, c, "axis", [0])], "length")
+        placed = c.add("Slice", [position, _ints(g, c, "start", [0]), seq, _ints(g, c, "axis", [0])], "position")
+    total = c.add("Add", [total, placed], "positioned", None if segment else outs[2] or None)
+    if segment:
+        total = c.add("Add", [total, c.add("Gather", [segment, segments], "segment", axis=0)], "segmented",
+                      outs[2] or None)
+    c.add("LayerNormalization", [total, gamma, beta], "main", c.out, axis=-1,
+          epsilon=float(attr(node, "epsilon", 1e-12)))
+    if index_read:   # ones per row of the mask, int32
+        ones = c.add("Equal", [mask, g.add_const(np.ones((), _np_type(g, mask)), f"{c.name}_one")], "ones")
+        counted = c.add("Cast", [ones], "counted", to=TensorProto.INT32)
+        c.add("ReduceSum", [counted, _ints(g, c, "rows", [1])], "mask_index", outs[1], keepdims=0)
+    return c
+
+
+def _ints(g: Graph, c: Chain, tag: str, values: list[int]) -> str:
+    return g.add_const(np.array(values, np.int64), f"{c.name}_{tag}")

@@ -26,7 +26,7 @@ def unfused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     g = Graph(copy)
-    n = unfuse_contrib(g)
+    n = sum(unfuse_contrib(g).values())
     return g.to_model(), n
 
 
@@ -37,7 +37,7 @@ def contrib_model(op: str, inputs: list, shapes: dict, out_shape, n_out: int = 1
     names = []
     for x in inputs:
         if isinstance(x, str) and x in shapes:
-            names.append(b.input(x, shapes[x], TensorProto.INT32 if x == "m" else TensorProto.FLOAT))
+            names.append(b.input(x, shapes[x], TensorProto.INT32 if x in ("m", "ids", "pid") else TensorProto.FLOAT))
         elif isinstance(x, tuple):
             names.append(b.const(x[0], x[1]))
         else:
@@ -111,6 +111,13 @@ CASES.update({
         {**TOKENS, "m": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)},
         [op for op in ATTENTION if op != "Add"][:-4] + ["Greater", "Where", "Reshape", "Add", "Softmax", "MatMul",
                                                         "Transpose", "Reshape"]),
+    # position ids given (the rows of the position table they pick), no segments, the sum output kept
+    "EmbedLayerNormalization": (lambda: contrib_model(
+        "EmbedLayerNormalization", ["ids", "", ("word", QKV.T[:, :16].copy()), ("position", QKV[:8, 12:28]), "",
+                                    ("gamma", QKV_BIAS[:16] + 2), ("beta", QKV_BIAS[16:32]), "", "pid"],
+        {"ids": [2, 5], "pid": [1, 5]}, None, n_out=2, epsilon=1e-5),
+        {"ids": RNG.integers(0, 48, (2, 5)).astype(np.int32), "pid": np.array([[3, 1, 4, 1, 5]], np.int32)},
+        ["Gather", "Gather", "Add", "LayerNormalization"]),
 })
 
 
@@ -172,7 +179,7 @@ def test_a_model_onnxruntime_saved_with_its_fusions_prunes_like_the_export(tmp_p
     assert ours["macs"] == export["macs"] and [g["kept"] for g in ours["per_group"]] == \
         [g["kept"] for g in export["per_group"]]
     assert ours["normalize"]["contrib_fusions_unfused"] == 9
-    assert "9 onnxruntime contrib fusions (FusedConv, Gelu, ...) written as the standard ops" in summary(ours)
+    assert "9 onnxruntime contrib fusions (FusedConv x9) written as the standard ops" in summary(ours)
 
 
 @pytest.mark.parametrize("op, inputs, attrs", [
@@ -235,3 +242,51 @@ def test_an_attention_node_prunes_by_heads(tmp_path):
     assert default["verification"]["status"] == "passed"
     assert not any("cannot run" in w for w in default["warnings"])
     assert default["importance"]["criterion"] == "obspa" and default["macs"]["ratio"] <= 0.6
+
+
+def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4) -> onnx.ModelProto:
+    """A one-layer BERT as onnxruntime's transformer optimizer saves it: EmbedLayerNormalization (word, position
+    and segment tables; the mask's row lengths as its second output), Attention reading those lengths,
+    SkipLayerNormalization, an MLP with BiasGelu, and a second SkipLayerNormalization."""
+    rng = np.random.default_rng(1)
+
+    def table(name, *shape, scale=0.5):
+        return b.const(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    ids, segments, mask = (b.input(n, [2, seq], TensorProto.INT32) for n in ("ids", "segments", "mask"))
+    ones, zeros = b.const("ones", np.ones(d, np.float32)), b.const("zeros", np.zeros(d, np.float32))
+    emb, lengths = b.op("EmbedLayerNormalization", [ids, segments, table("word", 50, d), table("position", 16, d),
+                                                    table("segment", 2, d), ones, zeros, mask],
+                        domain=MS, n_out=2, epsilon=1e-12)
+    att = b.op("Attention", [emb, table("qkv", d, 3 * d, scale=d ** -0.5), table("qkv_bias", 3 * d, scale=0.1),
+                             lengths], domain=MS, num_heads=heads, mask_filter_value=-3.4028234663852886e38)
+    h = b.op("SkipLayerNormalization", [b.op("MatMul", [att, table("wo", d, d, scale=d ** -0.5)]), emb, ones, zeros,
+                                        table("bo", d, scale=0.1)], domain=MS, epsilon=1e-12)
+    up = b.op("BiasGelu", [b.op("MatMul", [h, table("w1", d, 2 * d, scale=d ** -0.5)]), table("b1", 2 * d)], domain=MS)
+    b.output(b.op("SkipLayerNormalization", [b.op("MatMul", [up, table("w2", 2 * d, d, scale=(2 * d) ** -0.5)]), h,
+                                             ones, zeros], domain=MS, epsilon=1e-12))
+    return b.model()
+
+
+def test_a_bert_as_onnxruntime_optimizes_it_computes_the_same_and_prunes_by_heads(tmp_path):
+    """Every contrib op of onnxruntime's optimized BERT is written back (EmbedLayerNormalization's mask lengths
+    as a count of ones, Attention's key mask from them): the same outputs on a padded batch; EmbedLayerNormalization
+    left every tensor after it without a shape (MACs uncounted, groups frozen) and Attention froze the heads."""
+    model = bert_as_onnxruntime_optimizes_it()
+    plain, n = unfused(model)
+    assert n == 5 and all(node.domain in ("", "ai.onnx") for node in plain.graph.node)
+    onnx.checker.check_model(plain, full_check=True)
+    feeds = {"ids": RNG.integers(0, 50, (2, 6)).astype(np.int32), "segments": np.array([[0] * 3 + [1] * 3] * 2, np.int32),
+             "mask": np.array([[1, 1, 1, 1, 0, 0], [1] * 6], np.int32)}
+    np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    src = tmp_path / "bert.onnx"
+    onnx.save(model, str(src))
+    rep = driver.prune(str(src), str(tmp_path / "o.onnx"), ratio=0.5, fast=True).report
+    assert rep["verification"]["status"] == "passed"
+    assert rep["normalize"]["contrib_fusions_by_op"] == {"EmbedLayerNormalization": 1, "Attention": 1,
+                                                         "SkipLayerNormalization": 2, "BiasGelu": 1}
+    assert [(g["units"], g["kept"]) for g in rep["per_group"] if g["units"] in (4, 64)] == [(4, 2), (64, 32)]
+    assert "5 onnxruntime contrib fusions (EmbedLayerNormalization x1, Attention x1, SkipLayerNormalization x2, " \
+           "BiasGelu x1)" in summary(rep)

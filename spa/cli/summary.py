@@ -130,10 +130,11 @@ def summary(rep: dict) -> str:
                         f"--exact-hessians for exact ones)" if factored else ""))
     for note in imp.get("notes", [])[:3]:
         lines.append(f"note          {note}")
-    unfused = (rep.get("normalize") or {}).get("contrib_fusions_unfused")
+    unfused = (rep.get("normalize") or {}).get("contrib_fusions_by_op")
     if unfused:
-        lines.append(f"note          {unfused} onnxruntime contrib fusions (FusedConv, Gelu, ...) written as the "
-                     f"standard ops they fuse; onnxruntime fuses them again when it loads OUT")
+        ops = ", ".join(f"{op} x{n}" for op, n in unfused.items())
+        lines.append(f"note          {sum(unfused.values())} onnxruntime contrib fusions ({ops}) written as the "
+                     f"standard ops they fuse; onnxruntime's optimizers fuse them again")
     if rep["unruled_ops"]:
         lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
     for w in rep["warnings"][:5]:
