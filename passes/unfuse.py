@@ -177,9 +177,7 @@ def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | 
             or sizes[0] != sizes[1] or any(s <= 0 or s % heads for s in sizes):
         return None
     mask = ins[3]
-    producer = g.producer.get(mask) if mask else None
-    lengths = producer is not None and producer.op_type == "EmbedLayerNormalization" and producer.domain == MS \
-        and len(producer.output) > 1 and producer.output[1] == mask   # [batch]: keys from here on are padding
+    lengths = bool(mask) and _row_lengths(g, mask)
     if mask and (opset < 11 if lengths else (_rank(g, mask) != 2 or g.is_const(mask))):
         return None
     c.dtype = w.dtype   # the scale and mask constants: the weights' (and so the scores') float type
@@ -222,6 +220,23 @@ def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | 
     return c
 
 
+def _row_lengths(g: Graph, mask: str) -> bool:
+    """Whether a 1-D mask_index holds one length per batch row (keys from there on are padding), as onnxruntime's
+    transformer optimizer makes it: EmbedLayerNormalization's second output, or a ReduceSum over axis 1 of the
+    2-D 0/1 mask (keepdims 0). A 1-D mask_index of other origin may hold start positions too: not covered."""
+    node = g.producer.get(mask)
+    if node is None:
+        return False
+    if node.op_type == "EmbedLayerNormalization" and node.domain == MS:
+        return len(node.output) > 1 and node.output[1] == mask
+    if node.op_type != "ReduceSum" or node.domain not in ("", "ai.onnx") or attr(node, "keepdims", 1):
+        return False
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = g.const(node.input[1])
+    return axes is not None and [int(a) for a in np.ravel(axes)] in ([1], [-1]) and _rank(g, node.input[0]) == 2
+
+
 def _declared(g: Graph, name: str):
     """The graph's declaration of a tensor (an input, output or value_info), or None."""
     graph = g.model.graph
@@ -229,8 +244,11 @@ def _declared(g: Graph, name: str):
 
 
 def _rank(g: Graph, name: str) -> int | None:
-    """A tensor's rank: inferred, else declared."""
+    """A tensor's rank: inferred, else declared (through Cast / Identity to a declared tensor)."""
     rank = g.rank(name)
+    node = g.producer.get(name)
+    while rank is None and node is not None and node.op_type in ("Cast", "Identity") and node.input:
+        name, node = node.input[0], g.producer.get(node.input[0])
     info = _declared(g, name)
     if rank is None and info is not None and info.type.tensor_type.HasField("shape"):
         rank = len(info.type.tensor_type.shape.dim)

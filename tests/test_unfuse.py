@@ -290,3 +290,23 @@ def test_a_bert_as_onnxruntime_optimizes_it_computes_the_same_and_prunes_by_head
     assert [(g["units"], g["kept"]) for g in rep["per_group"] if g["units"] in (4, 64)] == [(4, 2), (64, 32)]
     assert "5 onnxruntime contrib fusions (EmbedLayerNormalization x1, Attention x1, SkipLayerNormalization x2, " \
            "BiasGelu x1)" in summary(rep)
+
+
+def test_attention_masked_by_lengths_summed_from_the_mask():
+    """RoBERTa as onnxruntime's optimizer saves it: the key lengths are ReduceSum(Cast(mask), axis 1) (no
+    EmbedLayerNormalization); a 1-D mask of other origin (start and end positions are possible) stays fused."""
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    t, mask = b.input("t", [2, 5, 16]), b.input("mask", [2, 5], TensorProto.INT64)
+    lengths = b.op("ReduceSum", [b.op("Cast", [mask], to=TensorProto.INT32), b.const("axes", np.array([1]))],
+                   keepdims=0)
+    b.output(b.op("Attention", [t, b.const("qkv", QKV), b.const("qkv_bias", QKV_BIAS), lengths], domain=MS,
+                  num_heads=2))
+    model = b.model()
+    plain, n = unfused(model)
+    assert n == 1
+    feeds = {**TOKENS, "mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int64)}
+    np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    given = contrib_model("Attention", ["t", ("qkv", QKV), ("qkv_bias", QKV_BIAS), "m"], {"t": [2, 5, 16], "m": [2]},
+                          None, num_heads=2)            # a 1-D mask given as an input: its layout is not known
+    assert unfused(given)[1] == 0

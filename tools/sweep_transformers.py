@@ -8,6 +8,8 @@ the optimum rows need `pip install optimum-onnx` (optimum 2.1, leaves torch as i
 without it.
 
     python tools/sweep_transformers.py [--models bert,llama] [--exporters torchscript,dynamo18,dynamo23,optimum]
+    python tools/sweep_transformers.py --exporters ort-optimized --default-mode   # optimum's export as
+        # onnxruntime's transformer optimizer saves it (contrib ops: Attention, EmbedLayerNormalization, ...)
     python tools/sweep_transformers.py --default-mode    # the plain command instead: --target-flops 0.7
     python tools/sweep_transformers.py --models more --exporters torchscript,dynamo18   # other architectures
 
@@ -108,6 +110,10 @@ def export(name: str, exporter: str, path: Path) -> None:
     if exporter == "optimum":
         export_optimum(name, build, path)
         return
+    if exporter == "ort-optimized":
+        export_optimum(name, build, path)
+        optimize_for_onnxruntime(name, path)
+        return
 
     class Wrap(torch.nn.Module):
         def __init__(self, m):
@@ -158,6 +164,20 @@ def export_optimum(name: str, build, path: Path) -> None:
     main_export(str(folder / "hf"), str(folder / "onnx"), task=task, do_validation=False, local_files_only=True,
                 **shape_args)
     shutil.copyfile(folder / "onnx" / filename, path)
+
+
+ORT_MODEL_TYPES = {"vit": "vit", "deit": "vit", "gpt2": "gpt2", "bart": "bart", "t5": "t5", "swin": "swin"}
+
+
+def optimize_for_onnxruntime(name: str, path: Path) -> None:
+    """The optimum export as onnxruntime's transformer optimizer saves it (`onnxruntime.transformers.optimizer`,
+    what its deployment guides run on a BERT before serving): Attention, EmbedLayerNormalization,
+    SkipLayerNormalization, BiasGelu and the like where its fusions match; heads and width detected by it."""
+    from onnxruntime.transformers import optimizer
+
+    optimized = optimizer.optimize_model(str(path), model_type=ORT_MODEL_TYPES.get(name, "bert"), num_heads=0,
+                                         hidden_size=0, opt_level=0)
+    optimized.save_model_to_file(str(path))
 
 
 def run(name: str, exporter: str, folder: Path, default_mode: bool = False) -> dict:
