@@ -486,7 +486,8 @@ def check_inference(light: onnx.ModelProto) -> None:
     bad input (exit 2) instead of surfacing as a failed verification of the pruned model."""
     try:
         onnx.checker.check_model(light, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+        # ValueError: the checker's own conversions (an input declared with element type 0)
         raise SpaError(f"the input model is invalid: {one_line(e, 300)}")
 
 

@@ -48,9 +48,18 @@ class Chain:
         return output
 
 
+# onnxruntime's own operators in the default domain (registered there by onnxruntime, not defined by ONNX:
+# onnx.checker calls a model holding one invalid): its transformer optimizer writes RMSNorm so
+ORT_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization"}
+
+
+def _fused(node: onnx.NodeProto) -> bool:
+    return node.domain == MS or (node.domain in ("", "ai.onnx") and node.op_type in ORT_DEFAULT_DOMAIN)
+
+
 def unfuse_contrib(g: Graph) -> dict[str, int]:
     """Rewrite the main graph's covered contrib fusions as standard ops; how many of each op type."""
-    if not any(n.domain == MS for n in g.model.graph.node):
+    if not any(_fused(n) for n in g.model.graph.node):
         return {}
     opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 0)
     kinds = [t.data_type for t in g.model.graph.initializer if t.data_type in FLOATS]
@@ -58,7 +67,7 @@ def unfuse_contrib(g: Graph) -> dict[str, int]:
     nodes, count = [], {}
     for node in g.model.graph.node:
         chain = None
-        if node.domain == MS and node.output and node.output[0] and node.input and node.input[0]:
+        if _fused(node) and node.output and node.output[0] and node.input and node.input[0]:
             try:
                 chain = _unfused(g, node, opset, dtype)
             except (ValueError, TypeError, IndexError):   # malformed attributes: left as the file has it
@@ -82,6 +91,10 @@ def _unfused(g: Graph, node: onnx.NodeProto, opset: int, dtype) -> Chain | None:
         return _attention(g, node, opset, c)
     if op == "EmbedLayerNormalization":
         return _embed_layer_norm(g, node, opset, c)
+    if op in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        return _rms_norm(g, node, opset, c)
+    if op == "RotaryEmbedding":
+        return _rotary(g, node, opset, c)
     if any(node.output[1:]):
         return None
     if op in KEPT_ATTRS:
@@ -249,6 +262,11 @@ def _rank(g: Graph, name: str) -> int | None:
     node = g.producer.get(name)
     while rank is None and node is not None and node.op_type in ("Cast", "Identity") and node.input:
         name, node = node.input[0], g.producer.get(node.input[0])
+    if rank is None and node is not None and node.op_type == "Transpose" and attr(node, "perm", None):
+        return len(attr(node, "perm"))
+    shape = g.const(node.input[1]) if node is not None and node.op_type == "Reshape" and len(node.input) > 1 else None
+    if rank is None and shape is not None and shape.ndim == 1:
+        return len(shape)
     info = _declared(g, name)
     if rank is None and info is not None and info.type.tensor_type.HasField("shape"):
         rank = len(info.type.tensor_type.shape.dim)
@@ -298,3 +316,60 @@ def _embed_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> C
 
 def _ints(g: Graph, c: Chain, tag: str, values: list[int]) -> str:
     return g.add_const(np.array(values, np.int64), f"{c.name}_{tag}")
+
+
+def _read(g: Graph, name: str) -> bool:
+    return bool(name) and bool(g.consumers.get(name) or name in g.output_names)
+
+
+def _rms_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | None:
+    """SimplifiedLayerNormalization (x / sqrt(mean(x²) + ε) · scale over the last axis: RMSNorm) and
+    SkipSimplifiedLayerNormalization (the same of input + skip [+ bias]; its 4th output is that sum). Forms over
+    other axes, or whose statistics outputs are read, stay fused."""
+    ins, outs = list(node.input), list(node.output) + [""] * 4
+    skip = node.op_type.startswith("Skip")
+    stats = outs[1:3] if skip else outs[1:2]
+    if int(attr(node, "axis", -1)) != -1 or any(_read(g, o) for o in stats) or len(ins) < (3 if skip else 2):
+        return None
+    x, scale = ins[0], ins[2 if skip else 1]
+    if skip:
+        summed = len(ins) > 3 and ins[3]
+        x = c.add("Add", ins[:2], "skip", None if summed else outs[3] or None)
+        if summed:
+            x = c.add("Add", [x, ins[3]], "bias", outs[3] or None)
+    axes = g.add_const(np.array([-1], np.int64), f"{c.name}_axes")
+    mean = c.add("ReduceMean", [c.add("Mul", [x, x], "square"), axes] if opset >= 18 else
+                 [c.add("Mul", [x, x], "square")], "mean", keepdims=1, **({} if opset >= 18 else {"axes": [-1]}))
+    root = c.add("Sqrt", [c.add("Add", [mean, c.const(float(attr(node, "epsilon", 1e-5)))], "eps")], "root")
+    c.add("Mul", [c.add("Div", [x, root], "normed"), scale], "main", c.out)
+    return c
+
+
+def _rotary(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | None:
+    """com.microsoft::RotaryEmbedding on [batch, heads, sequence, head size] (as the transformer optimizer places
+    it, after the heads' Transpose), not interleaved, over the whole head (rotary_embedding_dim 0), positions
+    [batch, sequence]: with cos, sin = the caches' rows at the positions and x = [x1, x2] the head's halves,
+    [x1 cos - x2 sin, x2 cos + x1 sin]. Other forms (interleaved, partial, 3-D input, an offset) stay fused."""
+    ins = list(node.input)
+    if (len(ins) < 4 or attr(node, "interleaved", 0) or attr(node, "rotary_embedding_dim", 0)
+            or attr(node, "is_packed_batching", 0) or float(attr(node, "scale", 1.0)) != 1.0 or opset < 13
+            or _rank(g, ins[1]) != 2 or _rank(g, ins[0]) != 4):
+        return None
+    caches = [g.const(n) for n in ins[2:4]]
+    if any(v is None or v.ndim != 2 for v in caches) or caches[0].shape != caches[1].shape:
+        return None
+    x, half = ins[0], caches[0].shape[1]
+    one = g.add_const(np.array([1], np.int64), f"{c.name}_heads_axis")
+    cos, sin = (c.add("Unsqueeze", [c.add("Gather", [name, ins[1]], tag, axis=0), one], f"{tag}_heads")
+                for name, tag in zip(ins[2:4], ("cos", "sin")))
+
+    def part(tag, start, end):
+        bounds = [g.add_const(np.array([v], np.int64), f"{c.name}_{tag}_{k}") for k, v in
+                  (("start", start), ("end", end), ("axis", -1))]
+        return c.add("Slice", [x, *bounds], tag)
+
+    x1, x2 = part("first", 0, half), part("second", half, 2 * half)
+    rotated = c.add("Sub", [c.add("Mul", [x1, cos], "x1cos"), c.add("Mul", [x2, sin], "x2sin")], "rotated1")
+    rotated2 = c.add("Add", [c.add("Mul", [x2, cos], "x2cos"), c.add("Mul", [x1, sin], "x1sin")], "rotated2")
+    c.add("Concat", [rotated, rotated2], "main", c.out, axis=-1)
+    return c

@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import Builder  # noqa: E402
+from helpers import Builder, bert_as_onnxruntime_optimizes_it  # noqa: E402
 
 CASE_SECONDS = 30          # wall-clock guard per case
 MEMORY_HEADROOM = 3 << 30  # address space a case may add to the process (bytes)
@@ -115,7 +115,7 @@ def ort_saved_net() -> onnx.ModelProto:
 
 
 SEED_MODELS = {"residual": residual_net, "concat": concat_net, "mlp": reshape_mlp, "attention": attention_net,
-               "ort_saved": ort_saved_net}
+               "ort_saved": ort_saved_net, "ort_bert": bert_as_onnxruntime_optimizes_it}
 _CACHE: dict = {}
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import Builder
+from helpers import Builder, bert_as_onnxruntime_optimizes_it
 from onnx import TensorProto, helper
 
 from spa import driver
@@ -244,32 +244,6 @@ def test_an_attention_node_prunes_by_heads(tmp_path):
     assert default["importance"]["criterion"] == "obspa" and default["macs"]["ratio"] <= 0.6
 
 
-def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4) -> onnx.ModelProto:
-    """A one-layer BERT as onnxruntime's transformer optimizer saves it: EmbedLayerNormalization (word, position
-    and segment tables; the mask's row lengths as its second output), Attention reading those lengths,
-    SkipLayerNormalization, an MLP with BiasGelu, and a second SkipLayerNormalization."""
-    rng = np.random.default_rng(1)
-
-    def table(name, *shape, scale=0.5):
-        return b.const(name, (rng.standard_normal(shape) * scale).astype(np.float32))
-
-    b = Builder(opset=17)
-    b.extra_opsets[MS] = 1
-    ids, segments, mask = (b.input(n, [2, seq], TensorProto.INT32) for n in ("ids", "segments", "mask"))
-    ones, zeros = b.const("ones", np.ones(d, np.float32)), b.const("zeros", np.zeros(d, np.float32))
-    emb, lengths = b.op("EmbedLayerNormalization", [ids, segments, table("word", 50, d), table("position", 16, d),
-                                                    table("segment", 2, d), ones, zeros, mask],
-                        domain=MS, n_out=2, epsilon=1e-12)
-    att = b.op("Attention", [emb, table("qkv", d, 3 * d, scale=d ** -0.5), table("qkv_bias", 3 * d, scale=0.1),
-                             lengths], domain=MS, num_heads=heads, mask_filter_value=-3.4028234663852886e38)
-    h = b.op("SkipLayerNormalization", [b.op("MatMul", [att, table("wo", d, d, scale=d ** -0.5)]), emb, ones, zeros,
-                                        table("bo", d, scale=0.1)], domain=MS, epsilon=1e-12)
-    up = b.op("BiasGelu", [b.op("MatMul", [h, table("w1", d, 2 * d, scale=d ** -0.5)]), table("b1", 2 * d)], domain=MS)
-    b.output(b.op("SkipLayerNormalization", [b.op("MatMul", [up, table("w2", 2 * d, d, scale=(2 * d) ** -0.5)]), h,
-                                             ones, zeros], domain=MS, epsilon=1e-12))
-    return b.model()
-
-
 def test_a_bert_as_onnxruntime_optimizes_it_computes_the_same_and_prunes_by_heads(tmp_path):
     """Every contrib op of onnxruntime's optimized BERT is written back (EmbedLayerNormalization's mask lengths
     as a count of ones, Attention's key mask from them): the same outputs on a padded batch; EmbedLayerNormalization
@@ -310,3 +284,36 @@ def test_attention_masked_by_lengths_summed_from_the_mask():
     given = contrib_model("Attention", ["t", ("qkv", QKV), ("qkv_bias", QKV_BIAS), "m"], {"t": [2, 5, 16], "m": [2]},
                           None, num_heads=2)            # a 1-D mask given as an input: its layout is not known
     assert unfused(given)[1] == 0
+
+
+def test_rms_norms_and_rotary_embeddings_as_the_transformer_optimizer_writes_them():
+    """A Llama block's pieces as onnxruntime's transformer optimizer saves them: SimplifiedLayerNormalization in
+    the default domain (onnx.checker calls the file invalid: an onnxruntime operator), RotaryEmbedding on
+    [batch, heads, sequence, head size] with position ids, SkipSimplifiedLayerNormalization with a bias and its
+    sum output. Written back: a valid model with the same outputs; an interleaved rotary stays fused."""
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    t, pos = b.input("t", [2, 5, 16]), b.input("pos", [2, 5], TensorProto.INT64)
+    gamma = b.const("gamma", QKV_BIAS[:16] + 1.5)
+    normed = b.op("SimplifiedLayerNormalization", [t, gamma], axis=-1, epsilon=1e-5)
+    heads = b.op("Transpose", [b.op("Reshape", [normed, b.const("split", np.array([2, 5, 2, 8]))])],
+                 perm=[0, 2, 1, 3])
+    angles = np.arange(12)[:, None] * (0.5 ** np.arange(4))[None, :]
+    rotated = b.op("RotaryEmbedding", [heads, pos, b.const("cos", np.cos(angles).astype(np.float32)),
+                                       b.const("sin", np.sin(angles).astype(np.float32))], domain=MS)
+    merged = b.op("Reshape", [b.op("Transpose", [rotated], perm=[0, 2, 1, 3]), b.const("merge", np.array([2, 5, 16]))])
+    b.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [merged, t, gamma, b.const("bias", QKV_BIAS[
+        16:32])], ["out", "", "", "sum"], domain=MS, name="ssln", epsilon=1e-5))
+    b.output("out")
+    b.output("sum")
+    model = b.model()
+    plain, n = unfused(model)
+    assert n == 3 and all(node.domain in ("", "ai.onnx") for node in plain.graph.node)
+    assert "SimplifiedLayerNormalization" not in {node.op_type for node in plain.graph.node}
+    onnx.checker.check_model(plain, full_check=True)
+    feeds = {**TOKENS, "pos": np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]], np.int64)}
+    for got, want in zip(run(plain, feeds), run(model, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    next(node for node in model.graph.node if node.op_type == "RotaryEmbedding").attribute.append(
+        helper.make_attribute("interleaved", 1))
+    assert unfused(model)[1] == 2
