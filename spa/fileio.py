@@ -43,12 +43,15 @@ class StagedOutputs:
 
     def __init__(self):
         self.staged: list[tuple[Path, Path]] = []   # (temp file, target)
+        self.made: list[Path] = []                   # folders stage() created, removed again on discard
 
     def stage(self, path, write: Callable, *, binary: bool = True) -> Path:
         """Write through `write(file)` into a temp file beside `path`; returns the temp file's path."""
         p = Path(path)
         try:
+            missing = [d for d in (p.parent, *p.parent.parents) if not d.exists()]
             p.parent.mkdir(parents=True, exist_ok=True)
+            self.made.extend(missing)   # deepest first
             tmp = temp_path_beside(p)
             self.staged.append((tmp, p))
             with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
@@ -63,7 +66,7 @@ class StagedOutputs:
         try:
             for tmp, target in self.staged:
                 os.replace(tmp, target)
-            self.staged = []
+            self.staged, self.made = [], []
         except OSError as e:
             raise SpaError(f"cannot write {target}: {e.strerror or e}")
         finally:
@@ -71,10 +74,17 @@ class StagedOutputs:
             self.discard()
 
     def discard(self) -> None:
+        """Remove the temp files and the folders staging created (a failed run leaves nothing new)."""
         for tmp, _ in self.staged:
             if tmp.exists():
                 tmp.unlink()
         self.staged = []
+        for folder in self.made:
+            try:
+                folder.rmdir()   # only while empty: another writer's files stay
+            except OSError:
+                pass
+        self.made = []
 
     def __enter__(self) -> StagedOutputs:
         return self

@@ -139,3 +139,21 @@ def test_zero_copy_weight_views_equal_protobuf_decoding(tmp_path):
             if view is not None:
                 np.testing.assert_array_equal(view, numpy_helper.to_array(t))
                 assert view.dtype == numpy_helper.to_array(t).dtype
+
+
+def test_a_failed_run_removes_the_folders_it_made_for_its_outputs(tmp_path):
+    """An output in folders that do not exist yet: they are made when the output is staged and, when the run
+    fails before its commit, removed again (the fuzz campaign found `to-torch` leaving a/b/c behind on a failed
+    verification); a folder that held something already stays, and a committed run keeps its folders."""
+    from spa.fileio import StagedOutputs
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), StagedOutputs() as outputs:
+        outputs.stage(tmp_path / "a" / "b" / "c" / "m.onnx", lambda f: f.write(b"x"))
+        outputs.stage(tmp_path / "kept" / "new" / "r.json", lambda f: f.write(b"{}"))
+        raise RuntimeError("verification failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with StagedOutputs() as outputs:
+        outputs.stage(tmp_path / "a" / "b" / "m.onnx", lambda f: f.write(b"x"))
+        outputs.commit()
+    assert (tmp_path / "a" / "b" / "m.onnx").read_bytes() == b"x"
