@@ -82,8 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--policies", nargs="+", default=["ppo-gnn", "uniform", "random"])
     p.add_argument("--evals", type=int, default=32)
     p.add_argument("--metric", default="kl")
-    p.add_argument("--score-split", type=float, default=0.25,
-                   help="share of the calibration samples the reward is measured on (the rest fit the refit)")
+    p.add_argument("--score-split", type=lambda v: None if v == "none" else float(v), default=0.25,
+                   help="share of the calibration samples the reward is measured on (the rest fit the refit); "
+                        "'none': every sample fits the refit and measures the reward (in-sample)")
     p.add_argument("--out", default=".bench/pattern_search")
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
