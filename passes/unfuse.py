@@ -18,6 +18,8 @@ from onnx import TensorProto, helper
 
 from spa.ir import Graph, attr
 
+from .fold import constant_node_value
+
 MS = "com.microsoft"
 FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 KEPT_ATTRS = {"FusedConv": ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"),
@@ -245,8 +247,8 @@ def _row_lengths(g: Graph, mask: str) -> bool:
     if node.op_type != "ReduceSum" or node.domain not in ("", "ai.onnx") or attr(node, "keepdims", 1):
         return False
     axes = attr(node, "axes", None)
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        axes = g.const(node.input[1])
+    if axes is None and len(node.input) > 1:
+        axes = _const(g, node.input[1])
     return axes is not None and [int(a) for a in np.ravel(axes)] in ([1], [-1]) and _rank(g, node.input[0]) == 2
 
 
@@ -256,21 +258,49 @@ def _declared(g: Graph, name: str):
     return next((info for info in (*graph.input, *graph.value_info, *graph.output) if info.name == name), None)
 
 
-def _rank(g: Graph, name: str) -> int | None:
-    """A tensor's rank: inferred, else declared (through Cast / Identity to a declared tensor)."""
-    rank = g.rank(name)
+def _const(g: Graph, name: str):
+    """A constant's value: an initializer, or a Constant node's output (lifted to initializers only after this
+    rewrite); None for run-time tensors."""
+    if not name:
+        return None
+    value = g.const(name)
     node = g.producer.get(name)
-    while rank is None and node is not None and node.op_type in ("Cast", "Identity") and node.input:
-        name, node = node.input[0], g.producer.get(node.input[0])
-    if rank is None and node is not None and node.op_type == "Transpose" and attr(node, "perm", None):
-        return len(attr(node, "perm"))
-    shape = g.const(node.input[1]) if node is not None and node.op_type == "Reshape" and len(node.input) > 1 else None
-    if rank is None and shape is not None and shape.ndim == 1:
-        return len(shape)
+    if value is None and node is not None and node.op_type == "Constant":
+        value = constant_node_value(node)
+    return value
+
+
+SAME_RANK = {"Cast", "Identity", "Slice", "Neg", "Relu", "Sigmoid", "Tanh", "Softmax", "Sqrt", "Erf"}
+
+
+def _rank(g: Graph, name: str, depth: int = 32) -> int | None:
+    """A tensor's rank before shape inference (which runs after this rewrite): inferred where known, else
+    declared, else read from the operators that make it (rank-keeping unary ops, Transpose, Reshape to a
+    constant shape, Unsqueeze, Range, Concat); None where none says."""
+    rank = g.rank(name)
     info = _declared(g, name)
     if rank is None and info is not None and info.type.tensor_type.HasField("shape"):
         rank = len(info.type.tensor_type.shape.dim)
-    return rank
+    node = g.producer.get(name)
+    if rank is not None or node is None or not node.input or depth <= 0:
+        return rank
+    op, first = node.op_type, node.input[0]
+    if op in SAME_RANK:
+        return _rank(g, first, depth - 1)
+    if op == "Transpose" and attr(node, "perm", None):
+        return len(attr(node, "perm"))
+    if op == "Range":
+        return 1
+    if op == "Concat":
+        return next((r for r in (_rank(g, i, depth - 1) for i in node.input if i) if r is not None), None)
+    shape = _const(g, node.input[1]) if len(node.input) > 1 else None
+    if op == "Reshape" and shape is not None and shape.ndim == 1:
+        return len(shape)
+    if op == "Unsqueeze":
+        axes = attr(node, "axes", None) if shape is None else shape
+        inner = _rank(g, first, depth - 1)
+        return None if axes is None or inner is None else inner + int(np.size(axes))
+    return None
 
 
 def _np_type(g: Graph, name: str):

@@ -317,3 +317,29 @@ def test_rms_norms_and_rotary_embeddings_as_the_transformer_optimizer_writes_the
     next(node for node in model.graph.node if node.op_type == "RotaryEmbedding").attribute.append(
         helper.make_attribute("interleaved", 1))
     assert unfused(model)[1] == 2
+
+
+def test_a_partial_rotary_on_a_slice_with_computed_positions():
+    """GPT-NeoX / Phi-3 / Gemma as the optimizer writes them: the rotary part of each head sliced off before the
+    op (its caches half that part's width), the positions Unsqueeze(Range(0, S)) with the axes in a Constant
+    node: ranks read through the ops that make them (no shape inference yet), the same outputs."""
+    b = Builder(opset=17)
+    b.extra_opsets[MS] = 1
+    t = b.input("t", [1, 5, 16])
+    heads = b.op("Transpose", [b.op("Reshape", [t, b.const("split", np.array([1, 5, 2, 8]))])], perm=[0, 2, 1, 3])
+    bounds = [b.const(name, np.array([v])) for name, v in (("s0", 0), ("s4", 4), ("s8", 8), ("ax", -1))]
+    head, rest = b.op("Slice", [heads, bounds[0], bounds[1], bounds[3]]), b.op("Slice", [heads, bounds[1], bounds[2],
+                                                                                           bounds[3]])
+    length = b.op("Gather", [b.op("Shape", [t]), b.const("one", np.array(1))], axis=0)
+    steps = b.op("Range", [b.const("zero", np.array(0)), length, b.const("step", np.array(1))])
+    b.nodes.append(helper.make_node("Constant", [], ["axes0"], value=onnx.numpy_helper.from_array(np.array([0]))))
+    positions = b.op("Unsqueeze", [steps, "axes0"])
+    angles = np.arange(12)[:, None] * (0.5 ** np.arange(2))[None, :]
+    rotated = b.op("RotaryEmbedding", [head, positions, b.const("cos", np.cos(angles).astype(np.float32)),
+                                       b.const("sin", np.sin(angles).astype(np.float32))], domain=MS)
+    b.output(b.op("Concat", [rotated, rest], axis=-1))
+    model = b.model()
+    plain, n = unfused(model)
+    assert n == 1
+    feeds = {"t": TOKENS["t"][:1]}
+    np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
