@@ -391,3 +391,19 @@ def test_gram_over_chunks_is_one_product_with_the_ones_column(d, ones):
     np.testing.assert_allclose(g.xx, a.T.astype(np.float64) @ a + more.T @ more, rtol=tol, atol=tol * 300)
     h, g.xx = g.xx, None               # exact_scorer takes the Hessian over
     assert g.xx is None and h.shape == (a.shape[1], a.shape[1])
+
+
+def test_a_five_dimensional_constant_does_not_stop_the_data_passes(tmp_path):
+    """The data passes lay 4-D weights out channels_last; Module.to did that to every 4-D and 5-D tensor, and a
+    5-D constant (a BART export folds one) raised 'required rank 4 tensor' as a traceback. Only 4-D ones now."""
+    b = Builder()
+    x = b.relu(b.conv("c1", b.input("x", [1, 3, 8, 8]), 3, 8))
+    five = b.op("Reshape", [x, b.const("to5", np.array([1, 2, 4, 8, 8]))])
+    five = b.op("Add", [five, b.const("bias5", np.full((1, 2, 1, 1, 1), 0.5, np.float32))])
+    y = b.op("Reshape", [five, b.const("to4", np.array([1, 8, 8, 8]))])
+    b.output(b.conv("c2", b.relu(b.conv("c3", y, 8, 8)), 8, 4))
+    src = tmp_path / "m.onnx"
+    import onnx
+    onnx.save(b.model(), str(src))
+    rep = driver.prune(str(src), str(tmp_path / "o.onnx"), ratio=0.5).report
+    assert rep["verification"]["status"] == "passed" and rep["importance"]["criterion"] == "obspa"
