@@ -88,6 +88,15 @@ def more_configs():
         "convnext": (lambda: t.ConvNextModel(t.ConvNextConfig(num_channels=3, num_stages=2,
                                                               hidden_sizes=[16, 32], depths=[1, 1],
                                                               image_size=32)), VISION),
+        # an encoder-decoder run on its input ids (decoder inputs shifted from them), CLIP's two towers
+        "bart": (lambda: t.BartModel(t.BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                  encoder_attention_heads=4, decoder_attention_heads=4,
+                                                  encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                                  max_position_embeddings=64)), TEXT),
+        "clip-text": (lambda: t.CLIPTextModel(t.CLIPTextConfig(vocab_size=100, max_position_embeddings=64,
+                                                               **common)), TEXT),
+        "clip-vision": (lambda: t.CLIPVisionModel(t.CLIPVisionConfig(image_size=32, patch_size=8, **common)),
+                        VISION),
     }
 
 
@@ -166,7 +175,8 @@ def export_optimum(name: str, build, path: Path) -> None:
     shutil.copyfile(folder / "onnx" / filename, path)
 
 
-ORT_MODEL_TYPES = {"vit": "vit", "deit": "vit", "gpt2": "gpt2", "bart": "bart", "t5": "t5", "swin": "swin"}
+ORT_MODEL_TYPES = {"vit": "vit", "deit": "vit", "gpt2": "gpt2", "bart": "bart", "t5": "t5", "swin": "swin",
+                   "clip-text": "clip", "clip-vision": "clip"}
 
 
 def optimize_for_onnxruntime(name: str, path: Path) -> None:
