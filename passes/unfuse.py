@@ -162,14 +162,28 @@ def _skip_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Ch
     """LayerNormalization(input + skip [+ bias]) over the last axis; its 4th output is that sum."""
     ins = list(node.input)
     outs = list(node.output) + [""] * (4 - len(node.output))
-    if opset < 17 or len(ins) < 3 or any(o and (g.consumers.get(o) or o in g.output_names) for o in outs[1:3]):
-        return None   # no LayerNormalization op, or its mean / inverse std are read
+    if opset < 11 or len(ins) < 3 or any(o and (g.consumers.get(o) or o in g.output_names) for o in outs[1:3]):
+        return None   # its mean / inverse std are read
     summed = c.add("Add", ins[:2], "skip", None if len(ins) > 4 and ins[4] else outs[3] or None)
     if len(ins) > 4 and ins[4]:
         summed = c.add("Add", [summed, ins[4]], "bias", outs[3] or None)
-    c.add("LayerNormalization", [summed, ins[2]] + ([ins[3]] if len(ins) > 3 and ins[3] else []), "main", c.out,
-          axis=-1, epsilon=float(attr(node, "epsilon", 1e-12)))
+    _layer_norm(g, c, summed, ins[2], ins[3] if len(ins) > 3 else "", float(attr(node, "epsilon", 1e-12)), opset)
     return c
+
+
+def _layer_norm(g: Graph, c: Chain, x: str, gamma: str, beta: str, eps: float, opset: int) -> None:
+    """LayerNormalization over the last axis, writing the chain's output: the op from opset 17, before it the
+    ops exporters wrote (ReduceMean, Sub, Mul, ReduceMean, Add ε, Sqrt, Div, Mul γ [, Add β])."""
+    if opset >= 17:
+        c.add("LayerNormalization", [x, gamma] + ([beta] if beta else []), "main", c.out, axis=-1, epsilon=eps)
+        return
+    mean = c.add("ReduceMean", [x], "mean", axes=[-1], keepdims=1)
+    centered = c.add("Sub", [x, mean], "centered")
+    var = c.add("ReduceMean", [c.add("Mul", [centered, centered], "square")], "variance", axes=[-1], keepdims=1)
+    normed = c.add("Div", [centered, c.add("Sqrt", [c.add("Add", [var, c.const(eps)], "eps")], "std")], "normed")
+    scaled = c.add("Mul", [normed, gamma], "scaled" if beta else "main", None if beta else c.out)
+    if beta:
+        c.add("Add", [scaled, beta], "main", c.out)
 
 
 def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | None:
@@ -318,9 +332,9 @@ def _embed_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> C
     outs = list(node.output) + [""] * (3 - len(node.output))
     ids, segments, word, position, segment, gamma, beta, mask, position_ids = ins[:9]
     tables = [g.const(t) if t else None for t in (word, position, segment)]
-    if opset < 17 or tables[0] is None or tables[1] is None or not gamma or not beta \
+    if opset < 11 or tables[0] is None or tables[1] is None or not gamma or not beta \
             or bool(segments) != bool(segment) or (segment and tables[2] is None):
-        return None   # no LayerNormalization op, or run-time tables
+        return None   # run-time tables
     index_read = outs[1] and (g.consumers.get(outs[1]) or outs[1] in g.output_names)
     if index_read and not mask:
         return None   # zeros: not worth an op chain of its own
@@ -335,12 +349,14 @@ def _embed_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> C
     if segment:
         total = c.add("Add", [total, c.add("Gather", [segment, segments], "segment", axis=0)], "segmented",
                       outs[2] or None)
-    c.add("LayerNormalization", [total, gamma, beta], "main", c.out, axis=-1,
-          epsilon=float(attr(node, "epsilon", 1e-12)))
+    _layer_norm(g, c, total, gamma, beta, float(attr(node, "epsilon", 1e-12)), opset)
     if index_read:   # ones per row of the mask, int32
         ones = c.add("Equal", [mask, g.add_const(np.ones((), _np_type(g, mask)), f"{c.name}_one")], "ones")
         counted = c.add("Cast", [ones], "counted", to=TensorProto.INT32)
-        c.add("ReduceSum", [counted, _ints(g, c, "rows", [1])], "mask_index", outs[1], keepdims=0)
+        if opset >= 13:
+            c.add("ReduceSum", [counted, _ints(g, c, "rows", [1])], "mask_index", outs[1], keepdims=0)
+        else:
+            c.add("ReduceSum", [counted], "mask_index", outs[1], axes=[1], keepdims=0)
     return c
 
 

@@ -198,7 +198,7 @@ class Builder:
         return make_model(self.nodes, self.inits, self.inputs, self.outputs, self.opset, self.extra_opsets)
 
 
-def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4) -> onnx.ModelProto:
+def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4, opset: int = 17) -> onnx.ModelProto:
     """A one-layer BERT as onnxruntime's transformer optimizer saves it: EmbedLayerNormalization (word, position
     and segment tables; the mask's row lengths as its second output), Attention reading those lengths,
     SkipLayerNormalization, an MLP with BiasGelu, and a second SkipLayerNormalization."""
@@ -207,7 +207,7 @@ def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4) 
     def table(name, *shape, scale=0.5):
         return b.const(name, (rng.standard_normal(shape) * scale).astype(np.float32))
 
-    b = Builder(opset=17)
+    b = Builder(opset=opset)
     b.extra_opsets["com.microsoft"] = 1
     ids, segments, mask = (b.input(n, [2, seq], TensorProto.INT32) for n in ("ids", "segments", "mask"))
     ones, zeros = b.const("ones", np.ones(d, np.float32)), b.const("zeros", np.zeros(d, np.float32))
