@@ -162,7 +162,7 @@ def _skip_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Ch
     """LayerNormalization(input + skip [+ bias]) over the last axis; its 4th output is that sum."""
     ins = list(node.input)
     outs = list(node.output) + [""] * (4 - len(node.output))
-    if opset < 11 or len(ins) < 3 or any(o and (g.consumers.get(o) or o in g.output_names) for o in outs[1:3]):
+    if opset < 11 or len(ins) < 3 or any(_read(g, o) for o in outs[1:3]):
         return None   # its mean / inverse std are read
     summed = c.add("Add", ins[:2], "skip", None if len(ins) > 4 and ins[4] else outs[3] or None)
     if len(ins) > 4 and ins[4]:
@@ -190,16 +190,17 @@ def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | 
     """com.microsoft::Attention as onnxruntime computes it: Q, K, V = input @ W (+ bias), split by
     qkv_hidden_sizes (equal thirds without it) into num_heads heads each; softmax(scale Q Kᵀ + mask) V, heads
     concatenated. The mask, where given, is 2-D [batch, total sequence] (0 masks a key position: it adds
-    mask_filter_value), or the row lengths an EmbedLayerNormalization counted (keys past them are masked). Q, K and V become three MatMul + Add on slices of the packed weights, the heads
-    Reshape + Transpose, as exporters write them (the head rules then see each projection)."""
+    mask_filter_value), or the row lengths an EmbedLayerNormalization counted (keys past them are masked). Q, K
+    and V become three MatMul + Add on slices of the packed weights, the heads Reshape + Transpose, as exporters
+    write them (the head rules then see each projection)."""
     ins = list(node.input) + [""] * (7 - len(node.input))
     outs = list(node.output)
     w = g.const(ins[1]) if ins[1] else None
     b = g.const(ins[2]) if ins[2] else None
     heads = int(attr(node, "num_heads", 0))
-    if (w is None or w.ndim != 2 or w.dtype.kind != "f" or (b is not None and b.dtype != w.dtype) or (ins[2] and (b is None or b.ndim != 1)) or heads <= 0 or any(ins[4:7])
-            or attr(node, "unidirectional", 0) or attr(node, "do_rotary", 0)
-            or any(o and (g.consumers.get(o) or o in g.output_names) for o in outs[1:])):
+    if (w is None or w.ndim != 2 or w.dtype.kind != "f" or heads <= 0 or any(ins[4:7])
+            or (ins[2] and (b is None or b.ndim != 1 or b.dtype != w.dtype))
+            or attr(node, "unidirectional", 0) or attr(node, "do_rotary", 0) or any(_read(g, o) for o in outs[1:])):
         return None
     sizes = [int(v) for v in attr(node, "qkv_hidden_sizes", [])] or [w.shape[1] // 3] * 3
     if len(sizes) != 3 or sum(sizes) != w.shape[1] or (b is not None and b.shape[0] != w.shape[1]) \
@@ -335,7 +336,7 @@ def _embed_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> C
     if opset < 11 or tables[0] is None or tables[1] is None or not gamma or not beta \
             or bool(segments) != bool(segment) or (segment and tables[2] is None):
         return None   # run-time tables
-    index_read = outs[1] and (g.consumers.get(outs[1]) or outs[1] in g.output_names)
+    index_read = _read(g, outs[1])
     if index_read and not mask:
         return None   # zeros: not worth an op chain of its own
     total = c.add("Gather", [word, ids], "word", axis=0)
@@ -383,9 +384,9 @@ def _rms_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | N
         x = c.add("Add", ins[:2], "skip", None if summed else outs[3] or None)
         if summed:
             x = c.add("Add", [x, ins[3]], "bias", outs[3] or None)
-    axes = g.add_const(np.array([-1], np.int64), f"{c.name}_axes")
-    mean = c.add("ReduceMean", [c.add("Mul", [x, x], "square"), axes] if opset >= 18 else
-                 [c.add("Mul", [x, x], "square")], "mean", keepdims=1, **({} if opset >= 18 else {"axes": [-1]}))
+    square = c.add("Mul", [x, x], "square")
+    mean = c.add("ReduceMean", [square, _ints(g, c, "axes", [-1])], "mean", keepdims=1) if opset >= 18 else \
+        c.add("ReduceMean", [square], "mean", keepdims=1, axes=[-1])
     root = c.add("Sqrt", [c.add("Add", [mean, c.const(float(attr(node, "epsilon", 1e-5)))], "eps")], "root")
     c.add("Mul", [c.add("Div", [x, root], "normed"), scale], "main", c.out)
     return c
