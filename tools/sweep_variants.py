@@ -13,7 +13,9 @@ Variants of each zoo model (small, `models.zoo_path`; a variant whose tool is no
   `keep_io_types` (float32 inputs and outputs around float16 weights);
 * `simplified`: onnxsim's `simplify` of the dynamo export;
 * `ort-basic`, `ort-extended`: the TorchScript export as onnxruntime saves it (`optimized_model_filepath`) at
-  ORT_ENABLE_BASIC (standard ops, constants shared) and ORT_ENABLE_EXTENDED (contrib ops such as FusedConv).
+  ORT_ENABLE_BASIC (standard ops, constants shared) and ORT_ENABLE_EXTENDED (contrib ops such as FusedConv);
+* `ort-transformers` (BERT and ViT only): the TorchScript export as onnxruntime's transformer optimizer saves it
+  (`onnxruntime.transformers.optimizer.optimize_model`: EmbedLayerNormalization, SkipLayerNormalization, ...).
 
 onnxconverter-common and onnxsim are not dependencies (`pip install onnxconverter-common onnxsim==0.8.1`).
 Prints one markdown row per file, like tools/sweep_wheels.py (whose `prune` runs each command): exit code, the
@@ -35,7 +37,9 @@ if str(ROOT) not in sys.path:
 from tools.sweep_wheels import prune  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "googlenet", "densenet121", "unet", "vit_tiny", "bert_layer")
-VARIANTS = ("opset7", "opset9", "opset11", "fp16", "fp16-io32", "simplified", "ort-basic", "ort-extended")
+VARIANTS = ("opset7", "opset9", "opset11", "fp16", "fp16-io32", "simplified", "ort-basic", "ort-extended",
+            "ort-transformers")
+TRANSFORMER_TYPES = {"bert_layer": "bert", "vit_tiny": "vit"}   # onnxruntime's optimizer's model types
 
 
 def make(name: str, variant: str, path: Path) -> None:
@@ -62,6 +66,13 @@ def make(name: str, variant: str, path: Path) -> None:
         import onnxsim
 
         onnx.save(onnxsim.simplify(onnx.load(str(source)))[0], str(path))
+    elif variant == "ort-transformers":
+        if name not in TRANSFORMER_TYPES:
+            raise ValueError("onnxruntime's transformer optimizer is for transformers")
+        from onnxruntime.transformers import optimizer
+
+        optimizer.optimize_model(str(models.zoo_path(name, small=True)), model_type=TRANSFORMER_TYPES[name],
+                                 num_heads=0, hidden_size=0, opt_level=0).save_model_to_file(str(path))
     elif variant.startswith("ort-"):
         import onnxruntime as ort
 
