@@ -1,12 +1,14 @@
-"""onnxruntime's offline optimizer (`optimized_model_filepath` at ORT_ENABLE_EXTENDED) saves its fusions as
-com.microsoft contrib ops: FusedConv, FusedGemm, FusedMatMul, Gelu, BiasGelu, FastGelu, QuickGelu,
-SkipLayerNormalization; its transformer optimizer (and onnxsim's simplifier) write a BERT layer's self-attention
-as one Attention node with packed Q/K/V weights. They have no ONNX shape inference and no rule here, so they froze everything around
-them. Normalization writes each back as the standard ops it fuses (the same computation, as onnxruntime defines
-it); onnxruntime fuses them again when it loads the pruned model. A node whose form is not covered (a FusedMatMul
-with transposed operands, a SkipLayerNormalization whose statistics outputs are read, an activation not listed,
-LayerNormalization before opset 17, an Attention with a past state, a causal flag, rotary embeddings or a mask
-other than a 2-D 0/1 one) stays as it is, and what it touches freezes with its reason.
+"""onnxruntime saves its fusions as com.microsoft contrib ops: its offline optimizer (`optimized_model_filepath`
+at ORT_ENABLE_EXTENDED) FusedConv, FusedGemm, FusedMatMul, Gelu, BiasGelu, FastGelu, QuickGelu,
+SkipLayerNormalization; its transformer optimizer (and onnxsim's simplifier) a transformer's self-attention as one
+Attention node with packed Q/K/V weights, its embeddings as EmbedLayerNormalization, a decoder's RMSNorm as
+SimplifiedLayerNormalization (in the default domain, where onnxruntime registers it) or
+SkipSimplifiedLayerNormalization, and rotary embeddings as RotaryEmbedding. They have no ONNX shape inference
+and no rule here, so they froze everything around them. Normalization writes each back as the standard ops it
+fuses (the same computation, as onnxruntime defines it); onnxruntime's optimizers fuse them again. A node whose
+form is not covered (a FusedMatMul with transposed operands, a normalization whose statistics outputs are read,
+an activation not listed, an Attention with a past state, a causal flag, rotary embeddings or a mask of unknown
+layout, an interleaved or partial rotary) stays as it is, and what it touches freezes with its reason.
 """
 from __future__ import annotations
 
@@ -164,11 +166,15 @@ def _skip_layer_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Ch
     outs = list(node.output) + [""] * (4 - len(node.output))
     if opset < 11 or len(ins) < 3 or any(_read(g, o) for o in outs[1:3]):
         return None   # its mean / inverse std are read
-    summed = c.add("Add", ins[:2], "skip", None if len(ins) > 4 and ins[4] else outs[3] or None)
-    if len(ins) > 4 and ins[4]:
-        summed = c.add("Add", [summed, ins[4]], "bias", outs[3] or None)
+    summed = _skip_sum(c, ins[:2], ins[4] if len(ins) > 4 else "", outs[3])
     _layer_norm(g, c, summed, ins[2], ins[3] if len(ins) > 3 else "", float(attr(node, "epsilon", 1e-12)), opset)
     return c
+
+
+def _skip_sum(c: Chain, pair: list[str], bias: str, out: str) -> str:
+    """input + skip [+ bias], the sum written to `out` (the fused op's sum output) where that is named."""
+    summed = c.add("Add", pair, "skip", None if bias else out or None)
+    return c.add("Add", [summed, bias], "bias", out or None) if bias else summed
 
 
 def _layer_norm(g: Graph, c: Chain, x: str, gamma: str, beta: str, eps: float, opset: int) -> None:
@@ -220,7 +226,7 @@ def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | 
         y = c.add("MatMul", [x, g.add_const(np.ascontiguousarray(w[:, cols]), f"{c.name}_{tag}_weight")], tag)
         if b is not None:
             y = c.add("Add", [y, g.add_const(np.ascontiguousarray(b[cols]), f"{c.name}_{tag}_bias")], f"{tag}_bias")
-        shape = g.add_const(np.array([0, 0, heads, sizes[i] // heads], np.int64), f"{c.name}_{tag}_heads")
+        shape = _ints(g, c, f"{tag}_heads", [0, 0, heads, sizes[i] // heads])
         return c.add("Transpose", [c.add("Reshape", [y, shape], f"{tag}_split")], f"{tag}_heads",
                      perm=perm)
 
@@ -234,18 +240,18 @@ def _attention(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | 
         keys = c.add("Range", [g.add_const(np.array(0, np.int64), f"{c.name}_zero"), length,
                                g.add_const(np.array(1, np.int64), f"{c.name}_step")], "keys")
         ends = c.add("Reshape", [c.add("Cast", [mask], "ends", to=TensorProto.INT64),
-                                 g.add_const(np.array([-1, 1], np.int64), f"{c.name}_column")], "end_column")
+                                 _ints(g, c, "column", [-1, 1])], "end_column")
         keep = c.add("Less", [keys, ends], "keep")
     elif mask:    # 0 in the mask: mask_filter_value added to that key's scores
         keep = c.add("Greater", [mask, g.add_const(np.zeros((), _np_type(g, mask)), f"{c.name}_zero")], "keep")
     if mask:
         bias = c.add("Where", [keep, c.const(0.0), c.const(float(attr(node, "mask_filter_value", -10000.0)))],
                      "mask")
-        shape = g.add_const(np.array([0, 1, 1, -1], np.int64), f"{c.name}_mask_shape")
+        shape = _ints(g, c, "mask_shape", [0, 1, 1, -1])
         scores = c.add("Add", [scores, c.add("Reshape", [bias, shape], "mask_heads")], "masked")
     probs = c.add("Softmax", [scores], "probs", axis=3)
     merged = c.add("Transpose", [c.add("MatMul", [probs, v], "context")], "merge", perm=[0, 2, 1, 3])
-    shape = g.add_const(np.array([0, 0, heads * head_v], np.int64), f"{c.name}_merged")
+    shape = _ints(g, c, "merged", [0, 0, heads * head_v])
     c.add("Reshape", [merged, shape], "main", c.out)
     return c
 
@@ -380,10 +386,7 @@ def _rms_norm(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | N
         return None
     x, scale = ins[0], ins[2 if skip else 1]
     if skip:
-        summed = len(ins) > 3 and ins[3]
-        x = c.add("Add", ins[:2], "skip", None if summed else outs[3] or None)
-        if summed:
-            x = c.add("Add", [x, ins[3]], "bias", outs[3] or None)
+        x = _skip_sum(c, ins[:2], ins[3] if len(ins) > 3 else "", outs[3])
     square = c.add("Mul", [x, x], "square")
     mean = c.add("ReduceMean", [square, _ints(g, c, "axes", [-1])], "mean", keepdims=1) if opset >= 18 else \
         c.add("ReduceMean", [square], "mean", keepdims=1, axes=[-1])
@@ -406,13 +409,12 @@ def _rotary(g: Graph, node: onnx.NodeProto, opset: int, c: Chain) -> Chain | Non
     if any(v is None or v.ndim != 2 for v in caches) or caches[0].shape != caches[1].shape:
         return None
     x, half = ins[0], caches[0].shape[1]
-    one = g.add_const(np.array([1], np.int64), f"{c.name}_heads_axis")
+    one = _ints(g, c, "heads_axis", [1])
     cos, sin = (c.add("Unsqueeze", [c.add("Gather", [name, ins[1]], tag, axis=0), one], f"{tag}_heads")
                 for name, tag in zip(ins[2:4], ("cos", "sin")))
 
     def part(tag, start, end):
-        bounds = [g.add_const(np.array([v], np.int64), f"{c.name}_{tag}_{k}") for k, v in
-                  (("start", start), ("end", end), ("axis", -1))]
+        bounds = [_ints(g, c, f"{tag}_{k}", [v]) for k, v in (("start", start), ("end", end), ("axis", -1))]
         return c.add("Slice", [x, *bounds], tag)
 
     x1, x2 = part("first", 0, half), part("second", half, 2 * half)

@@ -283,6 +283,8 @@ def session_source(model: onnx.ModelProto, opts) -> tuple[bytes | str, list]:
     `MAPPED.session_folder()` (a model file written there, which the caller deletes once the session exists):
     onnxruntime maps page-aligned external data read-only, no copy. Pre-packing is off for those: it would hold
     a second copy of every MatMul weight."""
+    import onnxruntime as ort
+
     large_model = needs_external_data(model) or has_mapped(model)
     if large_model:
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -293,8 +295,6 @@ def session_source(model: onnx.ModelProto, opts) -> tuple[bytes | str, list]:
             if h.data_location == onnx.TensorProto.EXTERNAL and (
                     t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in RAW_VIEW_TYPES):
                 h.CopyFrom(t)
-    import onnxruntime as ort
-
     g = Graph(skeleton)
     large = {t.name for t in skeleton.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     for name in large - set(g.consumers) - set(g.output_names):  # unused (a reference's replaced weight): the

@@ -21,8 +21,9 @@ float64). float16/bfloat16 models run in float32 by default (`upcast_half=True`)
 Constant values and Cast(to=FLOAT16/BFLOAT16) all become float32, and the outputs are float32;
 `state_dict_onnx()` converts back to each initializer's own type.
 
-Speed (CPU): torch's NCHW convolutions are slower than onnxruntime's; `spa.execution.fast_layout(tg)` (4-D weights channels_last)
-keeps the results and made ResNet-50 (batch 32, 2 threads) about 1.5x faster on the reference machine.
+Speed (CPU): torch's NCHW convolutions are slower than onnxruntime's; `spa.execution.fast_layout(tg)` (4-D
+weights channels_last) keeps the results and made ResNet-50 (batch 32, 2 threads) about 1.5x faster on the
+reference machine.
 
 Executing node by node from another module (layer-wise capture, reconstruction):
 

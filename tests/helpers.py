@@ -198,6 +198,9 @@ class Builder:
         return make_model(self.nodes, self.inits, self.inputs, self.outputs, self.opset, self.extra_opsets)
 
 
+MS_DOMAIN = "com.microsoft"
+
+
 def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4, opset: int = 17) -> onnx.ModelProto:
     """A one-layer BERT as onnxruntime's transformer optimizer saves it: EmbedLayerNormalization (word, position
     and segment tables; the mask's row lengths as its second output), Attention reading those lengths,
@@ -208,19 +211,21 @@ def bert_as_onnxruntime_optimizes_it(seq: int = 6, d: int = 32, heads: int = 4, 
         return b.const(name, (rng.standard_normal(shape) * scale).astype(np.float32))
 
     b = Builder(opset=opset)
-    b.extra_opsets["com.microsoft"] = 1
+    b.extra_opsets[MS_DOMAIN] = 1
     ids, segments, mask = (b.input(n, [2, seq], TensorProto.INT32) for n in ("ids", "segments", "mask"))
     ones, zeros = b.const("ones", np.ones(d, np.float32)), b.const("zeros", np.zeros(d, np.float32))
     emb, lengths = b.op("EmbedLayerNormalization", [ids, segments, table("word", 50, d), table("position", 16, d),
                                                     table("segment", 2, d), ones, zeros, mask],
-                        domain="com.microsoft", n_out=2, epsilon=1e-12)
+                        domain=MS_DOMAIN, n_out=2, epsilon=1e-12)
     att = b.op("Attention", [emb, table("qkv", d, 3 * d, scale=d ** -0.5), table("qkv_bias", 3 * d, scale=0.1),
-                             lengths], domain="com.microsoft", num_heads=heads, mask_filter_value=-3.4028234663852886e38)
+                             lengths], domain=MS_DOMAIN, num_heads=heads,
+             mask_filter_value=-3.4028234663852886e38)
     h = b.op("SkipLayerNormalization", [b.op("MatMul", [att, table("wo", d, d, scale=d ** -0.5)]), emb, ones, zeros,
-                                        table("bo", d, scale=0.1)], domain="com.microsoft", epsilon=1e-12)
-    up = b.op("BiasGelu", [b.op("MatMul", [h, table("w1", d, 2 * d, scale=d ** -0.5)]), table("b1", 2 * d)], domain="com.microsoft")
+                                        table("bo", d, scale=0.1)], domain=MS_DOMAIN, epsilon=1e-12)
+    up = b.op("BiasGelu", [b.op("MatMul", [h, table("w1", d, 2 * d, scale=d ** -0.5)]), table("b1", 2 * d)],
+              domain=MS_DOMAIN)
     b.output(b.op("SkipLayerNormalization", [b.op("MatMul", [up, table("w2", 2 * d, d, scale=(2 * d) ** -0.5)]), h,
-                                             ones, zeros], domain="com.microsoft", epsilon=1e-12))
+                                             ones, zeros], domain=MS_DOMAIN, epsilon=1e-12))
     return b.model()
 
 

@@ -253,7 +253,8 @@ def test_a_bert_as_onnxruntime_optimizes_it_computes_the_same_and_prunes_by_head
     plain, n = unfused(model)
     assert n == 5 and all(node.domain in ("", "ai.onnx") for node in plain.graph.node)
     onnx.checker.check_model(plain, full_check=True)
-    feeds = {"ids": RNG.integers(0, 50, (2, 6)).astype(np.int32), "segments": np.array([[0] * 3 + [1] * 3] * 2, np.int32),
+    feeds = {"ids": RNG.integers(0, 50, (2, 6)).astype(np.int32),
+             "segments": np.array([[0] * 3 + [1] * 3] * 2, np.int32),
              "mask": np.array([[1, 1, 1, 1, 0, 0], [1] * 6], np.int32)}
     np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
     src = tmp_path / "bert.onnx"
