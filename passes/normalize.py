@@ -13,14 +13,14 @@ import onnx
 from onnx import TensorProto, helper, version_converter
 
 from spa import quant
-from spa.errors import SpaError, one_line
+from spa.errors import SpaError, VerificationError, one_line
 from spa.ir import MAX_IR_VERSION, MAX_OPSET, Graph, attr, static_dims, subgraphs, walk_graphs, walk_nodes
 from spa.model import default_dim
 from spa.validate import MAX_ANALYSIS_ELEMENTS, check_elements, check_parameters, run_checker
 
-from . import Pass
+from . import Pass, verify
 from .fold import FOLDERS, constant_node_value, evaluate
-from .unfuse import unfuse_contrib
+from .unfuse import has_fusions, unfuse_contrib
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -51,6 +51,31 @@ class Normalize(Pass):
         self.input_shapes = input_shapes or {}
         self.max_elements = max_elements  # per analysed tensor (--memory-limit)
 
+    def unfuse(self, model) -> dict[str, int]:
+        """passes/unfuse.py's rewrite of the contrib fusions, checked like a pruned model: verification later
+        compares the pruned model with the normalized original, so a rewrite that changed the computation would
+        pass there unseen. The rewritten graph is compared with the graph as given, in onnxruntime on random
+        inputs (verify.compare: two draws, every If branch); where it differs or cannot be compared, the fusions
+        stay as the file has them (what they touch freezes) and a warning says why."""
+        g = model.graph
+        if not has_fusions(g):
+            return {}
+        given = onnx.ModelProto()
+        given.CopyFrom(g.model)
+        unfused = unfuse_contrib(g)
+        if not unfused:
+            return {}
+        try:
+            shapes, _ = analysis_input_shapes(g, self.input_shapes, self.max_elements)
+            verify.compare(given, g.to_model(), shapes, pinned=tuple(self.input_shapes))
+        except (SpaError, VerificationError) as e:
+            model.graph = Graph(given)
+            model.warnings.append(f"onnxruntime's contrib fusions ({', '.join(sorted(unfused))}) were left as the "
+                                  f"file has them: written back as standard ops they did not compute the same "
+                                  f"({one_line(e, 200)}); what they touch is frozen")
+            return {}
+        return unfused
+
     def run(self, model):
         report = {"versions": fix_versions(model.graph.model)}
         if report["versions"]:
@@ -61,7 +86,8 @@ class Normalize(Pass):
             raise SpaError(weights_out_of_reach(g.model) or "model has no floating-point weights (an integer-only "
                            "model, or no weights at all): nothing to prune")
         report["initializer_inputs_dropped"] = drop_initializer_inputs(g)
-        unfused = unfuse_contrib(g)   # onnxruntime's saved fusions: standard ops again
+        unfused = self.unfuse(model)   # onnxruntime's saved fusions: standard ops again, checked
+        g = model.graph
         report["contrib_fusions_unfused"] = sum(unfused.values())
         report["contrib_fusions_by_op"] = unfused
         report["names_renamed"] = unique_names(g)

@@ -61,9 +61,14 @@ def _fused(node: onnx.NodeProto) -> bool:
     return node.domain == MS or (node.domain in ("", "ai.onnx") and node.op_type in ORT_DEFAULT_DOMAIN)
 
 
+def has_fusions(g: Graph) -> bool:
+    """Whether the main graph holds a node `unfuse_contrib` may rewrite."""
+    return any(_fused(n) for n in g.model.graph.node)
+
+
 def unfuse_contrib(g: Graph) -> dict[str, int]:
     """Rewrite the main graph's covered contrib fusions as standard ops; how many of each op type."""
-    if not any(_fused(n) for n in g.model.graph.node):
+    if not has_fusions(g):
         return {}
     opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 0)
     kinds = [t.data_type for t in g.model.graph.initializer if t.data_type in FLOATS]

@@ -345,3 +345,29 @@ def test_a_partial_rotary_on_a_slice_with_computed_positions():
     assert n == 1
     feeds = {"t": TOKENS["t"][:1]}
     np.testing.assert_allclose(run(plain, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_rewrite_that_computes_otherwise_is_caught_and_the_fusions_stay(tmp_path, monkeypatch):
+    """Verification compares the pruned model with the normalized original, so the rewrite itself is checked
+    against the file as given: a written-back Attention whose scale is wrong (a stand-in for a rewrite bug) is
+    refused there, the node stays fused, and a warning says why; a right one passes without a warning."""
+    import spa.passes.normalize as normalize
+    from spa.loading import load
+
+    src = tmp_path / "att.onnx"
+    onnx.save(attention_block(), str(src))
+    right = load(str(src))
+    assert not right.warnings and not any(n.domain == MS for n in right.graph.model.graph.node)
+    real = normalize.unfuse_contrib
+
+    def wrong(g):
+        done = real(g)
+        scale = next(n for n in g.model.graph.node if n.op_type == "Mul" and n.name.endswith("_scaled"))
+        g.set_const(scale.input[1], np.asarray(g.const(scale.input[1])) * 1.5)
+        return done
+
+    monkeypatch.setattr(normalize, "unfuse_contrib", wrong)
+    refused = load(str(src))
+    assert [n.op_type for n in refused.graph.model.graph.node if n.domain == MS] == ["Attention"]
+    assert len(refused.warnings) == 1 and "were left as the file has them" in refused.warnings[0]
+    assert "relative error" in refused.warnings[0]
