@@ -68,13 +68,15 @@ class Normalize(Pass):
         try:
             shapes, _ = analysis_input_shapes(g, self.input_shapes, self.max_elements)
             verify.compare(given, g.to_model(), shapes, pinned=tuple(self.input_shapes))
-        except (SpaError, VerificationError) as e:
-            model.graph = Graph(given)
-            model.warnings.append(f"onnxruntime's contrib fusions ({', '.join(sorted(unfused))}) were left as the "
-                                  f"file has them: written back as standard ops they did not compute the same "
-                                  f"({one_line(e, 200)}); what they touch is frozen")
-            return {}
-        return unfused
+            return unfused
+        except VerificationError as e:
+            why = f"written back as standard ops they did not compute the same ({one_line(e, 200)})"
+        except SpaError as e:   # the file as given does not run at these shapes: nothing to compare with
+            why = f"the rewrite could not be compared with the file as given ({one_line(e, 200)})"
+        model.graph = Graph(given)
+        model.warnings.append(f"onnxruntime's contrib fusions ({', '.join(sorted(unfused))}) were left as the file "
+                              f"has them: {why}; what they touch is frozen")
+        return {}
 
     def run(self, model):
         report = {"versions": fix_versions(model.graph.model)}
