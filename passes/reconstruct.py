@@ -124,8 +124,8 @@ class Reconstruct(Pass):
         before = structure(g.to_model())
         ls = Lockstep(self.original, g, self.feeds, execution.layerwise_batch(g, 64, self.feeds))
         gen = torch.Generator().manual_seed(self.seed)
-        stats = {"layers_refit": 0, "targets_from_scoring": 0, "bn_reestimated": 0, "affine_corrected": 0, "skipped": [],
-                  "positions_per_layer": self.positions, "samples": ls.n}
+        stats = {"layers_refit": 0, "targets_from_scoring": 0, "bn_reestimated": 0, "affine_corrected": 0,
+                 "scales_widened": 0, "skipped": [], "positions_per_layer": self.positions, "samples": ls.n}
         timing = {"forward_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0}
         nodes = list(ls.t_pruned.nodes)
         outputs = set(g.output_names)
@@ -238,18 +238,48 @@ class Reconstruct(Pass):
             return
         dtype = w_p_full.dtype
         qt = quant.dequantize_linear_of(g, view.weight)
-        if qt is not None:  # a QDQ weight keeps its scales: a refit they cannot represent would be clipped
-            _, clipped = quant.quantize(g, qt, view.unmatrix(new[:, :w_p_full.size // new.shape[0]], w_p_full.shape))
-            if clipped > 0:
-                stats["skipped"].append(f"{node.name}: quantized weight, {clipped:.1%} of the refit values fall "
-                                        f"outside the range of its scales (kept as pruned)")
-                return
+        if qt is not None and not self._fit_scales(g, ls, view, qt, new, w_p_full, stats, node.name):
+            return
         if view.bias is not None:
             self._write(g, ls, view.bias, new[:, -1].astype(dtype))
             new = new[:, :-1]
         self._write(g, ls, view.weight, view.unmatrix(new, w_p_full.shape).astype(dtype))
         stats["layers_refit"] += 1
         stats["targets_from_scoring"] += target is not None
+
+    def _fit_scales(self, g, ls, view, qt, new, w_p_full, stats, name) -> bool:
+        """A QDQ weight's refit values as its integers can hold them: its scales widened, channel by channel, where
+        values would saturate (a pruned layer's refit often leaves the range its scales were calibrated for, and
+        a clipped refit is worse than none), and a quantized bias's scale by the same factor, which keeps
+        bias scale = input scale x weight scale (onnxruntime's fused integer kernels read the bias so). False, with
+        a line, where the scales cannot be changed: the layer keeps its pruned weights."""
+        w_new = view.unmatrix(new[:, :w_p_full.size // new.shape[0]], w_p_full.shape)
+        _, clipped = quant.quantize(g, qt, w_new)
+        if clipped == 0:
+            return True
+        scale = quant.widened_scale(g, qt, w_new)
+        bias_qt = quant.dequantize_linear_of(g, view.bias) if view.bias is not None else None
+        old = np.asarray(g.const(qt.node.input[qt.scale])) if scale is not None else None
+        bias_scale = None
+        if bias_qt is not None and scale is not None:
+            b_name = bias_qt.node.input[bias_qt.scale] if bias_qt.scale is not None else ""
+            b_old = np.asarray(g.const(b_name)) if b_name else None
+            if (b_old is None or len(g.consumers.get(b_name, [])) != 1
+                    or (b_old.size != old.size and old.size != 1)):
+                scale = None
+            else:
+                factor = scale.astype(np.float64) / old.astype(np.float64)
+                bias_scale = (b_old.astype(np.float64) * factor.reshape(-1)[:b_old.size].reshape(b_old.shape)
+                              if b_old.size == old.size else b_old * float(factor.reshape(-1)[0]))
+        if scale is None:
+            stats["skipped"].append(f"{name}: quantized weight, {clipped:.1%} of the refit values fall outside the "
+                                    f"range of its scales, which cannot be widened here (kept as pruned)")
+            return False
+        self._set(g, ls, qt.node.input[qt.scale], scale)
+        if bias_scale is not None:
+            self._set(g, ls, bias_qt.node.input[bias_qt.scale], np.asarray(bias_scale).astype(b_old.dtype))
+        stats["scales_widened"] += 1
+        return True
 
     # ---- re-calibration ---------------------------------------------------------------------------------------
     def _reestimate_bn(self, node, g, ls, stats):
@@ -278,8 +308,20 @@ class Reconstruct(Pass):
         qt = quant.dequantize_linear_of(g, name)
         if qt is not None:  # a QDQ weight: the refit values requantized with its own (sliced) scales
             name, value = qt.node.input[qt.q], quant.quantize(g, qt, value)[0]
+        Reconstruct._set(g, ls, name, value)
+
+    @staticmethod
+    def _set(g, ls, name, value):
+        """Write a constant in the graph and in the pruned torch model. A DequantizeLinear that reads it (a QDQ
+        weight's integers or scale) ran earlier in the node order than the layer being refit: its output is
+        computed again, or the layer and everything after it would run on the weight from before the refit,
+        and the later layers' refits would fit a model other than the one written."""
         g.set_const(name, value)
         ls.t_pruned.static(name).data.copy_(ls.torch.from_numpy(np.array(value)))
+        for node, _ in g.consumers.get(name, []):
+            if node.op_type == "DequantizeLinear" and node.output[0] in ls.env_p[0]:
+                for env in ls.env_p:   # its inputs are the statics just updated in place
+                    ls.t_pruned.step(node, env)
 
 
 # ---- re-calibration, shared with the search's one-pass reward (spa.search) ----------------------------------------

@@ -19,6 +19,8 @@ Two storages:
     dequantize_linear_of(g, name)  the Quantized of a DequantizeLinear of constants producing `name`, else None
     value(g, qt)                   the float weight (float32, or the scale's float type)
     zero(g, qt)                    integers of q's shape that dequantize to 0 (the zero point, broadcast)
+    quantize(g, qt, w)             float values back into q's integers with its scales (a refit written back)
+    widened_scale(g, qt, w)        q's scale widened where a refit value would saturate
     operand_cuts(g, qt, axis)      which of its scale/zero point operands cut along which axis when q is cut
                                    along `axis`; a reason string where they cannot (a block split)
 """
@@ -191,6 +193,34 @@ def quantize(g, qt: Quantized, w: np.ndarray) -> tuple[np.ndarray, float]:
     info = np.iinfo(q.dtype)
     clipped = float(np.mean((v < info.min) | (v > info.max))) if v.size else 0.0
     return np.clip(v, info.min, info.max).astype(q.dtype), clipped
+
+
+def widened_scale(g, qt: Quantized, w: np.ndarray) -> np.ndarray | None:
+    """q's scale (as stored) widened where it is needed to represent `w` without saturating, each scale
+    element only as far as its own values need (a refit weight that left the range its scales were calibrated
+    for: keeping the scales would clip it, the refit would be lost). None where no widening helps or may be
+    written: no scale input (ConvInteger, MatMulInteger), blockwise scales, a scale other nodes read too, or a
+    zero point at the end of the integer range with values on that side."""
+    name = _slot(qt.node, qt.scale)
+    if not name or qt.block_size or not g.is_const(name) or len(g.consumers.get(name, [])) != 1:
+        return None
+    q = np.asarray(g.const(qt.node.input[qt.q]))
+    scale = np.asarray(g.const(name))
+    zp = _operand(g, qt, qt.zero_point, q.shape)
+    zp = np.zeros(()) if zp is None else zp.astype(np.float64)
+    info = np.iinfo(q.dtype)
+    w = np.asarray(w, np.float64)
+    above, below = np.broadcast_to(info.max - zp, w.shape), np.broadcast_to(info.min - zp, w.shape)
+    if np.any((w > 0) & (above <= 0)) or np.any((w < 0) & (below >= 0)):
+        return None
+    need = np.maximum(np.where(w > 0, w / np.where(above > 0, above, 1.0), 0.0),
+                      np.where(w < 0, w / np.where(below < 0, below, -1.0), 0.0))
+    if qt.axis is None or scale.size <= 1:
+        need = need.max(initial=0.0)
+    else:
+        need = need.max(axis=tuple(a for a in range(w.ndim) if a != qt.axis), initial=0.0)
+    need = np.asarray(need * (1 + 1e-6)).reshape(scale.shape)   # margin: the division rounds too
+    return np.maximum(scale.astype(np.float64), need).astype(scale.dtype)
 
 
 def zeroed(g, node: onnx.NodeProto, i: int, axis: int, gone: np.ndarray) -> np.ndarray:

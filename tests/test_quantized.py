@@ -164,8 +164,8 @@ def test_dynamically_quantized_encoder_prunes_heads_and_mlp(bert_dynamic):
 
 
 def test_default_mode_on_quantized_models(resnets, tmp_path):
-    """OBS scoring reads the dequantized weights (QDQ layers are modelled) and the run verifies; a refit the
-    kept scales cannot represent is skipped with a line, never written as float weights."""
+    """OBS scoring reads the dequantized weights (QDQ layers are modelled) and the run verifies; a refit is
+    written back as integers, never as float weights."""
     calib = tmp_path / "calib.npz"
     np.savez(calib, input=np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32))
     for variant in ("qdq_per_channel", "qoperator"):
@@ -178,3 +178,74 @@ def test_default_mode_on_quantized_models(resnets, tmp_path):
         notes = " ".join(res.report["importance"].get("notes", []))
         if variant == "qdq_per_channel":
             assert "no member scored" not in notes   # OBS scored the QDQ layers
+
+
+def _x(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE[1:])).astype(np.float32)
+
+
+def test_qdq_refit_matches_the_float_models_refit(resnets, tmp_path):
+    """The refit of a QDQ model fits the model it writes: each refit layer's DequantizeLinear runs again with
+    the new integers and scales before the layer, so the later layers fit what onnxruntime will compute (before,
+    they fitted the weights from before the refit and a 50 % cut came out at chance). Widened scales keep
+    bias scale = input scale x weight scale, which onnxruntime's fused kernels assume."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=_x(64, 0))
+    runs = {}
+    for variant in ("float", "qdq_per_channel"):
+        out = str(tmp_path / f"{variant}.onnx")
+        runs[variant] = (out, driver.prune(resnets[variant], out, ratio=0.5, calib=str(calib)).report)
+    rep = runs["qdq_per_channel"][1]
+    refit = rep["reconstruction"]["passes"][0]
+    assert refit["layers_refit"] > 10 and refit["scales_widened"] > 0 and not refit["skipped"]
+    before, after = (next(iter(rep["reconstruction"][k].values()))["rel_l2"]
+                     for k in ("fidelity_before", "fidelity_after"))
+    assert after < 0.5 * before
+    x = _x(16, 1)
+    y_float, y_qdq, y_orig = (np.concatenate([_run(p, x[i:i + 1]) for i in range(len(x))])
+                              for p in (runs["float"][0], runs["qdq_per_channel"][0], resnets["float"]))
+    err = lambda y: float(np.linalg.norm(y - y_orig) / np.linalg.norm(y_orig))   # noqa: E731
+    assert err(y_qdq) < 2 * err(y_float) + 0.05
+    g = Graph(onnx.load(runs["qdq_per_channel"][0]))
+    checked = 0
+    for node in g.model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3:
+            continue
+        w_dq, b_dq, x_dq = (g.producer.get(node.input[i]) for i in (1, 2, 0))
+        if not all(n is not None and n.op_type == "DequantizeLinear" for n in (w_dq, b_dq, x_dq)):
+            continue
+        w_scale, b_scale, x_scale = (np.asarray(g.const(n.input[1]), np.float64) for n in (w_dq, b_dq, x_dq))
+        np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-5)
+        checked += 1
+    assert checked > 10
+
+
+def test_widened_scale_reaches_just_the_values_that_saturate():
+    """Per channel: a channel within its range keeps its scale; one beyond gets max|w| / 127 (int8, zero point
+    0) or the side its zero point leaves (uint8); a scale other nodes read, or a zero point at the end of the
+    range with values on that side, is not widened (None)."""
+    def graph(q, scale, zp, shared=False):
+        nodes = [onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0)]
+        if shared:
+            nodes.append(onnx.helper.make_node("Identity", ["s"], ["s2"]))
+        inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.asarray(scale, np.float32), "s"),
+                 numpy_helper.from_array(zp, "z")]
+        out = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in ("w", "s2")[:1 + shared]]
+        g = Graph(onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [], out, inits)))
+        return g, quant.dequantize_linear_of(g, "w")
+
+    g, qt = graph(np.zeros((2, 3), np.int8), [0.1, 0.1], np.zeros(2, np.int8))
+    w = np.array([[1.0, -2.0, 0.5], [25.4, -1.0, 0.0]])      # channel 1: 25.4 / 0.1 = 254 > 127
+    new = quant.widened_scale(g, qt, w)
+    assert new[0] == np.float32(0.1) and new[1] == pytest.approx(25.4 / 127, rel=1e-5)
+    assert quant.quantize(g, qt, w)[1] > 0
+    g.set_const("s", new)
+    q, clipped = quant.quantize(g, qt, w)
+    assert clipped == 0 and q[1, 0] == 127
+    g, qt = graph(np.zeros((1, 2), np.uint8), [0.5], np.array([200], np.uint8))
+    new = quant.widened_scale(g, qt, np.array([[-120.0, 10.0]]))      # 200 steps below, 55 above
+    assert new[0] == pytest.approx(0.6, rel=1e-5)
+    g, qt = graph(np.zeros((1, 2), np.uint8), [0.5], np.array([0], np.uint8))
+    assert quant.widened_scale(g, qt, np.array([[-1.0, 10.0]])) is None   # no negative value is representable
+    g, qt = graph(np.zeros((2, 3), np.int8), [0.1, 0.1], np.zeros(2, np.int8), shared=True)
+    assert quant.widened_scale(g, qt, w) is None

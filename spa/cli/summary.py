@@ -103,6 +103,10 @@ def summary(rep: dict) -> str:
     if rec:
         names = " + ".join(p["pass"] for p in rec["passes"]) or "none"
         lines += _fidelity_lines(f"reconstruct   {names} on {rec['fidelity_on']}", rec)
+        widened = sum(p.get("scales_widened", 0) for p in rec["passes"])
+        if widened:
+            lines.append(f"              {widened} quantized weight(s): scales widened to hold the refit values "
+                         f"(integers stay integers)")
     fid = rep.get("fidelity")
     if fid:
         lines.append(_fidelity_line(fid))
