@@ -150,6 +150,16 @@ class Reconstruct(Pass):
                 if pos % 20 == 0:
                     self.progress(f"reconstruct: {pos + 1}/{len(nodes)} nodes")
         timing["forward_s"] += ls.forward_s
+        integer = [n.op_type for n in nodes
+                   if (n.domain if n.domain not in ("", "ai.onnx") else "", n.op_type) in quant.QOPERATOR]
+        if self.refit and integer:
+            count, integer = len(integer), sorted(set(integer))
+            stats["skipped"].append(f"{count} layer(s) with integer kernels ({', '.join(integer)}): not refit")
+            model.warnings.append(
+                f"{count} quantized layer(s) with integer kernels ({', '.join(integer)}) are ranked by weight "
+                f"magnitude and not refit, so a deep cut can lose much of the accuracy (the fidelity line says how "
+                f"much): the same model quantized in QDQ form (onnxruntime's quantize_static default) is scored "
+                f"and refit, or prune the float model and quantize it afterwards")
         after = structure(g.to_model())
         patterns.check_patterns(g, self.patterns)
         if before != after:

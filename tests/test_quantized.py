@@ -176,6 +176,8 @@ def test_default_mode_on_quantized_models(resnets, tmp_path):
                  if len(t.dims) == 4}
         assert kinds == {"i"}   # conv weights stay int8
         notes = " ".join(res.report["importance"].get("notes", []))
+        integer_warning = any("integer kernels (QGemm, QLinearConv)" in w for w in res.report["warnings"])
+        assert integer_warning == (variant == "qoperator")   # says what is not refit, and what would be
         if variant == "qdq_per_channel":
             assert "no member scored" not in notes   # OBS scored the QDQ layers
 
