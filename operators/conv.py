@@ -55,9 +55,9 @@ def conv(ctx, node, w_slot: int = 1, b_slot: int | None = 2):
                                 members[:, 1:].ravel())
         # whole groups go: weight rows (Conv) / input rows (ConvTranspose) follow the group's atoms
         if transposed:
-            ctx.slice_param(node, 1, 0, in_atoms, "source")
+            ctx.slice_param(node, w_slot, 0, in_atoms, "source")
         else:
-            ctx.slice_param(node, 1, 0, out_atoms, "source")
+            ctx.slice_param(node, w_slot, 0, out_atoms, "source")
         in_factor = None
 
         def set_groups(ap, node=node, out_atoms=out_atoms, groups=groups, per_out=per_out):

@@ -251,3 +251,24 @@ def test_widened_scale_reaches_just_the_values_that_saturate():
     assert quant.widened_scale(g, qt, np.array([[-1.0, 10.0]])) is None   # no negative value is representable
     g, qt = graph(np.zeros((2, 3), np.int8), [0.1, 0.1], np.zeros(2, np.int8), shared=True)
     assert quant.widened_scale(g, qt, w) is None
+
+
+def test_quantized_depthwise_conv_in_qoperator_and_dynamic_form(tmp_path):
+    """A depthwise QLinearConv / ConvInteger takes its weight at its own slot (3 / 1): the grouped-conv rule cut
+    slot 1, which is x_scale for QLinearConv, and refused a valid model as invalid."""
+    from spa import models
+
+    float_path = models.zoo_path("mobilenet_v2", small=True)
+    paths = {"qoperator": str(tmp_path / "qop.onnx"), "dynamic": str(tmp_path / "dyn.onnx")}
+    qz.quantize_static(str(float_path), paths["qoperator"], _Reader(), quant_format=qz.QuantFormat.QOperator,
+                       per_channel=True, weight_type=qz.QuantType.QInt8, activation_type=qz.QuantType.QUInt8)
+    qz.quantize_dynamic(str(float_path), paths["dynamic"], weight_type=qz.QuantType.QInt8)
+    float_groups = _groups(str(float_path))[0]
+    for variant, path in paths.items():
+        depthwise = [n for n in onnx.load(path).graph.node if n.op_type in ("QLinearConv", "ConvInteger", "Conv")
+                     and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        assert depthwise, variant
+        assert _groups(path)[0] == float_groups, variant
+        res = driver.prune(path, str(tmp_path / f"{variant}-out.onnx"), ratio=0.3, fast=True)
+        assert res.report["verification"]["status"] == "passed"
+        assert res.report["macs"]["ratio"] < 0.8
