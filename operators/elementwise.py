@@ -10,6 +10,7 @@ from __future__ import annotations
 from spa.ir import attr
 from spa.labels import Labels, passthrough
 
+from ._util import prod
 from .registry import rule
 
 UNARY = (
@@ -94,13 +95,19 @@ def broadcast(ctx, node):
 
 @rule("QuantizeLinear", "DequantizeLinear")
 def quantize(ctx, node):
-    """Per-tensor scales pass channels through; per-axis scales on the channel axis are sliced with it."""
+    """Per-tensor scales pass channels through; per-axis scales on the channel axis are sliced with it. A scale
+    computed at run time passes them through when it is one value (DynamicQuantizeLinear's, whose own rule makes
+    its range the pruned model's)."""
     x = ctx.inp(node, 0)
     if x is None:
         return
     scale = ctx.const(node.input[1])
     if scale is None:
-        ctx.freeze(x, node, "quantization scale computed at run time")
+        shapes = [ctx.shape(node.input[i]) for i in (1, 2) if i < len(node.input) and node.input[i]]
+        if any(s is None or prod(s) > 1 for s in shapes):
+            ctx.freeze(x, node, "quantization scale computed at run time")
+        else:
+            passthrough(ctx, node)
         return
     if scale.size > 1:
         rank = len(ctx.shape(node.input[0]) or ())

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PassResult:
-    """What a pipeline pass returns: whether it changed the graph, and its part of the run's report."""
+    """What a pipeline pass returns: whether it changed the graph, its part of the run's report, and whether it
+    found nothing to do on this model (it then has no line in the timings)."""
 
     modified: bool = False
     report: dict = field(default_factory=dict)
+    skipped: bool = False
 
 
 class Pass:
@@ -47,7 +49,8 @@ class PassManager:
             self.progress(p.name)
         t = time.perf_counter()
         result = p.run(target)
-        self.timings[p.name] = time.perf_counter() - t
+        if not getattr(result, "skipped", False):
+            self.timings[p.name] = time.perf_counter() - t
         if p.rewrites:
             target.analyses.clear()
         return result

@@ -29,6 +29,7 @@ from .pipeline import (
     AnalyseModel,
     ApplyPlan,
     CompactStorage,
+    DynamicKernelsBack,
     FidelityNotMet,
     FoldConstants,
     LoadModel,
@@ -40,9 +41,9 @@ from .pipeline import (
     VerifyStructure,
     WriteOutputs,
     data_label,
+    data_passes,
     explain_nothing,
     selection_error,
-    uses_data,
 )
 from .select import PruningPlan, select
 
@@ -83,6 +84,8 @@ def passes_for(options: PruneOptions, write: bool = True) -> list:
         passes.append(PatternPrune())
     if options.value_passes:
         passes.append(Reconstruction())
+    if data_passes(options):
+        passes.append(DynamicKernelsBack())
     if options.verify:
         passes.append(MeasureFidelity())
     if options.sparse_storage:
@@ -106,7 +109,7 @@ def prune(source, output=None, options: PruneOptions | None = None, *, progress=
     requested = options or PruneOptions.from_keywords(**keywords)
     options = requested.validated()
     check_paths(source, output, options)
-    if uses_data(options.importance) or options.reconstruct or options.recalibrate:
+    if data_passes(options):
         import_torch_in_background()
     t0 = time.perf_counter()
     staged = outputs if outputs is not None else StagedOutputs()

@@ -13,9 +13,11 @@ from .passes.normalize import Normalize
 from .validate import analysis_elements, check_input
 
 
-def load(source, input_shapes: dict | None = None, memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> Model:
+def load(source, input_shapes: dict | None = None, memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+         qdq: bool = False) -> Model:
     """Load an ONNX file (or a ModelProto, or 'zoo:NAME[:small][:dynamo]') and normalize it; analysed tensors
-    larger than the memory limit allows are refused before anything of their size is allocated."""
+    larger than the memory limit allows are refused before anything of their size is allocated. qdq: write
+    integer kernels in QDQ form (passes/qdq.py), for the data passes."""
     name = str(source) if not isinstance(source, onnx.ModelProto) else "<model>"
     raw = None
     if isinstance(source, onnx.ModelProto):
@@ -26,7 +28,7 @@ def load(source, input_shapes: dict | None = None, memory_limit_gb: float = DEFA
     else:
         proto, raw = read_model(resolve_input(str(source)))
     model = Model(Graph(proto, raw=raw), source=name)
-    PassManager([Normalize(input_shapes, analysis_elements(memory_limit_gb))]).run(model)
+    PassManager([Normalize(input_shapes, analysis_elements(memory_limit_gb), qdq)]).run(model)
     return model
 
 

@@ -26,6 +26,7 @@ class Model:
     warnings: list[str] = field(default_factory=list)
     analyses: dict = field(default_factory=dict)
     normalize_report: dict = field(default_factory=dict)
+    dynamic_as_qdq: set[str] = field(default_factory=set)   # dynamic integer layers normalization wrote as QDQ
 
     @property
     def proto(self) -> onnx.ModelProto:

@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 
 from .calib import Calib, input_specs, load_data
-from .errors import DataPassesUnavailable, SpaError
+from .errors import DataPassesUnavailable, SpaError, VerificationError, one_line
 from .execution import activation_bytes_per_sample, batch_size_for, input_bytes_per_sample
 from .fileio import StagedOutputs
 from .fixed_transforms import warnings_for as fixed_transform_warnings
 from .groups import Analysis
 from .importance import CRITERIA, ScoreInputs, score
-from .ir import has_mapped, has_subgraph, needs_external_data, release, save_model
+from .ir import Graph, has_mapped, has_subgraph, needs_external_data, release, save_model
 from .loading import load, param_count
 from .memory import GB, memory_limit_gb
 from .model import Model
@@ -29,7 +29,8 @@ from .passes import Pass, PassResult, verify
 from .passes.analyse import Analyse
 from .passes.apply import Apply
 from .passes.compensate import FoldRemovedConstants, fidelity
-from .passes.normalize import weights_out_of_reach
+from .passes.normalize import QDQ_RTOL, weights_out_of_reach
+from .passes.qdq import dynamic_kernels_back
 from .passes.reconstruct import output_rows
 from .patterns import apply_patterns, check_patterns, report_section, sparse_storage
 from .select import PruningPlan, coarse_groups, read_plan, select
@@ -132,6 +133,11 @@ def synthesized_count(g, wanted: int) -> tuple[int, str | None]:
                f"pass --memory-limit {limit / GB:g} GB (raise it to use more)")
 
 
+def data_passes(opts: PruneOptions) -> bool:
+    """Whether the run scores or refits on data (calibration or synthesized): the passes that run the model."""
+    return uses_data(opts.importance) or opts.reconstruct or opts.recalibrate
+
+
 def uses_data(importance: str) -> bool:
     """Whether the criterion reads activations or gradients (calibration data, or synthesized inputs)."""
     crit = CRITERIA.get(importance)
@@ -150,7 +156,8 @@ class LoadModel(Pass):
 
     def run(self, run: PruneRun) -> PassResult:
         run.step("load")
-        run.model = load(run.source, run.options.input_shapes, run.options.memory_limit_gb)
+        opts = run.options
+        run.model = load(run.source, opts.input_shapes, opts.memory_limit_gb, qdq=data_passes(opts))
         if run.options.verify:
             run.original = onnx.ModelProto()
             run.original.CopyFrom(run.model.graph.to_model())
@@ -415,6 +422,33 @@ class Reconstruction(Pass):
 
         report = reconstruct_values(run, data_label(run.data, "obspa"))   # sets run.pruned
         return PassResult(modified=True, report={"reconstruction": report})
+
+
+class DynamicKernelsBack(Pass):
+    """The dynamically quantized layers that normalization wrote in QDQ form (for the scores and the refit) back
+    in their integer form (passes/qdq.py: onnxruntime does not fuse dynamic QDQ into its integer kernels),
+    checked against the refit QDQ model in onnxruntime before it replaces the model that is written."""
+    name, requires, rewrites = "dynamic-kernels", ("pruned",), True
+
+    def run(self, run: PruneRun) -> PassResult:
+        names = run.model.dynamic_as_qdq
+        if not names:
+            return PassResult(skipped=True)
+        run.step("dynamic kernels")
+        g = Graph(onnx.ModelProto.FromString(run.pruned.SerializeToString()))
+        restored = dynamic_kernels_back(g, names)
+        if not restored:
+            return PassResult(skipped=True)
+        back = g.to_model()
+        verify.check(back)
+        try:
+            verify.compare(run.pruned, back, run.model.input_shapes, rtol=QDQ_RTOL,
+                           pinned=tuple(run.options.input_shapes or ()))
+        except VerificationError as e:
+            raise SpaError(f"internal: the dynamic integer layers written back differ from their QDQ form "
+                           f"({one_line(e, 200)})")
+        run.pruned = back
+        return PassResult(modified=True, report={"dynamic_kernels_restored": restored})
 
 
 class FidelityNotMet(Exception):

@@ -176,8 +176,7 @@ def test_default_mode_on_quantized_models(resnets, tmp_path):
                  if len(t.dims) == 4}
         assert kinds == {"i"}   # conv weights stay int8
         notes = " ".join(res.report["importance"].get("notes", []))
-        integer_warning = any("integer kernels (QGemm, QLinearConv)" in w for w in res.report["warnings"])
-        assert integer_warning == (variant == "qoperator")   # says what is not refit, and what would be
+        assert not any("integer kernels" in w for w in res.report["warnings"])
         if variant == "qdq_per_channel":
             assert "no member scored" not in notes   # OBS scored the QDQ layers
 
@@ -272,3 +271,66 @@ def test_quantized_depthwise_conv_in_qoperator_and_dynamic_form(tmp_path):
         res = driver.prune(path, str(tmp_path / f"{variant}-out.onnx"), ratio=0.3, fast=True)
         assert res.report["verification"]["status"] == "passed"
         assert res.report["macs"]["ratio"] < 0.8
+
+
+def test_integer_kernels_are_scored_and_refit_in_qdq_form(resnets, tmp_path):
+    """QOperator (QLinearConv, QGemm) and dynamic (ConvInteger, MatMulInteger) layers are written in QDQ form for
+    the data passes: scored by OBS, refit, scales widened. The static ones stay QDQ; the dynamic ones come back as
+    integer kernels (onnxruntime does not fuse dynamic QDQ). Both then track the float model's refit, where
+    before they were ranked by magnitude and not refit."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=_x(64, 0))
+    x = _x(8, 1)
+    ref = np.concatenate([_run(resnets["float"], x[i:i + 1]) for i in range(len(x))])
+    err = {}
+    for variant in ("float", "qoperator", "dynamic"):
+        out = str(tmp_path / f"{variant}.onnx")
+        rep = driver.prune(resnets[variant], out, ratio=0.5, calib=str(calib)).report
+        assert rep["verification"]["status"] == "passed"
+        y = np.concatenate([_run(out, x[i:i + 1]) for i in range(len(x))])
+        err[variant] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        ops = _ops(out)
+        if variant == "float":
+            continue
+        rewritten = rep["normalize"]["integer_kernels_as_qdq"]
+        assert sum(rewritten.values()) >= 20, rewritten
+        assert "no member scored" not in " ".join(rep["importance"].get("notes", []))
+        refit = rep["reconstruction"]["passes"][0]
+        assert refit["layers_refit"] >= 20 and not refit["skipped"]
+        kinds = {numpy_helper.to_array(t).dtype.kind for t in onnx.load(out).graph.initializer
+                 if len(t.dims) == 4 and t.dims[0] > 1}   # conv weights (not a folded [1, C, 1, 1] bias)
+        assert kinds == {"i"}
+        if variant == "qoperator":
+            assert "QLinearConv" not in ops and {"DequantizeLinear", "QuantizeLinear", "Conv"} <= ops
+        else:
+            assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= ops and "Conv" not in ops
+    assert err["qoperator"] < 2 * err["float"] + 0.05 and err["dynamic"] < 2 * err["float"] + 0.05, err
+
+
+def test_fast_keeps_integer_kernels_and_a_wrong_rewrite_is_refused(resnets, tmp_path, monkeypatch):
+    """--fast runs no data pass: the file keeps its integer kernels. A rewrite that computed something else (here
+    a bias scale off by 2x) is caught by the comparison with the file as given: the kernels stay, with a warning."""
+    out = str(tmp_path / "fast.onnx")
+    driver.prune(resnets["qoperator"], out, ratio=0.3, fast=True)
+    assert "QLinearConv" in _ops(out) and "Conv" not in _ops(out)
+    from spa.passes import qdq
+
+    real = qdq._static
+
+    def wrong(g, node, op, **kw):
+        done = real(g, node, op, **kw)
+        if done is not None and kw.get("bias") is not None:
+            for n in done[0].nodes:
+                if n.name.endswith("_bias"):
+                    g.set_const(n.input[1], 2 * np.asarray(g.const(n.input[1])))
+        return done
+
+    monkeypatch.setattr(qdq, "_static", wrong)
+    m = driver.load(resnets["qoperator"])   # the data passes' load does the rewrite; this one does not
+    assert not m.normalize_report.get("integer_kernels_as_qdq")
+    from spa.loading import load
+
+    m = load(resnets["qoperator"], qdq=True)
+    assert not m.normalize_report["integer_kernels_as_qdq"]
+    assert "QLinearConv" in {n.op_type for n in m.graph.model.graph.node}
+    assert any("integer kernels" in w and "did not compute the same" in w for w in m.warnings)

@@ -139,6 +139,12 @@ def summary(rep: dict) -> str:
         ops = ", ".join(f"{op} x{n}" for op, n in unfused.items())
         lines.append(f"note          {sum(unfused.values())} onnxruntime contrib fusions ({ops}) written as the "
                      f"standard ops they fuse; onnxruntime's optimizers fuse them again")
+    as_qdq = (rep.get("normalize") or {}).get("integer_kernels_as_qdq")
+    if as_qdq:
+        ops = ", ".join(f"{op} x{n}" for op, n in as_qdq.items())
+        lines.append(f"note          {sum(as_qdq.values())} integer kernels ({ops}) were scored and refit in QDQ "
+                     f"form (the same integers and scales): static ones stay QDQ, which onnxruntime fuses into its "
+                     f"integer kernels; dynamic ones are written back as they came")
     if rep["unruled_ops"]:
         lines.append("no rule for    " + ", ".join(f"{k} x{n}" for k, n in rep["unruled_ops"].items()))
     for w in rep["warnings"][:5]:
