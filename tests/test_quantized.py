@@ -30,6 +30,14 @@ class _Reader(qz.CalibrationDataReader):
         return next(self.feeds, None)
 
 
+def _private_copy(path, folder):
+    """onnxruntime's quantizer writes '<model>-inferred.onnx' beside the model it reads and deletes it: two test
+    workers quantizing the shared zoo file at once raced on it. Each quantizes its own copy."""
+    import shutil
+
+    return shutil.copy(path, folder / path.name)
+
+
 @pytest.fixture(scope="module")
 def resnets(tmp_path_factory):
     import logging
@@ -38,7 +46,7 @@ def resnets(tmp_path_factory):
 
     logging.getLogger().setLevel(logging.ERROR)   # the quantizer's "consider pre-processing" advice
     d = tmp_path_factory.mktemp("quantized")
-    float_path = models.zoo_path("resnet18", small=True)
+    float_path = _private_copy(models.zoo_path("resnet18", small=True), d)
     paths = {"float": str(float_path)}
     for name, fmt, per_channel, wtype in (("qdq_per_channel", qz.QuantFormat.QDQ, True, qz.QuantType.QInt8),
                                           ("qdq_per_tensor_uint8", qz.QuantFormat.QDQ, False, qz.QuantType.QUInt8),
@@ -148,7 +156,7 @@ def bert_dynamic(tmp_path_factory):
     from spa import models
 
     d = tmp_path_factory.mktemp("bert")
-    float_path = str(models.zoo_path("bert_layer", small=True))
+    float_path = str(_private_copy(models.zoo_path("bert_layer", small=True), d))
     qz.quantize_dynamic(float_path, str(d / "bert_dyn.onnx"), weight_type=qz.QuantType.QInt8)
     return float_path, str(d / "bert_dyn.onnx"), d
 
@@ -257,7 +265,7 @@ def test_quantized_depthwise_conv_in_qoperator_and_dynamic_form(tmp_path):
     slot 1, which is x_scale for QLinearConv, and refused a valid model as invalid."""
     from spa import models
 
-    float_path = models.zoo_path("mobilenet_v2", small=True)
+    float_path = _private_copy(models.zoo_path("mobilenet_v2", small=True), tmp_path)
     paths = {"qoperator": str(tmp_path / "qop.onnx"), "dynamic": str(tmp_path / "dyn.onnx")}
     qz.quantize_static(str(float_path), paths["qoperator"], _Reader(), quant_format=qz.QuantFormat.QOperator,
                        per_channel=True, weight_type=qz.QuantType.QInt8, activation_type=qz.QuantType.QUInt8)
