@@ -15,7 +15,7 @@ budget as the granularity allows:
    The result is maximal: no group can keep one more step of units without breaking a budget.
 
 Budgets are fractions kept of the unpruned model: `flops` (MACs, DESIGN.md's one definition) and `params`
-(float initializer elements, `spa.loading.param_count`). Both are evaluated by `CostModel` from a removed-unit mask,
+(float initializer elements and quantized weights' integers, `spa.loading.param_count`). Both are evaluated by `CostModel` from a removed-unit mask,
 exactly: MACs are products of kept fractions of the labellings each Conv/Gemm/MatMul's cost scales with (the
 same formula as `Analysis.macs_after`); a parameter tensor keeps the product of the kept fractions of its sliced
 axes (the way `passes.apply.Apply` cuts it, including the per-use copies of a shared initializer cut differently).
@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import SpaError
 from .groups import Analysis
-from .loading import param_count
+from .loading import is_parameter, param_count
 from .select import (
     PruningPlan,
     constrained_kept,
@@ -119,8 +119,8 @@ class CostModel:
         return self._terms((float(c.macs), list(c.factors)) for c in self.analysis.ctx.costs.values())
 
     def _params_terms(self):
-        """One term per sliced float tensor; initializers shared by uses that cut them differently are kept aside
-        and counted per plan the way Apply copies them. Unsliced float initializers are a constant."""
+        """One term per sliced parameter tensor (`is_parameter`); initializers shared by uses that cut them
+        differently are kept aside and counted per plan the way Apply copies them. Unsliced ones are a constant."""
         g = self.analysis.ctx.g
         uses: dict[tuple[int, int], list] = {}
         nodes: dict[int, object] = {}
@@ -134,8 +134,8 @@ class CostModel:
         for name, entries in by_name.items():
             if not g.is_const(name):
                 continue
-            shape, dtype = g.const_info(name)
-            if np.dtype(dtype).kind != "f":
+            shape, _ = g.const_info(name)
+            if not is_parameter(g, name):
                 continue
             size = float(np.prod(shape))
             sliced += size

@@ -342,3 +342,18 @@ def test_fast_keeps_integer_kernels_and_a_wrong_rewrite_is_refused(resnets, tmp_
     assert not m.normalize_report["integer_kernels_as_qdq"]
     assert "QLinearConv" in {n.op_type for n in m.graph.model.graph.node}
     assert any("integer kernels" in w and "did not compute the same" in w for w in m.warnings)
+
+
+@pytest.mark.parametrize("variant", ["qdq_per_channel", "qoperator", "dynamic"])
+def test_parameters_count_a_quantized_models_integers(resnets, variant, tmp_path):
+    """A quantized model's weights are its integers: its parameter count is the float model's (plus its scales), and
+    a cut keeps the same share of them; counting float initializers only, ResNet-18 in QDQ form had 'params'
+    of a few thousand scales."""
+    from spa.loading import param_count
+
+    weights = param_count(driver.load(resnets["float"]).graph)
+    count = param_count(driver.load(resnets[variant]).graph)
+    assert weights <= count <= 1.05 * weights
+    ratios = [driver.prune(resnets[v], str(tmp_path / f"{v}.onnx"), ratio=0.3, fast=True).report["params"]["ratio"]
+              for v in ("float", variant)]
+    assert abs(ratios[0] - ratios[1]) < 0.02, ratios
