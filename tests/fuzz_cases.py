@@ -114,8 +114,41 @@ def ort_saved_net() -> onnx.ModelProto:
     return b.model()
 
 
+def quantized_net(dynamic: bool) -> onnx.ModelProto:
+    """residual_net as onnxruntime's quantizer writes it: QOperator (QLinearConv, QLinearAdd, QGemm; calibrated
+    on 4 fixed draws) or dynamic (DynamicQuantizeLinear -> ConvInteger / MatMulInteger): the default mode writes
+    their layers in QDQ form (passes/qdq.py) before scoring and refitting them."""
+    import logging
+
+    from onnxruntime import quantization as qz
+
+    logging.getLogger().setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "float.onnx", Path(d) / "quantized.onnx"
+        float_model = residual_net()
+        float_model.opset_import[0].version = max(float_model.opset_import[0].version, 13)
+        onnx.save(float_model, src)
+        if dynamic:
+            qz.quantize_dynamic(str(src), str(dst), weight_type=qz.QuantType.QInt8)
+        else:
+            draws = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+                     for i in range(4)]
+
+            class Reader(qz.CalibrationDataReader):
+                def __init__(self):
+                    self.it = iter(draws)
+
+                def get_next(self):
+                    return next(self.it, None)
+
+            qz.quantize_static(str(src), str(dst), Reader(), quant_format=qz.QuantFormat.QOperator, per_channel=True,
+                               weight_type=qz.QuantType.QInt8, activation_type=qz.QuantType.QUInt8)
+        return onnx.load(dst)
+
+
 SEED_MODELS = {"residual": residual_net, "concat": concat_net, "mlp": reshape_mlp, "attention": attention_net,
-               "ort_saved": ort_saved_net, "ort_bert": bert_as_onnxruntime_optimizes_it}
+               "ort_saved": ort_saved_net, "ort_bert": bert_as_onnxruntime_optimizes_it,
+               "qoperator": lambda: quantized_net(False), "dynamic": lambda: quantized_net(True)}
 _CACHE: dict = {}
 
 
