@@ -47,7 +47,7 @@ def integer_kernels_to_qdq(g: Graph, dynamic: set[str] | None = None) -> dict[st
     for node in g.model.graph.node:
         try:
             done = _rewrite(g, node)
-        except (ValueError, TypeError, IndexError):   # malformed attributes or operands: left as it is
+        except (ValueError, TypeError, IndexError, KeyError):   # malformed attributes or operands: left as it is
             done = None
         if done is None:
             continue
@@ -105,9 +105,9 @@ def _dq(c: Chain, tag: str, ins: list[str], axis: int | None) -> str:
 def _weight_axis(g: Graph, scale: str, zero_point: str, axis: int) -> int | None | bool:
     """The DequantizeLinear axis of a weight's scale/zero point (None: per tensor); False when it is not a 1-D
     per-axis operand of a constant weight."""
-    sizes = [int(np.prod(g.const_info(n)[0])) for n in (scale, zero_point) if n]
     if not all(g.is_const(n) for n in (scale, zero_point) if n):
         return False
+    sizes = [int(np.prod(g.const_info(n)[0])) for n in (scale, zero_point) if n]
     if max(sizes, default=1) <= 1:
         return None
     return axis if all(len(g.const_info(n)[0]) == 1 for n in (scale, zero_point) if n) else False
