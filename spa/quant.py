@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .errors import SpaError
 from .ir import attr
 
 # QOperator ops: (domain, op type) -> (integer weight slot, its scale slot or None, its zero point slot)
@@ -56,6 +57,18 @@ class Quantized:
     block_size: int = 0
 
 
+def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An integer attribute of a quantized op, or a one-line error: onnx.checker does not check the attributes of
+    com.microsoft ops, and a mutated file gave QGemm a list for transB."""
+    value = attr(node, name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpaError(f"the input model is invalid: attribute '{name}' of {node.op_type} node '{node.name}' must "
+                       f"be an integer, got {type(value).__name__}")
+    return value
+
+
 def _domain(node) -> str:
     return "" if node.domain in ("", "ai.onnx") else node.domain
 
@@ -78,8 +91,8 @@ def reader(g, node: onnx.NodeProto, i: int) -> Quantized | None:
             return None
         rank = len(g.const_info(node.input[0])[0])
         scale_shape = g.const_info(node.input[1])[0]
-        block = int(attr(node, "block_size", 0) or 0)
-        axis = int(attr(node, "axis", 1))
+        block = int_attr(node, "block_size", 0)
+        axis = int_attr(node, "axis", 1)
         axis = axis + rank if axis < 0 else axis
         if block <= 0 and int(np.prod(scale_shape)) <= 1:
             return Quantized(node, 0, 1, 2 if _slot(node, 2) else None, None)
@@ -91,7 +104,7 @@ def reader(g, node: onnx.NodeProto, i: int) -> Quantized | None:
     if node.op_type in ("QLinearConv", "ConvInteger"):
         axis = 0
     elif node.op_type == "QGemm":
-        axis = 0 if int(attr(node, "transB", 0)) else 1
+        axis = 0 if int_attr(node, "transB", 0) else 1
     else:  # QLinearMatMul, MatMulInteger: per column of B
         axis = rank - 1
     per_axis = max(_size(g, _slot(node, scale)), _size(g, _slot(node, zp))) > 1
@@ -249,16 +262,16 @@ def _ms_shape(node: onnx.NodeProto, shapes: dict) -> tuple | None:
         return s(0)
     if op == "QLinearGlobalAveragePool" and s(0) is not None and len(s(0)) >= 3:
         x = s(0)
-        return (x[0], *([1] * (len(x) - 2)), x[-1]) if attr(node, "channels_last", 0) else (*x[:2], *[1] * (len(x) - 2))
+        return (x[0], *([1] * (len(x) - 2)), x[-1]) if int_attr(node, "channels_last", 0) else (*x[:2], *[1] * (len(x) - 2))
     if op == "QGemm" and s(0) is not None and s(3) is not None and len(s(0)) == len(s(3)) == 2:
-        m = s(0)[1] if attr(node, "transA", 0) else s(0)[0]
-        n = s(3)[0] if attr(node, "transB", 0) else s(3)[1]
+        m = s(0)[1] if int_attr(node, "transA", 0) else s(0)[0]
+        n = s(3)[0] if int_attr(node, "transB", 0) else s(3)[1]
         return (m, n)
     if op == "QLinearConcat":
         parts = [s(i) for i in range(2, len(node.input), 3)]
         if not parts or any(p is None for p in parts):
             return None
-        axis = int(attr(node, "axis", 0)) % len(parts[0])
+        axis = int_attr(node, "axis", 0) % len(parts[0])
         return (*parts[0][:axis], sum(p[axis] for p in parts), *parts[0][axis + 1:])
     return None
 

@@ -6,6 +6,8 @@ the disconnected-channels reference in onnxruntime, keeps its integers integer w
 agrees with the float model pruned the same way within quantization noise."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -357,3 +359,25 @@ def test_parameters_count_a_quantized_models_integers(resnets, variant, tmp_path
     ratios = [driver.prune(resnets[v], str(tmp_path / f"{v}.onnx"), ratio=0.3, fast=True).report["params"]["ratio"]
               for v in ("float", variant)]
     assert abs(ratios[0] - ratios[1]) < 0.02, ratios
+
+
+def test_a_malformed_attribute_of_a_contrib_quantized_op_is_one_line(tmp_path):
+    """onnx.checker does not check com.microsoft ops' attributes: a QGemm whose transB is a list (found by the fuzz
+    campaign) is bad input, one line and exit 2, not a traceback."""
+    import sys
+
+    from spa import cli
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fuzz_cases import seed_model
+
+    m = seed_model("qoperator")
+    gemm = next(n for n in m.graph.node if n.op_type == "QGemm")
+    for a in gemm.attribute:
+        if a.name == "transB":
+            gemm.attribute.remove(a)
+    gemm.attribute.append(onnx.helper.make_attribute("transB", [1, 0]))
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    rc = cli.main([str(src), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--fast", "-q"])
+    assert rc == 2 and not (tmp_path / "out.onnx").exists()
