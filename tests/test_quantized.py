@@ -304,6 +304,11 @@ def test_integer_kernels_are_scored_and_refit_in_qdq_form(resnets, tmp_path):
             continue
         rewritten = rep["normalize"]["integer_kernels_as_qdq"]
         assert sum(rewritten.values()) >= 20, rewritten
+        from spa.loading import load
+
+        as_qdq = driver.analyse(load(resnets[variant], qdq=True))   # the same groups and MACs in either form
+        assert sorted((g.size, g.prunable) for g in as_qdq.groups) == _groups(resnets[variant])[0]
+        assert as_qdq.total_macs == _groups(resnets[variant])[1].total_macs
         assert "no member scored" not in " ".join(rep["importance"].get("notes", []))
         refit = rep["reconstruction"]["passes"][0]
         assert refit["layers_refit"] >= 20 and not refit["skipped"]
