@@ -481,7 +481,7 @@ def _s_subgraph(rng, m):
 
 
 def _s_weight_rank(rng, m):
-    for t in m.graph.initializer:
+    for t in _inline_inits(m):
         if t.name.endswith(".weight") or t.name.endswith(".bias"):
             arr = numpy_helper.to_array(t)
             new = rng.choice([arr.reshape(-1), arr[..., :1], np.zeros((0,) + arr.shape[1:], arr.dtype),

@@ -15,7 +15,10 @@ Variants of each zoo model (small, `models.zoo_path`; a variant whose tool is no
 * `ort-basic`, `ort-extended`: the TorchScript export as onnxruntime saves it (`optimized_model_filepath`) at
   ORT_ENABLE_BASIC (standard ops, constants shared) and ORT_ENABLE_EXTENDED (contrib ops such as FusedConv);
 * `ort-transformers` (BERT and ViT only): the TorchScript export as onnxruntime's transformer optimizer saves it
-  (`onnxruntime.transformers.optimizer.optimize_model`: EmbedLayerNormalization, SkipLayerNormalization, ...).
+  (`onnxruntime.transformers.optimizer.optimize_model`: EmbedLayerNormalization, SkipLayerNormalization, ...);
+* `qdq`, `qoperator`, `dynamic`: the TorchScript export quantized by onnxruntime's quantizer: `quantize_static`
+  (int8 weights per channel, uint8 activations, 4 random calibration draws) in QDQ and QOperator form, and
+  `quantize_dynamic` (int8 weights: ConvInteger / MatMulInteger).
 
 onnxconverter-common and onnxsim are not dependencies (`pip install onnxconverter-common onnxsim==0.8.1`).
 Prints one markdown row per file, like tools/sweep_wheels.py (whose `prune` runs each command): exit code, the
@@ -38,7 +41,7 @@ from tools.sweep_wheels import prune  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "googlenet", "densenet121", "unet", "vit_tiny", "bert_layer")
 VARIANTS = ("opset7", "opset9", "opset11", "fp16", "fp16-io32", "simplified", "ort-basic", "ort-extended",
-            "ort-transformers")
+            "ort-transformers", "qdq", "qoperator", "dynamic")
 TRANSFORMER_TYPES = {"bert_layer": "bert", "vit_tiny": "vit"}   # onnxruntime's optimizer's model types
 
 
@@ -73,6 +76,8 @@ def make(name: str, variant: str, path: Path) -> None:
 
         optimizer.optimize_model(str(models.zoo_path(name, small=True)), model_type=TRANSFORMER_TYPES[name],
                                  num_heads=0, hidden_size=0, opt_level=0).save_model_to_file(str(path))
+    elif variant in ("qdq", "qoperator", "dynamic"):
+        quantized(name, source, variant, path)
     elif variant.startswith("ort-"):
         import onnxruntime as ort
 
@@ -83,6 +88,40 @@ def make(name: str, variant: str, path: Path) -> None:
         ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
     else:
         raise ValueError(f"unknown variant {variant!r}")
+
+
+def quantized(name: str, source: Path, variant: str, path: Path) -> None:
+    """`source` as onnxruntime's quantizer writes it (a private copy: the quantizer writes beside its input)."""
+    import logging
+    import shutil
+
+    import numpy as np
+    from onnxruntime import quantization as qz
+
+    from spa import models
+
+    logging.getLogger().setLevel(logging.ERROR)
+    copy = path.with_name(f"{path.stem}-float.onnx")
+    shutil.copy(source, copy)
+    if variant == "dynamic":
+        qz.quantize_dynamic(str(copy), str(path), weight_type=qz.QuantType.QInt8)
+        return
+    examples = models.example_inputs(name, small=True)
+    examples = examples if isinstance(examples, tuple) else (examples,)
+    names = models.input_names(name)
+    draws = [{n: (np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32)
+                  if x.is_floating_point() else x.numpy()) for n, x in zip(names, examples)} for i in range(4)]
+
+    class Reader(qz.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(draws)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    qz.quantize_static(str(copy), str(path), Reader(), per_channel=True, weight_type=qz.QuantType.QInt8,
+                       activation_type=qz.QuantType.QUInt8,
+                       quant_format=qz.QuantFormat.QDQ if variant == "qdq" else qz.QuantFormat.QOperator)
 
 
 def main(argv=None) -> int:
