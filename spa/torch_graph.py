@@ -159,7 +159,8 @@ class TorchGraph(nn.Module):
             if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and exported and \
                     isinstance(exported[0], int) and exported[0] > 0:
                 attrs[BATCH_FREE] = exported[0]
-            elif node.op_type == "Concat" and node.domain in ("", "ai.onnx") and (exported or (None,))[0] == 1:
+            elif node.op_type in ("Concat", "DynamicQuantizeLinear") and node.domain in ("", "ai.onnx") and \
+                    (exported or (None,))[0] == 1:
                 attrs[BATCH_FREE] = True
             self._index[node.output[0] if node.output else f"#{len(self.nodes)}"] = len(self.nodes)
             self.nodes.append(node)

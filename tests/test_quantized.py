@@ -386,3 +386,17 @@ def test_a_malformed_attribute_of_a_contrib_quantized_op_is_one_line(tmp_path):
     onnx.save(m, src)
     rc = cli.main([str(src), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--fast", "-q"])
     assert rc == 2 and not (tmp_path / "out.onnx").exists()
+
+
+def test_dynamic_quantization_runs_batched_in_the_data_passes(resnets):
+    """DynamicQuantizeLinear's range spans the whole tensor, so a batch of samples did not give each sample its
+    batch-1 result and the data passes ran one sample at a time (a dynamically quantized ResNet-18: 69 s, now 8 s).
+    In TorchGraph(batch_free=True) each sample gets its own range: batched runs equal the single ones, in the file's
+    form and in the QDQ form the data passes use."""
+    from spa import execution
+    from spa.loading import load
+
+    feeds = {"input": _x(3, 0)}
+    for qdq in (False, True):
+        g = load(resnets["dynamic"], qdq=qdq).graph
+        assert execution.batch_free_polymorphic(g, feeds), qdq
