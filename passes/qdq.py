@@ -1,5 +1,6 @@
 """Integer kernels written in QDQ form: QLinearConv, QLinearMatMul and com.microsoft QGemm (onnxruntime's QOperator
-format), and a dynamically quantized layer (DynamicQuantizeLinear -> ConvInteger/MatMulInteger -> Cast -> Mul by
+format) with the com.microsoft element-wise and pooling kernels around them (QLinearAdd, QLinearConcat, ...),
+and a dynamically quantized layer (DynamicQuantizeLinear -> ConvInteger/MatMulInteger -> Cast -> Mul by
 input scale x weight scale, onnxruntime's `quantize_dynamic`), as DequantizeLinear -> float op [-> QuantizeLinear].
 
 Why: OBS scoring and the least-squares refit model layers as a float op on dequantized operands. An integer kernel
@@ -28,10 +29,29 @@ MS = "com.microsoft"
 CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
 
 
+# com.microsoft element-wise and pooling kernels on quantized tensors: (float op, slots of the (x, scale, zero
+# point) triples read, slots of the output's scale and zero point, attributes kept). QLinearConcat's inputs are
+# triples after its output's pair.
+WRAPPERS = {
+    "QLinearAdd": ("Add", [(0, 1, 2), (3, 4, 5)], (6, 7), ()),
+    "QLinearMul": ("Mul", [(0, 1, 2), (3, 4, 5)], (6, 7), ()),
+    "QLinearSigmoid": ("Sigmoid", [(0, 1, 2)], (3, 4), ()),
+    "QLinearLeakyRelu": ("LeakyRelu", [(0, 1, 2)], (3, 4), ("alpha",)),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", [(0, 1, 2)], (3, 4), ()),
+    "QLinearAveragePool": ("AveragePool", [(0, 1, 2)], (3, 4),
+                           ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")),
+    "QLinearConcat": ("Concat", None, (0, 1), ("axis",)),
+}
+KERNELS = {("", "QLinearConv"), ("", "QLinearMatMul"), ("", "ConvInteger"), ("", "MatMulInteger"), (MS, "QGemm"),
+           *((MS, op) for op in WRAPPERS)}
+
+
+def _key(node) -> tuple[str, str]:
+    return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
+
+
 def has_integer_kernels(g: Graph) -> bool:
-    return any((n.domain in ("", "ai.onnx") and n.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger",
-                                                               "MatMulInteger"))
-               or (n.domain == MS and n.op_type == "QGemm") for n in g.model.graph.node)
+    return any(_key(n) in KERNELS for n in g.model.graph.node)
 
 
 def integer_kernels_to_qdq(g: Graph, dynamic: set[str] | None = None) -> dict[str, int]:
@@ -79,7 +99,19 @@ def _rewrite(g: Graph, node: onnx.NodeProto):
         return _static(g, node, "Conv", x=(0, 1, 2), w=(3, 4, 5), y=(6, 7), bias=8, w_axis=0,
                        attrs={a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in CONV_ATTRS})
     if not ms and node.op_type == "QLinearMatMul":
+        if not g.is_const(_slot(node, 3)):   # activation x activation (attention scores): both dequantized
+            return _wrapped(g, node, "MatMul", [(0, 1, 2), (3, 4, 5)], (6, 7), {})
         return _static(g, node, "MatMul", x=(0, 1, 2), w=(3, 4, 5), y=(6, 7), bias=None, w_axis=1, attrs={})
+    if ms and node.op_type in WRAPPERS:
+        op, triples, out, kept = WRAPPERS[node.op_type]
+        if int(attr(node, "channels_last", 0) or 0):
+            return None
+        if triples is None:   # QLinearConcat: Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input
+            triples = [(i, i + 1, i + 2) for i in range(2, len(node.input), 3)]
+            if not triples or (len(node.input) - 2) % 3:
+                return None
+        return _wrapped(g, node, op, triples, out,
+                        {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in kept})
     if ms and node.op_type == "QGemm":
         if float(attr(node, "alpha", 1.0)) != 1.0 or attr(node, "transA", 0):
             return None
@@ -138,6 +170,18 @@ def _static(g: Graph, node, op: str, *, x, w, y, bias, w_axis: int, attrs: dict)
     out = c.add(op, ins, "main", None if y_scale else c.out, **attrs)
     if y_scale:
         c.add("QuantizeLinear", [out, y_scale] + ([y_zp] if y_zp else []), "q", c.out)
+    return c, []
+
+
+def _wrapped(g: Graph, node, op: str, triples, out, attrs: dict):
+    """An op on quantized tensors: y = Q(op(DQ(x1), DQ(x2), ...)) with each input's own scale and zero point."""
+    if any(not _slot(node, t[0]) or not _slot(node, t[1]) for t in triples) or not _slot(node, out[0]):
+        return None
+    c = Chain(g, node, np.float32)
+    ins = [_dq(c, f"x{k}", [_slot(node, i) for i in t], None) for k, t in enumerate(triples)]
+    y = c.add(op, ins, "main", **attrs)
+    c.add("QuantizeLinear", [y, _slot(node, out[0])] + ([_slot(node, out[1])] if _slot(node, out[1]) else []),
+          "q", c.out)
     return c, []
 
 

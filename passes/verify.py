@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from spa import quant
 from spa.errors import SpaError, VerificationError, one_line
@@ -332,6 +332,68 @@ HALF_RTOL = 2e-3   # float16 outputs: removing zero terms (or computing in float
 def output_rtol(dtype, rtol: float) -> float:
     """The tolerance an output of `dtype` is checked against: `rtol`, at least HALF_RTOL for float16."""
     return max(rtol, HALF_RTOL) if np.dtype(dtype) == np.float16 else rtol
+
+
+def float_skeleton(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of a model with quantized activations in which each QuantizeLinear of a run-time tensor is a Clip to
+    the range its integers hold and each DequantizeLinear of one passes its input through (weights stay
+    dequantized constants); None when it has none, or one it cannot so write (a per-axis or run-time activation
+    scale, opset < 11). Structural verification compares these: a quantized path requantizes every layer's
+    output, and removing channels from a float sum changes its rounding, so a tie goes a step up or down and
+    spreads (a QDQ U-Net: 0.8 % at the output with every cut right). The skeleton keeps every cut, every wire and
+    the saturation (onnxruntime's quantizer drops a ReLU before a uint8 activation: the clip is that ReLU),
+    without the rounding."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    consts = set(values) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    outputs = {o.name for o in graph.output}
+    kept = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.output and n.output[0] in outputs}
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    g = skeleton.graph
+    clips = []
+    for node in g.node:   # a quantized graph output keeps its QuantizeLinear (its type), and what reads it its DQ
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx") \
+                or not node.input or node.input[0] in consts or node.input[0] in kept or node.output[0] in kept:
+            continue
+        x = node.input[0]
+        if node.op_type == "QuantizeLinear":
+            bounds = _clip_bounds(node, values)
+            if bounds is None or opset < 11:
+                return None
+            lo = g.initializer.add()
+            lo.CopyFrom(numpy_helper.from_array(np.float32(bounds[0]), f"{node.output[0]}__skeleton_min"))
+            hi = g.initializer.add()
+            hi.CopyFrom(numpy_helper.from_array(np.float32(bounds[1]), f"{node.output[0]}__skeleton_max"))
+            clips.append((node, [x, lo.name, hi.name], "Clip"))
+        else:
+            clips.append((node, [x], "Identity"))
+    if not clips:
+        return None
+    for node, inputs, op in clips:
+        del node.input[:]
+        node.input.extend(inputs)
+        del node.attribute[:]
+        node.op_type = op
+    del g.value_info[:]   # the integer types there are floats now
+    return skeleton
+
+
+def _clip_bounds(node, values) -> tuple[float, float] | None:
+    """The float range a QuantizeLinear's integers hold: ((min - zero point) * scale, (max - zero point) *
+    scale), for one constant scale and zero point (uint8 without one); None otherwise."""
+    scale = values.get(node.input[1]) if len(node.input) > 1 else None
+    zp = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scale is None or (len(node.input) > 2 and node.input[2] and zp is None):
+        return None
+    s = numpy_helper.to_array(scale)
+    z = numpy_helper.to_array(zp) if zp is not None else np.zeros((), np.uint8)
+    if s.size != 1 or z.size != 1 or z.dtype.kind not in "iu" or not np.isfinite(s).all():
+        return None
+    info = np.iinfo(z.dtype)
+    zero, step = float(z.reshape(())), float(s.reshape(()))
+    return (info.min - zero) * step, (info.max - zero) * step
 
 
 def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict, rtol: float = 1e-4,

@@ -94,6 +94,8 @@ def summary(rep: dict) -> str:
         for out, b in before.items():
             lines.append(f"              output '{out}' is saturated on random inputs: compared before its "
                          f"squashing ops, at '{b['tensor']}'")
+        if v.get("compared_on"):
+            lines.append(f"              compared on the {v['compared_on']}")
     else:
         lines.append(f"verification  {v['status']}  ** the output model was NOT verified **")
     comp = rep.get("compensation")
