@@ -41,6 +41,7 @@ WRAPPERS = {
     "QLinearAveragePool": ("AveragePool", [(0, 1, 2)], (3, 4),
                            ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")),
     "QLinearConcat": ("Concat", None, (0, 1), ("axis",)),
+    "QLinearSoftmax": ("Softmax", [(0, 1, 2)], (3, 4), ("axis",)),   # its `opset` attribute: see _rewrite
 }
 KERNELS = {("", "QLinearConv"), ("", "QLinearMatMul"), ("", "ConvInteger"), ("", "MatMulInteger"), (MS, "QGemm"),
            *((MS, op) for op in WRAPPERS)}
@@ -105,6 +106,9 @@ def _rewrite(g: Graph, node: onnx.NodeProto):
     if ms and node.op_type in WRAPPERS:
         op, triples, out, kept = WRAPPERS[node.op_type]
         if int(attr(node, "channels_last", 0) or 0):
+            return None
+        if node.op_type == "QLinearSoftmax" and int(attr(node, "opset", 13) or 0) < 13 \
+                and int(attr(node, "axis", -1)) != -1:   # Softmax before opset 13 flattened from `axis` on
             return None
         if triples is None:   # QLinearConcat: Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input
             triples = [(i, i + 1, i + 2) for i in range(2, len(node.input), 3)]

@@ -432,3 +432,27 @@ def test_structure_of_quantized_models_is_verified_on_their_float_skeleton(resne
 def _run_model(model, x):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"input": x})[0]
+
+
+def test_quantized_vit_in_qoperator_form_prunes_like_its_float_model(tmp_path):
+    """A ViT in QOperator form holds QLinearConcat (the class token), QLinearSoftmax and activation x activation
+    QLinearMatMul (attention): written in QDQ form they prune like the float model (they froze everything, and
+    QLinearSoftmax has no torch lowering, which sent the run to --fast)."""
+    import logging
+    import shutil
+
+    from spa import models
+
+    logging.getLogger().setLevel(logging.ERROR)
+    src = shutil.copy(models.zoo_path("vit_tiny", small=True), tmp_path / "vit.onnx")
+    path = str(tmp_path / "vit_qop.onnx")
+    qz.quantize_static(str(src), path, _Reader(), quant_format=qz.QuantFormat.QOperator, per_channel=True,
+                       weight_type=qz.QuantType.QInt8, activation_type=qz.QuantType.QUInt8)
+    assert {"QLinearConcat", "QLinearSoftmax", "QLinearMatMul"} <= _ops(path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=_x(32, 0))
+    rep = driver.prune(path, str(tmp_path / "out.onnx"), ratio=0.5, calib=str(calib)).report
+    assert rep["verification"]["status"] == "passed" and not rep["warnings"]
+    assert {"QLinearConcat", "QLinearSoftmax", "QLinearMatMul"} <= set(rep["normalize"]["integer_kernels_as_qdq"])
+    float_groups = sorted((g.size, g.prunable) for g in driver.analyse(driver.load(str(src))).groups)
+    assert rep["groups"]["total"] == len(float_groups) and rep["macs"]["ratio"] < 0.8
