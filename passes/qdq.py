@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from spa.ir import Graph, attr
+from spa.operators.registry import canonical_domain
 
 from .unfuse import Chain
 
@@ -47,12 +48,8 @@ KERNELS = {("", "QLinearConv"), ("", "QLinearMatMul"), ("", "ConvInteger"), ("",
            *((MS, op) for op in WRAPPERS)}
 
 
-def _key(node) -> tuple[str, str]:
-    return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
-
-
 def has_integer_kernels(g: Graph) -> bool:
-    return any(_key(n) in KERNELS for n in g.model.graph.node)
+    return any((canonical_domain(n.domain), n.op_type) in KERNELS for n in g.model.graph.node)
 
 
 def integer_kernels_to_qdq(g: Graph, dynamic: set[str] | None = None) -> dict[str, int]:
@@ -78,17 +75,21 @@ def integer_kernels_to_qdq(g: Graph, dynamic: set[str] | None = None) -> dict[st
             dynamic.add(chain.name)
         dropped.update(id(n) for n in gone)
         count[node.op_type] = count.get(node.op_type, 0) + 1
-    if not count:
-        return {}
+    if count:
+        _splice(g, replaced, dropped)
+    return count
+
+
+def _splice(g: Graph, replaced: dict[int, list[onnx.NodeProto]], dropped: set[int]) -> None:
+    """The main graph's nodes with each node in `replaced` (by id) swapped for its list and those in `dropped`
+    left out, in the same order."""
     nodes = []
     for node in g.model.graph.node:
-        if id(node) in dropped:
-            continue
-        nodes.extend(replaced.get(id(node), [node]))
+        if id(node) not in dropped:
+            nodes.extend(replaced.get(id(node), [node]))
     del g.model.graph.node[:]
     g.model.graph.node.extend(nodes)
     g.refresh()
-    return count
 
 
 def _rewrite(g: Graph, node: onnx.NodeProto):
@@ -256,13 +257,6 @@ def dynamic_kernels_back(g: Graph, names: set[str]) -> int:
             helper.make_node("Mul", [x_scale, w_scale], [scale], name=f"{node.name}_scales"),
             helper.make_node("Mul", [cast, scale], [out], name=f"{node.name}_scaled")]
         dropped.update((id(dx), id(dw)))
-    if not replaced:
-        return 0
-    nodes = []
-    for node in g.model.graph.node:
-        if id(node) not in dropped:
-            nodes.extend(replaced.get(id(node), [node]))
-    del g.model.graph.node[:]
-    g.model.graph.node.extend(nodes)
-    g.refresh()
+    if replaced:
+        _splice(g, replaced, dropped)
     return len(replaced)

@@ -25,6 +25,7 @@ from spa import execution, obspa, patterns, quant
 from spa.errors import SpaError
 from spa.ir import Graph
 from spa.operators.recurrent import GATES as RECURRENT
+from spa.operators.registry import canonical_domain
 
 from . import Pass
 from .compensate import structure
@@ -150,8 +151,7 @@ class Reconstruct(Pass):
                 if pos % 20 == 0:
                     self.progress(f"reconstruct: {pos + 1}/{len(nodes)} nodes")
         timing["forward_s"] += ls.forward_s
-        integer = [n.op_type for n in nodes
-                   if (n.domain if n.domain not in ("", "ai.onnx") else "", n.op_type) in quant.QOPERATOR]
+        integer = [n.op_type for n in nodes if (canonical_domain(n.domain), n.op_type) in quant.QOPERATOR]
         if self.refit and integer:
             count, integer = len(integer), sorted(set(integer))
             stats["skipped"].append(f"{count} layer(s) with integer kernels ({', '.join(integer)}): not refit")

@@ -349,13 +349,20 @@ def float_skeleton(model: onnx.ModelProto) -> onnx.ModelProto | None:
     consts = set(values) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     outputs = {o.name for o in graph.output}
     kept = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.output and n.output[0] in outputs}
+
+    def activation_qdq(node) -> bool:   # a quantized graph output keeps its QuantizeLinear (its type), and its DQ
+        return node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx") \
+            and bool(node.input) and node.input[0] not in consts and node.input[0] not in kept \
+            and node.output[0] not in kept
+
+    if not any(activation_qdq(n) for n in graph.node):   # a float model: no copy (this runs in every verification)
+        return None
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     g = skeleton.graph
     clips = []
-    for node in g.node:   # a quantized graph output keeps its QuantizeLinear (its type), and what reads it its DQ
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx") \
-                or not node.input or node.input[0] in consts or node.input[0] in kept or node.output[0] in kept:
+    for node in g.node:
+        if not activation_qdq(node):
             continue
         x = node.input[0]
         if node.op_type == "QuantizeLinear":
@@ -369,8 +376,6 @@ def float_skeleton(model: onnx.ModelProto) -> onnx.ModelProto | None:
             clips.append((node, [x, lo.name, hi.name], "Clip"))
         else:
             clips.append((node, [x], "Identity"))
-    if not clips:
-        return None
     for node, inputs, op in clips:
         del node.input[:]
         node.input.extend(inputs)
